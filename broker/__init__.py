@@ -1,0 +1,1 @@
+"""The message bus contract and plumbing (see ../shared/design.md section 4)."""

@@ -1,0 +1,1 @@
+"""Ingest, forecasting, market clearing, settlement and grid balancing."""

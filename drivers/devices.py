@@ -1,0 +1,438 @@
+"""Typed device facades: inverter, battery and meter readings in SI units, checked setpoints.
+
+Signs (design section 3): meter power is positive when the site imports from the grid; battery
+power is positive when discharging; PV power is positive. Missing values (a point the device
+does not implement) are ``None``, never zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from drivers.coalesce import plan_reads, read_blocks
+from drivers.errors import SetpointRejected, SunSpecError, WriteNotConfirmed
+from drivers.regmap import RegisterMap, decode_map, encode_point
+from drivers.sunspec.discovery import SunSpecMap, SunSpecReader, discover
+from drivers.sunspec.models import Value
+from drivers.transport import ModbusTransport
+
+INVERTER_MODELS = (103, 101, 102, 113, 111, 112)
+METER_MODELS = (203, 201, 202, 204, 213, 211, 212, 214)
+
+_INVERTER_STATUS = {
+    1: "off",
+    2: "sleeping",
+    3: "starting",
+    4: "mppt",
+    5: "throttled",
+    6: "shutting_down",
+    7: "fault",
+    8: "standby",
+}
+_CHARGE_STATUS = {
+    1: "off",
+    2: "empty",
+    3: "discharging",
+    4: "charging",
+    5: "full",
+    6: "holding",
+    7: "testing",
+}
+
+
+def _f(value: Value) -> float | None:
+    """A decoded numeric value as float, None when missing."""
+    if value is None or isinstance(value, str):
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """Identity from SunSpec model 1 (or a register map's name)."""
+
+    manufacturer: str | None
+    model: str | None
+    serial: str | None
+    version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InverterReading:
+    """A PV inverter's state. Power in W (positive = producing), energy in Wh."""
+
+    ac_power_w: float | None
+    energy_wh: float | None
+    rated_power_w: float | None
+    curtail_limit_w: float | None
+    frequency_hz: float | None
+    voltage_v: float | None
+    dc_power_w: float | None
+    status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatteryReading:
+    """A battery inverter's state. ``power_w`` positive = discharging; ``setpoint_w`` likewise."""
+
+    soc_pct: float | None
+    power_w: float | None
+    setpoint_w: float | None
+    rated_charge_w: float | None
+    rated_discharge_w: float | None
+    soc_min_pct: float
+    soc_max_pct: float
+    capacity_wh: float | None
+    charge_status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MeterReading:
+    """A meter's state. ``power_w`` positive = importing from the grid; energies in Wh."""
+
+    power_w: float | None
+    power_phase_w: tuple[float | None, float | None, float | None]
+    voltage_phase_v: tuple[float | None, float | None, float | None]
+    frequency_hz: float | None
+    import_energy_wh: float | None
+    export_energy_wh: float | None
+
+
+async def _info(transport: ModbusTransport, unit: int, smap: SunSpecMap) -> DeviceInfo:
+    if smap.find(1) is None:
+        return DeviceInfo(None, None, None, None)
+    common = (await SunSpecReader(transport, unit, smap, {1: ("Mn", "Md", "SN", "Vr")}).poll())[1]
+    return DeviceInfo(
+        *(
+            v if isinstance(v, str) else None
+            for v in (common["Mn"], common["Md"], common["SN"], common["Vr"])
+        )
+    )
+
+
+class Inverter:
+    """A SunSpec PV inverter: models 101-103 or 111-113, 120 (nameplate), 123 (controls)."""
+
+    def __init__(
+        self, transport: ModbusTransport, unit: int, smap: SunSpecMap, info: DeviceInfo
+    ) -> None:
+        inverter = smap.find(*INVERTER_MODELS)
+        if inverter is None:
+            raise SunSpecError(f"unit {unit} has no inverter model (models {smap.model_ids})")
+        self.inverter_model = inverter.id
+        self.info = info
+        self.map = smap
+        self._reader = SunSpecReader(
+            transport,
+            unit,
+            smap,
+            {
+                inverter.id: ("W", "WH", "St", "Hz", "PhVphA", "DCW"),
+                120: ("WRtg",),
+                123: ("WMaxLimPct", "WMaxLim_Ena"),
+            },
+        )
+
+    @classmethod
+    async def connect(cls, transport: ModbusTransport, unit: int) -> Inverter:
+        """Discover the device and check it is an inverter."""
+        smap = await discover(transport, unit)
+        return cls(transport, unit, smap, await _info(transport, unit, smap))
+
+    async def read(self) -> InverterReading:
+        """One poll."""
+        values = await self._reader.poll()
+        inv = values[self.inverter_model]
+        rated = _f(values.get(120, {}).get("WRtg"))
+        ctl = values.get(123, {})
+        limit = None
+        if (
+            ctl.get("WMaxLim_Ena") == 1
+            and rated is not None
+            and _f(ctl.get("WMaxLimPct")) is not None
+        ):
+            limit = rated * float(ctl["WMaxLimPct"] or 0.0) / 100.0
+        status = inv.get("St")
+        return InverterReading(
+            ac_power_w=_f(inv["W"]),
+            energy_wh=_f(inv["WH"]),
+            rated_power_w=rated,
+            curtail_limit_w=limit,
+            frequency_hz=_f(inv["Hz"]),
+            voltage_v=_f(inv["PhVphA"]),
+            dc_power_w=_f(inv["DCW"]),
+            status=_INVERTER_STATUS.get(status) if isinstance(status, int) else None,
+        )
+
+    async def set_curtailment_w(self, limit_w: float | None, revert_timeout_s: int = 0) -> None:
+        """Limit AC output to ``limit_w`` through model 123 (None lifts the limit).
+
+        ``revert_timeout_s`` > 0 makes the inverter drop the limit by itself after that long.
+        A limit below zero or above the rated power is refused before anything is written.
+        """
+        if self.map.find(123) is None:
+            raise SunSpecError("inverter has no model 123: it cannot be curtailed")
+        reading = await self.read()
+        if limit_w is None:
+            await self._reader.write_points(123, {"WMaxLim_Ena": 0})
+            return
+        rated = reading.rated_power_w
+        if rated is None or rated <= 0:
+            raise SetpointRejected("inverter reports no rated power (model 120 WRtg)")
+        if not 0.0 <= limit_w <= rated or not math.isfinite(limit_w):
+            raise SetpointRejected(f"curtailment limit {limit_w} W outside 0..{rated} W")
+        await self._reader.write_points(
+            123,
+            {
+                "WMaxLimPct": 100.0 * limit_w / rated,
+                "WMaxLimPct_WinTms": 0,
+                "WMaxLimPct_RvrtTms": revert_timeout_s,
+                "WMaxLimPct_RmpTms": 0,
+                "WMaxLim_Ena": 1,
+            },
+        )
+        check = await self.read()
+        step = rated * 10.0 ** self._reader.scale_factor(123, "WMaxLimPct_SF") / 100.0
+        if check.curtail_limit_w is None or abs(check.curtail_limit_w - limit_w) > step:
+            raise WriteNotConfirmed(
+                f"curtailment {limit_w} W written, read back {check.curtail_limit_w}"
+            )
+
+
+class Battery:
+    """A SunSpec battery inverter: model 124 (storage controls) and 802 (battery base)."""
+
+    def __init__(
+        self, transport: ModbusTransport, unit: int, smap: SunSpecMap, info: DeviceInfo
+    ) -> None:
+        if smap.find(124) is None:
+            raise SunSpecError(f"unit {unit} has no storage model 124 (models {smap.model_ids})")
+        self.info = info
+        self.map = smap
+        self._reader = SunSpecReader(
+            transport,
+            unit,
+            smap,
+            {
+                124: (
+                    "WChaMax",
+                    "StorCtl_Mod",
+                    "MinRsvPct",
+                    "ChaState",
+                    "ChaSt",
+                    "OutWRte",
+                    "InWRte",
+                    "InOutWRte_WinTms",
+                    "InOutWRte_RvrtTms",
+                    "InOutWRte_RmpTms",
+                ),
+                802: ("WHRtg", "WChaRteMax", "WDisChaRteMax", "SoCMax", "SoCMin", "SoC", "W"),
+            },
+        )
+
+    @classmethod
+    async def connect(cls, transport: ModbusTransport, unit: int) -> Battery:
+        """Discover the device and check it is a battery inverter."""
+        smap = await discover(transport, unit)
+        return cls(transport, unit, smap, await _info(transport, unit, smap))
+
+    async def read(self) -> BatteryReading:
+        """One poll."""
+        values = await self._reader.poll()
+        ctl, bat = values[124], values.get(802, {})
+        w_cha_max = _f(ctl["WChaMax"])
+        mode = ctl["StorCtl_Mod"]
+        setpoint = None
+        if isinstance(mode, int) and w_cha_max is not None:
+            out_pct, in_pct = _f(ctl["OutWRte"]) or 0.0, _f(ctl["InWRte"]) or 0.0
+            setpoint = 0.0
+            if mode & 2:
+                setpoint += w_cha_max * out_pct / 100.0
+            if mode & 1:
+                setpoint -= w_cha_max * in_pct / 100.0
+        soc_min = max(_f(bat.get("SoCMin")) or 0.0, _f(ctl["MinRsvPct"]) or 0.0)
+        charge_status = ctl["ChaSt"]
+        return BatteryReading(
+            soc_pct=_f(bat.get("SoC")) if bat.get("SoC") is not None else _f(ctl["ChaState"]),
+            power_w=_f(bat.get("W")),
+            setpoint_w=setpoint,
+            rated_charge_w=_f(bat.get("WChaRteMax")) or w_cha_max,
+            rated_discharge_w=_f(bat.get("WDisChaRteMax")) or w_cha_max,
+            soc_min_pct=soc_min,
+            soc_max_pct=_f(bat.get("SoCMax")) or 100.0,
+            capacity_wh=_f(bat.get("WHRtg")),
+            charge_status=(
+                _CHARGE_STATUS.get(charge_status) if isinstance(charge_status, int) else None
+            ),
+        )
+
+    async def set_power_w(self, power_w: float, revert_timeout_s: int = 0) -> float:
+        """Command the battery to ``power_w`` (positive discharges, negative charges, 0 holds).
+
+        Writes model 124's rates (OutWRte/InWRte as % of WChaMax) and revert timeout, then
+        StorCtl_Mod, and confirms by reading back. Refused before anything is written when
+        the power exceeds the rated charge or discharge power, or would push the state of
+        charge further past its bounds. Returns the setpoint the device reports, W.
+        """
+        if not math.isfinite(power_w):
+            raise SetpointRejected(f"battery setpoint {power_w} W is not a number")
+        if not 0 <= revert_timeout_s <= 0xFFFF:
+            raise SetpointRejected(f"revert timeout {revert_timeout_s} s outside 0..65535")
+        now = await self.read()
+        rated = now.rated_discharge_w if power_w > 0 else now.rated_charge_w
+        if rated is None:
+            raise SetpointRejected("battery reports no rated power")
+        if abs(power_w) > rated:
+            direction = "discharge" if power_w > 0 else "charge"
+            raise SetpointRejected(
+                f"{abs(power_w):.0f} W exceeds the rated {direction} power of {rated:.0f} W"
+            )
+        if now.soc_pct is not None and power_w > 0 and now.soc_pct <= now.soc_min_pct:
+            raise SetpointRejected(
+                f"state of charge {now.soc_pct:.1f}% is at its minimum "
+                f"{now.soc_min_pct:.1f}%: cannot discharge"
+            )
+        if now.soc_pct is not None and power_w < 0 and now.soc_pct >= now.soc_max_pct:
+            raise SetpointRejected(
+                f"state of charge {now.soc_pct:.1f}% is at its maximum "
+                f"{now.soc_max_pct:.1f}%: cannot charge"
+            )
+        w_cha_max = float(self._reader.decode(self._reader.last_image)[124]["WChaMax"] or 0.0)
+        if w_cha_max <= 0:
+            raise SetpointRejected("battery reports no WChaMax: rates cannot be expressed")
+        pct = 100.0 * abs(power_w) / w_cha_max
+        await self._reader.write_points(
+            124,
+            {
+                "OutWRte": pct if power_w > 0 else 0.0,
+                "InWRte": pct if power_w < 0 else 0.0,
+                "InOutWRte_WinTms": 0,
+                "InOutWRte_RvrtTms": revert_timeout_s,
+                "InOutWRte_RmpTms": 0,
+            },
+        )
+        mode = 2 if power_w > 0 else 1 if power_w < 0 else 0
+        await self._reader.write_points(124, {"StorCtl_Mod": mode})
+        check = await self.read()
+        step = w_cha_max * 10.0 ** self._reader.scale_factor(124, "InOutWRte_SF") / 100.0
+        if check.setpoint_w is None or abs(check.setpoint_w - power_w) > step:
+            raise WriteNotConfirmed(f"setpoint {power_w} W written, read back {check.setpoint_w}")
+        return check.setpoint_w
+
+
+class Meter(Protocol):
+    """Anything that reads like a meter."""
+
+    async def read(self) -> MeterReading:
+        """One poll."""
+        ...
+
+
+class SunSpecMeter:
+    """A SunSpec meter: models 201-204 (integer + SF) or 211-214 (float)."""
+
+    def __init__(
+        self, transport: ModbusTransport, unit: int, smap: SunSpecMap, info: DeviceInfo
+    ) -> None:
+        meter = smap.find(*METER_MODELS)
+        if meter is None:
+            raise SunSpecError(f"unit {unit} has no meter model (models {smap.model_ids})")
+        self.meter_model = meter.id
+        self.info = info
+        self._reader = SunSpecReader(
+            transport,
+            unit,
+            smap,
+            {
+                meter.id: (
+                    "W",
+                    "WphA",
+                    "WphB",
+                    "WphC",
+                    "PhVphA",
+                    "PhVphB",
+                    "PhVphC",
+                    "Hz",
+                    "TotWhImp",
+                    "TotWhExp",
+                )
+            },
+        )
+
+    @classmethod
+    async def connect(cls, transport: ModbusTransport, unit: int) -> SunSpecMeter:
+        """Discover the device and check it is a meter."""
+        smap = await discover(transport, unit)
+        return cls(transport, unit, smap, await _info(transport, unit, smap))
+
+    async def read(self) -> MeterReading:
+        """One poll."""
+        m = (await self._reader.poll())[self.meter_model]
+        return MeterReading(
+            power_w=_f(m["W"]),
+            power_phase_w=(_f(m["WphA"]), _f(m["WphB"]), _f(m["WphC"])),
+            voltage_phase_v=(_f(m["PhVphA"]), _f(m["PhVphB"]), _f(m["PhVphC"])),
+            frequency_hz=_f(m["Hz"]),
+            import_energy_wh=_f(m["TotWhImp"]),
+            export_energy_wh=_f(m["TotWhExp"]),
+        )
+
+
+#: Register-map point names a meter map must provide, by reading field.
+MAP_METER_POINTS = {
+    "power_w": "power_total_w",
+    "power_l1_w": "power_l1_w",
+    "power_l2_w": "power_l2_w",
+    "power_l3_w": "power_l3_w",
+    "voltage_l1_v": "voltage_l1_v",
+    "voltage_l2_v": "voltage_l2_v",
+    "voltage_l3_v": "voltage_l3_v",
+    "frequency_hz": "frequency_hz",
+    "import_energy_wh": "import_energy_wh",
+    "export_energy_wh": "export_energy_wh",
+}
+
+
+class RegisterMapMeter:
+    """A meter described by a register map (e.g. the Eastron SDM630)."""
+
+    def __init__(self, transport: ModbusTransport, unit: int, regmap: RegisterMap) -> None:
+        missing = [p for p in MAP_METER_POINTS.values() if p not in {q.name for q in regmap.points}]
+        if missing:
+            raise SunSpecError(f"register map {regmap.source} lacks meter points {missing}")
+        self.transport = transport
+        self.unit = unit
+        self.regmap = regmap
+        self.info = DeviceInfo(regmap.manufacturer, regmap.model, None, None)
+        self.blocks = plan_reads(regmap.spans(MAP_METER_POINTS.values()))
+
+    async def read(self) -> MeterReading:
+        """One poll."""
+        image = await read_blocks(self.transport, self.unit, self.blocks)
+        v = decode_map(self.regmap, image, MAP_METER_POINTS.values())
+
+        def get(name: str) -> float | None:
+            x = v[MAP_METER_POINTS[name]]
+            return None if math.isnan(x) else x
+
+        return MeterReading(
+            power_w=get("power_w"),
+            power_phase_w=(get("power_l1_w"), get("power_l2_w"), get("power_l3_w")),
+            voltage_phase_v=(get("voltage_l1_v"), get("voltage_l2_v"), get("voltage_l3_v")),
+            frequency_hz=get("frequency_hz"),
+            import_energy_wh=get("import_energy_wh"),
+            export_energy_wh=get("export_energy_wh"),
+        )
+
+    async def write(self, name: str, value: float) -> None:
+        """Write one writable holding-register point, and confirm it by reading back."""
+        point = self.regmap.point(name)
+        if not point.writable or point.table != "holding":
+            raise SetpointRejected(f"{self.regmap.source}: point {name} is not writable")
+        await self.transport.write_registers(self.unit, point.address, encode_point(point, value))
+        image = await read_blocks(self.transport, self.unit, plan_reads(self.regmap.spans([name])))
+        back = decode_map(self.regmap, image, [name])[name]
+        if not math.isclose(back, value, rel_tol=1e-6, abs_tol=abs(point.scale)):
+            raise WriteNotConfirmed(f"{name}: wrote {value}, read back {back}")

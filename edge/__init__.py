@@ -1,0 +1,1 @@
+"""The site gateway agent (see ../shared/design.md section 2)."""

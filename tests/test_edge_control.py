@@ -1,0 +1,50 @@
+"""The local fallback controller: self-consumption and peak shaving on hand-checked values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.control import self_consumption_setpoint_w
+
+LIMITS = {
+    "soc_min_pct": 10.0,
+    "soc_max_pct": 95.0,
+    "max_charge_w": 3000.0,
+    "max_discharge_w": 4000.0,
+}
+
+
+def test_import_is_covered_by_discharging() -> None:
+    # Site imports 1500 W with the battery idle: discharge 1500 W.
+    assert self_consumption_setpoint_w(1500.0, 0.0, 50.0, **LIMITS) == pytest.approx(1500.0)
+
+
+def test_surplus_is_stored_and_the_current_battery_power_is_accounted_for() -> None:
+    # Site exports 800 W while the battery already charges 1000 W: surplus is 1800 W.
+    assert self_consumption_setpoint_w(-800.0, -1000.0, 50.0, **LIMITS) == pytest.approx(-1800.0)
+
+
+def test_rated_powers_clip_the_setpoint() -> None:
+    out = self_consumption_setpoint_w([9000.0, -9000.0], 0.0, 50.0, **LIMITS)
+    np.testing.assert_allclose(out, [4000.0, -3000.0])
+
+
+def test_soc_bounds_stop_the_forbidden_direction_only() -> None:
+    out = self_consumption_setpoint_w(
+        [1000.0, -1000.0, 1000.0, -1000.0], 0.0, [10.0, 10.0, 95.0, 95.0], **LIMITS
+    )
+    np.testing.assert_allclose(out, [0.0, -1000.0, 1000.0, 0.0])
+
+
+def test_peak_shaving_keeps_the_reserve_for_imports_above_the_cap() -> None:
+    out = self_consumption_setpoint_w(
+        [2500.0, 6000.0, 2500.0],
+        0.0,
+        [25.0, 25.0, 60.0],
+        import_cap_w=5000.0,
+        reserve_soc_pct=30.0,
+        **LIMITS,
+    )
+    # In the reserve: nothing below the cap, the excess above it; above the reserve: all.
+    np.testing.assert_allclose(out, [0.0, 1000.0, 2500.0])

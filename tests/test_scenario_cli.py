@@ -1,0 +1,231 @@
+"""Scenarios and the command line: `wattmesh sim run`, `wattmesh scan`, the demo, the README."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drivers.devices import Battery, Inverter, RegisterMapMeter, SunSpecMeter
+from drivers.regmap import load_builtin_map
+from drivers.transport import BusPool
+from simulators.clock import ManualClock
+from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario, parse_scenario
+from wattmesh.demo import builtin_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMUNITY = ROOT / "config" / "scenarios" / "community.toml"
+WATTMESH = [sys.executable, "-m", "wattmesh"]
+
+
+def test_the_shipped_community_is_the_builtin_one() -> None:
+    assert load_scenario(COMMUNITY) == builtin_scenario()
+    config = builtin_scenario()
+    kinds = {s.id: sorted(d.kind for d in s.devices) for s in config.sites}
+    assert kinds == {
+        "solar-farm": ["pv_inverter", "sunspec_meter"],
+        "factory": ["battery", "sdm630"],
+        "house-1": ["battery", "pv_inverter", "sunspec_meter"],
+        "house-2": ["sunspec_meter"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda d: d["sites"][1]["devices"][0].update(capacity_wh=-1),
+            r"sites\[1\]\.devices\[0\]\.capacity_wh: Input should be greater than 0",
+        ),
+        (
+            lambda d: d["sites"][0]["devices"][0].update(rated_ac_wat=5),
+            r"sites\[0\]\.devices\[0\]\.rated_ac_wat: Extra inputs are not permitted",
+        ),
+        (
+            lambda d: d["sites"][0]["devices"][0].update(kind="windmill"),
+            r"sites\[0\]\.devices\[0\]: Input tag 'windmill'",
+        ),
+        (lambda d: d.update(latitude_deg=123), r"latitude_deg: Input should be less"),
+        (
+            lambda d: d["sites"][2]["devices"][1].update(soc_pct=1),
+            r"sites\[2\]\.devices\[1\]: Value error, need soc_min_pct <= soc_pct",
+        ),
+        (
+            lambda d: d["sites"][3]["devices"][0].update(name="house1-meter"),
+            r"device names must be unique; repeated: house1-meter",
+        ),
+    ],
+)
+def test_scenario_mistakes_name_the_file_and_the_field(mutate, message) -> None:  # type: ignore[no-untyped-def]
+    import tomllib
+
+    data = tomllib.loads(COMMUNITY.read_text())
+    mutate(data)
+    with pytest.raises(ScenarioError, match=f"^bad.toml: .*{message}"):
+        parse_scenario(data, "bad.toml")
+
+
+def test_a_scenario_that_is_not_toml_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ScenarioError, match=r"broken\.toml: not valid TOML.*line 1"):
+        load_scenario(bad)
+
+
+async def test_every_device_of_the_community_answers_through_the_drivers() -> None:
+    config = builtin_scenario()
+    clock = ManualClock(config.start_ts + 12 * 3600)  # noon
+    async with ScenarioRunner(config, clock) as runner:
+        pool = BusPool()
+        found: dict[str, object] = {}
+        for dev in runner.devices:
+            transport = pool.get(dev.url)
+            if dev.kind == "pv_inverter":
+                found[dev.name] = await (await Inverter.connect(transport, dev.unit)).read()
+            elif dev.kind == "battery":
+                found[dev.name] = await (await Battery.connect(transport, dev.unit)).read()
+            elif dev.kind == "sunspec_meter":
+                found[dev.name] = await (await SunSpecMeter.connect(transport, dev.unit)).read()
+            else:
+                meter = RegisterMapMeter(transport, dev.unit, load_builtin_map("sdm630"))
+                found[dev.name] = await meter.read()
+        pool.close()
+        factory = runner.sites["factory"]
+    assert runner.device("factory-meter").url.startswith("rtu://")
+    assert runner.device("farm-pv").url.startswith("tcp://127.0.0.1:")
+    assert len(found) == 8
+    assert found["farm-pv"].ac_power_w > 100_000  # type: ignore[attr-defined]
+    # The factory's SDM630 sees the factory's load (Monday noon, both shifts) minus its battery.
+    assert found["factory-meter"].power_w == pytest.approx(  # type: ignore[attr-defined]
+        factory.load_w - factory.battery_w, rel=1e-5
+    )
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
+
+
+def test_help_lists_every_subcommand() -> None:
+    out = subprocess.run(
+        [*WATTMESH, "--help"], capture_output=True, text=True, check=True, env=_env()
+    ).stdout
+    for command in ("sim", "scan", "demo"):
+        assert re.search(rf"│ {command}\s", out), out
+
+
+def test_sim_run_prints_a_line_per_device_then_scan_reads_one() -> None:
+    proc = subprocess.Popen(
+        [*WATTMESH, "sim", "run", str(COMMUNITY), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(8)]
+        pattern = re.compile(
+            r"^(\S+) (pv_inverter|battery|sunspec_meter|sdm630) "
+            r"(tcp://127\.0\.0\.1:\d+|rtu://\S+\?baud=9600) unit=(\d+)$"
+        )
+        parsed = {m.group(1): m for m in map(pattern.match, lines) if m}
+        assert len(parsed) == 8, lines
+        assert parsed["factory-meter"].group(3).startswith("rtu://")
+        farm = parsed["farm-pv"].group(3)
+        scan = subprocess.run(
+            [*WATTMESH, "scan", farm, "--unit", "1", "--json"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=30,
+        )
+        assert scan.returncode == 0, scan.stderr
+        result = json.loads(scan.stdout)
+        assert [m["id"] for m in result["models"]] == [1, 103, 120, 123]
+        assert result["values"]["120 nameplate"]["WRtg"] == {"value": 300000.0, "units": "W"}
+        rtu = parsed["factory-meter"].group(3)
+        table = subprocess.run(
+            [*WATTMESH, "scan", rtu, "--unit", "1", "--map", "sdm630"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=30,
+        )
+        assert table.returncode == 0, table.stderr
+        assert "power_total_w" in table.stdout and "Eastron" in table.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["scan", "udp://x"], "scheme must be tcp:// or rtu://"),
+        (["scan", "tcp://127.0.0.1:1", "--timeout", "0.2"], "cannot connect"),
+        (["scan", "tcp://127.0.0.1:1", "--map", "nosuchmap.toml"], "nosuchmap.toml"),
+        (["sim", "run", "/nonexistent/scenario.toml"], "cannot read"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [*WATTMESH, *args], capture_output=True, text=True, env=_env(), timeout=60
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_demo_runs_to_its_report(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*WATTMESH, "demo", "--hours", "2", "--speed", "7200", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "community" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["sites"]) == {"solar-farm", "factory", "house-1", "house-2"}
+    assert (tmp_path / "day.csv").read_text().startswith("ts,site,pv_w,load_w,battery_w,")
+    with (tmp_path / "day.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) > 4 * 10
+    for site_id, site in report["sites"].items():
+        assert site["unavailable_polls"] == 0
+        # The report's energies are the CSV's grid power integrated over the poll intervals.
+        samples = [
+            (float(r["ts"]), float(r["grid_w"]), float(r["battery_w"]))
+            for r in rows
+            if r["site"] == site_id
+        ]
+        steps = list(itertools.pairwise(samples))
+        imported = sum(max(b[1], 0.0) * (b[0] - a[0]) for a, b in steps) / 3600
+        baseline = sum(max(b[1] + b[2], 0.0) * (b[0] - a[0]) for a, b in steps) / 3600
+        assert site["import_wh"] == pytest.approx(imported, rel=0.02, abs=1.0)
+        assert site["baseline_import_wh"] == pytest.approx(baseline, rel=0.02, abs=1.0)
+
+
+def test_the_readme_example_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert code is not None
+    result = subprocess.run(
+        [sys.executable, "-c", code.group(1)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "59.5 %"

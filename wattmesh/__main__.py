@@ -1,0 +1,5 @@
+"""``python -m wattmesh``."""
+
+from wattmesh.cli import main
+
+main()

@@ -1,0 +1,232 @@
+"""The ``wattmesh`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from drivers.errors import DriverError
+from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
+from drivers.transport import ModbusTransport
+from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario
+from wattmesh import __version__
+from wattmesh.scan import ScanResult, scan_device
+
+app = typer.Typer(
+    name="wattmesh",
+    help="Local energy trading and grid balancing: device simulators, Modbus drivers and tools.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+sim_app = typer.Typer(
+    help="Simulated devices: whole sites as real Modbus servers.", no_args_is_help=True
+)
+app.add_typer(sim_app, name="sim")
+
+# Piped output gets a width that fits the report tables; a terminal keeps its own.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"wattmesh {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+) -> None:
+    """wattmesh: edge agents, simulators and tools for a local energy community."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+async def _run_until_interrupted(runner: ScenarioRunner, quiet: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with runner:
+        for dev in runner.devices:
+            print(dev.line(), flush=True)
+        if not quiet:
+            err_console.print(
+                f"{len(runner.devices)} device(s) of scenario {runner.config.name!r} running at "
+                f"{runner.config.speed:g}x; Ctrl-C stops.",
+                highlight=False,
+            )
+        await stop.wait()
+
+
+@sim_app.command("run")
+def sim_run(
+    scenario: Annotated[Path, typer.Argument(help="Scenario TOML (see config/scenarios/).")],
+    speed: Annotated[float | None, typer.Option(help="Override the scenario's speed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the device lines.")
+    ] = False,
+) -> None:
+    """Start every device of a scenario and print `<name> <kind> <url> unit=<n>` per device.
+
+    Runs until interrupted (Ctrl-C or SIGTERM). SunSpec devices listen on TCP; RTU devices
+    are served on socat pseudo-terminal pairs, and the printed rtu:// path is the client end.
+    """
+    try:
+        config = load_scenario(scenario)
+    except ScenarioError as err:
+        raise _fail(str(err)) from err
+    updates: dict[str, Any] = {}
+    if speed is not None:
+        if speed <= 0:
+            raise _fail("--speed must be positive")
+        updates["speed"] = speed
+    if seed is not None:
+        updates["seed"] = seed
+    config = config.model_copy(update=updates)
+    try:
+        asyncio.run(_run_until_interrupted(ScenarioRunner(config), quiet))
+    except (OSError, RuntimeError) as err:
+        raise _fail(f"cannot start the scenario: {err}", 1) from err
+
+
+def _print_scan(result: ScanResult) -> None:
+    console.print(
+        f"[bold]{result.url}[/bold] unit {result.unit}: {result.description}", highlight=False
+    )
+    if result.models:
+        table = Table("model", "name", "address", "length", title="SunSpec models")
+        for m in result.models:
+            table.add_row(str(m.id), m.name, str(m.address), str(m.length))
+        console.print(table)
+    for block, values in result.values.items():
+        table = Table("point", "value", "units", title=block)
+        for name, (value, units) in values.items():
+            shown = (
+                "—" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+            )
+            table.add_row(name, shown, units)
+        console.print(table)
+
+
+@app.command()
+def scan(
+    url: Annotated[str, typer.Argument(help="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600")],
+    unit: Annotated[int, typer.Option(help="Modbus unit id.", min=0, max=247)] = 1,
+    register_map: Annotated[
+        str | None,
+        typer.Option(
+            "--map",
+            help=f"A register map for a non-SunSpec device: a TOML file or one of "
+            f"{', '.join(builtin_map_names())}.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 1.0,
+) -> None:
+    """Discover a device and print its models and live values.
+
+    SunSpec devices are found by their 'SunS' marker (at 40000, else 0, else 50000). A device
+    that is not SunSpec is read with --map.
+    """
+    try:
+        transport = ModbusTransport.from_url(url, timeout_s=timeout)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    regmap = None
+    if register_map is not None:
+        try:
+            regmap = (
+                load_builtin_map(register_map)
+                if register_map in builtin_map_names()
+                else load_register_map(register_map)
+            )
+        except DriverError as err:
+            raise _fail(str(err)) from err
+
+    async def run() -> ScanResult:
+        async with transport:
+            return await scan_device(transport, unit, regmap)
+
+    try:
+        result = asyncio.run(run())
+    except DriverError as err:
+        raise _fail(str(err), 1) from err
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_scan(result)
+
+
+@app.command()
+def demo(
+    hours: Annotated[float, typer.Option(help="Simulated hours to run.", min=0.1)] = 24.0,
+    speed: Annotated[
+        float, typer.Option(help="Simulated seconds per real second.", min=1)
+    ] = 1800.0,
+    scenario: Annotated[
+        Path | None, typer.Option(help="Scenario TOML; default: the built-in community.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    poll: Annotated[float, typer.Option(help="Simulated seconds between polls.", min=1)] = 120.0,
+    retail: Annotated[float, typer.Option(help="Retail tariff per kWh.", min=0)] = 0.30,
+    feed_in: Annotated[float, typer.Option(help="Feed-in tariff per kWh.", min=0)] = 0.08,
+    out: Annotated[
+        Path | None, typer.Option(help="Write day.csv and report.json to this directory.")
+    ] = None,
+) -> None:
+    """Run a simulated community's devices and drive its batteries through the drivers.
+
+    Starts every device of the scenario as a real Modbus server (TCP and RTU), polls each one
+    through wattmesh's drivers, runs a self-consumption controller on every battery, shows a
+    live view, and ends with each site's energy report. The market, coordinator and MQTT bus
+    are not part of this yet.
+    """
+    from wattmesh.demo import run_demo  # noqa: PLC0415 - keeps `wattmesh --help` fast
+
+    with contextlib.suppress(KeyboardInterrupt):
+        code = run_demo(
+            hours=hours,
+            speed=speed,
+            scenario=scenario,
+            seed=seed,
+            console=console,
+            poll_s=poll,
+            retail=retail,
+            feed_in=feed_in,
+            out=out,
+        )
+        if code:
+            raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point of the ``wattmesh`` console script."""
+    app()

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 from pymodbus.client import AsyncModbusTcpClient
 
+from broker.clock import ManualClock
 from drivers.coalesce import ReadBlock
 from drivers.devices import Battery, Inverter, RegisterMapMeter, SunSpecMeter
 from drivers.regmap import load_builtin_map
 from drivers.transport import MAX_READ_REGISTERS, ModbusTransport, rtu_wire_time_s
-from simulators.clock import ManualClock
 from simulators.devices import (
     BatterySim,
     LoadSpec,

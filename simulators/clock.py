@@ -1,8 +1,11 @@
-"""Clocks for simulations: every simulated component takes a clock rather than calling time()."""
+"""What simulators need of a clock: ``now()`` in UTC epoch seconds.
+
+The clocks themselves (scaled, manual, wall) live in ``broker.clock``; whoever composes a
+simulation (the command line, a test) passes one in.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Protocol
 
 
@@ -12,51 +15,3 @@ class Clock(Protocol):
     def now(self) -> float:
         """Seconds since the epoch, UTC."""
         ...
-
-
-class WallClock:
-    """The real time."""
-
-    def now(self) -> float:
-        """Seconds since the epoch, UTC."""
-        return time.time()
-
-
-class ScaledClock:
-    """Simulated time running ``speed`` times faster than real time from ``start_ts``.
-
-    ``now() = start_ts + speed * (monotonic elapsed since creation)``. Shared by every device
-    of a scenario so that they all agree on the simulated time.
-    """
-
-    def __init__(self, start_ts: float | None = None, speed: float = 1.0) -> None:
-        if not speed > 0:
-            raise ValueError(f"speed must be positive, got {speed}")
-        self.start_ts = time.time() if start_ts is None else float(start_ts)
-        self.speed = float(speed)
-        self._t0 = time.monotonic()
-
-    def now(self) -> float:
-        """Simulated seconds since the epoch, UTC."""
-        return self.start_ts + self.speed * (time.monotonic() - self._t0)
-
-    def sim_to_wall_s(self, sim_s: float) -> float:
-        """How many real seconds ``sim_s`` simulated seconds take."""
-        return sim_s / self.speed
-
-
-class ManualClock:
-    """A clock that moves only when told to: for tests and stepped simulations."""
-
-    def __init__(self, start_ts: float = 0.0) -> None:
-        self.ts = float(start_ts)
-
-    def now(self) -> float:
-        """The current simulated time."""
-        return self.ts
-
-    def advance(self, seconds: float) -> None:
-        """Move time forward by ``seconds``."""
-        if seconds < 0:
-            raise ValueError("time does not run backwards")
-        self.ts += seconds

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from simulators.clock import Clock, ScaledClock
+from simulators.clock import Clock
 from simulators.devices import (
     BatterySim,
     LoadSpec,
@@ -215,12 +215,13 @@ def build_device(cfg: AnyDeviceConfig, site: SimSite, seed: int) -> SimulatedDev
 class ScenarioRunner:
     """Starts every device of a scenario; an async context manager.
 
-    ``clock`` defaults to a :class:`ScaledClock` at the scenario's start and speed.
+    ``clock`` tells the simulated time; a scaled clock at the scenario's start and speed
+    (``broker.clock.ScaledClock(config.start_ts, config.speed)``) runs it as configured.
     """
 
-    def __init__(self, config: ScenarioConfig, clock: Clock | None = None) -> None:
+    def __init__(self, config: ScenarioConfig, clock: Clock) -> None:
         self.config = config
-        self.clock = clock or ScaledClock(config.start_ts, config.speed)
+        self.clock = clock
         self.sites: dict[str, SimSite] = {}
         self.devices: list[RunningDevice] = []
         self._stack = contextlib.AsyncExitStack()

@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from simulators.clock import ManualClock
+from broker.clock import ManualClock
 from simulators.devices import LoadSpec, SimSite
 from simulators.server import SerialPair
+
+pytest_plugins = ["tests.broker_fixtures"]
 
 #: 2026-06-21 12:00 UTC: midsummer noon, the sun high over 48 degrees north.
 NOON_TS = 1_782_043_200.0

@@ -10,12 +10,12 @@ from contextlib import asynccontextmanager
 import pytest
 import sunspec2.modbus.client as sunspec_client
 
+from broker.clock import ManualClock
 from drivers.devices import Battery, Inverter, RegisterMapMeter, SunSpecMeter
 from drivers.errors import ModbusException, SetpointRejected
 from drivers.regmap import load_builtin_map
 from drivers.sunspec.discovery import discover
 from drivers.transport import ModbusTransport
-from simulators.clock import ManualClock
 from simulators.devices import (
     BatterySim,
     PvInverterSim,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from broker.clock import ManualClock
 from drivers.devices import Battery, Inverter, RegisterMapMeter, SunSpecMeter
 from drivers.regmap import load_builtin_map
 from drivers.transport import BusPool
-from simulators.clock import ManualClock
 from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario, parse_scenario
 from wattmesh.demo import builtin_scenario
 

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from broker.clock import ScaledClock
 from drivers.errors import DriverError
 from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import ModbusTransport
@@ -112,7 +113,8 @@ def sim_run(
         updates["seed"] = seed
     config = config.model_copy(update=updates)
     try:
-        asyncio.run(_run_until_interrupted(ScenarioRunner(config), quiet))
+        clock = ScaledClock(config.start_ts, config.speed)
+        asyncio.run(_run_until_interrupted(ScenarioRunner(config, clock), quiet))
     except (OSError, RuntimeError) as err:
         raise _fail(f"cannot start the scenario: {err}", 1) from err
 

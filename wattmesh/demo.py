@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from broker.clock import ScaledClock
 from drivers.devices import Battery, Inverter, Meter, RegisterMapMeter, SunSpecMeter
 from drivers.errors import DriverError, SetpointRejected
 from drivers.regmap import load_builtin_map
 from drivers.transport import BusPool
 from edge.control import self_consumption_setpoint_w
-from simulators.clock import ScaledClock
 from simulators.scenario import (
     ScenarioConfig,
     ScenarioError,
@@ -332,9 +332,11 @@ def run_demo(
     if shutil.which("socat") is None:
         config, moved = _rtu_over_tcp(config)
         if moved:
-            console.print(f"socat is not installed: serving {', '.join(moved)} over TCP "
-                          "instead of RTU (apt-get install socat for the serial wire)",
-                          highlight=False)
+            console.print(
+                f"socat is not installed: serving {', '.join(moved)} over TCP "
+                "instead of RTU (apt-get install socat for the serial wire)",
+                highlight=False,
+            )
     return asyncio.run(_run(config, hours, speed, poll_s, retail, feed_in, out, console))
 
 

@@ -1,0 +1,911 @@
+"""The settlement ledger: double-entry bookkeeping of every market interval in SQLite.
+
+design.md section 3a is the market model this settles. One :class:`Ledger` owns one SQLite
+connection (WAL journal, foreign keys on, ``synchronous=FULL`` because this is money) to a file
+whose schema it creates on first open and whose version it checks on every open. The tables are
+STRICT (SQLite >= 3.37), so no REAL can slip into an amount column.
+
+Accounts
+--------
+One account per site (``site:<id>``, created the first time the site is settled), the
+``community`` account and the ``utility``. An account's balance is the sum of its entries and is
+the money it has *received* net: a site that buys has a negative balance, the utility's balance is
+what the community has paid it net.
+
+Units and rounding (money is exact)
+-----------------------------------
+* Money is an ``int`` of micro-currency (1e-6 currency units; :data:`MICRO` per unit), stored as
+  SQLite INTEGER. Integers make every sum (a balance, an interval, the whole ledger) exact in
+  SQL and in Python, which is what "sums to zero" needs; floats drift, and decimal strings
+  cannot be summed by SQLite. Micro-currency is far below any tariff's resolution and int64 holds
+  +-9.2e12 currency units. :func:`to_currency` turns an amount into a :class:`~decimal.Decimal`.
+* Prices are stored as ``int`` micro-currency per kWh: each ``*_price_per_kwh`` argument is
+  rounded to the nearest micro-currency per kWh (half to even, from the float's shortest decimal
+  representation, so ``0.1`` is exactly 100000).
+* Energy is an ``int`` of Wh, the resolution of the sites' meters: each ``*_kwh`` argument is
+  rounded to the nearest Wh (half to even, from the float's shortest decimal representation).
+  Positive energy is a net import (design.md section 3).
+* The value of ``e`` Wh at ``p`` micro-currency per kWh is ``e*p/1000`` micro-currency, exact as
+  a fraction. Every posting is between the community account and one other party (a site or the
+  utility); that party's amount is rounded *down* to the micro-currency (what it receives is
+  floored, what it pays is ceiled) and the community's is the exact opposite. So the community
+  account collects every sub-micro fraction, and rounding can never make a deviation pay.
+
+Settlement of one interval (:meth:`Ledger.settle_interval`)
+----------------------------------------------------------
+With clearing price ``c``, retail ``r``, feed-in ``f`` and imbalance premium ``k >= 0`` (all per
+kWh), for each site with award ``a`` and metered energy ``m`` (both signed, import positive):
+
+* trade: the site pays ``a*c`` to the community (is paid ``-a*c`` when ``a < 0``);
+* imbalance: the deviation ``d = m - a`` settles with the community at
+
+  - ``buy = max(c, r) + k`` when ``d > 0`` (extra import or export short of the award): the
+    site pays ``d*buy``;
+  - ``sell = min(c, f) - k`` when ``d < 0`` (extra export or import short of the award): the
+    site is paid ``-d*sell`` (which is a charge if ``sell < 0``).
+
+  Because ``buy >= c + k`` and ``sell <= c - k``, a site's cost ``a*c + d*price(d)`` is at
+  least the cost ``m*c`` of having been awarded what it metered, plus ``|d|*k``; with the
+  rounding above this holds exactly for the stored integers:
+  ``cost(a, m) >= cost(m, m) + floor(|d|*k/1000)`` (micro-currency, ``k`` per kWh in micro).
+* utility: the community's net exchange with the utility is ``n = sum(m)`` over the sites (the
+  feeder's meter); the community pays ``n*r`` to the utility when ``n > 0`` and is paid
+  ``-n*f`` when ``n < 0``.
+
+Every posting is one double entry (two entries, equal and opposite), so every posting, every
+interval and the whole ledger sum to zero by construction; the community account absorbs the
+difference between what sites pay and what the utility is paid (zero when the clearing price
+respects the tariffs and nobody deviates, positive with congestion rent and imbalance premiums).
+Postings whose energy is zero are not written.
+
+Sites missing from ``awards_kwh`` have award 0. Sites missing from ``metered_kwh`` (their
+telemetry has not arrived; the gateway spools it and replays it later) make settlement refuse
+with :class:`IncompleteMetering` and write nothing, so the coordinator settles the interval
+later, once the data is in. If it cannot wait any longer it passes ``estimate_missing=True``:
+each missing site is settled as ``metered = award`` (no imbalance), flagged ``estimated`` in the
+stored row and in the result. Settlement is final either way; a later correction would be a new
+adjusting posting, which this module does not make.
+
+Idempotency and atomicity
+-------------------------
+All rows of an interval (the interval's prices, each site's award and metering, every posting and
+entry) are written in one ``BEGIN IMMEDIATE`` transaction, committed once; a crash before the
+commit leaves nothing of the interval, and SQLite's WAL recovery discards the uncommitted frames
+on the next open. The ``intervals`` row also records how many postings the interval has, and
+:meth:`Ledger.check_balanced` checks that count, so a partial interval would be visible even if
+the storage lied about durability.
+
+Settling an interval that is already settled writes nothing. If the inputs, after the rounding
+above, are the ones it was settled with, the stored :class:`SettlementResult` is returned (so a
+coordinator that restarts and settles again is safe); if they differ, :class:`SettlementConflict`
+is raised carrying the stored result, because silently keeping the old figures would hide late or
+corrected meter data from the operator. Fresh and stored results are both read back from the
+database, so they compare equal.
+
+Concurrency
+-----------
+The connection is opened with ``check_same_thread=False`` and every method holds a lock, so a
+coordinator may call it from ``asyncio.to_thread``. Several processes may open the same file;
+``BEGIN IMMEDIATE`` and the interval primary key serialise their settlements.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Literal, Self
+
+__all__ = [
+    "COMMUNITY",
+    "DEFAULT_IMBALANCE_PREMIUM_PER_KWH",
+    "MAX_ABS_ENERGY_KWH",
+    "MAX_ABS_PRICE_PER_KWH",
+    "MICRO",
+    "SCHEMA_VERSION",
+    "UTILITY",
+    "Entry",
+    "IncompleteMetering",
+    "Ledger",
+    "LedgerError",
+    "LedgerInputError",
+    "LedgerStorageError",
+    "PostingKind",
+    "SchemaVersionError",
+    "SettlementConflict",
+    "SettlementResult",
+    "SiteReport",
+    "SiteSettlement",
+    "UnknownAccount",
+    "site_account",
+    "to_currency",
+]
+
+#: Micro-currency per currency unit: money amounts are ints of 1/MICRO currency.
+MICRO: Final = 1_000_000
+#: The account standing between the sites and the utility.
+COMMUNITY: Final = "community"
+#: The utility's account (it sells at retail and buys at feed-in).
+UTILITY: Final = "utility"
+#: Version of the schema this module creates and reads.
+SCHEMA_VERSION: Final = 1
+#: Premium (currency per kWh) added to the imbalance buy price and taken off the sell price.
+DEFAULT_IMBALANCE_PREMIUM_PER_KWH: Final = 0.05
+#: Largest |energy| accepted per site and interval (kWh), so every amount fits SQLite's int64.
+MAX_ABS_ENERGY_KWH: Final = 1.0e6
+#: Largest |price| accepted (currency per kWh).
+MAX_ABS_PRICE_PER_KWH: Final = 1.0e4
+
+_WH_PER_KWH: Final = 1000
+_SITE_PREFIX: Final = "site:"
+_MAX_SITE_ID_LEN: Final = 200
+
+PostingKind = Literal["trade", "imbalance", "utility"]
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class LedgerError(Exception):
+    """Base of every error raised by the ledger."""
+
+
+class LedgerInputError(LedgerError, ValueError):
+    """An argument is malformed or out of range; the message names it."""
+
+
+class IncompleteMetering(LedgerInputError):
+    """Awarded sites have no metered energy yet; nothing was written, settle again later."""
+
+    def __init__(self, interval: int, sites: tuple[str, ...]) -> None:
+        self.interval = interval
+        self.sites = sites
+        super().__init__(
+            f"interval {interval}: no metered energy for awarded sites {', '.join(sites)}; "
+            "settle later or pass estimate_missing=True"
+        )
+
+
+class SettlementConflict(LedgerError):
+    """The interval is already settled with other inputs; nothing was written."""
+
+    def __init__(self, stored: SettlementResult) -> None:
+        self.interval = stored.interval
+        self.stored = stored
+        super().__init__(
+            f"interval {stored.interval} is already settled with different inputs; "
+            "the stored settlement is final"
+        )
+
+
+class SchemaVersionError(LedgerError):
+    """The database file holds a schema version this code does not understand."""
+
+
+class UnknownAccount(LedgerError):
+    """No account of that name exists in the ledger."""
+
+
+class LedgerStorageError(LedgerError):
+    """SQLite failed (locked, disk full, corrupt file, closed ledger); the cause is chained."""
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+def site_account(site: str) -> str:
+    """The account name of a site: ``site:<id>``."""
+    return _SITE_PREFIX + site
+
+
+def to_currency(amount_micro: int) -> Decimal:
+    """An amount of micro-currency as an exact :class:`~decimal.Decimal` of currency units."""
+    return Decimal(amount_micro).scaleb(-6)
+
+
+@dataclass(frozen=True)
+class SiteSettlement:
+    """One site's part of a settled interval.
+
+    Amounts are micro-currency received by the site (negative when it paid); energy in Wh,
+    positive for import; prices in micro-currency per kWh.
+    """
+
+    site: str
+    award_wh: int
+    metered_wh: int
+    estimated: bool
+    trade_micro: int
+    imbalance_micro: int
+
+    @property
+    def deviation_wh(self) -> int:
+        """Metered minus awarded energy (Wh): positive is extra import or short export."""
+        return self.metered_wh - self.award_wh
+
+    @property
+    def total_micro(self) -> int:
+        """What the site received in this interval (negative: it paid)."""
+        return self.trade_micro + self.imbalance_micro
+
+
+@dataclass(frozen=True)
+class SettlementResult:
+    """A settled interval as stored. Prices in micro-currency per kWh, energy in Wh.
+
+    ``utility_micro`` is what the utility received from the community (negative: it paid the
+    community for exported energy); ``community_micro`` is the community account's net for the
+    interval. ``community_micro + utility_micro + sum(s.total_micro for s in sites) == 0``.
+    """
+
+    interval: int
+    clearing_price_micro_per_kwh: int
+    retail_price_micro_per_kwh: int
+    feed_in_price_micro_per_kwh: int
+    imbalance_premium_micro_per_kwh: int
+    imbalance_buy_price_micro_per_kwh: int
+    imbalance_sell_price_micro_per_kwh: int
+    community_net_wh: int
+    utility_micro: int
+    community_micro: int
+    sites: tuple[SiteSettlement, ...]
+
+    def site(self, site: str) -> SiteSettlement:
+        """The settlement of one site; KeyError when the site was not in the interval."""
+        for s in self.sites:
+            if s.site == site:
+                return s
+        raise KeyError(site)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ledger entry: half of a double-entry posting.
+
+    ``amount_micro`` is credited to ``account`` (negative: debited). ``energy_wh`` and
+    ``price_micro_per_kwh`` describe the posting: the energy imported by the site (trade,
+    imbalance) or by the community from the utility (utility), and the price it settled at.
+    """
+
+    entry_id: int
+    interval: int
+    posting_id: int
+    kind: PostingKind
+    site: str | None
+    account: str
+    amount_micro: int
+    energy_wh: int
+    price_micro_per_kwh: int
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """A site's totals over every settled interval it took part in.
+
+    Energy in Wh, money in micro-currency. ``paid_micro``/``received_micro`` are the money of
+    its awards (trade postings), ``imbalance_cost_micro`` the net it paid on imbalance postings
+    (negative: it was paid), ``net_cost_micro = paid - received + imbalance_cost`` (equal to
+    minus its balance), ``baseline_cost_micro`` what the utility alone would have billed its
+    metered energy at the tariffs, and ``savings_micro = baseline - net_cost``.
+    """
+
+    site: str
+    intervals: int
+    estimated_intervals: int
+    bought_wh: int
+    sold_wh: int
+    metered_import_wh: int
+    metered_export_wh: int
+    paid_micro: int
+    received_micro: int
+    imbalance_cost_micro: int
+    net_cost_micro: int
+    baseline_cost_micro: int
+    savings_micro: int
+
+
+# --- pure settlement arithmetic -----------------------------------------------------------
+
+
+def _party_amount(energy_to_party_wh: int, price_micro_per_kwh: int) -> int:
+    """Micro-currency a non-community party receives when it takes ``energy_to_party_wh``.
+
+    The exact value ``-energy*price/1000`` (the party *pays* for energy it takes, at
+    ``price_micro_per_kwh``) rounded down: the party never gains from rounding, the community
+    collects the fraction.
+    """
+    return (-energy_to_party_wh * price_micro_per_kwh) // _WH_PER_KWH
+
+
+def _to_wh(kwh: float, name: str) -> int:
+    value = float(kwh)
+    if not math.isfinite(value) or abs(value) > MAX_ABS_ENERGY_KWH:
+        raise LedgerInputError(f"{name} must be finite and within +-{MAX_ABS_ENERGY_KWH:g} kWh")
+    scaled = Decimal(repr(value)) * _WH_PER_KWH
+    return int(scaled.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def _to_micro_per_kwh(price_per_kwh: float, name: str) -> int:
+    value = float(price_per_kwh)
+    if not math.isfinite(value) or abs(value) > MAX_ABS_PRICE_PER_KWH:
+        raise LedgerInputError(
+            f"{name} must be finite and within +-{MAX_ABS_PRICE_PER_KWH:g} per kWh"
+        )
+    scaled = Decimal(repr(value)) * MICRO
+    return int(scaled.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+@dataclass(frozen=True)
+class _Prices:
+    clearing: int
+    retail: int
+    feed_in: int
+    premium: int
+
+    @property
+    def imbalance_buy(self) -> int:
+        return max(self.clearing, self.retail) + self.premium
+
+    @property
+    def imbalance_sell(self) -> int:
+        return min(self.clearing, self.feed_in) - self.premium
+
+
+@dataclass(frozen=True)
+class _SiteInput:
+    site: str
+    award_wh: int
+    metered_wh: int
+    estimated: bool
+
+
+@dataclass(frozen=True)
+class _Posting:
+    kind: PostingKind
+    site: str | None
+    party: str
+    energy_wh: int
+    price_micro_per_kwh: int
+    party_micro: int
+
+
+def _postings(prices: _Prices, sites: tuple[_SiteInput, ...]) -> tuple[_Posting, ...]:
+    """Every posting of an interval (zero-energy ones left out), in a fixed order."""
+    out: list[_Posting] = []
+    for s in sites:
+        account = site_account(s.site)
+        if s.award_wh:
+            out.append(
+                _Posting(
+                    "trade",
+                    s.site,
+                    account,
+                    s.award_wh,
+                    prices.clearing,
+                    _party_amount(s.award_wh, prices.clearing),
+                )
+            )
+        deviation = s.metered_wh - s.award_wh
+        if deviation:
+            price = prices.imbalance_buy if deviation > 0 else prices.imbalance_sell
+            out.append(
+                _Posting(
+                    "imbalance", s.site, account, deviation, price, _party_amount(deviation, price)
+                )
+            )
+    net_wh = sum(s.metered_wh for s in sites)
+    if net_wh:
+        price = prices.retail if net_wh > 0 else prices.feed_in
+        # The utility *delivers* n Wh into the community: it receives n*price (rounded down).
+        out.append(_Posting("utility", None, UTILITY, net_wh, price, _party_amount(-net_wh, price)))
+    return tuple(out)
+
+
+def _baseline_cost(metered_wh: int, retail: int, feed_in: int) -> int:
+    """What the utility alone bills a site for one interval's metered energy (micro)."""
+    price = retail if metered_wh > 0 else feed_in
+    return -_party_amount(metered_wh, price)
+
+
+# --- the ledger ---------------------------------------------------------------------------
+
+_SCHEMA: Final = (
+    """CREATE TABLE schema_version (
+        version INTEGER NOT NULL
+    ) STRICT""",
+    """CREATE TABLE accounts (
+        account TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('site', 'community', 'utility')),
+        site TEXT UNIQUE,
+        CHECK ((kind = 'site') = (site IS NOT NULL))
+    ) STRICT""",
+    """CREATE TABLE intervals (
+        interval INTEGER PRIMARY KEY CHECK (interval >= 0),
+        clearing_price_micro_per_kwh INTEGER NOT NULL,
+        retail_price_micro_per_kwh INTEGER NOT NULL,
+        feed_in_price_micro_per_kwh INTEGER NOT NULL,
+        imbalance_premium_micro_per_kwh INTEGER NOT NULL CHECK (
+            imbalance_premium_micro_per_kwh >= 0),
+        imbalance_buy_price_micro_per_kwh INTEGER NOT NULL,
+        imbalance_sell_price_micro_per_kwh INTEGER NOT NULL,
+        community_net_wh INTEGER NOT NULL,
+        posting_count INTEGER NOT NULL CHECK (posting_count >= 0)
+    ) STRICT""",
+    """CREATE TABLE site_intervals (
+        interval INTEGER NOT NULL REFERENCES intervals (interval),
+        site TEXT NOT NULL REFERENCES accounts (site),
+        award_wh INTEGER NOT NULL,
+        metered_wh INTEGER NOT NULL,
+        estimated INTEGER NOT NULL CHECK (estimated IN (0, 1)),
+        PRIMARY KEY (interval, site)
+    ) STRICT""",
+    """CREATE INDEX site_intervals_site ON site_intervals (site)""",
+    """CREATE TABLE postings (
+        posting_id INTEGER PRIMARY KEY,
+        interval INTEGER NOT NULL REFERENCES intervals (interval),
+        kind TEXT NOT NULL CHECK (kind IN ('trade', 'imbalance', 'utility')),
+        site TEXT REFERENCES accounts (site),
+        energy_wh INTEGER NOT NULL,
+        price_micro_per_kwh INTEGER NOT NULL,
+        CHECK ((kind = 'utility') = (site IS NULL))
+    ) STRICT""",
+    """CREATE INDEX postings_interval ON postings (interval)""",
+    """CREATE TABLE entries (
+        entry_id INTEGER PRIMARY KEY,
+        posting_id INTEGER NOT NULL REFERENCES postings (posting_id),
+        interval INTEGER NOT NULL REFERENCES intervals (interval),
+        account TEXT NOT NULL REFERENCES accounts (account),
+        amount_micro INTEGER NOT NULL
+    ) STRICT""",
+    """CREATE INDEX entries_interval ON entries (interval)""",
+    """CREATE INDEX entries_account ON entries (account)""",
+    """CREATE INDEX entries_posting ON entries (posting_id)""",
+)
+
+
+class Ledger:
+    """The settlement ledger in one SQLite file; a context manager owning one connection.
+
+    ``Ledger(path)`` opens (creating if needed) the file, switches it to WAL, turns foreign keys
+    on, sets ``synchronous=FULL`` and creates or checks the schema. Closing (``close()`` or
+    leaving the ``with`` block) closes the connection.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=busy_timeout_s,
+                isolation_level=None,  # explicit BEGIN/COMMIT only
+                check_same_thread=False,
+            )
+        except sqlite3.Error as err:
+            raise LedgerStorageError(f"cannot open ledger {self.path}: {err}") from err
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            _configure(conn, self.path)
+            _ensure_schema(conn)
+        except BaseException as err:
+            conn.close()
+            self._conn = None
+            if isinstance(err, sqlite3.Error):
+                raise LedgerStorageError(f"cannot open ledger {self.path}: {err}") from err
+            raise
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._conn is None
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the lock; SQLite errors come out as LedgerStorageError."""
+        with self._lock:
+            if self._conn is None:
+                raise LedgerStorageError(f"ledger {self.path} is closed")
+            try:
+                yield self._conn
+            except sqlite3.Error as err:
+                raise LedgerStorageError(f"ledger {self.path}: {err}") from err
+
+    # -- settlement ---------------------------------------------------------------------
+
+    def settle_interval(
+        self,
+        interval: int,
+        *,
+        clearing_price_per_kwh: float,
+        retail_price_per_kwh: float,
+        feed_in_price_per_kwh: float,
+        awards_kwh: Mapping[str, float],
+        metered_kwh: Mapping[str, float],
+        imbalance_premium_per_kwh: float = DEFAULT_IMBALANCE_PREMIUM_PER_KWH,
+        estimate_missing: bool = False,
+    ) -> SettlementResult:
+        """Settle one market interval in one transaction; idempotent (see the module docs).
+
+        ``awards_kwh`` and ``metered_kwh`` map site ids to energy over the interval (kWh, import
+        positive). The sites settled are those in either mapping; a site without an award has
+        award 0. An awarded site without metering raises :class:`IncompleteMetering` unless
+        ``estimate_missing`` (then metered = award, flagged). Re-settling with the same inputs
+        returns the stored result; with different ones raises :class:`SettlementConflict`.
+        """
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise LedgerInputError(f"interval must be an int >= 0, got {interval!r}")
+        prices = _Prices(
+            clearing=_to_micro_per_kwh(clearing_price_per_kwh, "clearing_price_per_kwh"),
+            retail=_to_micro_per_kwh(retail_price_per_kwh, "retail_price_per_kwh"),
+            feed_in=_to_micro_per_kwh(feed_in_price_per_kwh, "feed_in_price_per_kwh"),
+            premium=_to_micro_per_kwh(imbalance_premium_per_kwh, "imbalance_premium_per_kwh"),
+        )
+        if prices.premium < 0:
+            raise LedgerInputError("imbalance_premium_per_kwh must be >= 0")
+        sites = _site_inputs(interval, awards_kwh, metered_kwh, estimate_missing=estimate_missing)
+        postings = _postings(prices, sites)
+
+        with self._db() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                stored = self._load(conn, interval)
+                if stored is None:
+                    self._write(conn, interval, prices, sites, postings)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if stored is not None:
+                if _inputs_of(stored) != (prices, sites):
+                    raise SettlementConflict(stored)
+                return stored
+            result = self._load(conn, interval)
+        if result is None:  # pragma: no cover - committed just above on this connection
+            raise LedgerStorageError(f"interval {interval} vanished after its commit")
+        return result
+
+    def _write(
+        self,
+        conn: sqlite3.Connection,
+        interval: int,
+        prices: _Prices,
+        sites: tuple[_SiteInput, ...],
+        postings: tuple[_Posting, ...],
+    ) -> None:
+        conn.executemany(
+            "INSERT OR IGNORE INTO accounts (account, kind, site) VALUES (?, 'site', ?)",
+            [(site_account(s.site), s.site) for s in sites],
+        )
+        conn.execute(
+            "INSERT INTO intervals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                interval,
+                prices.clearing,
+                prices.retail,
+                prices.feed_in,
+                prices.premium,
+                prices.imbalance_buy,
+                prices.imbalance_sell,
+                sum(s.metered_wh for s in sites),
+                len(postings),
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO site_intervals VALUES (?, ?, ?, ?, ?)",
+            [(interval, s.site, s.award_wh, s.metered_wh, int(s.estimated)) for s in sites],
+        )
+        for posting in postings:
+            self._write_posting(conn, interval, posting)
+
+    def _write_posting(self, conn: sqlite3.Connection, interval: int, posting: _Posting) -> None:
+        """Write one posting and its two entries (inside the interval's transaction).
+
+        The single place postings are written; the crash test overrides it to die mid-interval.
+        """
+        cur = conn.execute(
+            "INSERT INTO postings (interval, kind, site, energy_wh, price_micro_per_kwh) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (interval, posting.kind, posting.site, posting.energy_wh, posting.price_micro_per_kwh),
+        )
+        posting_id = cur.lastrowid
+        conn.executemany(
+            "INSERT INTO entries (posting_id, interval, account, amount_micro) VALUES (?, ?, ?, ?)",
+            [
+                (posting_id, interval, posting.party, posting.party_micro),
+                (posting_id, interval, COMMUNITY, -posting.party_micro),
+            ],
+        )
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, interval: int) -> SettlementResult | None:
+        row = conn.execute(
+            "SELECT clearing_price_micro_per_kwh, retail_price_micro_per_kwh, "
+            "feed_in_price_micro_per_kwh, imbalance_premium_micro_per_kwh, "
+            "imbalance_buy_price_micro_per_kwh, imbalance_sell_price_micro_per_kwh, "
+            "community_net_wh FROM intervals WHERE interval = ?",
+            (interval,),
+        ).fetchone()
+        if row is None:
+            return None
+        money: dict[tuple[str, str], int] = {}
+        for kind, account, amount in conn.execute(
+            "SELECT p.kind, e.account, SUM(e.amount_micro) FROM entries e "
+            "JOIN postings p USING (posting_id) WHERE e.interval = ? GROUP BY p.kind, e.account",
+            (interval,),
+        ):
+            money[(kind, account)] = amount
+        sites = tuple(
+            SiteSettlement(
+                site=site,
+                award_wh=award,
+                metered_wh=metered,
+                estimated=bool(estimated),
+                trade_micro=money.get(("trade", site_account(site)), 0),
+                imbalance_micro=money.get(("imbalance", site_account(site)), 0),
+            )
+            for site, award, metered, estimated in conn.execute(
+                "SELECT site, award_wh, metered_wh, estimated FROM site_intervals "
+                "WHERE interval = ? ORDER BY site",
+                (interval,),
+            )
+        )
+        community = sum(v for (_, account), v in money.items() if account == COMMUNITY)
+        return SettlementResult(
+            interval=interval,
+            clearing_price_micro_per_kwh=row[0],
+            retail_price_micro_per_kwh=row[1],
+            feed_in_price_micro_per_kwh=row[2],
+            imbalance_premium_micro_per_kwh=row[3],
+            imbalance_buy_price_micro_per_kwh=row[4],
+            imbalance_sell_price_micro_per_kwh=row[5],
+            community_net_wh=row[6],
+            utility_micro=money.get(("utility", UTILITY), 0),
+            community_micro=community,
+            sites=sites,
+        )
+
+    # -- queries ------------------------------------------------------------------------
+
+    def settlement(self, interval: int) -> SettlementResult | None:
+        """The stored settlement of an interval, or None when it is not settled."""
+        with self._db() as conn:
+            return self._load(conn, interval)
+
+    def is_settled(self, interval: int) -> bool:
+        """Whether the interval has been settled."""
+        with self._db() as conn:
+            row = conn.execute("SELECT 1 FROM intervals WHERE interval = ?", (interval,))
+            return row.fetchone() is not None
+
+    def settled_intervals(self) -> tuple[int, ...]:
+        """Every settled interval, ascending."""
+        with self._db() as conn:
+            rows = conn.execute("SELECT interval FROM intervals ORDER BY interval")
+            return tuple(r[0] for r in rows)
+
+    def accounts(self) -> tuple[str, ...]:
+        """Every account name, sorted."""
+        with self._db() as conn:
+            return tuple(r[0] for r in conn.execute("SELECT account FROM accounts ORDER BY 1"))
+
+    def balance(self, account: str) -> int:
+        """The account's balance in micro-currency: what it has received net (<0: paid)."""
+        with self._db() as conn:
+            known = conn.execute("SELECT 1 FROM accounts WHERE account = ?", (account,))
+            if known.fetchone() is None:
+                raise UnknownAccount(f"no account {account!r} in ledger {self.path}")
+            row = conn.execute(
+                "SELECT COALESCE(SUM(amount_micro), 0) FROM entries WHERE account = ?",
+                (account,),
+            ).fetchone()
+            return int(row[0])
+
+    def interval_entries(self, interval: int) -> tuple[Entry, ...]:
+        """Every entry of an interval in the order written (empty when not settled)."""
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT e.entry_id, e.interval, e.posting_id, p.kind, p.site, e.account, "
+                "e.amount_micro, p.energy_wh, p.price_micro_per_kwh FROM entries e "
+                "JOIN postings p USING (posting_id) WHERE e.interval = ? ORDER BY e.entry_id",
+                (interval,),
+            ).fetchall()
+        return tuple(Entry(*row) for row in rows)
+
+    def baseline_cost(self, site: str) -> int:
+        """What the utility alone would have billed the site (micro-currency, >0: it pays).
+
+        Over every settled interval the site took part in: its metered energy at that
+        interval's retail tariff when importing and feed-in when exporting, rounded as every
+        site amount is (what it pays ceiled, what it receives floored).
+        """
+        with self._db() as conn:
+            self._require_site(conn, site)
+            rows = conn.execute(
+                "SELECT s.metered_wh, i.retail_price_micro_per_kwh, i.feed_in_price_micro_per_kwh "
+                "FROM site_intervals s JOIN intervals i USING (interval) WHERE s.site = ?",
+                (site,),
+            ).fetchall()
+        return sum(_baseline_cost(m, r, f) for m, r, f in rows)
+
+    def savings(self, site: str) -> int:
+        """Baseline cost minus what the site actually paid net (micro-currency)."""
+        return self.site_report(site).savings_micro
+
+    def site_report(self, site: str) -> SiteReport:
+        """The site's energy and money totals, baseline and savings (see :class:`SiteReport`)."""
+        baseline = self.baseline_cost(site)
+        with self._db() as conn:
+            n, estimated, bought, sold, imp, exp = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(estimated), 0), "
+                "COALESCE(SUM(MAX(award_wh, 0)), 0), COALESCE(SUM(MAX(-award_wh, 0)), 0), "
+                "COALESCE(SUM(MAX(metered_wh, 0)), 0), COALESCE(SUM(MAX(-metered_wh, 0)), 0) "
+                "FROM site_intervals WHERE site = ?",
+                (site,),
+            ).fetchone()
+            paid, received, imbalance = conn.execute(
+                "SELECT "
+                "COALESCE(SUM(CASE WHEN p.kind = 'trade' AND e.amount_micro < 0 "
+                "THEN -e.amount_micro END), 0), "
+                "COALESCE(SUM(CASE WHEN p.kind = 'trade' AND e.amount_micro > 0 "
+                "THEN e.amount_micro END), 0), "
+                "COALESCE(SUM(CASE WHEN p.kind = 'imbalance' THEN -e.amount_micro END), 0) "
+                "FROM entries e JOIN postings p USING (posting_id) WHERE e.account = ?",
+                (site_account(site),),
+            ).fetchone()
+        net_cost = paid - received + imbalance
+        return SiteReport(
+            site=site,
+            intervals=n,
+            estimated_intervals=estimated,
+            bought_wh=bought,
+            sold_wh=sold,
+            metered_import_wh=imp,
+            metered_export_wh=exp,
+            paid_micro=paid,
+            received_micro=received,
+            imbalance_cost_micro=imbalance,
+            net_cost_micro=net_cost,
+            baseline_cost_micro=baseline,
+            savings_micro=baseline - net_cost,
+        )
+
+    def check_balanced(self) -> bool:
+        """Every posting and every interval sums to zero, so does the ledger, and no interval
+        is partial (its posting count matches what was recorded when it was settled)."""
+        with self._db() as conn:
+            unbalanced_postings = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT posting_id FROM entries GROUP BY posting_id "
+                "HAVING SUM(amount_micro) != 0 OR COUNT(*) != 2)"
+            ).fetchone()[0]
+            unbalanced_intervals = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT interval FROM entries GROUP BY interval "
+                "HAVING SUM(amount_micro) != 0)"
+            ).fetchone()[0]
+            total = conn.execute("SELECT COALESCE(SUM(amount_micro), 0) FROM entries").fetchone()[0]
+            partial = conn.execute(
+                "SELECT COUNT(*) FROM intervals i WHERE i.posting_count != "
+                "(SELECT COUNT(*) FROM postings p WHERE p.interval = i.interval)"
+            ).fetchone()[0]
+            orphans = conn.execute(
+                "SELECT COUNT(*) FROM postings p WHERE NOT EXISTS "
+                "(SELECT 1 FROM entries e WHERE e.posting_id = p.posting_id)"
+            ).fetchone()[0]
+        counts = (unbalanced_postings, unbalanced_intervals, total, partial, orphans)
+        return all(int(c) == 0 for c in counts)
+
+    @staticmethod
+    def _require_site(conn: sqlite3.Connection, site: str) -> None:
+        if conn.execute("SELECT 1 FROM accounts WHERE site = ?", (site,)).fetchone() is None:
+            raise UnknownAccount(f"no site {site!r} in the ledger")
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    """WAL journal, foreign keys, full fsync on every commit."""
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise LedgerStorageError(f"ledger {path}: journal_mode is {mode!r}, WAL is required")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA synchronous=FULL")
+
+
+def _ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the schema in an empty file, or check the version of an existing one."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _create_or_check_schema(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _create_or_check_schema(conn: sqlite3.Connection) -> None:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if exists is None:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        conn.executemany(
+            "INSERT INTO accounts (account, kind, site) VALUES (?, ?, NULL)",
+            [(COMMUNITY, "community"), (UTILITY, "utility")],
+        )
+        return
+    rows = conn.execute("SELECT version FROM schema_version").fetchall()
+    if rows != [(SCHEMA_VERSION,)]:
+        found = [r[0] for r in rows]
+        raise SchemaVersionError(f"ledger schema version {found}, this code reads {SCHEMA_VERSION}")
+
+
+def _site_inputs(
+    interval: int,
+    awards_kwh: Mapping[str, float],
+    metered_kwh: Mapping[str, float],
+    *,
+    estimate_missing: bool,
+) -> tuple[_SiteInput, ...]:
+    """Validate and round the per-site inputs; one row per site in either mapping, sorted."""
+    for site in (*awards_kwh, *metered_kwh):
+        if not isinstance(site, str) or not site or len(site) > _MAX_SITE_ID_LEN:
+            raise LedgerInputError(
+                f"site ids must be non-empty strings of at most {_MAX_SITE_ID_LEN} characters, "
+                f"got {site!r}"
+            )
+    awards = {s: _to_wh(q, f"awards_kwh[{s!r}]") for s, q in awards_kwh.items()}
+    metered = {s: _to_wh(q, f"metered_kwh[{s!r}]") for s, q in metered_kwh.items()}
+    missing = tuple(sorted(s for s in awards if s not in metered))
+    if missing and not estimate_missing:
+        raise IncompleteMetering(interval, missing)
+    return tuple(
+        _SiteInput(
+            site=s,
+            award_wh=awards.get(s, 0),
+            metered_wh=metered.get(s, awards.get(s, 0)),
+            estimated=s not in metered,
+        )
+        for s in sorted(awards.keys() | metered.keys())
+    )
+
+
+def _inputs_of(result: SettlementResult) -> tuple[_Prices, tuple[_SiteInput, ...]]:
+    """The rounded inputs a stored result was settled with, to compare a re-settlement."""
+    prices = _Prices(
+        clearing=result.clearing_price_micro_per_kwh,
+        retail=result.retail_price_micro_per_kwh,
+        feed_in=result.feed_in_price_micro_per_kwh,
+        premium=result.imbalance_premium_micro_per_kwh,
+    )
+    sites = tuple(
+        _SiteInput(site=s.site, award_wh=s.award_wh, metered_wh=s.metered_wh, estimated=s.estimated)
+        for s in result.sites
+    )
+    return prices, sites

@@ -1,0 +1,510 @@
+"""Tests for coordinator.ledger on real SQLite files: hand-checked settlements, properties
+(balance, deviation costs more), idempotency, and a settlement killed mid-transaction."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from coordinator.ledger import (
+    COMMUNITY,
+    MICRO,
+    UTILITY,
+    IncompleteMetering,
+    Ledger,
+    LedgerInputError,
+    SchemaVersionError,
+    SettlementConflict,
+    SettlementResult,
+    UnknownAccount,
+    site_account,
+    to_currency,
+)
+
+RETAIL = 0.30
+FEED_IN = 0.05
+PREMIUM = 0.02
+
+PROPERTY_SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+def _settle(
+    ledger: Ledger,
+    interval: int,
+    awards: Mapping[str, float],
+    metered: Mapping[str, float],
+    *,
+    clearing: float = 0.20,
+    retail: float = RETAIL,
+    feed_in: float = FEED_IN,
+    premium: float = PREMIUM,
+    estimate_missing: bool = False,
+) -> SettlementResult:
+    return ledger.settle_interval(
+        interval,
+        clearing_price_per_kwh=clearing,
+        retail_price_per_kwh=retail,
+        feed_in_price_per_kwh=feed_in,
+        awards_kwh=awards,
+        metered_kwh=metered,
+        imbalance_premium_per_kwh=premium,
+        estimate_missing=estimate_missing,
+    )
+
+
+def _row_counts(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            for table in ("accounts", "intervals", "site_intervals", "postings", "entries")
+        }
+    finally:
+        conn.close()
+
+
+def _interval_sum(result: SettlementResult) -> int:
+    return result.community_micro + result.utility_micro + sum(s.total_micro for s in result.sites)
+
+
+# --- opening ----------------------------------------------------------------------------
+
+
+def test_open_creates_schema_in_wal_with_full_sync(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as ledger:
+        conn = ledger._conn
+        assert conn is not None
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert ledger.accounts() == (COMMUNITY, UTILITY)
+        assert ledger.balance(COMMUNITY) == 0
+        assert ledger.check_balanced()
+    assert ledger.closed
+    # Reopening an existing file checks the version and keeps the data.
+    with Ledger(path) as again:
+        assert again.accounts() == (COMMUNITY, UTILITY)
+
+
+def test_open_refuses_another_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    Ledger(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="99"):
+        Ledger(path)
+
+
+# --- hand-checked settlement ------------------------------------------------------------
+
+
+def test_two_site_interval_hand_checked(tmp_path: Path) -> None:
+    # Clearing 0.20, retail 0.30, feed-in 0.05, premium 0.02:
+    # imbalance buy = max(0.20, 0.30) + 0.02 = 0.32, sell = min(0.20, 0.05) - 0.02 = 0.03.
+    # buyer: awarded 5 kWh, metered 6 -> pays 5*0.20 = 1.00 and 1*0.32 = 0.32.
+    # seller: awarded -5 kWh, metered -5.5 -> paid 5*0.20 = 1.00 and 0.5*0.03 = 0.015.
+    # Feeder: 6 - 5.5 = 0.5 kWh imported -> the community pays the utility 0.5*0.30 = 0.15.
+    # Community: 1.00 + 0.32 - 1.00 - 0.015 - 0.15 = 0.155.
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        result = _settle(ledger, 7, {"buyer": 5.0, "seller": -5.0}, {"buyer": 6.0, "seller": -5.5})
+        assert result.interval == 7
+        assert result.clearing_price_micro_per_kwh == 200_000
+        assert result.imbalance_buy_price_micro_per_kwh == 320_000
+        assert result.imbalance_sell_price_micro_per_kwh == 30_000
+        assert result.community_net_wh == 500
+        buyer, seller = result.site("buyer"), result.site("seller")
+        assert (buyer.award_wh, buyer.metered_wh, buyer.deviation_wh) == (5000, 6000, 1000)
+        assert (buyer.trade_micro, buyer.imbalance_micro) == (-1_000_000, -320_000)
+        assert (seller.award_wh, seller.metered_wh, seller.deviation_wh) == (-5000, -5500, -500)
+        assert (seller.trade_micro, seller.imbalance_micro) == (1_000_000, 15_000)
+        assert result.utility_micro == 150_000
+        assert result.community_micro == 155_000
+        assert _interval_sum(result) == 0
+
+        assert ledger.balance(site_account("buyer")) == -1_320_000
+        assert ledger.balance(site_account("seller")) == 1_015_000
+        assert ledger.balance(UTILITY) == 150_000
+        assert ledger.balance(COMMUNITY) == 155_000
+        assert to_currency(ledger.balance(COMMUNITY)) == Decimal("0.155")
+        assert ledger.check_balanced()
+
+        entries = ledger.interval_entries(7)
+        # trade + imbalance per site, then the utility leg: 5 postings, 2 entries each.
+        assert [(e.kind, e.account, e.amount_micro) for e in entries] == [
+            ("trade", "site:buyer", -1_000_000),
+            ("trade", COMMUNITY, 1_000_000),
+            ("imbalance", "site:buyer", -320_000),
+            ("imbalance", COMMUNITY, 320_000),
+            ("trade", "site:seller", 1_000_000),
+            ("trade", COMMUNITY, -1_000_000),
+            ("imbalance", "site:seller", 15_000),
+            ("imbalance", COMMUNITY, -15_000),
+            ("utility", UTILITY, 150_000),
+            ("utility", COMMUNITY, -150_000),
+        ]
+        assert len({e.posting_id for e in entries}) == 5
+        assert sum(e.amount_micro for e in entries) == 0
+        assert ledger.interval_entries(8) == ()
+
+
+def test_utility_pays_feed_in_for_net_export(tmp_path: Path) -> None:
+    # Both sites export more than they import: the utility buys 3 kWh at 0.05 = 0.15.
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        result = _settle(ledger, 1, {"a": -4.0, "b": 1.0}, {"a": -4.0, "b": 1.0}, clearing=0.12)
+        assert result.community_net_wh == -3000
+        assert result.utility_micro == -150_000
+        # a is paid 0.48, b pays 0.12; the community nets 0.12 - 0.48 + 0.15 = -0.21.
+        assert result.community_micro == -210_000
+        assert _interval_sum(result) == 0
+        assert ledger.check_balanced()
+
+
+def test_rounding_never_favours_the_site(tmp_path: Path) -> None:
+    # 1 Wh at 0.123457/kWh is worth 123.457 micro: the buyer pays 124, the seller gets 123,
+    # the community keeps the fractions; the feeder is balanced so the utility gets nothing.
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        result = _settle(ledger, 1, {"b": 0.001, "s": -0.001}, {"b": 0.001, "s": -0.001},
+                         clearing=0.123457)  # fmt: skip
+        assert result.site("b").trade_micro == -124
+        assert result.site("s").trade_micro == 123
+        assert result.utility_micro == 0
+        assert result.community_micro == 1
+        # Energy rounds to the nearest Wh, prices to the nearest micro per kWh (half to even).
+        result = _settle(ledger, 2, {"x": 0.0015}, {"x": 0.0025}, clearing=0.1234565)
+        assert result.site("x").award_wh == 2
+        assert result.site("x").metered_wh == 2
+        assert result.clearing_price_micro_per_kwh == 123_456
+
+
+def test_missing_sites_and_metering(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as ledger:
+        before = _row_counts(path)
+        # An awarded site without metering: refused, nothing written, settle later.
+        with pytest.raises(IncompleteMetering) as info:
+            _settle(ledger, 3, {"a": 1.0, "b": -1.0}, {"a": 1.0})
+        assert info.value.sites == ("b",)
+        assert _row_counts(path) == before
+        assert not ledger.is_settled(3)
+        # A metered site without an award has award 0; all its energy is imbalance.
+        result = _settle(ledger, 3, {"a": 1.0}, {"a": 1.0, "c": 2.0})
+        assert result.site("c").award_wh == 0
+        assert result.site("c").imbalance_micro == -2 * 320_000
+        # Estimating: the missing site settles as metered = award, flagged, no imbalance.
+        result = _settle(ledger, 4, {"a": 1.0, "b": -1.0}, {"a": 1.0}, estimate_missing=True)
+        b = result.site("b")
+        assert b.estimated
+        assert (b.metered_wh, b.imbalance_micro) == (-1000, 0)
+        assert not result.site("a").estimated
+        assert ledger.site_report("b").estimated_intervals == 1
+        assert ledger.check_balanced()
+
+
+def test_rejects_bad_inputs_without_writing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as ledger:
+        before = _row_counts(path)
+        with pytest.raises(LedgerInputError, match="clearing_price_per_kwh"):
+            _settle(ledger, 1, {"a": 1.0}, {"a": 1.0}, clearing=float("nan"))
+        with pytest.raises(LedgerInputError, match="metered_kwh"):
+            _settle(ledger, 1, {"a": 1.0}, {"a": float("inf")})
+        with pytest.raises(LedgerInputError, match="premium"):
+            _settle(ledger, 1, {"a": 1.0}, {"a": 1.0}, premium=-0.01)
+        with pytest.raises(LedgerInputError, match="interval"):
+            _settle(ledger, -1, {"a": 1.0}, {"a": 1.0})
+        with pytest.raises(LedgerInputError, match="site ids"):
+            _settle(ledger, 1, {"": 1.0}, {"": 1.0})
+        with pytest.raises(UnknownAccount):
+            ledger.balance("site:nobody")
+        with pytest.raises(UnknownAccount):
+            ledger.site_report("nobody")
+        assert _row_counts(path) == before
+
+
+# --- idempotency ----------------------------------------------------------------------
+
+
+def test_resettling_returns_the_stored_result_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    awards = {"buyer": 5.0, "seller": -5.0}
+    metered = {"buyer": 6.0, "seller": -5.5}
+    with Ledger(path) as ledger:
+        first = _settle(ledger, 7, awards, metered)
+        counts = _row_counts(path)
+        balances = {a: ledger.balance(a) for a in ledger.accounts()}
+        # Same inputs (in another order, and as values that round to the same Wh): same result.
+        again = _settle(ledger, 7, {**awards, "buyer": 5.0002}, dict(reversed(metered.items())))
+        assert again == first
+        assert ledger.settlement(7) == first
+        assert _row_counts(path) == counts
+        # Different inputs: refused with the stored result attached; still nothing written.
+        with pytest.raises(SettlementConflict) as info:
+            _settle(ledger, 7, awards, {"buyer": 6.5, "seller": -5.5})
+        assert info.value.stored == first
+        with pytest.raises(SettlementConflict):
+            _settle(ledger, 7, awards, metered, clearing=0.21)
+        assert _row_counts(path) == counts
+        assert {a: ledger.balance(a) for a in ledger.accounts()} == balances
+    # And across a reopen.
+    with Ledger(path) as ledger:
+        assert _settle(ledger, 7, awards, metered) == first
+        assert _row_counts(path) == counts
+
+
+# --- report and savings ---------------------------------------------------------------
+
+
+def test_site_report_and_savings_against_the_baseline(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        # Interval 1: the hand-checked one above.
+        _settle(ledger, 1, {"buyer": 5.0, "seller": -5.0}, {"buyer": 6.0, "seller": -5.5})
+        # Interval 2: clearing 0.25; buyer unawarded imports 2 kWh at imbalance buy 0.32
+        # (0.64, dearer than the 0.60 it would pay the utility); seller sells 1 kWh as awarded.
+        _settle(ledger, 2, {"seller": -1.0}, {"buyer": 2.0, "seller": -1.0}, clearing=0.25)
+
+        buyer = ledger.site_report("buyer")
+        assert buyer.intervals == 2
+        assert (buyer.bought_wh, buyer.sold_wh) == (5000, 0)
+        assert (buyer.metered_import_wh, buyer.metered_export_wh) == (8000, 0)
+        assert (buyer.paid_micro, buyer.received_micro) == (1_000_000, 0)
+        assert buyer.imbalance_cost_micro == 320_000 + 640_000
+        assert buyer.net_cost_micro == 1_960_000 == -ledger.balance("site:buyer")
+        # Alone: 6 kWh and 2 kWh at retail 0.30 = 2.40; saved 0.44.
+        assert buyer.baseline_cost_micro == ledger.baseline_cost("buyer") == 2_400_000
+        assert buyer.savings_micro == ledger.savings("buyer") == 440_000
+
+        seller = ledger.site_report("seller")
+        assert (seller.bought_wh, seller.sold_wh) == (0, 6000)
+        assert (seller.metered_import_wh, seller.metered_export_wh) == (0, 6500)
+        assert (seller.paid_micro, seller.received_micro) == (0, 1_250_000)
+        assert seller.imbalance_cost_micro == -15_000
+        assert seller.net_cost_micro == -1_265_000 == -ledger.balance("site:seller")
+        # Alone: 6.5 kWh exported at feed-in 0.05 = paid 0.325; it got 1.265 instead.
+        assert seller.baseline_cost_micro == -325_000
+        assert seller.savings_micro == 940_000
+
+        # Community: 0.155 in interval 1; 0.64 - 0.25 - 0.30 = 0.09 in interval 2.
+        assert ledger.balance(COMMUNITY) == 245_000
+        assert ledger.balance(UTILITY) == 150_000 + 300_000
+        assert ledger.check_balanced()
+
+
+# --- properties -----------------------------------------------------------------------
+
+_SITES = ("a", "b", "c", "d")
+_energy = st.floats(min_value=-50.0, max_value=50.0, allow_nan=False).map(lambda x: round(x, 4))
+_price = st.floats(min_value=-0.5, max_value=1.5, allow_nan=False)
+
+
+@st.composite
+def _interval_inputs(draw: st.DrawFn) -> dict[str, Any]:
+    awarded = draw(st.lists(st.sampled_from(_SITES), unique=True))
+    metered_sites = draw(st.lists(st.sampled_from(_SITES), unique=True))
+    estimate = draw(st.booleans())
+    if not estimate:
+        metered_sites = sorted(set(metered_sites) | set(awarded))
+    return {
+        "awards": {s: draw(_energy) for s in awarded},
+        "metered": {s: draw(_energy) for s in metered_sites},
+        "clearing": draw(_price),
+        "retail": draw(_price),
+        "feed_in": draw(_price),
+        "premium": draw(st.floats(min_value=0.0, max_value=0.3)),
+        "estimate_missing": estimate,
+    }
+
+
+@PROPERTY_SETTINGS
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=6), _interval_inputs(), st.booleans()),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_ledger_always_balances(
+    tmp_path_factory: pytest.TempPathFactory,
+    steps: list[tuple[int, dict[str, Any], bool]],
+) -> None:
+    path = tmp_path_factory.mktemp("balance") / "ledger.db"
+    settled: dict[int, SettlementResult] = {}
+    with Ledger(path) as ledger:
+        for interval, step, repeat in steps:
+            kwargs = {k: v for k, v in step.items() if k not in {"awards", "metered"}}
+            conflict: SettlementConflict | None = None
+            try:
+                result = _settle(ledger, interval, step["awards"], step["metered"], **kwargs)
+            except SettlementConflict as err:
+                conflict = err
+            if conflict is not None:
+                assert conflict.stored == settled[interval]
+                continue
+            if interval in settled:
+                assert result == settled[interval]
+            settled[interval] = result
+            if repeat:  # the same call again changes nothing
+                counts = _row_counts(path)
+                assert (
+                    _settle(ledger, interval, step["awards"], step["metered"], **kwargs) == result
+                )
+                assert _row_counts(path) == counts
+            assert _interval_sum(result) == 0
+            # Each site amount is its exact value rounded down (never in the site's favour).
+            for s in result.sites:
+                exact = Fraction(-s.award_wh * result.clearing_price_micro_per_kwh, 1000)
+                assert exact - 1 < s.trade_micro <= exact
+            assert ledger.check_balanced()
+        assert sum(ledger.balance(a) for a in ledger.accounts()) == 0
+        for site in {s.site for r in settled.values() for s in r.sites}:
+            expected = sum(
+                s.total_micro for r in settled.values() for s in r.sites if s.site == site
+            )
+            assert ledger.balance(site_account(site)) == expected
+            report = ledger.site_report(site)
+            assert report.net_cost_micro == -expected
+            assert report.savings_micro == report.baseline_cost_micro - report.net_cost_micro
+        assert ledger.balance(UTILITY) == sum(r.utility_micro for r in settled.values())
+        assert ledger.balance(COMMUNITY) == sum(r.community_micro for r in settled.values())
+        assert ledger.settled_intervals() == tuple(sorted(settled))
+
+
+@PROPERTY_SETTINGS
+@given(award=_energy, metered=_energy, clearing=_price, retail=_price, feed_in=_price,
+       premium=st.floats(min_value=0.0, max_value=0.3))  # fmt: skip
+def test_deviation_costs_at_least_as_much_as_being_awarded_it(
+    tmp_path_factory: pytest.TempPathFactory,
+    award: float,
+    metered: float,
+    clearing: float,
+    retail: float,
+    feed_in: float,
+    premium: float,
+) -> None:
+    # The same site and meter reading, once awarded `award` and once awarded what it metered.
+    path = tmp_path_factory.mktemp("deviation") / "ledger.db"
+    with Ledger(path) as ledger:
+        first = _settle(ledger, 1, {"s": award}, {"s": metered}, clearing=clearing,
+                        retail=retail, feed_in=feed_in, premium=premium)  # fmt: skip
+        second = _settle(ledger, 2, {"s": metered}, {"s": metered}, clearing=clearing,
+                         retail=retail, feed_in=feed_in, premium=premium)  # fmt: skip
+    deviating, keeping = first.site("s"), second.site("s")
+    assert keeping.imbalance_micro == 0
+    extra_cost = keeping.total_micro - deviating.total_micro
+    premium_micro = first.imbalance_premium_micro_per_kwh
+    assert extra_cost >= abs(deviating.deviation_wh) * premium_micro // 1000 >= 0
+
+
+# --- crash mid-settlement -------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from coordinator.ledger import Ledger
+
+    path, kill_after, first, second = sys.argv[1], int(sys.argv[2]), *map(json.loads, sys.argv[3:])
+
+    def wal_bytes():
+        return os.path.getsize(path + "-wal")
+
+    class Crashing(Ledger):
+        written = 0
+
+        def _write_posting(self, conn, interval, posting):
+            super()._write_posting(conn, interval, posting)
+            self.written += 1
+            if self.written == kill_after:
+                assert conn.in_transaction
+                print("wal", wal_bytes(), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    with Ledger(path) as ledger:
+        ledger.settle_interval(1, **first)
+    with Crashing(path) as ledger:
+        # A tiny page cache makes SQLite spill the uncommitted pages into the WAL file, so
+        # the kill leaves uncommitted frames on disk for recovery to discard.
+        ledger._conn.execute("PRAGMA cache_size=2")
+        print("wal", wal_bytes(), flush=True)
+        ledger.settle_interval(2, **second)
+    print("not killed", flush=True)
+    """
+)
+
+
+def _crash_inputs(n_sites: int, clearing: float) -> dict[str, Any]:
+    awards = {f"site{i:03d}": (i % 7 - 3) * 1.5 for i in range(n_sites)}
+    metered = {s: q + (0.25 if i % 2 else -0.4) for i, (s, q) in enumerate(awards.items())}
+    return {
+        "clearing_price_per_kwh": clearing,
+        "retail_price_per_kwh": RETAIL,
+        "feed_in_price_per_kwh": FEED_IN,
+        "awards_kwh": awards,
+        "metered_kwh": metered,
+    }
+
+
+def test_killed_settlement_leaves_no_partial_interval(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    first, second = _crash_inputs(5, 0.18), _crash_inputs(200, 0.22)
+    # Reference: the same two intervals settled without a crash in another file.
+    with Ledger(tmp_path / "reference.db") as reference:
+        ref_first = reference.settle_interval(1, **first)
+        ref_second = reference.settle_interval(2, **second)
+        ref_postings = len(reference.interval_entries(2)) // 2
+        ref_after_first = {
+            a: sum(e.amount_micro for e in reference.interval_entries(1) if e.account == a)
+            for a in reference.accounts()
+        }
+    kill_after = ref_postings // 2
+    assert 0 < kill_after < ref_postings
+
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(kill_after),
+         json.dumps(first), json.dumps(second)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert child.returncode == -9, child.stderr
+    assert "not killed" not in child.stdout
+    wal_before, wal_at_kill = (int(line.split()[1]) for line in child.stdout.splitlines())
+    assert wal_at_kill > wal_before  # uncommitted frames were on disk when it died
+
+    with Ledger(path) as ledger:
+        assert ledger.settled_intervals() == (1,)
+        assert not ledger.is_settled(2)
+        assert ledger.interval_entries(2) == ()
+        conn = ledger._conn
+        assert conn is not None
+        for table in ("postings", "entries", "site_intervals"):
+            n = conn.execute(f"SELECT COUNT(*) FROM {table} WHERE interval = 2").fetchone()[0]
+            assert n == 0, table
+        assert ledger.check_balanced()
+        assert ledger.settlement(1) == ref_first
+        for account in ledger.accounts():
+            assert ledger.balance(account) == ref_after_first.get(account, 0)
+        # Settling it again works and gives what an uninterrupted settlement gives.
+        assert ledger.settle_interval(2, **second) == ref_second
+        assert ledger.check_balanced()
+        assert len(ledger.interval_entries(2)) == 2 * ref_postings
+
+
+def test_amounts_are_micro_currency() -> None:
+    assert MICRO == 1_000_000
+    assert to_currency(-1_234_567) == Decimal("-1.234567")

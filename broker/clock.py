@@ -29,20 +29,32 @@ class WallClock:
 class ScaledClock:
     """Simulated time running ``speed`` times faster than real time from ``start_ts``.
 
-    ``now() = start_ts + speed * (monotonic elapsed since creation)``. Shared by every device
-    of a scenario so that they all agree on the simulated time.
+    ``now() = start_ts + speed * (wall time - anchor_wall_ts)``: simulated time was
+    ``start_ts`` at the wall time ``anchor_wall_ts`` (default: when the clock was made).
+    Processes that share (start, speed, anchor) agree on the simulated time, so a simulator
+    and an edge agent in different processes can follow one scenario.
     """
 
-    def __init__(self, start_ts: float | None = None, speed: float = 1.0) -> None:
+    def __init__(
+        self, start_ts: float | None = None, speed: float = 1.0, anchor_wall_ts: float | None = None
+    ) -> None:
         if not speed > 0:
             raise ValueError(f"speed must be positive, got {speed}")
-        self.start_ts = time.time() if start_ts is None else float(start_ts)
+        self.anchor_wall_ts = time.time() if anchor_wall_ts is None else float(anchor_wall_ts)
+        self.start_ts = self.anchor_wall_ts if start_ts is None else float(start_ts)
         self.speed = float(speed)
-        self._t0 = time.monotonic()
 
     def now(self) -> float:
         """Simulated seconds since the epoch, UTC."""
-        return self.start_ts + self.speed * (time.monotonic() - self._t0)
+        return self.start_ts + self.speed * (time.time() - self.anchor_wall_ts)
+
+    def to_json(self) -> dict[str, float]:
+        """What another process needs to follow this clock."""
+        return {
+            "start_ts": self.start_ts,
+            "speed": self.speed,
+            "anchor_wall_ts": self.anchor_wall_ts,
+        }
 
     def sim_to_wall_s(self, sim_s: float) -> float:
         """How many real seconds ``sim_s`` simulated seconds take."""

@@ -121,6 +121,9 @@ class ScenarioConfig(_Strict):
     longitude_deg: float = Field(ge=-180, le=180)
     utc_offset_h: float = Field(default=0.0, ge=-14, le=14)
     host: str = "127.0.0.1"
+    pty_dir: str | None = Field(
+        default=None, description="where RTU pseudo-terminal links go (default: a temp dir)"
+    )
     sites: list[SiteConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -133,6 +136,14 @@ class ScenarioConfig(_Strict):
         if len(set(sites)) != len(sites):
             raise ValueError("site ids must be unique")
         return self
+
+    def with_free_ports(self) -> ScenarioConfig:
+        """A copy whose TCP devices take free ports and whose RTU links go to a temp dir."""
+        sites = [
+            s.model_copy(update={"devices": [d.model_copy(update={"port": 0}) for d in s.devices]})
+            for s in self.sites
+        ]
+        return self.model_copy(update={"sites": sites, "pty_dir": None})
 
     @property
     def start_ts(self) -> float:
@@ -271,7 +282,9 @@ class ScenarioRunner:
             if first.serial:
                 server_end, client_end = first.serial, first.serial
             else:
-                pair = await self._stack.enter_async_context(SerialPair(name=bus))
+                pair = await self._stack.enter_async_context(
+                    SerialPair(directory=cfg.pty_dir, name=bus)
+                )
                 server_end, client_end = pair.server_end, pair.client_end
             server = DeviceServer([m[2] for m in members], serial_port=server_end, baud=first.baud)
             await self._stack.enter_async_context(server)

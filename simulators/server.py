@@ -93,6 +93,10 @@ class SerialPair:
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> SerialPair:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for end in (self.server_end, self.client_end):  # stale links of a run that crashed
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(end)
         socat = shutil.which("socat")
         if socat is None:
             raise RuntimeError(
@@ -125,6 +129,10 @@ class SerialPair:
         self._proc = None
         if self._own_dir:
             shutil.rmtree(self.directory, ignore_errors=True)
+        else:
+            for end in (self.server_end, self.client_end):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(end)
 
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None

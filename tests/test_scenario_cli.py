@@ -27,7 +27,7 @@ WATTMESH = [sys.executable, "-m", "wattmesh"]
 
 
 def test_the_shipped_community_is_the_builtin_one() -> None:
-    assert load_scenario(COMMUNITY) == builtin_scenario()
+    assert load_scenario(COMMUNITY).with_free_ports() == builtin_scenario()
     config = builtin_scenario()
     kinds = {s.id: sorted(d.kind for d in s.devices) for s in config.sites}
     assert kinds == {

@@ -15,12 +15,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.clock import ScaledClock
+from broker.clock import Clock, ScaledClock, WallClock
 from drivers.errors import DriverError
 from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import ModbusTransport
 from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario
 from wattmesh import __version__
+from wattmesh.broker_cli import broker_app
 from wattmesh.scan import ScanResult, scan_device
 
 app = typer.Typer(
@@ -33,6 +34,9 @@ sim_app = typer.Typer(
     help="Simulated devices: whole sites as real Modbus servers.", no_args_is_help=True
 )
 app.add_typer(sim_app, name="sim")
+app.add_typer(broker_app, name="broker")
+edge_app = typer.Typer(help="The site gateway agent.", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
 
 # Piped output gets a width that fits the report tables; a terminal keeps its own.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -69,12 +73,23 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-async def _run_until_interrupted(runner: ScenarioRunner, quiet: bool) -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM (inside the running loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _run_until_interrupted(
+    runner: ScenarioRunner, quiet: bool, clock: ScaledClock, clock_file: Path | None
+) -> None:
+    stop = _stop_on_signals()
     async with runner:
+        if clock_file is not None:
+            clock_file.parent.mkdir(parents=True, exist_ok=True)
+            clock_file.write_text(json.dumps(clock.to_json()))  # noqa: ASYNC240 - tiny, once
         for dev in runner.devices:
             print(dev.line(), flush=True)
         if not quiet:
@@ -94,6 +109,16 @@ def sim_run(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the device lines.")
     ] = False,
+    clock_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the simulated clock here, for edge agents to follow "
+            "([clock] file = ... in their site file)."
+        ),
+    ] = None,
+    free_ports: Annotated[
+        bool, typer.Option("--free-ports", help="Ignore the scenario's ports: pick free ones.")
+    ] = False,
 ) -> None:
     """Start every device of a scenario and print `<name> <kind> <url> unit=<n>` per device.
 
@@ -112,9 +137,11 @@ def sim_run(
     if seed is not None:
         updates["seed"] = seed
     config = config.model_copy(update=updates)
+    if free_ports:
+        config = config.with_free_ports()
     try:
         clock = ScaledClock(config.start_ts, config.speed)
-        asyncio.run(_run_until_interrupted(ScenarioRunner(config, clock), quiet))
+        asyncio.run(_run_until_interrupted(ScenarioRunner(config, clock), quiet, clock, clock_file))
     except (OSError, RuntimeError) as err:
         raise _fail(f"cannot start the scenario: {err}", 1) from err
 
@@ -227,6 +254,49 @@ def demo(
         )
         if code:
             raise typer.Exit(code)
+
+
+@edge_app.command("run")
+def edge_run(
+    site_file: Annotated[Path, typer.Argument(help="The site's TOML (see config/sites/).")],
+) -> None:
+    """Run the site gateway agent: poll devices, publish telemetry and bids, obey dispatch.
+
+    Telemetry is spooled to disk while the broker is away and replayed in order; with no
+    coordinator the batteries follow the local fallback controller. Stops on Ctrl-C/SIGTERM.
+    """
+    from edge.agent import EdgeAgent  # noqa: PLC0415 - keeps `wattmesh --help` fast
+    from edge.config import EdgeConfigError, load_edge_config  # noqa: PLC0415
+
+    try:
+        config = load_edge_config(site_file)
+        clock: Clock = config.clock.build() if config.clock else WallClock()
+        password = config.broker.password()
+    except EdgeConfigError as err:
+        raise _fail(str(err)) from err
+
+    async def run() -> None:
+        stop = _stop_on_signals()
+        async with EdgeAgent(config, clock, password=password):
+            err_console.print(
+                f"edge agent for site {config.site.id!r}: {len(config.devices)} device(s), "
+                f"broker {config.broker.host}:{config.broker.port}; Ctrl-C stops.",
+                highlight=False,
+            )
+            await stop.wait()
+
+    asyncio.run(run())
+
+
+@app.command()
+def schema(
+    directory: Annotated[Path, typer.Argument(help="Where to write the JSON Schemas.")],
+) -> None:
+    """Write the JSON Schema of every bus message (one file per topic kind)."""
+    from broker.messages import write_schemas  # noqa: PLC0415
+
+    for path in write_schemas(directory):
+        console.print(str(path), highlight=False)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from simulators.scenario import (
 def builtin_scenario() -> ScenarioConfig:
     """The community scenario shipped with wattmesh (config/scenarios/community.toml)."""
     text = (resources.files("simulators") / "scenarios" / "community.toml").read_text()
-    return parse_scenario(tomllib.loads(text), "builtin:community.toml")
+    return parse_scenario(tomllib.loads(text), "builtin:community.toml").with_free_ports()
 
 
 @dataclass

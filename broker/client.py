@@ -1,0 +1,281 @@
+"""A resilient async MQTT client on aiomqtt: MQTT 5, persistent session, last will, reconnects.
+
+``BusClient`` is an async context manager owning a task group with one named connection task.
+That task connects, publishes the retained online status, (re)subscribes, delivers incoming
+messages to the handler, and when the link breaks waits a random, capped, growing delay and
+tries again. Its state is explicit (:class:`ConnectionState`). Publishing while disconnected
+raises :class:`BusUnavailable` at once: nothing is buffered here (the edge spools to disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from broker.errors import BusUnavailable
+
+log = logging.getLogger(__name__)
+#: aiomqtt warns once per pending publish beyond ten; with many QoS 1 messages in flight
+#: (the edge's replay) that is expected, so only its errors reach the log.
+_aiomqtt_log = logging.getLogger("wattmesh.aiomqtt")
+_aiomqtt_log.setLevel(logging.ERROR)
+
+Handler = Callable[[str, bytes], Awaitable[None]]
+
+
+class ConnectionState(enum.Enum):
+    """Where the connection is."""
+
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class BusSettings:
+    """How to reach the broker and who we are there."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    keepalive_s: int = 30
+    session_expiry_s: int = 3600
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 30.0
+    publish_timeout_s: float = 10.0
+    max_inflight: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """A retained status topic: ``online`` published on connect, ``offline`` as last will."""
+
+    topic: str
+    online_payload: bytes
+    offline_payload: bytes
+
+
+@dataclass
+class BusStats:
+    """Counters for monitoring."""
+
+    connects: int = 0
+    disconnects: int = 0
+    published: int = 0
+    received: int = 0
+    handler_errors: int = 0
+
+
+def next_backoff_s(previous_s: float, initial_s: float, max_s: float) -> float:
+    """The next reconnect delay: double the last, capped, with full jitter on top half.
+
+    Returns a value in ``[d/2, d]`` where ``d = min(max_s, 2 * previous_s)`` (``initial_s`` the
+    first time), so many clients that lost the same broker do not return in lockstep.
+    """
+    ceiling = initial_s if previous_s <= 0 else min(max_s, previous_s * 2.0)
+    return ceiling * (0.5 + 0.5 * random.random())
+
+
+class BusClient:
+    """One MQTT session that survives broker restarts. Use ``async with``."""
+
+    def __init__(
+        self,
+        settings: BusSettings,
+        *,
+        presence: Presence | None = None,
+        handler: Handler | None = None,
+    ) -> None:
+        self.settings = settings
+        self.presence = presence
+        self.handler = handler
+        self.state = ConnectionState.DISCONNECTED
+        self.stats = BusStats()
+        self._subscriptions: dict[str, int] = {}
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.on_connect: Callable[[], Awaitable[None]] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> BusClient:
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._task = self._group.create_task(self._run(), name="mqtt-connection")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+        assert self._group is not None
+        await self._group.__aexit__(et, ev, tb)
+
+    async def close(self) -> None:
+        """Say offline (retained) and disconnect cleanly."""
+        if self._closing:
+            return
+        self._closing = True
+        client = self._client
+        if client is not None and self.connected and self.presence is not None:
+            try:
+                await client.publish(
+                    self.presence.topic,
+                    self.presence.offline_payload,
+                    qos=1,
+                    retain=True,
+                    timeout=2.0,
+                )
+            except aiomqtt.MqttError:
+                log.debug("could not publish offline status while closing")
+        if self._task is not None:
+            self._task.cancel()
+        self.state = ConnectionState.CLOSED
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is up now."""
+        return self.state is ConnectionState.CONNECTED
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        """Wait until connected; ``TimeoutError`` after ``timeout_s``."""
+        async with asyncio.timeout(timeout_s):
+            await self._connected.wait()
+
+    # -- the connection task ---------------------------------------------------------------
+    def _make_client(self) -> aiomqtt.Client:
+        s = self.settings
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = s.session_expiry_s
+        will = None
+        if self.presence is not None:
+            will = aiomqtt.Will(
+                self.presence.topic, self.presence.offline_payload, qos=1, retain=True
+            )
+        tls_context = None
+        if s.ca_file:
+            tls_context = ssl.create_default_context(cafile=s.ca_file)
+            if s.cert_file:
+                tls_context.load_cert_chain(s.cert_file, s.key_file)
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will,
+            clean_start=False,
+            properties=properties,
+            keepalive=s.keepalive_s,
+            tls_context=tls_context,
+            max_inflight_messages=s.max_inflight,
+            timeout=s.publish_timeout_s,
+            logger=_aiomqtt_log,
+        )
+
+    async def _run(self) -> None:
+        delay_s = 0.0
+        while not self._closing:
+            self.state = ConnectionState.CONNECTING
+            client = self._make_client()
+            try:
+                async with client:
+                    self._client = client
+                    await self._on_connected(client)
+                    delay_s = 0.0
+                    async for message in client.messages:
+                        await self._deliver(str(message.topic), message.payload)
+            except aiomqtt.MqttError as err:
+                if self.state is ConnectionState.CONNECTED:
+                    log.warning(
+                        "lost the broker at %s:%s: %s", self.settings.host, self.settings.port, err
+                    )
+                    self.stats.disconnects += 1
+                else:
+                    log.debug("cannot reach the broker: %s", err)
+            finally:
+                self._client = None
+                self._connected.clear()
+                if self.state is not ConnectionState.CLOSED:
+                    self.state = ConnectionState.DISCONNECTED
+            if self._closing:
+                break
+            delay_s = next_backoff_s(
+                delay_s, self.settings.backoff_initial_s, self.settings.backoff_max_s
+            )
+            await asyncio.sleep(delay_s)
+
+    async def _on_connected(self, client: aiomqtt.Client) -> None:
+        for topic, qos in self._subscriptions.items():
+            await client.subscribe(topic, qos=qos)
+        if self.presence is not None:
+            await client.publish(
+                self.presence.topic, self.presence.online_payload, qos=1, retain=True
+            )
+        self.state = ConnectionState.CONNECTED
+        self.stats.connects += 1
+        if self.stats.connects > 1:
+            log.warning(
+                "reconnected to the broker at %s:%s", self.settings.host, self.settings.port
+            )
+        self._connected.set()
+        if self.on_connect is not None:
+            await self.on_connect()
+
+    async def _deliver(self, topic: str, payload: object) -> None:
+        self.stats.received += 1
+        if self.handler is None:
+            return
+        data = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        try:
+            await self.handler(topic, data)
+        except Exception:  # a handler bug must not take the connection down
+            self.stats.handler_errors += 1
+            log.exception("message handler failed on %s", topic)
+
+    # -- what users call -------------------------------------------------------------------
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        self._subscriptions[topic] = qos
+        client = self._client
+        if client is not None and self.connected:
+            try:
+                await client.subscribe(topic, qos=qos)
+            except aiomqtt.MqttError as err:
+                raise BusUnavailable(f"subscribe to {topic} failed: {err}") from err
+
+    async def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish and, for QoS 1, wait for the broker's acknowledgement.
+
+        Raises :class:`BusUnavailable` when not connected or when the link breaks first.
+        """
+        client = self._client
+        if client is None or not self.connected:
+            raise BusUnavailable("not connected to the broker")
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as err:
+            raise BusUnavailable(f"publish to {topic} failed: {err}") from err
+        self.stats.published += 1

@@ -1,0 +1,250 @@
+"""Message models: the single source of truth for every payload on the bus (design section 4).
+
+Strict validation: no unknown fields, finite numbers, bounded prices and quantities, bids
+listed as monotone curves, expiries after their start. Every message carries
+``schema_version``, a unique ``id`` and ``ts`` (UTC epoch seconds); receivers are idempotent on
+``id``. Out: ``model_dump_json()``; in: ``model_validate_json()`` (or :func:`decode`).
+Identity comes from the topic, never from a payload field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION: Literal[1] = 1
+
+#: Bounds that catch nonsense (a unit slip, a corrupted value) without limiting real sites.
+MAX_PRICE_PER_KWH = 100.0
+MAX_QUANTITY_KWH = 1e6
+MAX_POWER_W = 1e9
+MAX_BID_STEPS = 64
+MAX_FORECAST_POINTS = 7 * 96
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Finite = Annotated[float, AfterValidator(_finite)]
+PowerW = Annotated[float, Field(ge=-MAX_POWER_W, le=MAX_POWER_W), AfterValidator(_finite)]
+Price = Annotated[
+    float, Field(ge=-MAX_PRICE_PER_KWH, le=MAX_PRICE_PER_KWH), AfterValidator(_finite)
+]
+Quantity = Annotated[float, Field(gt=0, le=MAX_QUANTITY_KWH), AfterValidator(_finite)]
+Percent = Annotated[float, Field(ge=0, le=100), AfterValidator(_finite)]
+Timestamp = Annotated[float, Field(gt=0, lt=4.1e9), AfterValidator(_finite)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+def new_id() -> str:
+    """A fresh unique message id."""
+    return uuid.uuid4().hex
+
+
+class Message(BaseModel):
+    """Fields every message has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str = Field(
+        default_factory=new_id, min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"
+    )
+    ts: Timestamp
+
+
+class Status(Message):
+    """``site/{site}/status``: retained; the last will publishes ``online=False``."""
+
+    online: bool
+    role: Literal["producer", "consumer", "prosumer"] | None = None
+    capabilities: list[Name] = Field(default_factory=list, max_length=32)
+    software_version: str = Field(default="", max_length=32)
+
+
+class DeviceReading(BaseModel):
+    """One device's reading within a telemetry message; missing values are ``None``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    device: Name
+    kind: Literal["pv_inverter", "battery", "sunspec_meter", "sdm630", "meter"]
+    available: bool
+    error: str | None = Field(default=None, max_length=200)
+    power_w: PowerW | None = None
+    energy_wh: Annotated[float, Field(ge=0), AfterValidator(_finite)] | None = None
+    soc_pct: Percent | None = None
+    import_energy_wh: Annotated[float, Field(ge=0), AfterValidator(_finite)] | None = None
+    export_energy_wh: Annotated[float, Field(ge=0), AfterValidator(_finite)] | None = None
+    setpoint_w: PowerW | None = None
+    rated_power_w: Annotated[float, Field(ge=0, le=MAX_POWER_W)] | None = None
+    capacity_wh: Annotated[float, Field(ge=0)] | None = None
+
+
+class Telemetry(Message):
+    """``site/{site}/telemetry``: one message per poll cycle with every device's reading.
+
+    Site totals (W): ``grid_power_w`` positive when importing, ``battery_power_w`` positive
+    when discharging, ``pv_power_w`` and ``load_power_w`` positive.
+    """
+
+    devices: list[DeviceReading] = Field(max_length=64)
+    grid_power_w: PowerW | None = None
+    pv_power_w: PowerW | None = None
+    battery_power_w: PowerW | None = None
+    load_power_w: PowerW | None = None
+    battery_soc_pct: Percent | None = None
+    controller: Literal["safety", "emergency", "dispatch", "market", "fallback"] | None = None
+
+
+class BidStep(BaseModel):
+    """Up to ``quantity_kwh`` at a limit price: buy at or below it, sell at or above it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    price_per_kwh: Price
+    quantity_kwh: Quantity
+
+
+class Bid(Message):
+    """``site/{site}/bid``: the site's curve for one interval.
+
+    ``buy`` steps are listed by falling price and ``sell`` steps by rising price, so the
+    site's net demand falls as the price rises (a monotone curve). A site never offers to
+    sell at or below a price it bids to buy at.
+    """
+
+    interval: int = Field(ge=0)
+    buy: list[BidStep] = Field(default_factory=list, max_length=MAX_BID_STEPS)
+    sell: list[BidStep] = Field(default_factory=list, max_length=MAX_BID_STEPS)
+
+    @model_validator(mode="after")
+    def _monotone(self) -> Self:
+        buy = [s.price_per_kwh for s in self.buy]
+        sell = [s.price_per_kwh for s in self.sell]
+        if any(a < b for a, b in itertools.pairwise(buy)):
+            raise ValueError("buy steps must be listed by falling price")
+        if any(a > b for a, b in itertools.pairwise(sell)):
+            raise ValueError("sell steps must be listed by rising price")
+        if buy and sell and max(buy) >= min(sell):
+            raise ValueError("a site must not offer to sell at or below its own buy price")
+        return self
+
+
+class Award(Message):
+    """``site/{site}/award``: what the site won in one interval (positive = import)."""
+
+    interval: int = Field(ge=0)
+    price_per_kwh: Price
+    quantity_kwh: Annotated[
+        float, Field(ge=-MAX_QUANTITY_KWH, le=MAX_QUANTITY_KWH), AfterValidator(_finite)
+    ]
+
+
+class Dispatch(Message):
+    """``site/{site}/dispatch``: a battery setpoint and/or a load limit, valid until expiry.
+
+    ``battery_power_w`` positive discharges; ``load_limit_w`` caps the site's import. An
+    ``emergency`` order outranks ordinary dispatch (design section 2, precedence).
+    """
+
+    battery_power_w: PowerW | None = None
+    load_limit_w: Annotated[float, Field(ge=0, le=MAX_POWER_W), AfterValidator(_finite)] | None = (
+        None
+    )
+    expires_ts: Timestamp
+    priority: Literal["dispatch", "emergency"] = "dispatch"
+    reason: str = Field(default="", max_length=200)
+
+    @model_validator(mode="after")
+    def _sane(self) -> Self:
+        if self.battery_power_w is None and self.load_limit_w is None:
+            raise ValueError("a dispatch needs battery_power_w or load_limit_w")
+        if self.expires_ts <= self.ts:
+            raise ValueError("expires_ts must be after ts")
+        if self.expires_ts - self.ts > 24 * 3600:
+            raise ValueError("a dispatch may last at most 24 h; renew it instead")
+        return self
+
+
+class DispatchAck(Message):
+    """``site/{site}/dispatch/ack``: what the edge did with a dispatch command."""
+
+    command_id: str = Field(min_length=1, max_length=64)
+    outcome: Literal["accepted", "clamped", "refused", "expired", "duplicate", "invalid"]
+    applied_battery_power_w: PowerW | None = None
+    applied_load_limit_w: PowerW | None = None
+    detail: str = Field(default="", max_length=300)
+
+
+class Clearing(Message):
+    """``market/clearing``: one interval's result, retained."""
+
+    interval: int = Field(ge=0)
+    price_per_kwh: Price
+    volume_kwh: Annotated[float, Field(ge=0, le=MAX_QUANTITY_KWH * 1e3), AfterValidator(_finite)]
+    utility_import_kwh: Annotated[float, Field(ge=0), AfterValidator(_finite)] = 0.0
+    utility_export_kwh: Annotated[float, Field(ge=0), AfterValidator(_finite)] = 0.0
+    bids: int = Field(default=0, ge=0)
+
+
+class Forecast(Message):
+    """``forecast/{site}``: PV, load and price for the coming intervals, retained."""
+
+    start_ts: Timestamp
+    step_s: int = Field(gt=0, le=86400)
+    pv_power_w: list[PowerW] = Field(max_length=MAX_FORECAST_POINTS)
+    load_power_w: list[PowerW] = Field(max_length=MAX_FORECAST_POINTS)
+    price_per_kwh: list[Price] = Field(max_length=MAX_FORECAST_POINTS)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.pv_power_w) == len(self.load_power_w) == len(self.price_per_kwh):
+            raise ValueError("pv_power_w, load_power_w and price_per_kwh must be equally long")
+        return self
+
+
+class GridState(Message):
+    """``grid/{feeder}/state``: the feeder's flow against its limits, retained."""
+
+    flow_w: PowerW
+    import_limit_w: Annotated[float, Field(ge=0, le=MAX_POWER_W)]
+    export_limit_w: Annotated[float, Field(ge=0, le=MAX_POWER_W)]
+    mode: Literal["normal", "constrained", "emergency"]
+
+
+#: Topic kind -> model, for decoding by topic.
+BY_KIND: dict[str, type[Message]] = {
+    "status": Status,
+    "telemetry": Telemetry,
+    "bid": Bid,
+    "award": Award,
+    "dispatch": Dispatch,
+    "dispatch/ack": DispatchAck,
+    "market/clearing": Clearing,
+    "forecast": Forecast,
+    "grid/state": GridState,
+}
+
+
+def write_schemas(directory: str | Path) -> list[Path]:
+    """Write every message's JSON Schema to ``directory``; return the files written."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, model in BY_KIND.items():
+        path = out / f"{kind.replace('/', '_')}.schema.json"
+        schema = model.model_json_schema(mode="validation")
+        schema["$id"] = f"wattmesh/v1/{kind}"
+        path.write_text(json.dumps(schema, indent=2) + "\n")
+        written.append(path)
+    return written

@@ -1,0 +1,88 @@
+"""The topic scheme (v1, design section 4): the one place topic strings are made and parsed."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+PREFIX = "wattmesh/v1"
+
+#: Site and feeder ids: lower-case letters, digits, '-' and '_' (no MQTT wildcards or '/').
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_ID = re.compile(ID_PATTERN)
+
+SiteTopicKind = Literal["status", "telemetry", "bid", "award", "dispatch", "dispatch/ack"]
+SITE_TOPIC_KINDS: tuple[SiteTopicKind, ...] = (
+    "status",
+    "telemetry",
+    "bid",
+    "award",
+    "dispatch",
+    "dispatch/ack",
+)
+#: What a site publishes (its own topics only) and what it reads.
+SITE_PUBLISHES: tuple[SiteTopicKind, ...] = ("status", "telemetry", "bid", "dispatch/ack")
+SITE_READS: tuple[SiteTopicKind, ...] = ("award", "dispatch")
+
+MARKET_CLEARING = f"{PREFIX}/market/clearing"
+
+
+def check_id(value: str, what: str = "site") -> str:
+    """``value`` if it is a valid site or feeder id, else ``ValueError`` saying why."""
+    if not _ID.match(value):
+        raise ValueError(
+            f"{what} id {value!r} must be 1-64 characters of a-z, 0-9, '-' and '_', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def site_topic(site: str, kind: SiteTopicKind) -> str:
+    """``wattmesh/v1/site/{site}/{kind}``."""
+    if kind not in SITE_TOPIC_KINDS:
+        raise ValueError(f"unknown site topic kind {kind!r}")
+    return f"{PREFIX}/site/{check_id(site)}/{kind}"
+
+
+def site_wildcard(kind: SiteTopicKind) -> str:
+    """The subscription for ``kind`` of every site: ``wattmesh/v1/site/+/{kind}``."""
+    return f"{PREFIX}/site/+/{kind}"
+
+
+def forecast_topic(site: str) -> str:
+    """``wattmesh/v1/forecast/{site}``."""
+    return f"{PREFIX}/forecast/{check_id(site)}"
+
+
+def grid_state_topic(feeder: str) -> str:
+    """``wattmesh/v1/grid/{feeder}/state``."""
+    return f"{PREFIX}/grid/{check_id(feeder, 'feeder')}/state"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """What a topic string says: its kind and the site or feeder it belongs to."""
+
+    kind: str
+    site: str | None = None
+    feeder: str | None = None
+
+
+def parse_topic(topic: str) -> ParsedTopic:
+    """Parse a v1 topic; ``ValueError`` for anything outside the scheme."""
+    if topic == MARKET_CLEARING:
+        return ParsedTopic("market/clearing")
+    parts = topic.split("/")
+    if parts[:2] != PREFIX.split("/"):
+        raise ValueError(f"topic {topic!r} is not under {PREFIX}/")
+    rest = parts[2:]
+    if len(rest) >= 3 and rest[0] == "site":
+        kind = "/".join(rest[2:])
+        if kind in SITE_TOPIC_KINDS and _ID.match(rest[1]):
+            return ParsedTopic(kind, site=rest[1])
+    if len(rest) == 2 and rest[0] == "forecast" and _ID.match(rest[1]):
+        return ParsedTopic("forecast", site=rest[1])
+    if len(rest) == 3 and rest[0] == "grid" and rest[2] == "state" and _ID.match(rest[1]):
+        return ParsedTopic("grid/state", feeder=rest[1])
+    raise ValueError(f"topic {topic!r} is not in the v1 scheme")

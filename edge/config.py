@@ -1,0 +1,225 @@
+"""The edge agent's site file (TOML): site, broker, devices, limits, fallback and market.
+
+Every mistake is reported with the file and the field (``site.toml: devices[1].unit: ...``).
+Secrets do not belong in the file: the broker password comes from ``password_env`` (an
+environment variable) or ``password_file`` (a file readable by the agent only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from broker.clock import ScaledClock
+from broker.topics import ID_PATTERN
+
+
+class EdgeConfigError(ValueError):
+    """A site file is wrong; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteSection(_Strict):
+    """Who this gateway is."""
+
+    id: str = Field(pattern=ID_PATTERN, description="the site id; also its MQTT user name")
+    role: Literal["producer", "consumer", "prosumer"] = "prosumer"
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, le=3600, description="one poll cycle and telemetry message per this"
+    )
+
+
+class BrokerSection(_Strict):
+    """How to reach the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, gt=0, le=65535)
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    client_id: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+
+    def password(self) -> str | None:
+        """The password from the environment or the password file."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise EdgeConfigError(f"broker.password_env: ${self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as err:
+                raise EdgeConfigError(
+                    f"broker.password_file: cannot read {self.password_file}: {err.strerror}"
+                ) from err
+        return None
+
+
+class DeviceSection(_Strict):
+    """One device the gateway polls."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
+    kind: Literal["pv_inverter", "battery", "sunspec_meter", "sdm630"]
+    url: str = Field(description="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600")
+    unit: int = Field(default=1, ge=0, le=247)
+    poll_interval_s: float | None = Field(default=None, gt=0, le=3600)
+    register_map: str | None = Field(default=None, description="for non-SunSpec meters")
+    timeout_s: float = Field(default=1.0, gt=0, le=30)
+
+    @model_validator(mode="after")
+    def _url(self) -> DeviceSection:
+        if not self.url.startswith(("tcp://", "rtu://")):
+            raise ValueError("url must start with tcp:// or rtu://")
+        return self
+
+
+class LimitsSection(_Strict):
+    """The site's connection limits (W): safety, above every other controller layer."""
+
+    import_limit_w: float | None = Field(default=None, gt=0)
+    export_limit_w: float | None = Field(default=None, gt=0)
+
+
+class FallbackSection(_Strict):
+    """The local controller used when nothing above it is in force."""
+
+    mode: Literal["self_consumption", "idle"] = "self_consumption"
+    import_cap_w: float | None = Field(default=None, gt=0, description="peak shaving cap")
+    reserve_soc_pct: float | None = Field(default=None, ge=0, le=100)
+
+
+class MarketSection(_Strict):
+    """Market intervals and the bid strategy's prices (currency per kWh)."""
+
+    interval_s: int = Field(default=900, ge=60, le=86400)
+    gate_s: int = Field(default=60, ge=0)
+    bid_lead_s: int = Field(default=120, ge=1, description="bid this long before gate closure")
+    enabled: bool = True
+    max_buy_price_per_kwh: float = Field(default=1.0, ge=0, le=100)
+    min_sell_price_per_kwh: float = Field(default=0.0, ge=-100, le=100)
+    battery_charge_price_per_kwh: float = Field(default=0.12, ge=-100, le=100)
+    battery_discharge_price_per_kwh: float = Field(default=0.25, ge=-100, le=100)
+
+    @model_validator(mode="after")
+    def _order(self) -> MarketSection:
+        if self.gate_s + self.bid_lead_s >= self.interval_s:
+            raise ValueError("gate_s + bid_lead_s must be shorter than interval_s")
+        if not self.battery_charge_price_per_kwh < self.battery_discharge_price_per_kwh:
+            raise ValueError(
+                "battery_charge_price_per_kwh must be below battery_discharge_price_per_kwh"
+            )
+        return self
+
+
+class SpoolSection(_Strict):
+    """The on-disk store-and-forward outbox for telemetry."""
+
+    path: Path = Path("spool.sqlite")
+    max_messages: int = Field(default=100_000, ge=10)
+
+
+class ClockSection(_Strict):
+    """Simulated time, to follow ``wattmesh sim run``; absent = the real clock.
+
+    Either ``file`` (the clock file ``wattmesh sim run --clock-file`` writes) or ``start``
+    with ``speed`` and ``anchor_wall_ts`` (the wall time at which simulated time was start).
+    """
+
+    file: Path | None = None
+    start: datetime | None = None
+    speed: float = Field(default=1.0, gt=0)
+    anchor_wall_ts: float | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ClockSection:
+        if (self.file is None) == (self.start is None):
+            raise ValueError("give either file or start")
+        return self
+
+    def build(self) -> ScaledClock:
+        """The clock this section describes."""
+        if self.file is not None:
+            try:
+                data = json.loads(self.file.read_text())
+                return ScaledClock(
+                    float(data["start_ts"]), float(data["speed"]), float(data["anchor_wall_ts"])
+                )
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise EdgeConfigError(f"clock.file: cannot use {self.file}: {err}") from err
+        assert self.start is not None
+        start = self.start if self.start.tzinfo else self.start.replace(tzinfo=UTC)
+        return ScaledClock(start.timestamp(), self.speed, self.anchor_wall_ts)
+
+
+class EdgeConfig(_Strict):
+    """A whole site file."""
+
+    site: SiteSection
+    broker: BrokerSection = BrokerSection()
+    devices: list[DeviceSection] = Field(min_length=1, max_length=64)
+    limits: LimitsSection = LimitsSection()
+    fallback: FallbackSection = FallbackSection()
+    market: MarketSection = MarketSection()
+    spool: SpoolSection = SpoolSection()
+    clock: ClockSection | None = None
+    dispatch_revert_s: int = Field(
+        default=30, ge=2, le=3600, description="battery reverts to idle if not renewed"
+    )
+
+    @model_validator(mode="after")
+    def _devices(self) -> EdgeConfig:
+        names = [d.name for d in self.devices]
+        if len(set(names)) != len(names):
+            raise ValueError("device names must be unique")
+        meters = [d for d in self.devices if d.kind in ("sunspec_meter", "sdm630")]
+        if len(meters) > 1:
+            raise ValueError("a site has one grid meter")
+        return self
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_edge_config(data: dict[str, object], source: str) -> EdgeConfig:
+    """Validate a site mapping; errors name ``source`` and each wrong field."""
+    try:
+        config = EdgeConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{source}: {_where(e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise EdgeConfigError("\n".join(lines)) from err
+    if not config.spool.path.is_absolute() and source.endswith(".toml"):
+        spool = Path(source).parent / config.spool.path
+        config = config.model_copy(
+            update={"spool": config.spool.model_copy(update={"path": spool})}
+        )
+    return config
+
+
+def load_edge_config(path: str | Path) -> EdgeConfig:
+    """Read and validate a site TOML file (a relative spool path is next to the file)."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as err:
+        raise EdgeConfigError(f"{p}: cannot read: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise EdgeConfigError(f"{p}: not valid TOML: {err}") from err
+    return parse_edge_config(data, str(p))

@@ -1,0 +1,447 @@
+"""The Mosquitto configuration against a real broker: users, ACL, persistence, TLS, CLI.
+
+Access rules are proved by what a subscriber receives (a refused PUBLISH is acknowledged and a
+refused SUBSCRIBE granted): each check sends the forbidden messages first and a permitted one
+last over the same path, so the subscriber would have seen a forbidden one before the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import pwd
+import shutil
+import stat
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from typer.testing import CliRunner
+
+import broker.mosquitto
+from broker.errors import BrokerConfigError, BrokerProcessError
+from broker.mosquitto import (
+    BrokerFiles,
+    MosquittoProcess,
+    load_broker_files,
+    mosquitto_password_hash,
+    write_broker_config,
+)
+from broker.topics import MARKET_CLEARING, PREFIX, forecast_topic, grid_state_topic, site_topic
+from tests.broker_fixtures import MqttClientFactory, client_kwargs, free_port
+from wattmesh.broker_cli import broker_app
+
+ALL = f"{PREFIX}/#"
+
+
+async def receive_until(client: aiomqtt.Client, last_topic: str) -> list[tuple[str, bytes]]:
+    """(topic, payload) of every message up to and including the first on ``last_topic``."""
+    got: list[tuple[str, bytes]] = []
+    async for message in client.messages:
+        assert isinstance(message.payload, bytes)
+        got.append((message.topic.value, message.payload))
+        if message.topic.value == last_topic:
+            return got
+    raise AssertionError("the message stream ended")
+
+
+def topics(messages: list[tuple[str, bytes]]) -> list[str]:
+    return [topic for topic, _ in messages]
+
+
+# --- access rules ----------------------------------------------------------------------------
+
+
+async def test_coordinator_dispatch_reaches_the_site(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    dispatch = site_topic("site-a", "dispatch")
+    async with asyncio.timeout(10):
+        async with mqtt_client("site-a") as site, mqtt_client("coordinator") as coordinator:
+            await site.subscribe(dispatch, qos=1)
+            await coordinator.publish(dispatch, b'{"setpoint_w": -2000}', qos=1)
+            assert await receive_until(site, dispatch) == [(dispatch, b'{"setpoint_w": -2000}')]
+
+
+async def test_site_cannot_publish_on_other_sites_or_coordinator_topics(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    forbidden = [
+        *(site_topic("site-b", kind) for kind in ("status", "telemetry", "bid", "dispatch/ack")),
+        site_topic("site-a", "award"),
+        forecast_topic("site-a"),
+        MARKET_CLEARING,
+        grid_state_topic("feeder-1"),
+        f"{PREFIX}/site/site-a/telemetry/extra",
+        "elsewhere/topic",
+    ]
+    own = site_topic("site-a", "telemetry")
+    async with asyncio.timeout(10):
+        async with mqtt_client("coordinator") as coordinator, mqtt_client("site-a") as site:
+            await coordinator.subscribe(ALL, qos=1)
+            await coordinator.subscribe("elsewhere/#", qos=1)
+            for topic in forbidden:
+                await site.publish(topic, b"forged", qos=1)
+            for kind in ("status", "bid", "dispatch/ack"):
+                await site.publish(site_topic("site-a", kind), b"ok", qos=1)
+            await site.publish(own, b"legit", qos=1)
+            got = await receive_until(coordinator, own)
+    assert topics(got) == [
+        site_topic("site-a", "status"),
+        site_topic("site-a", "bid"),
+        site_topic("site-a", "dispatch/ack"),
+        own,
+    ]
+    assert (own, b"legit") in got
+
+
+async def test_site_cannot_send_dispatch_commands(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    ack = site_topic("site-a", "dispatch/ack")
+    async with asyncio.timeout(10):
+        async with (
+            mqtt_client("coordinator") as coordinator,
+            mqtt_client("site-a") as site_a,
+            mqtt_client("site-b") as site_b,
+        ):
+            await coordinator.subscribe(ALL, qos=1)
+            await site_b.subscribe(site_topic("site-b", "dispatch"), qos=1)
+            await site_b.subscribe(site_topic("site-b", "award"), qos=1)
+            await site_a.publish(site_topic("site-a", "dispatch"), b"self-dispatch", qos=1)
+            await site_a.publish(site_topic("site-b", "dispatch"), b"attack", qos=1)
+            await site_a.publish(site_topic("site-b", "award"), b"attack", qos=1)
+            await site_a.publish(ack, b"legit", qos=1)
+            assert await receive_until(coordinator, ack) == [(ack, b"legit")]
+            # site-b got nothing either: the coordinator's award is the first it sees.
+            award_b = site_topic("site-b", "award")
+            await coordinator.publish(award_b, b"award", qos=1)
+            assert await receive_until(site_b, award_b) == [(award_b, b"award")]
+
+
+async def test_site_cannot_read_other_sites_commands_or_telemetry(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    secrets_of_a = [
+        site_topic("site-a", "dispatch"),
+        site_topic("site-a", "award"),
+        forecast_topic("site-a"),
+    ]
+    award_b = site_topic("site-b", "award")
+    award_h = site_topic("house-1", "award")
+    async with asyncio.timeout(10):
+        async with (
+            mqtt_client("coordinator") as coordinator,
+            mqtt_client("site-a") as site_a,
+            mqtt_client("site-b") as site_b,
+            mqtt_client("house-1") as house,
+        ):
+            for topic in secrets_of_a:
+                await site_a.subscribe(topic, qos=1)
+                await site_b.subscribe(topic, qos=1)  # granted, but nothing is delivered
+            await site_b.subscribe(award_b, qos=1)
+            await house.subscribe(ALL, qos=1)  # a wildcard reaches only what house-1 may read
+            await house.subscribe("#", qos=1)
+
+            await site_a.publish(site_topic("site-a", "telemetry"), b"private", qos=1)
+            await site_a.publish(site_topic("site-a", "status"), b"online", qos=1, retain=True)
+            for topic in secrets_of_a:
+                await coordinator.publish(topic, b"for site-a", qos=1)
+            await coordinator.publish(award_b, b"for site-b", qos=1)
+            await coordinator.publish(award_h, b"for house-1", qos=1)
+
+            assert topics(await receive_until(site_a, secrets_of_a[-1])) == secrets_of_a
+            assert await receive_until(site_b, award_b) == [(award_b, b"for site-b")]
+            assert await receive_until(house, award_h) == [(award_h, b"for house-1")]
+
+
+async def test_site_reads_market_clearing_grid_state_and_own_forecast(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    grid = grid_state_topic("feeder-1")
+    forecast = forecast_topic("house-1")
+    async with asyncio.timeout(10):
+        async with mqtt_client("coordinator") as coordinator:
+            await coordinator.publish(MARKET_CLEARING, b"price", qos=1, retain=True)
+            await coordinator.publish(grid, b"normal", qos=1, retain=True)
+            await coordinator.publish(forecast, b"sunny", qos=1, retain=True)
+        async with mqtt_client("house-1") as house:
+            await house.subscribe(MARKET_CLEARING, qos=1)
+            await house.subscribe(f"{PREFIX}/grid/+/state", qos=1)
+            await house.subscribe(forecast, qos=1)
+            got = [await anext(house.messages) for _ in range(3)]
+            assert sorted((m.topic.value, m.payload) for m in got) == sorted(
+                [(MARKET_CLEARING, b"price"), (grid, b"normal"), (forecast, b"sunny")]
+            )
+            # Live messages too, not only retained ones.
+            async with mqtt_client("coordinator") as coordinator:
+                await coordinator.publish(grid, b"emergency", qos=1)
+            assert await receive_until(house, grid) == [(grid, b"emergency")]
+
+
+async def test_operator_dispatches_any_site_and_reads_all_but_publishes_nothing_else(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    dispatch_b = site_topic("site-b", "dispatch")
+    dispatch_h = site_topic("house-1", "dispatch")
+    telemetry = site_topic("site-a", "telemetry")
+    async with asyncio.timeout(10):
+        async with (
+            mqtt_client("coordinator") as coordinator,
+            mqtt_client("operator") as operator,
+            mqtt_client("site-a") as site_a,
+        ):
+            await coordinator.subscribe(ALL, qos=1)
+            await operator.subscribe(ALL, qos=1)
+            await operator.publish(dispatch_b, b"limit", qos=1)
+            await operator.publish(MARKET_CLEARING, b"forged", qos=1)
+            await operator.publish(site_topic("site-b", "telemetry"), b"forged", qos=1)
+            await operator.publish(site_topic("site-b", "award"), b"forged", qos=1)
+            await operator.publish(dispatch_h, b"limit", qos=1)
+            assert topics(await receive_until(coordinator, dispatch_h)) == [dispatch_b, dispatch_h]
+            await site_a.publish(telemetry, b"reading", qos=1)
+            got = await receive_until(operator, telemetry)
+            assert topics(got) == [dispatch_b, dispatch_h, telemetry]
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [(None, None), ("site-a", "wrong"), ("site-a", "use-coordinator's"), ("intruder", "x")],
+)
+async def test_clients_without_valid_credentials_are_refused(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, user: str | None, password: str | None
+) -> None:
+    if password == "use-coordinator's":
+        password = broker_files.credentials["coordinator"]
+    kwargs = client_kwargs(broker_files, "site-a", username=user, password=password)
+    async with asyncio.timeout(10):
+        with pytest.raises(aiomqtt.MqttCodeError) as caught:
+            async with aiomqtt.Client(**kwargs):
+                pass
+    # Mosquitto 2.0 answers 135 (Not authorized); 134 is "Bad user name or password".
+    assert caught.value.rc is not None
+    assert getattr(caught.value.rc, "value", caught.value.rc) in (134, 135)
+
+
+# --- persistence and process control ---------------------------------------------------------
+
+
+async def test_retained_messages_and_queued_session_messages_survive_a_restart(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    dispatch = site_topic("site-a", "dispatch")
+    session = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    session.SessionExpiryInterval = 3600
+
+    def gateway() -> aiomqtt.Client:
+        return mqtt_client(
+            "site-a", identifier="site-a-gateway", clean_start=False, properties=session
+        )
+
+    async with asyncio.timeout(15):
+        async with gateway() as site:
+            await site.subscribe(dispatch, qos=1)
+        async with mqtt_client("coordinator") as coordinator:
+            await coordinator.publish(MARKET_CLEARING, b"cleared", qos=1, retain=True)
+            await coordinator.publish(dispatch, b"while away", qos=1)
+
+        assert await mosquitto.stop() == 0
+        await mosquitto.start()
+
+        async with gateway() as site:  # the session and its queued command came back
+            assert await receive_until(site, dispatch) == [(dispatch, b"while away")]
+        async with mqtt_client("house-1") as house:
+            await house.subscribe(MARKET_CLEARING, qos=1)
+            assert await receive_until(house, MARKET_CLEARING) == [(MARKET_CLEARING, b"cleared")]
+
+
+async def test_kill_then_start_again(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    async with asyncio.timeout(15):
+        assert mosquitto.running
+        assert await mosquitto.kill() == -9
+        assert not mosquitto.running
+        with pytest.raises(aiomqtt.MqttError):
+            async with mqtt_client("site-a", timeout=2.0):
+                pass
+        await mosquitto.start()
+        async with mqtt_client("site-a") as site:
+            await site.publish(site_topic("site-a", "status"), b"back", qos=1)
+        with pytest.raises(BrokerProcessError, match="already running"):
+            await mosquitto.start()
+
+
+async def test_broker_drops_root_to_the_mosquitto_user(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only meaningful when the tests run as root")
+    broker_uid = pwd.getpwnam("mosquitto").pw_uid
+    status = await asyncio.to_thread(Path(f"/proc/{mosquitto.pid}/status").read_text)
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    assert int(uid_line.split()[1]) == broker_uid
+    for path in (broker_files.password_file, broker_files.acl_file, broker_files.persistence_dir):
+        assert path.stat().st_uid == broker_uid, path
+    assert broker_files.credentials_file.stat().st_uid == 0
+
+
+async def test_start_fails_clearly_when_the_port_is_taken_or_the_config_is_broken(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    async with asyncio.timeout(15):
+        second = MosquittoProcess(broker_files.conf, broker_files.port, log_path=tmp_path / "l")
+        with pytest.raises(BrokerProcessError, match="already accepts connections"):
+            await second.start()
+        broken = broker_files.directory / "broken.conf"
+        broken.write_text(f"listener {free_port()} 127.0.0.1\nno_such_option yes\n")
+        bad = MosquittoProcess(broken, free_port(), log_path=tmp_path / "bad.log")
+        with pytest.raises(BrokerProcessError, match="no_such_option"):
+            await bad.start()
+        assert bad.returncode not in (None, 0)
+
+
+# --- configuration files ---------------------------------------------------------------------
+
+
+def test_password_hash_matches_mosquitto_passwd() -> None:
+    # `mosquitto_passwd -b -c file alice s3cret` (Mosquitto 2.0.11) wrote this line.
+    expected = (
+        "$7$101$DmaABP54+1cHgZzr$mOk3pNxGFdGw9K+bZm+VsL4VM4q7w7AivfejV0zI9cNnzMLLSFJ/OZXsWbLk7YC"
+        "UAbUVjti7ZXB6sNuMk/5gHA=="
+    )
+    salt = base64.b64decode("DmaABP54+1cHgZzr")
+    assert mosquitto_password_hash("s3cret", salt=salt) == expected
+
+
+@pytest.mark.parametrize(
+    ("sites", "kwargs", "message"),
+    [
+        (["Site A"], {}, "site id"),
+        ([], {}, "at least one site"),
+        ("site-a", {}, "not one string"),
+        (["site-a", "site-a"], {}, "unique"),
+        (["coordinator"], {}, "unique"),
+        (["site-a"], {"operator_user": "site-a"}, "unique"),
+        (["site-a"], {"port": 0}, "not a TCP port"),
+        (["site-a"], {"tls": True, "tls_port": 1883}, "must differ"),
+    ],
+)
+def test_invalid_configurations_are_refused(
+    tmp_path: Path, sites: list[str], kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(BrokerConfigError, match=message):
+        write_broker_config(tmp_path / "b", sites, **kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "b" / "mosquitto.conf").exists()
+
+
+def test_cli_init_writes_the_files_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    runner = CliRunner()
+    target = tmp_path / "broker"
+    result = runner.invoke(broker_app, ["init", str(target), "--sites", "site-a, house-1"])
+    assert result.exit_code == 0, result.output
+    assert str(target / "credentials.toml") in result.output
+    for name in ("mosquitto.conf", "passwd", "acl", "credentials.toml"):
+        assert (target / name).is_file(), name
+    assert stat.S_IMODE((target / "credentials.toml").stat().st_mode) == 0o600
+    assert stat.S_IMODE((target / "passwd").stat().st_mode) == 0o600
+    files = load_broker_files(target)
+    assert files.sites == ("site-a", "house-1")
+    assert set(files.credentials) == {"coordinator", "operator", "site-a", "house-1"}
+    passwd = (target / "passwd").read_text()
+    assert all(pw not in passwd for pw in files.credentials.values())
+    acl = (target / "acl").read_text()
+    assert "user house-1\ntopic write wattmesh/v1/site/house-1/status\n" in acl
+
+    again = runner.invoke(broker_app, ["init", str(target), "--sites", "site-a"])
+    assert again.exit_code != 0
+    assert "already exists" in again.output
+    assert "--force" in again.output
+    assert load_broker_files(target).credentials == files.credentials  # untouched
+
+    forced = runner.invoke(
+        broker_app, ["init", str(target), "--sites", "site-b", "--no-operator", "--force"]
+    )
+    assert forced.exit_code == 0, forced.output
+    assert set(load_broker_files(target).credentials) == {"coordinator", "site-b"}
+
+    bad = runner.invoke(broker_app, ["init", str(tmp_path / "x"), "--sites", "Bad Id"])
+    assert bad.exit_code != 0
+    assert "site id" in bad.output
+
+    missing = runner.invoke(broker_app, ["run", str(tmp_path / "nothing-here")])
+    assert missing.exit_code != 0
+    assert "broker init" in missing.output
+
+
+def test_cli_run_says_how_to_install_mosquitto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = CliRunner()
+    assert runner.invoke(broker_app, ["init", str(tmp_path), "--sites", "a"]).exit_code == 0
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setattr(broker.mosquitto, "MOSQUITTO_DIRS", ())
+    result = runner.invoke(broker_app, ["run", str(tmp_path)])
+    assert result.exit_code == 3
+    assert "apt-get install mosquitto" in result.output
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+async def test_tls_clients_need_the_ca_and_their_certificate(broker_dir: Path) -> None:
+    port, tls_port = free_port(), free_port()
+    args = ["init", str(broker_dir), "--sites", "site-a,site-b", "--tls", "--port", str(port)]
+    result = CliRunner().invoke(broker_app, [*args, "--tls-port", str(tls_port)])
+    assert result.exit_code == 0, result.output
+    files = load_broker_files(broker_dir)
+    assert files.tls is not None
+    for user in files.users:
+        assert stat.S_IMODE(files.tls.client_keys[user].stat().st_mode) == 0o600
+    assert stat.S_IMODE(files.tls.server_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(files.tls.ca_key.stat().st_mode) == 0o600
+
+    own = site_topic("site-a", "telemetry")
+    async with asyncio.timeout(15), MosquittoProcess(files.conf, files.port) as broker:
+        # The certificate's CN is the user: the ACL applies over TLS exactly as with passwords.
+        async with (
+            aiomqtt.Client(**client_kwargs(files, "coordinator", tls=True)) as coordinator,
+            aiomqtt.Client(**client_kwargs(files, "site-a", tls=True)) as site,
+        ):
+            await coordinator.subscribe(ALL, qos=1)
+            await site.publish(site_topic("site-b", "telemetry"), b"forged", qos=1)
+            await site.publish(own, b"legit", qos=1)
+            assert await receive_until(coordinator, own) == [(own, b"legit")]
+
+        assert files.tls is not None
+        client_cert = (str(files.tls.client_certs["site-a"]), str(files.tls.client_keys["site-a"]))
+        without_ca = aiomqtt.TLSParameters(certfile=client_cert[0], keyfile=client_cert[1])
+        with pytest.raises(aiomqtt.MqttError, match="CERTIFICATE_VERIFY_FAILED"):
+            async with aiomqtt.Client(
+                **client_kwargs(files, "site-a", tls=True, tls_params=without_ca)
+            ):
+                pass
+        # Authenticated by the CA but without a client certificate: the broker refuses it (the
+        # TLS 1.3 alert comes after the handshake, so the client sees a timeout).
+        without_cert = aiomqtt.TLSParameters(ca_certs=str(files.tls.ca_cert))
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(
+                **client_kwargs(files, "site-a", tls=True, tls_params=without_cert, timeout=1.5)
+            ):
+                pass
+        # Over TLS a password is no substitute for the certificate either.
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(
+                **client_kwargs(
+                    files,
+                    "site-a",
+                    port=tls_port,
+                    tls_params=without_cert,
+                    timeout=1.5,
+                )
+            ):
+                pass
+        assert "peer did not return a certificate" in broker.log_tail(100)

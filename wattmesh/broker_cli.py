@@ -1,0 +1,125 @@
+"""``wattmesh broker``: write a Mosquitto configuration for a community and run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker.errors import BrokerConfigError, BrokerError, MosquittoNotFoundError
+from broker.mosquitto import (
+    BrokerFiles,
+    check_broker_access,
+    run_mosquitto_foreground,
+    write_broker_config,
+)
+
+broker_app = typer.Typer(
+    help="The MQTT broker: Mosquitto configuration (users, ACL, TLS) and running it.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _site_list(sites: str) -> list[str]:
+    return [part.strip() for part in sites.split(",") if part.strip()]
+
+
+def _describe(files: BrokerFiles) -> list[str]:
+    lines = [
+        f"wrote a Mosquitto configuration for {len(files.sites)} site(s) in {files.directory}:",
+        f"  config       {files.conf}",
+        f"  passwords    {files.password_file} (salted hashes)",
+        f"  ACL          {files.acl_file}",
+        f"  persistence  {files.persistence_dir}/",
+    ]
+    if files.tls is not None:
+        lines += [
+            f"  CA           {files.tls.ca_cert} (key: {files.tls.ca_key})",
+            f"  server cert  {files.tls.server_cert}",
+            f"  client certs {files.tls.ca_cert.parent / 'clients'}/<user>.crt and .key",
+        ]
+    lines.append(f"  listener     {files.connect_host}:{files.port} (user name and password)")
+    if files.tls_port is not None:
+        lines.append(f"  TLS listener {files.host}:{files.tls_port} (client certificate = user)")
+    lines += [
+        f"users: {', '.join(files.users)}",
+        f"credentials (user -> password, keep secret, mode 600): {files.credentials_file}",
+        f"start it with: wattmesh broker run {files.directory}",
+    ]
+    return lines
+
+
+@broker_app.command("init")
+def init(
+    directory: Annotated[Path, typer.Argument(help="Directory to write the broker files into.")],
+    sites: Annotated[
+        str, typer.Option("--sites", help="Comma-separated site ids, e.g. solar-farm,house-1.")
+    ],
+    port: Annotated[int, typer.Option(help="Port of the password listener.")] = 1883,
+    host: Annotated[str, typer.Option(help="Address to listen on (and in the TLS cert).")] = (
+        "127.0.0.1"
+    ),
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Add a mutual-TLS listener and make a CA and certs.")
+    ] = False,
+    tls_port: Annotated[int, typer.Option(help="Port of the TLS listener.")] = 8883,
+    coordinator_user: Annotated[str, typer.Option(help="The coordinator's user name.")] = (
+        "coordinator"
+    ),
+    operator_user: Annotated[
+        str, typer.Option(help="The operator's user name (reads all, sends dispatch).")
+    ] = "operator",
+    no_operator: Annotated[
+        bool, typer.Option("--no-operator", help="Create no operator user.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
+    ] = False,
+) -> None:
+    """Write mosquitto.conf, the password file, the ACL and credentials.toml into DIRECTORY."""
+    try:
+        files = write_broker_config(
+            directory,
+            _site_list(sites),
+            port=port,
+            host=host,
+            tls=tls,
+            tls_port=tls_port,
+            coordinator_user=coordinator_user,
+            operator_user=None if no_operator else operator_user,
+            overwrite=force,
+        )
+    except BrokerConfigError as err:
+        raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(f"cannot write the broker files in {directory}: {err}") from err
+    for line in _describe(files):
+        typer.echo(line)
+    try:
+        check_broker_access(files.directory)
+    except BrokerConfigError as err:
+        typer.echo(f"warning: {err}", err=True)
+
+
+@broker_app.command("run")
+def run(
+    directory: Annotated[Path, typer.Argument(help="A directory written by `broker init`.")],
+) -> None:
+    """Run Mosquitto in the foreground on DIRECTORY's configuration (Ctrl-C stops it)."""
+    try:
+        status = run_mosquitto_foreground(directory)
+    except MosquittoNotFoundError as err:
+        raise _fail(str(err), code=3) from err
+    except BrokerError as err:
+        raise _fail(str(err)) from err
+    if status < 0:  # killed by a signal: the shell's convention
+        status = 128 - status
+    if status:
+        raise typer.Exit(status)

@@ -119,11 +119,16 @@ async def bench_device(name: str, sim: SimulatedDevice, polls: int) -> Row:
         per_poll = rounds * (polls // rounds + min(50, polls // rounds))
         transport.close()
         raw.close()
-    return Row(name, stats.requests / per_poll, minimum_requests(blocks),
-               stats.registers_read / per_poll,
-               (stats.bytes_sent + stats.bytes_received) / per_poll,
-               statistics.median(ours) * 1e3, _p99(ours) * 1e3,
-               statistics.median(raw_times) * 1e3)
+    return Row(
+        name,
+        stats.requests / per_poll,
+        minimum_requests(blocks),
+        stats.registers_read / per_poll,
+        (stats.bytes_sent + stats.bytes_received) / per_poll,
+        statistics.median(ours) * 1e3,
+        _p99(ours) * 1e3,
+        statistics.median(raw_times) * 1e3,
+    )
 
 
 async def bench_rtu_meter(polls: int) -> tuple[float, float, float, float]:
@@ -156,27 +161,37 @@ async def main(polls: int) -> None:
     ]
     rows = [await bench_device(name, sim, polls) for name, sim in devices]
     print(f"Full polls over Modbus TCP on loopback, {polls} polls each\n")
-    header = (f"{'device':<15}{'req/poll':>9}{'min req':>8}{'regs':>7}{'bytes':>7}"
-              f"{'median ms':>11}{'p99 ms':>8}{'raw ms':>8}{'ratio':>7}")
+    header = (
+        f"{'device':<15}{'req/poll':>9}{'min req':>8}{'regs':>7}{'bytes':>7}"
+        f"{'median ms':>11}{'p99 ms':>8}{'raw ms':>8}{'ratio':>7}"
+    )
     print(header)
     print("-" * len(header))
     worst = 0.0
     for r in rows:
         ratio = r.median_ms / r.raw_median_ms
         worst = max(worst, ratio)
-        print(f"{r.device:<15}{r.requests:>9.2f}{r.minimum:>8d}{r.registers:>7.0f}{r.bytes_:>7.0f}"
-              f"{r.median_ms:>11.3f}{r.p99_ms:>8.3f}{r.raw_median_ms:>8.3f}{ratio:>7.2f}")
+        print(
+            f"{r.device:<15}{r.requests:>9.2f}{r.minimum:>8d}{r.registers:>7.0f}{r.bytes_:>7.0f}"
+            f"{r.median_ms:>11.3f}{r.p99_ms:>8.3f}{r.raw_median_ms:>8.3f}{ratio:>7.2f}"
+        )
     minimal = all(round(r.requests) == r.minimum for r in rows)
     wire_bytes, frames, wire_ms, pty_ms = await bench_rtu_meter(max(50, polls // 4))
-    print(f"\nSDM630 over RTU (socat pty): {wire_bytes:.0f} bytes in {frames:.0f} frames per poll,"
-          f" median {pty_ms:.2f} ms on the pty")
+    print(
+        f"\nSDM630 over RTU (socat pty): {wire_bytes:.0f} bytes in {frames:.0f} frames per poll,"
+        f" median {pty_ms:.2f} ms on the pty"
+    )
     print(f"computed wire time at 9600 baud 8N1: {wire_ms:.0f} ms per poll")
     print("\nGoals:")
     print(f"  requests per poll equal to the minimum      {'met' if minimal else 'MISSED'}")
-    print(f"  our poll at most 1.3x raw pymodbus          "
-          f"{'met' if worst <= 1.3 else 'MISSED'} (worst {worst:.2f}x)")
-    print(f"  SDM630 poll under 300 ms at 9600 baud RTU   "
-          f"{'met' if wire_ms < 300 else 'MISSED'} ({wire_ms:.0f} ms)")
+    print(
+        f"  our poll at most 1.3x raw pymodbus          "
+        f"{'met' if worst <= 1.3 else 'MISSED'} (worst {worst:.2f}x)"
+    )
+    print(
+        f"  SDM630 poll under 300 ms at 9600 baud RTU   "
+        f"{'met' if wire_ms < 300 else 'MISSED'} ({wire_ms:.0f} ms)"
+    )
 
 
 if __name__ == "__main__":

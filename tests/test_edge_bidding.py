@@ -9,8 +9,12 @@ from hypothesis import strategies as st
 from broker.messages import Bid, BidStep
 from edge.bidding import bid_curve
 
-PRICES = {"max_buy_price_per_kwh": 1.0, "min_sell_price_per_kwh": 0.0,
-          "charge_price_per_kwh": 0.12, "discharge_price_per_kwh": 0.25}
+PRICES = {
+    "max_buy_price_per_kwh": 1.0,
+    "min_sell_price_per_kwh": 0.0,
+    "charge_price_per_kwh": 0.12,
+    "discharge_price_per_kwh": 0.25,
+}
 
 
 def test_a_need_is_bought_firmly_and_the_battery_covers_part_of_it_when_dear() -> None:
@@ -39,9 +43,12 @@ def test_roles_limit_the_sides() -> None:
 @given(net=st.floats(-50, 50), charge=st.floats(0, 20), discharge=st.floats(0, 20))
 def test_every_curve_is_a_valid_bid_message(net: float, charge: float, discharge: float) -> None:
     curve = bid_curve(net, charge_kwh=charge, discharge_kwh=discharge, **PRICES)
-    bid = Bid(ts=1e9, interval=1,
-              buy=[BidStep(price_per_kwh=p, quantity_kwh=q) for p, q in curve.buy],
-              sell=[BidStep(price_per_kwh=p, quantity_kwh=q) for p, q in curve.sell])
+    bid = Bid(
+        ts=1e9,
+        interval=1,
+        buy=[BidStep(price_per_kwh=p, quantity_kwh=q) for p, q in curve.buy],
+        sell=[BidStep(price_per_kwh=p, quantity_kwh=q) for p, q in curve.sell],
+    )
     bought = sum(s.quantity_kwh for s in bid.buy)
     # At a very high price the site buys only its firm need: never more than it needs.
     firm = sum(s.quantity_kwh for s in bid.buy if s.price_per_kwh >= 1.0)

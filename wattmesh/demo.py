@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from broker.clock import ScaledClock
@@ -325,7 +326,7 @@ def run_demo(
     try:
         config = builtin_scenario() if scenario is None else load_scenario(scenario)
     except ScenarioError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     if seed is not None:
         config = config.model_copy(update={"seed": seed})

@@ -262,6 +262,8 @@ class EdgeAgent:
         await self._group.__aenter__()
         self._group.create_task(self._cycle_loop(), name="edge-cycle")
         self._group.create_task(self._replay_loop(), name="edge-replay")
+        if self.config.market.enabled:
+            self._group.create_task(self._bid_loop(), name="edge-bids")
         return self
 
     async def __aexit__(
@@ -310,8 +312,6 @@ class EdgeAgent:
             await self._control(now)
         self._spool_telemetry(now)
         self.stats.cycles += 1
-        if self.config.market.enabled:
-            await self._maybe_bid(now)
 
     def _update_snapshot(self, now: float) -> None:
         snap = SiteSnapshot()
@@ -626,15 +626,28 @@ class EdgeAgent:
             return interval_energy_kwh(float(np.mean(recent)), interval_s)
         return 0.0
 
-    async def _maybe_bid(self, now: float) -> None:
+    async def _bid_loop(self) -> None:
+        """Bid once per interval, ``bid_lead_s`` before its gate closes (on the agent's clock)."""
         m = self.config.market
-        upcoming = int(now // m.interval_s) + 1
+        while not self._stop.is_set():
+            now = self.clock.now()
+            upcoming = int(now // m.interval_s) + 1
+            if self._bid_for == upcoming or now >= upcoming * m.interval_s - m.gate_s:
+                upcoming += 1  # done, or too late for it: the next one
+            bid_at = upcoming * m.interval_s - m.gate_s - m.bid_lead_s
+            wait_s = max(0.0, (bid_at - now) / self.speed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), wait_s)
+            if self._stop.is_set():
+                return
+            await self.bid(upcoming)
+
+    async def bid(self, upcoming: int) -> None:
+        """Publish the bid for interval ``upcoming`` if its gate is still open."""
+        m = self.config.market
+        now = self.clock.now()
         start = upcoming * m.interval_s
-        if (
-            self._bid_for == upcoming
-            or now < start - m.gate_s - m.bid_lead_s
-            or now >= start - m.gate_s
-        ):
+        if self._bid_for == upcoming or now >= start - m.gate_s:
             return
         hours = m.interval_s / 3600.0
         charge = discharge = 0.0
@@ -642,7 +655,9 @@ class EdgeAgent:
             if r.soc_pct is None or r.capacity_wh is None:
                 continue
             room_kwh = (r.soc_max_pct - r.soc_pct) / 100.0 * r.capacity_wh / 1000.0
-            avail_kwh = (r.soc_pct - r.soc_min_pct) / 100.0 * r.capacity_wh / 1000.0
+            # Energy kept for peak shaving is not offered to the market.
+            floor_pct = max(r.soc_min_pct, self.config.fallback.reserve_soc_pct or 0.0)
+            avail_kwh = (r.soc_pct - floor_pct) / 100.0 * r.capacity_wh / 1000.0
             charge += max(0.0, min((r.rated_charge_w or 0.0) / 1000.0 * hours, room_kwh))
             discharge += max(0.0, min((r.rated_discharge_w or 0.0) / 1000.0 * hours, avail_kwh))
         curve = bid_curve(

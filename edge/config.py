@@ -7,16 +7,14 @@ environment variable) or ``password_file`` (a file readable by the agent only).
 
 from __future__ import annotations
 
-import json
 import os
 import tomllib
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from broker.clock import ScaledClock
+from broker.settings import ClockSettings, validation_lines
 from broker.topics import ID_PATTERN
 
 
@@ -132,39 +130,6 @@ class SpoolSection(_Strict):
     max_messages: int = Field(default=100_000, ge=10)
 
 
-class ClockSection(_Strict):
-    """Simulated time, to follow ``wattmesh sim run``; absent = the real clock.
-
-    Either ``file`` (the clock file ``wattmesh sim run --clock-file`` writes) or ``start``
-    with ``speed`` and ``anchor_wall_ts`` (the wall time at which simulated time was start).
-    """
-
-    file: Path | None = None
-    start: datetime | None = None
-    speed: float = Field(default=1.0, gt=0)
-    anchor_wall_ts: float | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> ClockSection:
-        if (self.file is None) == (self.start is None):
-            raise ValueError("give either file or start")
-        return self
-
-    def build(self) -> ScaledClock:
-        """The clock this section describes."""
-        if self.file is not None:
-            try:
-                data = json.loads(self.file.read_text())
-                return ScaledClock(
-                    float(data["start_ts"]), float(data["speed"]), float(data["anchor_wall_ts"])
-                )
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise EdgeConfigError(f"clock.file: cannot use {self.file}: {err}") from err
-        assert self.start is not None
-        start = self.start if self.start.tzinfo else self.start.replace(tzinfo=UTC)
-        return ScaledClock(start.timestamp(), self.speed, self.anchor_wall_ts)
-
-
 class EdgeConfig(_Strict):
     """A whole site file."""
 
@@ -175,7 +140,7 @@ class EdgeConfig(_Strict):
     fallback: FallbackSection = FallbackSection()
     market: MarketSection = MarketSection()
     spool: SpoolSection = SpoolSection()
-    clock: ClockSection | None = None
+    clock: ClockSettings | None = None
     dispatch_revert_s: int = Field(
         default=30, ge=2, le=3600, description="battery reverts to idle if not renewed"
     )
@@ -191,20 +156,12 @@ class EdgeConfig(_Strict):
         return self
 
 
-def _where(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def parse_edge_config(data: dict[str, object], source: str) -> EdgeConfig:
     """Validate a site mapping; errors name ``source`` and each wrong field."""
     try:
         config = EdgeConfig.model_validate(data)
     except ValidationError as err:
-        lines = [f"{source}: {_where(e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise EdgeConfigError("\n".join(lines)) from err
+        raise EdgeConfigError(validation_lines(err, source)) from err
     if not config.spool.path.is_absolute() and source.endswith(".toml"):
         spool = Path(source).parent / config.spool.path
         config = config.model_copy(

@@ -35,6 +35,7 @@ def test_the_shipped_community_is_the_builtin_one() -> None:
         "factory": ["battery", "sdm630"],
         "house-1": ["battery", "pv_inverter", "sunspec_meter"],
         "house-2": ["sunspec_meter"],
+        "school": ["battery", "pv_inverter", "sunspec_meter"],
     }
 
 
@@ -101,7 +102,7 @@ async def test_every_device_of_the_community_answers_through_the_drivers() -> No
         factory = runner.sites["factory"]
     assert runner.device("factory-meter").url.startswith("rtu://")
     assert runner.device("farm-pv").url.startswith("tcp://127.0.0.1:")
-    assert len(found) == 8
+    assert len(found) == 11
     assert found["farm-pv"].ac_power_w > 100_000  # type: ignore[attr-defined]
     # The factory's SDM630 sees the factory's load (Monday noon, both shifts) minus its battery.
     assert found["factory-meter"].power_w == pytest.approx(  # type: ignore[attr-defined]
@@ -131,13 +132,13 @@ def test_sim_run_prints_a_line_per_device_then_scan_reads_one() -> None:
     )
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline().strip() for _ in range(8)]
+        lines = [proc.stdout.readline().strip() for _ in range(11)]
         pattern = re.compile(
             r"^(\S+) (pv_inverter|battery|sunspec_meter|sdm630) "
             r"(tcp://127\.0\.0\.1:\d+|rtu://\S+\?baud=9600) unit=(\d+)$"
         )
         parsed = {m.group(1): m for m in map(pattern.match, lines) if m}
-        assert len(parsed) == 8, lines
+        assert len(parsed) == 11, lines
         assert parsed["factory-meter"].group(3).startswith("rtu://")
         farm = parsed["farm-pv"].group(3)
         scan = subprocess.run(
@@ -196,7 +197,7 @@ def test_the_demo_runs_to_its_report(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "community" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["sites"]) == {"solar-farm", "factory", "house-1", "house-2"}
+    assert set(report["sites"]) == {"solar-farm", "factory", "house-1", "house-2", "school"}
     assert (tmp_path / "day.csv").read_text().startswith("ts,site,pv_w,load_w,battery_w,")
     with (tmp_path / "day.csv").open() as f:
         rows = list(csv.DictReader(f))

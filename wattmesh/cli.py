@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +25,7 @@ from drivers.transport import ModbusTransport
 from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario
 from wattmesh import __version__
 from wattmesh.broker_cli import broker_app
+from wattmesh.ledger_cli import ledger_app
 from wattmesh.scan import ScanResult, scan_device
 
 app = typer.Typer(
@@ -36,6 +39,9 @@ sim_app = typer.Typer(
 )
 app.add_typer(sim_app, name="sim")
 app.add_typer(broker_app, name="broker")
+coordinator_app = typer.Typer(help="The community coordinator.", no_args_is_help=True)
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(ledger_app, name="ledger")
 edge_app = typer.Typer(help="The site gateway agent.", no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
 
@@ -268,13 +274,13 @@ def edge_run(
     coordinator the batteries follow the local fallback controller. Stops on Ctrl-C/SIGTERM.
     """
     from edge.agent import EdgeAgent  # noqa: PLC0415 - keeps `wattmesh --help` fast
-    from edge.config import EdgeConfigError, load_edge_config  # noqa: PLC0415
+    from edge.config import load_edge_config  # noqa: PLC0415
 
     try:
         config = load_edge_config(site_file)
         clock: Clock = config.clock.build() if config.clock else WallClock()
         password = config.broker.password()
-    except EdgeConfigError as err:
+    except ValueError as err:  # EdgeConfigError, or a clock file that cannot be used
         raise _fail(str(err)) from err
 
     async def run() -> None:
@@ -288,6 +294,155 @@ def edge_run(
             await stop.wait()
 
     asyncio.run(run())
+
+
+@coordinator_app.command("run")
+def coordinator_run(
+    config_file: Annotated[
+        Path, typer.Argument(help="Coordinator TOML (config/coordinator.toml).")
+    ],
+) -> None:
+    """Run the coordinator: ingest, forecasts, market clearing, settlement, grid balancing.
+
+    Clears every interval at its gate closure, publishes awards and the clearing, settles each
+    interval in the ledger once its telemetry is in, and dispatches batteries when the feeder
+    nears its limits. Stops on Ctrl-C/SIGTERM.
+    """
+    from coordinator.config import load_coordinator_config  # noqa: PLC0415
+    from coordinator.service import Coordinator  # noqa: PLC0415
+
+    try:
+        config = load_coordinator_config(config_file)
+        clock: Clock = config.clock.build() if config.clock else WallClock()
+        password = config.broker.password()
+    except ValueError as err:
+        raise _fail(str(err)) from err
+
+    async def run() -> None:
+        stop = _stop_on_signals()
+        async with Coordinator(config, clock, password=password) as coordinator:
+            err_console.print(
+                f"coordinator for feeder {coordinator.feeder!r}: broker "
+                f"{config.broker.host}:{config.broker.port}, ledger "
+                f"{config.coordinator.ledger}; Ctrl-C stops.",
+                highlight=False,
+            )
+            await stop.wait()
+
+    asyncio.run(run())
+
+
+def _duration_s(text: str) -> float:
+    """'90s', '15m', '2h' or plain seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    try:
+        scale = units.get(text[-1:], 1.0)
+        value = float(text[:-1] if text[-1:] in units else text) * scale
+    except ValueError as err:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 15m or 2h") from err
+    if not 0 < value <= 86400:
+        raise typer.BadParameter("a dispatch lasts more than 0 s and at most 24 h")
+    return value
+
+
+@app.command()
+def dispatch(
+    site: Annotated[str, typer.Argument(help="The site to command.")],
+    battery_w: Annotated[
+        float | None,
+        typer.Option(
+            "--battery-w", help="Battery setpoint, W: positive discharges, negative charges."
+        ),
+    ] = None,
+    load_limit_w: Annotated[
+        float | None, typer.Option("--load-limit-w", help="Cap the site's import at this many W.")
+    ] = None,
+    duration: Annotated[str, typer.Option("--for", help="How long: 90s, 15m, 2h.")] = "15m",
+    emergency: Annotated[
+        bool,
+        typer.Option(
+            "--emergency", help="An emergency order: outranks dispatch and market commitments."
+        ),
+    ] = False,
+    host: Annotated[str, typer.Option(help="Broker host.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Broker port.")] = 1883,
+    user: Annotated[str, typer.Option(help="Broker user (operator or coordinator).")] = "operator",
+    password_env: Annotated[
+        str, typer.Option(help="Environment variable holding the password.")
+    ] = "WATTMESH_OPERATOR_PASSWORD",
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for the site's acknowledgement.")
+    ] = 10.0,
+) -> None:
+    """Send an operator's dispatch command to a site and print its acknowledgement.
+
+    The command expires after --for; the site returns to its market commitment or its local
+    controller by itself then. Exit code 0 when accepted or clamped, 1 otherwise.
+    """
+    import json as json_module  # noqa: PLC0415
+
+    from broker import topics  # noqa: PLC0415
+    from broker.client import BusClient, BusSettings  # noqa: PLC0415
+    from broker.messages import Dispatch, DispatchAck  # noqa: PLC0415
+
+    if battery_w is None and load_limit_w is None:
+        raise _fail("give --battery-w and/or --load-limit-w")
+    try:
+        topics.check_id(site)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    seconds = _duration_s(duration)
+    now = time.time()
+    try:
+        order = Dispatch(
+            ts=now,
+            battery_power_w=battery_w,
+            load_limit_w=load_limit_w,
+            expires_ts=now + seconds,
+            priority="emergency" if emergency else "dispatch",
+            reason=f"manual dispatch by {user}",
+        )
+    except ValueError as err:
+        raise _fail(str(err)) from err
+
+    async def send() -> DispatchAck | None:
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def handle(topic: str, payload: bytes) -> None:
+            await got.put(payload)
+
+        settings = BusSettings(
+            host=host,
+            port=port,
+            username=user,
+            password=os.environ.get(password_env),
+            client_id=f"wattmesh-dispatch-{order.id[:8]}",
+            session_expiry_s=0,
+        )
+        async with BusClient(settings, handler=handle) as bus:
+            await bus.subscribe(topics.site_topic(site, "dispatch/ack"))
+            await bus.wait_connected(5)
+            await bus.publish(topics.site_topic(site, "dispatch"), order.model_dump_json())
+            async with asyncio.timeout(wait):
+                while True:
+                    ack = DispatchAck.model_validate_json(await got.get())
+                    if ack.command_id == order.id:
+                        return ack
+
+    try:
+        ack = asyncio.run(send())
+    except TimeoutError:
+        raise _fail(
+            f"no acknowledgement from {site} within {wait:g} s (is its agent "
+            "running, and may this user publish its dispatch?)",
+            1,
+        ) from None
+    except Exception as err:
+        raise _fail(f"cannot reach the broker at {host}:{port}: {err}", 1) from err
+    assert ack is not None
+    print(json_module.dumps(ack.model_dump(), indent=2))
+    if ack.outcome not in ("accepted", "clamped"):
+        raise typer.Exit(1)
 
 
 @app.command()

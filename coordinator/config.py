@@ -1,0 +1,171 @@
+"""The coordinator's TOML file: feeder, broker, market, tariffs, grid limits, ledger.
+
+Every mistake is reported with the file and the field. Prices are per kWh, powers in W.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from broker.settings import ClockSettings, validation_lines
+from broker.topics import ID_PATTERN
+
+
+class CoordinatorConfigError(ValueError):
+    """A coordinator file is wrong; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CoordinatorSection(_Strict):
+    """Which feeder this coordinator runs and where it is."""
+
+    feeder: str = Field(default="feeder-1", pattern=ID_PATTERN)
+    latitude_deg: float = Field(default=48.0, ge=-90, le=90)
+    longitude_deg: float = Field(default=11.0, ge=-180, le=180)
+    utc_offset_h: float = Field(default=0.0, ge=-14, le=14)
+    ledger: Path = Path("ledger.sqlite")
+
+
+class BrokerSection(_Strict):
+    """How to reach the MQTT broker (the coordinator's credentials)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, gt=0, le=65535)
+    username: str = "coordinator"
+    password_env: str | None = "WATTMESH_COORDINATOR_PASSWORD"
+    password_file: Path | None = None
+    client_id: str = "wattmesh-coordinator"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def password(self) -> str | None:
+        """The password from the file or the environment (None: connect without one)."""
+        if self.password_file:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as err:
+                raise CoordinatorConfigError(
+                    f"broker.password_file: cannot read {self.password_file}: {err.strerror}"
+                ) from err
+        if self.password_env:
+            return os.environ.get(self.password_env)
+        return None
+
+
+class MarketSection(_Strict):
+    """Market intervals (s) and settlement."""
+
+    interval_s: int = Field(default=900, ge=60, le=86400)
+    gate_s: int = Field(default=60, ge=0)
+    settle_delay_s: int = Field(default=120, ge=0, description="wait for late telemetry")
+    imbalance_premium_per_kwh: float = Field(default=0.05, ge=0, le=10)
+    forecast_horizon_h: float = Field(default=24.0, gt=0, le=168)
+
+    @model_validator(mode="after")
+    def _order(self) -> MarketSection:
+        if self.gate_s >= self.interval_s:
+            raise ValueError("gate_s must be shorter than interval_s")
+        return self
+
+
+class TariffPeriod(_Strict):
+    """A time-of-use window in local hours [start_h, end_h) with its prices."""
+
+    start_h: float = Field(ge=0, lt=24)
+    end_h: float = Field(gt=0, le=24)
+    retail_per_kwh: float = Field(ge=-10, le=10)
+    feed_in_per_kwh: float = Field(ge=-10, le=10)
+
+
+class TariffSection(_Strict):
+    """The utility's prices at the point of connection; periods override the defaults."""
+
+    retail_per_kwh: float = Field(default=0.30, ge=-10, le=10)
+    feed_in_per_kwh: float = Field(default=0.08, ge=-10, le=10)
+    periods: list[TariffPeriod] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _spread(self) -> TariffSection:
+        pairs = [(self.retail_per_kwh, self.feed_in_per_kwh)]
+        pairs += [(p.retail_per_kwh, p.feed_in_per_kwh) for p in self.periods]
+        if any(not feed_in < retail for retail, feed_in in pairs):
+            raise ValueError("feed_in_per_kwh must be below retail_per_kwh")
+        return self
+
+    def at(self, ts: float, utc_offset_h: float) -> tuple[float, float]:
+        """(retail, feed-in) per kWh in force at ``ts``."""
+        hour = ((ts / 3600.0) + utc_offset_h) % 24.0
+        for p in self.periods:
+            inside = (
+                (p.start_h <= hour < p.end_h)
+                if p.start_h < p.end_h
+                else (hour >= p.start_h or hour < p.end_h)
+            )
+            if inside:
+                return p.retail_per_kwh, p.feed_in_per_kwh
+        return self.retail_per_kwh, self.feed_in_per_kwh
+
+
+class GridSection(_Strict):
+    """The feeder's limits (W) and how the coordinator keeps inside them."""
+
+    import_limit_w: float = Field(default=1e9, gt=0)
+    export_limit_w: float = Field(default=1e9, gt=0)
+    act_at_pct: float = Field(default=90.0, gt=0, le=100, description="start dispatching")
+    target_pct: float = Field(default=80.0, gt=0, le=100, description="aim for this much")
+    release_pct: float = Field(default=70.0, gt=0, le=100, description="stop re-issuing")
+    period_s: float = Field(default=1.0, gt=0, le=60, description="wall seconds per check")
+    dispatch_expiry_s: int = Field(default=300, ge=10, le=3600)
+    reissue_s: int = Field(default=60, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _order(self) -> GridSection:
+        if not self.release_pct <= self.target_pct <= self.act_at_pct:
+            raise ValueError("need release_pct <= target_pct <= act_at_pct")
+        return self
+
+
+class CoordinatorConfig(_Strict):
+    """A whole coordinator file."""
+
+    coordinator: CoordinatorSection = CoordinatorSection()
+    broker: BrokerSection = BrokerSection()
+    market: MarketSection = MarketSection()
+    tariff: TariffSection = TariffSection()
+    grid: GridSection = GridSection()
+    clock: ClockSettings | None = None
+    historian: dict[str, Any] | None = None
+
+
+def parse_coordinator_config(data: dict[str, object], source: str) -> CoordinatorConfig:
+    """Validate a coordinator mapping; errors name ``source`` and each wrong field."""
+    try:
+        config = CoordinatorConfig.model_validate(data)
+    except ValidationError as err:
+        raise CoordinatorConfigError(validation_lines(err, source)) from err
+    ledger = config.coordinator.ledger
+    if not ledger.is_absolute() and source.endswith(".toml"):
+        section = config.coordinator.model_copy(update={"ledger": Path(source).parent / ledger})
+        config = config.model_copy(update={"coordinator": section})
+    return config
+
+
+def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
+    """Read and validate a coordinator TOML file (a relative ledger path is next to it)."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as err:
+        raise CoordinatorConfigError(f"{p}: cannot read: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise CoordinatorConfigError(f"{p}: not valid TOML: {err}") from err
+    return parse_coordinator_config(data, str(p))

@@ -1,0 +1,447 @@
+"""``wattmesh ledger``: read a settlement ledger (``coordinator.ledger``) for people and machines.
+
+``report`` prints each site's energy, money and savings against the utility-alone baseline
+(design.md section 3a), a community total, the community and utility accounts' balances and
+whether the ledger balances; ``check`` verifies the balance invariant for cron and monitoring.
+
+Both commands only read: a file that is missing, not SQLite, or SQLite without the ledger's
+tables is refused before :class:`~coordinator.ledger.Ledger` opens it (opening creates the file
+and its schema, which a report must never do to a stranger's database).
+
+Exit codes: 0 success; 1 ``check`` found the ledger unbalanced; 2 usage or input error (missing
+file, not a ledger, unknown site, unreadable database), printed as one line on stderr.
+
+JSON money is a decimal string of currency units with exactly six decimals, the ledger's exact
+micro-currency (``"-0.675000"``; parse it with ``decimal.Decimal``, never lose a micro to a
+float); energy is a JSON number of kWh with at most three decimals, the ledger's exact Wh.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from coordinator.ledger import (
+    COMMUNITY,
+    UTILITY,
+    Ledger,
+    LedgerError,
+    SiteReport,
+    site_account,
+    to_currency,
+)
+
+__all__ = [
+    "REPORT_VERSION",
+    "LedgerReport",
+    "UnknownSite",
+    "build_report",
+    "ledger_app",
+    "report_json",
+]
+
+#: Version of the ``report --json`` document layout (bumped when a key changes meaning).
+REPORT_VERSION: Final = 1
+
+_SQLITE_HEADER: Final = b"SQLite format 3\x00"
+_LEDGER_TABLES: Final = frozenset(
+    {"schema_version", "accounts", "intervals", "site_intervals", "postings", "entries"}
+)
+_SITE_PREFIX: Final = site_account("")
+_MAX_DECIMALS: Final = 6
+
+ledger_app = typer.Typer(
+    help="The settlement ledger: per-site report, savings and the balance check.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+class _CliError(Exception):
+    """A problem reported as one line on stderr with exit code 2."""
+
+
+class UnknownSite(LookupError):
+    """``--site`` names no site of a ledger that has settled intervals."""
+
+    def __init__(self, site: str, known: tuple[str, ...]) -> None:
+        self.site = site
+        self.known = known
+        super().__init__(f"no site {site!r} in the ledger (sites: {', '.join(known)})")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    # One line, never wrapped; site ids and paths are not markup.
+    Console(stderr=True).print(
+        f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True
+    )
+    return typer.Exit(code)
+
+
+def _stdout() -> Console:
+    # Piped output gets a width that fits both tables; a terminal keeps its own.
+    return Console(width=None if sys.stdout.isatty() else 120, highlight=False)
+
+
+# --- opening a ledger without ever creating one ------------------------------------------
+
+
+def _require_ledger_file(path: Path) -> None:
+    """Refuse a path that is not an existing wattmesh ledger, reading it only."""
+    if not path.exists():
+        raise _CliError(f"{path}: no such file")
+    if not path.is_file():
+        raise _CliError(f"{path}: not a file")
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except OSError as err:
+        raise _CliError(f"{path}: cannot read: {err.strerror or err}") from err
+    if header != _SQLITE_HEADER:
+        raise _CliError(f"{path}: not a wattmesh ledger (not an SQLite database)")
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as err:
+        raise _CliError(f"{path}: cannot read the database: {err}") from err
+    missing = _LEDGER_TABLES - {str(r[0]) for r in rows}
+    if missing:
+        raise _CliError(
+            f"{path}: not a wattmesh ledger (missing tables: {', '.join(sorted(missing))})"
+        )
+
+
+def _open_ledger(path: Path) -> Ledger:
+    _require_ledger_file(path)
+    try:
+        return Ledger(path)
+    except LedgerError as err:  # schema version, locked, read-only directory, corrupt
+        raise _CliError(f"{path}: {err}") from err
+
+
+# --- the report as data -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerReport:
+    """Everything ``report`` prints. Money in micro-currency, energy in Wh (as the ledger).
+
+    ``sites`` holds the selected sites (all, or the one of ``--site``); ``total`` always sums
+    every site of the ledger (its ``intervals`` is the number of settled intervals, its
+    ``estimated_intervals`` the number of estimated site-intervals, its ``site`` is
+    ``"community"``). ``community_balance_micro`` is what the community account kept net,
+    ``utility_balance_micro`` what the utility received net; together they equal
+    ``total.net_cost_micro`` in a balanced ledger.
+    """
+
+    path: Path
+    intervals: tuple[int, ...]
+    all_sites: tuple[str, ...]
+    site_filter: str | None
+    sites: tuple[SiteReport, ...]
+    total: SiteReport
+    community_balance_micro: int
+    utility_balance_micro: int
+    balanced: bool
+
+
+def _sum_reports(reports: Sequence[SiteReport], intervals: int) -> SiteReport:
+    sums = {
+        f.name: sum(getattr(r, f.name) for r in reports)
+        for f in fields(SiteReport)
+        if f.name not in {"site", "intervals"}
+    }
+    return SiteReport(site=COMMUNITY, intervals=intervals, **sums)
+
+
+def build_report(ledger: Ledger, site: str | None = None) -> LedgerReport:
+    """Read the figures of :class:`LedgerReport`; ``site`` must be one of the ledger's sites.
+
+    Raises :class:`UnknownSite` for a site the ledger does not know, unless nothing is
+    settled yet (then the report is simply empty).
+    """
+    intervals = ledger.settled_intervals()
+    all_sites = tuple(
+        sorted(a[len(_SITE_PREFIX) :] for a in ledger.accounts() if a.startswith(_SITE_PREFIX))
+    )
+    if site is not None and intervals and site not in all_sites:
+        raise UnknownSite(site, all_sites)
+    reports = tuple(ledger.site_report(s) for s in all_sites)
+    return LedgerReport(
+        path=ledger.path,
+        intervals=intervals,
+        all_sites=all_sites,
+        site_filter=site,
+        sites=tuple(r for r in reports if site is None or r.site == site),
+        total=_sum_reports(reports, len(intervals)),
+        community_balance_micro=ledger.balance(COMMUNITY),
+        utility_balance_micro=ledger.balance(UTILITY),
+        balanced=ledger.check_balanced(),
+    )
+
+
+# --- JSON ---------------------------------------------------------------------------------
+
+
+def _money(amount_micro: int) -> str:
+    """Exact decimal string of currency units, six decimals: ``-675000 -> "-0.675000"``."""
+    return format(to_currency(amount_micro), "f")
+
+
+def _kwh(energy_wh: int) -> float:
+    """kWh as a JSON number; ``wh / 1000`` prints as its shortest decimal, exact to the Wh."""
+    return energy_wh / 1000
+
+
+def _figures(r: SiteReport) -> dict[str, Any]:
+    return {
+        "intervals": r.intervals,
+        "estimated_intervals": r.estimated_intervals,
+        "bought_kwh": _kwh(r.bought_wh),
+        "sold_kwh": _kwh(r.sold_wh),
+        "metered_import_kwh": _kwh(r.metered_import_wh),
+        "metered_export_kwh": _kwh(r.metered_export_wh),
+        "paid": _money(r.paid_micro),
+        "received": _money(r.received_micro),
+        "imbalance_cost": _money(r.imbalance_cost_micro),
+        "net_cost": _money(r.net_cost_micro),
+        "baseline_cost": _money(r.baseline_cost_micro),
+        "savings": _money(r.savings_micro),
+    }
+
+
+def report_json(report: LedgerReport, currency: str) -> dict[str, Any]:
+    """The ``report --json`` document (layout in the ``report`` help and the module docs)."""
+    return {
+        "report_version": REPORT_VERSION,
+        "ledger": str(report.path),
+        "currency": currency,
+        "settled_intervals": {
+            "count": len(report.intervals),
+            "first": report.intervals[0] if report.intervals else None,
+            "last": report.intervals[-1] if report.intervals else None,
+        },
+        "site_filter": report.site_filter,
+        "sites": [{"site": r.site, **_figures(r)} for r in report.sites],
+        "community_total": {"sites": len(report.all_sites), **_figures(report.total)},
+        "accounts": {
+            "community": _money(report.community_balance_micro),
+            "utility": _money(report.utility_balance_micro),
+        },
+        "balanced": report.balanced,
+    }
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def _money_cell(amount_micro: int, decimals: int) -> str:
+    value = to_currency(amount_micro).quantize(Decimal(1).scaleb(-decimals), ROUND_HALF_UP)
+    if value == 0:
+        value = abs(value)  # no "-0.00"
+    return f"{value:,f}"
+
+
+def _kwh_cell(energy_wh: int) -> str:
+    return f"{Decimal(energy_wh).scaleb(-3):,f}"
+
+
+def _energy_table(report: LedgerReport) -> Table:
+    table = Table(title="Energy (kWh)", title_justify="left")
+    table.add_column("site")
+    for name in ("intervals", "estimated", "bought", "sold", "import", "export"):
+        table.add_column(name, justify="right")
+    rows = [(escape(r.site), r) for r in report.sites]
+    rows.append((f"[bold]community ({len(report.all_sites)} sites)[/bold]", report.total))
+    for i, (label, r) in enumerate(rows):
+        table.add_row(
+            label,
+            str(r.intervals),
+            str(r.estimated_intervals),
+            _kwh_cell(r.bought_wh),
+            _kwh_cell(r.sold_wh),
+            _kwh_cell(r.metered_import_wh),
+            _kwh_cell(r.metered_export_wh),
+            end_section=i == len(rows) - 2,
+        )
+    return table
+
+
+def _money_table(report: LedgerReport, currency: str, decimals: int) -> Table:
+    table = Table(
+        title=f"Money ({escape(currency)}; positive cost = the site pays)", title_justify="left"
+    )
+    table.add_column("site")
+    for name in ("paid", "received", "imbalance", "net cost", "baseline", "savings"):
+        table.add_column(name, justify="right")
+    rows = [(escape(r.site), r) for r in report.sites]
+    rows.append((f"[bold]community ({len(report.all_sites)} sites)[/bold]", report.total))
+    for i, (label, r) in enumerate(rows):
+        table.add_row(
+            label,
+            *(
+                _money_cell(m, decimals)
+                for m in (
+                    r.paid_micro,
+                    r.received_micro,
+                    r.imbalance_cost_micro,
+                    r.net_cost_micro,
+                    r.baseline_cost_micro,
+                    r.savings_micro,
+                )
+            ),
+            end_section=i == len(rows) - 2,
+        )
+    return table
+
+
+def _print_report(report: LedgerReport, currency: str, decimals: int) -> None:
+    out = _stdout()
+    first, last = report.intervals[0], report.intervals[-1]
+    out.print(
+        f"ledger {escape(str(report.path))}: {len(report.intervals)} settled interval(s), "
+        f"#{first} to #{last}",
+        soft_wrap=True,
+    )
+    out.print(_energy_table(report))
+    out.print(_money_table(report, currency, decimals))
+    cur = escape(currency)
+    out.print(
+        f"community account: {_money_cell(report.community_balance_micro, decimals)} {cur} "
+        "(kept net: price spread, imbalance premiums, rounding)"
+    )
+    out.print(
+        f"utility account:   {_money_cell(report.utility_balance_micro, decimals)} {cur} "
+        "(paid to the utility net; negative: the utility paid the community)"
+    )
+    if report.balanced:
+        out.print("balanced: yes (every posting, interval and the whole ledger sum to zero)")
+    else:
+        out.print("[bold red]balanced: NO[/bold red] (run `wattmesh ledger check`)")
+
+
+# --- commands -----------------------------------------------------------------------------
+
+_REPORT_HELP: Final = """Per-site energy, money and savings from a settlement ledger.
+
+Energy (kWh):
+  intervals  settled intervals the site took part in
+             (community row: every settled interval)
+  estimated  of those, the ones settled on estimated metering
+  bought     energy the market awarded the site to import
+  sold       energy the market awarded the site to export
+  import     energy the site's meter imported
+  export     energy the site's meter exported
+
+Money (in --currency; positive cost = the site pays, negative = it is paid):
+  paid       paid for its bought energy at the clearing price
+  received   received for its sold energy at the clearing price
+  imbalance  net cost of metering more or less than the award
+  net cost   paid - received + imbalance
+  baseline   what the utility alone would have billed its metered energy
+             (import at retail, export at feed-in; no trading)
+  savings    baseline - net cost (positive: trading saved the site money)
+
+The community row sums all sites, also with --site. Below the tables: the
+community account's balance (what it kept net) and the utility account's
+(what it was paid net); in a balanced ledger they add up to the sites' total
+net cost. The table rounds money to --decimals (half up); --json is exact.
+
+--json prints one document with the same figures:
+  report_version (1), ledger, currency, settled_intervals (count, first,
+  last), site_filter, sites (list of site + FIGURES), community_total
+  (sites + FIGURES), accounts (community, utility), balanced (true/false).
+  FIGURES: intervals, estimated_intervals, bought_kwh, sold_kwh,
+  metered_import_kwh, metered_export_kwh (numbers, exact to the Wh); paid,
+  received, imbalance_cost, net_cost, baseline_cost, savings and the
+  accounts' balances (decimal strings with six decimals, exact).
+
+A missing file, a file that is not a wattmesh ledger or an unknown site is
+a one-line error with exit code 2.
+"""
+
+
+@ledger_app.command("report", help=_REPORT_HELP)
+def report(
+    ledger_path: Annotated[
+        Path, typer.Argument(metavar="LEDGER.sqlite", help="The settlement ledger file.")
+    ],
+    site: Annotated[
+        str | None, typer.Option("--site", help="Show only this site (the total stays).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a machine-readable JSON document.")
+    ] = False,
+    currency: Annotated[
+        str,
+        typer.Option(help="Currency label for the amounts (a label only, nothing converts)."),
+    ] = "EUR",
+    decimals: Annotated[
+        int,
+        typer.Option(min=0, max=_MAX_DECIMALS, help="Decimals of money in the table."),
+    ] = 2,
+) -> None:
+    currency = currency.strip()
+    if not currency:
+        raise _fail("--currency must not be empty")
+    try:
+        with _open_ledger(ledger_path) as ledger:
+            data = build_report(ledger, site)
+    except _CliError as err:
+        raise _fail(str(err)) from err
+    except (LedgerError, UnknownSite) as err:
+        raise _fail(f"{ledger_path}: {err}") from err
+    if as_json:
+        typer.echo(json.dumps(report_json(data, currency), indent=2))
+    elif not data.intervals:
+        _stdout().print(f"ledger {escape(str(ledger_path))}: no settled intervals yet")
+    else:
+        _print_report(data, currency, decimals)
+
+
+@ledger_app.command("check")
+def check(
+    ledger_path: Annotated[
+        Path, typer.Argument(metavar="LEDGER.sqlite", help="The settlement ledger file.")
+    ],
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing when the ledger balances.")
+    ] = False,
+) -> None:
+    """Verify that the ledger balances (for cron and monitoring).
+
+    Balanced: every posting, every interval and the whole ledger sum to zero,
+    and no interval is partial.
+
+    Exit codes: 0 balanced; 1 NOT balanced (one line on stderr); 2 the file is
+    missing, not a wattmesh ledger or unreadable.
+    """
+    try:
+        with _open_ledger(ledger_path) as ledger:
+            balanced = ledger.check_balanced()
+            intervals = len(ledger.settled_intervals())
+    except _CliError as err:
+        raise _fail(str(err)) from err
+    except LedgerError as err:
+        raise _fail(f"{ledger_path}: {err}") from err
+    if not balanced:
+        raise _fail(f"{ledger_path}: ledger NOT balanced ({intervals} settled interval(s))", code=1)
+    if not quiet:
+        _stdout().print(
+            f"{escape(str(ledger_path))}: balanced ({intervals} settled interval(s))",
+            soft_wrap=True,
+        )

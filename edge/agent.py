@@ -606,7 +606,7 @@ class EdgeAgent:
                     await self.bus.wait_connected(1.0)
                 continue
             try:
-                await asyncio.gather(*[self.bus.publish(m.topic, m.payload) for m in batch])
+                await self.bus.publish_many((m.topic, m.payload) for m in batch)
             except BusUnavailable:
                 continue  # not removed: published again (receivers are idempotent on id)
             self.spool.ack(batch[-1].seq)

@@ -1,0 +1,330 @@
+"""The coordinator service: metering, ingest hygiene, tariffs, clearing over the bus, dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker import topics
+from broker.client import BusClient, BusSettings
+from broker.clock import ManualClock
+from broker.messages import Award, Bid, BidStep, Clearing, DeviceReading, Dispatch, Telemetry
+from broker.mosquitto import BrokerFiles, MosquittoProcess
+from coordinator.config import (
+    CoordinatorConfigError,
+    load_coordinator_config,
+    parse_coordinator_config,
+)
+from coordinator.ledger import Ledger
+from coordinator.service import Coordinator, RingBuffer
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_782_043_200.0  # a multiple of 900 s: an interval boundary
+
+
+def _coordinator(tmp_path: Path, port: int = 1, **grid: float) -> Coordinator:
+    config = parse_coordinator_config(
+        {
+            "coordinator": {"ledger": str(tmp_path / "ledger.sqlite")},
+            "broker": {"port": port, "password_env": None},
+            "tariff": {"retail_per_kwh": 0.30, "feed_in_per_kwh": 0.08},
+            "grid": {"import_limit_w": 10_000.0, "export_limit_w": 10_000.0, **grid},
+        },
+        "test",
+    )
+    return Coordinator(config, ManualClock(T0))
+
+
+def _telemetry(
+    ts: float,
+    grid_w: float,
+    battery_w: float = 0.0,
+    soc: float | None = None,
+    rated_w: float | None = None,
+) -> Telemetry:
+    devices = [DeviceReading(device="meter", kind="sunspec_meter", available=True, power_w=grid_w)]
+    if rated_w is not None:
+        devices.append(
+            DeviceReading(
+                device="battery",
+                kind="battery",
+                available=True,
+                power_w=battery_w,
+                soc_pct=soc,
+                rated_power_w=rated_w,
+            )
+        )
+    return Telemetry(
+        ts=ts,
+        devices=devices,
+        grid_power_w=grid_w,
+        battery_power_w=battery_w,
+        battery_soc_pct=soc,
+        pv_power_w=0.0,
+        load_power_w=grid_w + battery_w,
+    )
+
+
+def test_metering_holds_each_reading_until_the_next_and_splits_at_interval_edges(
+    tmp_path: Path,
+) -> None:
+    c = _coordinator(tmp_path)
+    c.ingest_telemetry("a", _telemetry(T0 - 450, 2000.0))  # 2 kW from -450 s
+    c.ingest_telemetry("a", _telemetry(T0 + 450, -1000.0))  # -1 kW from +450 s
+    c.ingest_telemetry("a", _telemetry(T0 + 900, 0.0))
+    k = int(T0 // 900)
+    # Interval k-1: 450 s at 2 kW = 250 Wh. Interval k: 450 s at 2 kW, 450 s at -1 kW = 125 Wh.
+    assert c.sites["a"].energy_wh[k - 1] == pytest.approx(250.0)
+    assert c.sites["a"].energy_wh[k] == pytest.approx(250.0 - 125.0)
+    c.ledger.close()
+
+
+def test_replayed_telemetry_is_counted_once(tmp_path: Path) -> None:
+    c = _coordinator(tmp_path)
+    msg = _telemetry(T0, 1000.0)
+    c.ingest_telemetry("a", msg)
+    c.ingest_telemetry("a", msg)
+    assert c.stats.telemetry == 1
+    assert c.stats.duplicates == 1
+    c.ledger.close()
+
+
+async def test_invalid_messages_are_counted_per_site_and_never_stop_ingest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = _coordinator(tmp_path)
+    telemetry = topics.site_topic("a", "telemetry")
+    for bad in (b"{", b'{"ts": "yesterday", "devices": []}', b'{"ts": 1e9, "devices": [], "x": 1}'):
+        assert c._on_telemetry(telemetry, bad)
+    await c._on_message(topics.site_topic("a", "bid"), b'{"ts": 1e9, "interval": -1}')
+    c.ingest_telemetry("a", _telemetry(T0, 1000.0))
+    assert c.sites["a"].invalid == 4
+    assert c.stats.telemetry == 1
+    warnings = [r for r in caplog.records if "invalid" in r.getMessage()]
+    assert len(warnings) == 2  # once per site and topic kind
+    c.ledger.close()
+
+
+def test_ring_buffers_keep_the_newest_samples_in_order() -> None:
+    ring = RingBuffer(3)
+    for i in range(5):
+        ring.append(float(i), float(i * 10))
+    ts, values = ring.arrays()
+    assert list(ts) == [2.0, 3.0, 4.0]
+    assert list(values) == [20.0, 30.0, 40.0]
+
+
+def test_time_of_use_tariffs_apply_in_local_time() -> None:
+    config = parse_coordinator_config(
+        {
+            "coordinator": {"utc_offset_h": 1.0},
+            "tariff": {
+                "retail_per_kwh": 0.22,
+                "feed_in_per_kwh": 0.08,
+                "periods": [
+                    {"start_h": 7, "end_h": 22, "retail_per_kwh": 0.32, "feed_in_per_kwh": 0.08},
+                ],
+            },
+        },
+        "test",
+    )
+    midnight_utc = 1_782_000_000.0 - (1_782_000_000.0 % 86400)
+    at = config.tariff.at
+    assert at(midnight_utc + 6.5 * 3600, 1.0) == (0.32, 0.08)  # 07:30 local
+    assert at(midnight_utc + 21.5 * 3600, 1.0) == (0.22, 0.08)  # 22:30 local
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        (
+            {"tariff": {"retail_per_kwh": 0.05, "feed_in_per_kwh": 0.08}},
+            r"tariff: Value error, feed_in_per_kwh must be below retail_per_kwh",
+        ),
+        ({"grid": {"act_at_pct": 50, "target_pct": 80}}, r"grid: Value error, need release_pct"),
+        ({"market": {"interval_s": 900, "gate_s": 900}}, r"market: Value error, gate_s"),
+        ({"coordinator": {"feeder": "Feeder 1"}}, r"coordinator\.feeder: String should match"),
+        ({"grid": {"import_limit_w": -5}}, r"grid\.import_limit_w: Input should be greater"),
+    ],
+)
+def test_coordinator_file_mistakes_name_the_file_and_the_field(
+    section: dict[str, object], message: str
+) -> None:
+    with pytest.raises(CoordinatorConfigError, match=rf"^coord\.toml: {message}"):
+        parse_coordinator_config(section, "coord.toml")
+
+
+def test_the_shipped_coordinator_file_loads() -> None:
+    config = load_coordinator_config(ROOT / "config" / "coordinator.toml")
+    assert config.grid.import_limit_w == 250_000
+    assert config.clock is not None
+
+
+async def _bus(files: BrokerFiles, user: str, got: list[tuple[str, bytes]]) -> BusClient:
+    async def handle(topic: str, payload: bytes) -> None:
+        got.append((topic, payload))
+
+    bus = BusClient(
+        BusSettings(
+            port=files.port,
+            username=user,
+            password=files.credentials[user],
+            client_id=f"test-{user}",
+        ),
+        handler=handle,
+    )
+    await bus.__aenter__()
+    await bus.wait_connected(5)
+    return bus
+
+
+async def test_a_cleared_interval_awards_each_bidder_privately_and_is_settled(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    c = _coordinator(tmp_path, port=broker_files.port)
+    c.bus.settings = BusSettings(
+        port=broker_files.port,
+        username="coordinator",
+        password=broker_files.credentials["coordinator"],
+        client_id="test-coordinator",
+    )
+    got_a: list[tuple[str, bytes]] = []
+    got_b: list[tuple[str, bytes]] = []
+    async with c:
+        await c.bus.wait_connected(5)
+        site_a = await _bus(broker_files, "site-a", got_a)
+        site_b = await _bus(broker_files, "site-b", got_b)
+        for bus in (site_a, site_b):
+            await bus.subscribe(f"{topics.PREFIX}/site/+/award")
+            await bus.subscribe(topics.MARKET_CLEARING)
+        await asyncio.sleep(0.2)
+        k = int(T0 // 900) + 1
+        await site_a.publish(
+            topics.site_topic("site-a", "bid"),
+            Bid(
+                ts=T0, interval=k, buy=[BidStep(price_per_kwh=0.25, quantity_kwh=2.0)]
+            ).model_dump_json(),
+        )
+        await site_b.publish(
+            topics.site_topic("site-b", "bid"),
+            Bid(
+                ts=T0, interval=k, sell=[BidStep(price_per_kwh=0.10, quantity_kwh=3.0)]
+            ).model_dump_json(),
+        )
+        for _ in range(50):
+            if len(c.bids.get(k, {})) == 2:
+                break
+            await asyncio.sleep(0.05)
+        clearing = await c.clear_interval(k)
+        await asyncio.sleep(0.3)
+        # Metering: site-a imported 2 kW (8 kWh/h -> 0.5 kWh in 15 min); site-b exported.
+        for ts in (k * 900, (k + 1) * 900):
+            c.ingest_telemetry("site-a", _telemetry(ts, 8000.0))
+            c.ingest_telemetry("site-b", _telemetry(ts, -12000.0))
+        c.settle(k)
+        for bus in (site_a, site_b):
+            await bus.__aexit__(None, None, None)
+    assert clearing.volume_kwh == pytest.approx(2.0)
+    assert 0.10 <= clearing.price_per_kwh <= 0.25
+    awards_a = [Award.model_validate_json(p) for t, p in got_a if t.endswith("/award")]
+    awards_b = [Award.model_validate_json(p) for t, p in got_b if t.endswith("/award")]
+    assert [a.quantity_kwh for a in awards_a] == [pytest.approx(2.0)]  # only its own award
+    assert [a.quantity_kwh for a in awards_b] == [pytest.approx(-2.0)]
+    assert any(t == topics.MARKET_CLEARING for t, _ in got_a)
+    assert (
+        Clearing.model_validate_json(
+            next(p for t, p in got_b if t == topics.MARKET_CLEARING)
+        ).interval
+        == k
+    )
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.is_settled(k)
+        assert ledger.check_balanced()
+        # site-a metered 2 kWh, awarded 2 kWh: it paid the clearing price, no imbalance.
+        settlement = ledger.settlement(k)
+        assert settlement is not None
+        assert settlement.site("site-a").imbalance_micro == 0
+
+
+async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    c = _coordinator(tmp_path, port=broker_files.port)
+    c.bus.settings = BusSettings(
+        port=broker_files.port,
+        username="coordinator",
+        password=broker_files.credentials["coordinator"],
+        client_id="test-coordinator",
+    )
+    got: list[tuple[str, bytes]] = []
+    async with c:
+        await c.bus.wait_connected(5)
+        watcher = await _bus(broker_files, "operator", got)
+        await watcher.subscribe(f"{topics.PREFIX}/site/+/dispatch")
+        await watcher.subscribe(f"{topics.PREFIX}/grid/+/state")
+        await asyncio.sleep(0.2)
+        # 11 kW import on a 10 kW feeder: aim for 80 % = 8 kW, so 3 kW of discharge,
+        # split 2:1 by the batteries' headroom (4 kW and 2 kW).
+        c.ingest_telemetry("site-a", _telemetry(T0, 6000.0, 0.0, 50.0, rated_w=4000.0))
+        c.ingest_telemetry("site-b", _telemetry(T0, 5000.0, 0.0, 50.0, rated_w=2000.0))
+        await c.balance(0.0)
+        await asyncio.sleep(0.3)
+        await watcher.__aexit__(None, None, None)
+    orders = {
+        t.split("/")[3]: Dispatch.model_validate_json(p) for t, p in got if t.endswith("/dispatch")
+    }
+    assert c.mode == "constrained"
+    assert orders["site-a"].battery_power_w == pytest.approx(2000.0)
+    assert orders["site-b"].battery_power_w == pytest.approx(1000.0)
+    assert all(o.expires_ts > o.ts for o in orders.values())
+    states = [json.loads(p) for t, p in got if t.endswith("/state")]
+    assert states[-1]["mode"] == "constrained"
+    assert states[-1]["flow_w"] == pytest.approx(11_000.0)
+
+
+async def test_wattmesh_dispatch_sends_an_operator_order_and_prints_the_ack(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    from tests.test_edge_agent import simulated_house, site_config  # noqa: PLC0415
+
+    from edge.agent import EdgeAgent  # noqa: PLC0415
+
+    async with simulated_house() as house:
+        config = site_config(house, broker_files, tmp_path / "spool.sqlite")
+        async with EdgeAgent(config, house.clock, password=broker_files.credentials["house-1"]):
+            await asyncio.sleep(1.0)
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "OP_PASSWORD": broker_files.credentials["operator"],
+            }
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "wattmesh",
+                "dispatch",
+                "house-1",
+                "--battery-w",
+                "-1500",
+                "--for",
+                "10m",
+                "--port",
+                str(broker_files.port),
+                "--password-env",
+                "OP_PASSWORD",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            setpoint = house.battery.setpoint_w
+    assert proc.returncode == 0, err.decode()
+    ack = json.loads(out)
+    assert ack["outcome"] == "accepted"
+    assert ack["applied_battery_power_w"] == -1500.0
+    assert setpoint == -1500.0

@@ -290,9 +290,8 @@ async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
 async def test_wattmesh_dispatch_sends_an_operator_order_and_prints_the_ack(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
-    from tests.test_edge_agent import simulated_house, site_config  # noqa: PLC0415
-
-    from edge.agent import EdgeAgent  # noqa: PLC0415
+    from edge.agent import EdgeAgent
+    from tests.test_edge_agent import simulated_house, site_config
 
     async with simulated_house() as house:
         config = site_config(house, broker_files, tmp_path / "spool.sqlite")

@@ -59,7 +59,7 @@ PUBLISHER = textwrap.dedent("""
 
 
 def _free_port() -> int:
-    import socket  # noqa: PLC0415
+    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,11 +67,14 @@ def _free_port() -> int:
 
 
 def _coordinator(port: int, password: str, ledger: Path, client_id: str) -> Coordinator:
-    config = parse_coordinator_config({
-        "coordinator": {"ledger": str(ledger)},
-        "broker": {"port": port, "password_env": None, "client_id": client_id},
-        "market": {"interval_s": 900, "gate_s": 60},
-    }, "bench")
+    config = parse_coordinator_config(
+        {
+            "coordinator": {"ledger": str(ledger)},
+            "broker": {"port": port, "password_env": None, "client_id": client_id},
+            "market": {"interval_s": 900, "gate_s": 60},
+        },
+        "bench",
+    )
     return Coordinator(config, ManualClock(1.7e9), password=password)
 
 
@@ -80,8 +83,9 @@ async def ingest(port: int, password: str, work: Path, messages: int, sites: int
     async with coordinator:
         await coordinator.bus.wait_connected(5)
         await asyncio.sleep(0.2)
-        proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(port), password,
-                                 str(messages), str(sites)])
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PUBLISHER, str(port), password, str(messages), str(sites)]
+        )
         t0 = None
         while coordinator.stats.telemetry < messages:
             if t0 is None and coordinator.stats.telemetry:
@@ -104,13 +108,25 @@ async def gate_to_awards(port: int, password: str, work: Path, sites: int) -> fl
         for i in range(sites):
             price = float(rng.uniform(0.05, 0.35))
             if i % 2:
-                bid = Bid(ts=1.7e9, interval=interval, buy=[
-                    BidStep(price_per_kwh=1.0, quantity_kwh=float(rng.uniform(0.1, 2))),
-                    BidStep(price_per_kwh=price, quantity_kwh=float(rng.uniform(0.1, 2)))])
+                bid = Bid(
+                    ts=1.7e9,
+                    interval=interval,
+                    buy=[
+                        BidStep(price_per_kwh=1.0, quantity_kwh=float(rng.uniform(0.1, 2))),
+                        BidStep(price_per_kwh=price, quantity_kwh=float(rng.uniform(0.1, 2))),
+                    ],
+                )
             else:
-                bid = Bid(ts=1.7e9, interval=interval, sell=[
-                    BidStep(price_per_kwh=price, quantity_kwh=float(rng.uniform(0.1, 2))),
-                    BidStep(price_per_kwh=price + 0.05, quantity_kwh=float(rng.uniform(0.1, 2)))])
+                bid = Bid(
+                    ts=1.7e9,
+                    interval=interval,
+                    sell=[
+                        BidStep(price_per_kwh=price, quantity_kwh=float(rng.uniform(0.1, 2))),
+                        BidStep(
+                            price_per_kwh=price + 0.05, quantity_kwh=float(rng.uniform(0.1, 2))
+                        ),
+                    ],
+                )
             bids[f"site-{i}"] = bid
         coordinator.bids[interval] = bids
         t0 = time.perf_counter()
@@ -126,12 +142,16 @@ async def main(messages: int, site_counts: list[int]) -> None:
     async with MosquittoProcess(files.conf, files.port):
         rate = await ingest(files.port, password, work, messages, 1000)
         print(f"ingest: {messages} telemetry messages from 1,000 sites, QoS 1")
-        print(f"  {rate:,.0f} msg/s ingested by one coordinator process (goal >= 10,000) "
-              f"{'met' if rate >= 10_000 else 'MISSED'}")
+        print(
+            f"  {rate:,.0f} msg/s ingested by one coordinator process (goal >= 10,000) "
+            f"{'met' if rate >= 10_000 else 'MISSED'}"
+        )
         for sites in site_counts:
             seconds = await gate_to_awards(files.port, password, work, sites)
-            print(f"gate closure to last award, {sites:>6,} sites: {seconds * 1000:8.0f} ms "
-                  f"(goal < 1 s for 10,000) {'met' if seconds < 1 else 'MISSED'}")
+            print(
+                f"gate closure to last award, {sites:>6,} sites: {seconds * 1000:8.0f} ms "
+                f"(goal < 1 s for 10,000) {'met' if seconds < 1 else 'MISSED'}"
+            )
 
 
 if __name__ == "__main__":

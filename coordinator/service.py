@@ -51,6 +51,7 @@ from broker.messages import (
 )
 from coordinator import forecast as fc
 from coordinator.config import CoordinatorConfig
+from coordinator.historian import Historian, HistorianSettings
 from coordinator.ledger import Ledger, LedgerError
 from coordinator.market import Book, Tariff, clear
 
@@ -162,12 +163,19 @@ class Coordinator:
         self.flow_w = 0.0
         self.flow_log: list[tuple[float, float]] = []  # (ts, feeder flow W), for tests
         self.emergency_until = -math.inf
+        self.last_clearing: Clearing | None = None
         self._grid_orders: dict[str, float] = {}  # site -> wall time the order was last sent
         self._relief: dict[str, tuple[float, float]] = {}  # site -> (flow relief W, expiry)
         self._logged: set[tuple[str, str]] = set()
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
         self.ledger = Ledger(config.coordinator.ledger)
+        #: Off unless the configuration has a [historian] section.
+        self.historian: Historian | None = None
+        if config.historian is not None:
+            self.historian = Historian(
+                HistorianSettings.from_mapping(config.historian, "coordinator configuration")
+            )
         b = config.broker
         self.bus = BusClient(
             bus_settings
@@ -193,6 +201,8 @@ class Coordinator:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Coordinator:
+        if self.historian is not None:
+            await self.historian.__aenter__()
         await self.bus.__aenter__()
         for kind in ("status", "telemetry", "bid", "dispatch", "dispatch/ack"):
             await self.bus.subscribe(topics.site_wildcard(kind))
@@ -211,6 +221,8 @@ class Coordinator:
             await self._group.__aexit__(et, ev, tb)
         finally:
             await self.bus.__aexit__(et, ev, tb)
+            if self.historian is not None:
+                await self.historian.__aexit__(et, ev, tb)
             self.ledger.close()
 
     async def _sleep_until(self, ts: float) -> bool:
@@ -297,6 +309,8 @@ class Coordinator:
         if len(state.seen) > 5000:
             state.seen.popitem(last=False)
         self.stats.telemetry += 1
+        if self.historian is not None:
+            self.historian.record_telemetry(site, msg)
         if state.latest is None or msg.ts >= state.latest.ts:
             state.latest = msg
         if msg.ts >= state.last_history_ts + 60.0:  # one history sample a minute
@@ -396,6 +410,13 @@ class Coordinator:
             await self.bus.publish(topics.MARKET_CLEARING, clearing.model_dump_json(), retain=True)
         except BusUnavailable as err:
             log.warning("interval %d cleared but not all of it was published: %s", interval, err)
+        self.last_clearing = clearing
+        if self.historian is not None:
+            self.historian.record_clearing(
+                clearing, retail_price_per_kwh=retail, feed_in_price_per_kwh=feed_in
+            )
+            for i, name in enumerate(names):
+                self.historian.record_award(name, Award.model_validate_json(awards[i][1]))
         self.stats.clearings += 1
         self.stats.awards += len(awards)
         self.stats.clear_latency_s.append((self.clock.now() - t_gate) / self.speed)
@@ -413,7 +434,7 @@ class Coordinator:
         if not awards and not metered:
             return
         try:
-            self.ledger.settle_interval(
+            result = self.ledger.settle_interval(
                 interval,
                 clearing_price_per_kwh=price,
                 retail_price_per_kwh=retail,
@@ -426,6 +447,8 @@ class Coordinator:
         except LedgerError:
             log.exception("interval %d could not be settled", interval)
             return
+        if self.historian is not None:
+            self.historian.record_settlement_result(result, ts=self.clock.now())
         self.stats.settled += 1
 
     async def publish_forecasts(self, first_interval: int) -> None:
@@ -451,20 +474,21 @@ class Coordinator:
         now = self.clock.now()
         start_ts = float(times[0] - m.interval_s / 2)
         prices = [float(x) for x in price]
-        messages = [
-            (
-                topics.forecast_topic(name),
-                Forecast(
-                    ts=now,
-                    start_ts=start_ts,
-                    step_s=m.interval_s,
-                    pv_power_w=[float(x) for x in pv],
-                    load_power_w=[float(x) for x in load],
-                    price_per_kwh=prices,
-                ).model_dump_json(),
+        forecasts = {
+            name: Forecast(
+                ts=now,
+                start_ts=start_ts,
+                step_s=m.interval_s,
+                pv_power_w=[float(x) for x in pv],
+                load_power_w=[float(x) for x in load],
+                price_per_kwh=prices,
             )
             for name, (pv, load) in per_site.items()
-        ]
+        }
+        if self.historian is not None:
+            for name, forecast in forecasts.items():
+                self.historian.record_forecast(name, forecast)
+        messages = [(topics.forecast_topic(n), f.model_dump_json()) for n, f in forecasts.items()]
         with contextlib.suppress(BusUnavailable):
             self.stats.forecasts += await self.bus.publish_many(messages, retain=True)
 
@@ -511,6 +535,8 @@ class Coordinator:
             export_limit_w=g.export_limit_w,
             mode=self.mode,
         )
+        if self.historian is not None:
+            self.historian.record_grid_state(self.feeder, state)
         with contextlib.suppress(BusUnavailable):
             await self.bus.publish(
                 topics.grid_state_topic(self.feeder), state.model_dump_json(), retain=True
@@ -577,5 +603,7 @@ class Coordinator:
             except BusUnavailable:
                 return
             self._grid_orders[name] = wall_now
+            if self.historian is not None:
+                self.historian.record_dispatch(name, order)
             self._relief[name] = (relief, order.expires_ts)
             self.stats.dispatches += 1

@@ -42,12 +42,18 @@ def bid_curve(
       up to ``discharge_kwh`` is released at ``discharge_price_per_kwh`` or more, first by
       buying less of the inflexible need, the rest offered for sale.
 
-    Producers only sell and consumers only buy (their battery still shifts their own need).
-    Prices must satisfy min_sell <= charge < discharge <= max_buy for a coherent curve.
+    Every site bids its own need or surplus. Roles limit what its battery trades: a producer's
+    battery only sells (it never buys to charge), a consumer's only serves the site (it never
+    sells beyond the site's need). Prices must satisfy min_sell <= charge < discharge <=
+    max_buy for a coherent curve.
     """
     if not charge_price_per_kwh < discharge_price_per_kwh:
         raise ValueError("the charge price must be below the discharge price")
     charge_kwh, discharge_kwh = max(charge_kwh, 0.0), max(discharge_kwh, 0.0)
+    if role == "producer":
+        charge_kwh = min(charge_kwh, max(-net_demand_kwh, 0.0))  # stores only its own surplus
+    elif role == "consumer":
+        discharge_kwh = min(discharge_kwh, max(net_demand_kwh, 0.0))  # serves only itself
     buy: list[tuple[float, float]] = []
     sell: list[tuple[float, float]] = []
     if net_demand_kwh > 0:
@@ -76,10 +82,6 @@ def bid_curve(
             sell.append((max(min_sell_price_per_kwh, charge_price_per_kwh + 1e-4), absorbed))
         if discharge_kwh > MIN_STEP_KWH:
             sell.append((max(min_sell_price_per_kwh, discharge_price_per_kwh), discharge_kwh))
-    if role == "producer":
-        buy = []
-    elif role == "consumer":
-        sell = []
     buy.sort(key=lambda s: -s[0])
     sell.sort(key=lambda s: s[0])
     if buy and sell and max(p for p, _ in buy) >= min(p for p, _ in sell):

@@ -327,3 +327,41 @@ async def test_wattmesh_dispatch_sends_an_operator_order_and_prints_the_ack(
     assert ack["outcome"] == "accepted"
     assert ack["applied_battery_power_w"] == -1500.0
     assert setpoint == -1500.0
+
+
+async def test_with_a_historian_section_the_coordinator_writes_what_it_ingests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_historian import VictoriaMetrics, free_port
+
+    server = VictoriaMetrics(tmp_path / "vm-data", free_port(), tmp_path / "vm.log")
+    server.start()
+    try:
+        monkeypatch.setenv("WATTMESH_INFLUX_TOKEN", "not-checked-by-victoria-metrics")
+        config = parse_coordinator_config(
+            {
+                "coordinator": {"ledger": str(tmp_path / "ledger.sqlite")},
+                "broker": {"port": free_port(), "password_env": None},
+                "historian": {
+                    "url": server.url,
+                    "org": "wattmesh",
+                    "bucket": "wattmesh",
+                    "flush_interval_s": 0.05,
+                    "buffer_path": str(tmp_path / "buffer.sqlite"),
+                },
+            },
+            "test",
+        )
+        c = Coordinator(config, ManualClock(T0))
+        async with c:
+            c.ingest_telemetry("site-a", _telemetry(T0, 1234.0))
+            await c.balance(0.0)
+        assert c.historian is not None
+        server.force_flush()
+        rows = server.export('{__name__="site_grid_power_w",site="site-a"}')
+        flows = server.export('{__name__="feeder_flow_w"}')
+    finally:
+        server.stop()
+    assert rows[0]["values"] == [1234.0]
+    assert rows[0]["timestamps"] == [int(T0 * 1000)]
+    assert flows[0]["values"] == [1234.0]

@@ -35,9 +35,14 @@ def test_a_surplus_is_sold_and_the_battery_keeps_what_it_can_store_when_cheap() 
     assert curve.sell == ((0.0, 2.0), (pytest.approx(0.1201), 1.0))
 
 
-def test_roles_limit_the_sides() -> None:
-    assert bid_curve(2.0, charge_kwh=1.0, discharge_kwh=0.0, role="producer", **PRICES).buy == ()
-    assert bid_curve(-2.0, charge_kwh=0.0, discharge_kwh=0.0, role="consumer", **PRICES).sell == ()
+def test_roles_limit_what_the_battery_trades_but_every_site_bids_its_own_need() -> None:
+    producer = bid_curve(2.0, charge_kwh=1.0, discharge_kwh=0.0, role="producer", **PRICES)
+    assert producer.buy == ((1.0, 2.0),)  # its own auxiliary load, but no charging from the grid
+    consumer = bid_curve(0.5, charge_kwh=0.0, discharge_kwh=3.0, role="consumer", **PRICES)
+    assert consumer.buy == ((0.25, 0.5),)  # its battery covers its need when dear ...
+    assert consumer.sell == ()  # ... and sells nothing beyond it
+    surplus = bid_curve(-2.0, charge_kwh=0.0, discharge_kwh=0.0, role="consumer", **PRICES)
+    assert surplus.sell == ((0.0, 2.0),)
 
 
 @given(net=st.floats(-50, 50), charge=st.floats(0, 20), discharge=st.floats(0, 20))

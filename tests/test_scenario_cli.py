@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
 import re
@@ -186,35 +185,38 @@ def test_cli_errors_are_one_clear_line(args: list[str], message: str) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_the_demo_runs_to_its_report(tmp_path: Path) -> None:
+def test_the_demo_runs_a_community_to_a_report_that_matches_its_ledger(tmp_path: Path) -> None:
+    from coordinator.ledger import Ledger, to_currency
+
     result = subprocess.run(
-        [*WATTMESH, "demo", "--hours", "2", "--speed", "7200", "--out", str(tmp_path)],
+        [*WATTMESH, "demo", "--hours", "3", "--speed", "1440", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         env=_env(),
-        timeout=120,
+        timeout=180,
     )
     assert result.returncode == 0, result.stderr
     assert "community" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["sites"]) == {"solar-farm", "factory", "house-1", "house-2", "school"}
-    assert (tmp_path / "day.csv").read_text().startswith("ts,site,pv_w,load_w,battery_w,")
+    assert report["balanced"] is True
+    assert report["settled_intervals"] >= 3 * 4 - 2  # 15-minute intervals in three hours
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        assert ledger.check_balanced()
+        for site, figures in report["sites"].items():
+            settled = ledger.site_report(site)
+            assert figures["cost"] == pytest.approx(float(to_currency(settled.net_cost_micro)))
+            traded = (settled.bought_wh + settled.sold_wh) / 1000.0
+            assert figures["traded_kwh"] == pytest.approx(traded)
+    total = sum(f["cost"] for f in report["sites"].values())
+    assert report["community"]["cost"] == pytest.approx(total)
+    # The baseline (batteries idle, no trading) is measured on the same simulators: at night
+    # every site imports, so every baseline cost is positive but the solar farm's is small.
+    assert all(f["baseline_cost"] > 0 for f in report["sites"].values())
     with (tmp_path / "day.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) > 4 * 10
-    for site_id, site in report["sites"].items():
-        assert site["unavailable_polls"] == 0
-        # The report's energies are the CSV's grid power integrated over the poll intervals.
-        samples = [
-            (float(r["ts"]), float(r["grid_w"]), float(r["battery_w"]))
-            for r in rows
-            if r["site"] == site_id
-        ]
-        steps = list(itertools.pairwise(samples))
-        imported = sum(max(b[1], 0.0) * (b[0] - a[0]) for a, b in steps) / 3600
-        baseline = sum(max(b[1] + b[2], 0.0) * (b[0] - a[0]) for a, b in steps) / 3600
-        assert site["import_wh"] == pytest.approx(imported, rel=0.02, abs=1.0)
-        assert site["baseline_import_wh"] == pytest.approx(baseline, rel=0.02, abs=1.0)
+    assert {r["site"] for r in rows} == set(report["sites"])
+    assert (tmp_path / "day.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_readme_example_runs() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -226,42 +225,49 @@ def scan(
 def demo(
     hours: Annotated[float, typer.Option(help="Simulated hours to run.", min=0.1)] = 24.0,
     speed: Annotated[
-        float, typer.Option(help="Simulated seconds per real second.", min=1)
-    ] = 1800.0,
+        float, typer.Option(help="Simulated seconds per real second.", min=1, max=5000)
+    ] = 720.0,
+    sites: Annotated[
+        int | None, typer.Option(help="Use only the scenario's first N sites.", min=1)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
     scenario: Annotated[
         Path | None, typer.Option(help="Scenario TOML; default: the built-in community.")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
-    poll: Annotated[float, typer.Option(help="Simulated seconds between polls.", min=1)] = 120.0,
-    retail: Annotated[float, typer.Option(help="Retail tariff per kWh.", min=0)] = 0.30,
-    feed_in: Annotated[float, typer.Option(help="Feed-in tariff per kWh.", min=0)] = 0.08,
+    poll: Annotated[
+        float, typer.Option(help="Wall seconds between an agent's polls.", min=0.05, max=5)
+    ] = 0.2,
     out: Annotated[
-        Path | None, typer.Option(help="Write day.csv and report.json to this directory.")
+        Path | None,
+        typer.Option(
+            help="Keep the ledger, day.csv, day.png and report.json here "
+            "(default: a temporary directory)."
+        ),
     ] = None,
 ) -> None:
-    """Run a simulated community's devices and drive its batteries through the drivers.
+    """Run a whole community on this machine: broker, devices, edge agents, coordinator.
 
-    Starts every device of the scenario as a real Modbus server (TCP and RTU), polls each one
-    through wattmesh's drivers, runs a self-consumption controller on every battery, shows a
-    live view, and ends with each site's energy report. The market, coordinator and MQTT bus
-    are not part of this yet.
+    Starts Mosquitto with per-site credentials, every device of the community scenario as a
+    real Modbus server, an edge agent per site and the coordinator, on one simulated clock
+    (--speed 720: a day in two minutes). Shows the market and the feeder live, stops cleanly on
+    Ctrl-C, and reports each site's settled cost against its baseline (the same devices and
+    tariffs with no trading and batteries idle), the feeder's peak, and the files written.
+    Needs Mosquitto (apt-get install mosquitto); socat for the RTU meter (optional).
     """
     from wattmesh.demo import run_demo  # noqa: PLC0415 - keeps `wattmesh --help` fast
 
-    with contextlib.suppress(KeyboardInterrupt):
-        code = run_demo(
-            hours=hours,
-            speed=speed,
-            scenario=scenario,
-            seed=seed,
-            console=console,
-            poll_s=poll,
-            retail=retail,
-            feed_in=feed_in,
-            out=out,
-        )
-        if code:
-            raise typer.Exit(code)
+    code = run_demo(
+        hours=hours,
+        speed=speed,
+        scenario=scenario,
+        seed=seed,
+        console=console,
+        sites=sites,
+        poll_s=poll,
+        out=out,
+    )
+    if code:
+        raise typer.Exit(code)
 
 
 @edge_app.command("run")

@@ -1,313 +1,407 @@
-"""``wattmesh demo``: a simulated community's devices, polled and driven through the drivers.
+"""``wattmesh demo``: a whole community trading energy on one machine.
 
-Every device of the scenario is a real Modbus server (TCP, and RTU over a socat pair for the
-factory's SDM630). The demo polls each one through ``drivers``, runs the edge's local
-self-consumption controller on every battery (``edge.control``), and compares each site with
-its baseline: the same PV and load with the battery idle.
+A Mosquitto broker with per-site credentials and ACL, every device of the community scenario
+as a real Modbus server (TCP, and RTU over a socat pair for the factory's SDM630), an edge
+agent per site, and the coordinator with its ledger, all on one scaled clock. A live view
+shows the market and the feeder; the report compares each site's settled cost with its
+baseline: the same simulators and tariffs with no trading and each battery idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
-import math
 import shutil
+import signal
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from broker.clock import ScaledClock
-from drivers.devices import Battery, Inverter, Meter, RegisterMapMeter, SunSpecMeter
-from drivers.errors import DriverError, SetpointRejected
-from drivers.regmap import load_builtin_map
-from drivers.transport import BusPool
-from edge.control import self_consumption_setpoint_w
+from broker.clock import ManualClock, ScaledClock
+from broker.errors import BrokerError
+from broker.mosquitto import MosquittoProcess, find_mosquitto, write_broker_config
+from coordinator.config import CoordinatorConfig, parse_coordinator_config
+from coordinator.ledger import Ledger, to_currency
+from coordinator.service import Coordinator
+from edge.agent import EdgeAgent
+from edge.config import parse_edge_config
+from simulators.devices import LoadSpec, SimSite
 from simulators.scenario import (
     ScenarioConfig,
     ScenarioError,
     ScenarioRunner,
+    build_device,
     load_scenario,
     parse_scenario,
 )
 
+#: Each site's part in the market; others are prosumers.
+ROLES = {"solar-farm": "producer", "factory": "consumer", "house-2": "consumer"}
+#: Sites that keep their battery for peak shaving rather than offering it to the market.
+FALLBACK = {"factory": {"import_cap_w": 150_000.0, "reserve_soc_pct": 100.0}}
+#: The feeder and the tariffs (config/coordinator.toml has the same).
+COORDINATOR: dict[str, dict[str, Any]] = {
+    "tariff": {
+        "retail_per_kwh": 0.22,
+        "feed_in_per_kwh": 0.08,
+        "periods": [{"start_h": 7, "end_h": 22, "retail_per_kwh": 0.32, "feed_in_per_kwh": 0.08}],
+    },
+    "grid": {"import_limit_w": 170_000.0, "export_limit_w": 220_000.0},
+}
+
 
 def builtin_scenario() -> ScenarioConfig:
-    """The community scenario shipped with wattmesh (config/scenarios/community.toml)."""
+    """The community scenario shipped with wattmesh, on free ports."""
     text = (resources.files("simulators") / "scenarios" / "community.toml").read_text()
     return parse_scenario(tomllib.loads(text), "builtin:community.toml").with_free_ports()
 
 
 @dataclass
-class SiteState:
-    """One site's devices and what the demo measured of it."""
+class Run:
+    """What the demo measured while it ran."""
 
-    site_id: str
-    meter: Meter | None = None
-    inverters: list[Inverter] = field(default_factory=list)
-    batteries: list[Battery] = field(default_factory=list)
-    grid_w: float = 0.0
-    pv_w: float = 0.0
-    battery_w: float = 0.0
-    soc_pct: float | None = None
-    import_wh: float = 0.0
-    export_wh: float = 0.0
-    baseline_import_wh: float = 0.0
-    baseline_export_wh: float = 0.0
-    peak_import_w: float = 0.0
-    baseline_peak_import_w: float = 0.0
-    rejected: int = 0
-    unavailable: int = 0
-
-    @property
-    def load_w(self) -> float:
-        """Consumption: grid + PV + battery (the balance at the connection)."""
-        return self.grid_w + self.pv_w + self.battery_w
-
-    def cost(self, retail: float, feed_in: float, baseline: bool = False) -> float:
-        """Energy cost at flat tariffs, currency (import pays retail, export earns feed-in)."""
-        imp = self.baseline_import_wh if baseline else self.import_wh
-        exp = self.baseline_export_wh if baseline else self.export_wh
-        return (imp * retail - exp * feed_in) / 1000.0
+    end_ts: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    feeder_peak_w: float = 0.0
+    interrupted: bool = False
 
 
-async def _connect(runner: ScenarioRunner, pool: BusPool) -> dict[str, SiteState]:
-    sites = {s.id: SiteState(s.id) for s in runner.config.sites}
-    for dev in runner.devices:
-        transport = pool.get(dev.url)
-        state = sites[dev.site]
-        if dev.kind == "pv_inverter":
-            state.inverters.append(await Inverter.connect(transport, dev.unit))
-        elif dev.kind == "battery":
-            state.batteries.append(await Battery.connect(transport, dev.unit))
-        elif dev.kind == "sunspec_meter":
-            state.meter = await SunSpecMeter.connect(transport, dev.unit)
-        elif dev.kind == "sdm630":
-            state.meter = RegisterMapMeter(transport, dev.unit, load_builtin_map("sdm630"))
-    return sites
-
-
-async def _poll_and_control(state: SiteState, poll_s: float) -> None:
-    """Read the site, then command its batteries with the self-consumption controller."""
-    try:
-        if state.meter is not None:
-            state.grid_w = (await state.meter.read()).power_w or 0.0
-        state.pv_w = sum([(await inv.read()).ac_power_w or 0.0 for inv in state.inverters])
-        readings = [await b.read() for b in state.batteries]
-    except DriverError:
-        state.unavailable += 1
-        return
-    state.battery_w = sum(r.power_w or 0.0 for r in readings)
-    socs = [r.soc_pct for r in readings if r.soc_pct is not None]
-    state.soc_pct = sum(socs) / len(socs) if socs else None
-    for battery, r in zip(state.batteries, readings, strict=True):
-        share = 1.0 / len(state.batteries)
-        setpoint = float(
-            self_consumption_setpoint_w(
-                state.grid_w * share,
-                r.power_w or 0.0,
-                r.soc_pct if r.soc_pct is not None else 50.0,
-                soc_min_pct=r.soc_min_pct,
-                soc_max_pct=r.soc_max_pct,
-                max_charge_w=r.rated_charge_w or 0.0,
-                max_discharge_w=r.rated_discharge_w or 0.0,
-            )
-        )
-        try:
-            await battery.set_power_w(round(setpoint), revert_timeout_s=math.ceil(3 * poll_s))
-        except SetpointRejected:
-            state.rejected += 1
-        except DriverError:
-            state.unavailable += 1
-
-
-def _integrate(state: SiteState, dt_s: float) -> None:
-    baseline_w = state.grid_w + state.battery_w
-    for grid_w, imp, exp in (
-        (state.grid_w, "import_wh", "export_wh"),
-        (baseline_w, "baseline_import_wh", "baseline_export_wh"),
-    ):
-        energy_wh = grid_w * dt_s / 3600.0
-        if energy_wh > 0:
-            setattr(state, imp, getattr(state, imp) + energy_wh)
-        else:
-            setattr(state, exp, getattr(state, exp) - energy_wh)
-    state.peak_import_w = max(state.peak_import_w, state.grid_w)
-    state.baseline_peak_import_w = max(state.baseline_peak_import_w, baseline_w)
-
-
-def _view(sites: dict[str, SiteState], sim_ts: float, progress: float, feeder_w: float) -> Table:
-    when = datetime.fromtimestamp(sim_ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
-    table = Table(title=f"{when}  {progress:5.1%}  feeder {feeder_w / 1000:8.1f} kW (+ imports)")
-    for col in ("site", "PV kW", "load kW", "battery kW", "SOC %", "grid kW"):
-        table.add_column(col, justify="right" if col != "site" else "left")
-    for s in sites.values():
-        table.add_row(
-            s.site_id,
-            f"{s.pv_w / 1000:.1f}",
-            f"{s.load_w / 1000:.1f}",
-            f"{s.battery_w / 1000:+.1f}",
-            "—" if s.soc_pct is None else f"{s.soc_pct:.1f}",
-            f"{s.grid_w / 1000:+.1f}",
-        )
-    return table
-
-
-def _report(
-    sites: dict[str, SiteState],
-    retail: float,
-    feed_in: float,
-    feeder_peak_w: float,
-    baseline_feeder_peak_w: float,
-) -> Table:
-    table = Table(title=f"Report (tariffs: retail {retail:.2f}, feed-in {feed_in:.2f} per kWh)")
-    for col in (
-        "site",
-        "in kWh",
-        "out kWh",
-        "cost",
-        "baseline",
-        "saving",
-        "peak kW",
-        "base peak",
-    ):
-        table.add_column(col, justify="right" if col != "site" else "left", no_wrap=True)
-    for s in sites.values():
-        cost, base = s.cost(retail, feed_in), s.cost(retail, feed_in, baseline=True)
-        table.add_row(
-            s.site_id,
-            f"{s.import_wh / 1000:.1f}",
-            f"{s.export_wh / 1000:.1f}",
-            f"{cost:.2f}",
-            f"{base:.2f}",
-            f"{base - cost:.2f}",
-            f"{s.peak_import_w / 1000:.1f}",
-            f"{s.baseline_peak_import_w / 1000:.1f}",
-        )
-    total = sum(s.cost(retail, feed_in) for s in sites.values())
-    total_base = sum(s.cost(retail, feed_in, baseline=True) for s in sites.values())
-    table.add_row(
-        "community",
-        "",
-        "",
-        f"{total:.2f}",
-        f"{total_base:.2f}",
-        f"{total_base - total:.2f}",
-        f"{feeder_peak_w / 1000:.1f}",
-        f"{baseline_feeder_peak_w / 1000:.1f}",
-        style="bold",
+def _coordinator_config(
+    scenario: ScenarioConfig, out: Path, port: int, poll_s: float, speed: float
+) -> CoordinatorConfig:
+    return parse_coordinator_config(
+        {
+            "coordinator": {
+                "latitude_deg": scenario.latitude_deg,
+                "longitude_deg": scenario.longitude_deg,
+                "utc_offset_h": scenario.utc_offset_h,
+                "ledger": str(out / "ledger.sqlite"),
+            },
+            "broker": {"port": port, "password_env": None},
+            "market": {"settle_delay_s": max(120, int(4 * poll_s * speed))},
+            "grid": {
+                **COORDINATOR["grid"],
+                "period_s": max(0.02, poll_s / 2),
+                "dispatch_expiry_s": max(300, int(6 * poll_s * speed)),
+                "reissue_s": max(60, int(poll_s * speed)),
+            },
+            "tariff": COORDINATOR["tariff"],
+        },
+        "demo",
     )
-    return table
+
+
+def baseline(
+    scenario: ScenarioConfig,
+    config: CoordinatorConfig,
+    start_ts: float,
+    end_ts: float,
+    step_s: float = 60.0,
+) -> dict[str, dict[str, float]]:
+    """Each site with no trading and its batteries idle: cost at the tariffs and peak import.
+
+    The same simulators (PV, clouds, loads) stepped on a manual clock; no Modbus needed.
+    """
+    clock = ManualClock(start_ts)
+    sites: dict[str, SimSite] = {}
+    for i, s in enumerate(scenario.sites):
+        load = LoadSpec(s.load.profile, s.load.base_w, s.load.peak_w) if s.load else None
+        site = SimSite(
+            s.id,
+            clock,
+            load,
+            seed=scenario.seed * 1000 + i,
+            latitude_deg=scenario.latitude_deg,
+            longitude_deg=scenario.longitude_deg,
+            utc_offset_h=scenario.utc_offset_h,
+        )
+        for j, d in enumerate(s.devices):
+            build_device(d, site, site.seed * 100 + j)
+        sites[s.id] = site
+    result = {name: {"cost": 0.0, "import_kwh": 0.0, "export_kwh": 0.0} for name in sites}
+    feeder_peak_w = 0.0
+    t = start_ts
+    while t < end_ts:
+        clock.ts = t
+        retail, feed_in = config.tariff.at(t, config.coordinator.utc_offset_h)
+        flow = 0.0
+        for name, site in sites.items():
+            site.advance()
+            grid_w = site.load_w - site.pv_w  # batteries idle
+            flow += grid_w
+            kwh = grid_w * step_s / 3.6e6
+            r = result[name]
+            if kwh > 0:
+                r["import_kwh"] += kwh
+                r["cost"] += kwh * retail
+            else:
+                r["export_kwh"] -= kwh
+                r["cost"] += kwh * feed_in
+        feeder_peak_w = max(feeder_peak_w, flow)
+        t += step_s
+    result["_feeder"] = {"peak_import_w": feeder_peak_w}
+    return result
+
+
+def _view(coordinator: Coordinator, start_ts: float, end_ts: float, limit_w: float) -> Group:
+    now = coordinator.clock.now()
+    when = datetime.fromtimestamp(now, UTC).strftime("%a %H:%M UTC")
+    clearing = coordinator.last_clearing
+    market = (
+        f"price {clearing.price_per_kwh:.3f}/kWh, traded {clearing.volume_kwh:.1f} kWh"
+        if clearing
+        else "no clearing yet"
+    )
+    head = Table.grid(padding=(0, 2))
+    head.add_row(
+        f"[bold]{when}[/bold]",
+        market,
+        f"feeder {coordinator.flow_w / 1000:+.1f} kW of {limit_w / 1000:.0f} kW "
+        f"({coordinator.mode})",
+    )
+    sites = Table("site", "grid kW", "PV kW", "battery kW", "SOC %", box=None)
+    for name, s in sorted(coordinator.sites.items()):
+        t = s.latest
+        if t is None:
+            continue
+        sites.add_row(
+            name,
+            f"{(t.grid_power_w or 0) / 1000:+.1f}",
+            f"{(t.pv_power_w or 0) / 1000:.1f}",
+            f"{(t.battery_power_w or 0) / 1000:+.1f}",
+            "—" if t.battery_soc_pct is None else f"{t.battery_soc_pct:.0f}",
+        )
+    progress = (now - start_ts) / (end_ts - start_ts)
+    return Group(head, ProgressBar(total=1.0, completed=min(1.0, progress), width=60), sites)
 
 
 async def _run(
-    config: ScenarioConfig,
+    scenario: ScenarioConfig, hours: float, speed: float, poll_s: float, out: Path, console: Console
+) -> Run:
+    # The broker's files go where Mosquitto's own user can reach them (as root it drops to it).
+    broker_dir = Path(tempfile.mkdtemp(prefix="wattmesh-demo-broker-"))
+    broker_dir.chmod(0o755)  # noqa: ASYNC240 - once, before anything runs
+    try:
+        return await _run_with_broker(scenario, hours, speed, poll_s, out, console, broker_dir)
+    finally:
+        shutil.rmtree(broker_dir, ignore_errors=True)
+
+
+async def _run_with_broker(
+    scenario: ScenarioConfig,
     hours: float,
     speed: float,
     poll_s: float,
-    retail: float,
-    feed_in: float,
-    out: Path | None,
-    console: Console,
-) -> int:
-    clock = ScaledClock(config.start_ts, speed)
-    end_ts = config.start_ts + hours * 3600.0
-    rows: list[dict[str, float | str]] = []
-    feeder_peak_w = baseline_feeder_peak_w = 0.0
-    pool = BusPool(timeout_s=1.0, retries=2)
-    async with ScenarioRunner(config, clock) as runner:
-        sites = await _connect(runner, pool)
-        last_ts = clock.now()
-        next_hour = last_ts
-        with Live(console=console, auto_refresh=False, transient=False) as live:
-            while (now := clock.now()) < end_ts:
-                await asyncio.gather(*[_poll_and_control(s, poll_s) for s in sites.values()])
-                dt_s, last_ts = now - last_ts, now
-                for s in sites.values():
-                    _integrate(s, dt_s)
-                    rows.append(
-                        {
-                            "ts": round(now, 1),
-                            "site": s.site_id,
-                            "pv_w": s.pv_w,
-                            "load_w": s.load_w,
-                            "battery_w": s.battery_w,
-                            "soc_pct": s.soc_pct if s.soc_pct is not None else "",
-                            "grid_w": s.grid_w,
-                        }
-                    )
-                feeder_w = sum(s.grid_w for s in sites.values())
-                feeder_peak_w = max(feeder_peak_w, feeder_w)
-                baseline_feeder_peak_w = max(
-                    baseline_feeder_peak_w, sum(s.grid_w + s.battery_w for s in sites.values())
-                )
-                progress = min(1.0, (now - config.start_ts) / (end_ts - config.start_ts))
-                if console.is_terminal:
-                    live.update(_view(sites, now, progress, feeder_w), refresh=True)
-                elif now >= next_hour:
-                    console.print(
-                        f"simulated {(now - config.start_ts) / 3600:5.1f} h of "
-                        f"{hours:g} h, feeder {feeder_w / 1000:+.1f} kW",
-                        highlight=False,
-                    )
-                    next_hour += 3600.0
-                wake_ts = now + poll_s
-                await asyncio.sleep(max(0.0, clock.sim_to_wall_s(wake_ts - clock.now())))
-        pool.close()
-    console.print(_report(sites, retail, feed_in, feeder_peak_w, baseline_feeder_peak_w))
-    problems = sum(s.unavailable for s in sites.values())
-    if problems:
-        console.print(f"[yellow]{problems} poll(s) found a device unavailable[/yellow]")
-    if out is not None:
-        _write_outputs(out, rows, sites, retail, feed_in, feeder_peak_w, baseline_feeder_peak_w)
-        console.print(f"wrote {out / 'day.csv'} and {out / 'report.json'}", highlight=False)
-    return 0
-
-
-def _write_outputs(
     out: Path,
-    rows: list[dict[str, float | str]],
-    sites: dict[str, SiteState],
-    retail: float,
-    feed_in: float,
-    feeder_peak_w: float,
-    baseline_feeder_peak_w: float,
-) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "day.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=["ts", "site", "pv_w", "load_w", "battery_w", "soc_pct", "grid_w"]
-        )
-        writer.writeheader()
-        writer.writerows(rows)
-    report = {
-        "tariffs": {"retail_per_kwh": retail, "feed_in_per_kwh": feed_in},
-        "feeder_peak_import_w": feeder_peak_w,
-        "baseline_feeder_peak_import_w": baseline_feeder_peak_w,
-        "sites": {
-            s.site_id: {
-                "import_wh": s.import_wh,
-                "export_wh": s.export_wh,
-                "baseline_import_wh": s.baseline_import_wh,
-                "baseline_export_wh": s.baseline_export_wh,
-                "cost": s.cost(retail, feed_in),
-                "baseline_cost": s.cost(retail, feed_in, True),
-                "peak_import_w": s.peak_import_w,
-                "baseline_peak_import_w": s.baseline_peak_import_w,
-                "refused_setpoints": s.rejected,
-                "unavailable_polls": s.unavailable,
+    console: Console,
+    broker_dir: Path,
+) -> Run:
+    sites = [s.id for s in scenario.sites]
+    files = write_broker_config(broker_dir, sites, port=_free_port(), overwrite=True)
+    clock = ScaledClock(scenario.start_ts, speed)
+    end_ts = scenario.start_ts + hours * 3600.0
+    config = _coordinator_config(scenario, out, files.port, poll_s, speed)
+    run = Run(end_ts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: stop, clean up, report
+    async with (
+        MosquittoProcess(files.conf, files.port),
+        ScenarioRunner(scenario, clock) as runner,
+        Coordinator(config, clock, password=files.credentials["coordinator"]) as coord,
+    ):
+        agents = []
+        for site in sites:
+            devices = [
+                {"name": d.name, "kind": d.kind, "url": d.url, "unit": d.unit, "timeout_s": 0.5}
+                for d in runner.devices
+                if d.site == site
+            ]
+            edge = parse_edge_config(
+                {
+                    "site": {
+                        "id": site,
+                        "role": ROLES.get(site, "prosumer"),
+                        "poll_interval_s": poll_s,
+                    },
+                    "broker": {"port": files.port},
+                    "devices": devices,
+                    "spool": {"path": str(out / "spool" / f"{site}.sqlite")},
+                    "dispatch_revert_s": max(60, int(6 * poll_s * speed)),
+                    **({"fallback": FALLBACK[site]} if site in FALLBACK else {}),
+                },
+                "demo",
+            )
+            agents.append(EdgeAgent(edge, clock, password=files.credentials[site]))
+        async with contextlib.AsyncExitStack() as stack:
+            for agent in agents:
+                await stack.enter_async_context(agent)
+            limit = config.grid.import_limit_w
+            with Live(console=console, auto_refresh=False, transient=False) as live:
+                next_hour = scenario.start_ts
+                while (now := clock.now()) < end_ts and not stop.is_set():
+                    _sample(coord, now, run)
+                    if console.is_terminal:
+                        live.update(_view(coord, scenario.start_ts, end_ts, limit), refresh=True)
+                    elif now >= next_hour:
+                        console.print(
+                            f"simulated {(now - scenario.start_ts) / 3600:4.1f} h of "
+                            f"{hours:g} h, feeder {coord.flow_w / 1000:+.1f} kW",
+                            highlight=False,
+                        )
+                        next_hour += 3600.0
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            stop.wait(),
+                            min(0.5, max(0.05, (clock.sim_to_wall_s(end_ts - clock.now())))),
+                        )
+                if stop.is_set():
+                    run.interrupted, run.end_ts = True, clock.now()
+                    console.print(
+                        "interrupted: stopping cleanly and reporting what ran", highlight=False
+                    )
+        # Let the last interval settle: its telemetry is in, the agents have stopped.
+        for interval in sorted(coord.awards):
+            if (interval + 1) * config.market.interval_s <= run.end_ts:
+                coord.settle(interval)
+    return run
+
+
+def _sample(coord: Coordinator, now: float, run: Run) -> None:
+    run.feeder_peak_w = max(run.feeder_peak_w, coord.flow_w)
+    clearing = coord.last_clearing
+    for name, s in coord.sites.items():
+        t = s.latest
+        if t is None:
+            continue
+        run.rows.append(
+            {
+                "ts": round(now, 1),
+                "site": name,
+                "grid_w": t.grid_power_w,
+                "pv_w": t.pv_power_w,
+                "load_w": t.load_power_w,
+                "battery_w": t.battery_power_w,
+                "soc_pct": t.battery_soc_pct,
+                "feeder_w": round(coord.flow_w, 1),
+                "price_per_kwh": clearing.price_per_kwh if clearing else None,
             }
-            for s in sites.values()
-        },
+        )
+
+
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _report(
+    out: Path, base: dict[str, dict[str, float]], run: Run, console: Console
+) -> dict[str, Any]:
+    with Ledger(out / "ledger.sqlite") as ledger:
+        settled = ledger.settled_intervals()
+        sites = sorted(s for s in {a.removeprefix("site:") for a in ledger.accounts()} if s in base)
+        per_site: dict[str, dict[str, float]] = {}
+        for name in sites:
+            rep = ledger.site_report(name)
+            per_site[name] = {
+                "traded_kwh": (rep.bought_wh + rep.sold_wh) / 1000.0,
+                "import_kwh": rep.metered_import_wh / 1000.0,
+                "export_kwh": rep.metered_export_wh / 1000.0,
+                "cost": float(to_currency(rep.net_cost_micro)),
+                "baseline_cost": base[name]["cost"],
+            }
+        balanced = ledger.check_balanced()
+    table = Table(title=f"Report: {len(settled)} settled interval(s)")
+    for col in ("site", "traded kWh", "cost", "baseline cost", "saving", "saving %"):
+        table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
+    for name, r in per_site.items():
+        saving = r["baseline_cost"] - r["cost"]
+        pct = 100.0 * saving / abs(r["baseline_cost"]) if r["baseline_cost"] else 0.0
+        table.add_row(
+            name,
+            f"{r['traded_kwh']:.1f}",
+            f"{r['cost']:.2f}",
+            f"{r['baseline_cost']:.2f}",
+            f"{saving:.2f}",
+            f"{pct:.1f}",
+        )
+    total = sum(r["cost"] for r in per_site.values())
+    total_base = sum(r["baseline_cost"] for r in per_site.values())
+    pct = 100.0 * (total_base - total) / abs(total_base) if total_base else 0.0
+    table.add_row(
+        "community",
+        f"{sum(r['traded_kwh'] for r in per_site.values()):.1f}",
+        f"{total:.2f}",
+        f"{total_base:.2f}",
+        f"{total_base - total:.2f}",
+        f"{pct:.1f}",
+        style="bold",
+    )
+    console.print(table)
+    base_peak = base["_feeder"]["peak_import_w"]
+    console.print(
+        f"feeder peak import {run.feeder_peak_w / 1000:.1f} kW against "
+        f"{base_peak / 1000:.1f} kW in the baseline; ledger balanced: "
+        f"{'yes' if balanced else 'NO'}",
+        highlight=False,
+    )
+    return {
+        "settled_intervals": len(settled),
+        "balanced": balanced,
+        "sites": per_site,
+        "community": {"cost": total, "baseline_cost": total_base},
+        "feeder_peak_import_w": run.feeder_peak_w,
+        "baseline_feeder_peak_import_w": base_peak,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def _plot(out: Path, run: Run) -> Path:
+    import matplotlib as mpl  # noqa: PLC0415 - only when writing the plot
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    feeder: dict[float, float] = {}
+    price: dict[float, float] = {}
+    soc: dict[str, list[tuple[float, float]]] = {}
+    for row in run.rows:
+        hours = row["ts"] / 3600.0
+        feeder[hours] = row["feeder_w"] / 1000.0
+        if row["price_per_kwh"] is not None:
+            price[hours] = row["price_per_kwh"]
+        if row["soc_pct"] is not None:
+            soc.setdefault(row["site"], []).append((hours, row["soc_pct"]))
+    t0 = min(feeder) if feeder else 0.0
+    ax1.plot([h - t0 for h in feeder], list(feeder.values()))
+    ax1.set_ylabel("feeder import, kW")
+    ax2.step([h - t0 for h in price], list(price.values()), where="post")
+    ax2.set_ylabel("clearing price per kWh")
+    for name, points in sorted(soc.items()):
+        ax3.plot([h - t0 for h, _ in points], [s for _, s in points], label=name)
+    ax3.set_ylabel("battery SOC, %")
+    ax3.set_xlabel("simulated hours")
+    ax3.legend(loc="best")
+    fig.tight_layout()
+    path = out / "day.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def run_demo(
@@ -317,9 +411,8 @@ def run_demo(
     scenario: Path | None,
     seed: int | None,
     console: Console,
-    poll_s: float = 120.0,
-    retail: float = 0.30,
-    feed_in: float = 0.08,
+    sites: int | None = None,
+    poll_s: float = 0.2,
     out: Path | None = None,
 ) -> int:
     """Run the demo; returns the process exit code."""
@@ -330,6 +423,13 @@ def run_demo(
         return 2
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
+    if sites is not None:
+        config = config.model_copy(update={"sites": config.sites[:sites]})
+    try:
+        find_mosquitto()
+    except BrokerError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        return 2
     if shutil.which("socat") is None:
         config, moved = _rtu_over_tcp(config)
         if moved:
@@ -338,13 +438,61 @@ def run_demo(
                 "instead of RTU (apt-get install socat for the serial wire)",
                 highlight=False,
             )
-    return asyncio.run(_run(config, hours, speed, poll_s, retail, feed_in, out, console))
+    keep = out is not None
+    out = out or Path(tempfile.mkdtemp(prefix="wattmesh-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ledger.sqlite").unlink(missing_ok=True)
+    console.print(
+        f"wattmesh demo: {len(config.sites)} sites, {hours:g} simulated hours at "
+        f"{speed:g}x; writing to {out}",
+        highlight=False,
+    )
+    run = asyncio.run(_run(config, hours, speed, poll_s, out, console))
+    coordinator_config = _coordinator_config(config, out, 1, poll_s, speed)
+    base = baseline(config, coordinator_config, *_settled_span(out, run, config.start_ts))
+    report = _report(out, base, run, console)
+    _write_csv(out / "day.csv", run)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    png = _plot(out, run)
+    console.print(
+        f"files: {out / 'ledger.sqlite'}, {out / 'day.csv'}, {png}, "
+        f"{out / 'report.json'}" + ("" if keep else " (a temporary directory)"),
+        highlight=False,
+    )
+    return 0
+
+
+def _settled_span(out: Path, run: Run, start_ts: float) -> tuple[float, float]:
+    """The settled intervals' span: the baseline covers the same time (900 s intervals)."""
+    with Ledger(out / "ledger.sqlite") as ledger:
+        settled = ledger.settled_intervals()
+    if not settled:
+        return start_ts, run.end_ts
+    return min(settled) * 900.0, (max(settled) + 1) * 900.0
+
+
+def _write_csv(path: Path, run: Run) -> None:
+    columns = [
+        "ts",
+        "site",
+        "grid_w",
+        "pv_w",
+        "load_w",
+        "battery_w",
+        "soc_pct",
+        "feeder_w",
+        "price_per_kwh",
+    ]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(run.rows)
 
 
 def _rtu_over_tcp(config: ScenarioConfig) -> tuple[ScenarioConfig, list[str]]:
     """The scenario with pseudo-terminal RTU devices moved to TCP, and their names."""
     moved: list[str] = []
-    sites = []
+    new_sites = []
     for site in config.sites:
         devices = []
         for d in site.devices:
@@ -352,5 +500,5 @@ def _rtu_over_tcp(config: ScenarioConfig) -> tuple[ScenarioConfig, list[str]]:
                 moved.append(d.name)
                 d = d.model_copy(update={"transport": "tcp"})  # noqa: PLW2901
             devices.append(d)
-        sites.append(site.model_copy(update={"devices": devices}))
-    return config.model_copy(update={"sites": sites}), moved
+        new_sites.append(site.model_copy(update={"devices": devices}))
+    return config.model_copy(update={"sites": new_sites}), moved

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from broker.client import BusSettings
 from broker.clock import ScaledClock
 
 
@@ -55,3 +57,57 @@ def validation_lines(err: ValidationError, source: str) -> str:
             where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
         lines.append(f"{source}: {where or '(top level)'}: {e['msg']}")
     return "\n".join(lines)
+
+
+class BrokerConnection(BaseModel):
+    """How to reach the MQTT broker: the ``[broker]`` section of a site or coordinator file.
+
+    Secrets stay out of the file: the password comes from ``password_env`` (an environment
+    variable, which must then be set) or ``password_file`` (readable by the service only).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, gt=0, le=65535)
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    client_id: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+
+    def password(self) -> str | None:
+        """The password from the password file or the environment; ``ValueError`` if missing."""
+        if self.password_file:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as err:
+                raise ValueError(
+                    f"broker.password_file: cannot read {self.password_file}: {err.strerror}"
+                ) from err
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ValueError(f"broker.password_env: ${self.password_env} is not set")
+            return value
+        return None
+
+    def bus_settings(
+        self, *, username: str, client_id: str, password: str | None = None, max_inflight: int = 200
+    ) -> BusSettings:
+        """Client settings; ``username`` and ``client_id`` apply when the file gives none."""
+        return BusSettings(
+            host=self.host,
+            port=self.port,
+            username=self.username or username,
+            password=password if password is not None else self.password(),
+            client_id=self.client_id or client_id,
+            keepalive_s=self.keepalive_s,
+            ca_file=str(self.ca_file) if self.ca_file else None,
+            cert_file=str(self.cert_file) if self.cert_file else None,
+            key_file=str(self.key_file) if self.key_file else None,
+            max_inflight=max_inflight,
+        )

@@ -5,14 +5,13 @@ Every mistake is reported with the file and the field. Prices are per kWh, power
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from broker.settings import ClockSettings, validation_lines
+from broker.settings import BrokerConnection, ClockSettings, validation_lines
 from broker.topics import ID_PATTERN
 
 
@@ -34,31 +33,12 @@ class CoordinatorSection(_Strict):
     ledger: Path = Path("ledger.sqlite")
 
 
-class BrokerSection(_Strict):
-    """How to reach the MQTT broker (the coordinator's credentials)."""
+class BrokerSection(BrokerConnection):
+    """How to reach the MQTT broker with the coordinator's credentials."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, gt=0, le=65535)
-    username: str = "coordinator"
+    username: str | None = "coordinator"
     password_env: str | None = "WATTMESH_COORDINATOR_PASSWORD"
-    password_file: Path | None = None
-    client_id: str = "wattmesh-coordinator"
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    def password(self) -> str | None:
-        """The password from the file or the environment (None: connect without one)."""
-        if self.password_file:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as err:
-                raise CoordinatorConfigError(
-                    f"broker.password_file: cannot read {self.password_file}: {err.strerror}"
-                ) from err
-        if self.password_env:
-            return os.environ.get(self.password_env)
-        return None
+    client_id: str | None = "wattmesh-coordinator"
 
 
 class MarketSection(_Strict):

@@ -179,15 +179,10 @@ class Coordinator:
         b = config.broker
         self.bus = BusClient(
             bus_settings
-            or BusSettings(
-                host=b.host,
-                port=b.port,
-                username=b.username,
-                password=password if password is not None else b.password(),
-                client_id=b.client_id,
-                ca_file=str(b.ca_file) if b.ca_file else None,
-                cert_file=str(b.cert_file) if b.cert_file else None,
-                key_file=str(b.key_file) if b.key_file else None,
+            or b.bus_settings(
+                username="coordinator",
+                client_id="wattmesh-coordinator",
+                password=password,
                 max_inflight=1000,
             ),
             handler=self._on_message,

@@ -217,16 +217,8 @@ class EdgeAgent:
         b = config.broker
         self.bus = BusClient(
             bus_settings
-            or BusSettings(
-                host=b.host,
-                port=b.port,
-                username=b.username or self.site,
-                password=password if password is not None else b.password(),
-                client_id=b.client_id or f"wattmesh-edge-{self.site}",
-                keepalive_s=b.keepalive_s,
-                ca_file=str(b.ca_file) if b.ca_file else None,
-                cert_file=str(b.cert_file) if b.cert_file else None,
-                key_file=str(b.key_file) if b.key_file else None,
+            or b.bus_settings(
+                username=self.site, client_id=f"wattmesh-edge-{self.site}", password=password
             ),
             presence=Presence(
                 topics.site_topic(self.site, "status"),

@@ -7,14 +7,13 @@ environment variable) or ``password_file`` (a file readable by the agent only).
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from broker.settings import ClockSettings, validation_lines
+from broker.settings import BrokerConnection, ClockSettings, validation_lines
 from broker.topics import ID_PATTERN
 
 
@@ -34,37 +33,6 @@ class SiteSection(_Strict):
     poll_interval_s: float = Field(
         default=1.0, gt=0, le=3600, description="one poll cycle and telemetry message per this"
     )
-
-
-class BrokerSection(_Strict):
-    """How to reach the MQTT broker."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, gt=0, le=65535)
-    username: str | None = None
-    password_env: str | None = None
-    password_file: Path | None = None
-    client_id: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-
-    def password(self) -> str | None:
-        """The password from the environment or the password file."""
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise EdgeConfigError(f"broker.password_env: ${self.password_env} is not set")
-            return value
-        if self.password_file:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as err:
-                raise EdgeConfigError(
-                    f"broker.password_file: cannot read {self.password_file}: {err.strerror}"
-                ) from err
-        return None
 
 
 class DeviceSection(_Strict):
@@ -134,7 +102,7 @@ class EdgeConfig(_Strict):
     """A whole site file."""
 
     site: SiteSection
-    broker: BrokerSection = BrokerSection()
+    broker: BrokerConnection = BrokerConnection()
     devices: list[DeviceSection] = Field(min_length=1, max_length=64)
     limits: LimitsSection = LimitsSection()
     fallback: FallbackSection = FallbackSection()

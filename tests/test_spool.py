@@ -220,7 +220,6 @@ def run_and_kill(code: str, *args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 def test_survives_a_sigkilled_writer(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     n = 500
@@ -249,7 +248,6 @@ def test_survives_a_sigkilled_writer(tmp_path: Path) -> None:
         assert spool.append(TOPIC, b"next", T0) == n + 1
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 def test_counters_survive_a_sigkilled_writer(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     out = run_and_kill(

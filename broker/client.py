@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -63,6 +64,8 @@ class BusSettings:
     backoff_max_s: float = 30.0
     publish_timeout_s: float = 10.0
     max_inflight: int = 200
+    #: MQTT 5 (5), or 3.1.1 (4) for brokers that speak only that, such as the embedded one.
+    protocol: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,22 +184,29 @@ class BusClient:
             tls_context = ssl.create_default_context(cafile=s.ca_file)
             if s.cert_file:
                 tls_context.load_cert_chain(s.cert_file, s.key_file)
+        common: dict[str, Any] = {
+            "username": s.username,
+            "password": s.password,
+            "identifier": s.client_id,
+            "will": will,
+            "keepalive": s.keepalive_s,
+            "tls_context": tls_context,
+            "max_inflight_messages": s.max_inflight,
+            "timeout": s.publish_timeout_s,
+            "logger": _aiomqtt_log,
+            "queue_type": self._queue_type(),
+        }
+        if s.protocol == 4:  # MQTT 3.1.1: a persistent session is clean_session=False
+            return aiomqtt.Client(
+                s.host, s.port, protocol=aiomqtt.ProtocolVersion.V311, clean_session=False, **common
+            )
         return aiomqtt.Client(
             s.host,
             s.port,
-            username=s.username,
-            password=s.password,
-            identifier=s.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
-            will=will,
             clean_start=False,
             properties=properties,
-            keepalive=s.keepalive_s,
-            tls_context=tls_context,
-            max_inflight_messages=s.max_inflight,
-            timeout=s.publish_timeout_s,
-            logger=_aiomqtt_log,
-            queue_type=self._queue_type(),
+            **common,
         )
 
     def _queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:

@@ -185,11 +185,15 @@ def test_cli_errors_are_one_clear_line(args: list[str], message: str) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_the_demo_runs_a_community_to_a_report_that_matches_its_ledger(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
+def test_the_demo_runs_a_community_to_a_report_that_matches_its_ledger(
+    tmp_path: Path, broker: str
+) -> None:
     from coordinator.ledger import Ledger, to_currency
 
     result = subprocess.run(
-        [*WATTMESH, "demo", "--hours", "3", "--speed", "1440", "--out", str(tmp_path)],
+        [*WATTMESH, "demo", "--hours", "3", "--speed", "1440", "--out", str(tmp_path),
+         "--broker", broker],
         capture_output=True,
         text=True,
         env=_env(),

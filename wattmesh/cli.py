@@ -244,6 +244,13 @@ def demo(
             "(default: a temporary directory)."
         ),
     ] = None,
+    broker: Annotated[
+        str,
+        typer.Option(
+            help="auto (Mosquitto when installed), mosquitto, or embedded "
+            "(pure Python, MQTT 3.1.1, no access control: for trying only)."
+        ),
+    ] = "auto",
 ) -> None:
     """Run a whole community on this machine: broker, devices, edge agents, coordinator.
 
@@ -265,6 +272,7 @@ def demo(
         sites=sites,
         poll_s=poll,
         out=out,
+        broker=broker,
     )
     if code:
         raise typer.Exit(code)

@@ -29,7 +29,9 @@ from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from broker.client import BusSettings
 from broker.clock import ManualClock, ScaledClock
+from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError
 from broker.mosquitto import MosquittoProcess, find_mosquitto, write_broker_config
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
@@ -187,96 +189,164 @@ def _view(coordinator: Coordinator, start_ts: float, end_ts: float, limit_w: flo
     return Group(head, ProgressBar(total=1.0, completed=min(1.0, progress), width=60), sites)
 
 
+class _DemoBroker:
+    """Mosquitto with per-site credentials and ACL, or the embedded broker (MQTT 3.1.1).
+
+    ``settings(user)`` gives each participant its client settings.
+    """
+
+    def __init__(self, sites: list[str], embedded: bool) -> None:
+        self.sites = sites
+        self.embedded = embedded
+        self.port = _free_port()
+        self._stack = contextlib.AsyncExitStack()
+        self._credentials: dict[str, str] = {}
+
+    async def __aenter__(self) -> _DemoBroker:
+        if self.embedded:
+            await self._stack.enter_async_context(EmbeddedBroker(self.port))
+            return self
+        # The files go where Mosquitto's own user can reach them (as root it drops to it).
+        directory = Path(tempfile.mkdtemp(prefix="wattmesh-demo-broker-"))
+        self._stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        directory.chmod(0o755)  # noqa: ASYNC240 - once, before anything runs
+        files = write_broker_config(directory, self.sites, port=self.port, overwrite=True)
+        self._credentials = files.credentials
+        await self._stack.enter_async_context(MosquittoProcess(files.conf, files.port))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    def settings(self, user: str, client_id: str, max_inflight: int = 200) -> BusSettings:
+        """How ``user`` connects."""
+        if self.embedded:
+            return BusSettings(
+                port=self.port, client_id=client_id, protocol=4, max_inflight=max_inflight
+            )
+        return BusSettings(
+            port=self.port,
+            username=user,
+            password=self._credentials[user],
+            client_id=client_id,
+            max_inflight=max_inflight,
+        )
+
+
 async def _run(
-    scenario: ScenarioConfig, hours: float, speed: float, poll_s: float, out: Path, console: Console
-) -> Run:
-    # The broker's files go where Mosquitto's own user can reach them (as root it drops to it).
-    broker_dir = Path(tempfile.mkdtemp(prefix="wattmesh-demo-broker-"))
-    broker_dir.chmod(0o755)  # noqa: ASYNC240 - once, before anything runs
-    try:
-        return await _run_with_broker(scenario, hours, speed, poll_s, out, console, broker_dir)
-    finally:
-        shutil.rmtree(broker_dir, ignore_errors=True)
-
-
-async def _run_with_broker(
     scenario: ScenarioConfig,
     hours: float,
     speed: float,
     poll_s: float,
     out: Path,
     console: Console,
-    broker_dir: Path,
+    embedded: bool,
 ) -> Run:
     sites = [s.id for s in scenario.sites]
-    files = write_broker_config(broker_dir, sites, port=_free_port(), overwrite=True)
     clock = ScaledClock(scenario.start_ts, speed)
     end_ts = scenario.start_ts + hours * 3600.0
-    config = _coordinator_config(scenario, out, files.port, poll_s, speed)
     run = Run(end_ts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: stop, clean up, report
-    async with (
-        MosquittoProcess(files.conf, files.port),
-        ScenarioRunner(scenario, clock) as runner,
-        Coordinator(config, clock, password=files.credentials["coordinator"]) as coord,
-    ):
-        agents = []
-        for site in sites:
-            devices = [
-                {"name": d.name, "kind": d.kind, "url": d.url, "unit": d.unit, "timeout_s": 0.5}
-                for d in runner.devices
-                if d.site == site
-            ]
-            edge = parse_edge_config(
-                {
-                    "site": {
-                        "id": site,
-                        "role": ROLES.get(site, "prosumer"),
-                        "poll_interval_s": poll_s,
-                    },
-                    "broker": {"port": files.port},
-                    "devices": devices,
-                    "spool": {"path": str(out / "spool" / f"{site}.sqlite")},
-                    "dispatch_revert_s": max(60, int(6 * poll_s * speed)),
-                    **({"fallback": FALLBACK[site]} if site in FALLBACK else {}),
-                },
-                "demo",
+    async with _DemoBroker(sites, embedded) as broker, ScenarioRunner(scenario, clock) as runner:
+        config = _coordinator_config(scenario, out, broker.port, poll_s, speed)
+        coordinator = Coordinator(
+            config,
+            clock,
+            bus_settings=broker.settings("coordinator", "wattmesh-coordinator", max_inflight=1000),
+        )
+        async with coordinator as coord:
+            await _run_sites(
+                scenario,
+                runner,
+                broker,
+                coord,
+                clock,
+                run,
+                stop,
+                poll_s,
+                speed,
+                hours,
+                out,
+                console,
             )
-            agents.append(EdgeAgent(edge, clock, password=files.credentials[site]))
-        async with contextlib.AsyncExitStack() as stack:
-            for agent in agents:
-                await stack.enter_async_context(agent)
-            limit = config.grid.import_limit_w
-            with Live(console=console, auto_refresh=False, transient=False) as live:
-                next_hour = scenario.start_ts
-                while (now := clock.now()) < end_ts and not stop.is_set():
-                    _sample(coord, now, run)
-                    if console.is_terminal:
-                        live.update(_view(coord, scenario.start_ts, end_ts, limit), refresh=True)
-                    elif now >= next_hour:
-                        console.print(
-                            f"simulated {(now - scenario.start_ts) / 3600:4.1f} h of "
-                            f"{hours:g} h, feeder {coord.flow_w / 1000:+.1f} kW",
-                            highlight=False,
-                        )
-                        next_hour += 3600.0
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            stop.wait(),
-                            min(0.5, max(0.05, (clock.sim_to_wall_s(end_ts - clock.now())))),
-                        )
-                if stop.is_set():
-                    run.interrupted, run.end_ts = True, clock.now()
-                    console.print(
-                        "interrupted: stopping cleanly and reporting what ran", highlight=False
-                    )
-        # Let the last interval settle: its telemetry is in, the agents have stopped.
-        for interval in sorted(coord.awards):
-            if (interval + 1) * config.market.interval_s <= run.end_ts:
-                coord.settle(interval)
     return run
+
+
+async def _run_sites(
+    scenario: ScenarioConfig,
+    runner: ScenarioRunner,
+    broker: _DemoBroker,
+    coord: Coordinator,
+    clock: ScaledClock,
+    run: Run,
+    stop: asyncio.Event,
+    poll_s: float,
+    speed: float,
+    hours: float,
+    out: Path,
+    console: Console,
+) -> None:
+    config = coord.config
+    end_ts = run.end_ts
+    sites = [s.id for s in scenario.sites]
+    agents = []
+    for site in sites:
+        devices = [
+            {"name": d.name, "kind": d.kind, "url": d.url, "unit": d.unit, "timeout_s": 0.5}
+            for d in runner.devices
+            if d.site == site
+        ]
+        edge = parse_edge_config(
+            {
+                "site": {
+                    "id": site,
+                    "role": ROLES.get(site, "prosumer"),
+                    "poll_interval_s": poll_s,
+                },
+                "broker": {"port": broker.port},
+                "devices": devices,
+                "spool": {"path": str(out / "spool" / f"{site}.sqlite")},
+                "dispatch_revert_s": max(60, int(6 * poll_s * speed)),
+                **({"fallback": FALLBACK[site]} if site in FALLBACK else {}),
+            },
+            "demo",
+        )
+        agents.append(
+            EdgeAgent(edge, clock, bus_settings=broker.settings(site, f"wattmesh-edge-{site}"))
+        )
+    async with contextlib.AsyncExitStack() as stack:
+        for agent in agents:
+            await stack.enter_async_context(agent)
+        limit = config.grid.import_limit_w
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            next_hour = scenario.start_ts
+            while (now := clock.now()) < end_ts and not stop.is_set():
+                _sample(coord, now, run)
+                if console.is_terminal:
+                    live.update(_view(coord, scenario.start_ts, end_ts, limit), refresh=True)
+                elif now >= next_hour:
+                    console.print(
+                        f"simulated {(now - scenario.start_ts) / 3600:4.1f} h of "
+                        f"{hours:g} h, feeder {coord.flow_w / 1000:+.1f} kW",
+                        highlight=False,
+                    )
+                    next_hour += 3600.0
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        stop.wait(),
+                        min(0.5, max(0.05, (clock.sim_to_wall_s(end_ts - clock.now())))),
+                    )
+            if stop.is_set():
+                run.interrupted, run.end_ts = True, clock.now()
+                console.print(
+                    "interrupted: stopping cleanly and reporting what ran", highlight=False
+                )
+    # Let the last interval settle: its telemetry is in, the agents have stopped.
+    for interval in sorted(coord.awards):
+        if (interval + 1) * config.market.interval_s <= run.end_ts:
+            coord.settle(interval)
 
 
 def _sample(coord: Coordinator, now: float, run: Run) -> None:
@@ -414,8 +484,13 @@ def run_demo(
     sites: int | None = None,
     poll_s: float = 0.2,
     out: Path | None = None,
+    broker: str = "auto",
 ) -> int:
-    """Run the demo; returns the process exit code."""
+    """Run the demo; returns the process exit code.
+
+    ``broker``: "mosquitto", "embedded" (amqtt, MQTT 3.1.1, no ACL) or "auto" (Mosquitto
+    when installed).
+    """
     try:
         config = builtin_scenario() if scenario is None else load_scenario(scenario)
     except ScenarioError as err:
@@ -425,11 +500,17 @@ def run_demo(
         config = config.model_copy(update={"seed": seed})
     if sites is not None:
         config = config.model_copy(update={"sites": config.sites[:sites]})
-    try:
-        find_mosquitto()
-    except BrokerError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
-        return 2
+    embedded = broker == "embedded"
+    if broker == "auto":
+        try:
+            find_mosquitto()
+        except BrokerError:
+            embedded = True
+            console.print(
+                "Mosquitto is not installed: using the embedded broker (MQTT 3.1.1, "
+                "no access control; apt-get install mosquitto for the real one)",
+                highlight=False,
+            )
     if shutil.which("socat") is None:
         config, moved = _rtu_over_tcp(config)
         if moved:
@@ -447,7 +528,7 @@ def run_demo(
         f"{speed:g}x; writing to {out}",
         highlight=False,
     )
-    run = asyncio.run(_run(config, hours, speed, poll_s, out, console))
+    run = asyncio.run(_run(config, hours, speed, poll_s, out, console, embedded))
     coordinator_config = _coordinator_config(config, out, 1, poll_s, speed)
     base = baseline(config, coordinator_config, *_settled_span(out, run, config.start_ts))
     report = _report(out, base, run, console)

@@ -43,12 +43,20 @@ class SimulatedDevice(ABC):
         self.writes = 0
         self._answering = asyncio.Event()
         self._answering.set()
+        self._silent_at: int | None = None
         site.add(self)
 
     # -- faults, for tests and demonstrations --------------------------------------------
-    def go_silent(self) -> None:
-        """Stop answering: requests hang until :meth:`resume` (the client times out)."""
-        self._answering.clear()
+    def go_silent(self, after_requests: int = 0) -> None:
+        """Stop answering (after ``after_requests`` more): requests hang until :meth:`resume`.
+
+        The client times out. With ``after_requests`` the device dies in the middle of a poll
+        that needs several requests.
+        """
+        if after_requests <= 0:
+            self._answering.clear()
+        else:
+            self._silent_at = self.requests + after_requests
 
     def resume(self) -> None:
         """Answer requests again."""
@@ -86,6 +94,9 @@ class SimulatedDevice(ABC):
         set_values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
         """pymodbus calls this on every request, before answering it."""
+        if self._silent_at is not None and self.requests >= self._silent_at:
+            self._silent_at = None
+            self._answering.clear()
         await self._answering.wait()
         self.requests += 1
         self.site.advance()

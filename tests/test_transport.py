@@ -120,3 +120,23 @@ async def test_units_on_one_rtu_line_share_it_without_interleaving(
     assert all(r.frequency_hz == 50.0 for r in readings[10:15])  # type: ignore[union-attr]
     assert line.stats.failures == 0
     assert line.stats.frames_sent == line.stats.frames_received == line.stats.requests
+
+
+async def test_a_device_that_dies_in_the_middle_of_a_multi_request_poll_recovers(
+    site: SimSite,
+) -> None:
+    from wattmesh.scan import scan_device
+
+    pv = PvInverterSim("pv", 1, site, rated_ac_w=5000)
+    async with DeviceServer([pv], tcp=("127.0.0.1", 0)) as server:
+        transport = ModbusTransport.from_url(server.url, timeout_s=0.2, retries=1)
+        async with transport:
+            first = await scan_device(transport, 1)  # discovery + the whole map
+            requests_per_scan = pv.requests
+            pv.go_silent(after_requests=requests_per_scan - 1)  # the last read hangs
+            with pytest.raises(DeviceUnavailable):
+                await scan_device(transport, 1)
+            pv.resume()
+            again = await scan_device(transport, 1)
+    assert requests_per_scan >= 6  # marker, five model headers, then several blocks
+    assert first.values["120 nameplate"] == again.values["120 nameplate"]

@@ -390,6 +390,13 @@ class EdgeAgent:
         elif award is not None and net is not None:
             layer = "market"
             target = net - award.quantity_kwh * 3.6e6 / self.config.market.interval_s
+            if (
+                target < 0 < net
+                and award.price_per_kwh > self.config.market.battery_charge_price_per_kwh
+            ):
+                # Keeping the award would mean buying dear energy to charge the battery (the
+                # forecast overshot): deviate instead; the imbalance costs less than that.
+                target = 0.0
         elif self.config.fallback.mode == "self_consumption" and net is not None:
             layer = "fallback"
             fb = self.config.fallback

@@ -192,8 +192,18 @@ def test_the_demo_runs_a_community_to_a_report_that_matches_its_ledger(
     from coordinator.ledger import Ledger, to_currency
 
     result = subprocess.run(
-        [*WATTMESH, "demo", "--hours", "3", "--speed", "1440", "--out", str(tmp_path),
-         "--broker", broker],
+        [
+            *WATTMESH,
+            "demo",
+            "--hours",
+            "3",
+            "--speed",
+            "1440",
+            "--out",
+            str(tmp_path),
+            "--broker",
+            broker,
+        ],
         capture_output=True,
         text=True,
         env=_env(),

@@ -60,7 +60,7 @@ COORDINATOR: dict[str, dict[str, Any]] = {
         "feed_in_per_kwh": 0.08,
         "periods": [{"start_h": 7, "end_h": 22, "retail_per_kwh": 0.32, "feed_in_per_kwh": 0.08}],
     },
-    "grid": {"import_limit_w": 170_000.0, "export_limit_w": 220_000.0},
+    "grid": {"import_limit_w": 150_000.0, "export_limit_w": 220_000.0},
 }
 
 

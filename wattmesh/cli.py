@@ -226,7 +226,7 @@ def demo(
     hours: Annotated[float, typer.Option(help="Simulated hours to run.", min=0.1)] = 24.0,
     speed: Annotated[
         float, typer.Option(help="Simulated seconds per real second.", min=1, max=5000)
-    ] = 720.0,
+    ] = 800.0,
     sites: Annotated[
         int | None, typer.Option(help="Use only the scenario's first N sites.", min=1)
     ] = None,
@@ -256,10 +256,10 @@ def demo(
 
     Starts Mosquitto with per-site credentials, every device of the community scenario as a
     real Modbus server, an edge agent per site and the coordinator, on one simulated clock
-    (--speed 720: a day in two minutes). Shows the market and the feeder live, stops cleanly on
-    Ctrl-C, and reports each site's settled cost against its baseline (the same devices and
-    tariffs with no trading and batteries idle), the feeder's peak, and the files written.
-    Needs Mosquitto (apt-get install mosquitto); socat for the RTU meter (optional).
+    (--speed 800: a day in under two minutes). Shows the market and the feeder live, stops
+    cleanly on Ctrl-C, and reports each site's settled cost against its baseline (the same
+    devices and tariffs with no trading and batteries idle), the feeder's peak, and the files
+    written. Uses Mosquitto when installed (else an embedded broker); socat for the RTU meter.
     """
     from wattmesh.demo import run_demo  # noqa: PLC0415 - keeps `wattmesh --help` fast
 

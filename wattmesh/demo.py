@@ -338,6 +338,9 @@ async def _run_sites(
                         stop.wait(),
                         min(0.5, max(0.05, (clock.sim_to_wall_s(end_ts - clock.now())))),
                     )
+            if not stop.is_set():
+                # A few more polls so the last interval's telemetry reaches its end.
+                await asyncio.sleep(3 * poll_s)
             if stop.is_set():
                 run.interrupted, run.end_ts = True, clock.now()
                 console.print(

@@ -1,0 +1,372 @@
+"""Perfect-foresight battery scheduling for a community behind one feeder (a linear program).
+
+The utility bills the community's net exchange at the feeder (design.md section 3a): retail per
+kWh imported, feed-in per kWh exported, per step. Trading between sites only moves money inside
+the community, and the sites' flows net at the feeder, so the cheapest the community can be
+billed for a known future is the minimum utility bill of the feeder flow
+
+    ``feeder_w[t] = net_load_w[t] + sum_b (charge_w[b, t] - discharge_w[b, t])``
+
+over every battery's schedule, where ``net_load_w`` is the sum over the sites of load minus PV
+(batteries idle). Where a battery sits does not matter: nothing limits flows inside the
+community. :func:`perfect_foresight` solves it with scipy's HiGHS.
+
+Variables (powers are means over a step of ``step_s`` seconds, ``h = step_s / 3600``):
+
+- per battery ``b`` and step ``t``: ``charge_w``, ``discharge_w`` in ``[0, rated_power_w]`` (AC
+  side) and the stored energy at the end of the step ``e_wh`` in
+  ``[soc_min, soc_max] * capacity``, with
+  ``e[t] = e[t-1] + h * (eta_c * charge[t] - discharge[t] / eta_d)`` from the initial SOC
+  (the same model as :func:`simulators.physics.battery_step`);
+- per step: feeder import and export ``>= 0`` with ``import - export = feeder_w`` and
+  non-negative slacks ``import <= import_limit + slack_in``, ``export <= export_limit +
+  slack_out``, so the problem is always feasible; a slack costs ``limit_penalty_per_kwh``, far
+  above any tariff, so it is used only when no schedule keeps the feeder inside its limits.
+
+Objective: ``sum_t h / 1000 * (retail[t] * import[t] - feed_in[t] * export[t])`` plus the
+slack penalties. End of the horizon, one of two rules so that the schedule cannot borrow energy
+from the next day for free:
+
+- ``end_value_per_kwh=None`` (the default): every battery ends with at least its initial stored
+  energy, ``e[T] >= e[0]``;
+- ``end_value_per_kwh=[v_b, ...]``: the end energy is free within the SOC bounds and the
+  objective subtracts ``v_b * (e[T] - e[0]) / 1000`` (a credit for energy stored beyond the
+  start, a charge for energy short of it; e.g. what it would cost to put it back).
+ Since
+``feed_in < retail`` a step never imports and exports at once. With positive prices a battery
+gains nothing by charging and discharging in the same step (it only loses energy), except to
+burn energy that would otherwise break the export limit, which a real battery cannot do; the
+result reports how much of that there was (``simultaneous_wh``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import sparse
+from scipy.optimize import linprog
+
+__all__ = [
+    "DEFAULT_LIMIT_PENALTY_PER_KWH",
+    "Battery",
+    "Schedule",
+    "ScheduleError",
+    "interval_means",
+    "perfect_foresight",
+    "utility_bill",
+]
+
+#: Cost per kWh of feeder flow beyond its limits (far above any tariff).
+DEFAULT_LIMIT_PENALTY_PER_KWH = 100.0
+
+
+class ScheduleError(ValueError):
+    """The inputs do not describe a schedulable problem, or the solver failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Battery:
+    """A battery's limits (the fields of ``simulators.scenario.BatteryConfig``)."""
+
+    capacity_wh: float
+    rated_power_w: float
+    soc_pct: float
+    soc_min_pct: float = 5.0
+    soc_max_pct: float = 100.0
+    charge_efficiency: float = 0.95
+    discharge_efficiency: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not self.capacity_wh > 0 or not self.rated_power_w > 0:
+            raise ScheduleError("capacity_wh and rated_power_w must be positive")
+        if not 0 <= self.soc_min_pct <= self.soc_pct <= self.soc_max_pct <= 100:
+            raise ScheduleError("need 0 <= soc_min_pct <= soc_pct <= soc_max_pct <= 100")
+        for eff in (self.charge_efficiency, self.discharge_efficiency):
+            if not 0 < eff <= 1:
+                raise ScheduleError("efficiencies must be in (0, 1]")
+
+    def stored_wh(self, soc_pct: float) -> float:
+        """Energy stored at ``soc_pct`` (Wh)."""
+        return soc_pct / 100.0 * self.capacity_wh
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The optimal schedule. Powers are step means (W), positive = import / discharge.
+
+    ``bill`` is the utility bill alone (currency, penalties excluded); ``stored_value`` the
+    value of the energy stored at the end beyond the start (0 with the hard end rule);
+    ``cost = bill - stored_value``; ``penalty`` what the limit slacks cost; ``feeder_w`` the
+    scheduled feeder flow per step; ``battery_w`` each battery's AC power per step (shape
+    ``(batteries, steps)``, positive discharging);
+    ``soc_pct`` each battery's SOC at the start and the end of every step (``steps + 1``);
+    ``import_excess_w`` / ``export_excess_w`` the largest mean flow beyond each limit (0 when the
+    limits held); ``simultaneous_wh`` the energy charged while the same battery discharged.
+    """
+
+    bill: float
+    stored_value: float
+    penalty: float
+    feeder_w: NDArray[np.float64]
+    battery_w: NDArray[np.float64]
+    soc_pct: NDArray[np.float64]
+    import_excess_w: float
+    export_excess_w: float
+    simultaneous_wh: float
+    solve_s: float
+
+    @property
+    def cost(self) -> float:
+        """The bill less the value of the energy stored beyond the start (currency)."""
+        return self.bill - self.stored_value
+
+
+def interval_means(samples: ArrayLike, per_interval: int) -> NDArray[np.float64]:
+    """Means of consecutive groups of ``per_interval`` samples along the last axis.
+
+    A trailing partial group is dropped. ``interval_means([1, 3, 5, 7], 2) == [2, 6]``.
+    """
+    a = np.asarray(samples, dtype=np.float64)
+    if per_interval < 1:
+        raise ScheduleError("per_interval must be >= 1")
+    n = a.shape[-1] // per_interval
+    means: NDArray[np.float64] = (
+        a[..., : n * per_interval].reshape(*a.shape[:-1], n, per_interval).mean(axis=-1)
+    )
+    return means
+
+
+def utility_bill(
+    feeder_w: ArrayLike, retail_per_kwh: ArrayLike, feed_in_per_kwh: ArrayLike, step_s: float
+) -> float:
+    """The utility's bill (currency) for a feeder flow of step means: retail on import, feed-in
+    on export, step by step."""
+    flow = np.asarray(feeder_w, dtype=np.float64)
+    kwh = flow * step_s / 3.6e6
+    price = np.where(kwh > 0, np.asarray(retail_per_kwh), np.asarray(feed_in_per_kwh))
+    return float(np.sum(kwh * price))
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Column offsets: charge, discharge, energy (B*T each), import, export, slacks (T each)."""
+
+    n_b: int
+    n_t: int
+
+    @property
+    def bt(self) -> int:
+        return self.n_b * self.n_t
+
+    @property
+    def charge(self) -> int:
+        return 0
+
+    @property
+    def discharge(self) -> int:
+        return self.bt
+
+    @property
+    def energy(self) -> int:
+        return 2 * self.bt
+
+    @property
+    def imp(self) -> int:
+        return 3 * self.bt
+
+    @property
+    def exp(self) -> int:
+        return self.imp + self.n_t
+
+    @property
+    def s_in(self) -> int:
+        return self.imp + 2 * self.n_t
+
+    @property
+    def s_out(self) -> int:
+        return self.imp + 3 * self.n_t
+
+    @property
+    def n_var(self) -> int:
+        return self.imp + 4 * self.n_t
+
+
+@dataclass(frozen=True)
+class _Program:
+    cost: NDArray[np.float64]
+    a_eq: sparse.csr_array
+    b_eq: NDArray[np.float64]
+    a_ub: sparse.csr_array
+    b_ub: NDArray[np.float64]
+    bounds: NDArray[np.float64]
+
+
+def _battery_rows(
+    lay: _Layout, batteries: Sequence[Battery], h: float
+) -> tuple[list[tuple[NDArray[np.int64], NDArray[np.int64], float]], NDArray[np.float64]]:
+    """Energy balance rows ``e[t] - e[t-1] - h eta_c c[t] + h d[t] / eta_d = 0``, one block
+    per battery (``e[-1]``, the initial energy, moved to the right-hand side)."""
+    n_t = lay.n_t
+    t = np.arange(n_t)
+    terms: list[tuple[NDArray[np.int64], NDArray[np.int64], float]] = []
+    rhs = np.zeros(lay.bt)
+    for b, bat in enumerate(batteries):
+        base = b * n_t
+        r = base + t
+        terms += [
+            (r, lay.energy + base + t, 1.0),
+            (r[1:], lay.energy + base + t[:-1], -1.0),
+            (r, lay.charge + base + t, -h * bat.charge_efficiency),
+            (r, lay.discharge + base + t, h / bat.discharge_efficiency),
+        ]
+        rhs[base] = bat.stored_wh(bat.soc_pct)
+    return terms, rhs
+
+
+def _program(
+    net: NDArray[np.float64],
+    batteries: Sequence[Battery],
+    retail: NDArray[np.float64],
+    feed_in: NDArray[np.float64],
+    h: float,
+    limits_w: tuple[float, float],
+    penalty_per_kwh: float,
+    end_value_per_kwh: NDArray[np.float64] | None,
+) -> tuple[_Layout, _Program]:
+    lay = _Layout(len(batteries), net.size)
+    n_t, bt = lay.n_t, lay.bt
+    t = np.arange(n_t)
+    cost = np.zeros(lay.n_var)
+    cost[lay.imp : lay.exp] = h / 1000.0 * retail
+    cost[lay.exp : lay.s_in] = -h / 1000.0 * feed_in
+    cost[lay.s_in :] = h / 1000.0 * penalty_per_kwh
+
+    lower = np.zeros(lay.n_var)
+    upper = np.full(lay.n_var, np.inf)
+    for b, bat in enumerate(batteries):
+        block = slice(b * n_t, (b + 1) * n_t)
+        for start in (lay.charge, lay.discharge):
+            upper[start:][block] = bat.rated_power_w
+        lower[lay.energy :][block] = bat.stored_wh(bat.soc_min_pct)
+        upper[lay.energy :][block] = bat.stored_wh(bat.soc_max_pct)
+        last = lay.energy + (b + 1) * n_t - 1
+        if end_value_per_kwh is None:  # it ends with at least what it started with
+            lower[last] = bat.stored_wh(bat.soc_pct)
+        else:  # or each Wh at the end is worth end_value / 1000 (constant e[0] part dropped)
+            cost[last] -= end_value_per_kwh[b] / 1000.0
+
+    terms, battery_rhs = _battery_rows(lay, batteries, h)
+    # Feeder balance: imp[t] - exp[t] - sum_b (c[b, t] - d[b, t]) = net[t].
+    r = bt + t
+    terms += [(r, lay.imp + t, 1.0), (r, lay.exp + t, -1.0)]
+    for b in range(lay.n_b):
+        terms += [(r, lay.charge + b * n_t + t, -1.0), (r, lay.discharge + b * n_t + t, 1.0)]
+    a_eq = sparse.csr_array(
+        (
+            np.concatenate([np.full(rr.size, v) for rr, _, v in terms]),
+            (np.concatenate([rr for rr, _, _ in terms]), np.concatenate([c for _, c, _ in terms])),
+        ),
+        shape=(bt + n_t, lay.n_var),
+    )
+    # Limits with slack: import - s_in <= import limit, export - s_out <= export limit.
+    a_ub = sparse.csr_array(
+        (
+            np.concatenate([np.ones(2 * n_t), -np.ones(2 * n_t)]),
+            (
+                np.concatenate([t, n_t + t, t, n_t + t]),
+                np.concatenate([lay.imp + t, lay.exp + t, lay.s_in + t, lay.s_out + t]),
+            ),
+        ),
+        shape=(2 * n_t, lay.n_var),
+    )
+    b_ub = np.concatenate(
+        [np.full(n_t, min(limits_w[0], 1e15)), np.full(n_t, min(limits_w[1], 1e15))]
+    )
+    program = _Program(
+        cost, a_eq, np.concatenate([battery_rhs, net]), a_ub, b_ub, np.column_stack([lower, upper])
+    )
+    return lay, program
+
+
+def perfect_foresight(
+    net_load_w: ArrayLike,
+    batteries: Sequence[Battery],
+    retail_per_kwh: ArrayLike,
+    feed_in_per_kwh: ArrayLike,
+    step_s: float,
+    *,
+    import_limit_w: float = math.inf,
+    export_limit_w: float = math.inf,
+    limit_penalty_per_kwh: float = DEFAULT_LIMIT_PENALTY_PER_KWH,
+    end_value_per_kwh: ArrayLike | None = None,
+) -> Schedule:
+    """The cheapest utility bill for the community with every battery optimally scheduled.
+
+    ``net_load_w`` is the community's feeder flow per step with the batteries idle (sum over
+    the sites of load minus PV, step means, W); the prices are per step (scalars broadcast).
+    See the module docstring for the program. Raises :class:`ScheduleError` on bad inputs or
+    when HiGHS fails.
+    """
+    net = np.asarray(net_load_w, dtype=np.float64)
+    if net.ndim != 1 or net.size == 0 or not np.all(np.isfinite(net)):
+        raise ScheduleError("net_load_w must be a non-empty finite 1-d array")
+    n_t = net.size
+    retail = np.broadcast_to(np.asarray(retail_per_kwh, dtype=np.float64), (n_t,))
+    feed_in = np.broadcast_to(np.asarray(feed_in_per_kwh, dtype=np.float64), (n_t,))
+    if np.any(feed_in >= retail):
+        raise ScheduleError("feed-in must be below retail at every step")
+    if not step_s > 0:
+        raise ScheduleError("step_s must be positive")
+    if not (import_limit_w > 0 and export_limit_w > 0 and limit_penalty_per_kwh > 0):
+        raise ScheduleError("limits and the penalty must be positive")
+    values = None
+    if end_value_per_kwh is not None:
+        values = np.asarray(end_value_per_kwh, dtype=np.float64).reshape(-1)
+        if values.size != len(batteries) or not np.all(np.isfinite(values)):
+            raise ScheduleError("end_value_per_kwh needs one finite value per battery")
+    h = step_s / 3600.0
+    lay, p = _program(
+        net,
+        batteries,
+        retail,
+        feed_in,
+        h,
+        (import_limit_w, export_limit_w),
+        limit_penalty_per_kwh,
+        values,
+    )
+    started = time.perf_counter()
+    res = linprog(
+        p.cost, A_ub=p.a_ub, b_ub=p.b_ub, A_eq=p.a_eq, b_eq=p.b_eq, bounds=p.bounds, method="highs"
+    )
+    solve_s = time.perf_counter() - started
+    if res.status != 0 or res.x is None:
+        raise ScheduleError(f"HiGHS did not solve the schedule: {res.message}")
+    x = np.asarray(res.x, dtype=np.float64)
+    n_b, bt = lay.n_b, lay.bt
+    charge = x[lay.charge : lay.charge + bt].reshape(n_b, n_t)
+    discharge = x[lay.discharge : lay.discharge + bt].reshape(n_b, n_t)
+    energy = x[lay.energy : lay.energy + bt].reshape(n_b, n_t)
+    feeder = x[lay.imp : lay.exp] - x[lay.exp : lay.s_in]
+    e_start = np.array([bat.stored_wh(bat.soc_pct) for bat in batteries]).reshape(n_b, 1)
+    capacity = np.array([bat.capacity_wh for bat in batteries]).reshape(n_b, 1)
+    stored = 0.0
+    if values is not None:
+        stored = float(np.dot(values, energy[:, -1] - e_start[:, 0]) / 1000.0) if n_b else 0.0
+    return Schedule(
+        bill=utility_bill(feeder, retail, feed_in, step_s),
+        stored_value=stored,
+        penalty=float(np.dot(p.cost[lay.s_in :], x[lay.s_in :])),
+        feeder_w=feeder,
+        battery_w=discharge - charge,
+        soc_pct=100.0 * np.concatenate([e_start, energy], axis=1) / capacity,
+        import_excess_w=float(np.max(x[lay.s_in : lay.s_out], initial=0.0)),
+        export_excess_w=float(np.max(x[lay.s_out :], initial=0.0)),
+        simultaneous_wh=float(np.sum(np.minimum(charge, discharge)) * h),
+        solve_s=solve_s,
+    )

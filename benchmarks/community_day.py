@@ -94,8 +94,7 @@ from broker.mosquitto import find_mosquitto
 from coordinator.config import CoordinatorConfig
 from coordinator.ledger import Ledger, to_currency
 from coordinator.schedule import Battery, Schedule, interval_means, perfect_foresight
-from simulators.devices import LoadSpec, SimSite
-from simulators.scenario import BatteryConfig, ScenarioConfig, build_device
+from simulators.scenario import BatteryConfig, ScenarioConfig, stepped_sites
 from wattmesh.demo import (
     COORDINATOR,
     Run,
@@ -130,21 +129,7 @@ class Profiles:
 def profiles(scenario: ScenarioConfig, start_ts: float, end_ts: float) -> Profiles:
     """Step the scenario's simulators like ``wattmesh.demo.baseline`` and record load and PV."""
     clock = ManualClock(start_ts)
-    sites: dict[str, SimSite] = {}
-    for i, s in enumerate(scenario.sites):
-        load = LoadSpec(s.load.profile, s.load.base_w, s.load.peak_w) if s.load else None
-        site = SimSite(
-            s.id,
-            clock,
-            load,
-            seed=scenario.seed * 1000 + i,
-            latitude_deg=scenario.latitude_deg,
-            longitude_deg=scenario.longitude_deg,
-            utc_offset_h=scenario.utc_offset_h,
-        )
-        for j, d in enumerate(s.devices):
-            build_device(d, site, site.seed * 100 + j)
-        sites[s.id] = site
+    sites = stepped_sites(scenario, clock)
     n = math.ceil((end_ts - start_ts) / PROFILE_STEP_S - 1e-9)
     load_w = {name: np.zeros(n) for name in sites}
     pv_w = {name: np.zeros(n) for name in sites}

@@ -223,6 +223,36 @@ def build_device(cfg: AnyDeviceConfig, site: SimSite, seed: int) -> SimulatedDev
     return Sdm630MeterSim(cfg.name, cfg.unit, site)
 
 
+def build_sites(
+    config: ScenarioConfig, clock: Clock
+) -> list[tuple[SiteConfig, AnyDeviceConfig, SimulatedDevice]]:
+    """Every site and device of a scenario on ``clock``, not yet served.
+
+    Seeds follow the scenario's seed, so the same scenario always has the same clouds and
+    loads, served or stepped directly (as a baseline is).
+    """
+    built: list[tuple[SiteConfig, AnyDeviceConfig, SimulatedDevice]] = []
+    for i, site_cfg in enumerate(config.sites):
+        load = site_cfg.load
+        site = SimSite(
+            site_cfg.id,
+            clock,
+            LoadSpec(load.profile, load.base_w, load.peak_w) if load else None,
+            seed=config.seed * 1000 + i,
+            latitude_deg=config.latitude_deg,
+            longitude_deg=config.longitude_deg,
+            utc_offset_h=config.utc_offset_h,
+        )
+        for j, dev_cfg in enumerate(site_cfg.devices):
+            built.append((site_cfg, dev_cfg, build_device(dev_cfg, site, site.seed * 100 + j)))
+    return built
+
+
+def stepped_sites(config: ScenarioConfig, clock: Clock) -> dict[str, SimSite]:
+    """The scenario's sites with their devices, to step directly with ``site.advance()``."""
+    return {cfg.id: device.site for cfg, _, device in build_sites(config, clock)}
+
+
 class ScenarioRunner:
     """Starts every device of a scenario; an async context manager.
 
@@ -252,21 +282,8 @@ class ScenarioRunner:
 
     async def _start(self) -> None:
         cfg = self.config
-        built: list[tuple[SiteConfig, AnyDeviceConfig, SimulatedDevice]] = []
-        for i, site_cfg in enumerate(cfg.sites):
-            load = site_cfg.load
-            site = SimSite(
-                site_cfg.id,
-                self.clock,
-                LoadSpec(load.profile, load.base_w, load.peak_w) if load else None,
-                seed=cfg.seed * 1000 + i,
-                latitude_deg=cfg.latitude_deg,
-                longitude_deg=cfg.longitude_deg,
-                utc_offset_h=cfg.utc_offset_h,
-            )
-            self.sites[site_cfg.id] = site
-            for j, dev_cfg in enumerate(site_cfg.devices):
-                built.append((site_cfg, dev_cfg, build_device(dev_cfg, site, site.seed * 100 + j)))
+        built = build_sites(cfg, self.clock)
+        self.sites = {site_cfg.id: device.site for site_cfg, _, device in built}
         lines: dict[str, list[tuple[SiteConfig, AnyDeviceConfig, SimulatedDevice]]] = {}
         for site_cfg, dev_cfg, device in built:
             if dev_cfg.transport == "tcp":

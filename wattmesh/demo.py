@@ -39,14 +39,13 @@ from coordinator.ledger import Ledger, to_currency
 from coordinator.service import Coordinator
 from edge.agent import EdgeAgent
 from edge.config import parse_edge_config
-from simulators.devices import LoadSpec, SimSite
 from simulators.scenario import (
     ScenarioConfig,
     ScenarioError,
     ScenarioRunner,
-    build_device,
     load_scenario,
     parse_scenario,
+    stepped_sites,
 )
 
 #: Each site's part in the market; others are prosumers.
@@ -117,21 +116,7 @@ def baseline(
     The same simulators (PV, clouds, loads) stepped on a manual clock; no Modbus needed.
     """
     clock = ManualClock(start_ts)
-    sites: dict[str, SimSite] = {}
-    for i, s in enumerate(scenario.sites):
-        load = LoadSpec(s.load.profile, s.load.base_w, s.load.peak_w) if s.load else None
-        site = SimSite(
-            s.id,
-            clock,
-            load,
-            seed=scenario.seed * 1000 + i,
-            latitude_deg=scenario.latitude_deg,
-            longitude_deg=scenario.longitude_deg,
-            utc_offset_h=scenario.utc_offset_h,
-        )
-        for j, d in enumerate(s.devices):
-            build_device(d, site, site.seed * 100 + j)
-        sites[s.id] = site
+    sites = stepped_sites(scenario, clock)
     result = {name: {"cost": 0.0, "import_kwh": 0.0, "export_kwh": 0.0} for name in sites}
     feeder_peak_w = 0.0
     t = start_ts

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -111,3 +113,13 @@ class BrokerConnection(BaseModel):
             key_file=str(self.key_file) if self.key_file else None,
             max_inflight=max_inflight,
         )
+
+
+def read_toml(path: Path, error: type[ValueError]) -> dict[str, Any]:
+    """A TOML file's contents; ``error`` names the file when it cannot be read or parsed."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as err:
+        raise error(f"{path}: cannot read: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{path}: not valid TOML: {err}") from err

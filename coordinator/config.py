@@ -5,13 +5,12 @@ Every mistake is reported with the file and the field. Prices are per kWh, power
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from broker.settings import BrokerConnection, ClockSettings, validation_lines
+from broker.settings import BrokerConnection, ClockSettings, read_toml, validation_lines
 from broker.topics import ID_PATTERN
 
 
@@ -142,10 +141,4 @@ def parse_coordinator_config(data: dict[str, object], source: str) -> Coordinato
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     """Read and validate a coordinator TOML file (a relative ledger path is next to it)."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as err:
-        raise CoordinatorConfigError(f"{p}: cannot read: {err.strerror}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise CoordinatorConfigError(f"{p}: not valid TOML: {err}") from err
-    return parse_coordinator_config(data, str(p))
+    return parse_coordinator_config(read_toml(p, CoordinatorConfigError), str(p))

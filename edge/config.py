@@ -7,13 +7,12 @@ environment variable) or ``password_file`` (a file readable by the agent only).
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from broker.settings import BrokerConnection, ClockSettings, validation_lines
+from broker.settings import BrokerConnection, ClockSettings, read_toml, validation_lines
 from broker.topics import ID_PATTERN
 
 
@@ -141,10 +140,4 @@ def parse_edge_config(data: dict[str, object], source: str) -> EdgeConfig:
 def load_edge_config(path: str | Path) -> EdgeConfig:
     """Read and validate a site TOML file (a relative spool path is next to the file)."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as err:
-        raise EdgeConfigError(f"{p}: cannot read: {err.strerror}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise EdgeConfigError(f"{p}: not valid TOML: {err}") from err
-    return parse_edge_config(data, str(p))
+    return parse_edge_config(read_toml(p, EdgeConfigError), str(p))

@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_782_043_200.0  # a multiple of 900 s: an interval boundary
 
 
-def _coordinator(tmp_path: Path, port: int = 1, **grid: float) -> Coordinator:
+def _coordinator(tmp_path: Path, files: BrokerFiles | None = None, **grid: float) -> Coordinator:
+    """A coordinator on a manual clock; with ``files``, on that broker as the coordinator."""
+    port = files.port if files is not None else 1
+    password = files.credentials["coordinator"] if files is not None else None
     config = parse_coordinator_config(
         {
             "coordinator": {"ledger": str(tmp_path / "ledger.sqlite")},
@@ -37,7 +40,7 @@ def _coordinator(tmp_path: Path, port: int = 1, **grid: float) -> Coordinator:
         },
         "test",
     )
-    return Coordinator(config, ManualClock(T0))
+    return Coordinator(config, ManualClock(T0), password=password)
 
 
 def _telemetry(
@@ -186,13 +189,7 @@ async def _bus(files: BrokerFiles, user: str, got: list[tuple[str, bytes]]) -> B
 async def test_a_cleared_interval_awards_each_bidder_privately_and_is_settled(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
-    c = _coordinator(tmp_path, port=broker_files.port)
-    c.bus.settings = BusSettings(
-        port=broker_files.port,
-        username="coordinator",
-        password=broker_files.credentials["coordinator"],
-        client_id="test-coordinator",
-    )
+    c = _coordinator(tmp_path, broker_files)
     got_a: list[tuple[str, bytes]] = []
     got_b: list[tuple[str, bytes]] = []
     async with c:
@@ -254,13 +251,7 @@ async def test_a_cleared_interval_awards_each_bidder_privately_and_is_settled(
 async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
-    c = _coordinator(tmp_path, port=broker_files.port)
-    c.bus.settings = BusSettings(
-        port=broker_files.port,
-        username="coordinator",
-        password=broker_files.credentials["coordinator"],
-        client_id="test-coordinator",
-    )
+    c = _coordinator(tmp_path, broker_files)
     got: list[tuple[str, bytes]] = []
     async with c:
         await c.bus.wait_connected(5)

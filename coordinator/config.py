@@ -6,7 +6,7 @@ Every mistake is reported with the file and the field. Prices are per kWh, power
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -47,6 +47,10 @@ class MarketSection(_Strict):
     gate_s: int = Field(default=60, ge=0)
     settle_delay_s: int = Field(default=120, ge=0, description="wait for late telemetry")
     imbalance_premium_per_kwh: float = Field(default=0.05, ge=0, le=10)
+    rebate: Literal["metered_energy", "none"] = Field(
+        default="metered_energy",
+        description="pay the community account's balance of each interval back to the sites",
+    )
     forecast_horizon_h: float = Field(default=24.0, gt=0, le=168)
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ clearing                          interval, price_per_kwh, volume_kwh, utility_i
                                   feed_in_price_per_kwh
 award         site                interval, price_per_kwh, quantity_kwh
 settlement    site                interval, energy_kwh, award_kwh, amount, imbalance_amount,
-                                  baseline_amount, savings, estimated
+                                  rebate_amount, baseline_amount, savings, estimated
 forecast      site                pv_power_w, load_power_w, price_per_kwh, lead_s
 feeder        feeder              flow_w, import_limit_w, export_limit_w, mode_code
 dispatch      site, priority      battery_power_w, load_limit_w, duration_s
@@ -46,7 +46,8 @@ battery power positive when discharging, PV and load positive; prices in currenc
 * ``award``: one site's :class:`~broker.messages.Award` (``quantity_kwh`` positive = import).
 * ``settlement``: one site's settled interval: ``energy_kwh`` metered (import positive),
   ``award_kwh``, ``amount`` what the site paid net in currency units (negative: it was paid),
-  ``imbalance_amount`` the part of it for deviating from the award, ``baseline_amount`` what the
+  ``imbalance_amount`` the part of it for deviating from the award, ``rebate_amount`` what the
+  community account paid back to it (included in ``amount``), ``baseline_amount`` what the
   utility alone would have billed, ``savings = baseline_amount - amount``, ``estimated`` 1 when
   the metering was estimated. Timestamp: the ``ts`` the caller gives (the interval's start).
 * ``forecast``: one point per step at its target time ``start_ts + i * step_s``; ``lead_s`` is
@@ -207,6 +208,7 @@ SCHEMA: Final[Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
             "award_kwh",
             "amount",
             "imbalance_amount",
+            "rebate_amount",
             "baseline_amount",
             "savings",
             "estimated",
@@ -868,6 +870,7 @@ class Historian:
         ts: float,
         award_kwh: float | None = None,
         imbalance_amount: float | None = None,
+        rebate_amount: float | None = None,
         baseline_amount: float | None = None,
         estimated: bool = False,
     ) -> int:
@@ -887,6 +890,7 @@ class Historian:
                 "award_kwh": award_kwh,
                 "amount": amount,
                 "imbalance_amount": imbalance_amount,
+                "rebate_amount": rebate_amount,
                 "baseline_amount": baseline_amount,
                 "savings": savings,
                 "estimated": int(estimated),
@@ -916,6 +920,7 @@ class Historian:
                 ts=ts,
                 award_kwh=s.award_wh / _WH_PER_KWH,
                 imbalance_amount=-s.imbalance_micro / MICRO,
+                rebate_amount=s.rebate_micro / MICRO,
                 baseline_amount=s.metered_wh * tariff / _WH_PER_KWH / MICRO,
                 estimated=s.estimated,
             )

@@ -37,26 +37,45 @@ With clearing price ``c``, retail ``r``, feed-in ``f`` and imbalance premium ``k
 kWh), for each site with award ``a`` and metered energy ``m`` (both signed, import positive):
 
 * trade: the site pays ``a*c`` to the community (is paid ``-a*c`` when ``a < 0``);
-* imbalance: the deviation ``d = m - a`` settles with the community at
+* imbalance: the deviation ``d = m - a`` settles with the community at prices that follow the
+  community's metered position ``n = sum(m)`` (the feeder's meter): the utility's marginal price
+  ``u = r`` when ``n >= 0`` (the community imports: one more kWh is bought at retail, one less
+  saves retail) and ``u = f`` when ``n < 0`` (it exports: one more kWh is feed-in forgone, one
+  less is one more sold at feed-in). Then
 
-  - ``buy = max(c, r) + k`` when ``d > 0`` (extra import or export short of the award): the
+  - ``buy = max(c, u) + k`` when ``d > 0`` (extra import or export short of the award): the
     site pays ``d*buy``;
-  - ``sell = min(c, f) - k`` when ``d < 0`` (extra export or import short of the award): the
+  - ``sell = min(c, u) - k`` when ``d < 0`` (extra export or import short of the award): the
     site is paid ``-d*sell`` (which is a charge if ``sell < 0``).
 
   Because ``buy >= c + k`` and ``sell <= c - k``, a site's cost ``a*c + d*price(d)`` is at
   least the cost ``m*c`` of having been awarded what it metered, plus ``|d|*k``; with the
   rounding above this holds exactly for the stored integers:
   ``cost(a, m) >= cost(m, m) + floor(|d|*k/1000)`` (micro-currency, ``k`` per kWh in micro).
-* utility: the community's net exchange with the utility is ``n = sum(m)`` over the sites (the
-  feeder's meter); the community pays ``n*r`` to the utility when ``n > 0`` and is paid
-  ``-n*f`` when ``n < 0``.
+  And because a deviation pays at least what it costs the community at the feeder, the
+  community account never loses on an interval whose clearing is consistent with the utility
+  as outside option (``c >= r`` when the utility sells into the market, ``c <= f`` when it buys
+  from it), whatever the sites meter: a deviation is charged what it really costs plus the
+  premium, not the spread between retail and feed-in.
+* utility: the community's net exchange with the utility is ``n``; the community pays ``n*r``
+  to the utility when ``n > 0`` and is paid ``-n*f`` when ``n < 0``.
+* rebate (``rebate="metered_energy"``; none with ``rebate="none"``, the default here; the
+  coordinator's ``[market] rebate`` chooses): what the community account kept in the interval
+  (imbalance premiums, congestion rent when a feeder limit set the price, rounding) is paid back
+  to the sites pro rata to the energy each moved through the feeder, ``|m|``, at one rate per
+  kWh rounded down to the micro-currency per kWh, each site's amount rounded down. The
+  community keeps what the rounding leaves (less than one micro-currency per site plus the
+  rate's rounding), so its account stays non-negative and the sites together pay the utility's
+  bill. A deviating site gets back only its share of its own premium, so deviating still costs
+  it more than keeping its award (for a site that moved share ``s`` of the energy, at least
+  ``(1 - s)`` of the premium). Nothing is paid back when the interval's balance is not positive.
 
 Every posting is one double entry (two entries, equal and opposite), so every posting, every
 interval and the whole ledger sum to zero by construction; the community account absorbs the
 difference between what sites pay and what the utility is paid (zero when the clearing price
-respects the tariffs and nobody deviates, positive with congestion rent and imbalance premiums).
-Postings whose energy is zero are not written.
+respects the tariffs and nobody deviates, positive with congestion rent and imbalance premiums,
+then paid back by the rebate when it is on). Postings whose energy is zero, and rebates of
+nothing, are not written.
 
 Sites missing from ``awards_kwh`` have award 0. Sites missing from ``metered_kwh`` (their
 telemetry has not arrived; the gateway spools it and replays it later) make settlement refuse
@@ -76,11 +95,18 @@ on the next open. The ``intervals`` row also records how many postings the inter
 the storage lied about durability.
 
 Settling an interval that is already settled writes nothing. If the inputs, after the rounding
-above, are the ones it was settled with, the stored :class:`SettlementResult` is returned (so a
+above, are the ones it was settled with (the rebate rule is not an input: a settled interval
+keeps the rule it was settled under), the stored :class:`SettlementResult` is returned (so a
 coordinator that restarts and settles again is safe); if they differ, :class:`SettlementConflict`
 is raised carrying the stored result, because silently keeping the old figures would hide late or
 corrected meter data from the operator. Fresh and stored results are both read back from the
 database, so they compare equal.
+
+Schema versions
+---------------
+Version 2 added the ``rebate`` posting kind. Opening a version 1 file migrates it in one
+transaction (the ``postings`` table is rebuilt with the wider check; every row is kept and the
+foreign keys are checked before the commit). A newer version than this code reads is refused.
 
 Concurrency
 -----------
@@ -117,6 +143,7 @@ __all__ = [
     "LedgerInputError",
     "LedgerStorageError",
     "PostingKind",
+    "RebateRule",
     "SchemaVersionError",
     "SettlementConflict",
     "SettlementResult",
@@ -134,7 +161,7 @@ COMMUNITY: Final = "community"
 #: The utility's account (it sells at retail and buys at feed-in).
 UTILITY: Final = "utility"
 #: Version of the schema this module creates and reads.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: Premium (currency per kWh) added to the imbalance buy price and taken off the sell price.
 DEFAULT_IMBALANCE_PREMIUM_PER_KWH: Final = 0.05
 #: Largest |energy| accepted per site and interval (kWh), so every amount fits SQLite's int64.
@@ -146,7 +173,10 @@ _WH_PER_KWH: Final = 1000
 _SITE_PREFIX: Final = "site:"
 _MAX_SITE_ID_LEN: Final = 200
 
-PostingKind = Literal["trade", "imbalance", "utility"]
+PostingKind = Literal["trade", "imbalance", "utility", "rebate"]
+#: How the community account's balance of an interval goes back to the sites (module docs).
+RebateRule = Literal["none", "metered_energy"]
+_REBATE_RULES: Final = ("none", "metered_energy")
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -213,8 +243,9 @@ def to_currency(amount_micro: int) -> Decimal:
 class SiteSettlement:
     """One site's part of a settled interval.
 
-    Amounts are micro-currency received by the site (negative when it paid); energy in Wh,
-    positive for import; prices in micro-currency per kWh.
+    Amounts are micro-currency received by the site (negative when it paid), ``rebate_micro``
+    its share of the community account's balance; energy in Wh, positive for import; prices in
+    micro-currency per kWh.
     """
 
     site: str
@@ -223,6 +254,7 @@ class SiteSettlement:
     estimated: bool
     trade_micro: int
     imbalance_micro: int
+    rebate_micro: int = 0
 
     @property
     def deviation_wh(self) -> int:
@@ -232,7 +264,7 @@ class SiteSettlement:
     @property
     def total_micro(self) -> int:
         """What the site received in this interval (negative: it paid)."""
-        return self.trade_micro + self.imbalance_micro
+        return self.trade_micro + self.imbalance_micro + self.rebate_micro
 
 
 @dataclass(frozen=True)
@@ -290,7 +322,8 @@ class SiteReport:
 
     Energy in Wh, money in micro-currency. ``paid_micro``/``received_micro`` are the money of
     its awards (trade postings), ``imbalance_cost_micro`` the net it paid on imbalance postings
-    (negative: it was paid), ``net_cost_micro = paid - received + imbalance_cost`` (equal to
+    (negative: it was paid), ``rebate_micro`` what the community account paid back to it,
+    ``net_cost_micro = paid - received + imbalance_cost - rebate`` (equal to
     minus its balance), ``baseline_cost_micro`` what the utility alone would have billed its
     metered energy at the tariffs, and ``savings_micro = baseline - net_cost``.
     """
@@ -305,6 +338,7 @@ class SiteReport:
     paid_micro: int
     received_micro: int
     imbalance_cost_micro: int
+    rebate_micro: int
     net_cost_micro: int
     baseline_cost_micro: int
     savings_micro: int
@@ -348,13 +382,18 @@ class _Prices:
     feed_in: int
     premium: int
 
-    @property
-    def imbalance_buy(self) -> int:
-        return max(self.clearing, self.retail) + self.premium
+    def marginal(self, net_wh: int) -> int:
+        """The utility's price for one more kWh at the feeder: retail while the community
+        imports (or is balanced), feed-in while it exports."""
+        return self.retail if net_wh >= 0 else self.feed_in
 
-    @property
-    def imbalance_sell(self) -> int:
-        return min(self.clearing, self.feed_in) - self.premium
+    def imbalance_buy(self, net_wh: int) -> int:
+        """Price of a positive deviation (extra import) with the community at ``net_wh``."""
+        return max(self.clearing, self.marginal(net_wh)) + self.premium
+
+    def imbalance_sell(self, net_wh: int) -> int:
+        """Price of a negative deviation (extra export) with the community at ``net_wh``."""
+        return min(self.clearing, self.marginal(net_wh)) - self.premium
 
 
 @dataclass(frozen=True)
@@ -375,9 +414,13 @@ class _Posting:
     party_micro: int
 
 
-def _postings(prices: _Prices, sites: tuple[_SiteInput, ...]) -> tuple[_Posting, ...]:
+def _postings(
+    prices: _Prices, sites: tuple[_SiteInput, ...], rebate: RebateRule = "none"
+) -> tuple[_Posting, ...]:
     """Every posting of an interval (zero-energy ones left out), in a fixed order."""
     out: list[_Posting] = []
+    net_wh = sum(s.metered_wh for s in sites)
+    buy, sell = prices.imbalance_buy(net_wh), prices.imbalance_sell(net_wh)
     for s in sites:
         account = site_account(s.site)
         if s.award_wh:
@@ -393,18 +436,40 @@ def _postings(prices: _Prices, sites: tuple[_SiteInput, ...]) -> tuple[_Posting,
             )
         deviation = s.metered_wh - s.award_wh
         if deviation:
-            price = prices.imbalance_buy if deviation > 0 else prices.imbalance_sell
+            price = buy if deviation > 0 else sell
             out.append(
                 _Posting(
                     "imbalance", s.site, account, deviation, price, _party_amount(deviation, price)
                 )
             )
-    net_wh = sum(s.metered_wh for s in sites)
     if net_wh:
-        price = prices.retail if net_wh > 0 else prices.feed_in
+        price = prices.marginal(net_wh)
         # The utility *delivers* n Wh into the community: it receives n*price (rounded down).
         out.append(_Posting("utility", None, UTILITY, net_wh, price, _party_amount(-net_wh, price)))
+    if rebate == "metered_energy":
+        out += _rebates(-sum(p.party_micro for p in out), sites)
     return tuple(out)
+
+
+def _rebates(surplus_micro: int, sites: tuple[_SiteInput, ...]) -> list[_Posting]:
+    """The community's ``surplus_micro`` back to the sites pro rata to ``|metered_wh|``.
+
+    One rate per kWh, rounded down to the micro-currency per kWh; each site receives
+    ``floor(|m| * rate / 1000)``, so the rebates never exceed the surplus. Each posting records
+    the energy it was paid on and the rate.
+    """
+    moved_wh = sum(abs(s.metered_wh) for s in sites)
+    if surplus_micro <= 0 or moved_wh == 0:
+        return []
+    rate = surplus_micro * _WH_PER_KWH // moved_wh
+    out = []
+    for s in sites:
+        amount = _party_amount(-abs(s.metered_wh), rate)
+        if amount > 0:
+            out.append(
+                _Posting("rebate", s.site, site_account(s.site), abs(s.metered_wh), rate, amount)
+            )
+    return out
 
 
 def _baseline_cost(metered_wh: int, retail: int, feed_in: int) -> int:
@@ -414,6 +479,17 @@ def _baseline_cost(metered_wh: int, retail: int, feed_in: int) -> int:
 
 
 # --- the ledger ---------------------------------------------------------------------------
+
+_POSTINGS_TABLE: Final = """CREATE TABLE {name} (
+        posting_id INTEGER PRIMARY KEY,
+        interval INTEGER NOT NULL REFERENCES intervals (interval),
+        kind TEXT NOT NULL CHECK (kind IN ('trade', 'imbalance', 'utility', 'rebate')),
+        site TEXT REFERENCES accounts (site),
+        energy_wh INTEGER NOT NULL,
+        price_micro_per_kwh INTEGER NOT NULL,
+        CHECK ((kind = 'utility') = (site IS NULL))
+    ) STRICT"""
+_POSTINGS_INDEX: Final = "CREATE INDEX postings_interval ON postings (interval)"
 
 _SCHEMA: Final = (
     """CREATE TABLE schema_version (
@@ -446,16 +522,8 @@ _SCHEMA: Final = (
         PRIMARY KEY (interval, site)
     ) STRICT""",
     """CREATE INDEX site_intervals_site ON site_intervals (site)""",
-    """CREATE TABLE postings (
-        posting_id INTEGER PRIMARY KEY,
-        interval INTEGER NOT NULL REFERENCES intervals (interval),
-        kind TEXT NOT NULL CHECK (kind IN ('trade', 'imbalance', 'utility')),
-        site TEXT REFERENCES accounts (site),
-        energy_wh INTEGER NOT NULL,
-        price_micro_per_kwh INTEGER NOT NULL,
-        CHECK ((kind = 'utility') = (site IS NULL))
-    ) STRICT""",
-    """CREATE INDEX postings_interval ON postings (interval)""",
+    _POSTINGS_TABLE.format(name="postings"),
+    _POSTINGS_INDEX,
     """CREATE TABLE entries (
         entry_id INTEGER PRIMARY KEY,
         posting_id INTEGER NOT NULL REFERENCES postings (posting_id),
@@ -493,6 +561,7 @@ class Ledger:
         try:
             _configure(conn, self.path)
             _ensure_schema(conn)
+            conn.execute("PRAGMA foreign_keys=ON")  # after a migration, which needs them off
         except BaseException as err:
             conn.close()
             self._conn = None
@@ -549,6 +618,7 @@ class Ledger:
         metered_kwh: Mapping[str, float],
         imbalance_premium_per_kwh: float = DEFAULT_IMBALANCE_PREMIUM_PER_KWH,
         estimate_missing: bool = False,
+        rebate: RebateRule = "none",
     ) -> SettlementResult:
         """Settle one market interval in one transaction; idempotent (see the module docs).
 
@@ -557,6 +627,8 @@ class Ledger:
         award 0. An awarded site without metering raises :class:`IncompleteMetering` unless
         ``estimate_missing`` (then metered = award, flagged). Re-settling with the same inputs
         returns the stored result; with different ones raises :class:`SettlementConflict`.
+        ``rebate`` pays the community account's balance of the interval back to the sites
+        (``"metered_energy"``) or keeps it (``"none"``).
         """
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             raise LedgerInputError(f"interval must be an int >= 0, got {interval!r}")
@@ -568,8 +640,10 @@ class Ledger:
         )
         if prices.premium < 0:
             raise LedgerInputError("imbalance_premium_per_kwh must be >= 0")
+        if rebate not in _REBATE_RULES:
+            raise LedgerInputError(f"rebate must be one of {', '.join(_REBATE_RULES)}")
         sites = _site_inputs(interval, awards_kwh, metered_kwh, estimate_missing=estimate_missing)
-        postings = _postings(prices, sites)
+        postings = _postings(prices, sites, rebate)
 
         with self._db() as conn:
             conn.execute("BEGIN IMMEDIATE")
@@ -599,6 +673,7 @@ class Ledger:
         sites: tuple[_SiteInput, ...],
         postings: tuple[_Posting, ...],
     ) -> None:
+        net_wh = sum(s.metered_wh for s in sites)
         conn.executemany(
             "INSERT OR IGNORE INTO accounts (account, kind, site) VALUES (?, 'site', ?)",
             [(site_account(s.site), s.site) for s in sites],
@@ -611,9 +686,9 @@ class Ledger:
                 prices.retail,
                 prices.feed_in,
                 prices.premium,
-                prices.imbalance_buy,
-                prices.imbalance_sell,
-                sum(s.metered_wh for s in sites),
+                prices.imbalance_buy(net_wh),
+                prices.imbalance_sell(net_wh),
+                net_wh,
                 len(postings),
             ),
         )
@@ -669,6 +744,7 @@ class Ledger:
                 estimated=bool(estimated),
                 trade_micro=money.get(("trade", site_account(site)), 0),
                 imbalance_micro=money.get(("imbalance", site_account(site)), 0),
+                rebate_micro=money.get(("rebate", site_account(site)), 0),
             )
             for site, award, metered, estimated in conn.execute(
                 "SELECT site, award_wh, metered_wh, estimated FROM site_intervals "
@@ -769,17 +845,18 @@ class Ledger:
                 "FROM site_intervals WHERE site = ?",
                 (site,),
             ).fetchone()
-            paid, received, imbalance = conn.execute(
+            paid, received, imbalance, rebate = conn.execute(
                 "SELECT "
                 "COALESCE(SUM(CASE WHEN p.kind = 'trade' AND e.amount_micro < 0 "
                 "THEN -e.amount_micro END), 0), "
                 "COALESCE(SUM(CASE WHEN p.kind = 'trade' AND e.amount_micro > 0 "
                 "THEN e.amount_micro END), 0), "
-                "COALESCE(SUM(CASE WHEN p.kind = 'imbalance' THEN -e.amount_micro END), 0) "
+                "COALESCE(SUM(CASE WHEN p.kind = 'imbalance' THEN -e.amount_micro END), 0), "
+                "COALESCE(SUM(CASE WHEN p.kind = 'rebate' THEN e.amount_micro END), 0) "
                 "FROM entries e JOIN postings p USING (posting_id) WHERE e.account = ?",
                 (site_account(site),),
             ).fetchone()
-        net_cost = paid - received + imbalance
+        net_cost = paid - received + imbalance - rebate
         return SiteReport(
             site=site,
             intervals=n,
@@ -791,6 +868,7 @@ class Ledger:
             paid_micro=paid,
             received_micro=received,
             imbalance_cost_micro=imbalance,
+            rebate_micro=rebate,
             net_cost_micro=net_cost,
             baseline_cost_micro=baseline,
             savings_micro=baseline - net_cost,
@@ -827,11 +905,10 @@ class Ledger:
 
 
 def _configure(conn: sqlite3.Connection, path: Path) -> None:
-    """WAL journal, foreign keys, full fsync on every commit."""
+    """WAL journal, full fsync on every commit (foreign keys go on after the schema check)."""
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise LedgerStorageError(f"ledger {path}: journal_mode is {mode!r}, WAL is required")
-    conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA synchronous=FULL")
 
 
@@ -861,9 +938,30 @@ def _create_or_check_schema(conn: sqlite3.Connection) -> None:
         )
         return
     rows = conn.execute("SELECT version FROM schema_version").fetchall()
+    if rows == [(1,)]:
+        _migrate_1_to_2(conn)
+        return
     if rows != [(SCHEMA_VERSION,)]:
         found = [r[0] for r in rows]
         raise SchemaVersionError(f"ledger schema version {found}, this code reads {SCHEMA_VERSION}")
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Version 2 allows ``rebate`` postings: rebuild ``postings`` with the wider check.
+
+    SQLite cannot alter a CHECK constraint, so (its documented procedure, inside the caller's
+    transaction with foreign keys off): create the new table, copy every row, drop the old one,
+    rename, recreate the index, then verify the foreign keys before the caller commits.
+    """
+    conn.execute(_POSTINGS_TABLE.format(name="postings_v2"))
+    conn.execute("INSERT INTO postings_v2 SELECT * FROM postings")
+    conn.execute("DROP TABLE postings")
+    conn.execute("ALTER TABLE postings_v2 RENAME TO postings")
+    conn.execute(_POSTINGS_INDEX)
+    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise LedgerStorageError(f"migrating the ledger to version 2 broke references: {broken}")
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
 def _site_inputs(

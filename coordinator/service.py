@@ -438,6 +438,7 @@ class Coordinator:
                 metered_kwh=metered,
                 imbalance_premium_per_kwh=self.config.market.imbalance_premium_per_kwh,
                 estimate_missing=True,
+                rebate=self.config.market.rebate,
             )
         except LedgerError:
             log.exception("interval %d could not be settled", interval)

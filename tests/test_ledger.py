@@ -114,37 +114,104 @@ def test_open_refuses_another_schema_version(tmp_path: Path) -> None:
         Ledger(path)
 
 
+def _downgrade_to_version_1(path: Path) -> None:
+    """Turn a ledger file into what version 1 wrote: ``postings`` without the rebate kind."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.execute(
+            """CREATE TABLE postings_old (
+            posting_id INTEGER PRIMARY KEY,
+            interval INTEGER NOT NULL REFERENCES intervals (interval),
+            kind TEXT NOT NULL CHECK (kind IN ('trade', 'imbalance', 'utility')),
+            site TEXT REFERENCES accounts (site),
+            energy_wh INTEGER NOT NULL,
+            price_micro_per_kwh INTEGER NOT NULL,
+            CHECK ((kind = 'utility') = (site IS NULL))
+            ) STRICT"""
+        )
+        conn.execute("INSERT INTO postings_old SELECT * FROM postings")
+        conn.execute("DROP TABLE postings")
+        conn.execute("ALTER TABLE postings_old RENAME TO postings")
+        conn.execute("CREATE INDEX postings_interval ON postings (interval)")
+        conn.execute("UPDATE schema_version SET version = 1")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def test_opening_a_version_1_ledger_migrates_it_and_keeps_every_entry(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with Ledger(path) as ledger:
+        first = _settle(ledger, 7, {"buyer": 5.0, "seller": -5.0}, {"buyer": 6.0, "seller": -5.5})
+        entries = ledger.interval_entries(7)
+    _downgrade_to_version_1(path)
+    with sqlite3.connect(path) as conn:  # a version 1 file refuses rebate postings
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(
+                "INSERT INTO postings (interval, kind, site, energy_wh, price_micro_per_kwh) "
+                "VALUES (7, 'rebate', 'buyer', 1, 1)"
+            )
+    with Ledger(path) as ledger:
+        assert ledger.settlement(7) == first
+        assert ledger.interval_entries(7) == entries
+        assert ledger.check_balanced()
+        result = ledger.settle_interval(
+            8,
+            clearing_price_per_kwh=0.20,
+            retail_price_per_kwh=RETAIL,
+            feed_in_price_per_kwh=FEED_IN,
+            awards_kwh={"buyer": 5.0, "seller": -5.0},
+            metered_kwh={"buyer": 6.0, "seller": -5.5},
+            imbalance_premium_per_kwh=PREMIUM,
+            rebate="metered_energy",
+        )
+        assert result.site("buyer").rebate_micro > 0
+        assert ledger.check_balanced()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        targets = {row[2] for row in conn.execute("PRAGMA foreign_key_list(entries)")}
+        assert targets == {"postings", "intervals", "accounts"}
+    finally:
+        conn.close()
+
+
 # --- hand-checked settlement ------------------------------------------------------------
 
 
 def test_two_site_interval_hand_checked(tmp_path: Path) -> None:
-    # Clearing 0.20, retail 0.30, feed-in 0.05, premium 0.02:
-    # imbalance buy = max(0.20, 0.30) + 0.02 = 0.32, sell = min(0.20, 0.05) - 0.02 = 0.03.
+    # Clearing 0.20, retail 0.30, feed-in 0.05, premium 0.02. The feeder meters 6 - 5.5 =
+    # 0.5 kWh imported, so a kWh more or less is worth retail (0.30) to the community:
+    # imbalance buy = max(0.20, 0.30) + 0.02 = 0.32, sell = min(0.20, 0.30) - 0.02 = 0.18.
     # buyer: awarded 5 kWh, metered 6 -> pays 5*0.20 = 1.00 and 1*0.32 = 0.32.
-    # seller: awarded -5 kWh, metered -5.5 -> paid 5*0.20 = 1.00 and 0.5*0.03 = 0.015.
-    # Feeder: 6 - 5.5 = 0.5 kWh imported -> the community pays the utility 0.5*0.30 = 0.15.
-    # Community: 1.00 + 0.32 - 1.00 - 0.015 - 0.15 = 0.155.
+    # seller: awarded -5 kWh, metered -5.5 -> paid 5*0.20 = 1.00 and 0.5*0.18 = 0.09.
+    # The community pays the utility 0.5*0.30 = 0.15 and keeps
+    # 1.00 + 0.32 - 1.00 - 0.09 - 0.15 = 0.08 (the premium on 1.5 kWh of deviation, 0.03, and
+    # the seller's extra 0.5 kWh bought at 0.18 that saved 0.30 at retail, 0.06... less the
+    # buyer's extra kWh that cost 0.30 at retail but paid 0.32: 0.02 + 0.06 = 0.08).
     with Ledger(tmp_path / "ledger.db") as ledger:
         result = _settle(ledger, 7, {"buyer": 5.0, "seller": -5.0}, {"buyer": 6.0, "seller": -5.5})
         assert result.interval == 7
         assert result.clearing_price_micro_per_kwh == 200_000
         assert result.imbalance_buy_price_micro_per_kwh == 320_000
-        assert result.imbalance_sell_price_micro_per_kwh == 30_000
+        assert result.imbalance_sell_price_micro_per_kwh == 180_000
         assert result.community_net_wh == 500
         buyer, seller = result.site("buyer"), result.site("seller")
         assert (buyer.award_wh, buyer.metered_wh, buyer.deviation_wh) == (5000, 6000, 1000)
         assert (buyer.trade_micro, buyer.imbalance_micro) == (-1_000_000, -320_000)
         assert (seller.award_wh, seller.metered_wh, seller.deviation_wh) == (-5000, -5500, -500)
-        assert (seller.trade_micro, seller.imbalance_micro) == (1_000_000, 15_000)
+        assert (seller.trade_micro, seller.imbalance_micro) == (1_000_000, 90_000)
         assert result.utility_micro == 150_000
-        assert result.community_micro == 155_000
+        assert result.community_micro == 80_000
         assert _interval_sum(result) == 0
 
         assert ledger.balance(site_account("buyer")) == -1_320_000
-        assert ledger.balance(site_account("seller")) == 1_015_000
+        assert ledger.balance(site_account("seller")) == 1_090_000
         assert ledger.balance(UTILITY) == 150_000
-        assert ledger.balance(COMMUNITY) == 155_000
-        assert to_currency(ledger.balance(COMMUNITY)) == Decimal("0.155")
+        assert ledger.balance(COMMUNITY) == 80_000
+        assert to_currency(ledger.balance(COMMUNITY)) == Decimal("0.08")
         assert ledger.check_balanced()
 
         entries = ledger.interval_entries(7)
@@ -156,14 +223,99 @@ def test_two_site_interval_hand_checked(tmp_path: Path) -> None:
             ("imbalance", COMMUNITY, 320_000),
             ("trade", "site:seller", 1_000_000),
             ("trade", COMMUNITY, -1_000_000),
-            ("imbalance", "site:seller", 15_000),
-            ("imbalance", COMMUNITY, -15_000),
+            ("imbalance", "site:seller", 90_000),
+            ("imbalance", COMMUNITY, -90_000),
             ("utility", UTILITY, 150_000),
             ("utility", COMMUNITY, -150_000),
         ]
         assert len({e.posting_id for e in entries}) == 5
         assert sum(e.amount_micro for e in entries) == 0
         assert ledger.interval_entries(8) == ()
+
+
+def test_imbalance_prices_follow_the_feeders_position(tmp_path: Path) -> None:
+    # The community exports (the utility is the marginal buyer: clearing = feed-in 0.05), so a
+    # kWh more or less at the feeder is worth feed-in, not retail:
+    # buy = max(0.05, 0.05) + 0.02 = 0.07, sell = min(0.05, 0.05) - 0.02 = 0.03.
+    # buyer: awarded 5, metered 6 -> pays 0.25 + 1*0.07; seller: awarded -8, metered -8.5 ->
+    # paid 0.40 + 0.5*0.03. Feeder: 6 - 8.5 = -2.5 kWh -> the utility pays 0.125.
+    # Community: 0.25 + 0.07 - 0.40 - 0.015 + 0.125 = 0.03, the premium on 1.5 kWh.
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        result = _settle(ledger, 1, {"buyer": 5.0, "seller": -8.0},
+                         {"buyer": 6.0, "seller": -8.5}, clearing=FEED_IN)  # fmt: skip
+        assert result.community_net_wh == -2500
+        assert result.imbalance_buy_price_micro_per_kwh == 70_000
+        assert result.imbalance_sell_price_micro_per_kwh == 30_000
+        assert result.site("buyer").imbalance_micro == -70_000
+        assert result.site("seller").imbalance_micro == 15_000
+        assert result.utility_micro == -125_000
+        assert result.community_micro == 30_000
+        assert _interval_sum(result) == 0
+
+
+def test_rebate_pays_the_community_surplus_back_pro_rata(tmp_path: Path) -> None:
+    # As in the hand-checked interval above, the community keeps 0.08 (80,000 micro) before
+    # rebates. The sites moved 6 + 5.5 = 11.5 kWh: rate floor(80,000 * 1000 / 11,500) = 6,956
+    # micro per kWh; buyer gets floor(6000 * 6956 / 1000) = 41,736, seller
+    # floor(5500 * 6956 / 1000) = 38,258; the community keeps 6 micro of rounding.
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        result = ledger.settle_interval(
+            7,
+            clearing_price_per_kwh=0.20,
+            retail_price_per_kwh=RETAIL,
+            feed_in_price_per_kwh=FEED_IN,
+            awards_kwh={"buyer": 5.0, "seller": -5.0},
+            metered_kwh={"buyer": 6.0, "seller": -5.5},
+            imbalance_premium_per_kwh=PREMIUM,
+            rebate="metered_energy",
+        )
+        buyer, seller = result.site("buyer"), result.site("seller")
+        assert (buyer.rebate_micro, seller.rebate_micro) == (41_736, 38_258)
+        assert result.community_micro == 6
+        assert buyer.total_micro == -1_320_000 + 41_736
+        assert _interval_sum(result) == 0
+        rebates = [e for e in ledger.interval_entries(7) if e.kind == "rebate"]
+        assert [(e.account, e.amount_micro, e.energy_wh, e.price_micro_per_kwh) for e in rebates] == [
+            ("site:buyer", 41_736, 6000, 6956),
+            (COMMUNITY, -41_736, 6000, 6956),
+            ("site:seller", 38_258, 5500, 6956),
+            (COMMUNITY, -38_258, 5500, 6956),
+        ]
+        report = ledger.site_report("buyer")
+        assert report.rebate_micro == 41_736
+        assert report.net_cost_micro == 1_320_000 - 41_736
+        assert ledger.check_balanced()
+        # A deviating site still pays more than if it had kept its award: the buyer's extra
+        # kWh cost it 0.32 and came back only as its share of the premium.
+        assert -buyer.imbalance_micro - buyer.rebate_micro > 0
+
+
+def test_rebate_pays_nothing_back_from_a_loss(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        # The export interval of test_utility_pays_feed_in_for_net_export: the community
+        # loses 0.21 there, so there is nothing to pay back.
+        result = ledger.settle_interval(
+            1,
+            clearing_price_per_kwh=0.12,
+            retail_price_per_kwh=RETAIL,
+            feed_in_price_per_kwh=FEED_IN,
+            awards_kwh={"a": -4.0, "b": 1.0},
+            metered_kwh={"a": -4.0, "b": 1.0},
+            rebate="metered_energy",
+        )
+        assert result.community_micro == -210_000
+        assert all(s.rebate_micro == 0 for s in result.sites)
+        with pytest.raises(LedgerInputError, match="rebate"):
+            ledger.settle_interval(
+                2,
+                clearing_price_per_kwh=0.12,
+                retail_price_per_kwh=RETAIL,
+                feed_in_price_per_kwh=FEED_IN,
+                awards_kwh={},
+                metered_kwh={"a": 1.0},
+                rebate="everything",  # type: ignore[arg-type]
+            )
+        assert not ledger.is_settled(2)
 
 
 def test_utility_pays_feed_in_for_net_export(tmp_path: Path) -> None:
@@ -296,14 +448,14 @@ def test_site_report_and_savings_against_the_baseline(tmp_path: Path) -> None:
         assert (seller.bought_wh, seller.sold_wh) == (0, 6000)
         assert (seller.metered_import_wh, seller.metered_export_wh) == (0, 6500)
         assert (seller.paid_micro, seller.received_micro) == (0, 1_250_000)
-        assert seller.imbalance_cost_micro == -15_000
-        assert seller.net_cost_micro == -1_265_000 == -ledger.balance("site:seller")
-        # Alone: 6.5 kWh exported at feed-in 0.05 = paid 0.325; it got 1.265 instead.
+        assert seller.imbalance_cost_micro == -90_000
+        assert seller.net_cost_micro == -1_340_000 == -ledger.balance("site:seller")
+        # Alone: 6.5 kWh exported at feed-in 0.05 = paid 0.325; it got 1.34 instead.
         assert seller.baseline_cost_micro == -325_000
-        assert seller.savings_micro == 940_000
+        assert seller.savings_micro == 1_015_000
 
-        # Community: 0.155 in interval 1; 0.64 - 0.25 - 0.30 = 0.09 in interval 2.
-        assert ledger.balance(COMMUNITY) == 245_000
+        # Community: 0.08 in interval 1; 0.64 - 0.25 - 0.30 = 0.09 in interval 2.
+        assert ledger.balance(COMMUNITY) == 170_000
         assert ledger.balance(UTILITY) == 150_000 + 300_000
         assert ledger.check_balanced()
 
@@ -411,6 +563,71 @@ def test_deviation_costs_at_least_as_much_as_being_awarded_it(
     extra_cost = keeping.total_micro - deviating.total_micro
     premium_micro = first.imbalance_premium_micro_per_kwh
     assert extra_cost >= abs(deviating.deviation_wh) * premium_micro // 1000 >= 0
+
+
+@st.composite
+def _consistent_interval(draw: st.DrawFn) -> dict[str, Any]:
+    """Awards and a clearing price the market could produce (the utility, offering at retail
+    and bidding at feed-in, is marginal on its side), and any metering. Energies in whole Wh
+    and prices in whole micro-currency, so the ledger's rounding does not move them."""
+    n = draw(st.integers(min_value=1, max_value=6))
+    wh = st.integers(min_value=-40_000, max_value=40_000)
+    awards = [draw(wh) for _ in range(n)]
+    metered = [draw(wh) for _ in range(n)]
+    micro = st.integers(min_value=-200_000, max_value=800_000)
+    feed_in = draw(micro)
+    retail = feed_in + draw(st.integers(min_value=1, max_value=500_000))
+    utility_sells = sum(awards)
+    if utility_sells > 0:  # the utility supplies: the price is retail, or above with congestion
+        clearing = retail + draw(st.integers(min_value=0, max_value=300_000))
+    elif utility_sells < 0:  # it buys the surplus: feed-in, or below with export congestion
+        clearing = feed_in - draw(st.integers(min_value=0, max_value=300_000))
+    else:
+        clearing = draw(st.integers(min_value=feed_in, max_value=retail))
+    return {
+        "awards": {f"s{i}": a / 1000 for i, a in enumerate(awards)},
+        "metered": {f"s{i}": m / 1000 for i, m in enumerate(metered)},
+        "clearing": clearing / 1e6,
+        "retail": retail / 1e6,
+        "feed_in": feed_in / 1e6,
+        "premium": draw(st.integers(min_value=0, max_value=100_000)) / 1e6,
+    }
+
+
+@PROPERTY_SETTINGS
+@given(case=_consistent_interval())
+def test_community_never_loses_on_deviations_and_rebates_its_surplus(
+    tmp_path_factory: pytest.TempPathFactory, case: dict[str, Any]
+) -> None:
+    # Whatever the sites meter, a consistent clearing leaves the community account >= 0:
+    # every deviation pays at least what it costs at the feeder. With the rebate, the sites
+    # get that surplus back, except for less than a micro-currency per site and per kWh moved.
+    path = tmp_path_factory.mktemp("surplus") / "ledger.db"
+    kwargs = {k: case[k] for k in ("clearing", "retail", "feed_in", "premium")}
+    with Ledger(path) as ledger:
+        kept = _settle(ledger, 1, case["awards"], case["metered"], **kwargs)
+        result = ledger.settle_interval(
+            2,
+            clearing_price_per_kwh=case["clearing"],
+            retail_price_per_kwh=case["retail"],
+            feed_in_price_per_kwh=case["feed_in"],
+            awards_kwh=case["awards"],
+            metered_kwh=case["metered"],
+            imbalance_premium_per_kwh=case["premium"],
+            rebate="metered_energy",
+        )
+        assert ledger.check_balanced()
+    assert kept.community_micro >= 0
+    rebates = sum(s.rebate_micro for s in result.sites)
+    assert all(s.rebate_micro >= 0 for s in result.sites)
+    assert rebates + result.community_micro == kept.community_micro
+    moved_kwh = sum(abs(s.metered_wh) for s in result.sites) / 1000
+    if moved_kwh:
+        assert 0 <= result.community_micro <= moved_kwh + len(result.sites)
+    else:  # nobody moved energy, so there is nobody to pay back (only rounding was kept)
+        assert rebates == 0
+    for before, after in zip(kept.sites, result.sites, strict=True):
+        assert after.total_micro - before.total_micro == after.rebate_micro
 
 
 # --- crash mid-settlement -------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_table_rounds_money_half_up_to_cents_by_default(ledger_path: Path) -> No
 
 def test_json_has_the_hand_checked_figures(ledger_path: Path) -> None:
     doc = _json(_invoke("report", ledger_path, "--json"))
-    assert doc["report_version"] == 1
+    assert doc["report_version"] == 2
     assert doc["ledger"] == str(ledger_path)
     assert doc["currency"] == "EUR"
     assert doc["settled_intervals"] == {"count": 2, "first": 100, "last": 101}

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: Version of the ``report --json`` document layout (bumped when a key changes meaning).
-REPORT_VERSION: Final = 1
+REPORT_VERSION: Final = 2
 
 _SQLITE_HEADER: Final = b"SQLite format 3\x00"
 _LEDGER_TABLES: Final = frozenset(
@@ -218,6 +218,7 @@ def _figures(r: SiteReport) -> dict[str, Any]:
         "paid": _money(r.paid_micro),
         "received": _money(r.received_micro),
         "imbalance_cost": _money(r.imbalance_cost_micro),
+        "rebate": _money(r.rebate_micro),
         "net_cost": _money(r.net_cost_micro),
         "baseline_cost": _money(r.baseline_cost_micro),
         "savings": _money(r.savings_micro),
@@ -286,7 +287,7 @@ def _money_table(report: LedgerReport, currency: str, decimals: int) -> Table:
         title=f"Money ({escape(currency)}; positive cost = the site pays)", title_justify="left"
     )
     table.add_column("site")
-    for name in ("paid", "received", "imbalance", "net cost", "baseline", "savings"):
+    for name in ("paid", "received", "imbalance", "rebate", "net cost", "baseline", "savings"):
         table.add_column(name, justify="right")
     rows = [(escape(r.site), r) for r in report.sites]
     rows.append((f"[bold]community ({len(report.all_sites)} sites)[/bold]", report.total))
@@ -299,6 +300,7 @@ def _money_table(report: LedgerReport, currency: str, decimals: int) -> Table:
                     r.paid_micro,
                     r.received_micro,
                     r.imbalance_cost_micro,
+                    r.rebate_micro,
                     r.net_cost_micro,
                     r.baseline_cost_micro,
                     r.savings_micro,
@@ -322,7 +324,7 @@ def _print_report(report: LedgerReport, currency: str, decimals: int) -> None:
     cur = escape(currency)
     out.print(
         f"community account: {_money_cell(report.community_balance_micro, decimals)} {cur} "
-        "(kept net: price spread, imbalance premiums, rounding)"
+        "(kept net after rebates: imbalance premiums, congestion rent, rounding)"
     )
     out.print(
         f"utility account:   {_money_cell(report.utility_balance_micro, decimals)} {cur} "
@@ -351,7 +353,9 @@ Money (in --currency; positive cost = the site pays, negative = it is paid):
   paid       paid for its bought energy at the clearing price
   received   received for its sold energy at the clearing price
   imbalance  net cost of metering more or less than the award
-  net cost   paid - received + imbalance
+  rebate     the community account's surplus paid back to the site
+             (coordinator [market] rebate; pro rata to the energy it moved)
+  net cost   paid - received + imbalance - rebate
   baseline   what the utility alone would have billed its metered energy
              (import at retail, export at feed-in; no trading)
   savings    baseline - net cost (positive: trading saved the site money)
@@ -362,12 +366,12 @@ community account's balance (what it kept net) and the utility account's
 net cost. The table rounds money to --decimals (half up); --json is exact.
 
 --json prints one document with the same figures:
-  report_version (1), ledger, currency, settled_intervals (count, first,
+  report_version (2: adds rebate), ledger, currency, settled_intervals (count, first,
   last), site_filter, sites (list of site + FIGURES), community_total
   (sites + FIGURES), accounts (community, utility), balanced (true/false).
   FIGURES: intervals, estimated_intervals, bought_kwh, sold_kwh,
   metered_import_kwh, metered_export_kwh (numbers, exact to the Wh); paid,
-  received, imbalance_cost, net_cost, baseline_cost, savings and the
+  received, imbalance_cost, rebate, net_cost, baseline_cost, savings and the
   accounts' balances (decimal strings with six decimals, exact).
 
 A missing file, a file that is not a wattmesh ledger or an unknown site is

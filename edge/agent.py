@@ -397,6 +397,15 @@ class EdgeAgent:
                 # Keeping the award would mean buying dear energy to charge the battery (the
                 # forecast overshot): deviate instead; the imbalance costs less than that.
                 target = 0.0
+            fb = self.config.fallback
+            soc = self.snapshot.soc_pct
+            reserve = fb.reserve_soc_pct
+            if target > 0 and reserve is not None and soc is not None and soc <= reserve:
+                # The energy below the reserve is kept for peak shaving (and was not offered
+                # to the market): it covers a forecast shortfall only beyond the import cap;
+                # the rest of the shortfall is imbalance.
+                cap = fb.import_cap_w
+                target = min(target, max(0.0, net - cap)) if cap is not None else 0.0
         elif self.config.fallback.mode == "self_consumption" and net is not None:
             layer = "fallback"
             fb = self.config.fallback

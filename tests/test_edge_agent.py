@@ -18,7 +18,7 @@ import pytest
 from broker import topics
 from broker.client import BusClient, BusSettings
 from broker.clock import ScaledClock
-from broker.messages import Bid, Dispatch, DispatchAck, Telemetry
+from broker.messages import Award, Bid, Dispatch, DispatchAck, Telemetry
 from broker.mosquitto import BrokerFiles, MosquittoProcess
 from edge.agent import EdgeAgent
 from edge.config import EdgeConfig, parse_edge_config
@@ -251,6 +251,36 @@ async def test_when_the_coordinator_goes_silent_the_battery_returns_to_the_fallb
     assert controller == "fallback"
     # Self-consumption at noon: PV exceeds the load, so the battery charges instead.
     assert setpoint < 0
+
+
+@pytest.mark.parametrize("reserve_soc_pct", [None, 100.0])
+async def test_the_market_layer_leaves_the_peak_shaving_reserve_alone(
+    mosquitto: MosquittoProcess,
+    broker_files: BrokerFiles,
+    tmp_path: Path,
+    reserve_soc_pct: float | None,
+) -> None:
+    # An award to export 3 kWh in this interval (12 kW on average) asks more than the house
+    # has: keeping it means discharging. A battery kept for peak shaving (reserve 100 %, not
+    # offered to the market) must not be drained for it; without a reserve it is.
+    fallback = {} if reserve_soc_pct is None else {"fallback": {"reserve_soc_pct": reserve_soc_pct}}
+    async with simulated_house() as house, observer(broker_files) as obs:
+        config = site_config(house, broker_files, tmp_path / "spool.sqlite", **fallback)
+        async with EdgeAgent(config, house.clock, password=_password(broker_files)) as agent:
+            await obs.wait_for(lambda: len(obs.of("telemetry")) >= 2)
+            interval = int(house.clock.now() // config.market.interval_s)
+            award = Award(ts=house.clock.now(), interval=interval, price_per_kwh=0.3,
+                          quantity_kwh=-3.0)  # fmt: skip
+            await obs.bus.publish(topics.site_topic(SITE, "award"), award.model_dump_json())
+            await asyncio.sleep(1.5)  # the award arrives; a few control cycles follow
+            assert interval in agent.awards
+            controller, setpoint = agent.controller, house.battery.setpoint_w
+    if reserve_soc_pct is None:
+        # Full discharge toward the award, clipped to the rated power (the safety layer).
+        assert (controller, setpoint) == ("safety", 5000.0)
+    else:
+        # The reserve is kept; the shortfall is imbalance.
+        assert (controller, setpoint) == ("market", 0.0)
 
 
 async def test_a_broker_outage_loses_no_telemetry(

@@ -325,7 +325,7 @@ async def test_every_record_is_read_back_with_tags_values_and_timestamps(
                 community_net_wh=2000,
                 utility_micro=-600_000,
                 community_micro=0,
-                sites=(SiteSettlement("factory", 2000, 2000, False, -420_000, 0),),
+                sites=(SiteSettlement("factory", 2000, 2000, False, -420_000, 0, 20_000),),
             ),
             ts=base + 4,
         )
@@ -424,7 +424,8 @@ async def test_every_record_is_read_back_with_tags_values_and_timestamps(
             savings=0.18,
             estimated=1,
         ),
-        # 2 kWh bought at 0.21 and metered: paid 0.42; the utility alone: 2 kWh at 0.30.
+        # 2 kWh bought at 0.21 and metered: paid 0.42, 0.02 of it paid back as a rebate;
+        # the utility alone: 2 kWh at 0.30.
         *expect(
             "settlement",
             {"site": "factory"},
@@ -432,10 +433,11 @@ async def test_every_record_is_read_back_with_tags_values_and_timestamps(
             interval=2_000_001,
             energy_kwh=2.0,
             award_kwh=2.0,
-            amount=0.42,
+            amount=0.40,
             imbalance_amount=0.0,
+            rebate_amount=0.02,
             baseline_amount=0.6,
-            savings=0.18,
+            savings=0.2,
             estimated=0,
         ),
         *expect(

@@ -275,7 +275,9 @@ def test_rebate_pays_the_community_surplus_back_pro_rata(tmp_path: Path) -> None
         assert buyer.total_micro == -1_320_000 + 41_736
         assert _interval_sum(result) == 0
         rebates = [e for e in ledger.interval_entries(7) if e.kind == "rebate"]
-        assert [(e.account, e.amount_micro, e.energy_wh, e.price_micro_per_kwh) for e in rebates] == [
+        assert [
+            (e.account, e.amount_micro, e.energy_wh, e.price_micro_per_kwh) for e in rebates
+        ] == [
             ("site:buyer", 41_736, 6000, 6956),
             (COMMUNITY, -41_736, 6000, 6956),
             ("site:seller", 38_258, 5500, 6956),

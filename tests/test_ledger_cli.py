@@ -6,17 +6,19 @@ interval 100: clearing 0.20, retail 0.30, feed-in 0.10; house awarded +2 metered
   solar awarded -2 metered -2.0.
   house pays 2*0.20 = 0.40 and 0.5*(max(0.20, 0.30) + 0.05) = 0.175 imbalance; solar is paid
   0.40; the community imports 0.5 kWh and pays the utility 0.5*0.30 = 0.15.
-interval 101: clearing 0.15, retail 0.30, feed-in 0.08; house awarded +1 metered +1.0,
-  solar awarded -3 metered -2.5.
-  house pays 0.15; solar is paid 0.45 and pays 0.5*0.35 = 0.175 for its short export; the
-  community exports 1.5 kWh and the utility pays it 1.5*0.08 = 0.12.
+interval 101: clearing 0.08 (the community exports, the utility buys at feed-in), retail 0.30,
+  feed-in 0.08; house awarded +1 metered +1.0, solar awarded -3 metered -2.5.
+  house pays 0.08; solar is paid 0.24 and pays 0.5*(max(0.08, 0.08) + 0.05) = 0.065 for its
+  short export (the community exports, so a kWh short costs it feed-in); the community exports
+  1.5 kWh and the utility pays it 1.5*0.08 = 0.12.
 
-house: bought 3, import 3.5; paid 0.55, imbalance 0.175, net cost 0.725;
-  baseline (2.5 + 1.0)*0.30 = 1.05; savings 0.325.
-solar: sold 5, export 4.5; received 0.85, imbalance 0.175, net cost -0.675;
-  baseline -(2.0*0.10 + 2.5*0.08) = -0.40; savings 0.275.
-community account 0.40 + 0.175 - 0.40 - 0.15 + 0.15 - 0.45 + 0.175 + 0.12 = 0.02;
-utility account 0.15 - 0.12 = 0.03; 0.02 + 0.03 = 0.05 = the sites' net cost 0.725 - 0.675.
+house: bought 3, import 3.5; paid 0.48, imbalance 0.175, net cost 0.655;
+  baseline (2.5 + 1.0)*0.30 = 1.05; savings 0.395.
+solar: sold 5, export 4.5; received 0.64, imbalance 0.065, net cost -0.575;
+  baseline -(2.0*0.10 + 2.5*0.08) = -0.40; savings 0.175.
+community account 0.40 + 0.175 - 0.40 - 0.15 + 0.08 - 0.24 + 0.065 + 0.12 = 0.05;
+utility account 0.15 - 0.12 = 0.03; 0.05 + 0.03 = 0.08 = the sites' net cost 0.655 - 0.575.
+No rebates: the ledger's default rule keeps the community account's balance.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ from coordinator.ledger import MICRO, Ledger
 from wattmesh.ledger_cli import ledger_app
 
 SITES = ("house", "solar")
-MONEY_KEYS = ("paid", "received", "imbalance_cost", "net_cost", "baseline_cost", "savings")
+MONEY_KEYS = (
+    "paid",
+    "received",
+    "imbalance_cost",
+    "rebate",
+    "net_cost",
+    "baseline_cost",
+    "savings",
+)
 ENERGY_KEYS = ("bought_kwh", "sold_kwh", "metered_import_kwh", "metered_export_kwh")
 
 runner = CliRunner()
@@ -53,7 +63,7 @@ def _write_example(path: Path) -> None:
         )
         ledger.settle_interval(
             101,
-            clearing_price_per_kwh=0.15,
+            clearing_price_per_kwh=0.08,
             retail_price_per_kwh=0.30,
             feed_in_price_per_kwh=0.08,
             imbalance_premium_per_kwh=0.05,
@@ -110,14 +120,14 @@ def test_table_shows_the_hand_checked_figures(ledger_path: Path) -> None:
         ["house", "2", "0", "3.000", "0.000", "3.500", "0.000"],
         ["solar", "2", "0", "0.000", "5.000", "0.000", "4.500"],
         ["community (2 sites)", "2", "0", "3.000", "5.000", "3.500", "4.500"],
-        # site, paid, received, imbalance, net cost, baseline, savings (EUR)
-        ["house", "0.550", "0.000", "0.175", "0.725", "1.050", "0.325"],
-        ["solar", "0.000", "0.850", "0.175", "-0.675", "-0.400", "0.275"],
-        ["community (2 sites)", "0.550", "0.850", "0.350", "0.050", "0.650", "0.600"],
+        # site, paid, received, imbalance, rebate, net cost, baseline, savings (EUR)
+        ["house", "0.480", "0.000", "0.175", "0.000", "0.655", "1.050", "0.395"],
+        ["solar", "0.000", "0.640", "0.065", "0.000", "-0.575", "-0.400", "0.175"],
+        ["community (2 sites)", "0.480", "0.640", "0.240", "0.000", "0.080", "0.650", "0.570"],
     ]
     out = result.stdout
     assert "2 settled interval(s), #100 to #101" in out
-    assert "community account: 0.020 EUR" in out
+    assert "community account: 0.050 EUR" in out
     assert "utility account:   0.030 EUR" in out
     assert "balanced: yes" in out
 
@@ -126,10 +136,10 @@ def test_table_rounds_money_half_up_to_cents_by_default(ledger_path: Path) -> No
     result = _invoke("report", ledger_path, "--currency", "CHF")
     assert result.exit_code == 0, result.output
     money = _rows(result.stdout)[3:]
-    assert money[0] == ["house", "0.55", "0.00", "0.18", "0.73", "1.05", "0.33"]
-    assert money[1] == ["solar", "0.00", "0.85", "0.18", "-0.68", "-0.40", "0.28"]
+    assert money[0] == ["house", "0.48", "0.00", "0.18", "0.00", "0.66", "1.05", "0.40"]
+    assert money[1] == ["solar", "0.00", "0.64", "0.07", "0.00", "-0.58", "-0.40", "0.18"]
     assert "Money (CHF; positive cost = the site pays)" in result.stdout
-    assert "community account: 0.02 CHF" in result.stdout
+    assert "community account: 0.05 CHF" in result.stdout
 
 
 # --- report --json ------------------------------------------------------------------------
@@ -143,7 +153,7 @@ def test_json_has_the_hand_checked_figures(ledger_path: Path) -> None:
     assert doc["settled_intervals"] == {"count": 2, "first": 100, "last": 101}
     assert doc["site_filter"] is None
     assert doc["balanced"] is True
-    assert doc["accounts"] == {"community": "0.020000", "utility": "0.030000"}
+    assert doc["accounts"] == {"community": "0.050000", "utility": "0.030000"}
     house, solar = doc["sites"]
     assert house == {
         "site": "house",
@@ -153,18 +163,19 @@ def test_json_has_the_hand_checked_figures(ledger_path: Path) -> None:
         "sold_kwh": 0.0,
         "metered_import_kwh": 3.5,
         "metered_export_kwh": 0.0,
-        "paid": "0.550000",
+        "paid": "0.480000",
         "received": "0.000000",
         "imbalance_cost": "0.175000",
-        "net_cost": "0.725000",
+        "rebate": "0.000000",
+        "net_cost": "0.655000",
         "baseline_cost": "1.050000",
-        "savings": "0.325000",
+        "savings": "0.395000",
     }
     assert solar["site"] == "solar"
     assert (solar["net_cost"], solar["baseline_cost"], solar["savings"]) == (
-        "-0.675000",
+        "-0.575000",
         "-0.400000",
-        "0.275000",
+        "0.175000",
     )
 
 
@@ -187,6 +198,7 @@ def test_json_agrees_with_ledger_site_report(ledger_path: Path) -> None:
                     r.paid_micro,
                     r.received_micro,
                     r.imbalance_cost_micro,
+                    r.rebate_micro,
                     r.net_cost_micro,
                     r.baseline_cost_micro,
                     r.savings_micro,
@@ -223,12 +235,12 @@ def test_site_filter_keeps_one_site_and_the_community_total(ledger_path: Path) -
     result = _invoke("report", ledger_path, "--site", "solar", "--decimals", "3")
     assert result.exit_code == 0, result.output
     assert [row[0] for row in _rows(result.stdout)] == ["solar", "community (2 sites)"] * 2
-    assert _rows(result.stdout)[2][4] == "-0.675"
+    assert _rows(result.stdout)[2][5] == "-0.575"
 
     doc = _json(_invoke("report", ledger_path, "--site", "solar", "--json"))
     assert doc["site_filter"] == "solar"
     assert [s["site"] for s in doc["sites"]] == ["solar"]
-    assert doc["community_total"]["net_cost"] == "0.050000"
+    assert doc["community_total"]["net_cost"] == "0.080000"
 
 
 def test_site_ids_are_printed_literally(tmp_path: Path) -> None:
@@ -320,9 +332,9 @@ def test_help_explains_columns_and_signs() -> None:
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     assert "positive cost = the site pays" in text
-    for column in ("bought", "sold", "import", "export", "paid", "received", "imbalance"):
+    for column in ("bought", "sold", "import", "export", "paid", "received", "imbalance", "rebate"):
         assert f" {column} " in text
-    assert "net cost paid - received + imbalance" in text
+    assert "net cost paid - received + imbalance - rebate" in text
     assert "savings baseline - net cost" in text
     assert "decimal strings with six decimals" in text
 

@@ -222,6 +222,15 @@ def test_the_demo_runs_a_community_to_a_report_that_matches_its_ledger(
             assert figures["cost"] == pytest.approx(float(to_currency(settled.net_cost_micro)))
             traded = (settled.bought_wh + settled.sold_wh) / 1000.0
             assert figures["traded_kwh"] == pytest.approx(traded)
+        # The feeder's peak over an interval is the largest metered net the ledger settled.
+        nets = []
+        for i in ledger.settled_intervals():
+            settlement = ledger.settlement(i)
+            assert settlement is not None
+            nets.append(settlement.community_net_wh)
+    assert report["feeder_peak_interval_import_w"] == pytest.approx(max(nets) * 4.0)
+    assert report["baseline_feeder_peak_interval_import_w"] > 0
+    assert "feeder peak import over 15 minutes" in result.stdout
     total = sum(f["cost"] for f in report["sites"].values())
     assert report["community"]["cost"] == pytest.approx(total)
     # The baseline (batteries idle, no trading) is measured on the same simulators: at night

@@ -103,6 +103,7 @@ class SiteState:
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     invalid: int = 0
     last_history_ts: float = -math.inf
+    poll_s: float = 0.0  # simulated seconds between its last two telemetry messages
 
     @property
     def battery_headroom_w(self) -> tuple[float, float]:
@@ -165,6 +166,7 @@ class Coordinator:
         self.emergency_until = -math.inf
         self.last_clearing: Clearing | None = None
         self._grid_orders: dict[str, float] = {}  # site -> wall time the order was last sent
+        self._grid_order_ts: dict[str, float] = {}  # site -> clock time of that order
         self._relief: dict[str, tuple[float, float]] = {}  # site -> (flow relief W, expiry)
         self._logged: set[tuple[str, str]] = set()
         self._stop = asyncio.Event()
@@ -307,6 +309,8 @@ class Coordinator:
         if self.historian is not None:
             self.historian.record_telemetry(site, msg)
         if state.latest is None or msg.ts >= state.latest.ts:
+            if state.latest is not None:
+                state.poll_s = msg.ts - state.latest.ts
             state.latest = msg
         if msg.ts >= state.last_history_ts + 60.0:  # one history sample a minute
             state.last_history_ts = msg.ts
@@ -542,7 +546,10 @@ class Coordinator:
         """Spread the excess over the batteries with headroom, pro rata; then load limits.
 
         A battery's order is its present power plus its share of the excess, so re-issuing it
-        while the flow sits at the target keeps the relief in place.
+        while the flow sits at the target keeps the relief in place. A site is ordered again
+        only once a reading taken after its last order has arrived (one of its poll periods
+        later), so the same excess is never counted twice; below the target an order hands
+        back at most the relief ordered so far, never more.
         """
         g = self.config.grid
         excess = abs(flow) - target
@@ -556,12 +563,24 @@ class Coordinator:
         now = self.clock.now()
         orders: dict[str, tuple[Dispatch, float]] = {}  # site -> (order, flow relief W)
         for name, room in headroom.items():
-            latest = self.sites[name].latest
+            site = self.sites[name]
+            latest = site.latest
             if room <= 0 or total <= 0 or latest is None:
                 continue
+            ordered_ts = self._grid_order_ts.get(name)
+            if ordered_ts is not None and latest.ts < ordered_ts + site.poll_s:
+                # No reading since the last order took effect: the flow does not show it
+                # yet, and ordering again would count the same excess twice (and overshoot).
+                continue
             share = min(room, excess * room / total) if excess > 0 else excess * room / total
+            # Below the target, hand back at most the relief ordered so far: an order never
+            # asks a battery to charge from (or discharge into) the overloaded feeder.
+            before = max(0.0, sign * self._relief.get(name, (0.0, 0.0))[0])
+            share = max(share, -before)
+            if before == 0.0 and share <= 0.0:
+                continue
             current = latest.battery_power_w or 0.0
-            relief = max(0.0, sign * self._relief.get(name, (0.0, 0.0))[0] + share)
+            relief = before + share
             order = Dispatch(
                 ts=now,
                 battery_power_w=current + sign * share,
@@ -599,6 +618,7 @@ class Coordinator:
             except BusUnavailable:
                 return
             self._grid_orders[name] = wall_now
+            self._grid_order_ts[name] = now
             if self.historian is not None:
                 self.historian.record_dispatch(name, order)
             self._relief[name] = (relief, order.expires_ts)

@@ -278,6 +278,36 @@ async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
     assert states[-1]["flow_w"] == pytest.approx(11_000.0)
 
 
+async def test_grid_orders_wait_for_a_fresh_reading_and_never_hand_back_more_than_they_took(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    c = _coordinator(tmp_path, broker_files)
+    got: list[tuple[str, bytes]] = []
+    async with c:
+        await c.bus.wait_connected(5)
+        watcher = await _bus(broker_files, "operator", got)
+        await watcher.subscribe(f"{topics.PREFIX}/site/+/dispatch")
+        await asyncio.sleep(0.2)
+        # One site polled every 10 s, importing 11 kW on a 10 kW feeder: 3 kW of discharge.
+        c.ingest_telemetry("site-a", _telemetry(T0 - 10, 11_000.0, 0.0, 50.0, rated_w=4000.0))
+        c.ingest_telemetry("site-a", _telemetry(T0, 11_000.0, 0.0, 50.0, rated_w=4000.0))
+        await c.balance(0.0)
+        # Long after (wall time), but no reading since the order: the 11 kW still shown is
+        # stale, and ordering another 3 kW on it would overshoot.
+        await c.balance(1000.0)
+        # The next reading shows the order in place and the load fallen: 4.5 kW import with
+        # 3 kW of discharge (7.5 kW without it, still above the 7 kW release). Below the 8 kW
+        # target the order hands back its 3 kW, and no more: the battery is not told to charge.
+        assert isinstance(c.clock, ManualClock)
+        c.clock.ts = T0 + 10
+        c.ingest_telemetry("site-a", _telemetry(T0 + 10, 4500.0, 3000.0, 50.0, rated_w=4000.0))
+        await c.balance(2000.0)
+        await asyncio.sleep(0.3)
+        await watcher.__aexit__(None, None, None)
+    orders = [Dispatch.model_validate_json(p) for t, p in got if t.endswith("/dispatch")]
+    assert [o.battery_power_w for o in orders] == [pytest.approx(3000.0), pytest.approx(0.0)]
+
+
 async def test_wattmesh_dispatch_sends_an_operator_order_and_prints_the_ack(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:

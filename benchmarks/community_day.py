@@ -71,9 +71,10 @@ demand charges bill, and what a 15-minute market and its balancing can act on): 
 ledger's metered energy per interval (the feeder's net), the baseline's from the profile pass,
 so both are measured the same way. The highest flow the demo sampled (the coordinator's view,
 every 0.5 s of wall time, against the baseline's 1-minute steps) is printed for information,
-not as a goal: at 800x one poll of the sites is 160 simulated seconds and one dispatch round
-trip about as long, so a cloud passing over the solar farm moves the feeder by tens of kW
-before any controller can answer; at real time the same loop answers within a few seconds.
+not as a goal: at 800x one poll of the sites (0.1 s of wall time) is 80 simulated seconds,
+and the grid loop orders again only on a reading taken after its last order, so it answers
+within two to three polls, 3-4 simulated minutes in which a cloud passing over the solar farm
+moves the feeder by tens of kW; at real time the same loop answers within a few seconds.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ GOAL_SHARE_OF_FORESIGHT_PCT = 80.0
 GOAL_WALL_S_PER_DAY = 120.0
 INTERVAL_S = 900.0
 PROFILE_STEP_S = 60.0
-POLL_S = 0.2
+POLL_S = 0.1
 
 
 @dataclass
@@ -227,7 +228,7 @@ def ledger_figures(out: Path, span: tuple[float, float], sites: list[str]) -> Le
 def soc_at(run: Run, site: str, ts: float, storage: Storage) -> float | None:
     """The site's SOC (%) at ``ts`` from its telemetry: the sample nearest to ``ts``, moved on
     (or back) to ``ts`` at the battery power it reported then (the demo samples the telemetry
-    every 0.5 s of wall time, 6 simulated minutes at 720x)."""
+    every 0.5 s of wall time, 400 simulated seconds at 800x)."""
     rows = [r for r in run.rows if r["site"] == site and r["soc_pct"] is not None]
     if not rows:
         return None

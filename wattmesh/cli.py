@@ -236,7 +236,7 @@ def demo(
     ] = None,
     poll: Annotated[
         float, typer.Option(help="Wall seconds between an agent's polls.", min=0.05, max=5)
-    ] = 0.2,
+    ] = 0.1,
     out: Annotated[
         Path | None,
         typer.Option(

@@ -513,7 +513,7 @@ def run_demo(
     seed: int | None,
     console: Console,
     sites: int | None = None,
-    poll_s: float = 0.2,
+    poll_s: float = 0.1,
     out: Path | None = None,
     broker: str = "auto",
 ) -> int:

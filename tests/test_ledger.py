@@ -632,6 +632,57 @@ def test_community_never_loses_on_deviations_and_rebates_its_surplus(
         assert after.total_micro - before.total_micro == after.rebate_micro
 
 
+@PROPERTY_SETTINGS
+@given(
+    award=_energy,
+    metered=_energy,
+    other=_energy,
+    clearing=_price,
+    retail=_price,
+    feed_in=_price,
+    premium=st.floats(min_value=0.0, max_value=0.3),
+)
+def test_with_the_rebate_deviating_still_costs_all_but_the_sites_share_of_its_premium(
+    tmp_path_factory: pytest.TempPathFactory,
+    award: float,
+    metered: float,
+    other: float,
+    clearing: float,
+    retail: float,
+    feed_in: float,
+    premium: float,
+) -> None:
+    # The same meters, once with site s awarded `award` and once awarded what it metered; the
+    # other site keeps its award. The rebate pays s back its share (|m_s| / sum |m|) of what
+    # its deviation brought in, so deviating still costs s at least (1 - share) of the
+    # premium on the deviation, less the rebate's rounding (under a micro-currency per kWh
+    # moved and per site).
+    path = tmp_path_factory.mktemp("rebate-deviation") / "ledger.db"
+    with Ledger(path) as ledger:
+
+        def settle(interval: int, award_s: float) -> SettlementResult:
+            return ledger.settle_interval(
+                interval,
+                clearing_price_per_kwh=clearing,
+                retail_price_per_kwh=retail,
+                feed_in_price_per_kwh=feed_in,
+                awards_kwh={"s": award_s, "o": other},
+                metered_kwh={"s": metered, "o": other},
+                imbalance_premium_per_kwh=premium,
+                rebate="metered_energy",
+            )
+
+        first, second = settle(1, award), settle(2, metered)
+    deviating, keeping = first.site("s"), second.site("s")
+    moved_wh = sum(abs(x.metered_wh) for x in first.sites)
+    if moved_wh == 0:
+        return
+    share = Fraction(abs(deviating.metered_wh), moved_wh)
+    extra_cost = keeping.total_micro - deviating.total_micro
+    owed = (1 - share) * abs(deviating.deviation_wh) * first.imbalance_premium_micro_per_kwh / 1000
+    assert extra_cost >= owed - (Fraction(moved_wh, 1000) + 2)
+
+
 # --- crash mid-settlement -------------------------------------------------------------
 
 _CHILD = textwrap.dedent(

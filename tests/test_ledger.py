@@ -25,6 +25,7 @@ from coordinator.ledger import (
     IncompleteMetering,
     Ledger,
     LedgerInputError,
+    RebateRule,
     SchemaVersionError,
     SettlementConflict,
     SettlementResult,
@@ -55,6 +56,7 @@ def _settle(
     feed_in: float = FEED_IN,
     premium: float = PREMIUM,
     estimate_missing: bool = False,
+    rebate: RebateRule = "none",
 ) -> SettlementResult:
     return ledger.settle_interval(
         interval,
@@ -65,6 +67,7 @@ def _settle(
         metered_kwh=metered,
         imbalance_premium_per_kwh=premium,
         estimate_missing=estimate_missing,
+        rebate=rebate,
     )
 
 
@@ -156,16 +159,8 @@ def test_opening_a_version_1_ledger_migrates_it_and_keeps_every_entry(tmp_path: 
         assert ledger.settlement(7) == first
         assert ledger.interval_entries(7) == entries
         assert ledger.check_balanced()
-        result = ledger.settle_interval(
-            8,
-            clearing_price_per_kwh=0.20,
-            retail_price_per_kwh=RETAIL,
-            feed_in_price_per_kwh=FEED_IN,
-            awards_kwh={"buyer": 5.0, "seller": -5.0},
-            metered_kwh={"buyer": 6.0, "seller": -5.5},
-            imbalance_premium_per_kwh=PREMIUM,
-            rebate="metered_energy",
-        )
+        result = _settle(ledger, 8, {"buyer": 5.0, "seller": -5.0},
+                         {"buyer": 6.0, "seller": -5.5}, rebate="metered_energy")  # fmt: skip
         assert result.site("buyer").rebate_micro > 0
         assert ledger.check_balanced()
     conn = sqlite3.connect(path)
@@ -259,16 +254,8 @@ def test_rebate_pays_the_community_surplus_back_pro_rata(tmp_path: Path) -> None
     # micro per kWh; buyer gets floor(6000 * 6956 / 1000) = 41,736, seller
     # floor(5500 * 6956 / 1000) = 38,258; the community keeps 6 micro of rounding.
     with Ledger(tmp_path / "ledger.db") as ledger:
-        result = ledger.settle_interval(
-            7,
-            clearing_price_per_kwh=0.20,
-            retail_price_per_kwh=RETAIL,
-            feed_in_price_per_kwh=FEED_IN,
-            awards_kwh={"buyer": 5.0, "seller": -5.0},
-            metered_kwh={"buyer": 6.0, "seller": -5.5},
-            imbalance_premium_per_kwh=PREMIUM,
-            rebate="metered_energy",
-        )
+        result = _settle(ledger, 7, {"buyer": 5.0, "seller": -5.0},
+                         {"buyer": 6.0, "seller": -5.5}, rebate="metered_energy")  # fmt: skip
         buyer, seller = result.site("buyer"), result.site("seller")
         assert (buyer.rebate_micro, seller.rebate_micro) == (41_736, 38_258)
         assert result.community_micro == 6
@@ -296,27 +283,12 @@ def test_rebate_pays_nothing_back_from_a_loss(tmp_path: Path) -> None:
     with Ledger(tmp_path / "ledger.db") as ledger:
         # The export interval of test_utility_pays_feed_in_for_net_export: the community
         # loses 0.21 there, so there is nothing to pay back.
-        result = ledger.settle_interval(
-            1,
-            clearing_price_per_kwh=0.12,
-            retail_price_per_kwh=RETAIL,
-            feed_in_price_per_kwh=FEED_IN,
-            awards_kwh={"a": -4.0, "b": 1.0},
-            metered_kwh={"a": -4.0, "b": 1.0},
-            rebate="metered_energy",
-        )
+        result = _settle(ledger, 1, {"a": -4.0, "b": 1.0}, {"a": -4.0, "b": 1.0},
+                         clearing=0.12, rebate="metered_energy")  # fmt: skip
         assert result.community_micro == -210_000
         assert all(s.rebate_micro == 0 for s in result.sites)
         with pytest.raises(LedgerInputError, match="rebate"):
-            ledger.settle_interval(
-                2,
-                clearing_price_per_kwh=0.12,
-                retail_price_per_kwh=RETAIL,
-                feed_in_price_per_kwh=FEED_IN,
-                awards_kwh={},
-                metered_kwh={"a": 1.0},
-                rebate="everything",  # type: ignore[arg-type]
-            )
+            _settle(ledger, 2, {}, {"a": 1.0}, rebate="everything")  # type: ignore[arg-type]
         assert not ledger.is_settled(2)
 
 
@@ -608,16 +580,8 @@ def test_community_never_loses_on_deviations_and_rebates_its_surplus(
     kwargs = {k: case[k] for k in ("clearing", "retail", "feed_in", "premium")}
     with Ledger(path) as ledger:
         kept = _settle(ledger, 1, case["awards"], case["metered"], **kwargs)
-        result = ledger.settle_interval(
-            2,
-            clearing_price_per_kwh=case["clearing"],
-            retail_price_per_kwh=case["retail"],
-            feed_in_price_per_kwh=case["feed_in"],
-            awards_kwh=case["awards"],
-            metered_kwh=case["metered"],
-            imbalance_premium_per_kwh=case["premium"],
-            rebate="metered_energy",
-        )
+        result = _settle(ledger, 2, case["awards"], case["metered"], **kwargs,
+                         rebate="metered_energy")  # fmt: skip
         assert ledger.check_balanced()
     assert kept.community_micro >= 0
     rebates = sum(s.rebate_micro for s in result.sites)
@@ -661,16 +625,9 @@ def test_with_the_rebate_deviating_still_costs_all_but_the_sites_share_of_its_pr
     with Ledger(path) as ledger:
 
         def settle(interval: int, award_s: float) -> SettlementResult:
-            return ledger.settle_interval(
-                interval,
-                clearing_price_per_kwh=clearing,
-                retail_price_per_kwh=retail,
-                feed_in_price_per_kwh=feed_in,
-                awards_kwh={"s": award_s, "o": other},
-                metered_kwh={"s": metered, "o": other},
-                imbalance_premium_per_kwh=premium,
-                rebate="metered_energy",
-            )
+            return _settle(ledger, interval, {"s": award_s, "o": other},
+                           {"s": metered, "o": other}, clearing=clearing, retail=retail,
+                           feed_in=feed_in, premium=premium, rebate="metered_energy")  # fmt: skip
 
         first, second = settle(1, award), settle(2, metered)
     deviating, keeping = first.site("s"), second.site("s")

@@ -6,12 +6,13 @@ Every mistake is reported with the file and the field. Prices are per kWh, power
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from broker.settings import BrokerConnection, ClockSettings, read_toml, validation_lines
 from broker.topics import ID_PATTERN
+from coordinator.ledger import RebateRule
 
 
 class CoordinatorConfigError(ValueError):
@@ -47,7 +48,7 @@ class MarketSection(_Strict):
     gate_s: int = Field(default=60, ge=0)
     settle_delay_s: int = Field(default=120, ge=0, description="wait for late telemetry")
     imbalance_premium_per_kwh: float = Field(default=0.05, ge=0, le=10)
-    rebate: Literal["metered_energy", "none"] = Field(
+    rebate: RebateRule = Field(
         default="metered_energy",
         description="pay the community account's balance of each interval back to the sites",
     )

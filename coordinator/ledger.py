@@ -66,9 +66,10 @@ kWh), for each site with award ``a`` and metered energy ``m`` (both signed, impo
   kWh rounded down to the micro-currency per kWh, each site's amount rounded down. The
   community keeps what the rounding leaves (less than one micro-currency per site plus the
   rate's rounding), so its account stays non-negative and the sites together pay the utility's
-  bill. A deviating site gets back only its share of its own premium, so deviating still costs
-  it more than keeping its award (for a site that moved share ``s`` of the energy, at least
-  ``(1 - s)`` of the premium). Nothing is paid back when the interval's balance is not positive.
+  bill. A deviating site gets back only its share of what its deviation paid in, so deviating
+  still costs it more than keeping its award: at least ``(1 - s)`` of the premium on the
+  deviation, ``s`` being its share of the energy moved (less the rebate's rounding). Nothing is
+  paid back when the interval's balance is not positive.
 
 Every posting is one double entry (two entries, equal and opposite), so every posting, every
 interval and the whole ledger sum to zero by construction; the community account absorbs the
@@ -126,7 +127,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Literal, Self, get_args
 
 __all__ = [
     "COMMUNITY",
@@ -176,7 +177,7 @@ _MAX_SITE_ID_LEN: Final = 200
 PostingKind = Literal["trade", "imbalance", "utility", "rebate"]
 #: How the community account's balance of an interval goes back to the sites (module docs).
 RebateRule = Literal["none", "metered_energy"]
-_REBATE_RULES: Final = ("none", "metered_energy")
+_REBATE_RULES: Final = get_args(RebateRule)
 
 
 # --- errors -------------------------------------------------------------------------------

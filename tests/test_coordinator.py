@@ -153,6 +153,7 @@ def test_time_of_use_tariffs_apply_in_local_time() -> None:
         ({"market": {"interval_s": 900, "gate_s": 900}}, r"market: Value error, gate_s"),
         ({"coordinator": {"feeder": "Feeder 1"}}, r"coordinator\.feeder: String should match"),
         ({"grid": {"import_limit_w": -5}}, r"grid\.import_limit_w: Input should be greater"),
+        ({"market": {"rebate": "all"}}, r"market\.rebate: Input should be 'none' or"),
     ],
 )
 def test_coordinator_file_mistakes_name_the_file_and_the_field(
@@ -165,6 +166,7 @@ def test_coordinator_file_mistakes_name_the_file_and_the_field(
 def test_the_shipped_coordinator_file_loads() -> None:
     config = load_coordinator_config(ROOT / "config" / "coordinator.toml")
     assert config.grid.import_limit_w == 150_000
+    assert config.market.rebate == "metered_energy"
     assert config.clock is not None
 
 

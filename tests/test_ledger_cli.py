@@ -179,6 +179,32 @@ def test_json_has_the_hand_checked_figures(ledger_path: Path) -> None:
     )
 
 
+def test_rebates_show_in_the_table_and_the_json(tmp_path: Path) -> None:
+    # Interval 100 of the example with the rebate on: the community keeps 0.025 (the house's
+    # 0.5 kWh at 0.35 that cost 0.30 at retail) and pays it back over 4.5 kWh moved: rate
+    # floor(25,000 * 1000 / 4500) = 5,555 micro per kWh; house 2.5 kWh -> 13,887 micro,
+    # solar 2.0 kWh -> 11,110 micro; the community keeps 3 micro.
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        ledger.settle_interval(
+            100,
+            clearing_price_per_kwh=0.20,
+            retail_price_per_kwh=0.30,
+            feed_in_price_per_kwh=0.10,
+            imbalance_premium_per_kwh=0.05,
+            awards_kwh={"house": 2.0, "solar": -2.0},
+            metered_kwh={"house": 2.5, "solar": -2.0},
+            rebate="metered_energy",
+        )
+    doc = _json(_invoke("report", path, "--json"))
+    house, solar = doc["sites"]
+    assert (house["rebate"], solar["rebate"]) == ("0.013887", "0.011110")
+    assert house["net_cost"] == "0.561113"  # 0.40 + 0.175 - 0.013887
+    assert doc["accounts"]["community"] == "0.000003"
+    table = _invoke("report", path, "--decimals", "6")
+    assert _rows(table.stdout)[3][4] == "0.013887"  # house's money row, rebate column
+
+
 def test_json_agrees_with_ledger_site_report(ledger_path: Path) -> None:
     doc = _json(_invoke("report", ledger_path, "--json"))
     with Ledger(ledger_path) as ledger:

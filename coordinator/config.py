@@ -49,7 +49,7 @@ class MarketSection(_Strict):
     settle_delay_s: int = Field(default=120, ge=0, description="wait for late telemetry")
     imbalance_premium_per_kwh: float = Field(default=0.05, ge=0, le=10)
     rebate: RebateRule = Field(
-        default="metered_energy",
+        default="traded_energy",
         description="pay the community account's balance of each interval back to the sites",
     )
     forecast_horizon_h: float = Field(default=24.0, gt=0, le=168)

@@ -59,16 +59,17 @@ kWh), for each site with award ``a`` and metered energy ``m`` (both signed, impo
   premium, not the spread between retail and feed-in.
 * utility: the community's net exchange with the utility is ``n``; the community pays ``n*r``
   to the utility when ``n > 0`` and is paid ``-n*f`` when ``n < 0``.
-* rebate (``rebate="metered_energy"``; none with ``rebate="none"``, the default here; the
+* rebate (``rebate="traded_energy"``; none with ``rebate="none"``, the default here; the
   coordinator's ``[market] rebate`` chooses): what the community account kept in the interval
   (imbalance premiums, congestion rent when a feeder limit set the price, rounding) is paid back
-  to the sites pro rata to the energy each moved through the feeder, ``|m|``, at one rate per
-  kWh rounded down to the micro-currency per kWh, each site's amount rounded down. The
-  community keeps what the rounding leaves (less than one micro-currency per site plus the
-  rate's rounding), so its account stays non-negative and the sites together pay the utility's
-  bill. A deviating site gets back only its share of what its deviation paid in, so deviating
-  still costs it more than keeping its award: at least ``(1 - s)`` of the premium on the
-  deviation, ``s`` being its share of the energy moved (less the rebate's rounding). Nothing is
+  to the sites pro rata to the energy each was awarded, ``|a|`` (fixed at the clearing, so a
+  deviation does not buy a larger share; the metered ``|m|`` when nobody was awarded anything),
+  at one rate per kWh rounded down to the micro-currency per kWh, each site's amount rounded
+  down. The community keeps what the rounding leaves (less than one micro-currency per site
+  plus the rate's rounding), so its account stays non-negative and the sites together pay the
+  utility's bill. A deviating site gets back only its share of what its deviation paid in, so
+  deviating still costs it more than keeping its award: at least ``(1 - s)`` of the premium on
+  the deviation, ``s`` being its share of the basis (less the rebate's rounding). Nothing is
   paid back when the interval's balance is not positive.
 
 Every posting is one double entry (two entries, equal and opposite), so every posting, every
@@ -105,9 +106,12 @@ database, so they compare equal.
 
 Schema versions
 ---------------
-Version 2 added the ``rebate`` posting kind. Opening a version 1 file migrates it in one
-transaction (the ``postings`` table is rebuilt with the wider check; every row is kept and the
-foreign keys are checked before the commit). A newer version than this code reads is refused.
+Version 2 added the ``rebate`` posting kind. Opening a version 1 file migrates it: the file is
+first copied to ``<file>.v1.bak``, then in one transaction the ``postings`` table is rebuilt with
+the wider check (every row kept, the foreign keys checked before the commit). Readers open with
+``migrate=False`` and leave a version 1 file as it is (it reads the same; settling into it is
+refused), so a report never upgrades the file under an older coordinator. A newer version than
+this code reads is refused.
 
 Concurrency
 -----------
@@ -122,7 +126,7 @@ import math
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -176,7 +180,7 @@ _MAX_SITE_ID_LEN: Final = 200
 
 PostingKind = Literal["trade", "imbalance", "utility", "rebate"]
 #: How the community account's balance of an interval goes back to the sites (module docs).
-RebateRule = Literal["none", "metered_energy"]
+RebateRule = Literal["none", "traded_energy"]
 _REBATE_RULES: Final = get_args(RebateRule)
 
 
@@ -303,7 +307,8 @@ class Entry:
 
     ``amount_micro`` is credited to ``account`` (negative: debited). ``energy_wh`` and
     ``price_micro_per_kwh`` describe the posting: the energy imported by the site (trade,
-    imbalance) or by the community from the utility (utility), and the price it settled at.
+    imbalance) or by the community from the utility (utility), and the price it settled at; for
+    a rebate, the energy it was paid on and the rate per kWh.
     """
 
     entry_id: int
@@ -447,28 +452,33 @@ def _postings(
         price = prices.marginal(net_wh)
         # The utility *delivers* n Wh into the community: it receives n*price (rounded down).
         out.append(_Posting("utility", None, UTILITY, net_wh, price, _party_amount(-net_wh, price)))
-    if rebate == "metered_energy":
+    if rebate == "traded_energy":
         out += _rebates(-sum(p.party_micro for p in out), sites)
     return tuple(out)
 
 
 def _rebates(surplus_micro: int, sites: tuple[_SiteInput, ...]) -> list[_Posting]:
-    """The community's ``surplus_micro`` back to the sites pro rata to ``|metered_wh|``.
+    """The community's ``surplus_micro`` back to the sites pro rata to ``|award_wh|``.
 
-    One rate per kWh, rounded down to the micro-currency per kWh; each site receives
-    ``floor(|m| * rate / 1000)``, so the rebates never exceed the surplus. Each posting records
-    the energy it was paid on and the rate.
+    The basis is fixed at the clearing, so deviating does not buy a larger share; when nobody
+    was awarded anything, the energy each site metered (``|metered_wh|``) is the basis. One
+    rate per kWh, rounded down to the micro-currency per kWh; each site receives
+    ``floor(|basis| * rate / 1000)``, so the rebates never exceed the surplus. Each posting
+    records the energy it was paid on and the rate.
     """
-    moved_wh = sum(abs(s.metered_wh) for s in sites)
-    if surplus_micro <= 0 or moved_wh == 0:
+    basis = {s.site: abs(s.award_wh) for s in sites}
+    if not any(basis.values()):
+        basis = {s.site: abs(s.metered_wh) for s in sites}
+    total_wh = sum(basis.values())
+    if surplus_micro <= 0 or total_wh == 0:
         return []
-    rate = surplus_micro * _WH_PER_KWH // moved_wh
+    rate = surplus_micro * _WH_PER_KWH // total_wh
     out = []
     for s in sites:
-        amount = _party_amount(-abs(s.metered_wh), rate)
+        amount = _party_amount(-basis[s.site], rate)
         if amount > 0:
             out.append(
-                _Posting("rebate", s.site, site_account(s.site), abs(s.metered_wh), rate, amount)
+                _Posting("rebate", s.site, site_account(s.site), basis[s.site], rate, amount)
             )
     return out
 
@@ -542,11 +552,15 @@ class Ledger:
     """The settlement ledger in one SQLite file; a context manager owning one connection.
 
     ``Ledger(path)`` opens (creating if needed) the file, switches it to WAL, turns foreign keys
-    on, sets ``synchronous=FULL`` and creates or checks the schema. Closing (``close()`` or
-    leaving the ``with`` block) closes the connection.
+    on, sets ``synchronous=FULL`` and creates or checks the schema, migrating an older one
+    (after copying the file to ``<path>.v<N>.bak``). ``migrate=False`` (for readers such as
+    ``wattmesh ledger report``) leaves an older file as it is: it can be read but not settled
+    into. Closing (``close()`` or leaving the ``with`` block) closes the connection.
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout_s: float = 5.0, migrate: bool = True
+    ) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
         try:
@@ -561,7 +575,8 @@ class Ledger:
         self._conn: sqlite3.Connection | None = conn
         try:
             _configure(conn, self.path)
-            _ensure_schema(conn)
+            #: The schema version of the file (older than SCHEMA_VERSION only without migrate).
+            self.schema_version = _ensure_schema(conn, self.path, migrate=migrate)
             conn.execute("PRAGMA foreign_keys=ON")  # after a migration, which needs them off
         except BaseException as err:
             conn.close()
@@ -629,10 +644,15 @@ class Ledger:
         ``estimate_missing`` (then metered = award, flagged). Re-settling with the same inputs
         returns the stored result; with different ones raises :class:`SettlementConflict`.
         ``rebate`` pays the community account's balance of the interval back to the sites
-        (``"metered_energy"``) or keeps it (``"none"``).
+        (``"traded_energy"``) or keeps it (``"none"``).
         """
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
             raise LedgerInputError(f"interval must be an int >= 0, got {interval!r}")
+        if self.schema_version < SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"ledger {self.path} has schema version {self.schema_version}, opened without "
+                f"migrating: it can be read, not settled into (open it with migrate=True)"
+            )
         prices = _Prices(
             clearing=_to_micro_per_kwh(clearing_price_per_kwh, "clearing_price_per_kwh"),
             retail=_to_micro_per_kwh(retail_price_per_kwh, "retail_price_per_kwh"),
@@ -911,25 +931,43 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
     if str(mode).lower() != "wal":
         raise LedgerStorageError(f"ledger {path}: journal_mode is {mode!r}, WAL is required")
     conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=OFF")  # whatever the build's default, until migrated
 
 
-def _ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the schema in an empty file, or check the version of an existing one."""
+def _ensure_schema(conn: sqlite3.Connection, path: Path, *, migrate: bool) -> int:
+    """Create the schema in an empty file, or check (and with ``migrate``, bring up to date)
+    the version of an existing one; returns the file's version afterwards."""
+    if migrate and _version(conn) == 1:
+        # Money data: keep a copy of the file as it was before it is rewritten.
+        backup = path.with_name(f"{path.name}.v1.bak")
+        if not backup.exists():
+            with closing(sqlite3.connect(backup)) as copy:
+                conn.backup(copy)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        _create_or_check_schema(conn)
+        version = _create_or_check_schema(conn, migrate=migrate)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return version
 
 
-def _create_or_check_schema(conn: sqlite3.Connection) -> None:
+def _version(conn: sqlite3.Connection) -> int | None:
+    """The file's schema version; None for a file without the schema."""
     exists = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
     ).fetchone()
     if exists is None:
+        return None
+    rows = conn.execute("SELECT version FROM schema_version").fetchall()
+    return int(rows[0][0]) if len(rows) == 1 else -1
+
+
+def _create_or_check_schema(conn: sqlite3.Connection, *, migrate: bool) -> int:
+    version = _version(conn)
+    if version is None:
         for statement in _SCHEMA:
             conn.execute(statement)
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -937,14 +975,16 @@ def _create_or_check_schema(conn: sqlite3.Connection) -> None:
             "INSERT INTO accounts (account, kind, site) VALUES (?, ?, NULL)",
             [(COMMUNITY, "community"), (UTILITY, "utility")],
         )
-        return
-    rows = conn.execute("SELECT version FROM schema_version").fetchall()
-    if rows == [(1,)]:
+        return SCHEMA_VERSION
+    if version == 1:
+        if not migrate:
+            return 1  # a subset of version 2 for every read
         _migrate_1_to_2(conn)
-        return
-    if rows != [(SCHEMA_VERSION,)]:
-        found = [r[0] for r in rows]
+        return SCHEMA_VERSION
+    if version != SCHEMA_VERSION:
+        found = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
         raise SchemaVersionError(f"ledger schema version {found}, this code reads {SCHEMA_VERSION}")
+    return SCHEMA_VERSION
 
 
 def _migrate_1_to_2(conn: sqlite3.Connection) -> None:

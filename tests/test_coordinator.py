@@ -166,7 +166,7 @@ def test_coordinator_file_mistakes_name_the_file_and_the_field(
 def test_the_shipped_coordinator_file_loads() -> None:
     config = load_coordinator_config(ROOT / "config" / "coordinator.toml")
     assert config.grid.import_limit_w == 150_000
-    assert config.market.rebate == "metered_energy"
+    assert config.market.rebate == "traded_energy"
     assert config.clock is not None
 
 

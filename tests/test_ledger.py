@@ -155,12 +155,24 @@ def test_opening_a_version_1_ledger_migrates_it_and_keeps_every_entry(tmp_path: 
                 "INSERT INTO postings (interval, kind, site, energy_wh, price_micro_per_kwh) "
                 "VALUES (7, 'rebate', 'buyer', 1, 1)"
             )
+    # A reader leaves it as it is: it reads the same, settling into it is refused.
+    with Ledger(path, migrate=False) as reader:
+        assert reader.schema_version == 1
+        assert reader.settlement(7) == first
+        assert reader.site_report("buyer").rebate_micro == 0
+        with pytest.raises(SchemaVersionError, match="migrate"):
+            _settle(reader, 8, {"buyer": 1.0}, {"buyer": 1.0})
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    backup = tmp_path / "ledger.db.v1.bak"
+    assert not backup.exists()
     with Ledger(path) as ledger:
+        assert ledger.schema_version == 2
         assert ledger.settlement(7) == first
         assert ledger.interval_entries(7) == entries
         assert ledger.check_balanced()
         result = _settle(ledger, 8, {"buyer": 5.0, "seller": -5.0},
-                         {"buyer": 6.0, "seller": -5.5}, rebate="metered_energy")  # fmt: skip
+                         {"buyer": 6.0, "seller": -5.5}, rebate="traded_energy")  # fmt: skip
         assert result.site("buyer").rebate_micro > 0
         assert ledger.check_balanced()
     conn = sqlite3.connect(path)
@@ -171,6 +183,11 @@ def test_opening_a_version_1_ledger_migrates_it_and_keeps_every_entry(tmp_path: 
         assert targets == {"postings", "intervals", "accounts"}
     finally:
         conn.close()
+    # The file as it was before the migration was kept beside it.
+    with Ledger(backup, migrate=False) as old:
+        assert old.schema_version == 1
+        assert old.settlement(7) == first
+        assert old.settled_intervals() == (7,)
 
 
 # --- hand-checked settlement ------------------------------------------------------------
@@ -250,32 +267,32 @@ def test_imbalance_prices_follow_the_feeders_position(tmp_path: Path) -> None:
 
 def test_rebate_pays_the_community_surplus_back_pro_rata(tmp_path: Path) -> None:
     # As in the hand-checked interval above, the community keeps 0.08 (80,000 micro) before
-    # rebates. The sites moved 6 + 5.5 = 11.5 kWh: rate floor(80,000 * 1000 / 11,500) = 6,956
-    # micro per kWh; buyer gets floor(6000 * 6956 / 1000) = 41,736, seller
-    # floor(5500 * 6956 / 1000) = 38,258; the community keeps 6 micro of rounding.
+    # rebates. The sites were awarded 5 + 5 = 10 kWh: rate 80,000 * 1000 / 10,000 = 8,000
+    # micro per kWh; each gets 5000 * 8000 / 1000 = 40,000 (what they metered does not count:
+    # deviating does not buy a larger share); the community keeps nothing.
     with Ledger(tmp_path / "ledger.db") as ledger:
         result = _settle(ledger, 7, {"buyer": 5.0, "seller": -5.0},
-                         {"buyer": 6.0, "seller": -5.5}, rebate="metered_energy")  # fmt: skip
+                         {"buyer": 6.0, "seller": -5.5}, rebate="traded_energy")  # fmt: skip
         buyer, seller = result.site("buyer"), result.site("seller")
-        assert (buyer.rebate_micro, seller.rebate_micro) == (41_736, 38_258)
-        assert result.community_micro == 6
-        assert buyer.total_micro == -1_320_000 + 41_736
+        assert (buyer.rebate_micro, seller.rebate_micro) == (40_000, 40_000)
+        assert result.community_micro == 0
+        assert buyer.total_micro == -1_320_000 + 40_000
         assert _interval_sum(result) == 0
         rebates = [e for e in ledger.interval_entries(7) if e.kind == "rebate"]
         assert [
             (e.account, e.amount_micro, e.energy_wh, e.price_micro_per_kwh) for e in rebates
         ] == [
-            ("site:buyer", 41_736, 6000, 6956),
-            (COMMUNITY, -41_736, 6000, 6956),
-            ("site:seller", 38_258, 5500, 6956),
-            (COMMUNITY, -38_258, 5500, 6956),
+            ("site:buyer", 40_000, 5000, 8000),
+            (COMMUNITY, -40_000, 5000, 8000),
+            ("site:seller", 40_000, 5000, 8000),
+            (COMMUNITY, -40_000, 5000, 8000),
         ]
         report = ledger.site_report("buyer")
-        assert report.rebate_micro == 41_736
-        assert report.net_cost_micro == 1_320_000 - 41_736
+        assert report.rebate_micro == 40_000
+        assert report.net_cost_micro == 1_320_000 - 40_000
         assert ledger.check_balanced()
         # A deviating site still pays more than if it had kept its award: the buyer's extra
-        # kWh cost it 0.32 and came back only as its share of the premium.
+        # kWh cost it 0.32 and came back only as its share of the surplus.
         assert -buyer.imbalance_micro - buyer.rebate_micro > 0
 
 
@@ -284,7 +301,7 @@ def test_rebate_pays_nothing_back_from_a_loss(tmp_path: Path) -> None:
         # The export interval of test_utility_pays_feed_in_for_net_export: the community
         # loses 0.21 there, so there is nothing to pay back.
         result = _settle(ledger, 1, {"a": -4.0, "b": 1.0}, {"a": -4.0, "b": 1.0},
-                         clearing=0.12, rebate="metered_energy")  # fmt: skip
+                         clearing=0.12, rebate="traded_energy")  # fmt: skip
         assert result.community_micro == -210_000
         assert all(s.rebate_micro == 0 for s in result.sites)
         with pytest.raises(LedgerInputError, match="rebate"):
@@ -581,63 +598,48 @@ def test_community_never_loses_on_deviations_and_rebates_its_surplus(
     with Ledger(path) as ledger:
         kept = _settle(ledger, 1, case["awards"], case["metered"], **kwargs)
         result = _settle(ledger, 2, case["awards"], case["metered"], **kwargs,
-                         rebate="metered_energy")  # fmt: skip
+                         rebate="traded_energy")  # fmt: skip
         assert ledger.check_balanced()
     assert kept.community_micro >= 0
     rebates = sum(s.rebate_micro for s in result.sites)
     assert all(s.rebate_micro >= 0 for s in result.sites)
     assert rebates + result.community_micro == kept.community_micro
-    moved_kwh = sum(abs(s.metered_wh) for s in result.sites) / 1000
-    if moved_kwh:
-        assert 0 <= result.community_micro <= moved_kwh + len(result.sites)
-    else:  # nobody moved energy, so there is nobody to pay back (only rounding was kept)
+    basis_wh = sum(abs(s.award_wh) for s in result.sites) or sum(
+        abs(s.metered_wh) for s in result.sites
+    )
+    if basis_wh:
+        assert 0 <= result.community_micro <= basis_wh / 1000 + len(result.sites)
+    else:  # nobody traded or moved energy: nobody to pay back (only rounding was kept)
         assert rebates == 0
     for before, after in zip(kept.sites, result.sites, strict=True):
         assert after.total_micro - before.total_micro == after.rebate_micro
 
 
 @PROPERTY_SETTINGS
-@given(
-    award=_energy,
-    metered=_energy,
-    other=_energy,
-    clearing=_price,
-    retail=_price,
-    feed_in=_price,
-    premium=st.floats(min_value=0.0, max_value=0.3),
-)
-def test_with_the_rebate_deviating_still_costs_all_but_the_sites_share_of_its_premium(
-    tmp_path_factory: pytest.TempPathFactory,
-    award: float,
-    metered: float,
-    other: float,
-    clearing: float,
-    retail: float,
-    feed_in: float,
-    premium: float,
+@given(case=_consistent_interval(), metered=st.lists(_energy, min_size=6, max_size=6))
+def test_rebate_shares_follow_the_awards_whatever_the_sites_meter(
+    tmp_path_factory: pytest.TempPathFactory, case: dict[str, Any], metered: list[float]
 ) -> None:
-    # The same meters, once with site s awarded `award` and once awarded what it metered; the
-    # other site keeps its award. The rebate pays s back its share (|m_s| / sum |m|) of what
-    # its deviation brought in, so deviating still costs s at least (1 - share) of the
-    # premium on the deviation, less the rebate's rounding (under a micro-currency per kWh
-    # moved and per site).
-    path = tmp_path_factory.mktemp("rebate-deviation") / "ledger.db"
+    # The same awards and prices with two different sets of meter readings: each site's
+    # rebate is the interval's surplus times its share of the awards, rounded down (within a
+    # micro-currency per kWh of its award and one more), so a deviation never buys a larger
+    # share of what the others paid in.
+    path = tmp_path_factory.mktemp("rebate-shares") / "ledger.db"
+    kwargs = {k: case[k] for k in ("clearing", "retail", "feed_in", "premium")}
+    other = {site: metered[i] for i, site in enumerate(case["metered"])}
     with Ledger(path) as ledger:
-
-        def settle(interval: int, award_s: float) -> SettlementResult:
-            return _settle(ledger, interval, {"s": award_s, "o": other},
-                           {"s": metered, "o": other}, clearing=clearing, retail=retail,
-                           feed_in=feed_in, premium=premium, rebate="metered_energy")  # fmt: skip
-
-        first, second = settle(1, award), settle(2, metered)
-    deviating, keeping = first.site("s"), second.site("s")
-    moved_wh = sum(abs(x.metered_wh) for x in first.sites)
-    if moved_wh == 0:
-        return
-    share = Fraction(abs(deviating.metered_wh), moved_wh)
-    extra_cost = keeping.total_micro - deviating.total_micro
-    owed = (1 - share) * abs(deviating.deviation_wh) * first.imbalance_premium_micro_per_kwh / 1000
-    assert extra_cost >= owed - (Fraction(moved_wh, 1000) + 2)
+        results = [
+            _settle(ledger, i + 1, case["awards"], meters, **kwargs, rebate="traded_energy")
+            for i, meters in enumerate((case["metered"], other))
+        ]
+    for result in results:
+        awarded_wh = sum(abs(x.award_wh) for x in result.sites)
+        surplus = result.community_micro + sum(x.rebate_micro for x in result.sites)
+        if awarded_wh == 0 or surplus <= 0:
+            continue
+        for x in result.sites:
+            exact = Fraction(surplus * abs(x.award_wh), awarded_wh)
+            assert exact - Fraction(abs(x.award_wh), 1000) - 1 <= x.rebate_micro <= exact
 
 
 # --- crash mid-settlement -------------------------------------------------------------

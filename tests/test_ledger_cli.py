@@ -33,6 +33,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from coordinator.ledger import MICRO, Ledger
+from tests.test_ledger import _downgrade_to_version_1
 from wattmesh.ledger_cli import ledger_app
 
 SITES = ("house", "solar")
@@ -181,9 +182,8 @@ def test_json_has_the_hand_checked_figures(ledger_path: Path) -> None:
 
 def test_rebates_show_in_the_table_and_the_json(tmp_path: Path) -> None:
     # Interval 100 of the example with the rebate on: the community keeps 0.025 (the house's
-    # 0.5 kWh at 0.35 that cost 0.30 at retail) and pays it back over 4.5 kWh moved: rate
-    # floor(25,000 * 1000 / 4500) = 5,555 micro per kWh; house 2.5 kWh -> 13,887 micro,
-    # solar 2.0 kWh -> 11,110 micro; the community keeps 3 micro.
+    # 0.5 kWh at 0.35 that cost 0.30 at retail) and pays it back over the 4 kWh awarded:
+    # 6,250 micro per kWh, 0.0125 to each site; the community keeps nothing.
     path = tmp_path / "ledger.sqlite"
     with Ledger(path) as ledger:
         ledger.settle_interval(
@@ -194,15 +194,27 @@ def test_rebates_show_in_the_table_and_the_json(tmp_path: Path) -> None:
             imbalance_premium_per_kwh=0.05,
             awards_kwh={"house": 2.0, "solar": -2.0},
             metered_kwh={"house": 2.5, "solar": -2.0},
-            rebate="metered_energy",
+            rebate="traded_energy",
         )
     doc = _json(_invoke("report", path, "--json"))
     house, solar = doc["sites"]
-    assert (house["rebate"], solar["rebate"]) == ("0.013887", "0.011110")
-    assert house["net_cost"] == "0.561113"  # 0.40 + 0.175 - 0.013887
-    assert doc["accounts"]["community"] == "0.000003"
-    table = _invoke("report", path, "--decimals", "6")
-    assert _rows(table.stdout)[3][4] == "0.013887"  # house's money row, rebate column
+    assert (house["rebate"], solar["rebate"]) == ("0.012500", "0.012500")
+    assert house["net_cost"] == "0.562500"  # 0.40 + 0.175 - 0.0125
+    assert doc["accounts"]["community"] == "0.000000"
+    table = _invoke("report", path, "--decimals", "4")
+    assert _rows(table.stdout)[3][4] == "0.0125"  # house's money row, rebate column
+
+
+def test_report_reads_a_version_1_ledger_without_upgrading_it(ledger_path: Path) -> None:
+    # An operator may upgrade the CLI before the coordinator: the report must not migrate the
+    # coordinator's file under it.
+    _downgrade_to_version_1(ledger_path)
+    doc = _json(_invoke("report", ledger_path, "--json"))
+    assert doc["sites"][0]["net_cost"] == "0.655000"
+    assert doc["balanced"] is True
+    assert _invoke("check", ledger_path).exit_code == 0
+    with sqlite3.connect(ledger_path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
 
 
 def test_json_agrees_with_ledger_site_report(ledger_path: Path) -> None:

@@ -128,7 +128,7 @@ def _require_ledger_file(path: Path) -> None:
 def _open_ledger(path: Path) -> Ledger:
     _require_ledger_file(path)
     try:
-        return Ledger(path)
+        return Ledger(path, migrate=False)  # a report never upgrades the file
     except LedgerError as err:  # schema version, locked, read-only directory, corrupt
         raise _CliError(f"{path}: {err}") from err
 
@@ -354,7 +354,7 @@ Money (in --currency; positive cost = the site pays, negative = it is paid):
   received   received for its sold energy at the clearing price
   imbalance  net cost of metering more or less than the award
   rebate     the community account's surplus paid back to the site
-             (coordinator [market] rebate; pro rata to the energy it moved)
+             (coordinator [market] rebate; pro rata to the energy awarded)
   net cost   paid - received + imbalance - rebate
   baseline   what the utility alone would have billed its metered energy
              (import at retail, export at feed-in; no trading)

@@ -371,7 +371,7 @@ def measure(
     wall_s = time.perf_counter() - started
     if run.interrupted:
         return "interrupted"
-    span = _settled_span(out, run, scenario.start_ts)
+    span = _settled_span(out, run, scenario.start_ts, INTERVAL_S)
     config = _coordinator_config(scenario, out, 1, POLL_S, speed)
     base = baseline(scenario, config, *span)
     table = Console(file=io.StringIO(), width=100)

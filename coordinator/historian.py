@@ -46,10 +46,11 @@ battery power positive when discharging, PV and load positive; prices in currenc
 * ``award``: one site's :class:`~broker.messages.Award` (``quantity_kwh`` positive = import).
 * ``settlement``: one site's settled interval: ``energy_kwh`` metered (import positive),
   ``award_kwh``, ``amount`` what the site paid net in currency units (negative: it was paid),
-  ``imbalance_amount`` the part of it for deviating from the award, ``rebate_amount`` what the
-  community account paid back to it (included in ``amount``), ``baseline_amount`` what the
-  utility alone would have billed, ``savings = baseline_amount - amount``, ``estimated`` 1 when
-  the metering was estimated. Timestamp: the ``ts`` the caller gives (the interval's start).
+  ``imbalance_amount`` the part of it for deviating from the award, ``rebate_amount`` the part
+  the community account paid back (a credit, so negative like every amount the site received),
+  ``baseline_amount`` what the utility alone would have billed,
+  ``savings = baseline_amount - amount``, ``estimated`` 1 when the metering was estimated.
+  Timestamp: the ``ts`` the caller gives (the interval's start).
 * ``forecast``: one point per step at its target time ``start_ts + i * step_s``; ``lead_s`` is
   how far ahead of the forecast's ``ts`` that target lies. A newer forecast overwrites the older
   one's values at the same target times (InfluxDB keeps the last write of a point).
@@ -920,7 +921,7 @@ class Historian:
                 ts=ts,
                 award_kwh=s.award_wh / _WH_PER_KWH,
                 imbalance_amount=-s.imbalance_micro / MICRO,
-                rebate_amount=s.rebate_micro / MICRO,
+                rebate_amount=-s.rebate_micro / MICRO,
                 baseline_amount=s.metered_wh * tariff / _WH_PER_KWH / MICRO,
                 estimated=s.estimated,
             )

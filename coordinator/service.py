@@ -88,6 +88,23 @@ class RingBuffer:
         return self._count
 
 
+@dataclass(frozen=True, slots=True)
+class _Relief:
+    """What the grid orders to one site's batteries do (battery power, W, + discharges).
+
+    ``flow_w`` is how much the order moves the site's battery from ``base_w``, its power before
+    the episode's first order (and so how much it moves the feeder's flow); ``pending_w`` the
+    change the last order asked for, not visible until two readings have arrived after it
+    (``readings_at_order``); the relief lapses with the order at ``expires_ts``.
+    """
+
+    flow_w: float
+    pending_w: float
+    base_w: float
+    expires_ts: float
+    readings_at_order: int
+
+
 @dataclass
 class SiteState:
     """What the coordinator knows of one site."""
@@ -103,7 +120,7 @@ class SiteState:
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     invalid: int = 0
     last_history_ts: float = -math.inf
-    poll_s: float = 0.0  # simulated seconds between its last two telemetry messages
+    readings: int = 0  # telemetry messages taken as the latest so far
 
     @property
     def battery_headroom_w(self) -> tuple[float, float]:
@@ -166,8 +183,7 @@ class Coordinator:
         self.emergency_until = -math.inf
         self.last_clearing: Clearing | None = None
         self._grid_orders: dict[str, float] = {}  # site -> wall time the order was last sent
-        self._grid_order_ts: dict[str, float] = {}  # site -> clock time of that order
-        self._relief: dict[str, tuple[float, float]] = {}  # site -> (flow relief W, expiry)
+        self._relief: dict[str, _Relief] = {}  # site -> the relief its grid orders give
         self._logged: set[tuple[str, str]] = set()
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -309,9 +325,8 @@ class Coordinator:
         if self.historian is not None:
             self.historian.record_telemetry(site, msg)
         if state.latest is None or msg.ts >= state.latest.ts:
-            if state.latest is not None:
-                state.poll_s = msg.ts - state.latest.ts
             state.latest = msg
+            state.readings += 1
         if msg.ts >= state.last_history_ts + 60.0:  # one history sample a minute
             state.last_history_ts = msg.ts
             state.pv.append(msg.ts, msg.pv_power_w)
@@ -517,8 +532,8 @@ class Coordinator:
         limit = g.import_limit_w if importing else g.export_limit_w
         # Hysteresis on the flow as it would be without our orders, so that relieving the
         # feeder does not by itself end the relief (and start the overload again).
-        self._relief = {n: r for n, r in self._relief.items() if r[1] > now}
-        underlying = flow + sum(r[0] for r in self._relief.values())
+        self._relief = {n: r for n, r in self._relief.items() if r.expires_ts > now}
+        underlying = flow + sum(r.flow_w for r in self._relief.values())
         load_pct = 100.0 * max(abs(flow), abs(underlying)) / limit
         if now < self.emergency_until:
             self.mode = "emergency"  # operator orders override market and balancing
@@ -542,52 +557,83 @@ class Coordinator:
                 topics.grid_state_topic(self.feeder), state.model_dump_json(), retain=True
             )
 
+    def _headroom(self, excess: float, importing: bool) -> tuple[float, dict[str, float]]:
+        """The excess (W) less what orders not yet in the readings will relieve, and the
+        headroom (W) of every site that can be ordered now (two readings since its last
+        order)."""
+        sign = 1.0 if importing else -1.0
+        headroom: dict[str, float] = {}
+        for name, site in self.sites.items():
+            if site.latest is None:
+                continue
+            relief = self._relief.get(name)
+            if relief is not None and site.readings < relief.readings_at_order + 2:
+                excess -= sign * relief.pending_w  # ordered, not yet in the flow we see
+                continue
+            headroom[name] = site.battery_headroom_w[0 if importing else 1]
+        return excess, headroom
+
+    def _battery_orders(
+        self, flow: float, excess: float, headroom: dict[str, float], importing: bool
+    ) -> dict[str, tuple[Dispatch, _Relief | None]]:
+        """Each site's share of ``excess`` (pro rata to ``headroom``) as a battery order."""
+        g = self.config.grid
+        sign = 1.0 if importing else -1.0
+        now = self.clock.now()
+        total = sum(headroom.values())
+        orders: dict[str, tuple[Dispatch, _Relief | None]] = {}
+        for name, room in headroom.items():
+            site = self.sites[name]
+            latest = site.latest
+            relief = self._relief.get(name)
+            if latest is None or (relief is None and (room <= 0 or excess <= 0)):
+                continue
+            if total <= 0:
+                share = 0.0  # every battery is at its limit: keep the relief in place
+            elif excess > 0:
+                share = min(room, excess * room / total)
+            else:
+                share = excess * room / total
+            current = latest.battery_power_w or 0.0
+            base = current if relief is None else relief.base_w
+            setpoint = current + sign * share
+            setpoint = max(setpoint, base) if importing else min(setpoint, base)
+            order = Dispatch(
+                ts=now,
+                battery_power_w=setpoint,
+                expires_ts=now + g.dispatch_expiry_s,
+                reason=f"feeder {self.feeder} at {abs(flow):.0f} W",
+            )
+            orders[name] = (
+                order,
+                _Relief(
+                    flow_w=setpoint - base,
+                    pending_w=setpoint - current,
+                    base_w=base,
+                    expires_ts=order.expires_ts,
+                    readings_at_order=site.readings,
+                ),
+            )
+        return orders
+
     async def _relieve(self, flow: float, target: float, importing: bool, wall_now: float) -> None:
         """Spread the excess over the batteries with headroom, pro rata; then load limits.
 
         A battery's order is its present power plus its share of the excess, so re-issuing it
         while the flow sits at the target keeps the relief in place. A site is ordered again
-        only once a reading taken after its last order has arrived (one of its poll periods
-        later), so the same excess is never counted twice; below the target an order hands
-        back at most the relief ordered so far, never more.
+        only once two readings have arrived since its last order (the first may have been
+        taken before the order landed): until then the flow does not show that order, so its
+        expected effect is taken off the excess instead of ordering the same excess twice, and
+        its headroom is left out of the sharing. An order never goes past the battery's power
+        before the first order of the episode in the wrong direction: handing relief back
+        stops there, so a battery is never told to charge from (or discharge into) the
+        overloaded feeder, whatever it did with earlier orders.
         """
         g = self.config.grid
-        excess = abs(flow) - target
-        sign = 1.0 if importing else -1.0
-        headroom = {
-            name: s.battery_headroom_w[0 if importing else 1]
-            for name, s in self.sites.items()
-            if s.latest is not None
-        }
-        total = sum(headroom.values())
         now = self.clock.now()
-        orders: dict[str, tuple[Dispatch, float]] = {}  # site -> (order, flow relief W)
-        for name, room in headroom.items():
-            site = self.sites[name]
-            latest = site.latest
-            if room <= 0 or total <= 0 or latest is None:
-                continue
-            ordered_ts = self._grid_order_ts.get(name)
-            if ordered_ts is not None and latest.ts < ordered_ts + site.poll_s:
-                # No reading since the last order took effect: the flow does not show it
-                # yet, and ordering again would count the same excess twice (and overshoot).
-                continue
-            share = min(room, excess * room / total) if excess > 0 else excess * room / total
-            # Below the target, hand back at most the relief ordered so far: an order never
-            # asks a battery to charge from (or discharge into) the overloaded feeder.
-            before = max(0.0, sign * self._relief.get(name, (0.0, 0.0))[0])
-            share = max(share, -before)
-            if before == 0.0 and share <= 0.0:
-                continue
-            current = latest.battery_power_w or 0.0
-            relief = before + share
-            order = Dispatch(
-                ts=now,
-                battery_power_w=current + sign * share,
-                expires_ts=now + g.dispatch_expiry_s,
-                reason=f"feeder {self.feeder} at {abs(flow):.0f} W",
-            )
-            orders[name] = (order, sign * relief)
+        excess, headroom = self._headroom(abs(flow) - target, importing)
+        total = sum(headroom.values())
+        orders = self._battery_orders(flow, excess, headroom, importing)
         uncovered = excess - min(max(excess, 0.0), total)
         if importing and uncovered > 0:
             consumers = [
@@ -597,6 +643,7 @@ class Coordinator:
                 and s.latest is not None
                 and (s.latest.grid_power_w or 0.0) > 0
                 and n not in orders
+                and n not in self._relief  # its battery order stands; do not replace it
             ]
             for name in consumers:
                 latest = self.sites[name].latest
@@ -608,7 +655,7 @@ class Coordinator:
                     expires_ts=now + g.dispatch_expiry_s,
                     reason=f"feeder {self.feeder} over its limit: please limit load",
                 )
-                orders[name] = (order, 0.0)
+                orders[name] = (order, None)
         for name, (order, relief) in orders.items():
             last = self._grid_orders.get(name)
             if last is not None and wall_now - last < g.reissue_s / self.speed:
@@ -618,8 +665,8 @@ class Coordinator:
             except BusUnavailable:
                 return
             self._grid_orders[name] = wall_now
-            self._grid_order_ts[name] = now
             if self.historian is not None:
                 self.historian.record_dispatch(name, order)
-            self._relief[name] = (relief, order.expires_ts)
+            if relief is not None:
+                self._relief[name] = relief
             self.stats.dispatches += 1

@@ -54,7 +54,7 @@ from drivers.regmap import builtin_map_names, load_builtin_map, load_register_ma
 from drivers.transport import BusPool
 from edge.bidding import bid_curve, interval_energy_kwh
 from edge.config import DeviceSection, EdgeConfig
-from edge.control import self_consumption_setpoint_w
+from edge.control import keep_peak_reserve_w, self_consumption_setpoint_w
 from edge.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -397,15 +397,20 @@ class EdgeAgent:
                 # Keeping the award would mean buying dear energy to charge the battery (the
                 # forecast overshot): deviate instead; the imbalance costs less than that.
                 target = 0.0
+            # The energy below the peak-shaving reserve was not offered to the market: it
+            # covers a forecast shortfall only beyond the fallback's import cap (the rest is
+            # imbalance). The cap itself is the fallback's: the feeder is the coordinator's.
             fb = self.config.fallback
             soc = self.snapshot.soc_pct
-            reserve = fb.reserve_soc_pct
-            if target > 0 and reserve is not None and soc is not None and soc <= reserve:
-                # The energy below the reserve is kept for peak shaving (and was not offered
-                # to the market): it covers a forecast shortfall only beyond the import cap;
-                # the rest of the shortfall is imbalance.
-                cap = fb.import_cap_w
-                target = min(target, max(0.0, net - cap)) if cap is not None else 0.0
+            target = float(
+                keep_peak_reserve_w(
+                    target,
+                    net,
+                    soc if soc is not None else 100.0,
+                    import_cap_w=fb.import_cap_w,
+                    reserve_soc_pct=fb.reserve_soc_pct if soc is not None else None,
+                )
+            )
         elif self.config.fallback.mode == "self_consumption" and net is not None:
             layer = "fallback"
             fb = self.config.fallback

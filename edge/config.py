@@ -64,7 +64,13 @@ class FallbackSection(_Strict):
 
     mode: Literal["self_consumption", "idle"] = "self_consumption"
     import_cap_w: float | None = Field(default=None, gt=0, description="peak shaving cap")
-    reserve_soc_pct: float | None = Field(default=None, ge=0, le=100)
+    reserve_soc_pct: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="energy below this SOC is kept for peak shaving and grid orders: "
+        "not offered to the market, discharged only above import_cap_w",
+    )
 
 
 class MarketSection(_Strict):

@@ -10,6 +10,29 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 
+def keep_peak_reserve_w(
+    target_w: ArrayLike,
+    net_w: ArrayLike,
+    soc_pct: ArrayLike,
+    *,
+    import_cap_w: float | None,
+    reserve_soc_pct: float | None,
+) -> NDArray[np.float64]:
+    """A battery setpoint ``target_w`` (W, positive discharges) that keeps the peak reserve.
+
+    At or below ``reserve_soc_pct`` the energy is kept for peak shaving: the battery discharges
+    no more than what ``net_w`` (the site's load net of PV with the battery idle, W, positive
+    importing) exceeds ``import_cap_w`` (nothing without a cap). Charging is never limited.
+    """
+    target = np.asarray(target_w, dtype=np.float64)
+    if reserve_soc_pct is None:
+        return target
+    net = np.asarray(net_w, dtype=np.float64)
+    above_cap_w = np.maximum(net - import_cap_w, 0.0) if import_cap_w is not None else 0.0 * net
+    reserved = np.asarray(soc_pct, dtype=np.float64) <= reserve_soc_pct
+    return np.where(reserved, np.minimum(target, above_cap_w), target)
+
+
 def self_consumption_setpoint_w(
     site_power_w: ArrayLike,
     battery_power_w: ArrayLike,
@@ -29,17 +52,16 @@ def self_consumption_setpoint_w(
     (discharge to cover an import, charge from a surplus), clipped to the rated powers and to
     zero in the direction a state-of-charge bound forbids.
 
-    Peak shaving: with ``import_cap_w`` and ``reserve_soc_pct``, the energy below
-    ``reserve_soc_pct`` is kept for shaving: there the battery discharges only by what the
-    import exceeds the cap.
+    Peak shaving: with ``import_cap_w`` the battery covers at least the import above the cap;
+    the energy below ``reserve_soc_pct`` is kept for that (:func:`keep_peak_reserve_w`).
     """
     net_w = np.asarray(site_power_w, dtype=np.float64) + np.asarray(battery_power_w, np.float64)
     soc = np.asarray(soc_pct, dtype=np.float64)
-    target = net_w.copy()
+    target = keep_peak_reserve_w(
+        net_w, net_w, soc, import_cap_w=import_cap_w, reserve_soc_pct=reserve_soc_pct
+    )
     if import_cap_w is not None:
-        above_cap_w = np.maximum(net_w - import_cap_w, 0.0)
-        reserved = soc <= (reserve_soc_pct if reserve_soc_pct is not None else soc_min_pct)
-        target = np.where(reserved & (net_w > 0), above_cap_w, np.maximum(target, above_cap_w))
+        target = np.where(net_w > import_cap_w, np.maximum(target, net_w - import_cap_w), target)
     target = np.clip(target, -max_charge_w, max_discharge_w)
     target = np.where((target > 0) & (soc <= soc_min_pct), 0.0, target)
     return np.where((target < 0) & (soc >= soc_max_pct), 0.0, target)

@@ -280,7 +280,7 @@ async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
     assert states[-1]["flow_w"] == pytest.approx(11_000.0)
 
 
-async def test_grid_orders_wait_for_a_fresh_reading_and_never_hand_back_more_than_they_took(
+async def test_grid_orders_wait_for_fresh_readings_and_never_hand_back_more_than_they_took(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
     c = _coordinator(tmp_path, broker_files)
@@ -290,24 +290,60 @@ async def test_grid_orders_wait_for_a_fresh_reading_and_never_hand_back_more_tha
         watcher = await _bus(broker_files, "operator", got)
         await watcher.subscribe(f"{topics.PREFIX}/site/+/dispatch")
         await asyncio.sleep(0.2)
-        # One site polled every 10 s, importing 11 kW on a 10 kW feeder: 3 kW of discharge.
-        c.ingest_telemetry("site-a", _telemetry(T0 - 10, 11_000.0, 0.0, 50.0, rated_w=4000.0))
+        # One site importing 11 kW on a 10 kW feeder: 3 kW of discharge.
         c.ingest_telemetry("site-a", _telemetry(T0, 11_000.0, 0.0, 50.0, rated_w=4000.0))
         await c.balance(0.0)
         # Long after (wall time), but no reading since the order: the 11 kW still shown is
-        # stale, and ordering another 3 kW on it would overshoot.
+        # stale, and ordering another 3 kW on it would overshoot. One reading is not enough
+        # either (it may have been taken before the order landed).
         await c.balance(1000.0)
-        # The next reading shows the order in place and the load fallen: 4.5 kW import with
+        c.ingest_telemetry("site-a", _telemetry(T0 + 10, 11_000.0, 0.0, 50.0, rated_w=4000.0))
+        await c.balance(2000.0)
+        # The second reading shows the order in place and the load fallen: 4.5 kW import with
         # 3 kW of discharge (7.5 kW without it, still above the 7 kW release). Below the 8 kW
         # target the order hands back its 3 kW, and no more: the battery is not told to charge.
         assert isinstance(c.clock, ManualClock)
-        c.clock.ts = T0 + 10
-        c.ingest_telemetry("site-a", _telemetry(T0 + 10, 4500.0, 3000.0, 50.0, rated_w=4000.0))
-        await c.balance(2000.0)
+        c.clock.ts = T0 + 20
+        c.ingest_telemetry("site-a", _telemetry(T0 + 20, 4500.0, 3000.0, 50.0, rated_w=4000.0))
+        await c.balance(3000.0)
         await asyncio.sleep(0.3)
         await watcher.__aexit__(None, None, None)
     orders = [Dispatch.model_validate_json(p) for t, p in got if t.endswith("/dispatch")]
     assert [o.battery_power_w for o in orders] == [pytest.approx(3000.0), pytest.approx(0.0)]
+
+
+async def test_a_site_that_never_confirms_its_order_does_not_stall_the_others(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    c = _coordinator(tmp_path, broker_files)
+    got: list[tuple[str, bytes]] = []
+    async with c:
+        await c.bus.wait_connected(5)
+        watcher = await _bus(broker_files, "operator", got)
+        await watcher.subscribe(f"{topics.PREFIX}/site/+/dispatch")
+        await asyncio.sleep(0.2)
+        # 11 kW on a 10 kW feeder, 3 kW to shed, split 2:1 between a's and b's headroom.
+        c.ingest_telemetry("site-a", _telemetry(T0, 6000.0, 0.0, 50.0, rated_w=4000.0))
+        c.ingest_telemetry("site-b", _telemetry(T0, 5000.0, 0.0, 50.0, rated_w=2000.0))
+        await c.balance(0.0)
+        # site-b goes silent; site-a reports twice, its 2 kW in place, and the load grows by
+        # 1 kW. b's 1 kW is still expected (not in any reading yet): a takes the new 1 kW only.
+        for k in (1, 2):
+            reading = _telemetry(T0 + 10 * k, 5000.0, 2000.0, 50.0, rated_w=4000.0)
+            c.ingest_telemetry("site-a", reading)
+        await c.balance(1000.0)
+        await asyncio.sleep(0.3)
+        await watcher.__aexit__(None, None, None)
+    orders = [
+        (t.split("/")[3], Dispatch.model_validate_json(p))
+        for t, p in got
+        if t.endswith("/dispatch")
+    ]
+    assert [(site, o.battery_power_w) for site, o in orders] == [
+        ("site-a", pytest.approx(2000.0)),
+        ("site-b", pytest.approx(1000.0)),
+        ("site-a", pytest.approx(3000.0)),
+    ]
 
 
 async def test_wattmesh_dispatch_sends_an_operator_order_and_prints_the_ack(

@@ -435,7 +435,7 @@ async def test_every_record_is_read_back_with_tags_values_and_timestamps(
             award_kwh=2.0,
             amount=0.40,
             imbalance_amount=0.0,
-            rebate_amount=0.02,
+            rebate_amount=-0.02,
             baseline_amount=0.6,
             savings=0.2,
             estimated=0,

@@ -406,6 +406,7 @@ def _report(
             ),
             default=0.0,
         )
+        peak_interval_w = max(peak_interval_w, 0.0)  # an exporting day has no import peak
         sites = sorted(s for s in {a.removeprefix("site:") for a in ledger.accounts()} if s in base)
         per_site: dict[str, dict[str, float]] = {}
         for name in sites:
@@ -561,7 +562,8 @@ def run_demo(
     )
     run = asyncio.run(_run(config, hours, speed, poll_s, out, console, embedded))
     coordinator_config = _coordinator_config(config, out, 1, poll_s, speed)
-    base = baseline(config, coordinator_config, *_settled_span(out, run, config.start_ts))
+    span = _settled_span(out, run, config.start_ts, coordinator_config.market.interval_s)
+    base = baseline(config, coordinator_config, *span)
     report = _report(out, base, run, console, coordinator_config.market.interval_s)
     _write_csv(out / "day.csv", run)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -574,13 +576,15 @@ def run_demo(
     return 0
 
 
-def _settled_span(out: Path, run: Run, start_ts: float) -> tuple[float, float]:
-    """The settled intervals' span: the baseline covers the same time (900 s intervals)."""
+def _settled_span(
+    out: Path, run: Run, start_ts: float, interval_s: float = 900.0
+) -> tuple[float, float]:
+    """The settled intervals' span: the baseline covers the same time."""
     with Ledger(out / "ledger.sqlite") as ledger:
         settled = ledger.settled_intervals()
     if not settled:
         return start_ts, run.end_ts
-    return min(settled) * 900.0, (max(settled) + 1) * 900.0
+    return min(settled) * interval_s, (max(settled) + 1) * interval_s
 
 
 def _write_csv(path: Path, run: Run) -> None:

@@ -97,18 +97,20 @@ on the next open. The ``intervals`` row also records how many postings the inter
 the storage lied about durability.
 
 Settling an interval that is already settled writes nothing. If the inputs, after the rounding
-above, are the ones it was settled with (the rebate rule is not an input: a settled interval
-keeps the rule it was settled under), the stored :class:`SettlementResult` is returned (so a
-coordinator that restarts and settles again is safe); if they differ, :class:`SettlementConflict`
-is raised carrying the stored result, because silently keeping the old figures would hide late or
-corrected meter data from the operator. Fresh and stored results are both read back from the
-database, so they compare equal.
+above, are the ones it was settled with (the rebate rule is not compared: a settled interval
+keeps the rule it was settled under, recorded in its ``rebate_rule``), the stored
+:class:`SettlementResult` is returned (so a coordinator that restarts and settles again is
+safe); if they differ, :class:`SettlementConflict` is raised carrying the stored result, because
+silently keeping the old figures would hide late or corrected meter data from the operator.
+Fresh and stored results are both read back from the database, so they compare equal.
 
 Schema versions
 ---------------
-Version 2 added the ``rebate`` posting kind. Opening a version 1 file migrates it: the file is
-first copied to ``<file>.v1.bak``, then in one transaction the ``postings`` table is rebuilt with
-the wider check (every row kept, the foreign keys checked before the commit). Readers open with
+Version 2 added the ``rebate`` posting kind and each interval's ``rebate_rule``. Opening a
+version 1 file migrates it: the file is first copied to ``<file>.v1.bak``, then in one
+transaction the ``postings`` table is rebuilt with the wider check (every row kept, the foreign
+keys checked before the commit) and ``intervals`` gains ``rebate_rule`` ('none' for every
+interval settled before). Readers open with
 ``migrate=False`` and leave a version 1 file as it is (it reads the same; settling into it is
 refused), so a report never upgrades the file under an older coordinator. A newer version than
 this code reads is refused.
@@ -278,7 +280,8 @@ class SettlementResult:
 
     ``utility_micro`` is what the utility received from the community (negative: it paid the
     community for exported energy); ``community_micro`` is the community account's net for the
-    interval. ``community_micro + utility_micro + sum(s.total_micro for s in sites) == 0``.
+    interval (after rebates, under ``rebate_rule``).
+    ``community_micro + utility_micro + sum(s.total_micro for s in sites) == 0``.
     """
 
     interval: int
@@ -292,6 +295,7 @@ class SettlementResult:
     utility_micro: int
     community_micro: int
     sites: tuple[SiteSettlement, ...]
+    rebate_rule: RebateRule = "none"
 
     def site(self, site: str) -> SiteSettlement:
         """The settlement of one site; KeyError when the site was not in the interval."""
@@ -522,7 +526,8 @@ _SCHEMA: Final = (
         imbalance_buy_price_micro_per_kwh INTEGER NOT NULL,
         imbalance_sell_price_micro_per_kwh INTEGER NOT NULL,
         community_net_wh INTEGER NOT NULL,
-        posting_count INTEGER NOT NULL CHECK (posting_count >= 0)
+        posting_count INTEGER NOT NULL CHECK (posting_count >= 0),
+        rebate_rule TEXT NOT NULL DEFAULT 'none' CHECK (rebate_rule IN ('none', 'traded_energy'))
     ) STRICT""",
     """CREATE TABLE site_intervals (
         interval INTEGER NOT NULL REFERENCES intervals (interval),
@@ -577,6 +582,8 @@ class Ledger:
             _configure(conn, self.path)
             #: The schema version of the file (older than SCHEMA_VERSION only without migrate).
             self.schema_version = _ensure_schema(conn, self.path, migrate=migrate)
+            # Version 1 had no rebates: every interval was settled under the rule "none".
+            self._rebate_rule_column = "rebate_rule" if self.schema_version >= 2 else "'none'"
             conn.execute("PRAGMA foreign_keys=ON")  # after a migration, which needs them off
         except BaseException as err:
             conn.close()
@@ -671,7 +678,7 @@ class Ledger:
             try:
                 stored = self._load(conn, interval)
                 if stored is None:
-                    self._write(conn, interval, prices, sites, postings)
+                    self._write(conn, interval, prices, sites, postings, rebate)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -693,6 +700,7 @@ class Ledger:
         prices: _Prices,
         sites: tuple[_SiteInput, ...],
         postings: tuple[_Posting, ...],
+        rebate: RebateRule,
     ) -> None:
         net_wh = sum(s.metered_wh for s in sites)
         conn.executemany(
@@ -700,7 +708,7 @@ class Ledger:
             [(site_account(s.site), s.site) for s in sites],
         )
         conn.execute(
-            "INSERT INTO intervals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO intervals VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 interval,
                 prices.clearing,
@@ -711,6 +719,7 @@ class Ledger:
                 prices.imbalance_sell(net_wh),
                 net_wh,
                 len(postings),
+                rebate,
             ),
         )
         conn.executemany(
@@ -739,13 +748,12 @@ class Ledger:
             ],
         )
 
-    @staticmethod
-    def _load(conn: sqlite3.Connection, interval: int) -> SettlementResult | None:
+    def _load(self, conn: sqlite3.Connection, interval: int) -> SettlementResult | None:
         row = conn.execute(
             "SELECT clearing_price_micro_per_kwh, retail_price_micro_per_kwh, "
             "feed_in_price_micro_per_kwh, imbalance_premium_micro_per_kwh, "
             "imbalance_buy_price_micro_per_kwh, imbalance_sell_price_micro_per_kwh, "
-            "community_net_wh FROM intervals WHERE interval = ?",
+            f"community_net_wh, {self._rebate_rule_column} FROM intervals WHERE interval = ?",
             (interval,),
         ).fetchone()
         if row is None:
@@ -783,6 +791,7 @@ class Ledger:
             imbalance_buy_price_micro_per_kwh=row[4],
             imbalance_sell_price_micro_per_kwh=row[5],
             community_net_wh=row[6],
+            rebate_rule=row[7],
             utility_micro=money.get(("utility", UTILITY), 0),
             community_micro=community,
             sites=sites,
@@ -988,7 +997,8 @@ def _create_or_check_schema(conn: sqlite3.Connection, *, migrate: bool) -> int:
 
 
 def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
-    """Version 2 allows ``rebate`` postings: rebuild ``postings`` with the wider check.
+    """Version 2 allows ``rebate`` postings (``postings`` rebuilt with the wider check) and
+    records each interval's ``rebate_rule``.
 
     SQLite cannot alter a CHECK constraint, so (its documented procedure, inside the caller's
     transaction with foreign keys off): create the new table, copy every row, drop the old one,
@@ -999,6 +1009,10 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE postings")
     conn.execute("ALTER TABLE postings_v2 RENAME TO postings")
     conn.execute(_POSTINGS_INDEX)
+    conn.execute(
+        "ALTER TABLE intervals ADD COLUMN rebate_rule TEXT NOT NULL DEFAULT 'none' "
+        "CHECK (rebate_rule IN ('none', 'traded_energy'))"
+    )
     broken = conn.execute("PRAGMA foreign_key_check").fetchall()
     if broken:
         raise LedgerStorageError(f"migrating the ledger to version 2 broke references: {broken}")

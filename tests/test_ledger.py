@@ -118,7 +118,8 @@ def test_open_refuses_another_schema_version(tmp_path: Path) -> None:
 
 
 def _downgrade_to_version_1(path: Path) -> None:
-    """Turn a ledger file into what version 1 wrote: ``postings`` without the rebate kind."""
+    """Turn a ledger file into what version 1 wrote: ``postings`` without the rebate kind,
+    ``intervals`` without the rebate rule."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN")
@@ -137,6 +138,7 @@ def _downgrade_to_version_1(path: Path) -> None:
         conn.execute("DROP TABLE postings")
         conn.execute("ALTER TABLE postings_old RENAME TO postings")
         conn.execute("CREATE INDEX postings_interval ON postings (interval)")
+        conn.execute("ALTER TABLE intervals DROP COLUMN rebate_rule")
         conn.execute("UPDATE schema_version SET version = 1")
         conn.execute("COMMIT")
     finally:
@@ -168,12 +170,13 @@ def test_opening_a_version_1_ledger_migrates_it_and_keeps_every_entry(tmp_path: 
     assert not backup.exists()
     with Ledger(path) as ledger:
         assert ledger.schema_version == 2
-        assert ledger.settlement(7) == first
+        assert ledger.settlement(7) == first  # rebate_rule 'none', as it was settled
         assert ledger.interval_entries(7) == entries
         assert ledger.check_balanced()
         result = _settle(ledger, 8, {"buyer": 5.0, "seller": -5.0},
                          {"buyer": 6.0, "seller": -5.5}, rebate="traded_energy")  # fmt: skip
         assert result.site("buyer").rebate_micro > 0
+        assert result.rebate_rule == "traded_energy"
         assert ledger.check_balanced()
     conn = sqlite3.connect(path)
     try:
@@ -274,6 +277,7 @@ def test_rebate_pays_the_community_surplus_back_pro_rata(tmp_path: Path) -> None
         result = _settle(ledger, 7, {"buyer": 5.0, "seller": -5.0},
                          {"buyer": 6.0, "seller": -5.5}, rebate="traded_energy")  # fmt: skip
         buyer, seller = result.site("buyer"), result.site("seller")
+        assert result.rebate_rule == "traded_energy"
         assert (buyer.rebate_micro, seller.rebate_micro) == (40_000, 40_000)
         assert result.community_micro == 0
         assert buyer.total_micro == -1_320_000 + 40_000

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -188,6 +190,34 @@ async def _bus(files: BrokerFiles, user: str, got: list[tuple[str, bytes]]) -> B
     return bus
 
 
+@asynccontextmanager
+async def _watched_coordinator(
+    tmp_path: Path, files: BrokerFiles, *topic_filters: str
+) -> AsyncIterator[tuple[Coordinator, list[tuple[str, bytes]]]]:
+    """A running coordinator and what an operator subscribed to ``topic_filters`` received
+    (complete once the block is left)."""
+    c = _coordinator(tmp_path, files)
+    got: list[tuple[str, bytes]] = []
+    async with c:
+        await c.bus.wait_connected(5)
+        watcher = await _bus(files, "operator", got)
+        for topic_filter in topic_filters:
+            await watcher.subscribe(topic_filter)
+        await asyncio.sleep(0.2)
+        yield c, got
+        await asyncio.sleep(0.3)
+        await watcher.__aexit__(None, None, None)
+
+
+def _dispatches(got: list[tuple[str, bytes]]) -> list[tuple[str, Dispatch]]:
+    """(site, order) for every dispatch received, in order."""
+    return [
+        (t.split("/")[3], Dispatch.model_validate_json(p))
+        for t, p in got
+        if t.endswith("/dispatch")
+    ]
+
+
 async def test_a_cleared_interval_awards_each_bidder_privately_and_is_settled(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
@@ -253,24 +283,14 @@ async def test_a_cleared_interval_awards_each_bidder_privately_and_is_settled(
 async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
-    c = _coordinator(tmp_path, broker_files)
-    got: list[tuple[str, bytes]] = []
-    async with c:
-        await c.bus.wait_connected(5)
-        watcher = await _bus(broker_files, "operator", got)
-        await watcher.subscribe(f"{topics.PREFIX}/site/+/dispatch")
-        await watcher.subscribe(f"{topics.PREFIX}/grid/+/state")
-        await asyncio.sleep(0.2)
+    topic_filters = (f"{topics.PREFIX}/site/+/dispatch", f"{topics.PREFIX}/grid/+/state")
+    async with _watched_coordinator(tmp_path, broker_files, *topic_filters) as (c, got):
         # 11 kW import on a 10 kW feeder: aim for 80 % = 8 kW, so 3 kW of discharge,
         # split 2:1 by the batteries' headroom (4 kW and 2 kW).
         c.ingest_telemetry("site-a", _telemetry(T0, 6000.0, 0.0, 50.0, rated_w=4000.0))
         c.ingest_telemetry("site-b", _telemetry(T0, 5000.0, 0.0, 50.0, rated_w=2000.0))
         await c.balance(0.0)
-        await asyncio.sleep(0.3)
-        await watcher.__aexit__(None, None, None)
-    orders = {
-        t.split("/")[3]: Dispatch.model_validate_json(p) for t, p in got if t.endswith("/dispatch")
-    }
+    orders = dict(_dispatches(got))
     assert c.mode == "constrained"
     assert orders["site-a"].battery_power_w == pytest.approx(2000.0)
     assert orders["site-b"].battery_power_w == pytest.approx(1000.0)
@@ -283,13 +303,8 @@ async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
 async def test_grid_orders_wait_for_fresh_readings_and_never_hand_back_more_than_they_took(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
-    c = _coordinator(tmp_path, broker_files)
-    got: list[tuple[str, bytes]] = []
-    async with c:
-        await c.bus.wait_connected(5)
-        watcher = await _bus(broker_files, "operator", got)
-        await watcher.subscribe(f"{topics.PREFIX}/site/+/dispatch")
-        await asyncio.sleep(0.2)
+    dispatch = f"{topics.PREFIX}/site/+/dispatch"
+    async with _watched_coordinator(tmp_path, broker_files, dispatch) as (c, got):
         # One site importing 11 kW on a 10 kW feeder: 3 kW of discharge.
         c.ingest_telemetry("site-a", _telemetry(T0, 11_000.0, 0.0, 50.0, rated_w=4000.0))
         await c.balance(0.0)
@@ -306,22 +321,17 @@ async def test_grid_orders_wait_for_fresh_readings_and_never_hand_back_more_than
         c.clock.ts = T0 + 20
         c.ingest_telemetry("site-a", _telemetry(T0 + 20, 4500.0, 3000.0, 50.0, rated_w=4000.0))
         await c.balance(3000.0)
-        await asyncio.sleep(0.3)
-        await watcher.__aexit__(None, None, None)
-    orders = [Dispatch.model_validate_json(p) for t, p in got if t.endswith("/dispatch")]
-    assert [o.battery_power_w for o in orders] == [pytest.approx(3000.0), pytest.approx(0.0)]
+    assert [o.battery_power_w for _, o in _dispatches(got)] == [
+        pytest.approx(3000.0),
+        pytest.approx(0.0),
+    ]
 
 
 async def test_a_site_that_never_confirms_its_order_does_not_stall_the_others(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
-    c = _coordinator(tmp_path, broker_files)
-    got: list[tuple[str, bytes]] = []
-    async with c:
-        await c.bus.wait_connected(5)
-        watcher = await _bus(broker_files, "operator", got)
-        await watcher.subscribe(f"{topics.PREFIX}/site/+/dispatch")
-        await asyncio.sleep(0.2)
+    dispatch = f"{topics.PREFIX}/site/+/dispatch"
+    async with _watched_coordinator(tmp_path, broker_files, dispatch) as (c, got):
         # 11 kW on a 10 kW feeder, 3 kW to shed, split 2:1 between a's and b's headroom.
         c.ingest_telemetry("site-a", _telemetry(T0, 6000.0, 0.0, 50.0, rated_w=4000.0))
         c.ingest_telemetry("site-b", _telemetry(T0, 5000.0, 0.0, 50.0, rated_w=2000.0))
@@ -332,14 +342,7 @@ async def test_a_site_that_never_confirms_its_order_does_not_stall_the_others(
             reading = _telemetry(T0 + 10 * k, 5000.0, 2000.0, 50.0, rated_w=4000.0)
             c.ingest_telemetry("site-a", reading)
         await c.balance(1000.0)
-        await asyncio.sleep(0.3)
-        await watcher.__aexit__(None, None, None)
-    orders = [
-        (t.split("/")[3], Dispatch.model_validate_json(p))
-        for t, p in got
-        if t.endswith("/dispatch")
-    ]
-    assert [(site, o.battery_power_w) for site, o in orders] == [
+    assert [(site, o.battery_power_w) for site, o in _dispatches(got)] == [
         ("site-a", pytest.approx(2000.0)),
         ("site-b", pytest.approx(1000.0)),
         ("site-a", pytest.approx(3000.0)),

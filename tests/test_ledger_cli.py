@@ -51,17 +51,20 @@ ENERGY_KEYS = ("bought_kwh", "sold_kwh", "metered_import_kwh", "metered_export_k
 runner = CliRunner()
 
 
+#: Interval 100 of the example (module docstring).
+INTERVAL_100: dict[str, Any] = {
+    "clearing_price_per_kwh": 0.20,
+    "retail_price_per_kwh": 0.30,
+    "feed_in_price_per_kwh": 0.10,
+    "imbalance_premium_per_kwh": 0.05,
+    "awards_kwh": {"house": 2.0, "solar": -2.0},
+    "metered_kwh": {"house": 2.5, "solar": -2.0},
+}
+
+
 def _write_example(path: Path) -> None:
     with Ledger(path) as ledger:
-        ledger.settle_interval(
-            100,
-            clearing_price_per_kwh=0.20,
-            retail_price_per_kwh=0.30,
-            feed_in_price_per_kwh=0.10,
-            imbalance_premium_per_kwh=0.05,
-            awards_kwh={"house": 2.0, "solar": -2.0},
-            metered_kwh={"house": 2.5, "solar": -2.0},
-        )
+        ledger.settle_interval(100, **INTERVAL_100)
         ledger.settle_interval(
             101,
             clearing_price_per_kwh=0.08,
@@ -186,16 +189,7 @@ def test_rebates_show_in_the_table_and_the_json(tmp_path: Path) -> None:
     # 6,250 micro per kWh, 0.0125 to each site; the community keeps nothing.
     path = tmp_path / "ledger.sqlite"
     with Ledger(path) as ledger:
-        ledger.settle_interval(
-            100,
-            clearing_price_per_kwh=0.20,
-            retail_price_per_kwh=0.30,
-            feed_in_price_per_kwh=0.10,
-            imbalance_premium_per_kwh=0.05,
-            awards_kwh={"house": 2.0, "solar": -2.0},
-            metered_kwh={"house": 2.5, "solar": -2.0},
-            rebate="traded_energy",
-        )
+        ledger.settle_interval(100, **INTERVAL_100, rebate="traded_energy")
     doc = _json(_invoke("report", path, "--json"))
     house, solar = doc["sites"]
     assert (house["rebate"], solar["rebate"]) == ("0.012500", "0.012500")

@@ -46,7 +46,7 @@ PUBLISHER = textwrap.dedent("""
     infos = []
     for i in range(n):
         site = f"site-{i % sites}"
-        payload = json.dumps({"schema_version": 1, "id": uuid.uuid4().hex, "ts": 1.7e9 + i,
+        payload = json.dumps({"schema_version": 1, "id": uuid.uuid4().hex, "ts": 1.7e9 - n + i,
             "devices": [{"device": "meter", "kind": "sunspec_meter", "available": True,
                          "power_w": 1500.0}], "grid_power_w": 1500.0, "pv_power_w": 0.0,
             "battery_power_w": 0.0, "load_power_w": 1500.0})

@@ -222,6 +222,36 @@ class GridState(Message):
     mode: Literal["normal", "constrained", "emergency"]
 
 
+Count = Annotated[int, Field(ge=0)]
+
+
+class CoordinatorStatus(Message):
+    """``coordinator/{feeder}/status``: the coordinator's health counters, retained.
+
+    ``rejected`` counts, per site and reason (coordinator.plausibility.REASONS, or
+    ``invalid`` for a payload that is not a valid message), the messages refused at ingest
+    since the coordinator started; ``estimated`` the site-intervals settled as estimates;
+    ``unsettled`` the cleared intervals not yet settled.
+    """
+
+    feeder: Name
+    started_ts: Timestamp
+    mode: Literal["normal", "constrained", "emergency"]
+    telemetry: Count = 0
+    duplicates: Count = 0
+    bids: Count = 0
+    clearings: Count = 0
+    settled: Count = 0
+    corrections: Count = 0
+    estimated: Count = 0
+    unsettled: Count = 0
+    dispatches: Count = 0
+    last_cleared_interval: int | None = Field(default=None, ge=0)
+    rejected: dict[Name, dict[Name, Count]] = Field(default_factory=dict, max_length=100_000)
+    historian_dropped: Count = 0
+    historian_buffered: Count = 0
+
+
 #: Topic kind -> model, for decoding by topic.
 BY_KIND: dict[str, type[Message]] = {
     "status": Status,
@@ -233,6 +263,7 @@ BY_KIND: dict[str, type[Message]] = {
     "market/clearing": Clearing,
     "forecast": Forecast,
     "grid/state": GridState,
+    "coordinator/status": CoordinatorStatus,
 }
 
 

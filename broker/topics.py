@@ -60,6 +60,15 @@ def grid_state_topic(feeder: str) -> str:
     return f"{PREFIX}/grid/{check_id(feeder, 'feeder')}/state"
 
 
+def coordinator_status_topic(feeder: str) -> str:
+    """``wattmesh/v1/coordinator/{feeder}/status``: the coordinator's health counters."""
+    return f"{PREFIX}/coordinator/{check_id(feeder, 'feeder')}/status"
+
+
+#: Every feeder's coordinator status.
+COORDINATOR_STATUS_ALL = f"{PREFIX}/coordinator/+/status"
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
     """What a topic string says: its kind and the site or feeder it belongs to."""
@@ -85,4 +94,6 @@ def parse_topic(topic: str) -> ParsedTopic:
         return ParsedTopic("forecast", site=rest[1])
     if len(rest) == 3 and rest[0] == "grid" and rest[2] == "state" and _ID.match(rest[1]):
         return ParsedTopic("grid/state", feeder=rest[1])
+    if len(rest) == 3 and rest[0] == "coordinator" and rest[2] == "status" and _ID.match(rest[1]):
+        return ParsedTopic("coordinator/status", feeder=rest[1])
     raise ValueError(f"topic {topic!r} is not in the v1 scheme")

@@ -5,10 +5,11 @@ Every mistake is reported with the file and the field. Prices are per kWh, power
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from broker.settings import BrokerConnection, ClockSettings, read_toml, validation_lines
 from broker.topics import ID_PATTERN
@@ -118,6 +119,42 @@ class GridSection(_Strict):
         return self
 
 
+class TrustSection(_Strict):
+    """How far the coordinator believes a site (coordinator.plausibility).
+
+    Readings stamped more than ``future_skew_s`` ahead of the coordinator's clock, or more than
+    ``max_age_s`` behind it, are rejected, as are powers beyond a site's limits (+ ``tolerance``)
+    and bids outside the open interval and ``bids_ahead`` after it. A site without a
+    ``[sites.NAME]`` entry gets ``default_connection_w``, and the PV and battery ratings its
+    devices report, each capped at ``max_rating_ratio`` times its connection.
+    """
+
+    future_skew_s: float = Field(default=30.0, ge=0, le=3600)
+    max_age_s: float = Field(default=7 * 86400.0, gt=0, le=90 * 86400)
+    tolerance: float = Field(default=0.1, ge=0, le=10, description="fraction of a limit")
+    default_connection_w: float = Field(default=100_000.0, gt=0, le=1e9)
+    max_rating_ratio: float = Field(default=2.0, gt=0, le=100)
+    bids_ahead: int = Field(default=4, ge=0, le=96, description="intervals after the open one")
+    max_sites: int = Field(default=20_000, ge=1, le=1_000_000)
+    max_hold_s: float = Field(
+        default=300.0, gt=0, le=86400, description="longest gap one reading is metered over"
+    )
+    settle_window_s: int = Field(
+        default=900, ge=0, description="longest wait past settle_delay_s for late telemetry"
+    )
+    correction_window_s: int = Field(
+        default=2 * 86400, ge=0, description="telemetry this late still corrects a settlement"
+    )
+
+
+class SiteSection(_Strict):
+    """A site's declared limits, W: its grid connection, PV rating and battery power."""
+
+    connection_w: float = Field(gt=0, le=1e9)
+    pv_w: float | None = Field(default=None, ge=0, le=1e9)
+    battery_w: float | None = Field(default=None, ge=0, le=1e9)
+
+
 class CoordinatorConfig(_Strict):
     """A whole coordinator file."""
 
@@ -126,8 +163,18 @@ class CoordinatorConfig(_Strict):
     market: MarketSection = MarketSection()
     tariff: TariffSection = TariffSection()
     grid: GridSection = GridSection()
+    trust: TrustSection = TrustSection()
+    sites: dict[str, SiteSection] = Field(default_factory=dict)
     clock: ClockSettings | None = None
     historian: dict[str, Any] | None = None
+
+    @field_validator("sites")
+    @classmethod
+    def _site_names(cls, sites: dict[str, SiteSection]) -> dict[str, SiteSection]:
+        bad = [name for name in sites if not re.fullmatch(ID_PATTERN, name)]
+        if bad:
+            raise ValueError(f"not a site id: {', '.join(bad)}")
+        return sites
 
 
 def parse_coordinator_config(data: dict[str, object], source: str) -> CoordinatorConfig:

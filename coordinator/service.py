@@ -24,7 +24,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -41,6 +42,7 @@ from broker.messages import (
     Award,
     Bid,
     Clearing,
+    CoordinatorStatus,
     Dispatch,
     DispatchAck,
     Forecast,
@@ -50,12 +52,16 @@ from broker.messages import (
     new_id,
 )
 from coordinator import forecast as fc
+from coordinator import plausibility as pl
 from coordinator.config import CoordinatorConfig
 from coordinator.historian import Historian, HistorianSettings
-from coordinator.ledger import Ledger, LedgerError
+from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, LedgerError
 from coordinator.market import Book, Tariff, clear
 
 log = logging.getLogger(__name__)
+
+#: Wall seconds between two publications of the coordinator's status.
+STATUS_PERIOD_S = 5.0
 
 GridMode = Literal["normal", "constrained", "emergency"]
 
@@ -116,11 +122,16 @@ class SiteState:
     pv: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
     load: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
     energy_wh: dict[int, float] = field(default_factory=dict)  # interval -> metered import
+    covered_s: dict[int, float] = field(default_factory=dict)  # interval -> metered seconds
+    suspect: set[int] = field(default_factory=set)  # intervals with an implausible reading
     last_sample: tuple[float, float] | None = None  # (ts, grid W) held until the next
     seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
     invalid: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    limits: pl.SiteLimits | None = None
     last_history_ts: float = -math.inf
     readings: int = 0  # telemetry messages taken as the latest so far
+    last_seen_ts: float = -math.inf  # the coordinator's clock at the last accepted message
 
     @property
     def battery_headroom_w(self) -> tuple[float, float]:
@@ -154,8 +165,11 @@ class CoordinatorStats:
     settled: int = 0
     forecasts: int = 0
     dispatches: int = 0
+    rejected: int = 0
+    corrections: int = 0
+    estimated: int = 0
     acks: dict[str, int] = field(default_factory=dict)
-    clear_latency_s: list[float] = field(default_factory=list)
+    clear_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class Coordinator:
@@ -179,15 +193,33 @@ class Coordinator:
         self.stats = CoordinatorStats()
         self.mode: GridMode = "normal"
         self.flow_w = 0.0
-        self.flow_log: list[tuple[float, float]] = []  # (ts, feeder flow W), for tests
+        #: (ts, feeder flow W) of the last day's checks at one a second, for tests and reports.
+        self.flow_log: deque[tuple[float, float]] = deque(maxlen=86_400)
         self.emergency_until = -math.inf
         self.last_clearing: Clearing | None = None
         self._grid_orders: dict[str, float] = {}  # site -> wall time the order was last sent
         self._relief: dict[str, _Relief] = {}  # site -> the relief its grid orders give
         self._logged: set[tuple[str, str]] = set()
+        self._unknown_rejected: dict[str, int] = {}
+        self.started_ts = clock.now()
+        #: Cleared intervals not yet settled (from the ledger at start: none is lost).
+        self.cleared: dict[int, ClearedInterval] = {}
+        #: Settled intervals whose metering changed since (late telemetry): to correct.
+        self._dirty: set[int] = set()
+        self._settled_at: dict[int, float] = {}  # settled interval -> clock when settled
+        self._own_dispatch_ids: deque[str] = deque(maxlen=10_000)
+        self._window = pl.TimeWindow(config.trust.future_skew_s, config.trust.max_age_s)
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
         self.ledger = Ledger(config.coordinator.ledger)
+        for record in self.ledger.unsettled_clearings():
+            self.cleared[record.interval] = record
+        if self.cleared:
+            log.info(
+                "%d cleared interval(s) not yet settled, from the ledger: %s",
+                len(self.cleared),
+                ", ".join(str(k) for k in sorted(self.cleared)),
+            )
         #: Off unless the configuration has a [historian] section.
         self.historian: Historian | None = None
         if config.historian is not None:
@@ -223,6 +255,8 @@ class Coordinator:
         await self._group.__aenter__()
         self._group.create_task(self._market_loop(), name="coordinator-market")
         self._group.create_task(self._grid_loop(), name="coordinator-grid")
+        self._group.create_task(self._settle_loop(), name="coordinator-settle")
+        await self.republish_awards()
         return self
 
     async def __aexit__(
@@ -248,24 +282,113 @@ class Coordinator:
                 await asyncio.wait_for(self._stop.wait(), wait_s)
         return False
 
+    async def _settle_loop(self) -> None:
+        """Every grid period (wall s): settle what is due, correct, publish the status."""
+        g = self.config.grid
+        loop = asyncio.get_running_loop()
+        last_status = -math.inf
+        while not self._stop.is_set():
+            self.settle_due()
+            if loop.time() - last_status >= STATUS_PERIOD_S:
+                last_status = loop.time()
+                with contextlib.suppress(BusUnavailable):
+                    await self.bus.publish(
+                        topics.coordinator_status_topic(self.feeder),
+                        self.status().model_dump_json(),
+                        retain=True,
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), g.period_s)
+
+    def status(self) -> CoordinatorStatus:
+        """The health counters published on ``coordinator/{feeder}/status``."""
+        st = self.stats
+        rejected = {n: dict(s.rejected) for n, s in self.sites.items() if s.rejected}
+        historian = self.historian.stats() if self.historian is not None else None
+        return CoordinatorStatus(
+            ts=self.clock.now(),
+            feeder=self.feeder,
+            started_ts=self.started_ts,
+            mode=self.mode,
+            telemetry=st.telemetry,
+            duplicates=st.duplicates,
+            bids=st.bids,
+            clearings=st.clearings,
+            settled=st.settled,
+            corrections=st.corrections,
+            estimated=st.estimated,
+            unsettled=len(self.cleared),
+            dispatches=st.dispatches,
+            last_cleared_interval=None if self.last_clearing is None
+            else self.last_clearing.interval,
+            rejected=rejected,
+            historian_dropped=0 if historian is None else historian.dropped,
+            historian_buffered=0 if historian is None else historian.buffer_points,
+        )
+
     # -- ingest ----------------------------------------------------------------------------
-    def _site(self, site: str) -> SiteState:
+    def _invalid(self, site: str, kind: str, err: BaseException) -> None:
+        self.stats.invalid += 1
+        state = self.sites.get(site)
+        if state is not None:
+            state.invalid += 1
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        self._reject(site, "invalid", f"invalid {kind}: {first}")
+
+    def _reject(self, site: str, reason: str, detail: str) -> None:
+        """Count a refused message per site and reason; log and audit the first of each."""
+        self.stats.rejected += 1
+        state = self.sites.get(site)
+        if state is not None:
+            state.rejected[reason] = state.rejected.get(reason, 0) + 1
+        else:
+            self._unknown_rejected[reason] = self._unknown_rejected.get(reason, 0) + 1
+        if (site, reason) in self._logged:
+            return
+        self._logged.add((site, reason))
+        log.warning(
+            "rejected from site %s (%s; further ones counted, not logged): %s",
+            site,
+            reason,
+            detail,
+        )
+        self._audit("rejection", site, {"site": site, "reason": reason, "detail": detail})
+
+    def _audit(self, kind: str, actor: str, detail: Mapping[str, object]) -> None:
+        """An append-only audit row; a failing ledger is logged, never fatal here."""
+        try:
+            self.ledger.audit(kind, actor, detail, self.clock.now())
+        except LedgerError as err:
+            log.error("audit %s not recorded: %s", kind, err)  # noqa: TRY400
+
+    def _known(self, site: str) -> SiteState | None:
+        """The site's state; None (rejected) past ``max_sites`` sites."""
         state = self.sites.get(site)
         if state is None:
+            if len(self.sites) >= self.config.trust.max_sites:
+                self._reject(site, "unknown_site", "more sites than trust.max_sites")
+                return None
             state = self.sites[site] = SiteState(site)
         return state
 
-    def _invalid(self, site: str, kind: str, err: Exception) -> None:
-        self.stats.invalid += 1
-        self._site(site).invalid += 1
-        if (site, kind) not in self._logged:
-            self._logged.add((site, kind))
-            log.warning(
-                "invalid %s from site %s (further ones counted, not logged): %s",
-                kind,
-                site,
-                str(err).splitlines()[0],
-            )
+    def _limits(self, state: SiteState, msg: Telemetry | None) -> pl.SiteLimits:
+        """The site's limits: declared in [sites.NAME], else derived once from its report."""
+        if state.limits is not None:
+            return state.limits
+        t = self.config.trust
+        declared = self.config.sites.get(state.site)
+        generation, storage = pl.reported_ratings_w(msg) if msg is not None else (0.0, 0.0)
+        limits = pl.derive_limits(
+            connection_w=declared.connection_w if declared else t.default_connection_w,
+            generation_w=declared.pv_w if declared else None,
+            storage_w=declared.battery_w if declared else None,
+            reported_generation_w=generation,
+            reported_storage_w=storage,
+            max_ratio=t.max_rating_ratio,
+        )
+        if msg is not None:  # fixed at the first report: a site cannot loosen them later
+            state.limits = limits
+        return limits
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
         try:
@@ -279,22 +402,41 @@ class Coordinator:
             if parsed.kind == "telemetry":
                 self.ingest_telemetry(site, Telemetry.model_validate_json(payload))
             elif parsed.kind == "bid":
-                bid = Bid.model_validate_json(payload)
-                self.bids.setdefault(bid.interval, {})[site] = bid
-                self.stats.bids += 1
+                self.ingest_bid(site, Bid.model_validate_json(payload))
             elif parsed.kind == "status":
                 status = Status.model_validate_json(payload)
-                state = self._site(site)
-                state.online, state.role = status.online, status.role
+                state = self._known(site)
+                if state is not None:
+                    state.online, state.role = status.online, status.role
             elif parsed.kind == "dispatch":
-                order = Dispatch.model_validate_json(payload)
-                if order.priority == "emergency":  # an operator's order: the grid is theirs
-                    self.emergency_until = max(self.emergency_until, order.expires_ts)
+                self._seen_dispatch(site, Dispatch.model_validate_json(payload))
             elif parsed.kind == "dispatch/ack":
                 ack = DispatchAck.model_validate_json(payload)
                 self.stats.acks[ack.outcome] = self.stats.acks.get(ack.outcome, 0) + 1
-        except ValidationError as err:
+        except (ValidationError, ValueError, RecursionError, MemoryError) as err:
             self._invalid(site, parsed.kind, err)
+        except Exception as err:  # a payload must never stop ingest
+            log.exception("unexpected error on %s", topic)
+            self._invalid(site, parsed.kind, err)
+
+    def _seen_dispatch(self, site: str, order: Dispatch) -> None:
+        """An order on a site's dispatch topic: ours, or an operator's (audited)."""
+        if order.id in self._own_dispatch_ids:
+            return
+        if order.priority == "emergency":  # an operator's order: the grid is theirs
+            self.emergency_until = max(self.emergency_until, order.expires_ts)
+        self._audit(
+            "emergency" if order.priority == "emergency" else "dispatch",
+            "operator",
+            {
+                "site": site,
+                "id": order.id,
+                "battery_power_w": order.battery_power_w,
+                "load_limit_w": order.load_limit_w,
+                "expires_ts": order.expires_ts,
+                "reason": order.reason,
+            },
+        )
 
     def _on_telemetry(self, topic: str, payload: bytes) -> bool:
         """Telemetry, the high-rate stream, handled synchronously as it arrives."""
@@ -308,19 +450,60 @@ class Coordinator:
             return True
         try:
             self.ingest_telemetry(site, Telemetry.model_validate_json(payload))
-        except ValidationError as err:
+        except (ValidationError, ValueError, RecursionError, MemoryError) as err:
+            self._invalid(site, "telemetry", err)
+        except Exception as err:  # a payload must never stop ingest
+            log.exception("unexpected error on %s", topic)
             self._invalid(site, "telemetry", err)
         return True
 
-    def ingest_telemetry(self, site: str, msg: Telemetry) -> None:
-        """Keep the latest state, the history and the metered energy of a site."""
-        state = self._site(site)
+    def ingest_bid(self, site: str, bid: Bid) -> bool:
+        """Keep a plausible bid (one book per site and interval: a new one replaces it)."""
+        state = self._known(site)
+        if state is None:
+            return False
+        m = self.config.market
+        t = self.config.trust
+        reason = pl.check_bid(
+            bid,
+            self._limits(state, None),
+            now_ts=self.clock.now(),
+            interval_s=m.interval_s,
+            gate_s=m.gate_s,
+            bids_ahead=t.bids_ahead,
+            tolerance=t.tolerance,
+        )
+        if reason is not None:
+            self._reject(site, reason, f"bid for interval {bid.interval}")
+            return False
+        self.bids.setdefault(bid.interval, {})[site] = bid
+        self.stats.bids += 1
+        return True
+
+    def ingest_telemetry(self, site: str, msg: Telemetry) -> bool:
+        """Keep the latest state, the history and the metered energy of a site.
+
+        A reading that fails the plausibility checks is refused before it touches anything;
+        a refused power reading marks its interval suspect (settled as estimated).
+        """
+        state = self._known(site)
+        if state is None:
+            return False
         if msg.id in state.seen:
             self.stats.duplicates += 1
-            return
+            return False
+        now = self.clock.now()
+        t = self.config.trust
+        reason = pl.check_telemetry(msg, self._limits(state, msg), now, self._window, t.tolerance)
+        if reason is not None:
+            if reason not in ("future", "too_old"):
+                state.suspect.add(int(msg.ts // self.config.market.interval_s))
+            self._reject(site, reason, f"telemetry at ts {msg.ts:.0f} (clock {now:.0f})")
+            return False
         state.seen[msg.id] = None
         if len(state.seen) > 5000:
             state.seen.popitem(last=False)
+        state.last_seen_ts = now
         self.stats.telemetry += 1
         if self.historian is not None:
             self.historian.record_telemetry(site, msg)
@@ -332,50 +515,94 @@ class Coordinator:
             state.pv.append(msg.ts, msg.pv_power_w)
             state.load.append(msg.ts, msg.load_power_w)
         if msg.grid_power_w is None:
-            return
+            return True
         if state.last_sample is not None and msg.ts > state.last_sample[0]:
             self._meter(state, state.last_sample[0], msg.ts, state.last_sample[1])
         if state.last_sample is None or msg.ts > state.last_sample[0]:
             state.last_sample = (msg.ts, msg.grid_power_w)
+        return True
 
     def _meter(self, state: SiteState, t0: float, t1: float, grid_w: float) -> None:
-        """Add grid_w held over [t0, t1) to the intervals it spans, Wh."""
+        """Add grid_w held over [t0, t1) to the intervals it spans, Wh.
+
+        A reading holds for at most ``trust.max_hold_s``: a longer gap is not metered (the
+        interval's coverage shows it), so silence is never filled with an old value. Metering
+        that lands in an interval already settled marks it for a correction.
+        """
         interval_s = self.config.market.interval_s
+        t1 = min(t1, t0 + self.config.trust.max_hold_s)
         while t0 < t1:
             k = int(t0 // interval_s)
             end = min(t1, (k + 1) * interval_s)
             state.energy_wh[k] = state.energy_wh.get(k, 0.0) + grid_w * (end - t0) / 3600.0
+            state.covered_s[k] = state.covered_s.get(k, 0.0) + (end - t0)
+            if k in self._settled_at:
+                self._dirty.add(k)
             t0 = end
 
     # -- market ----------------------------------------------------------------------------
     async def _market_loop(self) -> None:
         m = self.config.market
-        k = int(self.clock.now() // m.interval_s) + 1
-        if self.clock.now() >= k * m.interval_s - m.gate_s:
-            k += 1
+        k = pl.open_interval(self.clock.now(), m.interval_s, m.gate_s)
         while await self._sleep_until(k * m.interval_s - m.gate_s):
             await self.clear_interval(k)
             await self.publish_forecasts(k + 1)
-            for done in [
-                i
-                for i in self.awards
-                if (i + 1) * m.interval_s + m.settle_delay_s <= self.clock.now()
-            ]:
-                self.settle(done)
             k += 1
 
     def tariff_at(self, ts: float) -> tuple[float, float]:
         """(retail, feed-in) per kWh at ``ts``."""
         return self.config.tariff.at(ts, self.config.coordinator.utc_offset_h)
 
-    async def clear_interval(self, interval: int) -> Clearing:
-        """Clear one interval's bids; publish awards and the clearing."""
+    def _award_messages(self, record: ClearedInterval) -> list[tuple[str, str]]:
+        now = self.clock.now()
+        # Built without re-validation: every value is bounded (receivers validate).
+        return [
+            (
+                topics.site_topic(name, "award"),
+                Award.model_construct(
+                    id=new_id(),
+                    ts=now,
+                    interval=record.interval,
+                    price_per_kwh=record.clearing_price_per_kwh,
+                    quantity_kwh=float(np.clip(quantity, -1e6, 1e6)),
+                ).model_dump_json(),
+            )
+            for name, quantity in sorted(record.awards_kwh.items())
+        ]
+
+    async def republish_awards(self) -> int:
+        """Send again the awards of cleared intervals that have not ended (after a restart)."""
+        m = self.config.market
+        now = self.clock.now()
+        messages = [
+            msg
+            for k, record in sorted(self.cleared.items())
+            if (k + 1) * m.interval_s > now
+            for msg in self._award_messages(record)
+        ]
+        if not messages:
+            return 0
+        try:
+            return await self.bus.publish_many(messages)
+        except BusUnavailable as err:
+            log.warning("awards of cleared intervals not sent again: %s", err)
+            return 0
+
+    async def clear_interval(self, interval: int) -> Clearing | None:
+        """Clear one interval's bids, commit the clearing to the ledger, then publish it.
+
+        Nothing is published that the ledger does not hold: if the commit fails the interval
+        has no market (the sites fall back to local control) and None is returned. An interval
+        already cleared (a restarted coordinator) keeps its stored clearing.
+        """
         t_gate = self.clock.now()
         m = self.config.market
         retail, feed_in = self.tariff_at(interval * m.interval_s)
         hours = m.interval_s / 3600.0
         grid = self.config.grid
         bids = self.bids.pop(interval, {})
+        for stale in [k for k in self.bids if k < interval]:  # bounded whatever arrives
+            del self.bids[stale]
         names = sorted(bids)
         steps: list[tuple[int, float, float]] = []
         for i, name in enumerate(names):
@@ -393,27 +620,37 @@ class Coordinator:
         )
         net = result.site_net_award_kwh(len(names))
         price = float(np.clip(result.price_per_kwh, -100.0, 100.0))
-        self.awards[interval] = {name: float(net[i]) for i, name in enumerate(names)}
-        self.prices[interval] = (price, retail, feed_in)
         now = self.clock.now()
-        # Built without re-validation: every value is bounded above (receivers validate).
-        awards = [
-            (
-                topics.site_topic(name, "award"),
-                Award.model_construct(
-                    id=new_id(),
-                    ts=now,
-                    interval=interval,
-                    price_per_kwh=price,
-                    quantity_kwh=float(np.clip(net[i], -1e6, 1e6)),
-                ).model_dump_json(),
+        restored = False
+        try:
+            record = self.ledger.record_clearing(
+                interval,
+                clearing_price_per_kwh=price,
+                retail_price_per_kwh=retail,
+                feed_in_price_per_kwh=feed_in,
+                awards_kwh={name: float(net[i]) for i, name in enumerate(names)},
+                imbalance_premium_per_kwh=m.imbalance_premium_per_kwh,
+                rebate=m.rebate,
+                cleared_ts=now,
             )
-            for i, name in enumerate(names)
-        ]
+        except ClearingConflict:
+            stored = self.ledger.clearing(interval)
+            if stored is None:  # pragma: no cover - the conflict says it is stored
+                return None
+            log.warning("interval %d was cleared before a restart: its clearing stands", interval)
+            record, restored = stored, True
+        except LedgerError as err:
+            log.error(  # noqa: TRY400 - the reason is the message; no traceback wanted
+                "interval %d cleared but not committed, so not published: %s", interval, err
+            )
+            return None
+        if not record.settled:
+            self.cleared[interval] = record
+        awards = self._award_messages(record)
         clearing = Clearing(
             ts=now,
             interval=interval,
-            price_per_kwh=price,
+            price_per_kwh=record.clearing_price_per_kwh,
             volume_kwh=float(result.local_volume_kwh),
             bids=len(names),
             utility_import_kwh=float(result.utility_import_kwh),
@@ -421,50 +658,171 @@ class Coordinator:
         )
         try:
             await self.bus.publish_many(awards)
-            await self.bus.publish(topics.MARKET_CLEARING, clearing.model_dump_json(), retain=True)
+            if not restored:  # a restored clearing's retained message is already out
+                await self.bus.publish(
+                    topics.MARKET_CLEARING, clearing.model_dump_json(), retain=True
+                )
         except BusUnavailable as err:
             log.warning("interval %d cleared but not all of it was published: %s", interval, err)
+        log.info(
+            "interval %d cleared: %.4f/kWh, %.2f kWh local, %d bids",
+            interval,
+            clearing.price_per_kwh,
+            clearing.volume_kwh,
+            clearing.bids,
+        )
         self.last_clearing = clearing
         if self.historian is not None:
             self.historian.record_clearing(
                 clearing, retail_price_per_kwh=retail, feed_in_price_per_kwh=feed_in
             )
-            for i, name in enumerate(names):
-                self.historian.record_award(name, Award.model_validate_json(awards[i][1]))
+            for topic, payload in awards:
+                self.historian.record_award(
+                    topics.parse_topic(topic).site or "", Award.model_validate_json(payload)
+                )
         self.stats.clearings += 1
         self.stats.awards += len(awards)
         self.stats.clear_latency_s.append((self.clock.now() - t_gate) / self.speed)
         return clearing
 
-    def settle(self, interval: int) -> None:
-        """Settle an interval in the ledger (once); awards and prices are then forgotten."""
-        awards = self.awards.pop(interval)
-        price, retail, feed_in = self.prices.pop(interval)
-        metered = {
-            name: s.energy_wh.pop(interval) / 1000.0
-            for name, s in self.sites.items()
-            if interval in s.energy_wh
-        }
-        if not awards and not metered:
-            return
+    # -- settlement ------------------------------------------------------------------------
+    def roster(self, interval: int) -> set[str]:
+        """The sites that belong in ``interval``'s settlement: those awarded in it, those
+        metered in it, and those whose meter ran within the hour before it."""
+        m = self.config.market
+        start = interval * m.interval_s
+        record = self.cleared.get(interval) or self.ledger.clearing(interval)
+        names = set(record.awards_kwh) if record is not None else set()
+        for name, s in self.sites.items():
+            recent = s.last_sample is not None and s.last_sample[0] >= start - 3600.0
+            if recent or interval in s.energy_wh or interval in s.suspect:
+                names.add(name)
+        return names
+
+    def _complete(self, state: SiteState, interval: int) -> bool:
+        """Whether the site's meter covers the interval and has passed its end."""
+        m = self.config.market
+        end = (interval + 1) * m.interval_s
+        return (
+            state.last_sample is not None
+            and state.last_sample[0] >= end
+            and state.covered_s.get(interval, 0.0) >= 0.95 * m.interval_s
+        )
+
+    def settle_due(self) -> int:
+        """Settle every cleared interval that is due; correct settled ones that late telemetry
+        changed; forget what is past the correction window. Returns how many were settled.
+
+        An interval is due ``settle_delay_s`` after its end once every site of its roster has
+        metering past its end, and at the latest ``settle_window_s`` after that.
+        """
+        m = self.config.market
+        t = self.config.trust
+        now = self.clock.now()
+        settled = 0
+        for k in sorted(self.cleared):
+            end = (k + 1) * m.interval_s
+            if now < end + m.settle_delay_s:
+                break
+            waited_out = now >= end + m.settle_delay_s + t.settle_window_s
+            if not waited_out and not all(
+                (s := self.sites.get(n)) is not None and self._complete(s, k)
+                for n in self.roster(k)
+            ):
+                continue
+            if self.settle(k):
+                settled += 1
+        self._correct(now)
+        self._prune(now)
+        return settled
+
+    def settle(self, interval: int) -> bool:
+        """Settle a cleared interval in the ledger (once): metered sites at what they metered,
+        the others (incomplete or implausible telemetry) as estimated, with the reason."""
+        record = self.cleared.get(interval) or self.ledger.clearing(interval)
+        if record is None or record.settled:
+            self.cleared.pop(interval, None)
+            return False
+        m = self.config.market
+        metered: dict[str, float] = {}
+        reasons: dict[str, str] = {}
+        roster = self.roster(interval)
+        for name in sorted(roster):
+            s = self.sites.get(name)
+            if s is not None and interval in s.suspect:
+                reasons[name] = "implausible telemetry in the interval"
+            elif s is not None and s.covered_s.get(interval, 0.0) >= 0.95 * m.interval_s:
+                metered[name] = s.energy_wh[interval] / 1000.0
+            else:
+                covered = 0.0 if s is None else s.covered_s.get(interval, 0.0)
+                reasons[name] = (
+                    f"telemetry covers {100.0 * covered / m.interval_s:.0f} % of the interval"
+                )
         try:
-            result = self.ledger.settle_interval(
-                interval,
-                clearing_price_per_kwh=price,
-                retail_price_per_kwh=retail,
-                feed_in_price_per_kwh=feed_in,
-                awards_kwh=awards,
-                metered_kwh=metered,
-                imbalance_premium_per_kwh=self.config.market.imbalance_premium_per_kwh,
-                estimate_missing=True,
-                rebate=self.config.market.rebate,
+            result = self.ledger.settle_cleared(
+                interval, metered_kwh=metered, roster=sorted(roster), estimate_reasons=reasons
             )
         except LedgerError:
             log.exception("interval %d could not be settled", interval)
-            return
+            return False
+        self.cleared.pop(interval, None)
+        self._settled_at[interval] = self.clock.now()
         if self.historian is not None:
             self.historian.record_settlement_result(result, ts=self.clock.now())
         self.stats.settled += 1
+        self.stats.estimated += len(reasons)
+        log.info(
+            "interval %d settled: %d sites metered, %d estimated%s",
+            interval,
+            len(metered),
+            len(reasons),
+            f" ({', '.join(sorted(reasons))})" if reasons else "",
+        )
+        return True
+
+    def _correct(self, now: float) -> None:
+        """Book corrections for settled intervals whose complete metering changed since."""
+        window = self.config.trust.correction_window_s
+        for k in sorted(self._dirty):
+            settled_at = self._settled_at.get(k)
+            if settled_at is None or now - settled_at > window:
+                self._dirty.discard(k)
+                continue
+            metered = {
+                name: s.energy_wh[k] / 1000.0
+                for name, s in self.sites.items()
+                if k in s.energy_wh and k not in s.suspect and self._complete(s, k)
+            }
+            if not metered:
+                continue
+            ready = all(
+                self._complete(s, k) for s in self.sites.values() if k in s.energy_wh
+            )
+            if not ready and now - settled_at < window:
+                continue
+            self._dirty.discard(k)
+            try:
+                correction = self.ledger.correct_interval(
+                    k, metered_kwh=metered, reason="late telemetry", ts=now
+                )
+            except LedgerError:
+                log.exception("interval %d could not be corrected", k)
+                continue
+            if correction is not None:
+                self.stats.corrections += 1
+                log.info("interval %d corrected from late telemetry", k)
+
+    def _prune(self, now: float) -> None:
+        """Forget metering older than the correction window (memory stays bounded)."""
+        m = self.config.market
+        oldest = int((now - self.config.trust.correction_window_s) // m.interval_s) - 1
+        for s in self.sites.values():
+            for table in (s.energy_wh, s.covered_s):
+                for k in [k for k in table if k < oldest]:
+                    del table[k]
+            s.suspect = {k for k in s.suspect if k >= oldest}
+        for k in [k for k in self._settled_at if k < oldest]:
+            del self._settled_at[k]
 
     async def publish_forecasts(self, first_interval: int) -> None:
         """Every known site's forecast from ``first_interval`` on, and the price forecast."""
@@ -535,12 +893,18 @@ class Coordinator:
         self._relief = {n: r for n, r in self._relief.items() if r.expires_ts > now}
         underlying = flow + sum(r.flow_w for r in self._relief.values())
         load_pct = 100.0 * max(abs(flow), abs(underlying)) / limit
+        before = self.mode
         if now < self.emergency_until:
             self.mode = "emergency"  # operator orders override market and balancing
         elif load_pct >= g.act_at_pct:
             self.mode = "constrained"
         elif load_pct <= g.release_pct or self.mode == "emergency":
             self.mode = "normal"
+        if self.mode != before:
+            log.info("feeder %s: %s -> %s at %.0f W", self.feeder, before, self.mode, flow)
+            self._audit(
+                "grid_mode", "coordinator", {"from": before, "to": self.mode, "flow_w": flow}
+            )
         if self.mode == "constrained":
             await self._relieve(flow, limit * g.target_pct / 100.0, importing, wall_now)
         state = GridState(
@@ -660,6 +1024,7 @@ class Coordinator:
             last = self._grid_orders.get(name)
             if last is not None and wall_now - last < g.reissue_s / self.speed:
                 continue
+            self._own_dispatch_ids.append(order.id)
             try:
                 await self.bus.publish(topics.site_topic(name, "dispatch"), order.model_dump_json())
             except BusUnavailable:

@@ -29,7 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_782_043_200.0  # a multiple of 900 s: an interval boundary
 
 
-def _coordinator(tmp_path: Path, files: BrokerFiles | None = None, **grid: float) -> Coordinator:
+def _coordinator(
+    tmp_path: Path,
+    files: BrokerFiles | None = None,
+    trust: dict[str, object] | None = None,
+    **grid: float,
+) -> Coordinator:
     """A coordinator on a manual clock; with ``files``, on that broker as the coordinator."""
     port = files.port if files is not None else 1
     password = files.credentials["coordinator"] if files is not None else None
@@ -39,6 +44,7 @@ def _coordinator(tmp_path: Path, files: BrokerFiles | None = None, **grid: float
             "broker": {"port": port, "password_env": None},
             "tariff": {"retail_per_kwh": 0.30, "feed_in_per_kwh": 0.08},
             "grid": {"import_limit_w": 10_000.0, "export_limit_w": 10_000.0, **grid},
+            "trust": trust or {},
         },
         "test",
     )
@@ -78,7 +84,9 @@ def _telemetry(
 def test_metering_holds_each_reading_until_the_next_and_splits_at_interval_edges(
     tmp_path: Path,
 ) -> None:
-    c = _coordinator(tmp_path)
+    c = _coordinator(tmp_path, trust={"max_hold_s": 900})
+    assert isinstance(c.clock, ManualClock)
+    c.clock.ts = T0 + 900
     c.ingest_telemetry("a", _telemetry(T0 - 450, 2000.0))  # 2 kW from -450 s
     c.ingest_telemetry("a", _telemetry(T0 + 450, -1000.0))  # -1 kW from +450 s
     c.ingest_telemetry("a", _telemetry(T0 + 900, 0.0))
@@ -250,12 +258,16 @@ async def test_a_cleared_interval_awards_each_bidder_privately_and_is_settled(
                 break
             await asyncio.sleep(0.05)
         clearing = await c.clear_interval(k)
+        assert clearing is not None
         await asyncio.sleep(0.3)
-        # Metering: site-a imported 2 kW (8 kWh/h -> 0.5 kWh in 15 min); site-b exported.
-        for ts in (k * 900, (k + 1) * 900):
+        # Metering: site-a imported 8 kW (2 kWh in 15 min), its award; site-b exported 12 kW.
+        assert isinstance(c.clock, ManualClock)
+        for ts in range(k * 900, (k + 1) * 900 + 1, 60):
+            c.clock.ts = float(ts)
             c.ingest_telemetry("site-a", _telemetry(ts, 8000.0))
             c.ingest_telemetry("site-b", _telemetry(ts, -12000.0))
-        c.settle(k)
+        c.clock.ts = (k + 1) * 900 + 120.0  # settle_delay_s after the interval
+        assert c.settle_due() == 1
         for bus in (site_a, site_b):
             await bus.__aexit__(None, None, None)
     assert clearing.volume_kwh == pytest.approx(2.0)

@@ -353,7 +353,7 @@ async def _run_sites(
                     "interrupted: stopping cleanly and reporting what ran", highlight=False
                 )
     # Let the last interval settle: its telemetry is in, the agents have stopped.
-    for interval in sorted(coord.awards):
+    for interval in sorted(coord.cleared):
         if (interval + 1) * config.market.interval_s <= run.end_ts:
             coord.settle(interval)
 

@@ -1,0 +1,182 @@
+"""Plausibility of what a site says: pure checks of readings and bids against its limits.
+
+A site's word is not its meter. Every reading and bid is checked, before it touches any state,
+against the site's declared limits (configuration, else defaults derived from what the site
+reported the first time it was seen, capped) and the coordinator's own clock:
+
+- timestamps: at most ``future_skew_s`` ahead of the coordinator's clock (a reading from the
+  future would otherwise hold the feeder flow hostage), at most ``max_age_s`` behind (replayed
+  spool data from the past is fine within that window);
+- powers (W, site convention: grid positive importing, battery positive discharging): the
+  grid exchange within the connection limit, PV within the site's generation rating, battery
+  power within its storage rating, load within what connection, PV and battery can supply, each
+  with a ``tolerance`` for meter error; device ratings no larger than the site could have;
+- bids: only for the interval whose gate is still open and ``bids_ahead`` intervals after it,
+  each side's total quantity (kWh) no more than the connection can carry over an interval.
+
+Each check returns ``None`` (plausible) or a short reason; the caller counts, logs and decides.
+No I/O, no clock and no state here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from broker.messages import Bid, Telemetry
+
+Reason = Literal[
+    "invalid",
+    "unknown_site",
+    "future",
+    "too_old",
+    "grid_power",
+    "pv_power",
+    "battery_power",
+    "load_power",
+    "device_power",
+    "rating",
+    "bid_closed",
+    "bid_too_far_ahead",
+    "bid_quantity",
+]
+
+#: Every reason, for counters and documentation.
+REASONS: Final[tuple[str, ...]] = Reason.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class SiteLimits:
+    """What a site can physically do, W (all >= 0).
+
+    ``connection_w``: the most its grid connection carries either way; ``generation_w``: its
+    PV rating; ``storage_w``: its batteries' rated power (charge or discharge).
+    """
+
+    connection_w: float
+    generation_w: float
+    storage_w: float
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """Readings are accepted from ``now - max_age_s`` to ``now + future_skew_s`` (s)."""
+
+    future_skew_s: float
+    max_age_s: float
+
+
+def reported_ratings_w(msg: Telemetry) -> tuple[float, float]:
+    """(generation, storage) W: the sums of the rated powers the site's devices report."""
+    generation = sum(
+        d.rated_power_w or 0.0 for d in msg.devices if d.kind == "pv_inverter"
+    )
+    storage = sum(d.rated_power_w or 0.0 for d in msg.devices if d.kind == "battery")
+    return generation, storage
+
+
+def derive_limits(
+    *,
+    connection_w: float,
+    generation_w: float | None,
+    storage_w: float | None,
+    reported_generation_w: float,
+    reported_storage_w: float,
+    max_ratio: float,
+) -> SiteLimits:
+    """A site's limits: declared values where given, else what it reported, capped.
+
+    A reported rating (W) is trusted only up to ``max_ratio`` times the connection: a site
+    cannot loosen its own limits by claiming a huge inverter.
+    """
+    cap_w = connection_w * max_ratio
+    return SiteLimits(
+        connection_w=connection_w,
+        generation_w=generation_w if generation_w is not None
+        else min(reported_generation_w, cap_w),
+        storage_w=storage_w if storage_w is not None else min(reported_storage_w, cap_w),
+    )
+
+
+def check_time(ts: float, now_ts: float, window: TimeWindow) -> Reason | None:
+    """``future`` beyond the skew, ``too_old`` beyond the age window, else None."""
+    if ts > now_ts + window.future_skew_s:
+        return "future"
+    if ts < now_ts - window.max_age_s:
+        return "too_old"
+    return None
+
+
+def _beyond(value_w: float | None, bound_w: float, tolerance: float) -> bool:
+    return value_w is not None and abs(value_w) > bound_w * (1.0 + tolerance) + 1.0
+
+
+def check_telemetry(
+    msg: Telemetry, limits: SiteLimits, now_ts: float, window: TimeWindow, tolerance: float
+) -> Reason | None:
+    """The first reason ``msg`` is implausible for a site with ``limits``, or None.
+
+    Powers in W with the site conventions; ``tolerance`` is the fraction of a limit allowed
+    for meter error and brief overload.
+    """
+    late = check_time(msg.ts, now_ts, window)
+    if late is not None:
+        return late
+    if _beyond(msg.grid_power_w, limits.connection_w, tolerance):
+        return "grid_power"
+    if msg.pv_power_w is not None and (
+        msg.pv_power_w < -0.05 * limits.generation_w - 50.0
+        or _beyond(msg.pv_power_w, limits.generation_w, tolerance)
+    ):
+        return "pv_power"
+    if _beyond(msg.battery_power_w, limits.storage_w, tolerance):
+        return "battery_power"
+    supply_w = limits.connection_w + limits.generation_w + limits.storage_w
+    if msg.load_power_w is not None and (
+        msg.load_power_w < -0.05 * supply_w - 50.0 or _beyond(msg.load_power_w, supply_w, tolerance)
+    ):
+        return "load_power"
+    device_cap_w = max(supply_w, limits.connection_w)
+    for d in msg.devices:
+        if d.rated_power_w is not None and d.rated_power_w > device_cap_w * (1.0 + tolerance):
+            return "rating"
+        if _beyond(d.power_w, device_cap_w, tolerance):
+            return "device_power"
+    return None
+
+
+def open_interval(now_ts: float, interval_s: int, gate_s: int) -> int:
+    """The first interval whose gate (``gate_s`` before its start) has not closed at ``now_ts``."""
+    k = math.floor(now_ts / interval_s) + 1
+    if now_ts >= k * interval_s - gate_s:
+        k += 1
+    return k
+
+
+def check_bid(
+    bid: Bid,
+    limits: SiteLimits,
+    *,
+    now_ts: float,
+    interval_s: int,
+    gate_s: int,
+    bids_ahead: int,
+    tolerance: float,
+) -> Reason | None:
+    """The first reason ``bid`` is not acceptable now, or None.
+
+    Accepted: the open interval and ``bids_ahead`` after it; each side's total quantity (kWh)
+    within what the connection (W) carries over one interval, with ``tolerance``.
+    """
+    first = open_interval(now_ts, interval_s, gate_s)
+    if bid.interval < first:
+        return "bid_closed"
+    if bid.interval > first + bids_ahead:
+        return "bid_too_far_ahead"
+    most_kwh = limits.connection_w / 1000.0 * interval_s / 3600.0 * (1.0 + tolerance) + 1e-6
+    if sum(s.quantity_kwh for s in bid.buy) > most_kwh:
+        return "bid_quantity"
+    if sum(s.quantity_kwh for s in bid.sell) > most_kwh:
+        return "bid_quantity"
+    return None

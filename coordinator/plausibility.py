@@ -88,14 +88,20 @@ def derive_limits(
     """A site's limits: declared values where given, else what it reported, capped.
 
     A reported rating (W) is trusted only up to ``max_ratio`` times the connection: a site
-    cannot loosen its own limits by claiming a huge inverter.
+    cannot loosen its own limits by claiming a huge inverter. A site that reports no rating
+    (0: no such device, or one that does not say) gets that cap.
     """
     cap_w = connection_w * max_ratio
+
+    def pick(declared: float | None, reported: float) -> float:
+        if declared is not None:
+            return declared
+        return min(reported, cap_w) if reported > 0 else cap_w
+
     return SiteLimits(
         connection_w=connection_w,
-        generation_w=generation_w if generation_w is not None
-        else min(reported_generation_w, cap_w),
-        storage_w=storage_w if storage_w is not None else min(reported_storage_w, cap_w),
+        generation_w=pick(generation_w, reported_generation_w),
+        storage_w=pick(storage_w, reported_storage_w),
     )
 
 

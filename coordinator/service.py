@@ -60,6 +60,7 @@ from coordinator.market import Book, Tariff, clear
 
 log = logging.getLogger(__name__)
 
+_SITE_PREFIX = f"{topics.PREFIX}/site/"
 #: Wall seconds between two publications of the coordinator's status.
 STATUS_PERIOD_S = 5.0
 
@@ -236,7 +237,7 @@ class Coordinator:
                 max_inflight=1000,
             ),
             handler=self._on_message,
-            fast_handler=self._on_telemetry,
+            fast_handler=self._on_fast,
         )
 
     @property
@@ -329,23 +330,25 @@ class Coordinator:
     # -- ingest ----------------------------------------------------------------------------
     def _invalid(self, site: str, kind: str, err: BaseException) -> None:
         self.stats.invalid += 1
-        state = self.sites.get(site)
+        state = self._known(site)
         if state is not None:
             state.invalid += 1
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        self._reject(site, "invalid", f"invalid {kind}: {first}")
+        self._reject(site, "invalid", f"invalid {kind}: {first}", log_key=f"invalid {kind}")
 
-    def _reject(self, site: str, reason: str, detail: str) -> None:
-        """Count a refused message per site and reason; log and audit the first of each."""
+    def _reject(self, site: str, reason: str, detail: str, log_key: str | None = None) -> None:
+        """Count a refused message per site and reason; log and audit the first of each
+        (``log_key``, default the reason)."""
         self.stats.rejected += 1
         state = self.sites.get(site)
         if state is not None:
             state.rejected[reason] = state.rejected.get(reason, 0) + 1
         else:
             self._unknown_rejected[reason] = self._unknown_rejected.get(reason, 0) + 1
-        if (site, reason) in self._logged:
+        key = (site, log_key or reason)
+        if key in self._logged:
             return
-        self._logged.add((site, reason))
+        self._logged.add(key)
         log.warning(
             "rejected from site %s (%s; further ones counted, not logged): %s",
             site,
@@ -391,6 +394,10 @@ class Coordinator:
         return limits
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        self.handle(topic, payload)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One inbound message, handled at once; nothing a payload holds gets past here."""
         try:
             parsed = topics.parse_topic(topic)
         except ValueError:
@@ -412,7 +419,8 @@ class Coordinator:
                 self._seen_dispatch(site, Dispatch.model_validate_json(payload))
             elif parsed.kind == "dispatch/ack":
                 ack = DispatchAck.model_validate_json(payload)
-                self.stats.acks[ack.outcome] = self.stats.acks.get(ack.outcome, 0) + 1
+                if len(self.stats.acks) < 16 or ack.outcome in self.stats.acks:
+                    self.stats.acks[ack.outcome] = self.stats.acks.get(ack.outcome, 0) + 1
         except (ValidationError, ValueError, RecursionError, MemoryError) as err:
             self._invalid(site, parsed.kind, err)
         except Exception as err:  # a payload must never stop ingest
@@ -438,23 +446,12 @@ class Coordinator:
             },
         )
 
-    def _on_telemetry(self, topic: str, payload: bytes) -> bool:
-        """Telemetry, the high-rate stream, handled synchronously as it arrives."""
-        if not topic.endswith("/telemetry"):
+    def _on_fast(self, topic: str, payload: bytes) -> bool:
+        """Every site message, handled synchronously as it arrives: nothing queues up in the
+        process whatever a site sends (the broker holds what is not read yet)."""
+        if not topic.startswith(_SITE_PREFIX):
             return False
-        try:
-            site = topics.parse_topic(topic).site
-        except ValueError:
-            return True
-        if site is None:
-            return True
-        try:
-            self.ingest_telemetry(site, Telemetry.model_validate_json(payload))
-        except (ValidationError, ValueError, RecursionError, MemoryError) as err:
-            self._invalid(site, "telemetry", err)
-        except Exception as err:  # a payload must never stop ingest
-            log.exception("unexpected error on %s", topic)
-            self._invalid(site, "telemetry", err)
+        self.handle(topic, payload)
         return True
 
     def ingest_bid(self, site: str, bid: Bid) -> bool:

@@ -76,8 +76,8 @@ def _telemetry(
         grid_power_w=grid_w,
         battery_power_w=battery_w,
         battery_soc_pct=soc,
-        pv_power_w=0.0,
-        load_power_w=grid_w + battery_w,
+        pv_power_w=max(0.0, -(grid_w + battery_w)),  # load + ... = grid + PV + battery
+        load_power_w=max(0.0, grid_w + battery_w),
     )
 
 
@@ -113,7 +113,7 @@ async def test_invalid_messages_are_counted_per_site_and_never_stop_ingest(
     c = _coordinator(tmp_path)
     telemetry = topics.site_topic("a", "telemetry")
     for bad in (b"{", b'{"ts": "yesterday", "devices": []}', b'{"ts": 1e9, "devices": [], "x": 1}'):
-        assert c._on_telemetry(telemetry, bad)
+        assert c._on_fast(telemetry, bad)
     await c._on_message(topics.site_topic("a", "bid"), b'{"ts": 1e9, "interval": -1}')
     c.ingest_telemetry("a", _telemetry(T0, 1000.0))
     assert c.sites["a"].invalid == 4

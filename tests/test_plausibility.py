@@ -78,6 +78,15 @@ def test_derived_limits_cap_what_a_site_reports() -> None:
         max_ratio=2.0,
     )
     assert declared == pl.SiteLimits(20_000.0, 8_000.0, 1_000.0)
+    silent = pl.derive_limits(
+        connection_w=20_000.0,
+        generation_w=None,
+        storage_w=None,
+        reported_generation_w=0.0,
+        reported_storage_w=0.0,
+        max_ratio=2.0,
+    )
+    assert silent == pl.SiteLimits(20_000.0, 40_000.0, 40_000.0)  # unknown: the cap
 
 
 def test_reported_ratings_sum_by_device_kind() -> None:

@@ -84,8 +84,39 @@ telemetry has not arrived; the gateway spools it and replays it later) make sett
 with :class:`IncompleteMetering` and write nothing, so the coordinator settles the interval
 later, once the data is in. If it cannot wait any longer it passes ``estimate_missing=True``:
 each missing site is settled as ``metered = award`` (no imbalance), flagged ``estimated`` in the
-stored row and in the result. Settlement is final either way; a later correction would be a new
-adjusting posting, which this module does not make.
+stored row and in the result, with a reason (:data:`DEFAULT_ESTIMATE_REASON` unless
+:meth:`Ledger.settle_cleared` is given one). What is written is never updated or deleted:
+late metering is booked as a correction (below).
+
+Durable clearings (schema version 3)
+------------------------------------
+:meth:`Ledger.record_clearing` commits an interval's prices, premium, rebate rule and every
+award (``clearings``, ``clearing_awards``) before the coordinator publishes them; the
+connection runs with ``synchronous=FULL`` (set for the whole connection on open), so the commit
+is on disk when the call returns. After a crash, :meth:`Ledger.unsettled_clearings` lists what
+was cleared and not settled, and :meth:`Ledger.settle_cleared` settles it from the stored
+clearing, with a ``roster`` of sites that must appear (estimated at 0 when they have neither an
+award nor metering) and a reason per estimated site. ``settle_interval`` on an interval with a
+recorded clearing must agree with it.
+
+Corrections
+-----------
+:meth:`Ledger.correct_interval` takes new metering for some sites of a settled interval,
+settles the interval afresh with its stored prices, awards, premium and rebate rule, and books
+the difference per (kind, party) as new postings of the same kinds with ``revision`` N > 0
+(the settlement's postings are revision 0). Each correction writes a ``revisions`` row (its
+posting count, reason and time), a ``corrections`` row per site whose metering or money
+changed (old and new metering and estimated flag, money delta) and an audit row. So after any
+sequence of corrections each account's total for the interval is what a fresh settlement with
+the final metering gives (the rounding included), and every posting and interval still sums to
+zero. Reads (:meth:`Ledger.settlement`, site reports, baselines) use each site's latest
+metering (the ``site_metering`` view).
+
+Audit log
+---------
+``audit`` is append-only (triggers abort every UPDATE and DELETE, as for the clearings,
+revisions and corrections): :meth:`Ledger.audit` appends a kind, an actor, a JSON detail and a
+time; :meth:`Ledger.audit_entries` reads them back.
 
 Idempotency and atomicity
 -------------------------
@@ -106,14 +137,16 @@ Fresh and stored results are both read back from the database, so they compare e
 
 Schema versions
 ---------------
-Version 2 added the ``rebate`` posting kind and each interval's ``rebate_rule``. Opening a
-version 1 file migrates it: the file is first copied to ``<file>.v1.bak``, then in one
-transaction the ``postings`` table is rebuilt with the wider check (every row kept, the foreign
-keys checked before the commit) and ``intervals`` gains ``rebate_rule`` ('none' for every
-interval settled before). Readers open with
-``migrate=False`` and leave a version 1 file as it is (it reads the same; settling into it is
-refused), so a report never upgrades the file under an older coordinator. A newer version than
-this code reads is refused.
+Version 2 added the ``rebate`` posting kind and each interval's ``rebate_rule``; version 3 the
+durable clearings, corrections, estimate reasons and the audit log. Opening an older file
+migrates it: the file is first copied to ``<file>.v<N>.bak`` (N its version), then in one
+transaction version 1's ``postings`` table is rebuilt with the wider check (every row kept) and
+``intervals`` gains ``rebate_rule`` ('none' for every interval settled before); then version 3's
+columns (``postings.revision`` 0, ``site_intervals.estimate_reason`` NULL), tables, view and
+triggers are added; the foreign keys are checked before the commit. Readers open with
+``migrate=False`` and leave an older file as it is (it reads the same, clearings, corrections
+and the audit log read as empty; writing into it is refused), so a report never upgrades the
+file under an older coordinator. A newer version than this code reads is refused.
 
 Concurrency
 -----------

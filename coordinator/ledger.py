@@ -84,8 +84,39 @@ telemetry has not arrived; the gateway spools it and replays it later) make sett
 with :class:`IncompleteMetering` and write nothing, so the coordinator settles the interval
 later, once the data is in. If it cannot wait any longer it passes ``estimate_missing=True``:
 each missing site is settled as ``metered = award`` (no imbalance), flagged ``estimated`` in the
-stored row and in the result. Settlement is final either way; a later correction would be a new
-adjusting posting, which this module does not make.
+stored row and in the result, with a reason (:data:`DEFAULT_ESTIMATE_REASON` unless
+:meth:`Ledger.settle_cleared` is given one). What is written is never updated or deleted:
+late metering is booked as a correction (below).
+
+Durable clearings (schema version 3)
+------------------------------------
+:meth:`Ledger.record_clearing` commits an interval's prices, premium, rebate rule and every
+award (``clearings``, ``clearing_awards``) before the coordinator publishes them; the
+connection runs with ``synchronous=FULL`` (set for the whole connection on open), so the commit
+is on disk when the call returns. After a crash, :meth:`Ledger.unsettled_clearings` lists what
+was cleared and not settled, and :meth:`Ledger.settle_cleared` settles it from the stored
+clearing, with a ``roster`` of sites that must appear (estimated at 0 when they have neither an
+award nor metering) and a reason per estimated site. ``settle_interval`` on an interval with a
+recorded clearing must agree with it.
+
+Corrections
+-----------
+:meth:`Ledger.correct_interval` takes new metering for some sites of a settled interval,
+settles the interval afresh with its stored prices, awards, premium and rebate rule, and books
+the difference per (kind, party) as new postings of the same kinds with ``revision`` N > 0
+(the settlement's postings are revision 0). Each correction writes a ``revisions`` row (its
+posting count, reason and time), a ``corrections`` row per site whose metering or money
+changed (old and new metering and estimated flag, money delta) and an audit row. So after any
+sequence of corrections each account's total for the interval is what a fresh settlement with
+the final metering gives (the rounding included), and every posting and interval still sums to
+zero. Reads (:meth:`Ledger.settlement`, site reports, baselines) use each site's latest
+metering (the ``site_metering`` view).
+
+Audit log
+---------
+``audit`` is append-only (triggers abort every UPDATE and DELETE, as for the clearings,
+revisions and corrections): :meth:`Ledger.audit` appends a kind, an actor, a JSON detail and a
+time; :meth:`Ledger.audit_entries` reads them back.
 
 Idempotency and atomicity
 -------------------------
@@ -106,14 +137,16 @@ Fresh and stored results are both read back from the database, so they compare e
 
 Schema versions
 ---------------
-Version 2 added the ``rebate`` posting kind and each interval's ``rebate_rule``. Opening a
-version 1 file migrates it: the file is first copied to ``<file>.v1.bak``, then in one
-transaction the ``postings`` table is rebuilt with the wider check (every row kept, the foreign
-keys checked before the commit) and ``intervals`` gains ``rebate_rule`` ('none' for every
-interval settled before). Readers open with
-``migrate=False`` and leave a version 1 file as it is (it reads the same; settling into it is
-refused), so a report never upgrades the file under an older coordinator. A newer version than
-this code reads is refused.
+Version 2 added the ``rebate`` posting kind and each interval's ``rebate_rule``; version 3 the
+durable clearings, corrections, estimate reasons and the audit log. Opening an older file
+migrates it: the file is first copied to ``<file>.v<N>.bak`` (N its version), then in one
+transaction version 1's ``postings`` table is rebuilt with the wider check (every row kept) and
+``intervals`` gains ``rebate_rule`` ('none' for every interval settled before); then version 3's
+columns (``postings.revision`` 0, ``site_intervals.estimate_reason`` NULL), tables, view and
+triggers are added; the foreign keys are checked before the commit. Readers open with
+``migrate=False`` and leave an older file as it is (it reads the same, clearings, corrections
+and the audit log read as empty; writing into it is refused), so a report never upgrades the
+file under an older coordinator. A newer version than this code reads is refused.
 
 Concurrency
 -----------
@@ -124,26 +157,34 @@ coordinator may call it from ``asyncio.to_thread``. Several processes may open t
 
 from __future__ import annotations
 
+import bisect
+import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Literal, Self, get_args
+from types import MappingProxyType, TracebackType
+from typing import Final, Literal, Self, cast, get_args
 
 __all__ = [
     "COMMUNITY",
+    "DEFAULT_ESTIMATE_REASON",
     "DEFAULT_IMBALANCE_PREMIUM_PER_KWH",
     "MAX_ABS_ENERGY_KWH",
     "MAX_ABS_PRICE_PER_KWH",
     "MICRO",
     "SCHEMA_VERSION",
     "UTILITY",
+    "AuditEntry",
+    "ClearedInterval",
+    "ClearingConflict",
+    "Correction",
     "Entry",
+    "EstimatedSite",
     "IncompleteMetering",
     "Ledger",
     "LedgerError",
@@ -154,6 +195,7 @@ __all__ = [
     "SchemaVersionError",
     "SettlementConflict",
     "SettlementResult",
+    "SiteCorrection",
     "SiteReport",
     "SiteSettlement",
     "UnknownAccount",
@@ -168,7 +210,9 @@ COMMUNITY: Final = "community"
 #: The utility's account (it sells at retail and buys at feed-in).
 UTILITY: Final = "utility"
 #: Version of the schema this module creates and reads.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+#: Why a site was settled as estimated when the caller gives no reason.
+DEFAULT_ESTIMATE_REASON: Final = "no telemetry"
 #: Premium (currency per kWh) added to the imbalance buy price and taken off the sell price.
 DEFAULT_IMBALANCE_PREMIUM_PER_KWH: Final = 0.05
 #: Largest |energy| accepted per site and interval (kWh), so every amount fits SQLite's int64.
@@ -179,6 +223,7 @@ MAX_ABS_PRICE_PER_KWH: Final = 1.0e4
 _WH_PER_KWH: Final = 1000
 _SITE_PREFIX: Final = "site:"
 _MAX_SITE_ID_LEN: Final = 200
+_MAX_TEXT_LEN: Final = 1000
 
 PostingKind = Literal["trade", "imbalance", "utility", "rebate"]
 #: How the community account's balance of an interval goes back to the sites (module docs).
@@ -219,6 +264,16 @@ class SettlementConflict(LedgerError):
             f"interval {stored.interval} is already settled with different inputs; "
             "the stored settlement is final"
         )
+
+
+class ClearingConflict(LedgerError):
+    """The interval already has a clearing with other inputs (or was settled without one);
+    nothing was written. ``stored`` is the recorded clearing (None: settled without one)."""
+
+    def __init__(self, interval: int, stored: ClearedInterval | None, message: str) -> None:
+        self.interval = interval
+        self.stored = stored
+        super().__init__(message)
 
 
 class SchemaVersionError(LedgerError):
@@ -262,6 +317,8 @@ class SiteSettlement:
     trade_micro: int
     imbalance_micro: int
     rebate_micro: int = 0
+    #: Why the site was estimated (None when metered, or estimated before schema version 3).
+    estimate_reason: str | None = None
 
     @property
     def deviation_wh(self) -> int:
@@ -296,6 +353,8 @@ class SettlementResult:
     community_micro: int
     sites: tuple[SiteSettlement, ...]
     rebate_rule: RebateRule = "none"
+    #: How many corrections have been booked on the interval (figures include them all).
+    revision: int = 0
 
     def site(self, site: str) -> SiteSettlement:
         """The settlement of one site; KeyError when the site was not in the interval."""
@@ -352,6 +411,91 @@ class SiteReport:
     net_cost_micro: int
     baseline_cost_micro: int
     savings_micro: int
+    #: Intervals of the site's with at least one correction (its figures include them).
+    corrected_intervals: int = 0
+
+
+@dataclass(frozen=True)
+class ClearedInterval:
+    """A clearing as recorded before it was published (:meth:`Ledger.record_clearing`).
+
+    Prices in micro-currency per kWh, awards in Wh (import positive) as a read-only mapping
+    sorted by site, ``cleared_ts`` the clearing's time (s since the epoch; the first record's),
+    ``settled`` whether the interval has been settled since.
+    """
+
+    interval: int
+    clearing_price_micro_per_kwh: int
+    retail_price_micro_per_kwh: int
+    feed_in_price_micro_per_kwh: int
+    imbalance_premium_micro_per_kwh: int
+    rebate_rule: RebateRule
+    awards_wh: Mapping[str, int]
+    cleared_ts: float
+    settled: bool
+
+    @property
+    def awards_kwh(self) -> dict[str, float]:
+        """The awards in kWh (exact to the Wh), e.g. to publish them again after a restart."""
+        return {site: wh / _WH_PER_KWH for site, wh in self.awards_wh.items()}
+
+    @property
+    def clearing_price_per_kwh(self) -> float:
+        """The clearing price in currency per kWh."""
+        return self.clearing_price_micro_per_kwh / MICRO
+
+
+@dataclass(frozen=True)
+class SiteCorrection:
+    """One site's line of a correction: metering before and after (Wh), the estimated flag
+    before and after, and ``delta_micro``, what the site received more (<0: paid more)."""
+
+    site: str
+    old_metered_wh: int
+    new_metered_wh: int
+    old_estimated: bool
+    new_estimated: bool
+    delta_micro: int
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A correction booked on a settled interval (:meth:`Ledger.correct_interval`).
+
+    ``revision`` counts the interval's corrections from 1; ``sites`` holds every site whose
+    metering or money changed, sorted; ``utility_delta_micro`` and ``community_delta_micro``
+    what those accounts received more. All deltas sum to zero.
+    """
+
+    interval: int
+    revision: int
+    reason: str
+    ts: float
+    sites: tuple[SiteCorrection, ...]
+    utility_delta_micro: int
+    community_delta_micro: int
+
+
+@dataclass(frozen=True)
+class EstimatedSite:
+    """A site settled on estimated metering in an interval, as it stands after corrections."""
+
+    interval: int
+    site: str
+    award_wh: int
+    metered_wh: int
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the append-only audit log; ``detail`` is the JSON object as stored."""
+
+    audit_id: int
+    ts: float
+    kind: str
+    actor: str
+    detail: Mapping[str, object]
 
 
 # --- pure settlement arithmetic -----------------------------------------------------------
@@ -553,6 +697,89 @@ _SCHEMA: Final = (
 )
 
 
+def _append_only(table: str) -> tuple[str, ...]:
+    """Triggers that refuse every UPDATE and DELETE of ``table``."""
+    return tuple(
+        f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+        for verb in ("UPDATE", "DELETE")
+    )
+
+
+#: Version 3 on top of version 2 (a new file gets version 2's schema and then these).
+_V3_SCHEMA: Final = (
+    "ALTER TABLE postings ADD COLUMN revision INTEGER NOT NULL DEFAULT 0 CHECK (revision >= 0)",
+    "ALTER TABLE site_intervals ADD COLUMN estimate_reason TEXT",
+    """CREATE TABLE clearings (
+        interval INTEGER PRIMARY KEY CHECK (interval >= 0),
+        clearing_price_micro_per_kwh INTEGER NOT NULL,
+        retail_price_micro_per_kwh INTEGER NOT NULL,
+        feed_in_price_micro_per_kwh INTEGER NOT NULL,
+        imbalance_premium_micro_per_kwh INTEGER NOT NULL CHECK (
+            imbalance_premium_micro_per_kwh >= 0),
+        rebate_rule TEXT NOT NULL CHECK (rebate_rule IN ('none', 'traded_energy')),
+        cleared_ts REAL NOT NULL,
+        award_count INTEGER NOT NULL CHECK (award_count >= 0)
+    ) STRICT""",
+    """CREATE TABLE clearing_awards (
+        interval INTEGER NOT NULL REFERENCES clearings (interval),
+        site TEXT NOT NULL,
+        award_wh INTEGER NOT NULL,
+        PRIMARY KEY (interval, site)
+    ) STRICT""",
+    """CREATE TABLE revisions (
+        interval INTEGER NOT NULL REFERENCES intervals (interval),
+        revision INTEGER NOT NULL CHECK (revision >= 1),
+        posting_count INTEGER NOT NULL CHECK (posting_count >= 0),
+        reason TEXT NOT NULL,
+        ts REAL NOT NULL,
+        PRIMARY KEY (interval, revision)
+    ) STRICT""",
+    """CREATE TABLE corrections (
+        interval INTEGER NOT NULL,
+        revision INTEGER NOT NULL,
+        site TEXT NOT NULL REFERENCES accounts (site),
+        old_metered_wh INTEGER NOT NULL,
+        new_metered_wh INTEGER NOT NULL,
+        old_estimated INTEGER NOT NULL CHECK (old_estimated IN (0, 1)),
+        new_estimated INTEGER NOT NULL CHECK (new_estimated IN (0, 1)),
+        delta_micro INTEGER NOT NULL,
+        PRIMARY KEY (interval, revision, site),
+        FOREIGN KEY (interval, revision) REFERENCES revisions (interval, revision)
+    ) STRICT""",
+    "CREATE INDEX corrections_site ON corrections (interval, site, revision)",
+    """CREATE TABLE audit (
+        audit_id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        detail TEXT NOT NULL CHECK (json_valid(detail))
+    ) STRICT""",
+    "CREATE INDEX audit_ts ON audit (ts)",
+    # Each site's metering as it stands: the latest correction's, else the settlement's.
+    """CREATE VIEW site_metering AS
+    SELECT s.interval, s.site, s.award_wh,
+        COALESCE(c.new_metered_wh, s.metered_wh) AS metered_wh,
+        COALESCE(c.new_estimated, s.estimated) AS estimated,
+        CASE WHEN COALESCE(c.new_estimated, s.estimated) THEN s.estimate_reason END
+            AS estimate_reason
+    FROM site_intervals s LEFT JOIN corrections c
+        ON c.interval = s.interval AND c.site = s.site AND c.revision = (
+            SELECT MAX(c2.revision) FROM corrections c2
+            WHERE c2.interval = s.interval AND c2.site = s.site)""",
+    *_append_only("audit"),
+    *_append_only("clearings"),
+    *_append_only("clearing_awards"),
+    *_append_only("revisions"),
+    *_append_only("corrections"),
+)
+#: How readers of a version 1 or 2 file see ``site_metering``.
+_SITE_METERING_BEFORE_V3: Final = (
+    "(SELECT interval, site, award_wh, metered_wh, estimated, NULL AS estimate_reason "
+    "FROM site_intervals)"
+)
+
+
 class Ledger:
     """The settlement ledger in one SQLite file; a context manager owning one connection.
 
@@ -584,6 +811,8 @@ class Ledger:
             self.schema_version = _ensure_schema(conn, self.path, migrate=migrate)
             # Version 1 had no rebates: every interval was settled under the rule "none".
             self._rebate_rule_column = "rebate_rule" if self.schema_version >= 2 else "'none'"
+            v3 = self.schema_version >= 3
+            self._site_rows = "site_metering" if v3 else _SITE_METERING_BEFORE_V3
             conn.execute("PRAGMA foreign_keys=ON")  # after a migration, which needs them off
         except BaseException as err:
             conn.close()
@@ -630,6 +859,13 @@ class Ledger:
 
     # -- settlement ---------------------------------------------------------------------
 
+    def _require_writable(self) -> None:
+        if self.schema_version < SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"ledger {self.path} has schema version {self.schema_version}, opened without "
+                f"migrating: it can be read, not settled into (open it with migrate=True)"
+            )
+
     def settle_interval(
         self,
         interval: int,
@@ -651,46 +887,121 @@ class Ledger:
         ``estimate_missing`` (then metered = award, flagged). Re-settling with the same inputs
         returns the stored result; with different ones raises :class:`SettlementConflict`.
         ``rebate`` pays the community account's balance of the interval back to the sites
-        (``"traded_energy"``) or keeps it (``"none"``).
+        (``"traded_energy"``) or keeps it (``"none"``). When a clearing was recorded for the
+        interval, the prices, premium, rebate rule and non-zero awards must be the clearing's
+        (else :class:`LedgerInputError` naming the first that differs).
         """
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-            raise LedgerInputError(f"interval must be an int >= 0, got {interval!r}")
-        if self.schema_version < SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"ledger {self.path} has schema version {self.schema_version}, opened without "
-                f"migrating: it can be read, not settled into (open it with migrate=True)"
+        _check_interval(interval)
+        self._require_writable()
+        prices = _prices(
+            clearing_price_per_kwh,
+            retail_price_per_kwh,
+            feed_in_price_per_kwh,
+            imbalance_premium_per_kwh,
+        )
+        _check_rebate(rebate)
+        sites = _site_inputs(interval, awards_kwh, metered_kwh, estimate_missing=estimate_missing)
+
+        def agree(conn: sqlite3.Connection) -> None:
+            cleared = self._clearing(conn, interval)
+            if cleared is not None:
+                _check_agrees_with_clearing(cleared, prices, rebate, sites)
+
+        return self._settle(interval, prices, sites, rebate, {}, agree)
+
+    def settle_cleared(
+        self,
+        interval: int,
+        *,
+        metered_kwh: Mapping[str, float],
+        roster: Iterable[str] = (),
+        estimate_reasons: Mapping[str, str] = MappingProxyType({}),
+    ) -> SettlementResult:
+        """Settle an interval from its recorded clearing (:meth:`record_clearing`).
+
+        The sites settled are the clearing's awarded sites, those in ``metered_kwh`` (kWh,
+        import positive), those in ``roster`` (sites that must appear in the interval even
+        with no award and no metering) and those in ``estimate_reasons``. Every site without
+        metering is settled as estimated (metered = award, 0 for a roster site), flagged, with
+        its reason from ``estimate_reasons`` (e.g. "implausible: grid power beyond the
+        connection limit"; default :data:`DEFAULT_ESTIMATE_REASON`). A reason for a site that
+        has metering is refused: leave its metering out to estimate it. Idempotent as
+        :meth:`settle_interval` (reasons are not compared). Raises :class:`LedgerInputError`
+        when the interval has no recorded clearing.
+        """
+        _check_interval(interval)
+        self._require_writable()
+        roster = tuple(roster)
+        _check_site_ids((*roster, *estimate_reasons))
+        reasons: dict[str, str] = {}
+        for site, reason in estimate_reasons.items():
+            reasons[site] = _check_text(reason, f"estimate_reasons[{site!r}]")
+        metered_named = sorted(s for s in reasons if s in metered_kwh)
+        if metered_named:
+            raise LedgerInputError(
+                f"estimate_reasons names sites with metering: {', '.join(metered_named)}; "
+                "leave their metering out to settle them as estimated"
+            )
+        with self._db() as conn:
+            cleared = self._clearing(conn, interval)
+        if cleared is None:
+            raise LedgerInputError(
+                f"interval {interval} has no recorded clearing; record_clearing comes first"
             )
         prices = _Prices(
-            clearing=_to_micro_per_kwh(clearing_price_per_kwh, "clearing_price_per_kwh"),
-            retail=_to_micro_per_kwh(retail_price_per_kwh, "retail_price_per_kwh"),
-            feed_in=_to_micro_per_kwh(feed_in_price_per_kwh, "feed_in_price_per_kwh"),
-            premium=_to_micro_per_kwh(imbalance_premium_per_kwh, "imbalance_premium_per_kwh"),
+            clearing=cleared.clearing_price_micro_per_kwh,
+            retail=cleared.retail_price_micro_per_kwh,
+            feed_in=cleared.feed_in_price_micro_per_kwh,
+            premium=cleared.imbalance_premium_micro_per_kwh,
         )
-        if prices.premium < 0:
-            raise LedgerInputError("imbalance_premium_per_kwh must be >= 0")
-        if rebate not in _REBATE_RULES:
-            raise LedgerInputError(f"rebate must be one of {', '.join(_REBATE_RULES)}")
-        sites = _site_inputs(interval, awards_kwh, metered_kwh, estimate_missing=estimate_missing)
-        postings = _postings(prices, sites, rebate)
+        metered = {s: _to_wh(q, f"metered_kwh[{s!r}]") for s, q in metered_kwh.items()}
+        _check_site_ids(metered)
+        awards = cleared.awards_wh
+        sites = tuple(
+            _SiteInput(
+                site=s,
+                award_wh=awards.get(s, 0),
+                metered_wh=metered.get(s, awards.get(s, 0)),
+                estimated=s not in metered,
+            )
+            for s in sorted(awards.keys() | metered.keys() | set(roster) | reasons.keys())
+        )
+        estimated = {
+            s.site: reasons.get(s.site, DEFAULT_ESTIMATE_REASON) for s in sites if s.estimated
+        }
+        return self._settle(interval, prices, sites, cleared.rebate_rule, estimated, None)
 
+    def _settle(
+        self,
+        interval: int,
+        prices: _Prices,
+        sites: tuple[_SiteInput, ...],
+        rebate: RebateRule,
+        reasons: Mapping[str, str],
+        check: Callable[[sqlite3.Connection], None] | None,
+    ) -> SettlementResult:
+        """Write the interval once (one transaction), or compare with what is stored."""
+        postings = _postings(prices, sites, rebate)
+        if not reasons:
+            reasons = {s.site: DEFAULT_ESTIMATE_REASON for s in sites if s.estimated}
         with self._db() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                stored = self._load(conn, interval)
-                if stored is None:
-                    self._write(conn, interval, prices, sites, postings, rebate)
+                if check is not None:
+                    check(conn)
+                original = self._original_inputs(conn, interval)
+                if original is None:
+                    self._write(conn, interval, prices, sites, postings, rebate, reasons)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            if stored is not None:
-                if _inputs_of(stored) != (prices, sites):
-                    raise SettlementConflict(stored)
-                return stored
             result = self._load(conn, interval)
         if result is None:  # pragma: no cover - committed just above on this connection
             raise LedgerStorageError(f"interval {interval} vanished after its commit")
+        if original is not None and original != (prices, sites):
+            raise SettlementConflict(result)
         return result
 
     def _write(
@@ -701,6 +1012,7 @@ class Ledger:
         sites: tuple[_SiteInput, ...],
         postings: tuple[_Posting, ...],
         rebate: RebateRule,
+        reasons: Mapping[str, str],
     ) -> None:
         net_wh = sum(s.metered_wh for s in sites)
         conn.executemany(
@@ -723,21 +1035,41 @@ class Ledger:
             ),
         )
         conn.executemany(
-            "INSERT INTO site_intervals VALUES (?, ?, ?, ?, ?)",
-            [(interval, s.site, s.award_wh, s.metered_wh, int(s.estimated)) for s in sites],
+            "INSERT INTO site_intervals (interval, site, award_wh, metered_wh, estimated, "
+            "estimate_reason) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    interval,
+                    s.site,
+                    s.award_wh,
+                    s.metered_wh,
+                    int(s.estimated),
+                    reasons.get(s.site) if s.estimated else None,
+                )
+                for s in sites
+            ],
         )
         for posting in postings:
             self._write_posting(conn, interval, posting)
 
-    def _write_posting(self, conn: sqlite3.Connection, interval: int, posting: _Posting) -> None:
+    def _write_posting(
+        self, conn: sqlite3.Connection, interval: int, posting: _Posting, revision: int = 0
+    ) -> None:
         """Write one posting and its two entries (inside the interval's transaction).
 
         The single place postings are written; the crash test overrides it to die mid-interval.
         """
         cur = conn.execute(
-            "INSERT INTO postings (interval, kind, site, energy_wh, price_micro_per_kwh) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (interval, posting.kind, posting.site, posting.energy_wh, posting.price_micro_per_kwh),
+            "INSERT INTO postings (interval, kind, site, energy_wh, price_micro_per_kwh, "
+            "revision) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                interval,
+                posting.kind,
+                posting.site,
+                posting.energy_wh,
+                posting.price_micro_per_kwh,
+                revision,
+            ),
         )
         posting_id = cur.lastrowid
         conn.executemany(
@@ -748,16 +1080,39 @@ class Ledger:
             ],
         )
 
-    def _load(self, conn: sqlite3.Connection, interval: int) -> SettlementResult | None:
+    def _original_inputs(
+        self, conn: sqlite3.Connection, interval: int
+    ) -> tuple[_Prices, tuple[_SiteInput, ...]] | None:
+        """The rounded inputs the interval was settled with (before any correction)."""
         row = conn.execute(
             "SELECT clearing_price_micro_per_kwh, retail_price_micro_per_kwh, "
-            "feed_in_price_micro_per_kwh, imbalance_premium_micro_per_kwh, "
-            "imbalance_buy_price_micro_per_kwh, imbalance_sell_price_micro_per_kwh, "
-            f"community_net_wh, {self._rebate_rule_column} FROM intervals WHERE interval = ?",
+            "feed_in_price_micro_per_kwh, imbalance_premium_micro_per_kwh "
+            "FROM intervals WHERE interval = ?",
             (interval,),
         ).fetchone()
         if row is None:
             return None
+        sites = tuple(
+            _SiteInput(site=site, award_wh=a, metered_wh=m, estimated=bool(e))
+            for site, a, m, e in conn.execute(
+                "SELECT site, award_wh, metered_wh, estimated FROM site_intervals "
+                "WHERE interval = ? ORDER BY site",
+                (interval,),
+            )
+        )
+        return _Prices(*row), sites
+
+    def _load(self, conn: sqlite3.Connection, interval: int) -> SettlementResult | None:
+        """The interval as it stands: the settlement plus every correction booked on it."""
+        row = conn.execute(
+            "SELECT clearing_price_micro_per_kwh, retail_price_micro_per_kwh, "
+            "feed_in_price_micro_per_kwh, imbalance_premium_micro_per_kwh, "
+            f"{self._rebate_rule_column} FROM intervals WHERE interval = ?",
+            (interval,),
+        ).fetchone()
+        if row is None:
+            return None
+        prices = _Prices(*row[:4])
         money: dict[tuple[str, str], int] = {}
         for kind, account, amount in conn.execute(
             "SELECT p.kind, e.account, SUM(e.amount_micro) FROM entries e "
@@ -774,27 +1129,434 @@ class Ledger:
                 trade_micro=money.get(("trade", site_account(site)), 0),
                 imbalance_micro=money.get(("imbalance", site_account(site)), 0),
                 rebate_micro=money.get(("rebate", site_account(site)), 0),
+                estimate_reason=reason,
             )
-            for site, award, metered, estimated in conn.execute(
-                "SELECT site, award_wh, metered_wh, estimated FROM site_intervals "
-                "WHERE interval = ? ORDER BY site",
+            for site, award, metered, estimated, reason in conn.execute(
+                "SELECT site, award_wh, metered_wh, estimated, estimate_reason "
+                f"FROM {self._site_rows} WHERE interval = ? ORDER BY site",
                 (interval,),
             )
         )
         community = sum(v for (_, account), v in money.items() if account == COMMUNITY)
+        net_wh = sum(s.metered_wh for s in sites)
         return SettlementResult(
             interval=interval,
-            clearing_price_micro_per_kwh=row[0],
-            retail_price_micro_per_kwh=row[1],
-            feed_in_price_micro_per_kwh=row[2],
-            imbalance_premium_micro_per_kwh=row[3],
-            imbalance_buy_price_micro_per_kwh=row[4],
-            imbalance_sell_price_micro_per_kwh=row[5],
-            community_net_wh=row[6],
-            rebate_rule=row[7],
+            clearing_price_micro_per_kwh=prices.clearing,
+            retail_price_micro_per_kwh=prices.retail,
+            feed_in_price_micro_per_kwh=prices.feed_in,
+            imbalance_premium_micro_per_kwh=prices.premium,
+            imbalance_buy_price_micro_per_kwh=prices.imbalance_buy(net_wh),
+            imbalance_sell_price_micro_per_kwh=prices.imbalance_sell(net_wh),
+            community_net_wh=net_wh,
+            rebate_rule=row[4],
             utility_micro=money.get(("utility", UTILITY), 0),
             community_micro=community,
             sites=sites,
+            revision=self._revision(conn, interval),
+        )
+
+    def _revision(self, conn: sqlite3.Connection, interval: int) -> int:
+        if self.schema_version < 3:
+            return 0
+        row = conn.execute(
+            "SELECT COALESCE(MAX(revision), 0) FROM revisions WHERE interval = ?", (interval,)
+        ).fetchone()
+        return int(row[0])
+
+    # -- durable clearings ------------------------------------------------------------------
+
+    def record_clearing(
+        self,
+        interval: int,
+        *,
+        clearing_price_per_kwh: float,
+        retail_price_per_kwh: float,
+        feed_in_price_per_kwh: float,
+        awards_kwh: Mapping[str, float],
+        imbalance_premium_per_kwh: float,
+        rebate: RebateRule,
+        cleared_ts: float,
+    ) -> ClearedInterval:
+        """Commit an interval's clearing and every award before they are published.
+
+        Durable when it returns: one ``BEGIN IMMEDIATE`` transaction on the ledger's
+        connection, which runs with ``synchronous=FULL`` in WAL mode (the commit is fsynced),
+        so a coordinator killed right after finds it in :meth:`unsettled_clearings`.
+        Idempotent: the same inputs (after rounding; ``cleared_ts`` is not compared) return the
+        stored record with its first ``cleared_ts``; other inputs, or an interval already
+        settled without a recorded clearing, raise :class:`ClearingConflict`. Inputs are
+        validated and rounded as :meth:`settle_interval`'s (a zero award is kept: the site
+        takes part in the interval).
+        """
+        _check_interval(interval)
+        self._require_writable()
+        prices = _prices(
+            clearing_price_per_kwh,
+            retail_price_per_kwh,
+            feed_in_price_per_kwh,
+            imbalance_premium_per_kwh,
+        )
+        _check_rebate(rebate)
+        ts = _check_ts(cleared_ts, "cleared_ts")
+        _check_site_ids(awards_kwh)
+        awards = {s: _to_wh(q, f"awards_kwh[{s!r}]") for s, q in sorted(awards_kwh.items())}
+        with self._db() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                stored = self._clearing(conn, interval)
+                settled = stored is None and self._is_settled(conn, interval)
+                if stored is None and not settled:
+                    conn.execute(
+                        "INSERT INTO clearings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            interval,
+                            prices.clearing,
+                            prices.retail,
+                            prices.feed_in,
+                            prices.premium,
+                            rebate,
+                            ts,
+                            len(awards),
+                        ),
+                    )
+                    conn.executemany(
+                        "INSERT INTO clearing_awards VALUES (?, ?, ?)",
+                        [(interval, s, wh) for s, wh in awards.items()],
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if settled:
+                raise ClearingConflict(
+                    interval,
+                    None,
+                    f"interval {interval} is already settled without a recorded clearing",
+                )
+            if stored is None:
+                stored = self._clearing(conn, interval)
+                if stored is None:  # pragma: no cover - committed just above
+                    raise LedgerStorageError(f"clearing {interval} vanished after its commit")
+                return stored
+        differs = _clearing_difference(stored, prices, rebate, awards)
+        if differs:
+            raise ClearingConflict(
+                interval,
+                stored,
+                f"interval {interval} is already cleared with a different {differs}; "
+                "the recorded clearing stands",
+            )
+        return stored
+
+    def _clearing(self, conn: sqlite3.Connection, interval: int) -> ClearedInterval | None:
+        if self.schema_version < 3:
+            return None
+        row = conn.execute(
+            "SELECT c.interval, c.clearing_price_micro_per_kwh, c.retail_price_micro_per_kwh, "
+            "c.feed_in_price_micro_per_kwh, c.imbalance_premium_micro_per_kwh, c.rebate_rule, "
+            "c.cleared_ts, EXISTS (SELECT 1 FROM intervals i WHERE i.interval = c.interval) "
+            "FROM clearings c WHERE c.interval = ?",
+            (interval,),
+        ).fetchone()
+        if row is None:
+            return None
+        awards = dict(
+            conn.execute(
+                "SELECT site, award_wh FROM clearing_awards WHERE interval = ? ORDER BY site",
+                (interval,),
+            ).fetchall()
+        )
+        return ClearedInterval(
+            interval=row[0],
+            clearing_price_micro_per_kwh=row[1],
+            retail_price_micro_per_kwh=row[2],
+            feed_in_price_micro_per_kwh=row[3],
+            imbalance_premium_micro_per_kwh=row[4],
+            rebate_rule=row[5],
+            awards_wh=MappingProxyType(awards),
+            cleared_ts=row[6],
+            settled=bool(row[7]),
+        )
+
+    @staticmethod
+    def _is_settled(conn: sqlite3.Connection, interval: int) -> bool:
+        row = conn.execute("SELECT 1 FROM intervals WHERE interval = ?", (interval,))
+        return row.fetchone() is not None
+
+    def clearing(self, interval: int) -> ClearedInterval | None:
+        """The recorded clearing of an interval, or None."""
+        with self._db() as conn:
+            return self._clearing(conn, interval)
+
+    def unsettled_clearings(self) -> tuple[ClearedInterval, ...]:
+        """Every recorded clearing whose interval is not settled yet, oldest interval first."""
+        if self.schema_version < 3:
+            return ()
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT interval FROM clearings WHERE interval NOT IN "
+                "(SELECT interval FROM intervals) ORDER BY interval"
+            ).fetchall()
+            found = (self._clearing(conn, r[0]) for r in rows)
+            return tuple(c for c in found if c is not None)
+
+    # -- corrections ------------------------------------------------------------------------
+
+    def correct_interval(
+        self,
+        interval: int,
+        *,
+        metered_kwh: Mapping[str, float],
+        reason: str,
+        ts: float,
+    ) -> Correction | None:
+        """Book late or replayed metering of a settled interval as a correction.
+
+        ``metered_kwh`` gives new metering (kWh, import positive) for some of the interval's
+        sites; the others keep what they have; a named estimated site becomes metered. The
+        interval is settled afresh with its stored prices, awards, premium and rebate rule,
+        and the difference to what is booked is written as new postings of revision N (the
+        same kinds, ``revision`` > 0; nothing is updated or deleted), with one ``corrections``
+        row per site whose metering or money changed and one audit row (kind "correction").
+        Returns None, writing nothing, when no metering changes (so the same correction twice
+        books once). Raises :class:`LedgerInputError` for an interval that is not settled or a
+        site that is not in it.
+        """
+        _check_interval(interval)
+        self._require_writable()
+        reason = _check_text(reason, "reason")
+        ts = _check_ts(ts, "ts")
+        _check_site_ids(metered_kwh)
+        metered = {s: _to_wh(q, f"metered_kwh[{s!r}]") for s, q in metered_kwh.items()}
+        with self._db() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                correction = self._correct(conn, interval, metered, reason, ts)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return correction
+
+    def _correct(
+        self,
+        conn: sqlite3.Connection,
+        interval: int,
+        metered: Mapping[str, int],
+        reason: str,
+        ts: float,
+    ) -> Correction | None:
+        row = conn.execute(
+            "SELECT clearing_price_micro_per_kwh, retail_price_micro_per_kwh, "
+            "feed_in_price_micro_per_kwh, imbalance_premium_micro_per_kwh, rebate_rule "
+            "FROM intervals WHERE interval = ?",
+            (interval,),
+        ).fetchone()
+        if row is None:
+            raise LedgerInputError(f"interval {interval} is not settled; nothing to correct")
+        prices, rule = _Prices(*row[:4]), row[4]
+        current = {
+            site: _SiteInput(site, award, m, bool(e))
+            for site, award, m, e in conn.execute(
+                "SELECT site, award_wh, metered_wh, estimated FROM site_metering "
+                "WHERE interval = ? ORDER BY site",
+                (interval,),
+            )
+        }
+        unknown = sorted(s for s in metered if s not in current)
+        if unknown:
+            raise LedgerInputError(
+                f"metered_kwh names sites that are not in interval {interval}: {', '.join(unknown)}"
+            )
+        new = {
+            s: _SiteInput(s, old.award_wh, metered[s], False) if s in metered else old
+            for s, old in current.items()
+        }
+        if all(new[s] == current[s] for s in metered):
+            return None
+        booked: dict[tuple[str, str], tuple[int, int]] = {}
+        for kind, account, amount, energy in conn.execute(
+            "SELECT p.kind, e.account, SUM(e.amount_micro), SUM(p.energy_wh) FROM entries e "
+            "JOIN postings p USING (posting_id) WHERE e.interval = ? AND e.account != ? "
+            "GROUP BY p.kind, e.account",
+            (interval, COMMUNITY),
+        ):
+            booked[(kind, account)] = (amount, energy)
+        fresh: dict[tuple[str, str], _Posting] = {
+            (p.kind, p.party): p for p in _postings(prices, tuple(new.values()), rule)
+        }
+        deltas: list[_Posting] = []
+        for kind, party in sorted(booked.keys() | fresh.keys(), key=_posting_order):
+            amount, energy = booked.get((kind, party), (0, 0))
+            target = fresh.get((kind, party))
+            delta = (target.party_micro if target else 0) - amount
+            if delta:
+                deltas.append(
+                    _Posting(
+                        cast(PostingKind, kind),
+                        None if party == UTILITY else party.removeprefix(_SITE_PREFIX),
+                        party,
+                        (target.energy_wh if target else 0) - energy,
+                        target.price_micro_per_kwh if target else 0,
+                        delta,
+                    )
+                )
+        revision = self._revision(conn, interval) + 1
+        conn.execute(
+            "INSERT INTO revisions VALUES (?, ?, ?, ?, ?)",
+            (interval, revision, len(deltas), reason, ts),
+        )
+        site_delta: dict[str, int] = {}
+        for p in deltas:
+            if p.site is not None:
+                site_delta[p.site] = site_delta.get(p.site, 0) + p.party_micro
+        lines = tuple(
+            SiteCorrection(
+                site=s,
+                old_metered_wh=current[s].metered_wh,
+                new_metered_wh=new[s].metered_wh,
+                old_estimated=current[s].estimated,
+                new_estimated=new[s].estimated,
+                delta_micro=site_delta.get(s, 0),
+            )
+            for s in sorted(current)
+            if new[s] != current[s] or site_delta.get(s, 0)
+        )
+        conn.executemany(
+            "INSERT INTO corrections VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    interval,
+                    revision,
+                    c.site,
+                    c.old_metered_wh,
+                    c.new_metered_wh,
+                    int(c.old_estimated),
+                    int(c.new_estimated),
+                    c.delta_micro,
+                )
+                for c in lines
+            ],
+        )
+        for p in deltas:
+            self._write_posting(conn, interval, p, revision)
+        utility = sum(p.party_micro for p in deltas if p.party == UTILITY)
+        correction = Correction(
+            interval=interval,
+            revision=revision,
+            reason=reason,
+            ts=ts,
+            sites=lines,
+            utility_delta_micro=utility,
+            community_delta_micro=-sum(p.party_micro for p in deltas),
+        )
+        self._audit(conn, "correction", "ledger", _correction_detail(correction), ts)
+        return correction
+
+    def corrections(self, interval: int | None = None) -> tuple[Correction, ...]:
+        """Every correction booked (on one interval, or all), in the order booked."""
+        if self.schema_version < 3:
+            return ()
+        where, args = ("WHERE r.interval = ?", (interval,)) if interval is not None else ("", ())
+        with self._db() as conn:
+            revisions = conn.execute(
+                f"SELECT r.interval, r.revision, r.reason, r.ts FROM revisions r {where} "
+                "ORDER BY r.ts, r.interval, r.revision",
+                args,
+            ).fetchall()
+            out = []
+            for i, rev, reason, ts in revisions:
+                lines = tuple(
+                    SiteCorrection(site, old, new, bool(oe), bool(ne), delta)
+                    for site, old, new, oe, ne, delta in conn.execute(
+                        "SELECT site, old_metered_wh, new_metered_wh, old_estimated, "
+                        "new_estimated, delta_micro FROM corrections "
+                        "WHERE interval = ? AND revision = ? ORDER BY site",
+                        (i, rev),
+                    )
+                )
+                utility, total = conn.execute(
+                    "SELECT COALESCE(SUM(CASE WHEN e.account = ? THEN e.amount_micro END), 0), "
+                    "COALESCE(SUM(CASE WHEN e.account = ? THEN e.amount_micro END), 0) "
+                    "FROM entries e JOIN postings p USING (posting_id) "
+                    "WHERE p.interval = ? AND p.revision = ?",
+                    (UTILITY, COMMUNITY, i, rev),
+                ).fetchone()
+                out.append(Correction(i, rev, reason, ts, lines, utility, total))
+        return tuple(out)
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def audit(self, kind: str, actor: str, detail: Mapping[str, object], ts: float) -> int:
+        """Append one row to the audit log and return its id.
+
+        ``kind`` says what happened (the coordinator writes "dispatch", "emergency",
+        "rejection", "correction", "grid_mode"), ``actor`` who did it, ``detail`` a JSON object
+        (stored as JSON text; NaN and infinities are refused), ``ts`` when (s since the epoch).
+        The log is append-only: SQLite triggers abort every UPDATE and DELETE of it.
+        """
+        self._require_writable()
+        kind = _check_text(kind, "kind", max_len=_MAX_SITE_ID_LEN)
+        actor = _check_text(actor, "actor", max_len=_MAX_SITE_ID_LEN)
+        ts = _check_ts(ts, "ts")
+        with self._db() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                audit_id = self._audit(conn, kind, actor, detail, ts)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return audit_id
+
+    @staticmethod
+    def _audit(
+        conn: sqlite3.Connection, kind: str, actor: str, detail: Mapping[str, object], ts: float
+    ) -> int:
+        if not isinstance(detail, Mapping) or not all(isinstance(k, str) for k in detail):
+            raise LedgerInputError("detail must be a mapping with string keys")
+        try:
+            text = json.dumps(dict(detail), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise LedgerInputError(f"detail must be JSON-serialisable: {err}") from err
+        cur = conn.execute(
+            "INSERT INTO audit (ts, kind, actor, detail) VALUES (?, ?, ?, ?)",
+            (ts, kind, actor, text),
+        )
+        if cur.lastrowid is None:  # pragma: no cover - an INSERT always sets it
+            raise LedgerStorageError("the audit row has no id")
+        return cur.lastrowid
+
+    def audit_entries(
+        self, *, since_ts: float | None = None, kind: str | None = None, limit: int = 1000
+    ) -> tuple[AuditEntry, ...]:
+        """The newest ``limit`` audit rows (of ``kind``, at or after ``since_ts``), oldest
+        first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise LedgerInputError(f"limit must be an int >= 1, got {limit!r}")
+        if self.schema_version < 3:
+            return ()
+        clauses: list[str] = []
+        args: list[object] = []
+        if since_ts is not None:
+            clauses.append("ts >= ?")
+            args.append(_check_ts(since_ts, "since_ts"))
+        if kind is not None:
+            clauses.append("kind = ?")
+            args.append(kind)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT audit_id, ts, kind, actor, detail FROM (SELECT * FROM audit "
+                f"{where} ORDER BY audit_id DESC LIMIT ?) ORDER BY audit_id",
+                (*args, limit),
+            ).fetchall()
+        return tuple(
+            AuditEntry(i, ts, k, actor, MappingProxyType(json.loads(detail)))
+            for i, ts, k, actor, detail in rows
         )
 
     # -- queries ------------------------------------------------------------------------
@@ -855,7 +1617,7 @@ class Ledger:
             self._require_site(conn, site)
             rows = conn.execute(
                 "SELECT s.metered_wh, i.retail_price_micro_per_kwh, i.feed_in_price_micro_per_kwh "
-                "FROM site_intervals s JOIN intervals i USING (interval) WHERE s.site = ?",
+                f"FROM {self._site_rows} s JOIN intervals i USING (interval) WHERE s.site = ?",
                 (site,),
             ).fetchall()
         return sum(_baseline_cost(m, r, f) for m, r, f in rows)
@@ -872,9 +1634,14 @@ class Ledger:
                 "SELECT COUNT(*), COALESCE(SUM(estimated), 0), "
                 "COALESCE(SUM(MAX(award_wh, 0)), 0), COALESCE(SUM(MAX(-award_wh, 0)), 0), "
                 "COALESCE(SUM(MAX(metered_wh, 0)), 0), COALESCE(SUM(MAX(-metered_wh, 0)), 0) "
-                "FROM site_intervals WHERE site = ?",
+                f"FROM {self._site_rows} WHERE site = ?",
                 (site,),
             ).fetchone()
+            corrected = 0
+            if self.schema_version >= 3:
+                corrected = conn.execute(
+                    "SELECT COUNT(DISTINCT interval) FROM corrections WHERE site = ?", (site,)
+                ).fetchone()[0]
             paid, received, imbalance, rebate = conn.execute(
                 "SELECT "
                 "COALESCE(SUM(CASE WHEN p.kind = 'trade' AND e.amount_micro < 0 "
@@ -902,6 +1669,7 @@ class Ledger:
             net_cost_micro=net_cost,
             baseline_cost_micro=baseline,
             savings_micro=baseline - net_cost,
+            corrected_intervals=corrected,
         )
 
     def check_balanced(self) -> bool:
@@ -919,14 +1687,68 @@ class Ledger:
             total = conn.execute("SELECT COALESCE(SUM(amount_micro), 0) FROM entries").fetchone()[0]
             partial = conn.execute(
                 "SELECT COUNT(*) FROM intervals i WHERE i.posting_count != "
-                "(SELECT COUNT(*) FROM postings p WHERE p.interval = i.interval)"
+                "(SELECT COUNT(*) FROM postings p WHERE p.interval = i.interval"
+                f"{' AND p.revision = 0' if self.schema_version >= 3 else ''})"
             ).fetchone()[0]
+            if self.schema_version >= 3:
+                # Each correction's postings are all there, and none is without its revision.
+                partial += conn.execute(
+                    "SELECT COUNT(*) FROM revisions r WHERE r.posting_count != "
+                    "(SELECT COUNT(*) FROM postings p WHERE p.interval = r.interval "
+                    "AND p.revision = r.revision)"
+                ).fetchone()[0]
+                partial += conn.execute(
+                    "SELECT COUNT(*) FROM postings p WHERE p.revision > 0 AND NOT EXISTS "
+                    "(SELECT 1 FROM revisions r WHERE r.interval = p.interval "
+                    "AND r.revision = p.revision)"
+                ).fetchone()[0]
             orphans = conn.execute(
                 "SELECT COUNT(*) FROM postings p WHERE NOT EXISTS "
                 "(SELECT 1 FROM entries e WHERE e.posting_id = p.posting_id)"
             ).fetchone()[0]
         counts = (unbalanced_postings, unbalanced_intervals, total, partial, orphans)
         return all(int(c) == 0 for c in counts)
+
+    def estimated_sites(self) -> tuple[EstimatedSite, ...]:
+        """Every site-interval that stands on estimated metering (after corrections), by
+        interval and site."""
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT interval, site, award_wh, metered_wh, estimate_reason "
+                f"FROM {self._site_rows} WHERE estimated ORDER BY interval, site"
+            ).fetchall()
+        return tuple(EstimatedSite(*row) for row in rows)
+
+    def absent_sites(self) -> dict[str, tuple[int, ...]]:
+        """For each site, the settled intervals between its first and last settled interval
+        in which it does not appear at all (only sites with such gaps; sorted)."""
+        with self._db() as conn:
+            settled = [r[0] for r in conn.execute("SELECT interval FROM intervals ORDER BY 1")]
+            spans = conn.execute(
+                "SELECT site, MIN(interval), MAX(interval), COUNT(*) FROM site_intervals "
+                "GROUP BY site ORDER BY site"
+            ).fetchall()
+            out: dict[str, tuple[int, ...]] = {}
+            for site, first, last, n in spans:
+                in_span = bisect.bisect_right(settled, last) - bisect.bisect_left(settled, first)
+                if in_span == n:
+                    continue
+                present = {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT interval FROM site_intervals WHERE site = ?", (site,)
+                    )
+                }
+                lo, hi = bisect.bisect_left(settled, first), bisect.bisect_right(settled, last)
+                out[site] = tuple(i for i in settled[lo:hi] if i not in present)
+        return out
+
+    def correction_count(self) -> int:
+        """How many corrections are booked in the whole ledger."""
+        if self.schema_version < 3:
+            return 0
+        with self._db() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM revisions").fetchone()[0])
 
     @staticmethod
     def _require_site(conn: sqlite3.Connection, site: str) -> None:
@@ -946,9 +1768,10 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
 def _ensure_schema(conn: sqlite3.Connection, path: Path, *, migrate: bool) -> int:
     """Create the schema in an empty file, or check (and with ``migrate``, bring up to date)
     the version of an existing one; returns the file's version afterwards."""
-    if migrate and _version(conn) == 1:
+    old = _version(conn)
+    if migrate and old is not None and 1 <= old < SCHEMA_VERSION:
         # Money data: keep a copy of the file as it was before it is rewritten.
-        backup = path.with_name(f"{path.name}.v1.bak")
+        backup = path.with_name(f"{path.name}.v{old}.bak")
         if not backup.exists():
             with closing(sqlite3.connect(backup)) as copy:
                 conn.backup(copy)
@@ -977,7 +1800,7 @@ def _version(conn: sqlite3.Connection) -> int | None:
 def _create_or_check_schema(conn: sqlite3.Connection, *, migrate: bool) -> int:
     version = _version(conn)
     if version is None:
-        for statement in _SCHEMA:
+        for statement in (*_SCHEMA, *_V3_SCHEMA):
             conn.execute(statement)
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         conn.executemany(
@@ -985,10 +1808,12 @@ def _create_or_check_schema(conn: sqlite3.Connection, *, migrate: bool) -> int:
             [(COMMUNITY, "community"), (UTILITY, "utility")],
         )
         return SCHEMA_VERSION
-    if version == 1:
+    if version in (1, 2):
         if not migrate:
-            return 1  # a subset of version 2 for every read
-        _migrate_1_to_2(conn)
+            return version  # a subset of the current version for every read
+        if version == 1:
+            _migrate_1_to_2(conn)
+        _migrate_2_to_3(conn)
         return SCHEMA_VERSION
     if version != SCHEMA_VERSION:
         found = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
@@ -1016,7 +1841,132 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     broken = conn.execute("PRAGMA foreign_key_check").fetchall()
     if broken:
         raise LedgerStorageError(f"migrating the ledger to version 2 broke references: {broken}")
+    conn.execute("UPDATE schema_version SET version = 2")
+
+
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """Version 3 adds the durable clearings, corrections (postings gain their ``revision``, 0
+    for every posting of a settlement), each estimated site's reason and the audit log. Only
+    columns and tables are added: every existing row stays as it is."""
+    for statement in _V3_SCHEMA:
+        conn.execute(statement)
+    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise LedgerStorageError(f"migrating the ledger to version 3 broke references: {broken}")
     conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _check_interval(interval: object) -> None:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+        raise LedgerInputError(f"interval must be an int >= 0, got {interval!r}")
+
+
+def _check_rebate(rebate: object) -> None:
+    if rebate not in _REBATE_RULES:
+        raise LedgerInputError(f"rebate must be one of {', '.join(_REBATE_RULES)}")
+
+
+def _check_ts(ts: float, name: str) -> float:
+    value = float(ts)
+    if not math.isfinite(value) or value < 0:
+        raise LedgerInputError(f"{name} must be a finite time in s since the epoch, got {ts!r}")
+    return value
+
+
+def _check_text(text: object, name: str, *, max_len: int = _MAX_TEXT_LEN) -> str:
+    if not isinstance(text, str) or not text.strip() or len(text) > max_len:
+        raise LedgerInputError(
+            f"{name} must be a non-empty string of at most {max_len} characters, got {text!r}"
+        )
+    return text
+
+
+def _check_site_ids(sites: Iterable[object]) -> None:
+    for site in sites:
+        if not isinstance(site, str) or not site or len(site) > _MAX_SITE_ID_LEN:
+            raise LedgerInputError(
+                f"site ids must be non-empty strings of at most {_MAX_SITE_ID_LEN} characters, "
+                f"got {site!r}"
+            )
+
+
+def _prices(clearing: float, retail: float, feed_in: float, premium: float) -> _Prices:
+    """Validated prices rounded to micro-currency per kWh (the premium must be >= 0)."""
+    prices = _Prices(
+        clearing=_to_micro_per_kwh(clearing, "clearing_price_per_kwh"),
+        retail=_to_micro_per_kwh(retail, "retail_price_per_kwh"),
+        feed_in=_to_micro_per_kwh(feed_in, "feed_in_price_per_kwh"),
+        premium=_to_micro_per_kwh(premium, "imbalance_premium_per_kwh"),
+    )
+    if prices.premium < 0:
+        raise LedgerInputError("imbalance_premium_per_kwh must be >= 0")
+    return prices
+
+
+def _clearing_difference(
+    stored: ClearedInterval, prices: _Prices, rebate: str, awards_wh: Mapping[str, int] | None
+) -> str | None:
+    """The first input (its argument's name) that differs from a recorded clearing, or None.
+
+    ``awards_wh`` None skips the awards; otherwise awards of zero are compared as absent
+    (a site awarded nothing settles the same either way).
+    """
+    pairs = (
+        ("clearing_price_per_kwh", stored.clearing_price_micro_per_kwh, prices.clearing),
+        ("retail_price_per_kwh", stored.retail_price_micro_per_kwh, prices.retail),
+        ("feed_in_price_per_kwh", stored.feed_in_price_micro_per_kwh, prices.feed_in),
+        ("imbalance_premium_per_kwh", stored.imbalance_premium_micro_per_kwh, prices.premium),
+        ("rebate", stored.rebate_rule, rebate),
+    )
+    for name, old, new in pairs:
+        if old != new:
+            return name
+    if awards_wh is not None:
+        nonzero = {s: wh for s, wh in stored.awards_wh.items() if wh}
+        if nonzero != {s: wh for s, wh in awards_wh.items() if wh}:
+            return "awards_kwh"
+    return None
+
+
+def _check_agrees_with_clearing(
+    cleared: ClearedInterval, prices: _Prices, rebate: str, sites: tuple[_SiteInput, ...]
+) -> None:
+    differs = _clearing_difference(cleared, prices, rebate, {s.site: s.award_wh for s in sites})
+    if differs:
+        raise LedgerInputError(
+            f"{differs} disagrees with the clearing recorded for interval {cleared.interval}; "
+            "settle it with settle_cleared"
+        )
+
+
+_KIND_ORDER: Final = {"trade": 0, "imbalance": 1, "utility": 2, "rebate": 3}
+
+
+def _posting_order(key: tuple[str, str]) -> tuple[int, str]:
+    """Corrections are written in the order a settlement writes its postings' kinds."""
+    kind, party = key
+    return _KIND_ORDER[kind], party
+
+
+def _correction_detail(c: Correction) -> dict[str, object]:
+    """The audit row's detail of a correction."""
+    return {
+        "interval": c.interval,
+        "revision": c.revision,
+        "reason": c.reason,
+        "sites": {
+            s.site: {
+                "old_metered_wh": s.old_metered_wh,
+                "new_metered_wh": s.new_metered_wh,
+                "old_estimated": s.old_estimated,
+                "new_estimated": s.new_estimated,
+                "delta_micro": s.delta_micro,
+            }
+            for s in c.sites
+        },
+        "utility_delta_micro": c.utility_delta_micro,
+        "community_delta_micro": c.community_delta_micro,
+    }
 
 
 def _site_inputs(
@@ -1027,12 +1977,7 @@ def _site_inputs(
     estimate_missing: bool,
 ) -> tuple[_SiteInput, ...]:
     """Validate and round the per-site inputs; one row per site in either mapping, sorted."""
-    for site in (*awards_kwh, *metered_kwh):
-        if not isinstance(site, str) or not site or len(site) > _MAX_SITE_ID_LEN:
-            raise LedgerInputError(
-                f"site ids must be non-empty strings of at most {_MAX_SITE_ID_LEN} characters, "
-                f"got {site!r}"
-            )
+    _check_site_ids((*awards_kwh, *metered_kwh))
     awards = {s: _to_wh(q, f"awards_kwh[{s!r}]") for s, q in awards_kwh.items()}
     metered = {s: _to_wh(q, f"metered_kwh[{s!r}]") for s, q in metered_kwh.items()}
     missing = tuple(sorted(s for s in awards if s not in metered))
@@ -1047,18 +1992,3 @@ def _site_inputs(
         )
         for s in sorted(awards.keys() | metered.keys())
     )
-
-
-def _inputs_of(result: SettlementResult) -> tuple[_Prices, tuple[_SiteInput, ...]]:
-    """The rounded inputs a stored result was settled with, to compare a re-settlement."""
-    prices = _Prices(
-        clearing=result.clearing_price_micro_per_kwh,
-        retail=result.retail_price_micro_per_kwh,
-        feed_in=result.feed_in_price_micro_per_kwh,
-        premium=result.imbalance_premium_micro_per_kwh,
-    )
-    sites = tuple(
-        _SiteInput(site=s.site, award_wh=s.award_wh, metered_wh=s.metered_wh, estimated=s.estimated)
-        for s in result.sites
-    )
-    return prices, sites

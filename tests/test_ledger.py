@@ -117,9 +117,41 @@ def test_open_refuses_another_schema_version(tmp_path: Path) -> None:
         Ledger(path)
 
 
+_V3_OBJECTS = (
+    ("VIEW", "site_metering"),
+    *(
+        ("TRIGGER", f"{table}_no_{verb}")
+        for table in ("audit", "clearings", "clearing_awards", "revisions", "corrections")
+        for verb in ("update", "delete")
+    ),
+    ("TABLE", "corrections"),
+    ("TABLE", "revisions"),
+    ("TABLE", "clearing_awards"),
+    ("TABLE", "clearings"),
+    ("TABLE", "audit"),
+)
+
+
+def _downgrade_to_version_2(path: Path) -> None:
+    """Turn a ledger file (without clearings or corrections) into what version 2 wrote: no
+    clearings, corrections, audit log or estimate reasons, postings without a revision."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        for kind, name in _V3_OBJECTS:
+            conn.execute(f"DROP {kind} {name}")
+        conn.execute("ALTER TABLE postings DROP COLUMN revision")
+        conn.execute("ALTER TABLE site_intervals DROP COLUMN estimate_reason")
+        conn.execute("UPDATE schema_version SET version = 2")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
 def _downgrade_to_version_1(path: Path) -> None:
     """Turn a ledger file into what version 1 wrote: ``postings`` without the rebate kind,
     ``intervals`` without the rebate rule."""
+    _downgrade_to_version_2(path)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN")
@@ -169,7 +201,7 @@ def test_opening_a_version_1_ledger_migrates_it_and_keeps_every_entry(tmp_path: 
     backup = tmp_path / "ledger.db.v1.bak"
     assert not backup.exists()
     with Ledger(path) as ledger:
-        assert ledger.schema_version == 2
+        assert ledger.schema_version == 3
         assert ledger.settlement(7) == first  # rebate_rule 'none', as it was settled
         assert ledger.interval_entries(7) == entries
         assert ledger.check_balanced()
@@ -180,7 +212,7 @@ def test_opening_a_version_1_ledger_migrates_it_and_keeps_every_entry(tmp_path: 
         assert ledger.check_balanced()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
         targets = {row[2] for row in conn.execute("PRAGMA foreign_key_list(entries)")}
         assert targets == {"postings", "intervals", "accounts"}

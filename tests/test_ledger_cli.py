@@ -120,10 +120,10 @@ def test_table_shows_the_hand_checked_figures(ledger_path: Path) -> None:
     result = _invoke("report", ledger_path, "--decimals", "3")
     assert result.exit_code == 0, result.output
     assert _rows(result.stdout) == [
-        # site, intervals, estimated, bought, sold, import, export (kWh)
-        ["house", "2", "0", "3.000", "0.000", "3.500", "0.000"],
-        ["solar", "2", "0", "0.000", "5.000", "0.000", "4.500"],
-        ["community (2 sites)", "2", "0", "3.000", "5.000", "3.500", "4.500"],
+        # site, intervals, estimated, corrected, bought, sold, import, export (kWh)
+        ["house", "2", "0", "0", "3.000", "0.000", "3.500", "0.000"],
+        ["solar", "2", "0", "0", "0.000", "5.000", "0.000", "4.500"],
+        ["community (2 sites)", "2", "0", "0", "3.000", "5.000", "3.500", "4.500"],
         # site, paid, received, imbalance, rebate, net cost, baseline, savings (EUR)
         ["house", "0.480", "0.000", "0.175", "0.000", "0.655", "1.050", "0.395"],
         ["solar", "0.000", "0.640", "0.065", "0.000", "-0.575", "-0.400", "0.175"],
@@ -151,7 +151,7 @@ def test_table_rounds_money_half_up_to_cents_by_default(ledger_path: Path) -> No
 
 def test_json_has_the_hand_checked_figures(ledger_path: Path) -> None:
     doc = _json(_invoke("report", ledger_path, "--json"))
-    assert doc["report_version"] == 2
+    assert doc["report_version"] == 3
     assert doc["ledger"] == str(ledger_path)
     assert doc["currency"] == "EUR"
     assert doc["settled_intervals"] == {"count": 2, "first": 100, "last": 101}
@@ -163,6 +163,7 @@ def test_json_has_the_hand_checked_figures(ledger_path: Path) -> None:
         "site": "house",
         "intervals": 2,
         "estimated_intervals": 0,
+        "corrected_intervals": 0,
         "bought_kwh": 3.0,
         "sold_kwh": 0.0,
         "metered_import_kwh": 3.5,

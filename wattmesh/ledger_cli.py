@@ -2,14 +2,18 @@
 
 ``report`` prints each site's energy, money and savings against the utility-alone baseline
 (design.md section 3a), a community total, the community and utility accounts' balances and
-whether the ledger balances; ``check`` verifies the balance invariant for cron and monitoring.
+whether the ledger balances; ``check`` verifies the balance invariant for cron and monitoring
+and lists what is still open (cleared intervals not settled, sites estimated or missing,
+corrections booked); ``audit`` lists the append-only audit log.
 
-Both commands only read: a file that is missing, not SQLite, or SQLite without the ledger's
+Every command only reads: a file that is missing, not SQLite, or SQLite without the ledger's
 tables is refused before :class:`~coordinator.ledger.Ledger` opens it (opening creates the file
 and its schema, which a report must never do to a stranger's database).
 
 Exit codes: 0 success; 1 ``check`` found the ledger unbalanced; 2 usage or input error (missing
-file, not a ledger, unknown site, unreadable database), printed as one line on stderr.
+file, not a ledger, unknown site, unreadable database), printed as one line on stderr; 3
+``check --strict`` found a cleared interval unsettled for longer than ``--max-age`` or a site
+missing from an interval (balanced otherwise).
 
 JSON money is a decimal string of currency units with exactly six decimals, the ledger's exact
 micro-currency (``"-0.675000"``; parse it with ``decimal.Decimal``, never lose a micro to a
@@ -19,10 +23,13 @@ float); energy is a JSON number of kWh with at most three decimals, the ledger's
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -35,6 +42,9 @@ from rich.table import Table
 from coordinator.ledger import (
     COMMUNITY,
     UTILITY,
+    AuditEntry,
+    ClearedInterval,
+    EstimatedSite,
     Ledger,
     LedgerError,
     SiteReport,
@@ -43,16 +53,24 @@ from coordinator.ledger import (
 )
 
 __all__ = [
+    "AUDIT_VERSION",
     "REPORT_VERSION",
+    "LedgerHealth",
     "LedgerReport",
     "UnknownSite",
+    "audit_json",
+    "build_health",
     "build_report",
     "ledger_app",
     "report_json",
 ]
 
 #: Version of the ``report --json`` document layout (bumped when a key changes meaning).
-REPORT_VERSION: Final = 2
+REPORT_VERSION: Final = 3
+#: Version of the ``audit --json`` document layout.
+AUDIT_VERSION: Final = 1
+#: The market interval the check assumes to give intervals their UTC times (design.md s. 3).
+DEFAULT_INTERVAL_S: Final = 900
 
 _SQLITE_HEADER: Final = b"SQLite format 3\x00"
 _LEDGER_TABLES: Final = frozenset(
@@ -62,7 +80,7 @@ _SITE_PREFIX: Final = site_account("")
 _MAX_DECIMALS: Final = 6
 
 ledger_app = typer.Typer(
-    help="The settlement ledger: per-site report, savings and the balance check.",
+    help="The settlement ledger: per-site report, savings, the balance check and the audit log.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -142,7 +160,7 @@ class LedgerReport:
 
     ``sites`` holds the selected sites (all, or the one of ``--site``); ``total`` always sums
     every site of the ledger (its ``intervals`` is the number of settled intervals, its
-    ``estimated_intervals`` the number of estimated site-intervals, its ``site`` is
+    ``estimated_intervals`` and ``corrected_intervals`` sums of site-intervals, its ``site`` is
     ``"community"``). ``community_balance_micro`` is what the community account kept net,
     ``utility_balance_micro`` what the utility received net; together they equal
     ``total.net_cost_micro`` in a balanced ledger.
@@ -211,6 +229,7 @@ def _figures(r: SiteReport) -> dict[str, Any]:
     return {
         "intervals": r.intervals,
         "estimated_intervals": r.estimated_intervals,
+        "corrected_intervals": r.corrected_intervals,
         "bought_kwh": _kwh(r.bought_wh),
         "sold_kwh": _kwh(r.sold_wh),
         "metered_import_kwh": _kwh(r.metered_import_wh),
@@ -264,7 +283,7 @@ def _kwh_cell(energy_wh: int) -> str:
 def _energy_table(report: LedgerReport) -> Table:
     table = Table(title="Energy (kWh)", title_justify="left")
     table.add_column("site")
-    for name in ("intervals", "estimated", "bought", "sold", "import", "export"):
+    for name in ("intervals", "estimated", "corrected", "bought", "sold", "import", "export"):
         table.add_column(name, justify="right")
     rows = [(escape(r.site), r) for r in report.sites]
     rows.append((f"[bold]community ({len(report.all_sites)} sites)[/bold]", report.total))
@@ -273,6 +292,7 @@ def _energy_table(report: LedgerReport) -> Table:
             label,
             str(r.intervals),
             str(r.estimated_intervals),
+            str(r.corrected_intervals),
             _kwh_cell(r.bought_wh),
             _kwh_cell(r.sold_wh),
             _kwh_cell(r.metered_import_wh),
@@ -343,7 +363,9 @@ _REPORT_HELP: Final = """Per-site energy, money and savings from a settlement le
 Energy (kWh):
   intervals  settled intervals the site took part in
              (community row: every settled interval)
-  estimated  of those, the ones settled on estimated metering
+  estimated  of those, the ones standing on estimated metering
+  corrected  of those, the ones corrected since by late or replayed metering
+             (the figures include every correction)
   bought     energy the market awarded the site to import
   sold       energy the market awarded the site to export
   import     energy the site's meter imported
@@ -366,10 +388,10 @@ community account's balance (what it kept net) and the utility account's
 net cost. The table rounds money to --decimals (half up); --json is exact.
 
 --json prints one document with the same figures:
-  report_version (2: adds rebate), ledger, currency, settled_intervals (count, first,
+  report_version (3: adds corrected_intervals), ledger, currency, settled_intervals (count, first,
   last), site_filter, sites (list of site + FIGURES), community_total
   (sites + FIGURES), accounts (community, utility), balanced (true/false).
-  FIGURES: intervals, estimated_intervals, bought_kwh, sold_kwh,
+  FIGURES: intervals, estimated_intervals, corrected_intervals, bought_kwh, sold_kwh,
   metered_import_kwh, metered_export_kwh (numbers, exact to the Wh); paid,
   received, imbalance_cost, rebate, net_cost, baseline_cost, savings and the
   accounts' balances (decimal strings with six decimals, exact).
@@ -417,35 +439,278 @@ def report(
         _print_report(data, currency, decimals)
 
 
-@ledger_app.command("check")
+# --- check -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerHealth:
+    """Everything ``check`` reports. ``at_ts`` is the time ages are judged at (s since the
+    epoch), ``interval_s`` the market interval that turns interval numbers into UTC times."""
+
+    balanced: bool
+    settled_intervals: int
+    unsettled: tuple[ClearedInterval, ...]
+    estimated: tuple[EstimatedSite, ...]
+    absent: dict[str, tuple[int, ...]]
+    corrections: int
+    corrected_intervals: int
+    at_ts: float
+    interval_s: int
+
+    def age_intervals(self, interval: int) -> int:
+        """How many intervals ago ``interval`` started (0: it is the current one)."""
+        return math.floor(self.at_ts / self.interval_s) - interval
+
+    def overdue(self, max_age_s: float) -> tuple[ClearedInterval, ...]:
+        """Unsettled clearings whose interval ended more than ``max_age_s`` ago."""
+        return tuple(
+            c for c in self.unsettled if self.at_ts - (c.interval + 1) * self.interval_s > max_age_s
+        )
+
+    @property
+    def missing_site_intervals(self) -> int:
+        """Site-intervals without metering: estimated ones plus absences within a site's span."""
+        return len(self.estimated) + sum(len(v) for v in self.absent.values())
+
+
+def build_health(ledger: Ledger, *, at_ts: float, interval_s: int) -> LedgerHealth:
+    """Read the figures of :class:`LedgerHealth` from a ledger."""
+    corrections = ledger.corrections()
+    return LedgerHealth(
+        balanced=ledger.check_balanced(),
+        settled_intervals=len(ledger.settled_intervals()),
+        unsettled=ledger.unsettled_clearings(),
+        estimated=ledger.estimated_sites(),
+        absent=ledger.absent_sites(),
+        corrections=len(corrections),
+        corrected_intervals=len({c.interval for c in corrections}),
+        at_ts=at_ts,
+        interval_s=interval_s,
+    )
+
+
+def _utc(ts: float) -> str:
+    """``2026-12-06T03:15:00Z``: a timestamp in UTC, to the second."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_utc(text: str, option: str) -> float:
+    """An ISO 8601 time (``Z`` or an offset; naive means UTC) as s since the epoch."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError as err:
+        raise _CliError(
+            f"{option} {text!r} is not an ISO 8601 time like 2026-12-06T03:00Z"
+        ) from err
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _parse_age_s(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``1d`` or plain seconds, >= 0."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    unit = text[-1:].lower()
+    try:
+        value = float(text[:-1] if unit in units else text) * units.get(unit, 1.0)
+    except ValueError as err:
+        raise _CliError(f"--max-age {text!r} is not a duration like 90s, 15m, 2h or 1d") from err
+    if not math.isfinite(value) or value < 0:
+        raise _CliError(f"--max-age {text!r} must be a duration >= 0")
+    return value
+
+
+def _ago(intervals: int) -> str:
+    return f"{intervals} interval(s) ago" if intervals >= 0 else f"in {-intervals} interval(s)"
+
+
+def _print_health(path: Path, health: LedgerHealth) -> None:
+    out = _stdout()
+    name = escape(str(path))
+    out.print(f"{name}: balanced ({health.settled_intervals} settled interval(s))", soft_wrap=True)
+    if health.corrections:
+        out.print(
+            f"corrections: {health.corrections} booked in {health.corrected_intervals} interval(s)"
+        )
+    if health.unsettled:
+        out.print(f"unsettled: {len(health.unsettled)} cleared interval(s) not settled")
+        for c in health.unsettled:
+            start = c.interval * health.interval_s
+            out.print(
+                f"  #{c.interval} ({_utc(start)} to {_utc(start + health.interval_s)}), "
+                f"cleared {_utc(c.cleared_ts)}, {_ago(health.age_intervals(c.interval))}",
+                soft_wrap=True,
+            )
+    if health.estimated:
+        out.print(f"estimated: {len(health.estimated)} site-interval(s) without metering")
+        for e in health.estimated:
+            reason = e.reason or "no reason recorded"
+            out.print(f"  #{e.interval} {escape(e.site)}: {escape(reason)}", soft_wrap=True)
+    if health.absent:
+        n = sum(len(v) for v in health.absent.values())
+        out.print(f"missing: {n} site-interval(s) absent between a site's first and last interval")
+        for site, intervals in health.absent.items():
+            listed = ", ".join(f"#{i}" for i in intervals)
+            out.print(f"  {escape(site)}: {listed}", soft_wrap=True)
+
+
+_CHECK_HELP: Final = """Verify that the ledger balances; list what is still open (cron, monitoring).
+
+Balanced: every posting, every interval and the whole ledger sum to zero,
+and no interval (nor any correction) is partial. Below that line, when there
+is any, it lists:
+
+  corrections  how many corrections late or replayed metering booked
+  unsettled    cleared intervals not settled yet: interval number, its UTC
+               start and end (--interval-s), when it was cleared and how many
+               intervals ago it started
+  estimated    site-intervals settled without metering (awarded or on the
+               roster, no or implausible telemetry), with the recorded reason
+  missing      per site, the settled intervals between its first and last
+               one in which it does not appear at all
+
+Exit codes: 0 balanced; 1 NOT balanced (one line on stderr); 2 the file is
+missing, not a wattmesh ledger or unreadable, or an option is malformed;
+3 only with --strict: balanced, but a cleared interval ended more than
+--max-age ago and is not settled, or a site-interval is estimated or missing
+(one line on stderr). Without --strict these are reported and exit 0.
+"""
+
+
+@ledger_app.command("check", help=_CHECK_HELP)
 def check(
     ledger_path: Annotated[
         Path, typer.Argument(metavar="LEDGER.sqlite", help="The settlement ledger file.")
     ],
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print nothing when the ledger balances.")
+        bool,
+        typer.Option("--quiet", "-q", help="Print nothing when the check passes."),
     ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Also fail (exit 3) on overdue unsettled intervals or missing sites."
+        ),
+    ] = False,
+    max_age: Annotated[
+        str,
+        typer.Option(
+            "--max-age", help="With --strict: how long after its end an interval may stay open."
+        ),
+    ] = "1h",
+    interval_s: Annotated[
+        int, typer.Option("--interval-s", min=1, help="The market interval, s.")
+    ] = DEFAULT_INTERVAL_S,
+    at: Annotated[
+        str | None,
+        typer.Option("--at", help="Judge ages at this UTC time (ISO 8601; default now)."),
+    ] = None,
 ) -> None:
-    """Verify that the ledger balances (for cron and monitoring).
-
-    Balanced: every posting, every interval and the whole ledger sum to zero,
-    and no interval is partial.
-
-    Exit codes: 0 balanced; 1 NOT balanced (one line on stderr); 2 the file is
-    missing, not a wattmesh ledger or unreadable.
-    """
     try:
+        max_age_s = _parse_age_s(max_age)
+        at_ts = time.time() if at is None else _parse_utc(at, "--at")
         with _open_ledger(ledger_path) as ledger:
-            balanced = ledger.check_balanced()
-            intervals = len(ledger.settled_intervals())
+            health = build_health(ledger, at_ts=at_ts, interval_s=interval_s)
     except _CliError as err:
         raise _fail(str(err)) from err
     except LedgerError as err:
         raise _fail(f"{ledger_path}: {err}") from err
-    if not balanced:
-        raise _fail(f"{ledger_path}: ledger NOT balanced ({intervals} settled interval(s))", code=1)
-    if not quiet:
-        _stdout().print(
-            f"{escape(str(ledger_path))}: balanced ({intervals} settled interval(s))",
-            soft_wrap=True,
+    if not health.balanced:
+        raise _fail(
+            f"{ledger_path}: ledger NOT balanced ({health.settled_intervals} settled interval(s))",
+            code=1,
         )
+    overdue = health.overdue(max_age_s)
+    missing = health.missing_site_intervals
+    failed = strict and (overdue or missing)
+    if not quiet:
+        _print_health(ledger_path, health)
+    if failed:
+        raise _fail(
+            f"{ledger_path}: {len(overdue)} cleared interval(s) unsettled for more than "
+            f"{max_age}, {missing} site-interval(s) estimated or missing",
+            code=3,
+        )
+
+
+# --- audit -------------------------------------------------------------------------------
+
+#: Characters of an audit row's detail in the table (cut with an ellipsis; --json has it all).
+_DETAIL_WIDTH: Final = 60
+
+
+def audit_json(ledger_path: Path, entries: Sequence[AuditEntry]) -> dict[str, Any]:
+    """The ``audit --json`` document."""
+    return {
+        "audit_version": AUDIT_VERSION,
+        "ledger": str(ledger_path),
+        "entries": [
+            {
+                "id": e.audit_id,
+                "ts": e.ts,
+                "time": _utc(e.ts),
+                "kind": e.kind,
+                "actor": e.actor,
+                "detail": dict(e.detail),
+            }
+            for e in entries
+        ],
+    }
+
+
+@ledger_app.command("audit")
+def audit(
+    ledger_path: Annotated[
+        Path, typer.Argument(metavar="LEDGER.sqlite", help="The settlement ledger file.")
+    ],
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            "--kind",
+            help="Only this kind (dispatch, emergency, rejection, correction, grid_mode, ...).",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only rows at or after this time (ISO 8601, UTC if naive)."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="At most this many rows (the newest).")
+    ] = 1000,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a machine-readable JSON document.")
+    ] = False,
+) -> None:
+    """List the ledger's append-only audit log, oldest first.
+
+    Each row: id, UTC time, kind, actor and its detail (a JSON object). The
+    coordinator writes dispatches, emergencies, rejected readings or bids, grid
+    mode changes; the ledger writes each correction. --json prints
+    {"audit_version": 1, "ledger", "entries": [{"id", "ts", "time", "kind",
+    "actor", "detail"}]}. A ledger older than schema version 3 has no audit log
+    (empty list). Exit codes: 0 success; 2 missing file, not a ledger, bad option.
+    """
+    try:
+        since_ts = None if since is None else _parse_utc(since, "--since")
+        with _open_ledger(ledger_path) as ledger:
+            entries = ledger.audit_entries(since_ts=since_ts, kind=kind, limit=limit)
+    except _CliError as err:
+        raise _fail(str(err)) from err
+    except LedgerError as err:
+        raise _fail(f"{ledger_path}: {err}") from err
+    if as_json:
+        typer.echo(json.dumps(audit_json(ledger_path, entries), indent=2))
+        return
+    out = _stdout()
+    if not entries:
+        out.print(f"ledger {escape(str(ledger_path))}: no audit entries", soft_wrap=True)
+        return
+    table = Table(title=f"Audit log ({len(entries)} row(s))", title_justify="left")
+    # One line per row: the detail is cut to the width with an ellipsis (--json has it whole).
+    for name in ("id", "time (UTC)", "kind", "actor"):
+        table.add_column(name, justify="right" if name == "id" else "left", no_wrap=True)
+    table.add_column("detail", no_wrap=True, overflow="ellipsis", max_width=_DETAIL_WIDTH)
+    for e in entries:
+        detail = json.dumps(dict(e.detail), sort_keys=True, separators=(",", ":"))
+        table.add_row(str(e.audit_id), _utc(e.ts), escape(e.kind), escape(e.actor), escape(detail))
+    out.print(table)

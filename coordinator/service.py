@@ -257,8 +257,19 @@ class Coordinator:
         self._group.create_task(self._market_loop(), name="coordinator-market")
         self._group.create_task(self._grid_loop(), name="coordinator-grid")
         self._group.create_task(self._settle_loop(), name="coordinator-settle")
-        await self.republish_awards()
+        if self.cleared:
+            self._group.create_task(self._republish_when_connected(), name="coordinator-resend")
         return self
+
+    async def _republish_when_connected(self) -> None:
+        """After a restart, send the awards of cleared intervals again once connected."""
+        while not self._stop.is_set():
+            try:
+                await self.bus.wait_connected(1.0)
+            except (TimeoutError, BusUnavailable):
+                continue
+            await self.republish_awards()
+            return
 
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
@@ -785,10 +796,15 @@ class Coordinator:
             if settled_at is None or now - settled_at > window:
                 self._dirty.discard(k)
                 continue
+            stored = self.ledger.settlement(k)
+            members = {x.site for x in stored.sites} if stored is not None else set()
             metered = {
                 name: s.energy_wh[k] / 1000.0
                 for name, s in self.sites.items()
-                if k in s.energy_wh and k not in s.suspect and self._complete(s, k)
+                if name in members
+                and k in s.energy_wh
+                and k not in s.suspect
+                and self._complete(s, k)
             }
             if not metered:
                 continue

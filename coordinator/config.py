@@ -125,14 +125,25 @@ class TrustSection(_Strict):
     Readings stamped more than ``future_skew_s`` ahead of the coordinator's clock, or more than
     ``max_age_s`` behind it, are rejected, as are powers beyond a site's limits (+ ``tolerance``)
     and bids outside the open interval and ``bids_ahead`` after it. A site without a
-    ``[sites.NAME]`` entry gets ``default_connection_w``, and the PV and battery ratings its
-    devices report, each capped at ``max_rating_ratio`` times its connection.
+    ``[sites.NAME]`` entry gets ``default_connection_w`` (by default the feeder's larger limit,
+    at most 1 MW), or the PV and battery ratings its devices report if larger, at most
+    ``max_connection_w``; and those ratings, each capped at ``max_rating_ratio`` times its
+    connection. Declare real sites: a site's first report is otherwise what bounds it.
     """
 
     future_skew_s: float = Field(default=30.0, ge=0, le=3600)
     max_age_s: float = Field(default=7 * 86400.0, gt=0, le=90 * 86400)
     tolerance: float = Field(default=0.1, ge=0, le=10, description="fraction of a limit")
-    default_connection_w: float = Field(default=100_000.0, gt=0, le=1e9)
+    default_connection_w: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e9,
+        description="a site's connection when undeclared; default: the feeder's larger limit, "
+        "at most 1 MW",
+    )
+    max_connection_w: float = Field(
+        default=1_000_000.0, gt=0, le=1e9, description="most an undeclared site may claim"
+    )
     max_rating_ratio: float = Field(default=2.0, gt=0, le=100)
     bids_ahead: int = Field(default=4, ge=0, le=96, description="intervals after the open one")
     max_sites: int = Field(default=20_000, ge=1, le=1_000_000)
@@ -155,6 +166,10 @@ class SiteSection(_Strict):
     battery_w: float | None = Field(default=None, ge=0, le=1e9)
 
 
+#: The default connection of an undeclared site is at most this (W).
+MAX_DEFAULT_CONNECTION_W = 1_000_000.0
+
+
 class CoordinatorConfig(_Strict):
     """A whole coordinator file."""
 
@@ -167,6 +182,13 @@ class CoordinatorConfig(_Strict):
     sites: dict[str, SiteSection] = Field(default_factory=dict)
     clock: ClockSettings | None = None
     historian: dict[str, Any] | None = None
+
+    def default_connection_w(self) -> float:
+        """The connection limit (W) of a site without a ``[sites.NAME]`` entry."""
+        if self.trust.default_connection_w is not None:
+            return self.trust.default_connection_w
+        feeder_w = max(self.grid.import_limit_w, self.grid.export_limit_w)
+        return min(feeder_w, MAX_DEFAULT_CONNECTION_W)
 
     @field_validator("sites")
     @classmethod

@@ -78,19 +78,26 @@ def reported_ratings_w(msg: Telemetry) -> tuple[float, float]:
 
 def derive_limits(
     *,
-    connection_w: float,
+    connection_w: float | None,
     generation_w: float | None,
     storage_w: float | None,
     reported_generation_w: float,
     reported_storage_w: float,
+    base_connection_w: float,
+    max_connection_w: float,
     max_ratio: float,
 ) -> SiteLimits:
-    """A site's limits: declared values where given, else what it reported, capped.
+    """A site's limits (W): declared values where given, else derived from what it reported.
 
-    A reported rating (W) is trusted only up to ``max_ratio`` times the connection: a site
-    cannot loosen its own limits by claiming a huge inverter. A site that reports no rating
-    (0: no such device, or one that does not say) gets that cap.
+    An undeclared connection is ``base_connection_w``, or the site's reported PV and battery
+    ratings together if larger, at most ``max_connection_w``. A reported rating is trusted
+    only up to ``max_ratio`` times the connection, so a site cannot loosen its own limits by
+    claiming a huge inverter; a site that reports no rating (0: no such device, or one that
+    does not say) gets that cap.
     """
+    if connection_w is None:
+        reported_w = reported_generation_w + reported_storage_w
+        connection_w = min(max(base_connection_w, reported_w), max_connection_w)
     cap_w = connection_w * max_ratio
 
     def pick(declared: float | None, reported: float) -> float:

@@ -393,11 +393,13 @@ class Coordinator:
         declared = self.config.sites.get(state.site)
         generation, storage = pl.reported_ratings_w(msg) if msg is not None else (0.0, 0.0)
         limits = pl.derive_limits(
-            connection_w=declared.connection_w if declared else t.default_connection_w,
+            connection_w=declared.connection_w if declared else None,
             generation_w=declared.pv_w if declared else None,
             storage_w=declared.battery_w if declared else None,
             reported_generation_w=generation,
             reported_storage_w=storage,
+            base_connection_w=self.config.default_connection_w(),
+            max_connection_w=t.max_connection_w,
             max_ratio=t.max_rating_ratio,
         )
         if msg is not None:  # fixed at the first report: a site cannot loosen them later

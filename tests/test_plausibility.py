@@ -59,34 +59,37 @@ def test_readings_from_the_future_are_refused_and_replays_from_the_past_are_not(
     assert pl.check_telemetry(_telemetry(ts=NOW - 90000.0), LIMITS, NOW, WINDOW, 0.1) == "too_old"
 
 
+def _derive(**kwargs: float | None) -> pl.SiteLimits:
+    args: dict[str, float | None] = {
+        "connection_w": None,
+        "generation_w": None,
+        "storage_w": None,
+        "reported_generation_w": 0.0,
+        "reported_storage_w": 0.0,
+        "base_connection_w": 20_000.0,
+        "max_connection_w": 1e6,
+        "max_ratio": 2.0,
+    }
+    args.update(kwargs)
+    return pl.derive_limits(**args)  # type: ignore[arg-type]
+
+
 def test_derived_limits_cap_what_a_site_reports() -> None:
-    limits = pl.derive_limits(
-        connection_w=20_000.0,
-        generation_w=None,
-        storage_w=None,
-        reported_generation_w=1e9,
-        reported_storage_w=3_000.0,
-        max_ratio=2.0,
+    # A huge claimed inverter widens the connection to the cap at most.
+    assert _derive(reported_generation_w=1e9, reported_storage_w=3_000.0) == pl.SiteLimits(
+        1e6, 2e6, 3_000.0
     )
-    assert limits == pl.SiteLimits(20_000.0, 40_000.0, 3_000.0)
-    declared = pl.derive_limits(
-        connection_w=20_000.0,
-        generation_w=8_000.0,
-        storage_w=1_000.0,
-        reported_generation_w=1e9,
-        reported_storage_w=1e9,
-        max_ratio=2.0,
+    # A PV farm larger than the base connection gets room for its rating.
+    assert _derive(reported_generation_w=300_000.0) == pl.SiteLimits(300_000.0, 300_000.0, 600_000.0)
+    # A declared connection and ratings are what count.
+    assert _derive(
+        connection_w=20_000.0, generation_w=8_000.0, storage_w=1_000.0, reported_generation_w=1e9
+    ) == pl.SiteLimits(20_000.0, 8_000.0, 1_000.0)
+    assert _derive(connection_w=20_000.0, reported_generation_w=1e9) == pl.SiteLimits(
+        20_000.0, 40_000.0, 40_000.0
     )
-    assert declared == pl.SiteLimits(20_000.0, 8_000.0, 1_000.0)
-    silent = pl.derive_limits(
-        connection_w=20_000.0,
-        generation_w=None,
-        storage_w=None,
-        reported_generation_w=0.0,
-        reported_storage_w=0.0,
-        max_ratio=2.0,
-    )
-    assert silent == pl.SiteLimits(20_000.0, 40_000.0, 40_000.0)  # unknown: the cap
+    # Nothing reported: the base connection, and the ratings capped by it.
+    assert _derive() == pl.SiteLimits(20_000.0, 40_000.0, 40_000.0)
 
 
 def test_reported_ratings_sum_by_device_kind() -> None:

@@ -12,7 +12,8 @@ reported the first time it was seen, capped) and the coordinator's own clock:
   power within its storage rating, load within what connection, PV and battery can supply, each
   with a ``tolerance`` for meter error; device ratings no larger than the site could have;
 - bids: only for the interval whose gate is still open and ``bids_ahead`` intervals after it,
-  each side's total quantity (kWh) no more than the connection can carry over an interval.
+  each side's total quantity (kWh) no more than the connection and the batteries can carry
+  over an interval.
 
 Each check returns ``None`` (plausible) or a short reason; the caller counts, logs and decides.
 No I/O, no clock and no state here.
@@ -180,14 +181,18 @@ def check_bid(
     """The first reason ``bid`` is not acceptable now, or None.
 
     Accepted: the open interval and ``bids_ahead`` after it; each side's total quantity (kWh)
-    within what the connection (W) carries over one interval, with ``tolerance``.
+    within what the connection and the batteries (W) carry over one interval, with
+    ``tolerance``.
     """
     first = open_interval(now_ts, interval_s, gate_s)
     if bid.interval < first:
         return "bid_closed"
     if bid.interval > first + bids_ahead:
         return "bid_too_far_ahead"
-    most_kwh = limits.connection_w / 1000.0 * interval_s / 3600.0 * (1.0 + tolerance) + 1e-6
+    # What the site could take or give over the interval: its connection, and its batteries
+    # on top (a bid may offer charging and still cover its load; the clearing caps the rest).
+    most_w = limits.connection_w + limits.storage_w
+    most_kwh = most_w / 1000.0 * interval_s / 3600.0 * (1.0 + tolerance) + 1e-6
     if sum(s.quantity_kwh for s in bid.buy) > most_kwh:
         return "bid_quantity"
     if sum(s.quantity_kwh for s in bid.sell) > most_kwh:

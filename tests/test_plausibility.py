@@ -137,7 +137,7 @@ def test_bids_only_for_the_open_interval_and_a_few_after_it() -> None:
 
 def test_a_bid_larger_than_the_connection_can_carry_is_refused() -> None:
     k = int(NOW // 900) + 1
-    # 20 kW over 15 minutes is 5 kWh; with 10 % tolerance 5.5 kWh.
-    assert _check(_bid(k, buy_kwh=5.4)) is None
-    assert _check(_bid(k, buy_kwh=5.6)) == "bid_quantity"
-    assert _check(_bid(k, buy_kwh=0.0, sell_kwh=6.0)) == "bid_quantity"
+    # 20 kW of connection and 5 kW of battery over 15 minutes: 6.25 kWh, 6.875 with 10 %.
+    assert _check(_bid(k, buy_kwh=6.8)) is None
+    assert _check(_bid(k, buy_kwh=6.9)) == "bid_quantity"
+    assert _check(_bid(k, buy_kwh=0.0, sell_kwh=7.0)) == "bid_quantity"

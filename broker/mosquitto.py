@@ -829,9 +829,17 @@ def _runs_conf(pid: int, conf: Path) -> bool:
     return bool(args) and "mosquitto" in Path(args[0]).name and str(conf) in args[1:]
 
 
-def _write_pid_file(conf: Path, pid: int) -> None:
+def _write_pid_file(conf: Path, pid: int) -> str | None:
+    """Record the broker ``pid`` and ours; a warning to show if the file cannot be written."""
     record = {"pid": pid, "parent": os.getpid(), "conf": str(conf)}
-    _write_file(pid_file_path(conf), json.dumps(record) + "\n", 0o644, None)
+    try:
+        _write_file(pid_file_path(conf), json.dumps(record) + "\n", 0o644, None)
+    except OSError as err:
+        return (
+            f"cannot write {pid_file_path(conf)} ({err.strerror}): a broker orphaned by a "
+            "killed parent will not be recognised at the next start"
+        )
+    return None
 
 
 def _read_pid_file(conf: Path) -> tuple[int, int] | None:
@@ -924,14 +932,14 @@ def _port_in_use(port: int, host: str | None) -> bool:
     except socket.gaierror:
         return False
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as sock:
-            # As Mosquitto binds: SO_REUSEADDR ignores TIME_WAIT, never a listening socket.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                # As Mosquitto binds: SO_REUSEADDR ignores TIME_WAIT, never a listening socket.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(address)
-            except OSError as err:
-                if err.errno == errno.EADDRINUSE:
-                    return True
+        except OSError as err:  # EACCES (a privileged port), no IPv6, ...: not "in use"
+            if err.errno == errno.EADDRINUSE:
+                return True
     return False
 
 
@@ -1129,8 +1137,10 @@ class MosquittoProcess:
             stderr=subprocess.STDOUT,
             **_spawn_options(self.conf_path),
         )
-        _write_pid_file(self.conf_path, self._process.pid)
         try:
+            warning = _write_pid_file(self.conf_path, self._process.pid)
+            if warning:
+                log.warning("%s", warning)
             await self._wait_ready(self._process)
         except BaseException:
             await self.kill()  # also when cancelled: never leave a half-started broker behind
@@ -1246,7 +1256,9 @@ def run_mosquitto_foreground(
         )
     except (OSError, subprocess.SubprocessError) as err:
         raise BrokerError(f"cannot start {binary}: {err}") from err
-    _write_pid_file(conf, process.pid)
+    warning = _write_pid_file(conf, process.pid)
+    if warning:
+        (notify or log.warning)(f"warning: {warning}")
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         with contextlib.suppress(ProcessLookupError):

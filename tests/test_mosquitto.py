@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 from typer.testing import CliRunner
 
 import broker.mosquitto
+from broker.client import BusClient, BusSettings
 from broker.errors import BrokerConfigError, BrokerProcessError
 from broker.mosquitto import (
     BrokerFiles,
@@ -595,6 +596,39 @@ async def test_a_users_session_follows_the_user_whatever_client_id_it_sends(
                 async with mqtt_client("operator") as operator:
                     await operator.publish(dispatch, b"to the second", qos=1)
                 assert await receive_until(second, dispatch) == [(dispatch, b"to the second")]
+
+
+async def test_a_services_bus_client_resumes_its_session_across_a_broker_restart(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, mqtt_client: MqttClientFactory
+) -> None:
+    """An edge's BusClient (configured client id ``wattmesh-edge-house-1``, which the broker
+    replaces with ``house-1``) finds the dispatch queued while it and the broker were down."""
+    dispatch = site_topic("house-1", "dispatch")
+    received: list[tuple[str, bytes]] = []
+    arrived = asyncio.Event()
+
+    async def handle(topic: str, payload: bytes) -> None:
+        received.append((topic, payload))
+        arrived.set()
+
+    settings = BusSettings(
+        port=broker_files.port,
+        username="house-1",
+        password=broker_files.credentials["house-1"],
+        client_id="wattmesh-edge-house-1",
+    )
+    async with asyncio.timeout(20):
+        async with BusClient(settings, handler=handle) as bus:
+            await bus.subscribe(dispatch)
+            await bus.wait_connected(5)
+        async with mqtt_client("operator") as operator:
+            await operator.publish(dispatch, b"while away", qos=1)
+        await mosquitto.stop()  # saves the session with its queued message
+        await mosquitto.start()
+        # A new process of the edge subscribes to nothing: only its session can deliver.
+        async with BusClient(settings, handler=handle) as bus:
+            await arrived.wait()
+    assert received == [(dispatch, b"while away")]
 
 
 async def test_monitor_reads_everything_and_writes_nothing(

@@ -13,7 +13,9 @@
     DIR/mosquitto.pid       while it runs: the broker's pid and the pid of who started it
 
 Mosquitto started as root drops to the ``mosquitto`` user (``nobody`` if that user does not
-exist). When the config is written as root, the files the broker reads (passwd, acl, the TLS
+exist); ``MosquittoProcess`` and ``run_mosquitto_foreground`` run as root start it as that user
+directly, so that it keeps dying with its parent (Linux clears that tie on a change of user).
+When the config is written as root, the files the broker reads (passwd, acl, the TLS
 server key) and its persistence directory are therefore owned by that user, and the directory
 is group-readable by it; secrets only deployment needs (credentials.toml, the CA key, client
 keys) stay with the writer, mode 600. Every directory above the broker directory must be

@@ -10,9 +10,12 @@
     DIR/tls/                with TLS: ca.crt, ca.key, server.crt, server.key,
                             clients/{user}.crt and clients/{user}.key
     DIR/mosquitto.log       the broker's stderr, written by ``MosquittoProcess``
+    DIR/mosquitto.pid       while it runs: the broker's pid and the pid of who started it
 
 Mosquitto started as root drops to the ``mosquitto`` user (``nobody`` if that user does not
-exist). When the config is written as root, the files the broker reads (passwd, acl, the TLS
+exist); ``MosquittoProcess`` and ``run_mosquitto_foreground`` run as root start it as that user
+directly, so that it keeps dying with its parent (Linux clears that tie on a change of user).
+When the config is written as root, the files the broker reads (passwd, acl, the TLS
 server key) and its persistence directory are therefore owned by that user, and the directory
 is group-readable by it; secrets only deployment needs (credentials.toml, the CA key, client
 keys) stay with the writer, mode 600. Every directory above the broker directory must be
@@ -22,6 +25,14 @@ and ``run_mosquitto_foreground`` check this before starting and say what to chan
 The ACL uses explicit ``user`` blocks, not ``pattern`` lines: a pattern applies to every user
 (the coordinator and operator included), an explicit block to exactly one. Site user names
 equal site ids, so the broker can tie a site's identity to its topics (design section 3).
+
+A client id belongs to one user: every listener sets ``use_username_as_clientid``, so the broker
+uses the user name (with mTLS the certificate's CN) as the client id whatever the client sends.
+Credentials of one site can therefore never disconnect the coordinator or another site, nor take
+over its persistent session; a service's session survives its reconnects because its id is
+always the same. The price: one connection per user (a second connection of the same user
+replaces the first). Observers (dashboards, ``wattmesh status``, tests) use the read-only
+``monitor`` user.
 
 TLS is mutual: the TLS listener requires a client certificate signed by the generated CA and
 takes the certificate's CN as the user name (``use_identity_as_username``), so no password
@@ -35,16 +46,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import datetime as dt
+import errno
+import functools
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -76,12 +93,17 @@ from broker.topics import (
     site_wildcard,
 )
 
+log = logging.getLogger(__name__)
+
 CONF_NAME = "mosquitto.conf"
 PASSWD_NAME = "passwd"
 ACL_NAME = "acl"
 CREDENTIALS_NAME = "credentials.toml"
 DATA_DIR_NAME = "data"
 LOG_NAME = "mosquitto.log"
+#: Next to the configuration (``mosquitto.conf`` -> ``mosquitto.pid``): which Mosquitto runs it
+#: and which process started it.
+PID_SUFFIX = ".pid"
 TLS_DIR_NAME = "tls"
 
 #: Where Mosquitto lives when it is not on PATH (Debian puts it in /usr/sbin).
@@ -127,13 +149,14 @@ class BrokerFiles:
     tls_port: int | None
     coordinator_user: str
     operator_user: str | None
+    monitor_user: str | None
     sites: tuple[str, ...]
     credentials: dict[str, str] = field(repr=False)
     tls: TlsFiles | None = None
 
     @property
     def users(self) -> tuple[str, ...]:
-        """Every user name: the coordinator, the operator (if any), then the sites."""
+        """Every user name: the coordinator, the operator and monitor (if any), then the sites."""
         return tuple(self.credentials)
 
     @property
@@ -156,6 +179,7 @@ def write_broker_config(
     tls_port: int = 8883,
     coordinator_user: str = "coordinator",
     operator_user: str | None = "operator",
+    monitor_user: str | None = "monitor",
     tls_names: Sequence[str] = (),
     autosave_interval_s: int = 60,
     overwrite: bool = False,
@@ -167,10 +191,13 @@ def write_broker_config(
     addresses for the server certificate (``host`` unless it is a wildcard, ``localhost``,
     127.0.0.1 and ::1 are always in it). ``autosave_interval_s`` is how often the broker saves
     its persistence database (a SIGKILL loses what changed since). Every call makes new
-    random passwords (and with ``tls`` a new CA). ``BrokerConfigError`` for invalid ids,
+    random passwords (and with ``tls`` a new CA). ``monitor_user`` reads everything and writes
+    nothing (dashboards, status commands, tests); None leaves it out. Every listener binds the
+    client id to the user (``use_username_as_clientid``): one connection per user.
+    ``BrokerConfigError`` for invalid ids,
     ports or paths, and when a configuration exists and ``overwrite`` is false.
     """
-    site_ids = _check_users(sites, coordinator_user, operator_user)
+    site_ids = _check_users(sites, coordinator_user, operator_user, monitor_user)
     _check_port(port, "port")
     if tls:
         _check_port(tls_port, "tls_port")
@@ -204,7 +231,7 @@ def write_broker_config(
     if owner:
         os.chown(data_dir, *owner)
 
-    users = [coordinator_user, *([operator_user] if operator_user else []), *site_ids]
+    users = _user_names(site_ids, coordinator_user, operator_user, monitor_user)
     credentials = {user: secrets.token_urlsafe(32) for user in users}
 
     tls_files = (
@@ -213,7 +240,9 @@ def write_broker_config(
     passwd = root / PASSWD_NAME
     _write_file(passwd, password_file_text(credentials), 0o600, owner)
     acl = root / ACL_NAME
-    _write_file(acl, acl_text(site_ids, coordinator_user, operator_user), 0o600, owner)
+    _write_file(
+        acl, acl_text(site_ids, coordinator_user, operator_user, monitor_user), 0o600, owner
+    )
     files = BrokerFiles(
         directory=root,
         conf=conf,
@@ -227,6 +256,7 @@ def write_broker_config(
         tls_port=tls_port if tls else None,
         coordinator_user=coordinator_user,
         operator_user=operator_user,
+        monitor_user=monitor_user,
         sites=tuple(site_ids),
         credentials=credentials,
         tls=tls_files,
@@ -236,8 +266,19 @@ def write_broker_config(
     return files
 
 
+def _user_names(
+    sites: Sequence[str], coordinator_user: str, operator_user: str | None, monitor_user: str | None
+) -> list[str]:
+    """Every user, in the order credentials.toml lists them."""
+    optional = [user for user in (operator_user, monitor_user) if user]
+    return [coordinator_user, *optional, *sites]
+
+
 def _check_users(
-    sites: Sequence[str], coordinator_user: str, operator_user: str | None
+    sites: Sequence[str],
+    coordinator_user: str,
+    operator_user: str | None,
+    monitor_user: str | None,
 ) -> list[str]:
     if isinstance(sites, str):
         raise BrokerConfigError("sites must be a sequence of site ids, not one string")
@@ -250,13 +291,15 @@ def _check_users(
         check_id(coordinator_user, "coordinator user")
         if operator_user is not None:
             check_id(operator_user, "operator user")
+        if monitor_user is not None:
+            check_id(monitor_user, "monitor user")
     except ValueError as err:
         raise BrokerConfigError(str(err)) from err
-    names = [coordinator_user, *([operator_user] if operator_user else []), *site_ids]
+    names = _user_names(site_ids, coordinator_user, operator_user, monitor_user)
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise BrokerConfigError(
-            f"user names must be unique (site ids, coordinator and operator): {duplicates}"
+            f"user names must be unique (site ids, coordinator, operator and monitor): {duplicates}"
         )
     return site_ids
 
@@ -282,8 +325,18 @@ def password_file_text(credentials: Mapping[str, str]) -> str:
     return "".join(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in credentials.items())
 
 
-def acl_text(sites: Sequence[str], coordinator_user: str, operator_user: str | None) -> str:
-    """The ACL file: the access rules of design section 4, one explicit block per user."""
+def acl_text(
+    sites: Sequence[str],
+    coordinator_user: str,
+    operator_user: str | None,
+    monitor_user: str | None = None,
+) -> str:
+    """The ACL file: the access rules of design section 4, one explicit block per user.
+
+    The operator and the monitor read everything under the prefix (site topics, market, grid,
+    forecasts and the coordinator's ``coordinator/{id}/status``); only the operator writes, and
+    only dispatch commands.
+    """
     lines = [
         "# wattmesh broker ACL (design section 4), written by `wattmesh broker init`.",
         "# One explicit block per user; no 'pattern' lines (they would apply to every user).",
@@ -301,6 +354,13 @@ def acl_text(sites: Sequence[str], coordinator_user: str, operator_user: str | N
             f"user {operator_user}",
             f"topic read {PREFIX}/#",
             f"topic write {site_wildcard('dispatch')}",
+            "",
+        ]
+    if monitor_user:
+        lines += [
+            "# The monitor (dashboards, status commands) reads everything and writes nothing.",
+            f"user {monitor_user}",
+            f"topic read {PREFIX}/#",
             "",
         ]
     for site in sites:
@@ -321,6 +381,17 @@ def _plain_bind_host(host: str, *, tls: bool) -> str:
     if tls:
         return "127.0.0.1"
     return "127.0.0.1" if host in _UNSPECIFIED_HOSTS else host
+
+
+#: Written into every listener (it is a per-listener option): the broker replaces the client
+#: id a client sends with its user name (with mTLS the certificate's CN), so credentials of one
+#: user can never take over another user's connection or persistent session.
+_CLIENT_ID_BINDING = (
+    "# A client's id is its user name, whatever id it sends: one user's credentials cannot",
+    "# take over another user's connection or persistent session. One connection per user:",
+    "# a second connection of the same user replaces the first (and resumes its session).",
+    "use_username_as_clientid true",
+)
 
 
 def _conf_text(files: BrokerFiles, autosave_interval_s: int) -> str:
@@ -375,6 +446,7 @@ def _conf_text(files: BrokerFiles, autosave_interval_s: int) -> str:
         + (" With TLS on it serves this machine only." if files.tls else ""),
         f"listener {files.port} {plain_host}",
         "protocol mqtt",
+        *_CLIENT_ID_BINDING,
     ]
     if files.tls is not None and files.tls_port is not None:
         lines += [
@@ -388,6 +460,7 @@ def _conf_text(files: BrokerFiles, autosave_interval_s: int) -> str:
             f"keyfile {files.tls.server_key}",
             "require_certificate true",
             "use_identity_as_username true",
+            *_CLIENT_ID_BINDING,
             "tls_version tlsv1.2",
         ]
     return "\n".join(lines) + "\n"
@@ -408,6 +481,8 @@ def _credentials_text(files: BrokerFiles) -> str:
     lines.append(f"coordinator_user = {q(files.coordinator_user)}")
     if files.operator_user:
         lines.append(f"operator_user = {q(files.operator_user)}")
+    if files.monitor_user:
+        lines.append(f"monitor_user = {q(files.monitor_user)}")
     lines += [f"sites = [{', '.join(q(s) for s in files.sites)}]", ""]
     if files.tls is not None:
         lines += [
@@ -446,6 +521,7 @@ def load_broker_files(directory: str | os.PathLike[str]) -> BrokerFiles:
             tls_port=None if tls_port is None else int(tls_port),
             coordinator_user=str(broker["coordinator_user"]),
             operator_user=broker.get("operator_user"),
+            monitor_user=broker.get("monitor_user"),
             sites=tuple(str(s) for s in broker["sites"]),
             credentials=credentials,
             tls=None if tls_port is None else _tls_layout(root / TLS_DIR_NAME, credentials),
@@ -709,6 +785,264 @@ def check_broker_access(directory: str | os.PathLike[str]) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# One Mosquitto per configuration: it dies with its parent, and a start clears what a killed
+# parent left behind.
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: What the broker receives when its parent dies: SIGTERM, so it saves its database first.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+
+
+def pid_file_path(conf_path: str | os.PathLike[str]) -> Path:
+    """Where the pid of the Mosquitto running ``conf_path`` is kept: next to it, ``.pid``."""
+    return Path(conf_path).absolute().with_suffix(PID_SUFFIX)
+
+
+def _proc_parent(pid: int) -> int | None:
+    """The parent pid of a live process; None if it does not exist or is a zombie."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields follow the last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X", "x"):
+        return None
+    return int(fields[1])
+
+
+def _proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _describe_pid(pid: int) -> str:
+    args = _proc_cmdline(pid)
+    return f"pid {pid} ({' '.join(args)})" if args else f"pid {pid}"
+
+
+def _runs_conf(pid: int, conf: Path) -> bool:
+    """Whether ``pid`` is a Mosquitto started on the configuration ``conf``."""
+    args = _proc_cmdline(pid)
+    return bool(args) and "mosquitto" in Path(args[0]).name and str(conf) in args[1:]
+
+
+def _write_pid_file(conf: Path, pid: int) -> str | None:
+    """Record the broker ``pid`` and ours; a warning to show if the file cannot be written."""
+    record = {"pid": pid, "parent": os.getpid(), "conf": str(conf)}
+    try:
+        _write_file(pid_file_path(conf), json.dumps(record) + "\n", 0o644, None)
+    except OSError as err:
+        return (
+            f"cannot write {pid_file_path(conf)} ({err.strerror}): a broker orphaned by a "
+            "killed parent will not be recognised at the next start"
+        )
+    return None
+
+
+def _read_pid_file(conf: Path) -> tuple[int, int] | None:
+    """(broker pid, pid of the process that started it) from the pid file; None if unreadable."""
+    try:
+        record = json.loads(pid_file_path(conf).read_text(encoding="utf-8"))
+        return int(record["pid"]), int(record["parent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remove_pid_file(conf: Path, pid: int | None) -> None:
+    """Remove the pid file if it still names ``pid`` (a newer broker's file stays)."""
+    record = _read_pid_file(conf)
+    if pid is not None and record is not None and record[0] == pid:
+        pid_file_path(conf).unlink(missing_ok=True)
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _proc_parent(pid) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop_orphaned_mosquitto(
+    conf_path: str | os.PathLike[str], timeout_s: float = 10.0
+) -> int | None:
+    """Stop a Mosquitto left running on ``conf_path`` by a parent that is gone; its pid, or None.
+
+    The pid file next to the configuration names the broker and the process that started it.
+    A broker that still runs this configuration but is no longer that process's child lost
+    its parent (killed before it could stop the broker): it gets SIGTERM (it saves its
+    database), SIGKILL after ``timeout_s``. ``BrokerProcessError`` if the broker still has its
+    parent (the configuration is in use) or cannot be stopped. Linux (``/proc``) only; elsewhere
+    nothing is found.
+    """
+    conf = Path(conf_path).absolute()
+    record = _read_pid_file(conf)
+    if record is None:
+        return None
+    pid, parent = record
+    current_parent = _proc_parent(pid)
+    if current_parent is None or not _runs_conf(pid, conf):
+        pid_file_path(conf).unlink(missing_ok=True)  # stale: that broker is gone
+        return None
+    if current_parent == parent:
+        raise BrokerProcessError(
+            f"mosquitto for {conf} is already running ({_describe_pid(pid)}, started by "
+            f"{_describe_pid(parent)}): stop that one first"
+        )
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        except PermissionError as err:
+            raise BrokerProcessError(
+                f"mosquitto {_describe_pid(pid)} still runs {conf} without its parent, and we "
+                f"may not stop it: {err}"
+            ) from err
+        if _wait_gone(pid, timeout_s):
+            break
+    else:
+        raise BrokerProcessError(f"mosquitto {_describe_pid(pid)} did not stop")
+    pid_file_path(conf).unlink(missing_ok=True)
+    return pid
+
+
+def conf_listeners(conf_path: str | os.PathLike[str]) -> list[tuple[int, str | None]]:
+    """(port, bind address; None for every address) of each ``listener`` line of a config."""
+    try:
+        text = Path(conf_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    listeners: list[tuple[int, str | None]] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "listener" and parts[1].isdigit():
+            listeners.append((int(parts[1]), parts[2] if len(parts) > 2 else None))
+    return listeners
+
+
+def _port_in_use(port: int, host: str | None) -> bool:
+    """Whether something listens on ``port`` where a broker binding ``host`` would."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                # As Mosquitto binds: SO_REUSEADDR ignores TIME_WAIT, never a listening socket.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+        except OSError as err:  # EACCES (a privileged port), no IPv6, ...: not "in use"
+            if err.errno == errno.EADDRINUSE:
+                return True
+    return False
+
+
+def port_holders(port: int) -> list[int]:
+    """The pids of processes listening on TCP ``port`` that we can see (Linux ``/proc``)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text(encoding="ascii").splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            listening = len(fields) > 9 and fields[3] == "0A"
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    pids: list[int] = []
+    if not inodes:
+        return pids
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def check_ports_free(
+    conf_path: str | os.PathLike[str], extra: Iterable[tuple[int, str | None]] = ()
+) -> None:
+    """``BrokerProcessError`` naming the port and its process if a listener's port is taken.
+
+    The ports are the configuration's ``listener`` lines plus ``extra`` (port, bind address).
+    """
+    for port, host in dict.fromkeys([*conf_listeners(conf_path), *extra]):
+        if not _port_in_use(port, host):
+            continue
+        holders = port_holders(port)
+        who = (
+            ", ".join(_describe_pid(pid) for pid in holders)
+            if holders
+            else "a process we cannot see"
+        )
+        raise BrokerProcessError(
+            f"port {port} ({host or 'every address'}) is already in use by {who}: stop it, or "
+            f"give this broker another port (`wattmesh broker init DIR --force --port N`)"
+        )
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the forking thread exits.
+
+    ``PR_SET_PDEATHSIG`` follows the *thread* that forked (start brokers from a thread that
+    lives as long as they should), and Linux clears it when the process changes its user, so
+    the broker is started as its service user rather than left to drop root itself.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        if prctl(_PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"prctl(PR_SET_PDEATHSIG): {os.strerror(code)}")
+        if os.getppid() != parent:  # the parent died before prctl: nobody would stop us
+            os._exit(1)
+
+    return hook
+
+
+def _spawn_options(conf: Path) -> dict[str, Any]:
+    """``subprocess.Popen`` options for a broker on ``conf`` that dies with its parent.
+
+    As root the broker starts as its service user (``mosquitto``), which it would drop to
+    anyway, because a change of user clears the parent-death signal. A configuration with a
+    privileged port (< 1024) needs root to bind: Mosquitto then drops root itself, and only the
+    pid file protects against an orphan.
+    """
+    options: dict[str, Any] = {"preexec_fn": _die_with_parent_hook()}
+    owner = _service_owner()
+    if owner is not None and all(port >= 1024 for port, _ in conf_listeners(conf)):
+        uid, gid = owner
+        options.update(
+            user=uid, group=gid, extra_groups=os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+        )
+    return options
+
+
 class MosquittoProcess:
     """A Mosquitto broker process, as an async context manager.
 
@@ -717,6 +1051,10 @@ class MosquittoProcess:
     its persistence database), ``kill()`` (SIGKILL) simulates a crash, and ``start()`` again
     restarts it on the same port and configuration. The broker's stderr goes to ``log_path``
     (default ``mosquitto.log`` next to the configuration).
+
+    The broker dies with the thread that started it (Linux), also when this process is
+    SIGKILLed; a pid file next to the configuration names it while it runs, and a start stops
+    a broker on the same configuration whose parent is gone.
     """
 
     def __init__(
@@ -766,7 +1104,9 @@ class MosquittoProcess:
 
         ``MosquittoNotFoundError`` if mosquitto is not installed, ``BrokerConfigError`` if the
         configuration is missing or unreachable for the broker's user, ``BrokerProcessError``
-        if it is already running, the port is taken, it exits, or it is not ready in time.
+        if it is already running (here or under another live parent), a port is taken (the
+        message names the process), it exits, or it is not ready in time. A broker left
+        running on this configuration by a parent that is gone is stopped first (logged).
         """
         if self.running:
             raise BrokerProcessError(f"mosquitto (pid {self.pid}) is already running")
@@ -774,6 +1114,14 @@ class MosquittoProcess:
         if not self.conf_path.is_file():
             raise BrokerConfigError(f"broker configuration {self.conf_path} does not exist")
         check_broker_access(self.conf_path.parent)
+        stopped = await asyncio.to_thread(stop_orphaned_mosquitto, self.conf_path)
+        if stopped is not None:
+            log.warning(
+                "stopped mosquitto pid %d, left running on %s by a parent that is gone",
+                stopped,
+                self.conf_path,
+            )
+        await asyncio.to_thread(check_ports_free, self.conf_path, [(self.port, self.host)])
         if await self._accepts():
             raise BrokerProcessError(
                 f"{self.host}:{self.port} already accepts connections: another broker running?"
@@ -789,8 +1137,12 @@ class MosquittoProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            **_spawn_options(self.conf_path),
         )
         try:
+            warning = _write_pid_file(self.conf_path, self._process.pid)
+            if warning:
+                log.warning("%s", warning)
             await self._wait_ready(self._process)
         except BaseException:
             await self.kill()  # also when cancelled: never leave a half-started broker behind
@@ -837,7 +1189,7 @@ class MosquittoProcess:
                 await asyncio.wait_for(process.wait(), timeout_s)
             except TimeoutError:
                 await self.kill()
-        self._close_log()
+        self._forget()
         return self.returncode
 
     async def kill(self) -> int | None:
@@ -847,8 +1199,13 @@ class MosquittoProcess:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
-        self._close_log()
+        self._forget()
         return self.returncode
+
+    def _forget(self) -> None:
+        """After the broker exited: close its log and remove its pid file."""
+        self._close_log()
+        _remove_pid_file(self.conf_path, self.pid)
 
     def _close_log(self) -> None:
         if self._log is not None:
@@ -868,12 +1225,18 @@ class MosquittoProcess:
         await self.stop()
 
 
-def run_mosquitto_foreground(directory: str | os.PathLike[str]) -> int:
+def run_mosquitto_foreground(
+    directory: str | os.PathLike[str], notify: Callable[[str], None] | None = None
+) -> int:
     """Run Mosquitto on an initialised broker directory until it exits; its exit status.
 
-    SIGINT, SIGTERM and SIGHUP (reload) sent to us are passed on to the broker.
-    ``BrokerConfigError`` if the directory has no configuration or the broker's user cannot
-    reach it, ``MosquittoNotFoundError`` if mosquitto is not installed.
+    SIGINT, SIGTERM and SIGHUP (reload) sent to us are passed on to the broker; if we are
+    killed (even SIGKILL) the broker gets SIGTERM (Linux). ``DIR/mosquitto.pid`` names it while
+    it runs. A broker that a killed earlier run left on this directory is stopped first and
+    ``notify`` (default: a log warning) is told. ``BrokerConfigError`` if the directory has no
+    configuration or the broker's user cannot reach it, ``MosquittoNotFoundError`` if mosquitto
+    is not installed, ``BrokerProcessError`` if the directory's broker runs under a live
+    parent or a port is taken (naming the process holding it).
     """
     root = Path(directory).absolute()
     conf = root / CONF_NAME
@@ -883,10 +1246,21 @@ def run_mosquitto_foreground(directory: str | os.PathLike[str]) -> int:
         )
     binary = find_mosquitto()
     check_broker_access(root)
+    stopped = stop_orphaned_mosquitto(conf)
+    if stopped is not None:
+        (notify or log.warning)(
+            f"stopped mosquitto (pid {stopped}) that an earlier run left on {root}"
+        )
+    check_ports_free(conf)
     try:
-        process = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL)
-    except OSError as err:
+        process = subprocess.Popen(
+            [binary, "-c", str(conf)], stdin=subprocess.DEVNULL, **_spawn_options(conf)
+        )
+    except (OSError, subprocess.SubprocessError) as err:
         raise BrokerError(f"cannot start {binary}: {err}") from err
+    warning = _write_pid_file(conf, process.pid)
+    if warning:
+        (notify or log.warning)(f"warning: {warning}")
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -904,3 +1278,4 @@ def run_mosquitto_foreground(directory: str | os.PathLike[str]) -> int:
         if process.poll() is None:
             process.kill()
             process.wait()
+        _remove_pid_file(conf, process.pid)

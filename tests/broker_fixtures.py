@@ -6,6 +6,11 @@
 - ``mqtt_client``: ``mqtt_client(user, **overrides) -> aiomqtt.Client`` (not yet connected).
 - ``client_kwargs(files, user, ...)``: the keyword arguments behind ``mqtt_client``.
 
+The broker binds each client id to its user (the id a client sends is replaced by its user
+name): a second connection with the same user replaces the first, so a test that watches while
+a real service runs connects as ``monitor`` (reads everything, writes nothing), never with the
+service's own credentials.
+
 Mosquitto started as root drops to the ``mosquitto`` user, which cannot enter pytest's
 ``/tmp/pytest-of-root`` (mode 700); as root the broker directory is therefore made with
 ``tempfile.mkdtemp`` in the system temp directory and removed at teardown.
@@ -97,7 +102,7 @@ def broker_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def broker_files(broker_dir: Path) -> BrokerFiles:
-    """A configuration for ``BROKER_SITES`` (plus coordinator and operator), free port."""
+    """A configuration for ``BROKER_SITES`` (plus coordinator, operator, monitor), free port."""
     return write_broker_config(broker_dir, BROKER_SITES, port=free_port())
 
 

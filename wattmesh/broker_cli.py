@@ -50,6 +50,8 @@ def _describe(files: BrokerFiles) -> list[str]:
         lines.append(f"  TLS listener {files.host}:{files.tls_port} (client certificate = user)")
     lines += [
         f"users: {', '.join(files.users)}",
+        "client id = user name on every listener: one connection per user"
+        + (f" (observers use {files.monitor_user!r}, read-only)" if files.monitor_user else ""),
         f"credentials (user -> password, keep secret, mode 600): {files.credentials_file}",
         f"start it with: wattmesh broker run {files.directory}",
     ]
@@ -79,6 +81,12 @@ def init(
     no_operator: Annotated[
         bool, typer.Option("--no-operator", help="Create no operator user.")
     ] = False,
+    monitor_user: Annotated[
+        str, typer.Option(help="The read-only monitor's user name (dashboards, status).")
+    ] = "monitor",
+    no_monitor: Annotated[
+        bool, typer.Option("--no-monitor", help="Create no monitor user.")
+    ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
     ] = False,
@@ -94,6 +102,7 @@ def init(
             tls_port=tls_port,
             coordinator_user=coordinator_user,
             operator_user=None if no_operator else operator_user,
+            monitor_user=None if no_monitor else monitor_user,
             overwrite=force,
         )
     except BrokerConfigError as err:
@@ -114,7 +123,9 @@ def run(
 ) -> None:
     """Run Mosquitto in the foreground on DIRECTORY's configuration (Ctrl-C stops it)."""
     try:
-        status = run_mosquitto_foreground(directory)
+        status = run_mosquitto_foreground(
+            directory, notify=lambda message: typer.echo(message, err=True)
+        )
     except MosquittoNotFoundError as err:
         raise _fail(str(err), code=3) from err
     except BrokerError as err:

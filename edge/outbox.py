@@ -89,9 +89,11 @@ class Outbox:
         return Spool(self.path, max_messages=self.max_messages)
 
     def _degrade(self) -> None:
-        self.state = "degraded"
-        self._dropping = False
-        self._episode_dropped = 0
+        """Enter (or stay in) the degraded state; the next retry waits longer."""
+        if self.state == "ok":
+            self.state = "degraded"
+            self._dropping = False
+            self._episode_dropped = 0
         self._delay_s = next_backoff_s(self._delay_s, RETRY_INITIAL_S, self.retry_max_s)
         self._retry_at = self._wall() + self._delay_s
         if self.spool is not None:

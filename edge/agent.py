@@ -6,7 +6,15 @@ chooses the battery setpoint by precedence (design section 2: safety > emergency
 > market commitment > local fallback), and one telemetry message carrying every device's
 reading goes into the spool. The spool is the outbox: a replay task publishes it in order
 and removes what the broker acknowledged, so a broker outage or an agent crash loses nothing.
+If the spool itself fails (disk full, read-only, corrupt), the agent runs degraded
+(:mod:`edge.outbox`): control goes on, telemetry is published directly or dropped and counted.
 Times in messages come from the agent's clock (simulated time in simulations).
+
+Inbound messages are trusted no further than they must be: every handler turns any failure of
+a payload into a refusal counted by topic kind and reason (logged once), or for a dispatch an
+``invalid`` acknowledgement; a dispatch is judged on the agent's own clock and held at most
+the site's maximum duration from its receipt (:mod:`edge.trust`). The counters travel in the
+retained status message.
 """
 
 from __future__ import annotations

@@ -62,13 +62,31 @@ class Message(BaseModel):
     ts: Timestamp
 
 
+CounterKey = Annotated[str, Field(min_length=1, max_length=64)]
+Count = Annotated[int, Field(ge=0)]
+
+
 class Status(Message):
-    """``site/{site}/status``: retained; the last will publishes ``online=False``."""
+    """``site/{site}/status``: retained; the last will publishes ``online=False``.
+
+    The edge's health counters are optional (absent from older agents): ``spool_state``
+    (``ok``, or ``degraded`` while its spool is unusable), ``telemetry_dropped`` (messages
+    lost since the agent started), ``telemetry_direct`` (published without the spool),
+    ``rejected`` (inbound messages refused, by topic kind then reason) and
+    ``dispatch_outcomes`` (acknowledgements sent, by outcome).
+    """
 
     online: bool
     role: Literal["producer", "consumer", "prosumer"] | None = None
     capabilities: list[Name] = Field(default_factory=list, max_length=32)
     software_version: str = Field(default="", max_length=32)
+    spool_state: Literal["ok", "degraded"] | None = None
+    telemetry_dropped: Count = 0
+    telemetry_direct: Count = 0
+    rejected: dict[CounterKey, Annotated[dict[CounterKey, Count], Field(max_length=32)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    dispatch_outcomes: dict[CounterKey, Count] = Field(default_factory=dict, max_length=16)
 
 
 class DeviceReading(BaseModel):

@@ -6,14 +6,22 @@ chooses the battery setpoint by precedence (design section 2: safety > emergency
 > market commitment > local fallback), and one telemetry message carrying every device's
 reading goes into the spool. The spool is the outbox: a replay task publishes it in order
 and removes what the broker acknowledged, so a broker outage or an agent crash loses nothing.
+If the spool itself fails (disk full, read-only, corrupt), the agent runs degraded
+(:mod:`edge.outbox`): control goes on, telemetry is published directly or dropped and counted.
 Times in messages come from the agent's clock (simulated time in simulations).
+
+Inbound messages are trusted no further than they must be: every handler turns any failure of
+a payload into a refusal counted by topic kind and reason (logged once), or for a dispatch an
+``invalid`` acknowledgement; a dispatch is judged on the agent's own clock and held at most
+the site's maximum duration from its receipt (:mod:`edge.trust`). The counters travel in the
+retained status message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import itertools
 import logging
 import math
 from collections import OrderedDict
@@ -22,7 +30,7 @@ from types import TracebackType
 from typing import Literal
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker import topics
 from broker.client import BusClient, BusSettings, Presence
@@ -32,6 +40,7 @@ from broker.messages import (
     Award,
     Bid,
     BidStep,
+    Clearing,
     DeviceReading,
     Dispatch,
     DispatchAck,
@@ -55,7 +64,9 @@ from drivers.transport import BusPool
 from edge.bidding import bid_curve, interval_energy_kwh
 from edge.config import DeviceSection, EdgeConfig
 from edge.control import keep_peak_reserve_w, self_consumption_setpoint_w
+from edge.outbox import Outbox
 from edge.spool import Spool
+from edge.trust import OrderWindow, order_window
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,66 @@ SOFTWARE_VERSION = "0.1.0"
 AckOutcome = Literal["accepted", "clamped", "refused", "expired", "duplicate", "invalid"]
 Reading = InverterReading | BatteryReading | MeterReading
 Facade = Inverter | Battery | SunSpecMeter | RegisterMapMeter
+#: Inbound payloads larger than this are refused unread, bytes (a week's forecast is ~60 kB).
+MAX_INBOUND_BYTES = 256 * 1024
+#: Awards for intervals further than this from the current one are refused (stale or forged).
+AWARD_WINDOW_INTERVALS = 96
+
+
+class PayloadTooLarge(ValueError):
+    """An inbound payload over :data:`MAX_INBOUND_BYTES`."""
+
+
+class Unwanted(ValueError):
+    """A well-formed inbound message the agent does not act on; ``reason`` says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+def rejection_reason(err: BaseException) -> str:
+    """A short name for why an inbound payload was refused (a status counter key)."""
+    if isinstance(err, Unwanted):
+        return err.reason
+    if isinstance(err, PayloadTooLarge):
+        return "too_large"
+    if isinstance(err, ValidationError):
+        return "invalid"
+    if isinstance(err, RecursionError):
+        return "too_deep"
+    return "error"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+class _CommandId(BaseModel):
+    """Just the ``id`` of a dispatch that failed validation, to name it in the ack."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+def command_id_of(payload: bytes) -> str:
+    """The ``id`` of a dispatch payload if one can be read safely, else ``""``; never raises."""
+    if len(payload) > MAX_INBOUND_BYTES:
+        return ""
+    try:
+        return _CommandId.model_validate_json(payload).id
+    except Exception:  # anything at all: the ack then says "unknown"
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """An accepted dispatch and when it ends on the agent's clock (s, see edge.trust)."""
+
+    command: Dispatch
+    until_ts: float
 
 
 class DevicePoller:
@@ -175,8 +246,12 @@ class AgentStats:
     telemetry_published: int = 0
     bids_published: int = 0
     invalid_messages: dict[str, int] = field(default_factory=dict)
+    """Refused inbound messages by topic."""
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Refused inbound messages by topic kind, then reason."""
     acks: dict[str, int] = field(default_factory=dict)
     battery_writes: int = 0
+    status_published: int = 0
 
 
 class EdgeAgent:
@@ -197,22 +272,29 @@ class EdgeAgent:
         self.pollers = [
             DevicePoller(d, self.pool, config.site.poll_interval_s) for d in config.devices
         ]
-        self.spool = Spool(config.spool.path, max_messages=config.spool.max_messages)
+        self.outbox = Outbox(
+            config.spool.path,
+            config.spool.max_messages,
+            retry_max_s=config.spool.retry_max_s,
+        )
         self.stats = AgentStats()
         self.snapshot = SiteSnapshot()
         self.controller = "fallback"
         self.awards: OrderedDict[int, Award] = OrderedDict()
         self.forecast: Forecast | None = None
         self.grid_mode = "normal"
-        self.dispatch: Dispatch | None = None
-        self.emergency: Dispatch | None = None
+        self.dispatch: Order | None = None
+        self.emergency: Order | None = None
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
         self._bid_for: int | None = None
         self._battery_written: dict[str, tuple[float, float]] = {}
         self._history: list[tuple[float, float]] = []  # (ts, net load W), bounded
         self._control_lock = asyncio.Lock()
         self._outbox = asyncio.Event()
-        self._logged_invalid: set[str] = set()
+        self._logged_invalid: set[tuple[str, str]] = set()
+        self._ack_unsent_logged = False
+        self._status_sent: dict[str, object] | None = None
+        self._status_sent_wall = -math.inf
         self._stop = asyncio.Event()
         b = config.broker
         self.bus = BusClient(
@@ -229,15 +311,33 @@ class EdgeAgent:
         )
         self._group: asyncio.TaskGroup | None = None
 
-    def _status(self, online: bool) -> bytes:
+    @property
+    def spool(self) -> Spool | None:
+        """The spool while it is usable (None while the outbox runs degraded)."""
+        return self.outbox.spool
+
+    def counters(self) -> dict[str, object]:
+        """The health counters the retained status carries (see ``broker.messages.Status``)."""
+        return {
+            "spool_state": self.outbox.state,
+            "telemetry_dropped": self.outbox.dropped,
+            "telemetry_direct": self.outbox.direct,
+            "rejected": {k: dict(v) for k, v in self.stats.rejected.items()},
+            "dispatch_outcomes": dict(self.stats.acks),
+        }
+
+    def _status(self, online: bool, counters: dict[str, object] | None = None) -> bytes:
         kinds: list[str] = sorted({d.kind for d in self.config.devices})
         return (
-            Status(
-                ts=self.clock.now(),
-                online=online,
-                role=self.config.site.role,
-                capabilities=kinds,
-                software_version=SOFTWARE_VERSION,
+            Status.model_validate(
+                {
+                    "ts": self.clock.now(),
+                    "online": online,
+                    "role": self.config.site.role,
+                    "capabilities": kinds,
+                    "software_version": SOFTWARE_VERSION,
+                    **(counters if counters is not None else self.counters()),
+                }
             )
             .model_dump_json()
             .encode()
@@ -254,6 +354,7 @@ class EdgeAgent:
         await self._group.__aenter__()
         self._group.create_task(self._cycle_loop(), name="edge-cycle")
         self._group.create_task(self._replay_loop(), name="edge-replay")
+        self._group.create_task(self._status_loop(), name="edge-status")
         if self.config.market.enabled:
             self._group.create_task(self._bid_loop(), name="edge-bids")
         return self
@@ -269,7 +370,7 @@ class EdgeAgent:
         finally:
             await self.bus.__aexit__(et, ev, tb)
             self.pool.close()
-            self.spool.close()
+            self.outbox.close()
 
     async def run_until(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (the CLI's Ctrl-C)."""
@@ -340,12 +441,14 @@ class EdgeAgent:
             battery_soc_pct=snap.soc_pct,
             controller=self.controller,  # type: ignore[arg-type]
         )
-        self.spool.append(
+        way = self.outbox.put(
             topics.site_topic(self.site, "telemetry"),
             message.model_dump_json(exclude_none=True).encode(),
             now,
+            connected=self.bus.connected,
         )
-        self.stats.telemetry_spooled += 1
+        if way == "spooled":
+            self.stats.telemetry_spooled += 1
         self._outbox.set()
 
     # -- the controller --------------------------------------------------------------------
@@ -361,13 +464,17 @@ class EdgeAgent:
         return out
 
     def _active(self, now: float) -> tuple[Dispatch | None, Dispatch | None]:
-        if self.emergency is not None and self.emergency.expires_ts <= now:
-            log.info("emergency order %s lapsed", self.emergency.id)
+        """The emergency order and the dispatch in force at ``now`` (agent clock)."""
+        if self.emergency is not None and self.emergency.until_ts <= now:
+            log.info("emergency order %s lapsed", self.emergency.command.id)
             self.emergency = None
-        if self.dispatch is not None and self.dispatch.expires_ts <= now:
-            log.info("dispatch %s lapsed: back to the layer below", self.dispatch.id)
+        if self.dispatch is not None and self.dispatch.until_ts <= now:
+            log.info("dispatch %s lapsed: back to the layer below", self.dispatch.command.id)
             self.dispatch = None
-        return self.emergency, self.dispatch
+        return (
+            None if self.emergency is None else self.emergency.command,
+            None if self.dispatch is None else self.dispatch.command,
+        )
 
     def decide(self, now: float) -> tuple[float | None, str]:
         """The total battery setpoint (W, + discharges) and the layer it comes from."""
@@ -491,36 +598,66 @@ class EdgeAgent:
         return applied
 
     # -- messages in -----------------------------------------------------------------------
-    def _invalid(self, topic: str, err: Exception) -> None:
-        self.stats.invalid_messages[topic] = self.stats.invalid_messages.get(topic, 0) + 1
-        if topic not in self._logged_invalid:
-            self._logged_invalid.add(topic)
+    def _reject(self, kind: str, topic: str, err: BaseException) -> str:
+        """Count a refused inbound message by kind and reason; log once per topic and reason."""
+        reason = rejection_reason(err)
+        by_reason = self.stats.rejected.setdefault(kind, {})
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+        key = topic[:200]
+        self.stats.invalid_messages[key] = self.stats.invalid_messages.get(key, 0) + 1
+        if (key, reason) not in self._logged_invalid and len(self._logged_invalid) < 1000:
+            self._logged_invalid.add((key, reason))
             log.warning(
-                "invalid message on %s (further ones counted, not logged): %s",
-                topic,
-                str(err).splitlines()[0],
+                "refused a message on %s (%s; further ones counted, not logged): %s",
+                key,
+                reason,
+                _first_line(err),
             )
+        return reason
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        """Every inbound message: applied, or refused and counted. Never raises."""
         try:
             parsed = topics.parse_topic(topic)
-        except ValueError as err:
-            self._invalid(topic, err)
+            kind = parsed.kind
+        except Exception as err:
+            self._reject("unknown", topic, Unwanted("unknown_topic", _first_line(err)))
+            return
+        if kind == "dispatch":
+            await self._on_dispatch(topic, payload)
             return
         try:
-            if parsed.kind == "dispatch":
-                await self._on_dispatch(topic, payload)
-            elif parsed.kind == "award":
-                award = Award.model_validate_json(payload)
-                self.awards[award.interval] = award
-                while len(self.awards) > 8:
-                    self.awards.popitem(last=False)
-            elif parsed.kind == "forecast":
-                self.forecast = Forecast.model_validate_json(payload)
-            elif parsed.kind == "grid/state":
-                self.grid_mode = GridState.model_validate_json(payload).mode
-        except ValidationError as err:
-            self._invalid(topic, err)
+            self._apply(parsed, payload)
+        except Exception as err:
+            self._reject(kind, topic, err)
+
+    def _apply(self, parsed: topics.ParsedTopic, payload: bytes) -> None:
+        """Validate and keep an award, forecast, clearing or grid state; raises when refused."""
+        kind = parsed.kind
+        if parsed.site is not None and parsed.site != self.site:
+            raise Unwanted("other_site", f"a message for site {parsed.site!r}")
+        if len(payload) > MAX_INBOUND_BYTES:
+            raise PayloadTooLarge(f"payload of {len(payload)} bytes")
+        if kind == "award":
+            award = Award.model_validate_json(payload)
+            current = int(self.clock.now() // self.config.market.interval_s)
+            if abs(award.interval - current) > AWARD_WINDOW_INTERVALS:
+                raise Unwanted(
+                    "stale" if award.interval < current else "future",
+                    f"an award for interval {award.interval}, {award.interval - current} "
+                    "from the current one",
+                )
+            self.awards[award.interval] = award
+            while len(self.awards) > 8:
+                self.awards.popitem(last=False)
+        elif kind == "forecast":
+            self.forecast = Forecast.model_validate_json(payload)
+        elif kind == "grid/state":
+            self.grid_mode = GridState.model_validate_json(payload).mode
+        elif kind == "market/clearing":
+            Clearing.model_validate_json(payload)  # not used by the agent: validated only
+        else:
+            raise Unwanted("unexpected_topic", f"the agent does not read {kind} messages")
 
     async def _ack(
         self,
@@ -530,64 +667,116 @@ class EdgeAgent:
         applied: float | None = None,
         load_limit: float | None = None,
     ) -> None:
+        """Acknowledge a dispatch (counted by outcome); never raises."""
         self.stats.acks[outcome] = self.stats.acks.get(outcome, 0) + 1
-        ack = DispatchAck(
-            ts=self.clock.now(),
-            command_id=command_id[:64] or "unknown",
-            outcome=outcome,
-            applied_battery_power_w=applied,
-            applied_load_limit_w=load_limit,
-            detail=detail[:300],
-        )
         try:
+            ack = DispatchAck(
+                ts=self.clock.now(),
+                command_id=command_id[:64] or "unknown",
+                outcome=outcome,
+                applied_battery_power_w=applied,
+                applied_load_limit_w=load_limit,
+                detail=detail[:300],
+            )
             await self.bus.publish(
                 topics.site_topic(self.site, "dispatch/ack"), ack.model_dump_json()
             )
         except BusUnavailable:
-            log.warning("could not acknowledge dispatch %s: broker unavailable", command_id)
+            if not self._ack_unsent_logged:  # once per outage
+                self._ack_unsent_logged = True
+                log.warning("could not acknowledge dispatch %s: broker unavailable", command_id)
+            return
+        except Exception:
+            log.exception("could not acknowledge dispatch %s", command_id)
+            return
+        self._ack_unsent_logged = False
 
     async def _on_dispatch(self, topic: str, payload: bytes) -> None:
+        """A dispatch: applied and acknowledged, or acknowledged ``invalid``. Never raises."""
         try:
-            cmd = Dispatch.model_validate_json(payload)
-        except ValidationError as err:
-            self._invalid(topic, err)
-            command_id = ""
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                command_id = str(json.loads(payload).get("id", ""))
-            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-            await self._ack(command_id, "invalid", detail)
-            return
-        if cmd.id in self._seen_commands:
-            await self._ack(cmd.id, "duplicate", "this command id was already handled")
-            return
-        self._seen_commands[cmd.id] = None
+            await self._dispatch(topic, payload)
+        except Exception as err:
+            reason = self._reject("dispatch", topic, err)
+            detail = _first_line(err)
+            if isinstance(err, ValidationError):
+                detail = "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:5]
+                )
+            await self._ack(command_id_of(payload), "invalid", f"{reason}: {detail}")
+
+    def order_window(self, cmd: Dispatch, received_ts: float) -> OrderWindow:
+        """Judge a dispatch's times on the agent's clock with the site's ``[dispatch]`` rules.
+
+        Skew and age are real seconds, scaled by the clock's speed (edge.config).
+        """
+        trust = self.config.dispatch
+        return order_window(
+            cmd.ts,
+            cmd.expires_ts,
+            received_ts,
+            max_skew_s=trust.max_clock_skew_s * self.speed,
+            max_age_s=trust.max_age_s * self.speed,
+            max_duration_s=trust.max_emergency_duration_s
+            if cmd.priority == "emergency"
+            else trust.max_duration_s,
+        )
+
+    def _first_sight(self, command_id: str) -> bool:
+        """Remember a command id (the last 10,000); False if it was seen before."""
+        if command_id in self._seen_commands:
+            return False
+        self._seen_commands[command_id] = None
         while len(self._seen_commands) > 10_000:
             self._seen_commands.popitem(last=False)
+        return True
+
+    async def _dispatch(self, topic: str, payload: bytes) -> None:
+        if len(payload) > MAX_INBOUND_BYTES:
+            raise PayloadTooLarge(f"payload of {len(payload)} bytes")
+        cmd = Dispatch.model_validate_json(payload)
+        if not self._first_sight(cmd.id):
+            await self._ack(cmd.id, "duplicate", "this command id was already handled")
+            return
         now = self.clock.now()
-        if cmd.expires_ts <= now:
-            await self._ack(cmd.id, "expired", f"expired {now - cmd.expires_ts:.0f} s ago")
+        window = self.order_window(cmd, now)
+        if window.verdict == "expired":
+            await self._ack(cmd.id, "expired", window.detail)
+            return
+        if window.verdict != "ok":
+            self._reject("dispatch", topic, Unwanted(window.verdict, window.detail))
+            await self._ack(cmd.id, "refused", window.detail)
             return
         batteries = self._batteries()
         if cmd.battery_power_w is not None and not batteries:
             await self._ack(cmd.id, "refused", "no battery is available at this site")
             return
-        outcome: AckOutcome = "accepted"
-        detail = ""
+        details = [window.detail] if window.shortened else []
         if cmd.battery_power_w is not None:
             max_dis = sum(r.rated_discharge_w or 0.0 for _, _, r in batteries)
             max_cha = sum(r.rated_charge_w or 0.0 for _, _, r in batteries)
             wanted = cmd.battery_power_w
             clamped = float(np.clip(wanted, -max_cha, max_dis))
             if clamped != wanted:
-                outcome = "clamped"
-                detail = f"{wanted:.0f} W is beyond the rated {-max_cha:.0f}..{max_dis:.0f} W"
+                details.append(
+                    f"{wanted:.0f} W is beyond the rated {-max_cha:.0f}..{max_dis:.0f} W"
+                )
                 cmd = cmd.model_copy(update={"battery_power_w": clamped})
+        outcome: AckOutcome = "clamped" if details else "accepted"
+        order = Order(cmd, window.end_ts)
         if cmd.priority == "emergency":
-            self.emergency = cmd
+            self.emergency = order
         else:
-            self.dispatch = cmd
-        async with self._control_lock:
-            applied = await self._control(now)
+            self.dispatch = order
+        try:
+            async with self._control_lock:
+                applied = await self._control(now)
+        except BaseException:
+            # Never leave an order in force that was not acknowledged as such.
+            if self.emergency is order:
+                self.emergency = None
+            if self.dispatch is order:
+                self.dispatch = None
+            raise
         if self.controller not in (cmd.priority, "safety"):
             await self._ack(
                 cmd.id, "refused", f"overridden by the {self.controller} layer", applied
@@ -595,22 +784,24 @@ class EdgeAgent:
             return
         if self.controller == "safety":
             outcome = "clamped"
-            detail = (detail + "; " if detail else "") + "limited by site safety limits"
+            details.append("limited by site safety limits")
         if (
             cmd.battery_power_w is not None
             and applied is not None
             and abs(applied - cmd.battery_power_w) > max(50.0, 0.01 * abs(cmd.battery_power_w))
         ):
             outcome = "clamped"
-            detail = (detail + "; " if detail else "") + "limited by state of charge"
-        await self._ack(cmd.id, outcome, detail, applied, cmd.load_limit_w)
+            details.append("limited by state of charge")
+        await self._ack(cmd.id, outcome, "; ".join(details), applied, cmd.load_limit_w)
 
     # -- the outbox ------------------------------------------------------------------------
     async def _replay_loop(self) -> None:
-        """Publish the spool in order; remove what the broker acknowledged."""
+        """Publish the spool in order and remove what the broker acknowledged; while the
+        spool is unusable, publish what the outbox queued in memory instead."""
+        live = self.outbox.live
         while not self._stop.is_set():
-            batch = self.spool.peek(200)
-            if not batch:
+            batch = self.outbox.peek(200)
+            if not batch and not live:
                 self._outbox.clear()
                 await self._outbox.wait()
                 continue
@@ -618,12 +809,47 @@ class EdgeAgent:
                 with contextlib.suppress(TimeoutError):
                     await self.bus.wait_connected(1.0)
                 continue
+            if batch:
+                try:
+                    await self.bus.publish_many((m.topic, m.payload) for m in batch)
+                except BusUnavailable:
+                    continue  # not removed: published again (receivers are idempotent on id)
+                self.outbox.ack(batch[-1].seq)
+                self.stats.telemetry_published += len(batch)
+                continue
+            direct = list(itertools.islice(live, 200))
             try:
-                await self.bus.publish_many((m.topic, m.payload) for m in batch)
+                await self.bus.publish_many(direct)
             except BusUnavailable:
-                continue  # not removed: published again (receivers are idempotent on id)
-            self.spool.ack(batch[-1].seq)
-            self.stats.telemetry_published += len(batch)
+                continue
+            for _ in direct:
+                live.popleft()
+            self.stats.telemetry_published += len(direct)
+
+    # -- the retained status ---------------------------------------------------------------
+    async def _status_loop(self) -> None:
+        """Republish the retained status when the counters change, at most every
+        ``site.status_interval_s`` wall seconds; a reconnect publishes the latest one."""
+        loop = asyncio.get_running_loop()
+        every_s = self.config.site.status_interval_s
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(1.0, every_s))
+            if self._stop.is_set() or not self.bus.connected:
+                continue
+            counters = self.counters()
+            if counters == self._status_sent or loop.time() - self._status_sent_wall < every_s:
+                continue
+            payload = self._status(online=True, counters=counters)
+            presence = self.bus.presence
+            if presence is not None:
+                self.bus.presence = Presence(presence.topic, payload, presence.offline_payload)
+            try:
+                await self.bus.publish(presence.topic if presence else "", payload, retain=True)
+            except BusUnavailable:
+                continue
+            self._status_sent, self._status_sent_wall = counters, loop.time()
+            self.stats.status_published += 1
 
     # -- bidding ---------------------------------------------------------------------------
     def _expected_net_kwh(self, start_ts: float, interval_s: float) -> float:

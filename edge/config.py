@@ -1,4 +1,5 @@
-"""The edge agent's site file (TOML): site, broker, devices, limits, fallback and market.
+"""The edge agent's site file (TOML): site, broker, devices, limits, fallback, market, spool
+and how far dispatch orders are trusted.
 
 Every mistake is reported with the file and the field (``site.toml: devices[1].unit: ...``).
 Secrets do not belong in the file: the broker password comes from ``password_env`` (an
@@ -31,6 +32,13 @@ class SiteSection(_Strict):
     role: Literal["producer", "consumer", "prosumer"] = "prosumer"
     poll_interval_s: float = Field(
         default=1.0, gt=0, le=3600, description="one poll cycle and telemetry message per this"
+    )
+    status_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="changed counters are republished in the retained status at most this "
+        "often (wall seconds)",
     )
 
 
@@ -101,6 +109,47 @@ class SpoolSection(_Strict):
 
     path: Path = Path("spool.sqlite")
     max_messages: int = Field(default=100_000, ge=10)
+    retry_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="an unusable spool (disk full, read-only, corrupt) is retried after a "
+        "growing delay up to this many wall seconds",
+    )
+
+
+class DispatchSection(_Strict):
+    """How far the edge trusts a dispatch's own times; it judges them on its own clock.
+
+    The skew and age are real seconds (clock disagreement and delivery delay are physical);
+    on a simulated clock they count ``speed`` times as many simulated seconds. The durations
+    are on the agent's clock (simulated seconds in a simulation).
+    """
+
+    max_clock_skew_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="a dispatch stamped further ahead of the agent's clock is refused",
+    )
+    max_age_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="a dispatch stamped longer ago than this (held up on the way) is refused",
+    )
+    max_duration_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=86400,
+        description="a dispatch ends at the latest this long after it was received",
+    )
+    max_emergency_duration_s: float = Field(
+        default=7200.0,
+        gt=0,
+        le=86400,
+        description="an emergency order ends at the latest this long after it was received",
+    )
 
 
 class EdgeConfig(_Strict):
@@ -113,6 +162,7 @@ class EdgeConfig(_Strict):
     fallback: FallbackSection = FallbackSection()
     market: MarketSection = MarketSection()
     spool: SpoolSection = SpoolSection()
+    dispatch: DispatchSection = DispatchSection()
     clock: ClockSettings | None = None
     dispatch_revert_s: int = Field(
         default=30, ge=2, le=3600, description="battery reverts to idle if not renewed"

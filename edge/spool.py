@@ -320,11 +320,11 @@ class Spool:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")  # may fail too (disk full): then nothing is kept
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _check(self, topic: str, payload: bytes, ts: float) -> int:
         """Validate one message; returns its size in bytes."""

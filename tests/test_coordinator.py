@@ -371,6 +371,9 @@ async def test_wattmesh_dispatch_sends_an_operator_order_and_prints_the_ack(
         config = site_config(house, broker_files, tmp_path / "spool.sqlite")
         async with EdgeAgent(config, house.clock, password=broker_files.credentials["house-1"]):
             await asyncio.sleep(1.0)
+            # The agent runs on simulated time: the order must be stamped on the same clock.
+            clock_file = tmp_path / "clock.json"
+            clock_file.write_text(json.dumps(house.clock.to_json()))
             env = {
                 **os.environ,
                 "PYTHONPATH": str(ROOT),
@@ -390,6 +393,8 @@ async def test_wattmesh_dispatch_sends_an_operator_order_and_prints_the_ack(
                 str(broker_files.port),
                 "--password-env",
                 "OP_PASSWORD",
+                "--clock-file",
+                str(clock_file),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,

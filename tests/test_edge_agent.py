@@ -306,7 +306,7 @@ async def test_a_broker_outage_loses_no_telemetry(
             outage_start = house.clock.now()
             await asyncio.sleep(3.0)  # 30 simulated seconds without a broker
             outage_end = house.clock.now()
-            spooled_during = len(agent.spool)
+            spooled_during = len(agent.outbox)
             await mosquitto.start()
             produced = agent.stats.telemetry_spooled
             await obs.wait_for(

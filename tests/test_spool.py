@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import signal
@@ -470,3 +471,71 @@ class SpoolModel(RuleBasedStateMachine):
 
 TestSpoolModel = SpoolModel.TestCase
 TestSpoolModel.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+# -- the outbox: the spool fails, the agent does not -----------------------------------------
+
+
+class _Wall:
+    """A wall clock the test moves (s)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_the_outbox_sends_direct_or_drops_while_the_spool_fails_and_reopens_a_corrupt_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge.outbox import Outbox
+
+    path = tmp_path / "spool.sqlite"
+    wall = _Wall()
+    outbox = Outbox(path, 1000, retry_max_s=8.0, wall=wall)
+    assert outbox.put(TOPIC, b"a", T0, connected=False) == "spooled"
+    # The file is damaged under the running agent.
+    assert outbox.spool is not None
+    outbox.spool.close()
+    path.write_bytes(b"this is not an SQLite database at all" * 200)
+    with caplog.at_level(logging.WARNING, logger="edge.outbox"):
+        assert outbox.put(TOPIC, b"b", T0 + 1, connected=True) == "direct"
+        assert outbox.state == "degraded"
+        assert outbox.put(TOPIC, b"c", T0 + 2, connected=False) == "dropped"
+        assert outbox.put(TOPIC, b"d", T0 + 3, connected=False) == "dropped"
+        assert outbox.peek(10) == []  # nothing is read from a degraded spool
+        wall.t += 8.0  # past the first retry (at most retry_max_s)
+        assert outbox.put(TOPIC, b"e", T0 + 4, connected=False) == "spooled"
+    assert outbox.state == "ok"
+    assert list(outbox.live) == [(TOPIC, b"b")]
+    assert (outbox.direct, outbox.dropped) == (1, 2)
+    assert [m.payload for m in outbox.peek(10)] == [b"e"]  # a fresh spool
+    assert list(tmp_path.glob("spool.sqlite.corrupt-*"))  # the damaged file was kept aside
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("running degraded" in m for m in logged) == 1
+    assert sum("dropping telemetry" in m for m in logged) == 1
+    assert sum("works again; 2 telemetry" in m for m in logged) == 1
+    outbox.close()
+
+
+def test_the_outbox_backs_off_between_attempts_on_an_unusable_spool(tmp_path: Path) -> None:
+    from edge.outbox import Outbox
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    wall = _Wall()
+    outbox = Outbox(blocker / "spool.sqlite", 1000, retry_max_s=4.0, wall=wall)
+    assert outbox.state == "degraded"
+    attempts = []
+    for _ in range(400):  # 40 s in steps of 0.1 s: the delays grow to 4 s and stay there
+        wall.t += 0.1
+        before = outbox._retry_at
+        outbox.put(TOPIC, b"x", T0, connected=False)
+        if outbox._retry_at != before:
+            attempts.append(wall.t)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert 8 <= len(attempts) <= 25
+    assert max(gaps) <= 4.0 + 0.1 + 1e-9  # the cap, plus the 0.1 s step
+    assert gaps[-1] >= 2.0 - 1e-9  # jittered, but no less than half the cap
+    assert outbox.dropped == 400

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from broker.clock import Clock, ScaledClock, WallClock
+from broker.settings import ClockSettings
 from drivers.errors import DriverError
 from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import ModbusTransport
@@ -79,6 +79,12 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     # Messages quote patterns like [a-z0-9]: not markup. One line per problem, never wrapped.
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _clock(settings: ClockSettings | None) -> Clock:
+    """The clock a site or coordinator file (or ``dispatch --clock-file``) describes; the wall
+    clock when none. ``ValueError`` naming the clock file when it cannot be used."""
+    return settings.build() if settings is not None else WallClock()
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -293,7 +299,7 @@ def edge_run(
 
     try:
         config = load_edge_config(site_file)
-        clock: Clock = config.clock.build() if config.clock else WallClock()
+        clock = _clock(config.clock)
         password = config.broker.password()
     except ValueError as err:  # EdgeConfigError, or a clock file that cannot be used
         raise _fail(str(err)) from err
@@ -372,7 +378,14 @@ def dispatch(
     load_limit_w: Annotated[
         float | None, typer.Option("--load-limit-w", help="Cap the site's import at this many W.")
     ] = None,
-    duration: Annotated[str, typer.Option("--for", help="How long: 90s, 15m, 2h.")] = "15m",
+    duration: Annotated[
+        str,
+        typer.Option(
+            "--for",
+            help="How long: 90s, 15m, 2h, counted on the clock in use (see --clock-file). The "
+            "site ends an order at the latest after its own maximum (max_duration_s in its file).",
+        ),
+    ] = "15m",
     emergency: Annotated[
         bool,
         typer.Option(
@@ -386,13 +399,23 @@ def dispatch(
         str, typer.Option(help="Environment variable holding the password.")
     ] = "WATTMESH_OPERATOR_PASSWORD",
     wait: Annotated[
-        float, typer.Option(help="Seconds to wait for the site's acknowledgement.")
+        float, typer.Option(help="Seconds (real time) to wait for the site's acknowledgement.")
     ] = 10.0,
+    clock_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Stamp the order on the simulated clock that `wattmesh sim run --clock-file` "
+            "writes and the agents follow (clock.file in their site files); without "
+            "it, wall time. A site refuses an order stamped far from its own clock.",
+        ),
+    ] = None,
 ) -> None:
     """Send an operator's dispatch command to a site and print its acknowledgement.
 
-    The command expires after --for; the site returns to its market commitment or its local
-    controller by itself then. Exit code 0 when accepted or clamped, 1 otherwise.
+    The command is stamped now and expires after --for, both on the clock in use: the wall
+    clock, or the simulated clock of --clock-file. The site judges it on its own clock, ends it
+    at the latest after its maximum duration, and returns to its market commitment or its
+    local controller by itself then. Exit code 0 when accepted or clamped, 1 otherwise.
     """
     import json as json_module  # noqa: PLC0415
 
@@ -407,7 +430,11 @@ def dispatch(
     except ValueError as err:
         raise _fail(str(err)) from err
     seconds = _duration_s(duration)
-    now = time.time()
+    try:
+        clock = _clock(ClockSettings(file=clock_file) if clock_file is not None else None)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    now = clock.now()
     try:
         order = Dispatch(
             ts=now,

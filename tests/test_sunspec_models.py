@@ -80,9 +80,9 @@ def test_not_implemented_sentinels_decode_as_missing_not_zero() -> None:
     assert values == {"W": None, "St": None, "A": None, "WH": None}
 
 
-def test_a_missing_scale_factor_makes_the_value_missing() -> None:
+def test_a_scale_factor_that_is_not_implemented_leaves_the_raw_value_as_pysunspec2() -> None:
     words = _words_with(103, W=1000, W_SF=0x8000)
-    assert decode_model(model_def(103), words, ["W"])["W"] is None
+    assert decode_model(model_def(103), words, ["W"])["W"] == 1000
 
 
 def test_float_models_read_nan_as_missing() -> None:

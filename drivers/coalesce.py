@@ -184,12 +184,34 @@ def _blocks_for(
     ]
 
 
+def _merge_adjacent(
+    plan: list[tuple[ReadBlock, tuple[Span, ...]]],
+) -> list[tuple[ReadBlock, tuple[Span, ...]]]:
+    """Join blocks that were each read whole and touch: their union is known to be readable."""
+    merged: list[tuple[ReadBlock, tuple[Span, ...]]] = []
+    for block, spans in sorted(plan, key=lambda bs: (bs[0].table, bs[0].address)):
+        if merged:
+            last, carried = merged[-1]
+            end = max(last.end, block.end)
+            if (
+                last.table == block.table
+                and block.address <= last.end
+                and end - last.address <= MAX_READ_REGISTERS
+            ):
+                union = ReadBlock(last.table, last.address, end - last.address)
+                merged[-1] = (union, carried + tuple(s for s in spans if s not in carried))
+                continue
+        merged.append((block, spans))
+    return merged
+
+
 class SpanReader:
     """Reads a fixed set of spans every poll with the fewest requests, surviving refusals.
 
     The first plan merges spans across gaps (within ``readable``). When a read is refused
     (an exception in :data:`REFUSAL_CODES`), its spans are read again split by the first
-    level of their paths (per model), then the next (per group), then one span at a time.
+    level of their paths (per model), then the next (per group), then point by point (in
+    halves, so that the points around a refused register are still read together).
     A span refused on its own is remembered with the reason and skipped by later polls,
     and the plan that worked replaces the refused one, so a refusal costs extra requests
     only once.
@@ -230,7 +252,7 @@ class SpanReader:
             image.add(block.table, block.address, words)
             plan.append((block, spans))
         if changed:
-            self._plan = plan
+            self._plan = _merge_adjacent(plan)
         return image
 
     async def _split(
@@ -250,11 +272,15 @@ class SpanReader:
             return []
         deepest = max(len(s.path) for s in spans)
         parts: dict[tuple[int, ...], list[Span]] = {}
-        for i, s in enumerate(spans):
-            key = s.path[: level + 1] if level < deepest else (i,)
-            parts.setdefault(key, []).append(s)
-        if len(parts) == 1 and level < deepest:
-            return await self._split(transport, unit, spans, level + 1, image, err)
+        if level < deepest:
+            for s in spans:
+                parts.setdefault(s.path[: level + 1], []).append(s)
+            if len(parts) == 1:
+                return await self._split(transport, unit, spans, level + 1, image, err)
+        else:  # point by point, by halves: a refused register costs O(log n) extra reads
+            ordered = sorted(spans, key=lambda s: (s.table, s.address))
+            half = len(ordered) // 2
+            parts = {(0,): ordered[:half], (1,): ordered[half:]}
         worked: list[tuple[ReadBlock, tuple[Span, ...]]] = []
         for part in parts.values():
             for block, carried in _blocks_for(part, self.readable):

@@ -13,6 +13,10 @@ class DeviceUnavailable(DriverError):
     """The device did not answer (no connection, timeout, garbled frame) after all retries."""
 
 
+class GatewayUnavailable(DeviceUnavailable):
+    """A Modbus gateway kept answering that it could not reach the device (exception 10, 11)."""
+
+
 class ModbusException(DriverError):
     """The device answered with a Modbus exception response."""
 

@@ -25,7 +25,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException as PymodbusError
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 
-from drivers.errors import DeviceUnavailable, DriverError, ModbusException
+from drivers.errors import DeviceUnavailable, DriverError, GatewayUnavailable, ModbusException
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class ModbusTransport:
                 last.code, function_code, address, count, f"still busy after {attempts}"
             ) from last
         if isinstance(last, ModbusException):
-            raise DeviceUnavailable(
+            raise GatewayUnavailable(
                 f"{self.endpoint} unit {unit}: {what} {address}+{count}: the gateway could not "
                 f"reach the device after {attempts} ({last})"
             ) from last

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from drivers.coalesce import Image, ReadBlock, Span, SpanReader
-from drivers.errors import DeviceUnavailable, ModbusException, SunSpecError
+from drivers.errors import DeviceUnavailable, GatewayUnavailable, ModbusException, SunSpecError
 from drivers.sunspec.models import (
     BASE_ADDRESSES,
     END_MODEL_ID,
@@ -86,6 +86,8 @@ async def discover(transport: ModbusTransport, unit: int) -> SunSpecMap:
         except ModbusException as err:
             tried.append(f"{base}: exception {err.code}")
             continue
+        except GatewayUnavailable:
+            raise
         except DeviceUnavailable as err:
             tried.append(f"{base}: no answer")
             unavailable.append(err)

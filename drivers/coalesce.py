@@ -116,8 +116,11 @@ class Image(Mapping[tuple[str, int], int]):
 
     def region(self, table: str, address: int, count: int) -> list[int | None]:
         """``count`` words from ``address``, None for each register no block read."""
-        out: list[int | None] = [None] * count
         end = address + count
+        for t, start, words in self._blocks:  # the common case: one block holds it all
+            if t == table and start <= address and end <= start + len(words):
+                return list[int | None](words[address - start : end - start])
+        out: list[int | None] = [None] * count
         for t, start, words in self._blocks:
             stop = start + len(words)
             if t != table or stop <= address or start >= end:

@@ -473,9 +473,8 @@ def decode_points(
     out: dict[str, Value] = {}
     missing: dict[str, str] = {}
     for placed in points:
-        p = placed.point
         try:
-            raw = _raw(p, words)
+            raw = _raw(placed.point, words)
         except _NotRead:
             out[placed.name] = None
             missing[placed.name] = "not read: the device refused its registers"

@@ -146,6 +146,16 @@ class _Wanted:
     inst: ModelInstance
     layout: ModelLayout | None
     points: tuple[PlacedPoint, ...]
+    first: int = 0  # offset of the first register the points (and their SFs) use
+    end: int = 0  # one past the last
+
+
+def _extent(points: Sequence[PlacedPoint]) -> tuple[int, int]:
+    """(first, end) offsets of the registers ``points`` and their scale factors occupy."""
+    used = [p.point for p in points] + [p.sf.point for p in points if isinstance(p.sf, PlacedPoint)]
+    if not used:
+        return 0, 0
+    return min(p.offset for p in used), max(p.offset + p.size for p in used)
 
 
 class SunSpecReader:
@@ -188,7 +198,7 @@ class SunSpecReader:
                 points = layout.data_points
             else:
                 points = tuple(layout.get(n) for n in names)
-            self._wanted.append(_Wanted(inst, layout, points))
+            self._wanted.append(_Wanted(inst, layout, points, *_extent(points)))
         readable = {
             "holding": [
                 (sunspec_map.base_address, sunspec_map.end_address - sunspec_map.base_address)
@@ -223,7 +233,9 @@ class SunSpecReader:
         out: dict[ModelInstance, dict[str, Value]] = {}
         self.missing = {}
         for w in self._wanted:
-            words = image.region("holding", w.inst.address, w.inst.length + 2)
+            words = image.region("holding", w.inst.address + w.first, w.end - w.first)
+            if w.first:
+                words = [*([None] * w.first), *words]
             values, missing = decode_points(w.points, words)
             if w.layout is not None:
                 for name in w.layout.beyond:

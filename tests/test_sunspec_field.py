@@ -3,8 +3,10 @@
 Devices are built with pysunspec2's own model code (``sunspec2.device.Model``) from the
 SunSpec Alliance's definitions, served by pymodbus over TCP on loopback, and misbehave as
 real devices do: refused registers inside models, busy answers, gateway exceptions, silence
-at 40000. One device carries pysunspec2's own IEEE 1547 test device file
-(``sunspec2/tests/test_data/device_1547.json``, shipped with pysunspec2 1.3.7).
+at 40000. Two devices carry pysunspec2's own test device files (an IEEE 1547 DER with models
+701-713, and an inverter with model 129's curves: ``sunspec2/tests/test_data/device_1547.json``
+and ``inverter_123.json``, shipped with pysunspec2 1.3.7). No public register dumps of real
+devices were available here.
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ async def test_scan_finds_the_models_and_values_pysunspec2_finds() -> None:
     assert not ours.missing
 
 
-async def test_pysunspec2s_own_ieee_1547_test_device_scans_the_same() -> None:
-    text = (resources.files("sunspec2") / "tests" / "test_data" / "device_1547.json").read_text()
+@pytest.mark.parametrize("device_file", ["device_1547.json", "inverter_123.json"])
+async def test_pysunspec2s_own_test_devices_scan_the_same(device_file: str) -> None:
+    text = (resources.files("sunspec2") / "tests" / "test_data" / device_file).read_text()
     models = [
         FieldModel(m["ID"], {k: v for k, v in m.items() if k not in ("ID", "L")})
         for m in json.loads(text)["models"]
@@ -188,9 +191,17 @@ async def test_a_refused_wanted_point_is_missing_with_its_reason_not_a_failed_po
             inverter = await Inverter.connect(transport, 1)
             reading = await inverter.read()
     assert reading.frequency_hz is None and reading.ac_power_w is not None
-    missing = inverter._reader.missing
-    assert [list(v) for v in missing.values()] == [["Hz"]]
-    assert "refused" in next(iter(missing.values()))["Hz"]
+    assert inverter.missing == {"103.Hz": "not read: the device refused its registers"}
+
+
+async def test_points_beyond_a_short_model_are_missing_not_misread() -> None:
+    models = [FieldModel(1, sample_data(1)), FieldModel(103, sample_data(103), drop_last=14)]
+    async with FieldServer([FieldDevice(models)]) as server:
+        async with ModbusTransport.from_url(server.url) as transport:
+            inverter = await Inverter.connect(transport, 1)
+            reading = await inverter.read()
+    assert reading.status is None and reading.ac_power_w is not None
+    assert inverter.missing == {"103.St": "beyond the model's announced length L=36"}
 
 
 async def test_busy_answers_are_retried() -> None:

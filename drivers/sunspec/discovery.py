@@ -126,7 +126,11 @@ def model_spans(
     """
     if layout is None:
         return [Span("holding", inst.address + i, 1, (index, 0)) for i in range(2, inst.length + 2)]
-    chosen = list(layout.points[2:]) if names is None else [layout.get(n) for n in names]
+    chosen = (
+        list(layout.points[2:])
+        if names is None
+        else [layout.get(n) for n in names if n not in layout.beyond]
+    )
     wanted: dict[str, PlacedPoint] = {}
     for p in chosen:
         wanted[p.name] = p
@@ -146,6 +150,7 @@ class _Wanted:
     inst: ModelInstance
     layout: ModelLayout | None
     points: tuple[PlacedPoint, ...]
+    beyond: tuple[str, ...]  # wanted points beyond the model's announced length
     first: int = 0  # offset of the first register the points (and their SFs) use
     end: int = 0  # one past the last
 
@@ -196,9 +201,12 @@ class SunSpecReader:
                 points: tuple[PlacedPoint, ...] = ()
             elif names is None:
                 points = layout.data_points
-            else:
-                points = tuple(layout.get(n) for n in names)
-            self._wanted.append(_Wanted(inst, layout, points, *_extent(points)))
+            else:  # points beyond a short model's announced length are reported missing
+                points = tuple(layout.get(n) for n in names if n not in layout.beyond)
+            beyond = () if layout is None else layout.beyond
+            if names is not None:
+                beyond = tuple(n for n in names if n in beyond)
+            self._wanted.append(_Wanted(inst, layout, points, beyond, *_extent(points)))
         readable = {
             "holding": [
                 (sunspec_map.base_address, sunspec_map.end_address - sunspec_map.base_address)
@@ -237,14 +245,22 @@ class SunSpecReader:
             if w.first:
                 words = [*([None] * w.first), *words]
             values, missing = decode_points(w.points, words)
-            if w.layout is not None:
-                for name in w.layout.beyond:
-                    values.setdefault(name, None)
-                    missing[name] = f"beyond the model's announced length L={w.inst.length}"
+            for name in w.beyond:
+                values[name] = None
+                missing[name] = f"beyond the model's announced length L={w.inst.length}"
             out[w.inst] = values
             if missing:
                 self.missing[w.inst] = missing
         return out
+
+    @property
+    def missing_points(self) -> dict[str, str]:
+        """Points the last poll could not read: 'model.point' -> why."""
+        return {
+            f"{inst.id}.{name}": why
+            for inst, reasons in self.missing.items()
+            for name, why in reasons.items()
+        }
 
     def raw_words(self, inst: ModelInstance) -> list[int | None]:
         """The registers of a model after ID and L from the last poll (None: not read)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from drivers.errors import ModbusException
 from drivers.transport import MAX_READ_REGISTERS, ModbusTransport, Table
 
 
@@ -104,11 +105,29 @@ class Image(Mapping[tuple[str, int], int]):
         self._blocks.append((table, address, words))
 
     def words(self, table: str, address: int, count: int) -> list[int]:
-        """``count`` words from ``address``; ``KeyError`` when no block read them all."""
+        """``count`` words from ``address`` (across blocks); ``KeyError`` when any was not read."""
         for t, start, words in self._blocks:
             if t == table and start <= address and address + count <= start + len(words):
                 return words[address - start : address - start + count]
-        raise KeyError(f"registers {table}:{address}+{count} were not read")
+        region = self.region(table, address, count)
+        if any(w is None for w in region):
+            raise KeyError(f"registers {table}:{address}+{count} were not read")
+        return [w for w in region if w is not None]
+
+    def region(self, table: str, address: int, count: int) -> list[int | None]:
+        """``count`` words from ``address``, None for each register no block read."""
+        end = address + count
+        for t, start, words in self._blocks:  # the common case: one block holds it all
+            if t == table and start <= address and end <= start + len(words):
+                return list[int | None](words[address - start : end - start])
+        out: list[int | None] = [None] * count
+        for t, start, words in self._blocks:
+            stop = start + len(words)
+            if t != table or stop <= address or start >= end:
+                continue
+            lo, hi = max(start, address), min(stop, end)
+            out[lo - address : hi - address] = words[lo - start : hi - start]
+        return out
 
     def __getitem__(self, key: tuple[str, int]) -> int:
         table, address = key
@@ -124,6 +143,162 @@ class Image(Mapping[tuple[str, int], int]):
 
     def __len__(self) -> int:
         return sum(len(words) for _, _, words in self._blocks)
+
+
+#: Exception codes that mean "the device will not give these registers": a read that gets
+#: one is split into smaller reads. 2 illegal data address, 3 illegal data value (some devices
+#: answer so for a count that crosses a hole), 4 server device failure (some firmwares).
+REFUSAL_CODES = frozenset({2, 3, 4})
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Registers a poll needs: one point (or a run of raw registers).
+
+    ``path`` names the units the span belongs to, coarse to fine (for SunSpec: the model
+    instance, then the group instance); a refused read is split along it.
+    """
+
+    table: Table
+    address: int
+    count: int
+    path: tuple[int, ...] = ()
+
+    @property
+    def end(self) -> int:
+        """One past the last register."""
+        return self.address + self.count
+
+
+def _blocks_for(
+    spans: Sequence[Span],
+    readable: Mapping[str, Sequence[tuple[int, int]]] | None,
+) -> list[tuple[ReadBlock, tuple[Span, ...]]]:
+    """Plan reads for ``spans`` and say which spans each block carries."""
+    blocks = plan_reads([(s.table, s.address, s.count) for s in spans], readable=readable)
+    return [
+        (
+            b,
+            tuple(
+                s for s in spans if s.table == b.table and s.address < b.end and s.end > b.address
+            ),
+        )
+        for b in blocks
+    ]
+
+
+def _merge_adjacent(
+    plan: list[tuple[ReadBlock, tuple[Span, ...]]],
+) -> list[tuple[ReadBlock, tuple[Span, ...]]]:
+    """Join blocks that were each read whole and touch: their union is known to be readable."""
+    merged: list[tuple[ReadBlock, tuple[Span, ...]]] = []
+    for block, spans in sorted(plan, key=lambda bs: (bs[0].table, bs[0].address)):
+        if merged:
+            last, carried = merged[-1]
+            end = max(last.end, block.end)
+            if (
+                last.table == block.table
+                and block.address <= last.end
+                and end - last.address <= MAX_READ_REGISTERS
+            ):
+                union = ReadBlock(last.table, last.address, end - last.address)
+                merged[-1] = (union, carried + tuple(s for s in spans if s not in carried))
+                continue
+        merged.append((block, spans))
+    return merged
+
+
+class SpanReader:
+    """Reads a fixed set of spans every poll with the fewest requests, surviving refusals.
+
+    The first plan merges spans across gaps (within ``readable``). When a read is refused
+    (an exception in :data:`REFUSAL_CODES`), its spans are read again split by the first
+    level of their paths (per model), then the next (per group), then point by point (in
+    halves, so that the points around a refused register are still read together).
+    A span refused on its own is remembered with the reason and skipped by later polls,
+    and the plan that worked replaces the refused one, so a refusal costs extra requests
+    only once.
+    """
+
+    def __init__(
+        self,
+        spans: Sequence[Span],
+        readable: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    ) -> None:
+        self.spans = tuple(spans)
+        self.readable = readable
+        #: Spans the device refused, with the reason (they are no longer read).
+        self.refused: dict[Span, str] = {}
+        self._plan = _blocks_for(self.spans, readable)
+
+    @property
+    def blocks(self) -> list[ReadBlock]:
+        """The read requests one poll makes now."""
+        return [b for b, _ in self._plan]
+
+    async def read(self, transport: ModbusTransport, unit: int) -> Image:
+        """One poll: every span not refused. Other errors propagate."""
+        image = Image()
+        plan: list[tuple[ReadBlock, tuple[Span, ...]]] = []
+        changed = False
+        for block, spans in self._plan:
+            try:
+                words = await transport.read_registers(
+                    unit, block.address, block.count, block.table
+                )
+            except ModbusException as err:
+                if err.code not in REFUSAL_CODES:
+                    raise
+                changed = True
+                plan += await self._split(transport, unit, spans, 0, image, err)
+                continue
+            image.add(block.table, block.address, words)
+            plan.append((block, spans))
+        if changed:
+            self._plan = _merge_adjacent(plan)
+        return image
+
+    async def _split(
+        self,
+        transport: ModbusTransport,
+        unit: int,
+        spans: tuple[Span, ...],
+        level: int,
+        image: Image,
+        err: ModbusException,
+    ) -> list[tuple[ReadBlock, tuple[Span, ...]]]:
+        """Read ``spans`` in parts one level finer; returns the blocks that worked."""
+        if len(spans) == 1:
+            self.refused[spans[0]] = f"refused by the device (Modbus exception {err.code}: " + (
+                f"{ModbusException.NAMES.get(err.code, 'unknown')})"
+            )
+            return []
+        deepest = max(len(s.path) for s in spans)
+        parts: dict[tuple[int, ...], list[Span]] = {}
+        if level < deepest:
+            for s in spans:
+                parts.setdefault(s.path[: level + 1], []).append(s)
+            if len(parts) == 1:
+                return await self._split(transport, unit, spans, level + 1, image, err)
+        else:  # point by point, by halves: a refused register costs O(log n) extra reads
+            ordered = sorted(spans, key=lambda s: (s.table, s.address))
+            half = len(ordered) // 2
+            parts = {(0,): ordered[:half], (1,): ordered[half:]}
+        worked: list[tuple[ReadBlock, tuple[Span, ...]]] = []
+        for part in parts.values():
+            for block, carried in _blocks_for(part, self.readable):
+                try:
+                    words = await transport.read_registers(
+                        unit, block.address, block.count, block.table
+                    )
+                except ModbusException as sub_err:
+                    if sub_err.code not in REFUSAL_CODES:
+                        raise
+                    worked += await self._split(transport, unit, carried, level + 1, image, sub_err)
+                    continue
+                image.add(block.table, block.address, words)
+                worked.append((block, carried))
+        return worked
 
 
 async def read_blocks(transport: ModbusTransport, unit: int, blocks: Iterable[ReadBlock]) -> Image:

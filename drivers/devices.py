@@ -2,7 +2,8 @@
 
 Signs (design section 3): meter power is positive when the site imports from the grid; battery
 power is positive when discharging; PV power is positive. Missing values (a point the device
-does not implement) are ``None``, never zero.
+does not implement, or refuses to give) are ``None``, never zero; a SunSpec facade's
+``missing`` says which points the last poll could not read and why.
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ class Inverter:
             },
         )
 
+    @property
+    def missing(self) -> dict[str, str]:
+        """Points the last poll could not read ('103.Hz' -> refused, beyond the length...)."""
+        return self._reader.missing_points
+
     @classmethod
     async def connect(cls, transport: ModbusTransport, unit: int) -> Inverter:
         """Discover the device and check it is an inverter."""
@@ -231,6 +237,11 @@ class Battery:
                 802: ("WHRtg", "WChaRteMax", "WDisChaRteMax", "SoCMax", "SoCMin", "SoC", "W"),
             },
         )
+
+    @property
+    def missing(self) -> dict[str, str]:
+        """Points the last poll could not read ('103.Hz' -> refused, beyond the length...)."""
+        return self._reader.missing_points
 
     @classmethod
     async def connect(cls, transport: ModbusTransport, unit: int) -> Battery:
@@ -360,6 +371,11 @@ class SunSpecMeter:
                 )
             },
         )
+
+    @property
+    def missing(self) -> dict[str, str]:
+        """Points the last poll could not read ('103.Hz' -> refused, beyond the length...)."""
+        return self._reader.missing_points
 
     @classmethod
     async def connect(cls, transport: ModbusTransport, unit: int) -> SunSpecMeter:

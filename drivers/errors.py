@@ -13,6 +13,10 @@ class DeviceUnavailable(DriverError):
     """The device did not answer (no connection, timeout, garbled frame) after all retries."""
 
 
+class GatewayUnavailable(DeviceUnavailable):
+    """A Modbus gateway kept answering that it could not reach the device (exception 10, 11)."""
+
+
 class ModbusException(DriverError):
     """The device answered with a Modbus exception response."""
 
@@ -28,15 +32,28 @@ class ModbusException(DriverError):
         11: "gateway target device failed to respond",
     }
 
-    def __init__(self, code: int, function_code: int, address: int, count: int) -> None:
+    #: What each code tells the user to do about it.
+    HINTS: ClassVar[dict[int, str]] = {
+        2: "the device does not serve (some of) these registers",
+        6: "the device is busy: try again later",
+        10: "a gateway has no path to the device (check the gateway's routing/unit id)",
+        11: "a gateway got no answer from the device behind it (check its wiring and unit id)",
+    }
+
+    def __init__(
+        self, code: int, function_code: int, address: int, count: int, note: str = ""
+    ) -> None:
         self.code = code
         self.function_code = function_code
         self.address = address
         self.count = count
         name = self.NAMES.get(code, "unknown")
+        hint = self.HINTS.get(code)
         super().__init__(
             f"Modbus exception {code} ({name}) for function {function_code} "
             f"at address {address}, count {count}"
+            + (f": {hint}" if hint else "")
+            + (f" ({note})" if note else "")
         )
 
 

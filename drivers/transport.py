@@ -3,9 +3,12 @@
 A *bus* is a TCP endpoint or a serial line. Many unit ids share one bus, so requests on a bus
 are serialised by a lock: frames for different units never interleave on an RS-485 line.
 Each request has a timeout; failures that may be transient (timeouts, broken connections,
-garbled frames) are retried with a capped, growing backoff after reconnecting. A device's
-Modbus exception response is not retried: it becomes :class:`~drivers.errors.ModbusException`.
-Everything pymodbus raises is translated here, once.
+garbled frames) are retried with a capped, growing backoff after reconnecting. A connection
+the device closes fails the pending request at once (not at the timeout). Exception responses
+that say "try again" are retried with the same backoff: 6 (server busy) and 10, 11 (a
+gateway's path unavailable, target did not respond); a gateway that keeps failing makes the
+device unavailable. Other Modbus exception responses are not retried: they become
+:class:`~drivers.errors.ModbusException`. Everything pymodbus raises is translated here, once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException as PymodbusError
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 
-from drivers.errors import DeviceUnavailable, DriverError, ModbusException
+from drivers.errors import DeviceUnavailable, DriverError, GatewayUnavailable, ModbusException
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ MAX_READ_REGISTERS = 125
 MAX_WRITE_REGISTERS = 123
 
 _PARITIES = {"N", "E", "O"}
+
+#: Exception codes worth retrying: the device is busy, or a gateway could not reach it.
+BUSY_CODE = 6
+GATEWAY_CODES = frozenset({10, 11})
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +189,15 @@ class ModbusTransport:
             self.stats.frames_received += 1
         return data
 
+    def _closed(self, connected: bool) -> None:
+        """pymodbus reports a connection change: a closed one fails the pending request now."""
+        client = self._client
+        if connected or client is None:
+            return
+        future = getattr(client.ctx, "response_future", None)
+        if isinstance(future, asyncio.Future) and not future.done():
+            future.set_exception(ConnectionResetError("the device closed the connection"))
+
     def _new_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
         ep = self.endpoint
         if ep.scheme == "tcp":
@@ -192,6 +208,7 @@ class ModbusTransport:
                 retries=0,
                 reconnect_delay=0,
                 trace_packet=self._trace,
+                trace_connect=self._closed,
             )
         return AsyncModbusSerialClient(
             ep.device,
@@ -203,6 +220,7 @@ class ModbusTransport:
             retries=0,
             reconnect_delay=0,
             trace_packet=self._trace,
+            trace_connect=self._closed,
         )
 
     async def _ensure_connected(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
@@ -252,12 +270,22 @@ class ModbusTransport:
                 except (TimeoutError, OSError, PymodbusError) as err:
                     # A late answer could be mistaken for the next one's: start afresh.
                     last = err
+                    if "No response received" in str(err):
+                        last = DriverError(
+                            f"no answer within {self.timeout_s} s (a slow device or gateway "
+                            "may need a longer timeout: wattmesh scan --timeout)"
+                        )
                     self.stats.failures += 1
                     self.close()
                     continue
                 if isinstance(response, ExceptionResponse) or response.isError():
                     code = int(getattr(response, "exception_code", 0))
-                    raise ModbusException(code, function_code, address, count)
+                    error = ModbusException(code, function_code, address, count)
+                    if code == BUSY_CODE or code in GATEWAY_CODES:
+                        last = error
+                        self.stats.failures += 1
+                        continue
+                    raise error
                 if values is not None:
                     self.stats.registers_written += len(values)
                     return []
@@ -269,9 +297,18 @@ class ModbusTransport:
                     continue
                 self.stats.registers_read += count
                 return registers
+        attempts = f"{self.retries + 1} attempt(s)"
+        if isinstance(last, ModbusException) and last.code == BUSY_CODE:
+            raise ModbusException(
+                last.code, function_code, address, count, f"still busy after {attempts}"
+            ) from last
+        if isinstance(last, ModbusException):
+            raise GatewayUnavailable(
+                f"{self.endpoint} unit {unit}: {what} {address}+{count}: the gateway could not "
+                f"reach the device after {attempts} ({last})"
+            ) from last
         raise DeviceUnavailable(
-            f"{self.endpoint} unit {unit}: {what} {address}+{count} failed after "
-            f"{self.retries + 1} attempt(s): {last}"
+            f"{self.endpoint} unit {unit}: {what} {address}+{count} failed after {attempts}: {last}"
         ) from last
 
     @staticmethod

@@ -22,7 +22,7 @@ from drivers.regmap import RegisterMap, encode_point, load_builtin_map
 from drivers.sunspec.models import Value
 from simulators import physics
 from simulators.clock import Clock
-from simulators.sunspec_image import ModelSpec, SunSpecImage, fitting_sf
+from simulators.sunspec_image import ModelSpec, SunSpecImage, accumulator_sf, fitting_sf
 
 NOMINAL_VOLTAGE_V = 230.0
 NOMINAL_FREQUENCY_HZ = 50.0
@@ -265,6 +265,7 @@ class PvInverterSim(SunSpecDevice):
         rated_ac_w: float,
         rated_dc_w: float | None = None,
         seed: int = 0,
+        lifetime_energy_wh: float | None = None,
     ) -> None:
         if not rated_ac_w > 0:
             raise ValueError(f"{name}: rated_ac_w must be positive")
@@ -272,7 +273,11 @@ class PvInverterSim(SunSpecDevice):
         self.rated_dc_w = float(rated_dc_w or rated_ac_w * 1.15)
         self.seed = seed
         self.ac_power_w = 0.0
-        self.energy_wh = 0.0
+        # A SunSpec accumulator of 0 reads as "not implemented": an inverter in the field has
+        # a lifetime yield; by default about two years' worth (1250 full-load hours a year).
+        self.energy_wh = float(
+            lifetime_energy_wh if lifetime_energy_wh is not None else 2500.0 * self.rated_ac_w
+        )
         self.limit_set_ts: float | None = None
         w_sf = fitting_sf(self.rated_ac_w * 1.2)
         super().__init__(
@@ -285,7 +290,7 @@ class PvInverterSim(SunSpecDevice):
                     103,
                     {
                         "W": 0,
-                        "WH": None,
+                        "WH": self.energy_wh,
                         "St": 2,
                         "Hz": NOMINAL_FREQUENCY_HZ,
                         "PhVphA": NOMINAL_VOLTAGE_V,
@@ -305,7 +310,7 @@ class PvInverterSim(SunSpecDevice):
                         "V_SF": -1,
                         "W_SF": w_sf,
                         "Hz_SF": -2,
-                        "WH_SF": 0,
+                        "WH_SF": accumulator_sf(self.energy_wh),
                         "DCW_SF": w_sf,
                         "Tmp_SF": -1,
                     },
@@ -604,7 +609,15 @@ class BatterySim(SunSpecDevice):
         self.image.set_many(124, {"ChaState": self.soc_pct, "ChaSt": status})
         self.image.set_many(
             802,
-            {"SoC": self.soc_pct, "W": self.power_w, "ChaSt": status, "A": self.power_w / 400.0},
+            {
+                "SoC": self.soc_pct,
+                "W": self.power_w,
+                "ChaSt": status,
+                "A": self.power_w / 400.0,
+                # Running once it steps: CONNECTED, inverter STARTED (INITIALIZING until then).
+                "State": 3,
+                "SetInvState": 3,
+            },
         )
 
     def check_write(self, model_id: int, names: set[str]) -> ExcCodes | None:
@@ -665,8 +678,24 @@ class SunSpecMeterSim(_MeterPhysics, SunSpecDevice):
 
     kind = "sunspec_meter"
 
-    def __init__(self, name: str, unit_id: int, site: SimSite, max_power_w: float = 100e3) -> None:
+    def __init__(
+        self,
+        name: str,
+        unit_id: int,
+        site: SimSite,
+        max_power_w: float = 100e3,
+        lifetime_import_wh: float | None = None,
+        lifetime_export_wh: float | None = None,
+    ) -> None:
         w_sf = fitting_sf(max_power_w * 1.5)
+        # Accumulators of 0 read as "not implemented": a meter in the field has counted for a
+        # while (by default 400 h of import and 100 h of export at a fifth of full scale).
+        self.import_energy_wh = float(
+            lifetime_import_wh if lifetime_import_wh is not None else 80.0 * max_power_w
+        )
+        self.export_energy_wh = float(
+            lifetime_export_wh if lifetime_export_wh is not None else 20.0 * max_power_w
+        )
         SunSpecDevice.__init__(
             self,
             name,
@@ -694,8 +723,8 @@ class SunSpecMeterSim(_MeterPhysics, SunSpecDevice):
                         "WphA": 0,
                         "WphB": 0,
                         "WphC": 0,
-                        "TotWhExp": None,
-                        "TotWhImp": None,
+                        "TotWhExp": self.export_energy_wh,
+                        "TotWhImp": self.import_energy_wh,
                         "Evt": 0,
                     },
                     {
@@ -703,7 +732,9 @@ class SunSpecMeterSim(_MeterPhysics, SunSpecDevice):
                         "V_SF": -1,
                         "Hz_SF": -2,
                         "W_SF": w_sf,
-                        "TotWh_SF": 0,
+                        "TotWh_SF": accumulator_sf(
+                            max(self.import_energy_wh, self.export_energy_wh)
+                        ),
                     },
                 ),
             ],
@@ -729,9 +760,8 @@ class SunSpecMeterSim(_MeterPhysics, SunSpecDevice):
             "AphA": amps[0],
             "AphB": amps[1],
             "AphC": amps[2],
-            # An accumulator of 0 means "not implemented": report it so until energy flowed.
-            "TotWhImp": self.import_energy_wh if self.import_energy_wh >= 1 else None,
-            "TotWhExp": self.export_energy_wh if self.export_energy_wh >= 1 else None,
+            "TotWhImp": self.import_energy_wh,
+            "TotWhExp": self.export_energy_wh,
         }
         self.image.set_many(203, values)
 

@@ -106,3 +106,14 @@ def fitting_sf(max_abs_value: float, bits: int = 15) -> int:
     while abs(max_abs_value) / 10.0**sf > limit:
         sf += 1
     return sf
+
+
+def accumulator_sf(start_value: float, growth: float = 10.0) -> int:
+    """The smallest scale factor (>= 0) whose acc32 range holds ``growth`` x ``start_value``.
+
+    An accumulator keeps counting: leave room for it to grow before it wraps.
+    """
+    sf = 0
+    while abs(start_value) * growth / 10.0**sf > 0xFFFFFFFF:
+        sf += 1
+    return sf

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.coalesce import ReadBlock, plan_reads
+from drivers.coalesce import Image, ReadBlock, plan_reads
 
 
 def test_adjacent_and_nearby_spans_merge_into_one_request() -> None:
@@ -64,3 +64,13 @@ def test_greedy_cover_is_minimal_for_many_scattered_points() -> None:
 def test_bad_spans_are_refused(bad: tuple[str, int, int]) -> None:
     with pytest.raises(ValueError, match="table|no registers"):
         plan_reads([bad])
+
+
+def test_an_image_gives_words_across_the_blocks_of_a_long_span() -> None:
+    image = Image()
+    image.add("holding", 1000, list(range(125)))
+    image.add("holding", 1125, list(range(125, 200)))
+    assert image.words("holding", 1120, 10) == list(range(120, 130))
+    assert image.region("holding", 1198, 4) == [198, 199, None, None]
+    with pytest.raises(KeyError, match="not read"):
+        image.words("holding", 1198, 4)

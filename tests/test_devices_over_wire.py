@@ -82,7 +82,8 @@ async def test_inverter_reads_match_pysunspec2(site: SimSite, wire: str) -> None
     assert ours.rated_power_w == pytest.approx(theirs.models[120][0].WRtg.cvalue)
     assert ours.frequency_hz == pytest.approx(model.Hz.cvalue, abs=_step(model.Hz))
     assert ours.status == "mppt" and model.St.value == 4
-    assert ours.energy_wh is None and model.WH.value is None  # acc32 0 = not implemented
+    # A lifetime yield, never 0 (which SunSpec reads as "not implemented").
+    assert ours.energy_wh == pytest.approx(model.WH.cvalue) and ours.energy_wh > 6000
 
 
 @pytest.mark.parametrize("wire", WIRES)
@@ -119,7 +120,8 @@ async def test_site_meter_reads_match_pysunspec2_and_the_site_balance(
     # The meter sees load - PV at the same instant: noon PV exceeds the household load.
     assert ours.power_w == pytest.approx(site.load_w - pv.ac_power_w, abs=_step(model.W))
     assert ours.power_w < 0
-    assert ours.import_energy_wh is None  # no energy has flowed yet: not implemented
+    assert ours.import_energy_wh == pytest.approx(model.TotWhImp.cvalue)
+    assert ours.import_energy_wh > 0  # a lifetime count: 0 would read as "not implemented"
     assert all(v is not None and 220 < v < 240 for v in ours.voltage_phase_v)
 
 

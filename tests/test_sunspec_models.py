@@ -8,7 +8,15 @@ import struct
 import pytest
 
 from drivers.errors import SunSpecError
-from drivers.sunspec.models import decode_model, encode_model, encode_point, model_def
+from drivers.sunspec.models import (
+    PlacedPoint,
+    decode_model,
+    decode_points,
+    encode_model,
+    encode_point,
+    model_def,
+    model_layout,
+)
 
 REQUIRED = (
     1,
@@ -80,9 +88,9 @@ def test_not_implemented_sentinels_decode_as_missing_not_zero() -> None:
     assert values == {"W": None, "St": None, "A": None, "WH": None}
 
 
-def test_a_missing_scale_factor_makes_the_value_missing() -> None:
+def test_a_scale_factor_that_is_not_implemented_leaves_the_raw_value_as_pysunspec2() -> None:
     words = _words_with(103, W=1000, W_SF=0x8000)
-    assert decode_model(model_def(103), words, ["W"])["W"] is None
+    assert decode_model(model_def(103), words, ["W"])["W"] == 1000
 
 
 def test_float_models_read_nan_as_missing() -> None:
@@ -115,3 +123,84 @@ def test_encode_then_decode_round_trips_to_one_scale_factor_step() -> None:
 def test_encoding_a_value_too_large_for_its_type_names_the_point() -> None:
     with pytest.raises(ValueError, match="W.*int16"):
         encode_point(model_def(103).point("W"), 500_000, 0)
+
+
+def _placed_words(model_id: int, data: dict[str, object]) -> list[int]:
+    """A model's registers as pysunspec2 builds them from ``data``."""
+    import sunspec2.device as sunspec_device
+
+    raw = sunspec_device.Model(model_id=model_id, data=data).get_mb()
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+def test_repeating_groups_are_placed_by_their_count_or_by_the_model_length() -> None:
+    modules = [{"ID": i, "DCA": 10 * i} for i in (1, 2, 3)]
+    mppt = _placed_words(160, {"N": 3, "DCA_SF": -1, "module": modules})
+    layout = model_layout(model_def(160), mppt[1], mppt)
+    values, missing = decode_points(layout.data_points, mppt)
+    assert [values[f"module[{i}].DCA"] for i in (1, 2, 3)] == [1.0, 2.0, 3.0]  # DCA_SF -1
+    assert values["module[3].ID"] == 3 and not missing and not layout.problems
+    curves = [{"ActPt": 2, "Pt": [{"V": 100 + i}, {"V": 200 + i}]} for i in (1, 2)]
+    volt_var = _placed_words(705, {"NCrv": 2, "NPt": 2, "Crv": curves})
+    layout = model_layout(model_def(705), volt_var[1], volt_var)
+    values, _ = decode_points(layout.data_points, volt_var)
+    assert values["Crv[2].Pt[2].V"] == 202 and "Crv[3].ActPt" not in values
+    assert layout.problems == ()
+
+
+def test_a_model_with_no_fixed_points_is_all_repeating_groups() -> None:
+    incl = _placed_words(304, {"incl": [{"Inclx": 5}, {"Inclx": -7}]})
+    layout = model_layout(model_def(304), incl[1], incl)
+    values, _ = decode_points(layout.data_points, incl)
+    assert values["incl[1].Inclx"] == 0.05 and values["incl[2].Inclx"] == -0.07  # sf -2
+    assert model_def(304).span([]) == (2, 0)
+
+
+def test_the_common_model_may_be_announced_with_65_registers() -> None:
+    layout = model_layout(model_def(1), 65)
+    assert "Pad" not in [p.name for p in layout.points]
+    assert layout.problems == () and layout.beyond == ()
+
+
+def test_points_beyond_a_short_announced_length_are_listed_not_misread() -> None:
+    layout = model_layout(model_def(103), 30)
+    assert "St" in layout.beyond and "W" not in layout.beyond
+    assert any("announced length 30" in p for p in layout.problems)
+
+
+@pytest.mark.parametrize(
+    ("kind", "size", "value"),
+    [
+        ("eui48", 4, "00:1A:2B:3C:4D:5E"),
+        ("ipv6addr", 8, "20010DB8:00000000:00000000:00000001"),
+        ("ipaddr", 2, 0xC0A8010A),
+        ("float32", 2, 1.5),
+        ("int64", 4, -(2**40)),
+        ("string", 4, "ab c"),
+    ],
+)
+def test_every_point_type_decodes_as_pysunspec2_decodes_it(
+    kind: str, size: int, value: object
+) -> None:
+    from sunspec2 import mb
+
+    from drivers.sunspec.models import PointDef
+
+    info = mb.point_type_info[kind]
+    data = info.to_data(value, size * 2)
+    words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+    point = PlacedPoint("P", PointDef("P", 0, size, kind))
+    ours = decode_points([point], words)[0]["P"]
+    assert ours == info.data_to(data) == value
+    unimplemented = mb.create_unimpl_value(kind, size * 2)
+    blank = [int.from_bytes(unimplemented[i : i + 2], "big") for i in range(0, size * 2, 2)]
+    assert decode_points([point], blank)[0]["P"] is None
+
+
+def test_registers_not_read_make_a_point_missing_with_the_reason() -> None:
+    model = model_def(103)
+    words: list[int | None] = list(_words_with(103, W=1000, W_SF=0, Hz=50, Hz_SF=0))
+    words[model.point("Hz").offset] = None
+    values, missing = decode_points(model_layout(model, model.length).data_points, words)
+    assert values["W"] == 1000 and values["Hz"] is None
+    assert missing == {"Hz": "not read: the device refused its registers"}

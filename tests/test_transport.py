@@ -140,3 +140,23 @@ async def test_a_device_that_dies_in_the_middle_of_a_multi_request_poll_recovers
             again = await scan_device(transport, 1)
     assert requests_per_scan >= 6  # marker, five model headers, then several blocks
     assert first.values["120 nameplate"] == again.values["120 nameplate"]
+
+
+async def test_a_connection_the_device_closes_fails_the_request_at_once_not_at_the_timeout() -> (
+    None
+):
+    async def close_on_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(12)
+        writer.close()
+
+    server = await asyncio.start_server(close_on_request, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with (
+        server,
+        ModbusTransport.from_url(
+            f"tcp://127.0.0.1:{port}", timeout_s=30.0, retries=1, backoff_s=0.01
+        ) as transport,
+    ):
+        with pytest.raises(DeviceUnavailable, match="closed the connection"):
+            await transport.read_registers(1, 40000, 2)
+    assert transport.stats.reconnects == 2  # each attempt saw the close, none waited 30 s

@@ -4,10 +4,12 @@ Point layouts come from the SunSpec Alliance's model definitions (the JSON files
 ``pysunspec2`` ships), never from offsets typed by hand. Offsets here count from the model's
 ``ID`` register (``ID`` at 0, ``L`` at 1, the first point at 2).
 
-Decoding applies scale factors (value x 10**sf) and reads the "not implemented" sentinels as
-missing (``None``), never as zero: 0x8000 for int16 and sunssf, 0xFFFF for uint16, enum16 and
-bitfield16, 0x80000000 for int32, 0xFFFFFFFF for uint32, enum32 and bitfield32, 0 for the
-accumulators, NaN for float32, all-zero strings.
+Decoding follows pysunspec2 (the SunSpec Alliance's client): scale factors are applied
+(value x 10**sf, rounded to the factor's step); a scale factor that is not implemented leaves
+the raw value. The "not implemented" sentinels read as missing (``None``), never as zero:
+0x8000 for int16 and sunssf, 0xFFFF for uint16, enum16 and bitfield16, 0x80000000 for int32,
+0xFFFFFFFF for uint32, enum32 and bitfield32, 0 for the accumulators and ipaddr, NaN for
+floats, strings starting with NUL, all-zero eui48 and ipv6addr.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from drivers.errors import SunSpecError
 
@@ -97,7 +100,11 @@ _NOT_IMPLEMENTED: dict[str, int] = {
 
 @dataclass(frozen=True, slots=True)
 class PointDef:
-    """One point of a model: where it is, how it is encoded, and what scales it."""
+    """One point of a model: where it is, how it is encoded, and what scales it.
+
+    ``offset`` counts from the model's ``ID`` register for points of the fixed block and of
+    placed group instances, and from the group's start inside a :class:`GroupDef`.
+    """
 
     name: str
     offset: int
@@ -108,6 +115,7 @@ class PointDef:
     writable: bool = False
     mandatory: bool = False
     symbols: tuple[tuple[str, int], ...] = ()
+    value: int | None = None
 
     def symbol(self, value: int) -> str | None:
         """The symbol name of an enum value, if the model defines one."""
@@ -115,14 +123,36 @@ class PointDef:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupDef:
+    """A group of points inside a model, possibly repeated.
+
+    ``count`` is None for a group that occurs once, an integer for a fixed number of
+    repetitions (0: as many as fit the model's announced length), or the name of a point of
+    the model's fixed block that holds the number of repetitions.
+    """
+
+    name: str
+    count: str | int | None
+    points: tuple[PointDef, ...]
+    groups: tuple[GroupDef, ...] = ()
+
+    @property
+    def points_length(self) -> int:
+        """Registers of the group's own points (nested groups excluded)."""
+        return sum(p.size for p in self.points)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelDef:
-    """A SunSpec model's fixed block. ``length`` excludes the ID and L registers."""
+    """A SunSpec model: its fixed block and its groups. ``length`` excludes the ID and L registers
+    and counts the fixed block only."""
 
     id: int
     name: str
     label: str
     length: int
     points: tuple[PointDef, ...]
+    groups: tuple[GroupDef, ...] = ()
 
     def point(self, name: str) -> PointDef:
         """The point called ``name``; ``KeyError`` names the model when it has none."""
@@ -132,55 +162,224 @@ class ModelDef:
         raise KeyError(f"SunSpec model {self.id} ({self.name}) has no point {name!r}")
 
     def span(self, names: Sequence[str]) -> tuple[int, int]:
-        """(first offset, register count) covering ``names`` and the scale factors they use."""
+        """(first offset, register count) covering ``names`` and the scale factors they use.
+
+        No names: the empty span (2, 0) just after ID and L.
+        """
         wanted = [self.point(n) for n in names]
         wanted += [self.point(p.sf) for p in wanted if isinstance(p.sf, str)]
+        if not wanted:
+            return 2, 0
         first = min(p.offset for p in wanted)
         last = max(p.offset + p.size for p in wanted)
         return first, last - first
 
 
+def _point_def(p: Mapping[str, Any], offset: int) -> PointDef:
+    sf = p.get("sf")
+    value = p.get("value")
+    return PointDef(
+        name=p["name"],
+        offset=offset,
+        size=int(p["size"]),
+        type=p["type"],
+        sf=int(sf)
+        if isinstance(sf, int) or (isinstance(sf, str) and sf.lstrip("-").isdigit())
+        else sf,
+        units=p.get("units", "").strip(),
+        writable=p.get("access") == "RW",
+        mandatory=p.get("mandatory") == "M",
+        symbols=tuple((s["name"], int(s["value"])) for s in p.get("symbols", ())),
+        value=value if isinstance(value, int) else None,
+    )
+
+
+def _group_def(group: Mapping[str, Any]) -> GroupDef:
+    points: list[PointDef] = []
+    offset = 0
+    for p in group.get("points", ()):
+        points.append(_point_def(p, offset))
+        offset += int(p["size"])
+    count = group.get("count")
+    if isinstance(count, str) and count.isdigit():
+        count = int(count)
+    return GroupDef(
+        name=group["name"],
+        count=count,
+        points=tuple(points),
+        groups=tuple(_group_def(g) for g in group.get("groups", ())),
+    )
+
+
 @cache
 def model_def(model_id: int) -> ModelDef:
-    """The layout of SunSpec model ``model_id``, read from the SunSpec model definitions.
-
-    Only the fixed block is described; repeating groups are not decoded.
-    """
+    """The layout of SunSpec model ``model_id``, read from the SunSpec model definitions."""
     try:
         text = (
             resources.files("sunspec2") / "models" / "json" / f"model_{model_id}.json"
         ).read_text()
     except FileNotFoundError as err:
         raise SunSpecError(f"no SunSpec definition for model {model_id}") from err
-    group = json.loads(text)["group"]
-    points: list[PointDef] = []
-    offset = 0
-    for p in group["points"]:
-        size = int(p["size"])
-        sf = p.get("sf")
-        points.append(
-            PointDef(
-                name=p["name"],
-                offset=offset,
-                size=size,
-                type=p["type"],
-                sf=int(sf)
-                if isinstance(sf, int) or (isinstance(sf, str) and sf.lstrip("-").isdigit())
-                else sf,
-                units=p.get("units", "").strip(),
-                writable=p.get("access") == "RW",
-                mandatory=p.get("mandatory") == "M",
-                symbols=tuple((s["name"], int(s["value"])) for s in p.get("symbols", ())),
-            )
-        )
-        offset += size
+    group = _group_def(json.loads(text)["group"])
     return ModelDef(
         id=model_id,
-        name=group["name"],
-        label=group.get("label", group["name"]),
-        length=offset - 2,
-        points=tuple(points),
+        name=group.name,
+        label=json.loads(text)["group"].get("label", group.name),
+        length=group.points_length - 2,
+        points=group.points,
+        groups=group.groups,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedPoint:
+    """A point at its place in one device's model: ``point.offset`` counts from the ID register.
+
+    ``name`` is the point's path: ``W`` in the fixed block, ``module[2].DCA`` in the second
+    instance of a repeating group (instances count from 1, as pysunspec2 does). ``sf`` is
+    the scale factor: a fixed exponent, the placed sunssf point, or None.
+    """
+
+    name: str
+    point: PointDef
+    sf: PlacedPoint | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLayout:
+    """Where every point of one model instance lies, given its announced length and counts.
+
+    ``beyond`` names points the definition has but the announced length leaves out;
+    ``problems`` says where the device's model disagrees with its definition.
+    """
+
+    model: ModelDef
+    length: int
+    points: tuple[PlacedPoint, ...]
+    beyond: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    def get(self, name: str) -> PlacedPoint:
+        """The placed point called ``name`` (a path for group points)."""
+        for p in self.points:
+            if p.name == name:
+                return p
+        raise KeyError(f"SunSpec model {self.model.id} has no point {name!r} on this device")
+
+    @property
+    def data_points(self) -> tuple[PlacedPoint, ...]:
+        """Points that carry values: not ID, L, scale factors or pads."""
+        return tuple(
+            p
+            for p in self.points
+            if p.point.type not in ("sunssf", "pad") and p.name not in ("ID", "L")
+        )
+
+
+def _count_value(model: ModelDef, name: str, words: Sequence[int | None] | None) -> int | None:
+    """The value of the fixed-block count point ``name`` in ``words``, None when unknown."""
+    try:
+        point = model.point(name)
+    except KeyError:
+        return None
+    if words is None or len(words) < point.offset + point.size:
+        return None
+    raw = _raw(point, words)
+    return raw if isinstance(raw, int) else None
+
+
+def model_layout(
+    model: ModelDef, length: int, words: Sequence[int | None] | None = None
+) -> ModelLayout:
+    """Place every point of ``model`` for a device that announces ``length`` (L) registers.
+
+    Follows pysunspec2: a repeating group's count comes from the fixed-block point its
+    definition names (read from ``words``, the model's registers from ID on), or is a
+    constant; a count of 0 means as many instances as the announced length holds after the
+    fixed block. Model 1 announced with L=65 has no Pad. Scale factors are found in the
+    point's own group instance, then in the fixed block.
+    """
+    problems: list[str] = []
+    placed: list[PlacedPoint] = []
+    beyond: list[str] = []
+    end = length + 2
+
+    def place(
+        points: Sequence[PointDef], base: int, prefix: str, scope: dict[str, PlacedPoint]
+    ) -> int:
+        local: dict[str, PlacedPoint] = {}
+        pending: list[PointDef] = []
+        for p in points:
+            if model.id == 1 and length == 65 and p.name == "Pad":
+                continue
+            at = base + p.offset
+            if at + p.size > end:
+                beyond.append(prefix + p.name)
+                continue
+            local[p.name] = PlacedPoint(prefix + p.name, replace(p, offset=at))
+            pending.append(p)
+        for p in pending:
+            sf: PlacedPoint | int | None = None
+            if isinstance(p.sf, int):
+                sf = p.sf
+            elif isinstance(p.sf, str):
+                sf = local.get(p.sf) or scope.get(p.sf)
+                if sf is None:
+                    problems.append(
+                        f"scale factor {p.sf} of {prefix + p.name} is not on the device"
+                    )
+            placed.append(replace(local[p.name], sf=sf))
+        return base + sum(p.size for p in points)
+
+    offset = place(model.points, 0, "", {})
+    top = {p.name: p for p in placed}
+
+    def place_groups(groups: Sequence[GroupDef], base: int, prefix: str) -> int:
+        for g in groups:
+            if g.count is None:
+                base = place_group(g, base, f"{prefix}{g.name}.")
+                continue
+            count = g.count if isinstance(g.count, int) else _count_value(model, g.count, words)
+            if count is None:
+                problems.append(f"count {g.count} of group {prefix}{g.name} is not implemented")
+                count = 0
+            if count == 0:
+                size = _group_length(g, model, words)
+                remaining = end - base
+                count = remaining // size if size and remaining > 0 else 0
+                if size and remaining > 0 and remaining % size:
+                    problems.append(
+                        f"group {prefix}{g.name}: {remaining} registers left is not a "
+                        f"multiple of its length {size}"
+                    )
+            for i in range(1, count + 1):
+                base = place_group(g, base, f"{prefix}{g.name}[{i}].")
+        return base
+
+    def place_group(g: GroupDef, base: int, prefix: str) -> int:
+        after = place(g.points, base, prefix, top)
+        return place_groups(g.groups, after, prefix)
+
+    offset = place_groups(model.groups, offset, "")
+    if offset != end and not (model.id == 1 and length == 65):
+        problems.append(
+            f"model {model.id}: announced length {length}, its definition gives {offset - 2}"
+        )
+    return ModelLayout(model, length, tuple(placed), tuple(beyond), tuple(problems))
+
+
+def _group_length(g: GroupDef, model: ModelDef, words: Sequence[int | None] | None) -> int:
+    """Registers one instance of ``g`` takes (nested groups with their counts)."""
+    size = g.points_length
+    for sub in g.groups:
+        if sub.count is None:
+            n = 1
+        elif isinstance(sub.count, int):
+            n = sub.count
+        else:
+            n = _count_value(model, sub.count, words) or 0
+        size += n * _group_length(sub, model, words)
+    return size
 
 
 _ONE_REGISTER = {"int16", "uint16", "count", "acc16", "enum16", "bitfield16", "sunssf", "pad"}
@@ -188,8 +387,13 @@ _TWO_REGISTERS = {"int32", "uint32", "acc32", "enum32", "bitfield32", "ipaddr"}
 _SIGNED = {"int16", "sunssf", "int32"}
 
 
-def _raw(point: PointDef, words: Sequence[int]) -> int | float | str | None:
-    """The unscaled value of one point from its registers, ``None`` if not implemented."""
+def _raw(point: PointDef, words: Sequence[int | None]) -> int | float | str | None:
+    """The unscaled value of one point from its registers, ``None`` if not implemented.
+
+    Values as pysunspec2 gives them: eui48 as ``XX:XX:XX:XX:XX:XX`` (its last six bytes),
+    ipv6addr as four groups of eight hex digits, ipaddr as an integer, strings cut at
+    trailing NULs.
+    """
     kind, at = point.type, point.offset
     if len(words) < at + point.size:
         raise SunSpecError(
@@ -199,66 +403,127 @@ def _raw(point: PointDef, words: Sequence[int]) -> int | float | str | None:
         if kind in _ONE_REGISTER:
             raw, bits = words[at], 16
         else:
-            raw, bits = (words[at] << 16) | words[at + 1], 32
+            hi, lo = words[at], words[at + 1]
+            raw = None if hi is None or lo is None else (hi << 16) | lo
+            bits = 32
+        if raw is None:
+            raise _NotRead(point.name)
+        if kind == "pad":
+            return raw
         if raw == _NOT_IMPLEMENTED.get(kind):
             return None
         if kind in _SIGNED and raw >> (bits - 1):
             return raw - (1 << bits)
         return raw
-    chunk = list(words[at : at + point.size])
-    if point.type == "string":
-        data = b"".join(w.to_bytes(2, "big") for w in chunk)
-        text = data.split(b"\x00", 1)[0].decode("utf-8", "replace").strip()
-        return text or None
-    fmt = _STRUCT.get(point.type)
+    chunk = words[at : at + point.size]
+    if any(w is None for w in chunk):
+        raise _NotRead(point.name)
+    data = b"".join(int(w).to_bytes(2, "big") for w in chunk)  # type: ignore[arg-type]
+    if kind == "string":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if not text or text[0] == "\x00":
+            return None
+        return text[0] + text[1:].rstrip("\x00")
+    if kind == "eui48":
+        if not any(data) or data[2:] == b"\xff" * 6:
+            return None
+        return ":".join(f"{b:02X}" for b in data[2:8])
+    if kind == "ipv6addr":
+        if not any(data):
+            return None
+        return ":".join(data[i : i + 4].hex().upper() for i in range(0, 16, 4))
+    fmt = _STRUCT.get(kind)
     if fmt is None:
-        return None  # ipv6addr, eui48: not decoded
-    data = b"".join(w.to_bytes(2, "big") for w in chunk)
+        return None
     value: int | float = struct.unpack(fmt, data)[0]
     if isinstance(value, float):
         return None if math.isnan(value) else value
     unsigned = int.from_bytes(data, "big")
-    if _NOT_IMPLEMENTED.get(point.type) == unsigned:
+    if _NOT_IMPLEMENTED.get(kind) == unsigned:
         return None
     return value
+
+
+class _NotRead(Exception):
+    """A register of the point was not read (the device refused it)."""
+
+
+def _scaled(raw: int | float, sf: int | float | str | None) -> Value:
+    """``raw`` x 10**sf rounded to the scale factor's step, as pysunspec2 computes it.
+
+    A scale factor that is not implemented (0x8000) or 0 leaves the raw value.
+    """
+    if not isinstance(sf, int) or sf == 0:
+        return raw
+    return round(raw * math.pow(10, sf), -sf)
+
+
+def decode_points(
+    points: Sequence[PlacedPoint], words: Sequence[int | None]
+) -> tuple[dict[str, Value], dict[str, str]]:
+    """Decode placed points from a model's registers (ID first; None = a register not read).
+
+    Returns (values, missing): values hold every point (None when not implemented or not
+    read); ``missing`` says why for the points whose registers (or whose scale factor's)
+    were not read.
+    """
+    out: dict[str, Value] = {}
+    missing: dict[str, str] = {}
+    for placed in points:
+        try:
+            raw = _raw(placed.point, words)
+        except _NotRead:
+            out[placed.name] = None
+            missing[placed.name] = "not read: the device refused its registers"
+            continue
+        sf_point = placed.sf
+        if raw is None or sf_point is None or isinstance(raw, str):
+            out[placed.name] = raw
+            continue
+        if isinstance(sf_point, PlacedPoint):
+            try:
+                sf = _raw(sf_point.point, words)
+            except _NotRead:
+                out[placed.name] = None
+                missing[placed.name] = (
+                    f"not read: the device refused its scale factor {sf_point.name}"
+                )
+                continue
+        else:
+            sf = sf_point
+        out[placed.name] = _scaled(raw, sf)
+    return out, missing
 
 
 def decode_model(
     model: ModelDef, words: Sequence[int], names: Sequence[str] | None = None
 ) -> dict[str, Value]:
-    """Decode a model's registers into values with scale factors applied.
+    """Decode fixed-block points of a model's registers, scale factors applied.
 
     ``words`` holds the model's registers from its ID register on (at least up to the last
-    point decoded). Missing values (sentinels, or a missing scale factor) are ``None``.
-    Scale factor points themselves are not returned; pads are skipped.
+    point decoded). Not-implemented values are ``None``; a not-implemented scale factor
+    leaves the raw value (as pysunspec2 does). Scale factor points themselves are not
+    returned; pads are skipped.
     """
-    out: dict[str, Value] = {}
-    for p, sf_point in _plan(model.id, None if names is None else tuple(names)):
-        raw = _raw(p, words)
-        if raw is None or p.sf is None or isinstance(raw, str):
-            out[p.name] = raw
-            continue
-        sf = sf_point if isinstance(sf_point, int) else _raw(sf_point, words)
-        if sf is None:
-            out[p.name] = None
-        elif sf == 0:
-            out[p.name] = raw
-        else:
-            out[p.name] = raw * 10.0 ** int(sf)
-    return out
+    return decode_points(_plan(model.id, None if names is None else tuple(names)), words)[0]
 
 
 @cache
-def _plan(
-    model_id: int, names: tuple[str, ...] | None
-) -> tuple[tuple[PointDef, PointDef | int], ...]:
-    """The points to decode with their scale factor (a point or a fixed exponent), cached."""
+def _plan(model_id: int, names: tuple[str, ...] | None) -> tuple[PlacedPoint, ...]:
+    """The fixed-block points to decode with their scale factors, cached."""
     model = model_def(model_id)
     points = model.points[2:] if names is None else tuple(model.point(n) for n in names)
+
+    def sf_of(p: PointDef) -> PlacedPoint | int | None:
+        if isinstance(p.sf, str):
+            return PlacedPoint(p.sf, model.point(p.sf))
+        return p.sf
+
     return tuple(
-        (p, model.point(p.sf) if isinstance(p.sf, str) else (p.sf or 0))
-        for p in points
-        if p.type not in ("sunssf", "pad")
+        PlacedPoint(p.name, p, sf_of(p)) for p in points if p.type not in ("sunssf", "pad")
     )
 
 

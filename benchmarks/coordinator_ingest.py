@@ -25,7 +25,7 @@ import numpy as np
 
 from broker.clock import ManualClock
 from broker.messages import Bid, BidStep
-from broker.mosquitto import MosquittoProcess, write_broker_config
+from broker.mosquitto import MosquittoProcess, mosquitto_password_hash, write_broker_config
 from coordinator.config import parse_coordinator_config
 from coordinator.service import Coordinator
 
@@ -38,7 +38,7 @@ PUBLISHER = textwrap.dedent("""
     port, password, n, sites = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-publisher",
                     protocol=mqtt.MQTTv5)
-    c.username_pw_set("coordinator", password)
+    c.username_pw_set("loadgen", password)
     c.max_inflight_messages_set(200)
     c.max_queued_messages_set(0)
     c.connect("127.0.0.1", port)
@@ -78,13 +78,18 @@ def _coordinator(port: int, password: str, ledger: Path, client_id: str) -> Coor
     return Coordinator(config, ManualClock(1.7e9), password=password)
 
 
-async def ingest(port: int, password: str, work: Path, messages: int, sites: int) -> float:
+async def ingest(
+    port: int, password: str, loadgen_password: str, work: Path, messages: int, sites: int
+) -> float:
     coordinator = _coordinator(port, password, work / "ingest.sqlite", "bench-coordinator")
     async with coordinator:
         await coordinator.bus.wait_connected(5)
         await asyncio.sleep(0.2)
         proc = subprocess.Popen(
-            [sys.executable, "-c", PUBLISHER, str(port), password, str(messages), str(sites)]
+            [
+                *(sys.executable, "-c", PUBLISHER, str(port), loadgen_password),
+                *(str(messages), str(sites)),
+            ]
         )
         t0 = None
         while coordinator.stats.telemetry < messages:
@@ -139,8 +144,15 @@ async def main(messages: int, site_counts: list[int]) -> None:
     work.chmod(0o755)  # Mosquitto, started as root, runs as its own user and must get in
     files = write_broker_config(work / "broker", ["site-0"], port=_free_port())
     password = files.credentials["coordinator"]
+    # The load generator speaks for every site: a user of its own (a client id belongs to its
+    # user, so it must not be the coordinator's) that may write any site's telemetry.
+    loadgen_password = "loadgen-" + password[:12]
+    with files.password_file.open("a") as f:
+        f.write(f"loadgen:{mosquitto_password_hash(loadgen_password)}\n")
+    with files.acl_file.open("a") as f:
+        f.write("\nuser loadgen\ntopic write wattmesh/v1/site/+/telemetry\n")
     async with MosquittoProcess(files.conf, files.port):
-        rate = await ingest(files.port, password, work, messages, 1000)
+        rate = await ingest(files.port, password, loadgen_password, work, messages, 1000)
         print(f"ingest: {messages} telemetry messages from 1,000 sites, QoS 1")
         print(
             f"  {rate:,.0f} msg/s ingested by one coordinator process (goal >= 10,000) "

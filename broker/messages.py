@@ -240,9 +240,6 @@ class GridState(Message):
     mode: Literal["normal", "constrained", "emergency"]
 
 
-Count = Annotated[int, Field(ge=0)]
-
-
 class CoordinatorStatus(Message):
     """``coordinator/{feeder}/status``: the coordinator's health counters, retained.
 
@@ -266,6 +263,7 @@ class CoordinatorStatus(Message):
     dispatches: Count = 0
     last_cleared_interval: int | None = Field(default=None, ge=0)
     rejected: dict[Name, dict[Name, Count]] = Field(default_factory=dict, max_length=100_000)
+    historian: Literal["off", "ok", "failed"] = "off"
     historian_dropped: Count = 0
     historian_buffered: Count = 0
 

@@ -54,7 +54,7 @@ from broker.messages import (
 from coordinator import forecast as fc
 from coordinator import plausibility as pl
 from coordinator.config import CoordinatorConfig
-from coordinator.historian import Historian, HistorianSettings
+from coordinator.historian import Historian, HistorianError, HistorianSettings
 from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, LedgerError
 from coordinator.market import Book, Tariff, clear
 
@@ -223,6 +223,8 @@ class Coordinator:
             )
         #: Off unless the configuration has a [historian] section.
         self.historian: Historian | None = None
+        #: Why a configured historian could not start (None: it did, or none is configured).
+        self.historian_failed: str | None = None
         if config.historian is not None:
             self.historian = Historian(
                 HistorianSettings.from_mapping(config.historian, "coordinator configuration")
@@ -248,7 +250,14 @@ class Coordinator:
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Coordinator:
         if self.historian is not None:
-            await self.historian.__aenter__()
+            try:
+                await self.historian.__aenter__()
+            except HistorianError as err:  # degrade, never die: the market goes on without it
+                log.error(  # noqa: TRY400 - the reason is the message
+                    "historian off: %s (the coordinator runs without time series)", err
+                )
+                self.historian = None
+                self.historian_failed = str(err)
         await self.bus.__aenter__()
         for kind in ("status", "telemetry", "bid", "dispatch", "dispatch/ack"):
             await self.bus.subscribe(topics.site_wildcard(kind))
@@ -334,6 +343,9 @@ class Coordinator:
             last_cleared_interval=None if self.last_clearing is None
             else self.last_clearing.interval,
             rejected=rejected,
+            historian="off" if self.config.historian is None
+            else "failed" if self.historian_failed
+            else "ok",
             historian_dropped=0 if historian is None else historian.dropped,
             historian_buffered=0 if historian is None else historian.buffer_points,
         )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Coroutine, Iterator
@@ -323,3 +325,85 @@ def test_an_operator_order_is_audited_and_the_coordinators_own_are_not(tmp_path:
     assert [(e.actor, e.detail["site"], e.detail["battery_power_w"]) for e in entries] == [
         ("operator", "site-a", -2000.0)
     ]
+
+
+async def test_a_historian_whose_buffer_cannot_be_opened_leaves_the_coordinator_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator.config import parse_coordinator_config
+    from tests.test_historian import free_port
+
+    monkeypatch.setenv("WATTMESH_INFLUX_TOKEN", "unused")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the buffer's directory should be")
+    config = parse_coordinator_config(
+        {
+            "coordinator": {"ledger": str(tmp_path / "ledger.sqlite")},
+            "broker": {"port": free_port(), "password_env": None},
+            "historian": {
+                "url": f"http://127.0.0.1:{free_port()}",
+                "org": "wattmesh",
+                "bucket": "wattmesh",
+                "buffer_path": str(blocker / "buffer.sqlite"),
+            },
+        },
+        "test",
+    )
+    c = Coordinator(config, ManualClock(T0))
+    async with c:
+        assert c.ingest_telemetry("site-a", _telemetry(T0, 1234.0))
+        status = c.status()
+    assert c.historian is None
+    assert status.historian == "failed"
+    assert status.telemetry == 1
+
+
+async def test_wattmesh_status_shows_the_coordinators_counters_and_the_sites(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+
+    c = _coordinator(tmp_path, broker_files)
+    async with c:
+        await c.bus.wait_connected(5)
+        site = await _bus(broker_files, "site-a", [])
+        await site.publish(
+            topics.site_topic("site-a", "telemetry"), _telemetry(4.0e9, 1.0).model_dump_json()
+        )
+        await _until(lambda: c.stats.rejected == 1)
+        await c.bus.publish(
+            topics.coordinator_status_topic(c.feeder), c.status().model_dump_json(), retain=True
+        )
+        env = {**os.environ, "WATTMESH_MONITOR_PASSWORD": broker_files.credentials["monitor"]}
+        args = [
+            sys.executable, "-m", "wattmesh", "status", "--port", str(broker_files.port),
+            "--user", "monitor", "--password-env", "WATTMESH_MONITOR_PASSWORD", "--wait", "5",
+        ]  # fmt: skip
+        table = await asyncio.to_thread(
+            subprocess.run, args, env=env, capture_output=True, text=True, timeout=60
+        )
+        as_json = await asyncio.to_thread(
+            subprocess.run, [*args, "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+        await site.__aexit__(None, None, None)
+    assert table.returncode == 0, table.stderr
+    assert "rejected at ingest" in table.stdout
+    assert "future" in table.stdout
+    data = json.loads(as_json.stdout)
+    assert data["coordinators"]["feeder-1"]["rejected"] == {"site-a": {"future": 1}}
+
+
+async def test_wattmesh_status_says_when_no_coordinator_answers(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles
+) -> None:
+
+    env = {**os.environ, "WATTMESH_MONITOR_PASSWORD": broker_files.credentials["monitor"]}
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable, "-m", "wattmesh", "status", "--port", str(broker_files.port),
+            "--user", "monitor", "--password-env", "WATTMESH_MONITOR_PASSWORD", "--wait", "1",
+        ],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no coordinator status on the bus within 1 s" in result.stdout

@@ -94,6 +94,7 @@ def print_snapshot(snap: Snapshot, console: Console) -> None:
             ("site-intervals estimated", c.estimated),
             ("corrections", c.corrections),
             ("grid orders", c.dispatches),
+            ("historian", c.historian),
             ("historian points dropped", c.historian_dropped),
             ("historian points buffered on disk", c.historian_buffered),
         ):

@@ -267,7 +267,8 @@ async def test_a_cleared_interval_awards_each_bidder_privately_and_is_settled(
             c.ingest_telemetry("site-a", _telemetry(ts, 8000.0))
             c.ingest_telemetry("site-b", _telemetry(ts, -12000.0))
         c.clock.ts = (k + 1) * 900 + 120.0  # settle_delay_s after the interval
-        assert c.settle_due() == 1
+        c.settle_due()  # unless the settle loop was first
+        assert c.ledger.is_settled(k)
         for bus in (site_a, site_b):
             await bus.__aexit__(None, None, None)
     assert clearing.volume_kwh == pytest.approx(2.0)

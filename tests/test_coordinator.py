@@ -260,12 +260,12 @@ async def test_a_cleared_interval_awards_each_bidder_privately_and_is_settled(
         clearing = await c.clear_interval(k)
         assert clearing is not None
         await asyncio.sleep(0.3)
-        # Metering: site-a imported 8 kW (2 kWh in 15 min), its award; site-b exported 12 kW.
+        # Metering: site-a imported 8 kW (2 kWh in 15 min), its award; site-b exported 9 kW.
         assert isinstance(c.clock, ManualClock)
         for ts in range(k * 900, (k + 1) * 900 + 1, 60):
             c.clock.ts = float(ts)
             c.ingest_telemetry("site-a", _telemetry(ts, 8000.0))
-            c.ingest_telemetry("site-b", _telemetry(ts, -12000.0))
+            c.ingest_telemetry("site-b", _telemetry(ts, -9000.0))
         c.clock.ts = (k + 1) * 900 + 120.0  # settle_delay_s after the interval
         c.settle_due()  # unless the settle loop was first
         assert c.ledger.is_settled(k)

@@ -154,7 +154,7 @@ class TrustSection(_Strict):
         default=900, ge=0, description="longest wait past settle_delay_s for late telemetry"
     )
     correction_window_s: int = Field(
-        default=2 * 86400, ge=0, description="telemetry this late still corrects a settlement"
+        default=6 * 3600, ge=0, description="telemetry this late still corrects a settlement"
     )
 
 

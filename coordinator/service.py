@@ -208,6 +208,7 @@ class Coordinator:
         #: Settled intervals whose metering changed since (late telemetry): to correct.
         self._dirty: set[int] = set()
         self._settled_at: dict[int, float] = {}  # settled interval -> clock when settled
+        self._pruned_at = -1  # the interval in which metering was last pruned
         self._own_dispatch_ids: deque[str] = deque(maxlen=10_000)
         self._window = pl.TimeWindow(config.trust.future_skew_s, config.trust.max_age_s)
         self._stop = asyncio.Event()
@@ -755,7 +756,10 @@ class Coordinator:
             if self.settle(k):
                 settled += 1
         self._correct(now)
-        self._prune(now)
+        current = int(now // m.interval_s)
+        if current != self._pruned_at:  # once an interval: it walks every site's tables
+            self._pruned_at = current
+            self._prune(now)
         return settled
 
     def settle(self, interval: int) -> bool:

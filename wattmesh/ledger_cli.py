@@ -4,7 +4,8 @@
 (design.md section 3a), a community total, the community and utility accounts' balances and
 whether the ledger balances; ``check`` verifies the balance invariant for cron and monitoring
 and lists what is still open (cleared intervals not settled, sites estimated or missing,
-corrections booked); ``audit`` lists the append-only audit log.
+corrections booked); ``audit`` lists the append-only audit log; ``backup`` and ``restore``
+(wattmesh.ledger_backup) copy a live ledger consistently and put a copy back.
 
 Every command only reads: a file that is missing, not SQLite, or SQLite without the ledger's
 tables is refused before :class:`~coordinator.ledger.Ledger` opens it (opening creates the file
@@ -51,6 +52,7 @@ from coordinator.ledger import (
     site_account,
     to_currency,
 )
+from wattmesh import ledger_backup
 
 __all__ = [
     "AUDIT_VERSION",
@@ -714,3 +716,7 @@ def audit(
         detail = json.dumps(dict(e.detail), sort_keys=True, separators=(",", ":"))
         table.add_row(str(e.audit_id), _utc(e.ts), escape(e.kind), escape(e.actor), escape(detail))
     out.print(table)
+
+
+ledger_app.command("backup")(ledger_backup.backup_command)
+ledger_app.command("restore")(ledger_backup.restore_command)

@@ -158,6 +158,13 @@ class TrustSection(_Strict):
     )
 
 
+class MetricsSection(_Strict):
+    """Prometheus metrics on ``http://host:port/metrics`` (off without this section)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535, description="0 picks a free port")
+
+
 class SiteSection(_Strict):
     """A site's declared limits, W: its grid connection, PV rating and battery power."""
 
@@ -180,6 +187,7 @@ class CoordinatorConfig(_Strict):
     grid: GridSection = GridSection()
     trust: TrustSection = TrustSection()
     sites: dict[str, SiteSection] = Field(default_factory=dict)
+    metrics: MetricsSection | None = None
     clock: ClockSettings | None = None
     historian: dict[str, Any] | None = None
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.historian import Historian, HistorianError, HistorianSettings
 from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, LedgerError
 from coordinator.market import Book, Tariff, clear
+from coordinator.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ class SiteState:
     invalid: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     limits: pl.SiteLimits | None = None
+    status: Status | None = None  # the agent's last status (with its own counters)
     last_history_ts: float = -math.inf
     readings: int = 0  # telemetry messages taken as the latest so far
     last_seen_ts: float = -math.inf  # the coordinator's clock at the last accepted message
@@ -203,6 +206,12 @@ class Coordinator:
         self._logged: set[tuple[str, str]] = set()
         self._unknown_rejected: dict[str, int] = {}
         self.started_ts = clock.now()
+        #: Wall time (UTC epoch s) of the last clearing, 0 before the first (for monitoring).
+        self.last_clearing_wall_ts = 0.0
+        #: ``/metrics`` for Prometheus when the configuration has a [metrics] section.
+        self.metrics: MetricsServer | None = None
+        if config.metrics is not None:
+            self.metrics = MetricsServer(self, config.metrics.host, config.metrics.port)
         #: Cleared intervals not yet settled (from the ledger at start: none is lost).
         self.cleared: dict[int, ClearedInterval] = {}
         #: Settled intervals whose metering changed since (late telemetry): to correct.
@@ -259,6 +268,9 @@ class Coordinator:
                 )
                 self.historian = None
                 self.historian_failed = str(err)
+        if self.metrics is not None:
+            self.metrics.start()
+            log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
         await self.bus.__aenter__()
         for kind in ("status", "telemetry", "bid", "dispatch", "dispatch/ack"):
             await self.bus.subscribe(topics.site_wildcard(kind))
@@ -292,6 +304,8 @@ class Coordinator:
             await self.bus.__aexit__(et, ev, tb)
             if self.historian is not None:
                 await self.historian.__aexit__(et, ev, tb)
+            if self.metrics is not None:
+                self.metrics.stop()
             self.ledger.close()
 
     async def _sleep_until(self, ts: float) -> bool:
@@ -441,6 +455,7 @@ class Coordinator:
                 state = self._known(site)
                 if state is not None:
                     state.online, state.role = status.online, status.role
+                    state.status = status
             elif parsed.kind == "dispatch":
                 self._seen_dispatch(site, Dispatch.model_validate_json(payload))
             elif parsed.kind == "dispatch/ack":
@@ -695,6 +710,7 @@ class Coordinator:
             clearing.bids,
         )
         self.last_clearing = clearing
+        self.last_clearing_wall_ts = time.time()
         if self.historian is not None:
             self.historian.record_clearing(
                 clearing, retail_price_per_kwh=retail, feed_in_price_per_kwh=feed_in

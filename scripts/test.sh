@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs them: Debian packages (socat for the RTU wire,
-# mosquitto for the bus, victoria-metrics as the InfluxDB v2 write API server), the Python package with its dev extras in .venv, then ruff, mypy
+# mosquitto for the bus, victoria-metrics as the InfluxDB v2 write API server, prometheus for
+# promtool, which checks the metrics and the alert rules), the Python package with its dev
+# extras in .venv, then ruff, mypy
 # and pytest. Usage: ./scripts/test.sh [extra pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(socat mosquitto victoria-metrics)
+packages=(socat mosquitto victoria-metrics prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -165,6 +165,19 @@ class MetricsSection(_Strict):
     port: int = Field(default=9108, ge=0, le=65535, description="0 picks a free port")
 
 
+class ApiSection(_Strict):
+    """The HTTP API on ``http://host:port/api/v1`` (off without this section).
+
+    ``tokens_file`` holds the hashed bearer tokens (``wattmesh api token add``); relative to
+    the coordinator's file.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port")
+    tokens_file: Path = Path("api-tokens.toml")
+    ack_timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+
 class SiteSection(_Strict):
     """A site's declared limits, W: its grid connection, PV rating and battery power."""
 
@@ -188,6 +201,7 @@ class CoordinatorConfig(_Strict):
     trust: TrustSection = TrustSection()
     sites: dict[str, SiteSection] = Field(default_factory=dict)
     metrics: MetricsSection | None = None
+    api: ApiSection | None = None
     clock: ClockSettings | None = None
     historian: dict[str, Any] | None = None
 
@@ -217,6 +231,10 @@ def parse_coordinator_config(data: dict[str, object], source: str) -> Coordinato
     if not ledger.is_absolute() and source.endswith(".toml"):
         section = config.coordinator.model_copy(update={"ledger": Path(source).parent / ledger})
         config = config.model_copy(update={"coordinator": section})
+    api = config.api
+    if api is not None and not api.tokens_file.is_absolute() and source.endswith(".toml"):
+        moved = api.model_copy(update={"tokens_file": Path(source).parent / api.tokens_file})
+        config = config.model_copy(update={"api": moved})
     return config
 
 

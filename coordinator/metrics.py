@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from coordinator.service import Coordinator
 
-__all__ = ["CoordinatorCollector", "MetricsServer"]
+__all__ = ["CoordinatorCollector", "MetricsServer", "registry_for"]
 
 _MODES = ("normal", "constrained", "emergency")
 
@@ -179,12 +179,18 @@ class CoordinatorCollector(Collector):
         yield up
 
 
+def registry_for(coordinator: Coordinator) -> CollectorRegistry:
+    """A registry holding the coordinator's collector (served by MetricsServer and the API)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CoordinatorCollector(coordinator))
+    return registry
+
+
 class MetricsServer:
     """``/metrics`` over HTTP on ``host:port`` for one coordinator (a daemon thread)."""
 
-    def __init__(self, coordinator: Coordinator, host: str, port: int) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(CoordinatorCollector(coordinator))
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
         self.host, self.port = host, port
         self._server: WSGIServer | None = None
         self._thread: Thread | None = None

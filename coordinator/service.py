@@ -54,11 +54,12 @@ from broker.messages import (
 )
 from coordinator import forecast as fc
 from coordinator import plausibility as pl
+from coordinator.api import ApiServer, build_app, load_tokens
 from coordinator.config import CoordinatorConfig
 from coordinator.historian import Historian, HistorianError, HistorianSettings
 from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, LedgerError
 from coordinator.market import Book, Tariff, clear
-from coordinator.metrics import MetricsServer
+from coordinator.metrics import MetricsServer, registry_for
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +209,18 @@ class Coordinator:
         self.started_ts = clock.now()
         #: Wall time (UTC epoch s) of the last clearing, 0 before the first (for monitoring).
         self.last_clearing_wall_ts = 0.0
-        #: ``/metrics`` for Prometheus when the configuration has a [metrics] section.
+        #: The metrics (served on [metrics] and on the API's /metrics).
+        self.metrics_registry = registry_for(self)
         self.metrics: MetricsServer | None = None
         if config.metrics is not None:
-            self.metrics = MetricsServer(self, config.metrics.host, config.metrics.port)
+            self.metrics = MetricsServer(
+                self.metrics_registry, config.metrics.host, config.metrics.port
+            )
+        #: The HTTP API when the configuration has an [api] section (started on entry).
+        self.api: ApiServer | None = None
+        #: Each site's last published forecast (for the API).
+        self.last_forecasts: dict[str, Forecast] = {}
+        self._ack_waiters: dict[str, asyncio.Future[DispatchAck]] = {}
         #: Cleared intervals not yet settled (from the ledger at start: none is lost).
         self.cleared: dict[int, ClearedInterval] = {}
         #: Settled intervals whose metering changed since (late telemetry): to correct.
@@ -279,6 +288,12 @@ class Coordinator:
         self._group.create_task(self._market_loop(), name="coordinator-market")
         self._group.create_task(self._grid_loop(), name="coordinator-grid")
         self._group.create_task(self._settle_loop(), name="coordinator-settle")
+        if self.config.api is not None:
+            a = self.config.api
+            app = build_app(self, load_tokens(a.tokens_file), ack_timeout_s=a.ack_timeout_s)
+            self.api = ApiServer(app, a.host, a.port)
+            await self.api.start()
+            log.info("HTTP API on http://%s:%d/api/v1", a.host, self.api.port)
         if self.cleared:
             self._group.create_task(self._republish_when_connected(), name="coordinator-resend")
         return self
@@ -298,6 +313,8 @@ class Coordinator:
     ) -> None:
         self._stop.set()
         assert self._group is not None
+        if self.api is not None:
+            await self.api.stop()
         try:
             await self._group.__aexit__(et, ev, tb)
         finally:
@@ -460,6 +477,9 @@ class Coordinator:
                 self._seen_dispatch(site, Dispatch.model_validate_json(payload))
             elif parsed.kind == "dispatch/ack":
                 ack = DispatchAck.model_validate_json(payload)
+                waiter = self._ack_waiters.get(ack.command_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ack)
                 if len(self.stats.acks) < 16 or ack.outcome in self.stats.acks:
                     self.stats.acks[ack.outcome] = self.stats.acks.get(ack.outcome, 0) + 1
         except (ValidationError, ValueError, RecursionError, MemoryError) as err:
@@ -467,6 +487,37 @@ class Coordinator:
         except Exception as err:  # a payload must never stop ingest
             log.exception("unexpected error on %s", topic)
             self._invalid(site, parsed.kind, err)
+
+    async def send_operator_order(
+        self, site: str, order: Dispatch, *, actor: str, timeout_s: float
+    ) -> DispatchAck | None:
+        """Publish an operator's order (audited under ``actor``) and wait for the site's
+        acknowledgement; None when none arrives within ``timeout_s`` (wall s)."""
+        self._own_dispatch_ids.append(order.id)
+        self._audit(
+            "emergency" if order.priority == "emergency" else "dispatch",
+            actor,
+            {
+                "site": site,
+                "id": order.id,
+                "battery_power_w": order.battery_power_w,
+                "load_limit_w": order.load_limit_w,
+                "expires_ts": order.expires_ts,
+                "reason": order.reason,
+            },
+        )
+        if order.priority == "emergency":
+            self.emergency_until = max(self.emergency_until, order.expires_ts)
+        waiter: asyncio.Future[DispatchAck] = asyncio.get_running_loop().create_future()
+        self._ack_waiters[order.id] = waiter
+        try:
+            await self.bus.publish(topics.site_topic(site, "dispatch"), order.model_dump_json())
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            self._ack_waiters.pop(order.id, None)
 
     def _seen_dispatch(self, site: str, order: Dispatch) -> None:
         """An order on a site's dispatch topic: ours, or an operator's (audited)."""
@@ -905,6 +956,7 @@ class Coordinator:
             )
             for name, (pv, load) in per_site.items()
         }
+        self.last_forecasts = forecasts
         if self.historian is not None:
             for name, forecast in forecasts.items():
                 self.historian.record_forecast(name, forecast)

@@ -281,7 +281,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         return float(k * c.config.market.interval_s)
 
     @app.get("/api/v1/sites", tags=["sites"])
-    def sites(token: Caller) -> list[SiteState]:
+    async def sites(token: Caller) -> list[SiteState]:
         """Every site's latest state (a site token: its own only)."""
         now = c.clock.now()
         return [
@@ -298,7 +298,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         ]
 
     @app.get("/api/v1/sites/{site}", tags=["sites"])
-    def site_state(site: str, token: Caller) -> SiteState:
+    async def site_state(site: str, token: Caller) -> SiteState:
         """One site's latest state."""
         may_read(token, site)
         known_site(site)
@@ -317,7 +317,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         )
 
     @app.get("/api/v1/sites/{site}/forecast", tags=["sites"])
-    def site_forecast(site: str, token: Caller) -> Forecast:
+    async def site_forecast(site: str, token: Caller) -> Forecast:
         """The site's last published forecast (PV and load W, price per kWh)."""
         may_read(token, site)
         forecast = c.last_forecasts.get(site)
@@ -326,7 +326,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         return forecast
 
     @app.get("/api/v1/sites/{site}/statement", tags=["settlement"])
-    def statement(site: str, token: Caller) -> StatementOut:
+    async def statement(site: str, token: Caller) -> StatementOut:
         """The site's totals over every settled interval (the ledger report's figures)."""
         may_read(token, site)
         try:
@@ -350,7 +350,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         return range(max(first, last - limit + 1, 0), last + 1)
 
     @app.get("/api/v1/clearings", tags=["market"])
-    def clearings(
+    async def clearings(
         token: Caller,
         from_interval: Annotated[int | None, Query(ge=0)] = None,
         to_interval: Annotated[int | None, Query(ge=0)] = None,
@@ -382,7 +382,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         return out
 
     @app.get("/api/v1/settlements", tags=["settlement"])
-    def settlements(
+    async def settlements(
         token: Caller,
         from_interval: Annotated[int | None, Query(ge=0)] = None,
         to_interval: Annotated[int | None, Query(ge=0)] = None,
@@ -419,7 +419,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         return out
 
     @app.get("/api/v1/grid", tags=["grid"])
-    def grid(token: Caller) -> GridStateOut:
+    async def grid(token: Caller) -> GridStateOut:
         """The feeder's flow against its limits and the grid mode."""
         g = c.config.grid
         return GridStateOut(
@@ -432,7 +432,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         )
 
     @app.get("/api/v1/audit", tags=["audit"])
-    def audit(
+    async def audit(
         token: Caller,
         kind: str | None = None,
         since_ts: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
@@ -447,7 +447,7 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
         ]
 
     @app.get("/metrics", tags=["monitoring"], response_class=Response)
-    def metrics(token: Caller) -> Response:
+    async def metrics(token: Caller) -> Response:
         """Prometheus metrics (viewers and operators)."""
         not_site(token)
         if c.metrics_registry is None:

@@ -99,3 +99,33 @@ def revoke(
         raise _fail(f"no token named {name!r}")
     write_tokens(tokens_file, kept)
     typer.echo(f"revoked {name}")
+
+
+def mcp(
+    api: Annotated[
+        str, typer.Option("--api", help="The coordinator's API base URL ([api] host:port).")
+    ] = "http://127.0.0.1:8080",
+    transport: Annotated[
+        str, typer.Option("--transport", help="stdio (one token from --token-env) or http.")
+    ] = "stdio",
+    token_env: Annotated[
+        str, typer.Option(help="Environment variable holding the token (stdio).")
+    ] = "WATTMESH_API_TOKEN",
+    host: Annotated[str, typer.Option(help="Address to listen on (http).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (http).")] = 8765,
+) -> None:
+    """Serve the coordinator's API as MCP tools for AI agents (reads, and dispatch for operators).
+
+    Every tool is one call to the API with the caller's token, so its roles hold: over stdio the token comes from --token-env; over http (streamable HTTP on /mcp) each request brings its own bearer token and one the API does not accept gets 401.
+    """  # noqa: E501 - one line per paragraph: the help wraps it to the terminal
+    from wattmesh import mcp_server  # noqa: PLC0415 - keeps --help fast
+
+    if transport == "stdio":
+        token = mcp_server.token_from_env(token_env)
+        if token is None:
+            raise _fail(f"set {token_env} to an API token (wattmesh api token add)")
+        mcp_server.run_stdio(api, token)
+    elif transport == "http":
+        mcp_server.run_http(api, host, port)
+    else:
+        raise _fail("--transport must be stdio or http")

@@ -45,6 +45,7 @@ edge_app = typer.Typer(help="The site gateway agent.", no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
 app.command("status")(status_cli.status)
 app.add_typer(api_cli.api_app, name="api")
+app.command("mcp")(api_cli.mcp)
 
 # Piped output gets a width that fits the report tables; a terminal keeps its own.
 console = Console(width=None if sys.stdout.isatty() else 120)

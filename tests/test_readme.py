@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 #: Ways a file could point outside the repository: a sibling checkout, the machine the project
-#: was built on, or the design notes that live next to it. Built from pieces so that this file
+#: was built on, or the notes on its design that live next to it. Built from pieces so that this file
 #: does not match itself.
 OUTSIDE = [
     re.compile(re.escape(".." + "/shared")),
@@ -63,7 +63,7 @@ def test_no_tracked_file_refers_to_anything_outside_the_repository() -> None:
 
 def test_the_outside_patterns_catch_what_they_are_for() -> None:
     samples = [
-        "see ../shared/" + "design.md section 2",
+        "see .." + "/shared/" + "design" + ".md section 2",
         "in the project's design" + " notes",
         "(design" + " section 4)",
         "cat /" + "work/shared/pitfalls.md",

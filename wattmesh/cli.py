@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -26,6 +27,18 @@ from wattmesh import __version__, status_cli
 from wattmesh.broker_cli import broker_app
 from wattmesh.ledger_cli import ledger_app
 from wattmesh.scan import ScanResult, scan_device
+
+_display_type_rich = typer.core.TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """A flag takes no value: show no ``<bool>`` type next to it in ``--help``."""
+    return None if self.is_flag else _display_type_rich(self, ctx)
+
+
+# Typer's rich help prints every option's type, flags included ("--json <bool>"), which
+# reads as if the flag took a value. One place for every command (tests/test_first_hour.py).
+typer.core.TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="wattmesh",
@@ -127,7 +140,7 @@ def sim_run(
         Path | None,
         typer.Option(
             help="Write the simulated clock here, for edge agents to follow "
-            "([clock] file = ... in their site file)."
+            "(\\[clock] file = ... in their site file)."
         ),
     ] = None,
     free_ports: Annotated[
@@ -293,6 +306,10 @@ def edge_run(
 
     Telemetry is spooled to disk while the broker is away and replayed in order; with no
     coordinator the batteries follow the local fallback controller. Stops on Ctrl-C/SIGTERM.
+
+    Environment: the broker password is read from the variable the site file's \\[broker]
+    password_env names (WATTMESH_MQTT_PASSWORD in the example site files), unless
+    password_file is given. The site's password is in the broker's credentials.toml.
     """
     from edge.agent import EdgeAgent  # noqa: PLC0415 - keeps `wattmesh --help` fast
     from edge.config import load_edge_config  # noqa: PLC0415
@@ -328,6 +345,11 @@ def coordinator_run(
     Clears every interval at its gate closure, publishes awards and the clearing, settles each
     interval in the ledger once its telemetry is in, and dispatches batteries when the feeder
     nears its limits. Stops on Ctrl-C/SIGTERM.
+
+    Environment: the broker password is read from the variable the file's \\[broker]
+    password_env names (WATTMESH_COORDINATOR_PASSWORD in config/coordinator.toml), unless
+    password_file is given; with a \\[historian] section, the InfluxDB token from the
+    variable its token_env names (default WATTMESH_INFLUX_TOKEN).
     """
     from coordinator.config import load_coordinator_config  # noqa: PLC0415
     from coordinator.service import Coordinator  # noqa: PLC0415
@@ -382,8 +404,10 @@ def dispatch(
         str,
         typer.Option(
             "--for",
-            help="How long: 90s, 15m, 2h, counted on the clock in use (see --clock-file). The "
-            "site ends an order at the latest after its own maximum (max_duration_s in its file).",
+            help="How long: 90s, 15m, 2h. Counted in simulated time with --clock-file (15m is "
+            "15 simulated minutes, a few wall seconds at high speed), else in wall-clock time. "
+            "The site ends an order at the latest after its own maximum (max_duration_s in its "
+            "file).",
         ),
     ] = "15m",
     emergency: Annotated[
@@ -396,7 +420,11 @@ def dispatch(
     port: Annotated[int, typer.Option(help="Broker port.")] = 1883,
     user: Annotated[str, typer.Option(help="Broker user (operator or coordinator).")] = "operator",
     password_env: Annotated[
-        str, typer.Option(help="Environment variable holding the password.")
+        str,
+        typer.Option(
+            help="Environment variable holding the password (the operator's is in the broker's "
+            "credentials.toml)."
+        ),
     ] = "WATTMESH_OPERATOR_PASSWORD",
     wait: Annotated[
         float, typer.Option(help="Seconds (real time) to wait for the site's acknowledgement.")

@@ -376,7 +376,7 @@ Money (in --currency; positive cost = the site pays, negative = it is paid):
   received   received for its sold energy at the clearing price
   imbalance  net cost of metering more or less than the award
   rebate     the community account's surplus paid back to the site
-             (coordinator [market] rebate; pro rata to the energy awarded)
+             (coordinator \\[market] rebate; pro rata to the energy awarded)
   net cost   paid - received + imbalance - rebate
   baseline   what the utility alone would have billed its metered energy
              (import at retail, export at feed-in; no trading)

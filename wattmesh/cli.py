@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,8 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from broker.client import BusClient
 from broker.clock import Clock, ScaledClock, WallClock
-from broker.settings import ClockSettings
+from broker.messages import Dispatch, DispatchAck, Status
+from broker.settings import BrokerConnection, ClockSettings
 from drivers.errors import DriverError
 from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import ModbusTransport
@@ -92,6 +96,61 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     # Messages quote patterns like [a-z0-9]: not markup. One line per problem, never wrapped.
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _leaf_errors(err: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups: what a person needs to read."""
+    if isinstance(err, BaseExceptionGroup):
+        return [leaf for sub in err.exceptions for leaf in _leaf_errors(sub)]
+    return [err]
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an error that escaped a service, never a TaskGroup's wrapper."""
+    leaves = _leaf_errors(err)
+    return "; ".join(str(e) or type(e).__name__ for e in leaves)
+
+
+GIVE_UP_AFTER = 3
+
+GiveUpAfter = Annotated[
+    int,
+    typer.Option(
+        "--give-up-after",
+        min=0,
+        help="Exit when the broker refuses the connection (bad password, not authorised) this "
+        "many times in a row before the first connection; 0 keeps retrying. Later refusals "
+        "are logged and retried.",
+    ),
+]
+
+
+async def _until_connected_or_refused(bus: BusClient, give_up_after: int) -> str | None:
+    """None once ``bus`` is connected; the broker's reason once it refused ``give_up_after``
+    times in a row (never, for 0)."""
+    while not bus.connected:
+        if give_up_after and bus.refusals >= give_up_after:
+            return bus.refusal or "refused"
+        with contextlib.suppress(TimeoutError):
+            await bus.wait_connected(0.05)
+    return None
+
+
+def _refused_message(bus: BusClient, reason: str, password_source: str) -> str:
+    s = bus.settings
+    return (
+        f"the broker at {s.host}:{s.port} refused user {s.username!r} {bus.refusals} times: "
+        f"{reason}. Check {password_source}: it must hold {s.username}'s password from the "
+        "broker's credentials.toml, and the user must be in the broker's configuration."
+    )
+
+
+def _password_source(broker: BrokerConnection) -> str:
+    if broker.password_file is not None:
+        return f"the password file {broker.password_file}"
+    if broker.password_env:
+        return f"${broker.password_env}"
+    return "the [broker] section (it gives no password_env or password_file)"
 
 
 def _clock(settings: ClockSettings | None) -> Clock:
@@ -301,6 +360,7 @@ def demo(
 @edge_app.command("run")
 def edge_run(
     site_file: Annotated[Path, typer.Argument(help="The site's TOML (see config/sites/).")],
+    give_up_after: GiveUpAfter = GIVE_UP_AFTER,
 ) -> None:
     """Run the site gateway agent: poll devices, publish telemetry and bids, obey dispatch.
 
@@ -321,17 +381,17 @@ def edge_run(
     except ValueError as err:  # EdgeConfigError, or a clock file that cannot be used
         raise _fail(str(err)) from err
 
-    async def run() -> None:
+    async def run() -> str | None:
         stop = _stop_on_signals()
-        async with EdgeAgent(config, clock, password=password):
+        async with EdgeAgent(config, clock, password=password) as agent:
             err_console.print(
                 f"edge agent for site {config.site.id!r}: {len(config.devices)} device(s), "
                 f"broker {config.broker.host}:{config.broker.port}; Ctrl-C stops.",
                 highlight=False,
             )
-            await stop.wait()
+            return await _serve(agent.bus, stop, give_up_after, _password_source(config.broker))
 
-    asyncio.run(run())
+    _run_service(run)
 
 
 @coordinator_app.command("run")
@@ -339,6 +399,7 @@ def coordinator_run(
     config_file: Annotated[
         Path, typer.Argument(help="Coordinator TOML (config/coordinator.toml).")
     ],
+    give_up_after: GiveUpAfter = GIVE_UP_AFTER,
 ) -> None:
     """Run the coordinator: ingest, forecasts, market clearing, settlement, grid balancing.
 
@@ -361,7 +422,7 @@ def coordinator_run(
     except ValueError as err:
         raise _fail(str(err)) from err
 
-    async def run() -> None:
+    async def run() -> str | None:
         stop = _stop_on_signals()
         async with Coordinator(config, clock, password=password) as coordinator:
             err_console.print(
@@ -370,9 +431,37 @@ def coordinator_run(
                 f"{config.coordinator.ledger}; Ctrl-C stops.",
                 highlight=False,
             )
-            await stop.wait()
+            return await _serve(
+                coordinator.bus, stop, give_up_after, _password_source(config.broker)
+            )
 
-    asyncio.run(run())
+    _run_service(run)
+
+
+async def _serve(
+    bus: BusClient, stop: asyncio.Event, give_up_after: int, password_source: str
+) -> str | None:
+    """Run until ``stop``; a message instead when the broker keeps refusing at start-up."""
+    waiting = asyncio.create_task(_until_connected_or_refused(bus, give_up_after))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if waiting.done() and (reason := waiting.result()) is not None:
+        stopping.cancel()
+        return _refused_message(bus, reason, password_source)
+    waiting.cancel()
+    await stopping
+    return None
+
+
+def _run_service(run: Callable[[], Coroutine[None, None, str | None]]) -> None:
+    """Run a service until stopped; a refusal or a failure ends it with one line, exit 1."""
+    try:
+        refused = asyncio.run(run())
+    except Exception as err:  # a failure, told in words: no TaskGroup wrapper, no traceback
+        logging.getLogger("wattmesh").debug("the service failed", exc_info=err)
+        raise _fail(_describe(err), 1) from err
+    if refused is not None:
+        raise _fail(refused, 1)
 
 
 def _duration_s(text: str) -> float:
@@ -448,8 +537,6 @@ def dispatch(
     import json as json_module  # noqa: PLC0415
 
     from broker import topics  # noqa: PLC0415
-    from broker.client import BusClient, BusSettings  # noqa: PLC0415
-    from broker.messages import Dispatch, DispatchAck  # noqa: PLC0415
 
     if battery_w is None and load_limit_w is None:
         raise _fail("give --battery-w and/or --load-limit-w")
@@ -475,44 +562,138 @@ def dispatch(
     except ValueError as err:
         raise _fail(str(err)) from err
 
-    async def send() -> DispatchAck | None:
-        got: asyncio.Queue[bytes] = asyncio.Queue()
-
-        async def handle(topic: str, payload: bytes) -> None:
-            await got.put(payload)
-
-        settings = BusSettings(
-            host=host,
-            port=port,
-            username=user,
-            password=os.environ.get(password_env),
-            client_id=f"wattmesh-dispatch-{order.id[:8]}",
-            session_expiry_s=0,
-        )
-        async with BusClient(settings, handler=handle) as bus:
-            await bus.subscribe(topics.site_topic(site, "dispatch/ack"))
-            await bus.wait_connected(5)
-            await bus.publish(topics.site_topic(site, "dispatch"), order.model_dump_json())
-            async with asyncio.timeout(wait):
-                while True:
-                    ack = DispatchAck.model_validate_json(await got.get())
-                    if ack.command_id == order.id:
-                        return ack
-
     try:
-        ack = asyncio.run(send())
-    except TimeoutError:
-        raise _fail(
-            f"no acknowledgement from {site} within {wait:g} s (is its agent "
-            "running, and may this user publish its dispatch?)",
-            1,
-        ) from None
-    except Exception as err:
-        raise _fail(f"cannot reach the broker at {host}:{port}: {err}", 1) from err
-    assert ack is not None
+        ack, last_status = asyncio.run(
+            _send_dispatch(host, port, user, os.environ.get(password_env), site, order, wait)
+        )
+    except _DispatchFailed as err:
+        raise _fail(_dispatch_failure(err, host, port, user, password_env), 1) from None
+    if ack is None:
+        raise _fail(_no_ack(site, wait, user, last_status), 1)
     print(json_module.dumps(ack.model_dump(), indent=2))
+    note = _ACK_NOTES[ack.outcome].format(site=site, detail=ack.detail or "no detail given")
+    if ack.outcome == "refused" and clock_file is None and "clock" in ack.detail:
+        note += " (against a simulation, give its --clock-file)"
     if ack.outcome not in ("accepted", "clamped"):
-        raise typer.Exit(1)
+        raise _fail(note, 1)
+    if ack.outcome == "clamped":
+        err_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+
+
+#: What each acknowledgement means, one line each ({site}, {detail}).
+_ACK_NOTES: dict[str, str] = {
+    "accepted": "{site} accepted the order",
+    "clamped": "{site} accepted the order with changes: {detail}",
+    "refused": "{site} refused the order: {detail}",
+    "expired": "{site} judged the order expired on its own clock: {detail}",
+    "duplicate": "{site} had already handled an order with this id",
+    "invalid": "{site} could not read the order: {detail}",
+}
+
+
+class _DispatchFailed(Exception):
+    """The broker part of ``wattmesh dispatch`` failed: ``kind`` says how."""
+
+    def __init__(self, kind: str, detail: str, code: int | None = None) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.code = code  # the broker's CONNACK reason code, for a refusal
+
+
+async def _send_dispatch(
+    host: str,
+    port: int,
+    user: str,
+    password: str | None,
+    site: str,
+    order: Dispatch,
+    wait_s: float,
+) -> tuple[DispatchAck | None, Status | None]:
+    """Publish ``order`` to ``site`` and wait ``wait_s`` for its acknowledgement.
+
+    One connection, no retries: returns the acknowledgement (None if none came) and the site's
+    retained status if the broker holds one; :class:`_DispatchFailed` when the broker cannot
+    be reached (``unreachable``), refuses the connection (``refused``) or drops it (``lost``).
+    """
+    import aiomqtt  # noqa: PLC0415 - keeps `wattmesh --help` fast
+
+    from broker import topics  # noqa: PLC0415
+    from broker.client import refusal_code, refusal_reason  # noqa: PLC0415
+
+    client = aiomqtt.Client(
+        host,
+        port,
+        username=user,
+        password=password,
+        identifier=f"wattmesh-dispatch-{order.id[:8]}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=min(10.0, max(wait_s, 1.0)),
+    )
+    status_topic = topics.site_topic(site, "status")
+    ack_topic = topics.site_topic(site, "dispatch/ack")
+    status: Status | None = None
+    connected = False
+    try:
+        async with client:
+            connected = True
+            await client.subscribe(ack_topic, qos=1)
+            await client.subscribe(status_topic, qos=1)
+            await client.publish(
+                topics.site_topic(site, "dispatch"), order.model_dump_json(), qos=1
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    async for message in client.messages:
+                        payload = message.payload
+                        if not isinstance(payload, bytes):
+                            continue
+                        try:
+                            if str(message.topic) == status_topic:
+                                status = Status.model_validate_json(payload)
+                                continue
+                            ack = DispatchAck.model_validate_json(payload)
+                        except ValueError:
+                            continue
+                        if ack.command_id == order.id:
+                            return ack, status
+    except aiomqtt.MqttError as err:
+        if (code := refusal_code(err)) is not None:
+            raise _DispatchFailed("refused", refusal_reason(err), code) from err
+        raise _DispatchFailed("lost" if connected else "unreachable", str(err)) from err
+    return None, status
+
+
+def _dispatch_failure(err: _DispatchFailed, host: str, port: int, user: str, env: str) -> str:
+    from broker.client import CREDENTIAL_REFUSALS  # noqa: PLC0415
+
+    where = f"the broker at {host}:{port}"
+    if err.kind == "unreachable":
+        return f"cannot reach {where}: {err.detail} (is it running, on this host and port?)"
+    if err.kind == "lost":
+        return f"lost {where} before the site answered: {err.detail}"
+    if err.code in CREDENTIAL_REFUSALS:
+        given = f"${env} is not set" if os.environ.get(env) is None else f"check ${env}"
+        return (
+            f"{where} refused user {user!r}: {err.detail}; {given} (each user's password is in "
+            "the broker's credentials.toml)"
+        )
+    return f"{where} refused the connection: {err.detail}"
+
+
+def _no_ack(site: str, wait_s: float, user: str, status: Status | None) -> str:
+    head = f"no acknowledgement from {site} within {wait_s:g} s"
+    if status is None:
+        return (
+            f"{head}: the broker has no status from an agent for {site!r} (unknown site, an "
+            "agent never started, or a site the broker's configuration does not have)"
+        )
+    if not status.online:
+        return f"{head}: its agent is offline (its last status says so); start it and retry"
+    return (
+        f"{head}: its agent is online but did not answer (may {user!r} publish dispatch "
+        "orders? is it busy or on another clock?)"
+    )
 
 
 @app.command()

@@ -95,7 +95,7 @@ class BusStats:
 #: CONNACK reason codes that refuse who the client is: MQTT 5's 0x86 bad user name or password,
 #: 0x87 not authorized, 0x8A banned, 0x8C bad authentication method, and MQTT 3.1.1's
 #: 4 (bad user name or password) and 5 (not authorised). Mosquitto answers 135 for a wrong,
-#: missing or unknown user's password alike.
+#: missing or unknown user's password alike; paho 2 reports 3.1.1's 5 as 135 as well.
 CREDENTIAL_REFUSALS = frozenset({134, 135, 138, 140, 4, 5})
 
 

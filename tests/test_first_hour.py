@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from broker import topics
+from broker.client import BusClient, BusSettings
 from broker.messages import CoordinatorStatus, Dispatch, DispatchAck, Status
 from broker.mosquitto import BrokerFiles, MosquittoProcess
 from tests.broker_fixtures import MqttClientFactory, free_port
@@ -357,3 +359,41 @@ async def test_dispatch_reports_each_acknowledgement_status(
         assert said == ""
     else:
         assert says in said
+
+
+@pytest.mark.parametrize(
+    ("protocol", "reason"),
+    # paho 2 reports MQTT 3.1.1's return code 5 (not authorised) as MQTT 5's 135 too.
+    [(5, "Not authorized (reason code 135)"), (4, "Not authorized (reason code 135)")],
+)
+async def test_bus_client_logs_a_refusal_with_the_brokers_reason_then_with_backoff(
+    mosquitto: MosquittoProcess,
+    broker_files: BrokerFiles,
+    caplog: pytest.LogCaptureFixture,
+    protocol: int,
+    reason: str,
+) -> None:
+    settings = BusSettings(
+        host=broker_files.connect_host,
+        port=broker_files.port,
+        username="house-1",
+        password="wrong",
+        client_id="house-1",
+        backoff_initial_s=0.01,
+        backoff_max_s=0.02,
+        protocol=protocol,
+    )
+    with caplog.at_level(logging.DEBUG, logger="broker.client"):
+        async with BusClient(settings) as bus:
+            async with asyncio.timeout(30):
+                while bus.refusals < 9:
+                    with contextlib.suppress(TimeoutError):
+                        await bus.wait_connected(0.01)
+            connected, refusal = bus.connected, bus.refusal
+    assert not connected
+    assert refusal == reason
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    # Refusals 1, 2, 4 and 8 are logged (the 9th is not): loud at first, then backing off.
+    assert len(errors) == 4, errors
+    assert errors[0].endswith(f"refused the connection of user 'house-1': {reason}; retrying")
+    assert "(8 times in a row)" in errors[-1]

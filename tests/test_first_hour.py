@@ -25,7 +25,7 @@ from broker.client import BusClient, BusSettings
 from broker.messages import CoordinatorStatus, Dispatch, DispatchAck, Status
 from broker.mosquitto import BrokerFiles, MosquittoProcess
 from tests.broker_fixtures import MqttClientFactory, free_port
-from wattmesh.cli import app
+from wattmesh.cli import JsonLogFormatter, app
 
 #: A bracketed word in help source, escaped for Rich (``\[clock]``) or not (``[clock]``).
 BRACKETED = re.compile(r"\\?\[([A-Za-z_][\w.]*)\]")
@@ -397,3 +397,40 @@ async def test_bus_client_logs_a_refusal_with_the_brokers_reason_then_with_backo
     assert len(errors) == 4, errors
     assert errors[0].endswith(f"refused the connection of user 'house-1': {reason}; retrying")
     assert "(8 times in a row)" in errors[-1]
+
+
+async def test_edge_run_logs_json_lines_with_log_format_json(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    site_file = _site_file(tmp_path, broker_files)
+    result = await asyncio.to_thread(
+        _wattmesh, "edge", "run", str(site_file), "--log-format", "json", "--give-up-after", "2",
+        env={"WATTMESH_MQTT_PASSWORD": "wrong"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is JSON
+    assert all(set(doc) == {"ts", "time", "level", "logger", "message"} for doc in lines)
+    assert lines[0]["level"] == "INFO"
+    assert lines[0]["message"].startswith("edge agent for site 'house-1'")
+    refusals = [d for d in lines if d["logger"] == "broker.client"]
+    assert refusals[0]["level"] == "ERROR"
+    assert "refused the connection of user 'house-1': Not authorized" in refusals[0]["message"]
+    assert lines[-1]["level"] == "ERROR"
+    assert lines[-1]["logger"] == "wattmesh"
+    assert "refused user 'house-1' 2 times" in lines[-1]["message"]
+    assert lines[-1]["time"].endswith("+00:00")
+
+
+def test_json_log_formatter_writes_one_object_per_record_with_the_traceback() -> None:
+    try:
+        raise ValueError("boom")  # noqa: TRY301 - a real exception with a real traceback
+    except ValueError:
+        record = logging.getLogger("t").makeRecord(
+            "t", logging.WARNING, __file__, 1, "spool %s: %d", ("degraded", 3), sys.exc_info()
+        )
+    line = JsonLogFormatter().format(record)
+    assert "\n" not in line
+    doc = json.loads(line)
+    assert doc["message"] == "spool degraded: 3"
+    assert doc["level"] == "WARNING"
+    assert doc["exc"].startswith("Traceback") and doc["exc"].endswith("ValueError: boom")

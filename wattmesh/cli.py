@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -109,6 +111,64 @@ def _describe(err: BaseException) -> str:
     """One line for an error that escaped a service, never a TaskGroup's wrapper."""
     leaves = _leaf_errors(err)
     return "; ".join(str(e) or type(e).__name__ for e in leaves)
+
+
+class LogFormat(enum.StrEnum):
+    """How a service writes its log: for a terminal, or JSON lines for journald and files."""
+
+    text = "text"
+    json = "json"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (UTC epoch s), ``time`` (ISO 8601, UTC), ``level``,
+    ``logger``, ``message`` and, for an exception, ``exc`` (its traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        doc: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        case_sensitive=False,
+        help="text for a terminal, or json: one JSON object per line (ts, time, level, logger, "
+        "message) for journald or log files; the start-up line and a final error too.",
+    ),
+]
+
+
+def _use_log_format(log_format: LogFormat) -> None:
+    """Switch the root logger's handlers (set up by the ``wattmesh`` callback) to JSON lines."""
+    if log_format is LogFormat.json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
+
+
+def _say(message: str, log_format: LogFormat, level: int = logging.INFO) -> None:
+    """A service's own line on stderr (start-up, final error): plain, or a JSON log line."""
+    if log_format is LogFormat.text:
+        text = escape(message)
+        if level >= logging.ERROR:
+            text = f"[red]error:[/red] {text}"
+        err_console.print(text, highlight=False, soft_wrap=True)
+        return
+    record = logging.makeLogRecord(
+        {"name": "wattmesh", "levelno": level, "levelname": logging.getLevelName(level)}
+    )
+    record.msg = message
+    print(JsonLogFormatter().format(record), file=sys.stderr, flush=True)
 
 
 GIVE_UP_AFTER = 3
@@ -361,6 +421,7 @@ def demo(
 def edge_run(
     site_file: Annotated[Path, typer.Argument(help="The site's TOML (see config/sites/).")],
     give_up_after: GiveUpAfter = GIVE_UP_AFTER,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Run the site gateway agent: poll devices, publish telemetry and bids, obey dispatch.
 
@@ -384,14 +445,15 @@ def edge_run(
     async def run() -> str | None:
         stop = _stop_on_signals()
         async with EdgeAgent(config, clock, password=password) as agent:
-            err_console.print(
+            _say(
                 f"edge agent for site {config.site.id!r}: {len(config.devices)} device(s), "
                 f"broker {config.broker.host}:{config.broker.port}; Ctrl-C stops.",
-                highlight=False,
+                log_format,
             )
             return await _serve(agent.bus, stop, give_up_after, _password_source(config.broker))
 
-    _run_service(run)
+    _use_log_format(log_format)
+    _run_service(run, log_format)
 
 
 @coordinator_app.command("run")
@@ -400,6 +462,7 @@ def coordinator_run(
         Path, typer.Argument(help="Coordinator TOML (config/coordinator.toml).")
     ],
     give_up_after: GiveUpAfter = GIVE_UP_AFTER,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Run the coordinator: ingest, forecasts, market clearing, settlement, grid balancing.
 
@@ -425,17 +488,18 @@ def coordinator_run(
     async def run() -> str | None:
         stop = _stop_on_signals()
         async with Coordinator(config, clock, password=password) as coordinator:
-            err_console.print(
+            _say(
                 f"coordinator for feeder {coordinator.feeder!r}: broker "
                 f"{config.broker.host}:{config.broker.port}, ledger "
                 f"{config.coordinator.ledger}; Ctrl-C stops.",
-                highlight=False,
+                log_format,
             )
             return await _serve(
                 coordinator.bus, stop, give_up_after, _password_source(config.broker)
             )
 
-    _run_service(run)
+    _use_log_format(log_format)
+    _run_service(run, log_format)
 
 
 async def _serve(
@@ -453,15 +517,19 @@ async def _serve(
     return None
 
 
-def _run_service(run: Callable[[], Coroutine[None, None, str | None]]) -> None:
+def _run_service(
+    run: Callable[[], Coroutine[None, None, str | None]], log_format: LogFormat
+) -> None:
     """Run a service until stopped; a refusal or a failure ends it with one line, exit 1."""
     try:
         refused = asyncio.run(run())
     except Exception as err:  # a failure, told in words: no TaskGroup wrapper, no traceback
         logging.getLogger("wattmesh").debug("the service failed", exc_info=err)
-        raise _fail(_describe(err), 1) from err
+        _say(_describe(err), log_format, logging.ERROR)
+        raise typer.Exit(1) from err
     if refused is not None:
-        raise _fail(refused, 1)
+        _say(refused, log_format, logging.ERROR)
+        raise typer.Exit(1)
 
 
 def _duration_s(text: str) -> float:

@@ -156,6 +156,8 @@ class BusClient:
         #: Refusals in a row since the last connection, and the broker's last reason.
         self.refusals = 0
         self.refusal: str | None = None
+        #: Why the last attempt to connect failed (None once connected).
+        self.last_error: str | None = None
         self._unreachable = False
         self._subscriptions: dict[str, int] = {}
         self._client: aiomqtt.Client | None = None
@@ -293,6 +295,7 @@ class BusClient:
                     async for message in client.messages:
                         await self._deliver(str(message.topic), message.payload)
             except aiomqtt.MqttError as err:
+                self.last_error = str(err)
                 if self.state is ConnectionState.CONNECTED:
                     log.warning(
                         "lost the broker at %s:%s: %s", self.settings.host, self.settings.port, err
@@ -348,6 +351,7 @@ class BusClient:
         self.state = ConnectionState.CONNECTED
         self.stats.connects += 1
         self.refusals, self.refusal, self._unreachable = 0, None, False
+        self.last_error = None
         if self.stats.connects > 1:
             log.warning(
                 "reconnected to the broker at %s:%s", self.settings.host, self.settings.port

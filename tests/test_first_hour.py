@@ -434,3 +434,27 @@ def test_json_log_formatter_writes_one_object_per_record_with_the_traceback() ->
     assert doc["message"] == "spool degraded: 3"
     assert doc["level"] == "WARNING"
     assert doc["exc"].startswith("Traceback") and doc["exc"].endswith("ValueError: boom")
+
+
+def test_status_says_when_the_broker_is_unreachable() -> None:
+    port = free_port()
+    result = _wattmesh("status", "--port", str(port), "--wait", "1",
+                       env={"WATTMESH_OPERATOR_PASSWORD": "x"})  # fmt: skip
+    assert result.returncode == 1
+    said = " ".join(result.stdout.split())
+    assert f"cannot read the status from 127.0.0.1:{port}: cannot reach the broker" in said
+    _speaks(result)
+
+
+async def test_status_says_when_the_broker_refuses_the_user(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles
+) -> None:
+    result = await asyncio.to_thread(
+        _wattmesh, "status", "--host", broker_files.connect_host, "--port",
+        str(broker_files.port), "--user", "monitor", "--wait", "1",
+        env={"WATTMESH_OPERATOR_PASSWORD": "wrong"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    said = " ".join(result.stdout.split())
+    assert "the broker refused user 'monitor': Not authorized (reason code 135)" in said
+    _speaks(result)

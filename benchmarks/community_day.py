@@ -18,8 +18,8 @@ settled, an unbalanced ledger, interrupted).
 
 The three costs (currency, over the run's settled market intervals)
 -------------------------------------------------------------------
-- Baseline (design.md section 3a): every site billed alone by the utility at the tariffs, no
-  trading, batteries idle: ``wattmesh.demo.baseline`` (the simulators stepped every 60 s).
+- Baseline (docs/architecture.md section 6): every site billed alone by the utility at the
+  tariffs, no trading, batteries idle: ``wattmesh.demo.baseline`` (simulators stepped every 60 s).
 - Ours: the sum of the sites' settled costs in the ledger (``wattmesh.demo._report``), i.e.
   the utility's bill of the feeder plus what the community account kept after paying its
   surplus back to the sites (the coordinator's ``[market] rebate``, on by default: then only

@@ -1,1 +1,1 @@
-"""The message bus contract and plumbing (see ../shared/design.md section 4)."""
+"""The message bus contract and plumbing (see docs/architecture.md, section 3)."""

@@ -20,8 +20,10 @@ from types import TracebackType
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.errors import BusUnavailable
 
@@ -86,6 +88,42 @@ class BusStats:
     published: int = 0
     received: int = 0
     handler_errors: int = 0
+    #: Connections the broker refused (bad credentials, not authorised, ...).
+    refusals: int = 0
+
+
+#: CONNACK reason codes that refuse who the client is: MQTT 5's 0x86 bad user name or password,
+#: 0x87 not authorized, 0x8A banned, 0x8C bad authentication method, and MQTT 3.1.1's
+#: 4 (bad user name or password) and 5 (not authorised). Mosquitto answers 135 for a wrong,
+#: missing or unknown user's password alike; paho 2 reports 3.1.1's 5 as 135 as well.
+CREDENTIAL_REFUSALS = frozenset({134, 135, 138, 140, 4, 5})
+
+
+def refusal_code(err: BaseException) -> int | None:
+    """The broker's CONNACK reason code if ``err`` says it refused the connection, else None.
+
+    aiomqtt raises :class:`aiomqtt.exceptions.MqttConnectError` for a CONNACK that refuses, with the
+    reason code as ``rc`` (a paho ``ReasonCode`` under MQTT 5, an int under 3.1.1); a broker
+    that cannot be reached at all raises a plain :class:`aiomqtt.MqttError` instead.
+    """
+    if not isinstance(err, MqttConnectError):
+        return None
+    rc = err.rc
+    if isinstance(rc, ReasonCode):
+        return int(rc.value)
+    return rc if isinstance(rc, int) else None
+
+
+def refusal_reason(err: BaseException) -> str:
+    """The broker's reason for refusing, e.g. ``Not authorized (reason code 135)``."""
+    code = refusal_code(err)
+    if not isinstance(err, MqttConnectError) or code is None:
+        return str(err)
+    if isinstance(err.rc, ReasonCode):
+        name = str(err.rc)
+    else:  # MQTT 3.1.1: aiomqtt's message is "Connection refused: <reason>"
+        name = str(err.args[0]).removeprefix("Connection refused: ") if err.args else "refused"
+    return f"{name} (reason code {code})"
 
 
 def next_backoff_s(previous_s: float, initial_s: float, max_s: float) -> float:
@@ -115,6 +153,12 @@ class BusClient:
         self.fast_handler = fast_handler
         self.state = ConnectionState.DISCONNECTED
         self.stats = BusStats()
+        #: Refusals in a row since the last connection, and the broker's last reason.
+        self.refusals = 0
+        self.refusal: str | None = None
+        #: Why the last attempt to connect failed (None once connected).
+        self.last_error: str | None = None
+        self._unreachable = False
         self._subscriptions: dict[str, int] = {}
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -251,11 +295,22 @@ class BusClient:
                     async for message in client.messages:
                         await self._deliver(str(message.topic), message.payload)
             except aiomqtt.MqttError as err:
+                self.last_error = str(err)
                 if self.state is ConnectionState.CONNECTED:
                     log.warning(
                         "lost the broker at %s:%s: %s", self.settings.host, self.settings.port, err
                     )
                     self.stats.disconnects += 1
+                elif refusal_code(err) is not None:
+                    self._refused(err)
+                elif not self._unreachable:
+                    self._unreachable = True
+                    log.warning(
+                        "cannot reach the broker at %s:%s: %s; retrying",
+                        self.settings.host,
+                        self.settings.port,
+                        err,
+                    )
                 else:
                     log.debug("cannot reach the broker: %s", err)
             finally:
@@ -270,6 +325,22 @@ class BusClient:
             )
             await asyncio.sleep(delay_s)
 
+    def _refused(self, err: aiomqtt.MqttError) -> None:
+        """Count a refusal; log it at ERROR the 1st, 2nd, 4th, 8th... time in a row."""
+        self.refusals += 1
+        self.stats.refusals += 1
+        self.refusal = refusal_reason(err)
+        if self.refusals & (self.refusals - 1) == 0:
+            again = "" if self.refusals == 1 else f" ({self.refusals} times in a row)"
+            log.error(
+                "the broker at %s:%s refused the connection of user %r: %s%s; retrying",
+                self.settings.host,
+                self.settings.port,
+                self.settings.username,
+                self.refusal,
+                again,
+            )
+
     async def _on_connected(self, client: aiomqtt.Client) -> None:
         for topic, qos in self._subscriptions.items():
             await client.subscribe(topic, qos=qos)
@@ -279,6 +350,8 @@ class BusClient:
             )
         self.state = ConnectionState.CONNECTED
         self.stats.connects += 1
+        self.refusals, self.refusal, self._unreachable = 0, None, False
+        self.last_error = None
         if self.stats.connects > 1:
             log.warning(
                 "reconnected to the broker at %s:%s", self.settings.host, self.settings.port

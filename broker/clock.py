@@ -1,4 +1,4 @@
-"""Clocks: every component takes a clock rather than calling time() (design section 3).
+"""Clocks: every component takes a clock rather than calling time() (docs/architecture.md s. 4).
 
 ``ScaledClock`` runs simulations faster than real time; ``ManualClock`` moves only when told,
 for tests and stepped simulations. Times are UTC epoch seconds.

@@ -1,4 +1,4 @@
-"""Message models: the single source of truth for every payload on the bus (design section 4).
+"""Message models: the single source of truth for every bus payload (docs/architecture.md s. 3).
 
 Strict validation: no unknown fields, finite numbers, bounded prices and quantities, bids
 listed as monotone curves, expiries after their start. Every message carries
@@ -172,7 +172,7 @@ class Dispatch(Message):
     """``site/{site}/dispatch``: a battery setpoint and/or a load limit, valid until expiry.
 
     ``battery_power_w`` positive discharges; ``load_limit_w`` caps the site's import. An
-    ``emergency`` order outranks ordinary dispatch (design section 2, precedence).
+    ``emergency`` order outranks ordinary dispatch (docs/architecture.md section 5).
     """
 
     battery_power_w: PowerW | None = None

@@ -4,7 +4,7 @@
 
     DIR/mosquitto.conf      listeners, persistence, queue limits, logging
     DIR/passwd              PBKDF2-SHA512 hashes in Mosquitto's ``$7$`` format (no plain text)
-    DIR/acl                 one explicit block per user (design section 4)
+    DIR/acl                 one explicit block per user (docs/architecture.md section 3)
     DIR/credentials.toml    user -> password for deployment (mode 600, never commit it)
     DIR/data/               persistence (retained messages, sessions, queued QoS 1 messages)
     DIR/tls/                with TLS: ca.crt, ca.key, server.crt, server.key,
@@ -24,7 +24,7 @@ and ``run_mosquitto_foreground`` check this before starting and say what to chan
 
 The ACL uses explicit ``user`` blocks, not ``pattern`` lines: a pattern applies to every user
 (the coordinator and operator included), an explicit block to exactly one. Site user names
-equal site ids, so the broker can tie a site's identity to its topics (design section 3).
+equal site ids, so the broker can tie a site's identity to its topics (docs/architecture.md s. 7).
 
 A client id belongs to one user: every listener sets ``use_username_as_clientid``, so the broker
 uses the user name (with mTLS the certificate's CN) as the client id whatever the client sends.
@@ -331,14 +331,14 @@ def acl_text(
     operator_user: str | None,
     monitor_user: str | None = None,
 ) -> str:
-    """The ACL file: the access rules of design section 4, one explicit block per user.
+    """The ACL file: the access rules (docs/architecture.md s. 3), one explicit block per user.
 
     The operator and the monitor read everything under the prefix (site topics, market, grid,
     forecasts and the coordinator's ``coordinator/{id}/status``); only the operator writes, and
     only dispatch commands.
     """
     lines = [
-        "# wattmesh broker ACL (design section 4), written by `wattmesh broker init`.",
+        "# wattmesh broker ACL (docs/architecture.md s. 3), written by `wattmesh broker init`.",
         "# One explicit block per user; no 'pattern' lines (they would apply to every user).",
         "# A topic not granted here is refused: publishes are dropped (MQTT 5: PUBACK 135),",
         "# messages on it are never delivered to the user.",

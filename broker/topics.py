@@ -1,4 +1,4 @@
-"""The topic scheme (v1, design section 4): the one place topic strings are made and parsed."""
+"""The topic scheme (v1, docs/architecture.md s. 3): the one place topic strings are made."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Forecasts for the coordinator: per-site PV and load, and the community's clearing price.
 
-Pure, vectorised numpy; no I/O, logging, clock or hidden state (design.md sections 3 and 5).
+Pure, vectorised numpy; no I/O, logging, clock or hidden state (docs/architecture.md section 4).
 The ingest side keeps the ring buffers of telemetry; every function here takes that history as
 arrays and returns arrays aligned to the requested timestamps.
 
@@ -653,7 +653,7 @@ def load_forecast_w(
 def community_net_load_w(site_load_w: ArrayLike, site_pv_w: ArrayLike) -> NDArray[np.float64]:
     """Community net load [W]: ``sum over sites of load - sum over sites of PV``.
 
-    Positive when the community imports through its feeder (design section 3 signs).
+    Positive when the community imports through its feeder (docs/architecture.md section 4).
 
     Args:
         site_load_w: load per site and time [W], shape ``(n_sites, n_times)`` or ``(n_times,)``.

@@ -32,7 +32,7 @@ dispatch      site, priority      battery_power_w, load_limit_w, duration_s
 dispatch_ack  site, outcome       acks, applied_battery_power_w, applied_load_limit_w
 ============  ==================  ==================================================================
 
-Meaning (design.md section 3 conventions: power positive when importing from the grid,
+Meaning (docs/architecture.md section 4 conventions: power positive when importing from the grid,
 battery power positive when discharging, PV and load positive; prices in currency per kWh):
 
 * ``site``: the site totals of one :class:`~broker.messages.Telemetry` message (fields that the

@@ -1,6 +1,6 @@
 """The settlement ledger: double-entry bookkeeping of every market interval in SQLite.
 
-design.md section 3a is the market model this settles. One :class:`Ledger` owns one SQLite
+docs/architecture.md section 6 is the market model this settles. One :class:`Ledger` owns one SQLite
 connection (WAL journal, foreign keys on, ``synchronous=FULL`` because this is money) to a file
 whose schema it creates on first open and whose version it checks on every open. The tables are
 STRICT (SQLite >= 3.37), so no REAL can slip into an amount column.
@@ -24,7 +24,7 @@ Units and rounding (money is exact)
   representation, so ``0.1`` is exactly 100000).
 * Energy is an ``int`` of Wh, the resolution of the sites' meters: each ``*_kwh`` argument is
   rounded to the nearest Wh (half to even, from the float's shortest decimal representation).
-  Positive energy is a net import (design.md section 3).
+  Positive energy is a net import (docs/architecture.md section 4).
 * The value of ``e`` Wh at ``p`` micro-currency per kWh is ``e*p/1000`` micro-currency, exact as
   a fraction. Every posting is between the community account and one other party (a site or the
   utility); that party's amount is rounded *down* to the micro-currency (what it receives is

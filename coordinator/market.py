@@ -1,6 +1,6 @@
 """Market clearing: a uniform-price double auction per interval, the utility as outside option.
 
-Pure, vectorised numpy; no I/O, logging or clock (design.md sections 3, 3a and 5).
+Pure, vectorised numpy; no I/O, logging or clock (docs/architecture.md, sections 4 and 6).
 
 Model
 -----

@@ -1,7 +1,7 @@
 """Perfect-foresight battery scheduling for a community behind one feeder (a linear program).
 
-The utility bills the community's net exchange at the feeder (design.md section 3a): retail per
-kWh imported, feed-in per kWh exported, per step. Trading between sites only moves money inside
+The utility bills the community's net exchange at the feeder (docs/architecture.md s. 6): retail
+per kWh imported, feed-in per kWh exported, per step. Trading between sites only moves money inside
 the community, and the sites' flows net at the feeder, so the cheapest the community can be
 billed for a known future is the minimum utility bill of the feeder flow
 

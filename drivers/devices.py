@@ -1,6 +1,6 @@
 """Typed device facades: inverter, battery and meter readings in SI units, checked setpoints.
 
-Signs (design section 3): meter power is positive when the site imports from the grid; battery
+Signs (docs/architecture.md s. 4): meter power is positive when the site imports; battery
 power is positive when discharging; PV power is positive. Missing values (a point the device
 does not implement, or refuses to give) are ``None``, never zero; a SunSpec facade's
 ``missing`` says which points the last poll could not read and why.

@@ -1,1 +1,1 @@
-"""The site gateway agent (see ../shared/design.md section 2)."""
+"""The site gateway agent (see docs/architecture.md, sections 2 and 5)."""

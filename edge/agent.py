@@ -2,7 +2,7 @@
 
 One poll cycle every ``site.poll_interval_s`` (wall seconds): every due device is polled
 (one :class:`DevicePoller` per device owns its interval and availability), the controller
-chooses the battery setpoint by precedence (design section 2: safety > emergency > dispatch
+chooses the battery setpoint by precedence (docs/architecture.md s. 5: safety > emergency > dispatch
 > market commitment > local fallback), and one telemetry message carrying every device's
 reading goes into the spool. The spool is the outbox: a replay task publishes it in order
 and removes what the broker acknowledged, so a broker outage or an agent crash loses nothing.

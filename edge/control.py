@@ -1,7 +1,7 @@
 """The edge's local fallback controller: pure functions, vectorised, units in names.
 
-Signs (design section 3): site power positive when importing; battery power positive when
-discharging.
+Signs (docs/architecture.md section 4): site power positive when importing; battery power
+positive when discharging.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every function here is pure: no I/O, no clock, no logging, no hidden state. Inpu
 float64 numpy arrays (scalars and sequences are accepted and broadcast); outputs are float64
 arrays with the broadcast shape of the inputs (0-d arrays for scalar inputs).
 
-Units are in the names (design section 3):
+Units are in the names (docs/architecture.md section 4):
 
 - ``ts``: UTC timestamps, float seconds since the Unix epoch.
 - ``*_deg``: degrees; latitude positive north, longitude positive east.

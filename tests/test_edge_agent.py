@@ -369,8 +369,14 @@ anchor_wall_ts = {house.clock.anchor_wall_ts}
 """)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TEST_MQTT_PASSWORD": "wrong"}
         command = [sys.executable, "-m", "wattmesh", "edge", "run", str(site_file)]
-        # First run with a wrong password: the broker refuses it, telemetry piles up.
-        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # First run with a wrong password: the broker refuses it, telemetry piles up (it keeps
+        # retrying instead of giving up after a few refusals).
+        first = subprocess.Popen(
+            [*command, "--give-up-after", "0"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         await asyncio.sleep(3.0)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from broker.client import BusClient
 from broker.clock import Clock, ScaledClock, WallClock
-from broker.settings import ClockSettings
+from broker.messages import Dispatch, DispatchAck, Status
+from broker.settings import BrokerConnection, ClockSettings
 from drivers.errors import DriverError
 from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import ModbusTransport
@@ -26,6 +33,18 @@ from wattmesh import __version__, api_cli, status_cli
 from wattmesh.broker_cli import broker_app
 from wattmesh.ledger_cli import ledger_app
 from wattmesh.scan import ScanResult, scan_device
+
+_display_type_rich = typer.core.TyperOption.display_type_rich
+
+
+def _no_type_for_flags(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """A flag takes no value: show no ``<bool>`` type next to it in ``--help``."""
+    return None if self.is_flag else _display_type_rich(self, ctx)
+
+
+# Typer's rich help prints every option's type, flags included ("--json <bool>"), which
+# reads as if the flag took a value. One place for every command (tests/test_first_hour.py).
+typer.core.TyperOption.display_type_rich = _no_type_for_flags  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="wattmesh",
@@ -83,6 +102,119 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _leaf_errors(err: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups: what a person needs to read."""
+    if isinstance(err, BaseExceptionGroup):
+        return [leaf for sub in err.exceptions for leaf in _leaf_errors(sub)]
+    return [err]
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an error that escaped a service, never a TaskGroup's wrapper."""
+    leaves = _leaf_errors(err)
+    return "; ".join(str(e) or type(e).__name__ for e in leaves)
+
+
+class LogFormat(enum.StrEnum):
+    """How a service writes its log: for a terminal, or JSON lines for journald and files."""
+
+    text = "text"
+    json = "json"
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (UTC epoch s), ``time`` (ISO 8601, UTC), ``level``,
+    ``logger``, ``message`` and, for an exception, ``exc`` (its traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        doc: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        case_sensitive=False,
+        help="text for a terminal, or json: one JSON object per line (ts, time, level, logger, "
+        "message) for journald or log files; the start-up line and a final error too.",
+    ),
+]
+
+
+def _use_log_format(log_format: LogFormat) -> None:
+    """Switch the root logger's handlers (set up by the ``wattmesh`` callback) to JSON lines."""
+    if log_format is LogFormat.json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
+
+
+def _say(message: str, log_format: LogFormat, level: int = logging.INFO) -> None:
+    """A service's own line on stderr (start-up, final error): plain, or a JSON log line."""
+    if log_format is LogFormat.text:
+        text = escape(message)
+        if level >= logging.ERROR:
+            text = f"[red]error:[/red] {text}"
+        err_console.print(text, highlight=False, soft_wrap=True)
+        return
+    record = logging.makeLogRecord(
+        {"name": "wattmesh", "levelno": level, "levelname": logging.getLevelName(level)}
+    )
+    record.msg = message
+    print(JsonLogFormatter().format(record), file=sys.stderr, flush=True)
+
+
+GIVE_UP_AFTER = 3
+
+GiveUpAfter = Annotated[
+    int,
+    typer.Option(
+        "--give-up-after",
+        min=0,
+        help="Exit when the broker refuses the connection (bad password, not authorised) this "
+        "many times in a row before the first connection; 0 keeps retrying. Later refusals "
+        "are logged and retried.",
+    ),
+]
+
+
+async def _until_connected_or_refused(bus: BusClient, give_up_after: int) -> str | None:
+    """None once ``bus`` is connected; the broker's reason once it refused ``give_up_after``
+    times in a row (never, for 0)."""
+    while not bus.connected:
+        if give_up_after and bus.refusals >= give_up_after:
+            return bus.refusal or "refused"
+        with contextlib.suppress(TimeoutError):
+            await bus.wait_connected(0.05)
+    return None
+
+
+def _refused_message(bus: BusClient, reason: str, password_source: str) -> str:
+    s = bus.settings
+    return (
+        f"the broker at {s.host}:{s.port} refused user {s.username!r} {bus.refusals} times: "
+        f"{reason}. Check {password_source}: it must hold {s.username}'s password from the "
+        "broker's credentials.toml, and the user must be in the broker's configuration."
+    )
+
+
+def _password_source(broker: BrokerConnection) -> str:
+    if broker.password_file is not None:
+        return f"the password file {broker.password_file}"
+    if broker.password_env:
+        return f"${broker.password_env}"
+    return "the [broker] section (it gives no password_env or password_file)"
+
+
 def _clock(settings: ClockSettings | None) -> Clock:
     """The clock a site or coordinator file (or ``dispatch --clock-file``) describes; the wall
     clock when none. ``ValueError`` naming the clock file when it cannot be used."""
@@ -129,7 +261,7 @@ def sim_run(
         Path | None,
         typer.Option(
             help="Write the simulated clock here, for edge agents to follow "
-            "([clock] file = ... in their site file)."
+            "(\\[clock] file = ... in their site file)."
         ),
     ] = None,
     free_ports: Annotated[
@@ -290,11 +422,17 @@ def demo(
 @edge_app.command("run")
 def edge_run(
     site_file: Annotated[Path, typer.Argument(help="The site's TOML (see config/sites/).")],
+    give_up_after: GiveUpAfter = GIVE_UP_AFTER,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Run the site gateway agent: poll devices, publish telemetry and bids, obey dispatch.
 
     Telemetry is spooled to disk while the broker is away and replayed in order; with no
     coordinator the batteries follow the local fallback controller. Stops on Ctrl-C/SIGTERM.
+
+    Environment: the broker password is read from the variable the site file's \\[broker]
+    password_env names (WATTMESH_MQTT_PASSWORD in the example site files), unless
+    password_file is given. The site's password is in the broker's credentials.toml.
     """
     from edge.agent import EdgeAgent  # noqa: PLC0415 - keeps `wattmesh --help` fast
     from edge.config import load_edge_config  # noqa: PLC0415
@@ -306,17 +444,18 @@ def edge_run(
     except ValueError as err:  # EdgeConfigError, or a clock file that cannot be used
         raise _fail(str(err)) from err
 
-    async def run() -> None:
+    async def run() -> str | None:
         stop = _stop_on_signals()
-        async with EdgeAgent(config, clock, password=password):
-            err_console.print(
+        async with EdgeAgent(config, clock, password=password) as agent:
+            _say(
                 f"edge agent for site {config.site.id!r}: {len(config.devices)} device(s), "
                 f"broker {config.broker.host}:{config.broker.port}; Ctrl-C stops.",
-                highlight=False,
+                log_format,
             )
-            await stop.wait()
+            return await _serve(agent.bus, stop, give_up_after, _password_source(config.broker))
 
-    asyncio.run(run())
+    _use_log_format(log_format)
+    _run_service(run, log_format)
 
 
 @coordinator_app.command("run")
@@ -324,12 +463,19 @@ def coordinator_run(
     config_file: Annotated[
         Path, typer.Argument(help="Coordinator TOML (config/coordinator.toml).")
     ],
+    give_up_after: GiveUpAfter = GIVE_UP_AFTER,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Run the coordinator: ingest, forecasts, market clearing, settlement, grid balancing.
 
     Clears every interval at its gate closure, publishes awards and the clearing, settles each
     interval in the ledger once its telemetry is in, and dispatches batteries when the feeder
     nears its limits. Stops on Ctrl-C/SIGTERM.
+
+    Environment: the broker password is read from the variable the file's \\[broker]
+    password_env names (WATTMESH_COORDINATOR_PASSWORD in config/coordinator.toml), unless
+    password_file is given; with a \\[historian] section, the InfluxDB token from the
+    variable its token_env names (default WATTMESH_INFLUX_TOKEN).
     """
     from coordinator.config import load_coordinator_config  # noqa: PLC0415
     from coordinator.service import Coordinator  # noqa: PLC0415
@@ -341,18 +487,51 @@ def coordinator_run(
     except ValueError as err:
         raise _fail(str(err)) from err
 
-    async def run() -> None:
+    async def run() -> str | None:
         stop = _stop_on_signals()
         async with Coordinator(config, clock, password=password) as coordinator:
-            err_console.print(
+            _say(
                 f"coordinator for feeder {coordinator.feeder!r}: broker "
                 f"{config.broker.host}:{config.broker.port}, ledger "
                 f"{config.coordinator.ledger}; Ctrl-C stops.",
-                highlight=False,
+                log_format,
             )
-            await stop.wait()
+            return await _serve(
+                coordinator.bus, stop, give_up_after, _password_source(config.broker)
+            )
 
-    asyncio.run(run())
+    _use_log_format(log_format)
+    _run_service(run, log_format)
+
+
+async def _serve(
+    bus: BusClient, stop: asyncio.Event, give_up_after: int, password_source: str
+) -> str | None:
+    """Run until ``stop``; a message instead when the broker keeps refusing at start-up."""
+    waiting = asyncio.create_task(_until_connected_or_refused(bus, give_up_after))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if waiting.done() and (reason := waiting.result()) is not None:
+        stopping.cancel()
+        return _refused_message(bus, reason, password_source)
+    waiting.cancel()
+    await stopping
+    return None
+
+
+def _run_service(
+    run: Callable[[], Coroutine[None, None, str | None]], log_format: LogFormat
+) -> None:
+    """Run a service until stopped; a refusal or a failure ends it with one line, exit 1."""
+    try:
+        refused = asyncio.run(run())
+    except Exception as err:  # a failure, told in words: no TaskGroup wrapper, no traceback
+        logging.getLogger("wattmesh").debug("the service failed", exc_info=err)
+        _say(_describe(err), log_format, logging.ERROR)
+        raise typer.Exit(1) from err
+    if refused is not None:
+        _say(refused, log_format, logging.ERROR)
+        raise typer.Exit(1)
 
 
 def _duration_s(text: str) -> float:
@@ -384,8 +563,10 @@ def dispatch(
         str,
         typer.Option(
             "--for",
-            help="How long: 90s, 15m, 2h, counted on the clock in use (see --clock-file). The "
-            "site ends an order at the latest after its own maximum (max_duration_s in its file).",
+            help="How long: 90s, 15m, 2h. Counted in simulated time with --clock-file (15m is "
+            "15 simulated minutes, a few wall seconds at high speed), else in wall-clock time. "
+            "The site ends an order at the latest after its own maximum (max_duration_s in its "
+            "file).",
         ),
     ] = "15m",
     emergency: Annotated[
@@ -398,7 +579,11 @@ def dispatch(
     port: Annotated[int, typer.Option(help="Broker port.")] = 1883,
     user: Annotated[str, typer.Option(help="Broker user (operator or coordinator).")] = "operator",
     password_env: Annotated[
-        str, typer.Option(help="Environment variable holding the password.")
+        str,
+        typer.Option(
+            help="Environment variable holding the password (the operator's is in the broker's "
+            "credentials.toml)."
+        ),
     ] = "WATTMESH_OPERATOR_PASSWORD",
     wait: Annotated[
         float, typer.Option(help="Seconds (real time) to wait for the site's acknowledgement.")
@@ -422,8 +607,6 @@ def dispatch(
     import json as json_module  # noqa: PLC0415
 
     from broker import topics  # noqa: PLC0415
-    from broker.client import BusClient, BusSettings  # noqa: PLC0415
-    from broker.messages import Dispatch, DispatchAck  # noqa: PLC0415
 
     if battery_w is None and load_limit_w is None:
         raise _fail("give --battery-w and/or --load-limit-w")
@@ -449,44 +632,138 @@ def dispatch(
     except ValueError as err:
         raise _fail(str(err)) from err
 
-    async def send() -> DispatchAck | None:
-        got: asyncio.Queue[bytes] = asyncio.Queue()
-
-        async def handle(topic: str, payload: bytes) -> None:
-            await got.put(payload)
-
-        settings = BusSettings(
-            host=host,
-            port=port,
-            username=user,
-            password=os.environ.get(password_env),
-            client_id=f"wattmesh-dispatch-{order.id[:8]}",
-            session_expiry_s=0,
-        )
-        async with BusClient(settings, handler=handle) as bus:
-            await bus.subscribe(topics.site_topic(site, "dispatch/ack"))
-            await bus.wait_connected(5)
-            await bus.publish(topics.site_topic(site, "dispatch"), order.model_dump_json())
-            async with asyncio.timeout(wait):
-                while True:
-                    ack = DispatchAck.model_validate_json(await got.get())
-                    if ack.command_id == order.id:
-                        return ack
-
     try:
-        ack = asyncio.run(send())
-    except TimeoutError:
-        raise _fail(
-            f"no acknowledgement from {site} within {wait:g} s (is its agent "
-            "running, and may this user publish its dispatch?)",
-            1,
-        ) from None
-    except Exception as err:
-        raise _fail(f"cannot reach the broker at {host}:{port}: {err}", 1) from err
-    assert ack is not None
+        ack, last_status = asyncio.run(
+            _send_dispatch(host, port, user, os.environ.get(password_env), site, order, wait)
+        )
+    except _DispatchFailed as err:
+        raise _fail(_dispatch_failure(err, host, port, user, password_env), 1) from None
+    if ack is None:
+        raise _fail(_no_ack(site, wait, user, last_status), 1)
     print(json_module.dumps(ack.model_dump(), indent=2))
+    note = _ACK_NOTES[ack.outcome].format(site=site, detail=ack.detail or "no detail given")
+    if ack.outcome == "refused" and clock_file is None and "clock" in ack.detail:
+        note += " (against a simulation, give its --clock-file)"
     if ack.outcome not in ("accepted", "clamped"):
-        raise typer.Exit(1)
+        raise _fail(note, 1)
+    if ack.outcome == "clamped":
+        err_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+
+
+#: What each acknowledgement means, one line each ({site}, {detail}).
+_ACK_NOTES: dict[str, str] = {
+    "accepted": "{site} accepted the order",
+    "clamped": "{site} accepted the order with changes: {detail}",
+    "refused": "{site} refused the order: {detail}",
+    "expired": "{site} judged the order expired on its own clock: {detail}",
+    "duplicate": "{site} had already handled an order with this id",
+    "invalid": "{site} could not read the order: {detail}",
+}
+
+
+class _DispatchFailed(Exception):
+    """The broker part of ``wattmesh dispatch`` failed: ``kind`` says how."""
+
+    def __init__(self, kind: str, detail: str, code: int | None = None) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.code = code  # the broker's CONNACK reason code, for a refusal
+
+
+async def _send_dispatch(
+    host: str,
+    port: int,
+    user: str,
+    password: str | None,
+    site: str,
+    order: Dispatch,
+    wait_s: float,
+) -> tuple[DispatchAck | None, Status | None]:
+    """Publish ``order`` to ``site`` and wait ``wait_s`` for its acknowledgement.
+
+    One connection, no retries: returns the acknowledgement (None if none came) and the site's
+    retained status if the broker holds one; :class:`_DispatchFailed` when the broker cannot
+    be reached (``unreachable``), refuses the connection (``refused``) or drops it (``lost``).
+    """
+    import aiomqtt  # noqa: PLC0415 - keeps `wattmesh --help` fast
+
+    from broker import topics  # noqa: PLC0415
+    from broker.client import refusal_code, refusal_reason  # noqa: PLC0415
+
+    client = aiomqtt.Client(
+        host,
+        port,
+        username=user,
+        password=password,
+        identifier=f"wattmesh-dispatch-{order.id[:8]}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=min(10.0, max(wait_s, 1.0)),
+    )
+    status_topic = topics.site_topic(site, "status")
+    ack_topic = topics.site_topic(site, "dispatch/ack")
+    status: Status | None = None
+    connected = False
+    try:
+        async with client:
+            connected = True
+            await client.subscribe(ack_topic, qos=1)
+            await client.subscribe(status_topic, qos=1)
+            await client.publish(
+                topics.site_topic(site, "dispatch"), order.model_dump_json(), qos=1
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    async for message in client.messages:
+                        payload = message.payload
+                        if not isinstance(payload, bytes):
+                            continue
+                        try:
+                            if str(message.topic) == status_topic:
+                                status = Status.model_validate_json(payload)
+                                continue
+                            ack = DispatchAck.model_validate_json(payload)
+                        except ValueError:
+                            continue
+                        if ack.command_id == order.id:
+                            return ack, status
+    except aiomqtt.MqttError as err:
+        if (code := refusal_code(err)) is not None:
+            raise _DispatchFailed("refused", refusal_reason(err), code) from err
+        raise _DispatchFailed("lost" if connected else "unreachable", str(err)) from err
+    return None, status
+
+
+def _dispatch_failure(err: _DispatchFailed, host: str, port: int, user: str, env: str) -> str:
+    from broker.client import CREDENTIAL_REFUSALS  # noqa: PLC0415
+
+    where = f"the broker at {host}:{port}"
+    if err.kind == "unreachable":
+        return f"cannot reach {where}: {err.detail} (is it running, on this host and port?)"
+    if err.kind == "lost":
+        return f"lost {where} before the site answered: {err.detail}"
+    if err.code in CREDENTIAL_REFUSALS:
+        given = f"${env} is not set" if os.environ.get(env) is None else f"check ${env}"
+        return (
+            f"{where} refused user {user!r}: {err.detail}; {given} (each user's password is in "
+            "the broker's credentials.toml)"
+        )
+    return f"{where} refused the connection: {err.detail}"
+
+
+def _no_ack(site: str, wait_s: float, user: str, status: Status | None) -> str:
+    head = f"no acknowledgement from {site} within {wait_s:g} s"
+    if status is None:
+        return (
+            f"{head}: the broker has no status from an agent for {site!r} (unknown site, an "
+            "agent never started, or a site the broker's configuration does not have)"
+        )
+    if not status.online:
+        return f"{head}: its agent is offline (its last status says so); start it and retry"
+    return (
+        f"{head}: its agent is online but did not answer (may {user!r} publish dispatch "
+        "orders? is it busy or on another clock?)"
+    )
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """``wattmesh ledger``: read a settlement ledger (``coordinator.ledger``) for people and machines.
 
 ``report`` prints each site's energy, money and savings against the utility-alone baseline
-(design.md section 3a), a community total, the community and utility accounts' balances and
+(docs/architecture.md s. 6), a community total, the community and utility accounts' balances and
 whether the ledger balances; ``check`` verifies the balance invariant for cron and monitoring
 and lists what is still open (cleared intervals not settled, sites estimated or missing,
 corrections booked); ``audit`` lists the append-only audit log; ``backup`` and ``restore``
@@ -71,7 +71,7 @@ __all__ = [
 REPORT_VERSION: Final = 3
 #: Version of the ``audit --json`` document layout.
 AUDIT_VERSION: Final = 1
-#: The market interval the check assumes to give intervals their UTC times (design.md s. 3).
+#: The market interval the check assumes to give intervals UTC times (docs/architecture.md s. 4).
 DEFAULT_INTERVAL_S: Final = 900
 
 _SQLITE_HEADER: Final = b"SQLite format 3\x00"
@@ -378,7 +378,7 @@ Money (in --currency; positive cost = the site pays, negative = it is paid):
   received   received for its sold energy at the clearing price
   imbalance  net cost of metering more or less than the award
   rebate     the community account's surplus paid back to the site
-             (coordinator [market] rebate; pro rata to the energy awarded)
+             (coordinator \\[market] rebate; pro rata to the energy awarded)
   net cost   paid - received + imbalance - rebate
   baseline   what the utility alone would have billed its metered energy
              (import at retail, export at feed-in; no trading)

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from broker import topics
 from broker.client import BusClient, BusSettings
+from broker.errors import BusUnavailable
 from broker.messages import CoordinatorStatus, Status
 
 
@@ -49,16 +50,27 @@ async def read_status(settings: BusSettings, wait_s: float) -> Snapshot:
         except (ValueError, ValidationError) as err:
             snap.invalid.append(f"{topic}: {str(err).splitlines()[0]}")
 
+    failure: str | None = None
     async with BusClient(settings, handler=handle) as bus:
-        await bus.wait_connected(min(5.0, wait_s))
-        await bus.subscribe(topics.COORDINATOR_STATUS_ALL)
-        await bus.subscribe(topics.site_wildcard("status"))
         try:
-            async with asyncio.timeout(wait_s):
-                await got_coordinator.wait()
-            await asyncio.sleep(min(0.5, wait_s))  # the sites' retained messages follow
+            await bus.wait_connected(min(5.0, wait_s))
         except TimeoutError:
-            pass
+            failure = (
+                f"the broker refused user {settings.username!r}: {bus.refusal}"
+                if bus.refusal is not None
+                else f"cannot reach the broker: {bus.last_error or 'no answer'}"
+            )
+        else:
+            await bus.subscribe(topics.COORDINATOR_STATUS_ALL)
+            await bus.subscribe(topics.site_wildcard("status"))
+            try:
+                async with asyncio.timeout(wait_s):
+                    await got_coordinator.wait()
+                await asyncio.sleep(min(0.5, wait_s))  # the sites' retained messages follow
+            except TimeoutError:
+                pass
+    if failure is not None:  # raised here, outside the client: no TaskGroup wrapper
+        raise BusUnavailable(failure)
     return snap
 
 
@@ -165,7 +177,9 @@ def status(
     try:
         snap = asyncio.run(read_status(settings, wait))
     except Exception as err:
-        console.print(f"cannot read the status from {host}:{port}: {err}", highlight=False)
+        console.print(
+            f"cannot read the status from {host}:{port}: {err}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(snapshot_json(snap), indent=2))
@@ -175,4 +189,3 @@ def status(
         if not as_json:
             console.print(f"no coordinator status on the bus within {wait:g} s", highlight=False)
         raise typer.Exit(1)
-

@@ -19,7 +19,7 @@ token_app = typer.Typer(
 api_app.add_typer(token_app, name="token")
 
 TokensFile = Annotated[
-    Path, typer.Argument(metavar="TOKENS.toml", help="The [api] tokens_file of the coordinator.")
+    Path, typer.Argument(metavar="TOKENS.toml", help="The \\[api] tokens_file of the coordinator.")
 ]
 
 
@@ -103,7 +103,7 @@ def revoke(
 
 def mcp(
     api: Annotated[
-        str, typer.Option("--api", help="The coordinator's API base URL ([api] host:port).")
+        str, typer.Option("--api", help="The coordinator's API base URL (\\[api] host:port).")
     ] = "http://127.0.0.1:8080",
     transport: Annotated[
         str, typer.Option("--transport", help="stdio (one token from --token-env) or http.")

@@ -135,6 +135,7 @@ class Inverter:
                 123: ("WMaxLimPct", "WMaxLim_Ena"),
             },
         )
+        self._zero_limit_written = False
 
     @property
     def missing(self) -> dict[str, str]:
@@ -148,18 +149,29 @@ class Inverter:
         return cls(transport, unit, smap, await _info(transport, unit, smap))
 
     async def read(self) -> InverterReading:
-        """One poll."""
+        """One poll.
+
+        ``curtail_limit_w`` is None when model 123 has no limit enabled, and also when it
+        holds WMaxLim_Ena = 1 with WMaxLimPct = 0 that this facade did not write: that pair
+        is a factory default on many inverters (which then produce at full power), so it
+        reads as "no limit set" rather than a 0 W limit. A 0 W limit written through
+        :meth:`set_curtailment_w` reads back as 0.0.
+        """
         values = await self._reader.poll()
         inv = values[self.inverter_model]
         rated = _f(values.get(120, {}).get("WRtg"))
         ctl = values.get(123, {})
         limit = None
+        pct = _f(ctl.get("WMaxLimPct"))
+        # Enabled with 0 % is many inverters' factory default, not a command to stop: it
+        # reads as "no limit set" unless this facade wrote the 0 % itself.
         if (
             ctl.get("WMaxLim_Ena") == 1
             and rated is not None
-            and _f(ctl.get("WMaxLimPct")) is not None
+            and pct is not None
+            and (pct > 0.0 or self._zero_limit_written)
         ):
-            limit = rated * float(ctl["WMaxLimPct"] or 0.0) / 100.0
+            limit = rated * pct / 100.0
         status = inv.get("St")
         return InverterReading(
             ac_power_w=_f(inv["W"]),
@@ -183,6 +195,7 @@ class Inverter:
         reading = await self.read()
         if limit_w is None:
             await self._reader.write_points(123, {"WMaxLim_Ena": 0})
+            self._zero_limit_written = False
             return
         rated = reading.rated_power_w
         if rated is None or rated <= 0:
@@ -198,6 +211,9 @@ class Inverter:
                 "WMaxLimPct_RmpTms": 0,
                 "WMaxLim_Ena": 1,
             },
+        )
+        self._zero_limit_written = 100.0 * limit_w / rated < 10.0 ** self._reader.scale_factor(
+            123, "WMaxLimPct_SF"
         )
         check = await self.read()
         step = rated * 10.0 ** self._reader.scale_factor(123, "WMaxLimPct_SF") / 100.0
@@ -245,9 +261,29 @@ class Battery:
 
     @classmethod
     async def connect(cls, transport: ModbusTransport, unit: int) -> Battery:
-        """Discover the device and check it is a battery inverter."""
+        """Discover the device and check it is a battery inverter.
+
+        A device without model 124, or whose model 124 is empty (WChaMax not implemented
+        or 0, as PV-only inverters that announce the storage model report it), is refused
+        with :class:`SunSpecError`: its setpoints could not be expressed.
+        """
         smap = await discover(transport, unit)
-        return cls(transport, unit, smap, await _info(transport, unit, smap))
+        battery = cls(transport, unit, smap, await _info(transport, unit, smap))
+        await battery.check_storage()
+        return battery
+
+    async def check_storage(self) -> None:
+        """Raise :class:`SunSpecError` unless model 124 reports a usable WChaMax (W > 0)."""
+        values = await self._reader.poll()
+        w_cha_max = _f(values.get(124, {}).get("WChaMax"))
+        if w_cha_max is None or w_cha_max <= 0:
+            inst = self.map.find(124)
+            where = f" at {inst.address}" if inst is not None else ""
+            got = "not implemented" if w_cha_max is None else f"{w_cha_max:g} W"
+            raise SunSpecError(
+                f"model 124{where} is empty (WChaMax {got}): the device has no "
+                "controllable storage (a PV-only inverter?)"
+            )
 
     async def read(self) -> BatteryReading:
         """One poll."""

@@ -18,6 +18,7 @@ from drivers.regmap import RegisterMap, decode_map, encode_point
 from drivers.sunspec.discovery import SunSpecMap, SunSpecReader, discover
 from drivers.sunspec.models import Value
 from drivers.transport import ModbusTransport
+from drivers.writeguard import WriteCounter, WritePolicy
 
 INVERTER_MODELS = (103, 101, 102, 113, 111, 112)
 METER_MODELS = (203, 201, 202, 204, 213, 211, 212, 214)
@@ -223,12 +224,66 @@ class Inverter:
             )
 
 
-class Battery:
-    """A SunSpec battery inverter: model 124 (storage controls) and 802 (battery base)."""
+class HeldSetpoint:
+    """The safe write path shared by battery facades: hold a setpoint with few writes.
+
+    :meth:`hold_power_w` is called every poll with the wanted power; it writes (through the
+    facade's ``set_power_w``, with its limit checks and read-back) only when the setpoint moved
+    by the policy's deadband, or to refresh it before the device's own revert timeout.
+    ``writes`` counts every setpoint command written (held or direct); ``held`` says how many
+    holds were skipped and refreshed.
+    """
+
+    write_policy: WritePolicy
+    writes: int
+    held: WriteCounter
+
+    def _init_writes(self, policy: WritePolicy | None) -> None:
+        self.write_policy = policy or WritePolicy()
+        self.writes = 0
+        self.held = WriteCounter(self.write_policy)
+
+    def revert_timeout_for(self, revert_timeout_s: int) -> float:
+        """The device's own revert timeout, s, when commanded with ``revert_timeout_s``."""
+        return float(revert_timeout_s)
+
+    async def set_power_w(self, power_w: float, revert_timeout_s: int = 0) -> float:
+        """Command the battery (facades implement this)."""
+        raise NotImplementedError
+
+    async def hold_power_w(self, power_w: float, now_s: float, revert_timeout_s: int = 0) -> bool:
+        """Keep the battery at ``power_w`` (W, positive discharges); True when it wrote.
+
+        ``now_s`` is the caller's clock (s). Written when first held, when it moved by at
+        least the deadband (after the minimum write interval), or when the last write is half
+        the device's revert timeout old. Between writes nothing is sent.
+        """
+        policy = self.write_policy.with_revert_timeout(self.revert_timeout_for(revert_timeout_s))
+        self.held.policy = policy
+        reason = self.held.due(power_w, now_s)
+        if reason is None:
+            return False
+        await self.set_power_w(power_w, revert_timeout_s)
+        self.held.wrote(power_w, now_s, reason)
+        return True
+
+
+class Battery(HeldSetpoint):
+    """A SunSpec battery inverter: model 124 (storage controls) and 802 (battery base).
+
+    ``write_policy`` (deadband, minimum write interval) comes from the device's description
+    in the site file; the refresh follows the revert timeout written with each command.
+    """
 
     def __init__(
-        self, transport: ModbusTransport, unit: int, smap: SunSpecMap, info: DeviceInfo
+        self,
+        transport: ModbusTransport,
+        unit: int,
+        smap: SunSpecMap,
+        info: DeviceInfo,
+        write_policy: WritePolicy | None = None,
     ) -> None:
+        self._init_writes(write_policy)
         if smap.find(124) is None:
             raise SunSpecError(f"unit {unit} has no storage model 124 (models {smap.model_ids})")
         self.info = info
@@ -260,7 +315,9 @@ class Battery:
         return self._reader.missing_points
 
     @classmethod
-    async def connect(cls, transport: ModbusTransport, unit: int) -> Battery:
+    async def connect(
+        cls, transport: ModbusTransport, unit: int, write_policy: WritePolicy | None = None
+    ) -> Battery:
         """Discover the device and check it is a battery inverter.
 
         A device without model 124, or whose model 124 is empty (WChaMax not implemented
@@ -268,7 +325,7 @@ class Battery:
         with :class:`SunSpecError`: its setpoints could not be expressed.
         """
         smap = await discover(transport, unit)
-        battery = cls(transport, unit, smap, await _info(transport, unit, smap))
+        battery = cls(transport, unit, smap, await _info(transport, unit, smap), write_policy)
         await battery.check_storage()
         return battery
 
@@ -350,6 +407,7 @@ class Battery:
         if w_cha_max <= 0:
             raise SetpointRejected("battery reports no WChaMax: rates cannot be expressed")
         pct = 100.0 * abs(power_w) / w_cha_max
+        self.writes += 1
         await self._reader.write_points(
             124,
             {

@@ -203,3 +203,9 @@ def test_the_same_address_in_two_units_is_no_overlap(tmp_path: Path) -> None:
     path.write_text(text.replace("unit_id = 9", "default = 1"), encoding="utf-8")
     with pytest.raises(RegisterMapError, match=r'"other"\): address 4 overlaps'):
         load_register_map(path)
+
+
+def test_the_readme_shows_a_scan_of_every_builtin_map() -> None:
+    readme = (MAPS_DIR.parent.parent / "README.md").read_text(encoding="utf-8")
+    for name in builtin_map_names():
+        assert re.search(rf"wattmesh scan \S+ --map {name}\s", readme), name

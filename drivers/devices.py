@@ -282,14 +282,19 @@ class HeldSetpoint:
 
         ``now_s`` is the caller's clock (s). Written when first held, when it moved by at
         least the deadband (after the minimum write interval), or when the last write is half
-        the device's revert timeout old. Between writes nothing is sent.
+        the device's revert timeout old. Between writes nothing is sent. A write the device
+        does not confirm raises WriteNotConfirmed and is retried after the minimum interval.
         """
         policy = self.write_policy.with_revert_timeout(self.revert_timeout_for(revert_timeout_s))
         self.held.policy = policy
         reason = self.held.due(power_w, now_s)
         if reason is None:
             return False
-        await self.set_power_w(power_w, revert_timeout_s)
+        try:
+            await self.set_power_w(power_w, revert_timeout_s)
+        except WriteNotConfirmed:
+            self.held.failed(now_s)
+            raise
         self.held.wrote(power_w, now_s, reason)
         return True
 

@@ -81,12 +81,13 @@ def write_due(
     last write; "refresh" needs ``refresh_s`` since the last write. A clock that went back
     (``now_s`` before the last write) counts as a long time since, so nothing stalls.
     """
-    if last_value_w is None or last_write_s is None:
+    if last_write_s is None:
         return "first"
     since_s = now_s - last_write_s
     if since_s < 0:
         since_s = math.inf
-    changed = abs(value_w - last_value_w) >= max(policy.deadband_w, 1e-9)
+    # An unknown last value (a write the device did not confirm) is retried as a change.
+    changed = last_value_w is None or abs(value_w - last_value_w) >= max(policy.deadband_w, 1e-9)
     if changed and since_s >= policy.min_interval_s:
         return "change"
     if policy.refresh_s is not None and since_s >= policy.refresh_s:
@@ -111,6 +112,13 @@ class WriteCounter:
         if reason is None:
             self.skipped += 1
         return reason
+
+    def failed(self, now_s: float) -> None:
+        """A write at ``now_s`` that the device did not confirm: retried after the minimum
+        interval, not at once."""
+        self.writes += 1
+        self.last_value_w = None
+        self.last_write_s = now_s
 
     def wrote(self, value_w: float, now_s: float, reason: WriteReason) -> None:
         """Record a write of ``value_w`` at ``now_s``."""

@@ -28,7 +28,7 @@ import math
 from collections.abc import Iterable
 
 from pymodbus.constants import ExcCodes
-from pymodbus.simulator import DataType, SimData, SimDevice
+from pymodbus.simulator import DataType, SimAction, SimData, SimDevice
 
 from drivers.regmap import RegisterMap, RegisterPoint, decode_point, encode_point
 from simulators import physics
@@ -150,7 +150,7 @@ class MapDeviceSim(SimulatedDevice):
             return fallback
         return ref if isinstance(ref, float) else self.get(ref)
 
-    def simdevice_for(self, unit: int, action: object) -> SimDevice:
+    def simdevice_for(self, unit: int, action: SimAction) -> SimDevice:
         """The pymodbus device for one unit: its holding and input blocks."""
         tables = []
         for table in ("holding", "input"):
@@ -168,7 +168,7 @@ class MapDeviceSim(SimulatedDevice):
         return SimDevice(
             id=unit,
             simdata=(bits, bits, tables[0], tables[1]),
-            action=action,  # type: ignore[arg-type]
+            action=action,
         )
 
     def simdevice(self) -> SimDevice:

@@ -23,6 +23,9 @@ def test_write_due_says_first_change_refresh_or_nothing() -> None:
     assert write_due(policy, 900.0, 5.0, 500.0, 0.0) is None  # too soon after the last write
     assert write_due(policy, 500.0, 60.0, 500.0, 0.0) == "refresh"
     assert write_due(policy, 500.0, -5.0, 500.0, 0.0) == "refresh"  # the clock went back
+    # A write the device did not confirm (value unknown) is retried, after the interval.
+    assert write_due(policy, 500.0, 5.0, None, 0.0) is None
+    assert write_due(policy, 500.0, 10.0, None, 0.0) == "change"
 
 
 def test_refresh_follows_the_revert_timeout_and_respects_the_minimum_interval() -> None:

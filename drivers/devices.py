@@ -250,6 +250,26 @@ def check_battery_setpoint(now: BatteryReading, power_w: float) -> None:
         )
 
 
+class BatteryDevice(Protocol):
+    """What every battery facade offers (SunSpec :class:`Battery`, map :class:`MapBattery`)."""
+
+    info: DeviceInfo
+    writes: int
+    held: WriteCounter
+
+    async def read(self) -> BatteryReading:
+        """One poll."""
+        ...
+
+    async def set_power_w(self, power_w: float, revert_timeout_s: int = 0) -> float:
+        """Command the battery (W, positive discharges); the read-back setpoint."""
+        ...
+
+    async def hold_power_w(self, power_w: float, now_s: float, revert_timeout_s: int = 0) -> bool:
+        """Hold a setpoint through the write path; True when it wrote."""
+        ...
+
+
 class HeldSetpoint:
     """The safe write path shared by battery facades: hold a setpoint with few writes.
 

@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 
+from broker.clock import ManualClock
 from drivers.devices import Battery, Inverter
 from drivers.errors import SunSpecError
 from drivers.transport import ModbusTransport
+from simulators.devices import PvInverterSim, SimSite
+from simulators.server import DeviceServer
 from simulators.sunspec_field import FieldDevice, FieldModel, FieldServer, sample_data
 
 
@@ -82,3 +85,19 @@ async def test_battery_accepts_a_model_124_with_a_charge_rate() -> None:
         async with ModbusTransport.from_url(server.url, timeout_s=0.5) as transport:
             battery = await Battery.connect(transport, 1)
             assert battery.map.find(124) is not None
+
+
+async def test_a_0_w_curtailment_written_by_the_facade_reads_back_as_0_w(
+    site: SimSite, clock: ManualClock
+) -> None:
+    sim = PvInverterSim("pv", 1, site, rated_ac_w=6000)
+    async with DeviceServer([sim], tcp=("127.0.0.1", 0)) as server:
+        async with ModbusTransport.from_url(server.url) as transport:
+            inverter = await Inverter.connect(transport, 1)
+            await inverter.set_curtailment_w(0.0)
+            clock.advance(5)
+            stopped = await inverter.read()
+            await inverter.set_curtailment_w(None)
+            lifted = await inverter.read()
+    assert stopped.curtail_limit_w == 0.0 and stopped.ac_power_w == 0
+    assert lifted.curtail_limit_w is None

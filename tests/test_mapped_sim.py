@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from broker.clock import ManualClock
-from drivers.devices import MapBattery, RegisterMapMeter
+from drivers.devices import Battery, BatteryDevice, MapBattery, RegisterMapMeter
 from drivers.errors import SetpointRejected
 from drivers.regmap import builtin_map_names, load_builtin_map
 from drivers.transport import ModbusTransport
@@ -226,3 +226,10 @@ async def test_the_write_policy_comes_from_the_map(site: SimSite) -> None:
     assert battery.write_policy == WritePolicy(deadband_w=100.0, min_interval_s=30.0)
     assert own.write_policy.deadband_w == 5.0
     assert not math.isnan(sim.get("battery_soc_pct"))
+
+
+def test_both_battery_facades_offer_the_same_interface() -> None:
+    facades: list[type[BatteryDevice]] = [Battery, MapBattery]
+    for facade in facades:
+        for method in ("read", "set_power_w", "hold_power_w", "revert_timeout_for"):
+            assert callable(getattr(facade, method))

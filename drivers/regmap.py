@@ -339,7 +339,7 @@ def decode_point(point: RegisterPoint, words: Sequence[int]) -> float:
     except struct.error as err:
         raise ValueError(f'point "{point.name}": words {list(words)} are not all 16-bit') from err
     (raw,) = struct.unpack(f">{fmt}", packed)
-    return float(raw) * point.scale
+    return float(raw) * point.scale + 0.0  # + 0.0: a negative scale gives 0.0, not -0.0
 
 
 def encode_point(point: RegisterPoint, value: float) -> list[int]:

@@ -37,6 +37,8 @@ from simulators.devices import NOMINAL_FREQUENCY_HZ, NOMINAL_VOLTAGE_V, SimSite,
 #: Points further apart than this are served as separate blocks (reads between answer 2).
 _CLUSTER_GAP = 125
 _PHASES = (1, 2, 3)
+#: A 48 V-class battery bank's voltage, V.
+_BATTERY_VOLTAGE_V = 52.0
 
 
 def _clusters(addresses: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -55,7 +57,7 @@ class MapDeviceSim(SimulatedDevice):
     and under every other unit its points name: serve all of :attr:`devices`.
     """
 
-    kind = "mapped"
+    kind = "map"
 
     def __init__(
         self,
@@ -120,7 +122,13 @@ class MapDeviceSim(SimulatedDevice):
     def _plausible(self, p: RegisterPoint) -> float:
         """A constant a working device might show for a point nothing else computes."""
         if p.unit == "V":
-            return 52.0 if p.name.startswith("battery") else 350.0 if "pv" in p.name else 230.0
+            return (
+                _BATTERY_VOLTAGE_V
+                if p.name.startswith("battery")
+                else 350.0
+                if "pv" in p.name
+                else NOMINAL_VOLTAGE_V
+            )
         if p.unit == "Hz":
             return NOMINAL_FREQUENCY_HZ
         if p.unit == "%":
@@ -362,6 +370,11 @@ class MapDeviceSim(SimulatedDevice):
             }
         spec = self.spec
         if spec is not None:
+            for q in self.regmap.points:  # a second view of the battery (a Victron Multi's)
+                if q.name.endswith("soc_pct") and not q.writable:
+                    values[q.name] = self.soc_pct
+            values["battery_current_a"] = self.battery_w / _BATTERY_VOLTAGE_V
+            values["battery_voltage_v"] = _BATTERY_VOLTAGE_V
             values[spec.soc_pct] = self.soc_pct
             values[spec.power_w] = abs(self.battery_w) if spec.direction else self.battery_w
             if spec.direction is not None:
@@ -383,7 +396,7 @@ class MapDeviceSim(SimulatedDevice):
 class _UnitView(SimulatedDevice):
     """Another unit id of a :class:`MapDeviceSim` (a Victron GX's Multi): same device."""
 
-    kind = "mapped-unit"
+    kind = "map-unit"
 
     def __init__(self, owner: MapDeviceSim, unit_id: int) -> None:
         self.owner = owner

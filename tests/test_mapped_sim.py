@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -21,12 +23,14 @@ from broker.clock import ManualClock
 from drivers.devices import Battery, BatteryDevice, MapBattery, RegisterMapMeter
 from drivers.errors import SetpointRejected
 from drivers.regmap import builtin_map_names, load_builtin_map
-from drivers.transport import ModbusTransport
+from drivers.transport import BusPool, ModbusTransport
 from drivers.writeguard import WritePolicy
 from simulators.devices import SimSite
 from simulators.mapped import MapDeviceSim
+from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario, parse_scenario
 from simulators.server import DeviceServer, SerialPair
 from wattmesh.cli import app
+from wattmesh.scan import scan_device
 
 BATTERY_MAPS = ["huawei_sun2000", "sungrow_sh", "victron_gx", "goodwe_et"]
 
@@ -233,3 +237,41 @@ def test_both_battery_facades_offer_the_same_interface() -> None:
     for facade in facades:
         for method in ("read", "set_power_w", "hold_power_w", "revert_timeout_for"):
             assert callable(getattr(facade, method))
+
+
+VENDORS = Path(__file__).resolve().parent.parent / "simulators" / "scenarios" / "vendors.toml"
+
+
+async def test_the_vendor_scenario_serves_a_twin_of_every_vendor_map(clock: ManualClock) -> None:
+    config = load_scenario(VENDORS).with_free_ports()
+    async with ScenarioRunner(config, clock) as runner:
+        assert {d.kind for d in runner.devices} == {"map"}
+        found = {}
+        pool = BusPool(timeout_s=2.0)
+        try:
+            for running in runner.devices:
+                sim = running.device
+                assert isinstance(sim, MapDeviceSim)
+                result = await scan_device(pool.get(running.url), running.unit, sim.regmap)
+                found[sim.regmap.name] = result.values[sim.regmap.name]
+        finally:
+            pool.close()
+    assert set(found) == {
+        "huawei_sun2000",
+        "sungrow_sh",
+        "victron_gx",
+        "goodwe_et",
+        "eastron_sdm72d",
+        "carlo_gavazzi_em24",
+    }
+    assert all(v is not None for values in found.values() for v, _ in values.values())
+    assert found["victron_gx"]["vebus_switch_position"][0] == 3  # served under unit 227
+    victron = found["victron_gx"]
+    assert victron["vebus_soc_pct"][0] == pytest.approx(victron["battery_soc_pct"][0], abs=1)
+    assert found["carlo_gavazzi_em24"]["frequency_hz"][0] == 50.0  # unit 2 on the shared line
+
+
+def test_a_scenario_naming_an_unknown_map_is_refused() -> None:
+    text = VENDORS.read_text().replace('map = "goodwe_et"', 'map = "goodwe_xx"')
+    with pytest.raises(ScenarioError, match=r"sites\[3\]\.devices\[0\].*no built-in|goodwe_xx"):
+        parse_scenario(tomllib.loads(text), "vendors.toml")

@@ -9,15 +9,17 @@ does not implement, or refuses to give) are ``None``, never zero; a SunSpec faca
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from drivers.coalesce import plan_reads, read_blocks
-from drivers.errors import SetpointRejected, SunSpecError, WriteNotConfirmed
-from drivers.regmap import RegisterMap, decode_map, encode_point
+from drivers.errors import RegisterMapError, SetpointRejected, SunSpecError, WriteNotConfirmed
+from drivers.regmap import BatteryControl, RegisterMap, decode_map, encode_point
 from drivers.sunspec.discovery import SunSpecMap, SunSpecReader, discover
 from drivers.sunspec.models import Value
 from drivers.transport import ModbusTransport
+from drivers.writeguard import WriteCounter, WritePolicy
 
 INVERTER_MODELS = (103, 101, 102, 113, 111, 112)
 METER_MODELS = (203, 201, 202, 204, 213, 211, 212, 214)
@@ -135,6 +137,7 @@ class Inverter:
                 123: ("WMaxLimPct", "WMaxLim_Ena"),
             },
         )
+        self._zero_limit_written = False
 
     @property
     def missing(self) -> dict[str, str]:
@@ -148,18 +151,29 @@ class Inverter:
         return cls(transport, unit, smap, await _info(transport, unit, smap))
 
     async def read(self) -> InverterReading:
-        """One poll."""
+        """One poll.
+
+        ``curtail_limit_w`` is None when model 123 has no limit enabled, and also when it
+        holds WMaxLim_Ena = 1 with WMaxLimPct = 0 that this facade did not write: that pair
+        is a factory default on many inverters (which then produce at full power), so it
+        reads as "no limit set" rather than a 0 W limit. A 0 W limit written through
+        :meth:`set_curtailment_w` reads back as 0.0.
+        """
         values = await self._reader.poll()
         inv = values[self.inverter_model]
         rated = _f(values.get(120, {}).get("WRtg"))
         ctl = values.get(123, {})
         limit = None
+        pct = _f(ctl.get("WMaxLimPct"))
+        # Enabled with 0 % is many inverters' factory default, not a command to stop: it
+        # reads as "no limit set" unless this facade wrote the 0 % itself.
         if (
             ctl.get("WMaxLim_Ena") == 1
             and rated is not None
-            and _f(ctl.get("WMaxLimPct")) is not None
+            and pct is not None
+            and (pct > 0.0 or self._zero_limit_written)
         ):
-            limit = rated * float(ctl["WMaxLimPct"] or 0.0) / 100.0
+            limit = rated * pct / 100.0
         status = inv.get("St")
         return InverterReading(
             ac_power_w=_f(inv["W"]),
@@ -183,6 +197,7 @@ class Inverter:
         reading = await self.read()
         if limit_w is None:
             await self._reader.write_points(123, {"WMaxLim_Ena": 0})
+            self._zero_limit_written = False
             return
         rated = reading.rated_power_w
         if rated is None or rated <= 0:
@@ -199,6 +214,9 @@ class Inverter:
                 "WMaxLim_Ena": 1,
             },
         )
+        self._zero_limit_written = 100.0 * limit_w / rated < 10.0 ** self._reader.scale_factor(
+            123, "WMaxLimPct_SF"
+        )
         check = await self.read()
         step = rated * 10.0 ** self._reader.scale_factor(123, "WMaxLimPct_SF") / 100.0
         if check.curtail_limit_w is None or abs(check.curtail_limit_w - limit_w) > step:
@@ -207,12 +225,116 @@ class Inverter:
             )
 
 
-class Battery:
-    """A SunSpec battery inverter: model 124 (storage controls) and 802 (battery base)."""
+def check_battery_setpoint(now: BatteryReading, power_w: float) -> None:
+    """SetpointRejected when ``power_w`` (W, positive discharges) is beyond the battery's
+    rated power, or would push the state of charge further past its bounds."""
+    if not math.isfinite(power_w):
+        raise SetpointRejected(f"battery setpoint {power_w} W is not a number")
+    rated = now.rated_discharge_w if power_w > 0 else now.rated_charge_w
+    if rated is None:
+        raise SetpointRejected("battery reports no rated power")
+    if abs(power_w) > rated:
+        direction = "discharge" if power_w > 0 else "charge"
+        raise SetpointRejected(
+            f"{abs(power_w):.0f} W exceeds the rated {direction} power of {rated:.0f} W"
+        )
+    if now.soc_pct is not None and power_w > 0 and now.soc_pct <= now.soc_min_pct:
+        raise SetpointRejected(
+            f"state of charge {now.soc_pct:.1f}% is at its minimum "
+            f"{now.soc_min_pct:.1f}%: cannot discharge"
+        )
+    if now.soc_pct is not None and power_w < 0 and now.soc_pct >= now.soc_max_pct:
+        raise SetpointRejected(
+            f"state of charge {now.soc_pct:.1f}% is at its maximum "
+            f"{now.soc_max_pct:.1f}%: cannot charge"
+        )
+
+
+class BatteryDevice(Protocol):
+    """What every battery facade offers (SunSpec :class:`Battery`, map :class:`MapBattery`)."""
+
+    info: DeviceInfo
+    writes: int
+    held: WriteCounter
+
+    async def read(self) -> BatteryReading:
+        """One poll."""
+        ...
+
+    async def set_power_w(self, power_w: float, revert_timeout_s: int = 0) -> float:
+        """Command the battery (W, positive discharges); the read-back setpoint."""
+        ...
+
+    async def hold_power_w(self, power_w: float, now_s: float, revert_timeout_s: int = 0) -> bool:
+        """Hold a setpoint through the write path; True when it wrote."""
+        ...
+
+
+class HeldSetpoint:
+    """The safe write path shared by battery facades: hold a setpoint with few writes.
+
+    :meth:`hold_power_w` is called every poll with the wanted power; it writes (through the
+    facade's ``set_power_w``, with its limit checks and read-back) only when the setpoint moved
+    by the policy's deadband, or to refresh it before the device's own revert timeout.
+    ``writes`` counts every setpoint command written (held or direct); ``held`` says how many
+    holds were skipped and refreshed.
+    """
+
+    write_policy: WritePolicy
+    writes: int
+    held: WriteCounter
+
+    def _init_writes(self, policy: WritePolicy | None) -> None:
+        self.write_policy = policy or WritePolicy()
+        self.writes = 0
+        self.held = WriteCounter(self.write_policy)
+
+    def revert_timeout_for(self, revert_timeout_s: int) -> float:
+        """The device's own revert timeout, s, when commanded with ``revert_timeout_s``."""
+        return float(revert_timeout_s)
+
+    async def set_power_w(self, power_w: float, revert_timeout_s: int = 0) -> float:
+        """Command the battery (facades implement this)."""
+        raise NotImplementedError
+
+    async def hold_power_w(self, power_w: float, now_s: float, revert_timeout_s: int = 0) -> bool:
+        """Keep the battery at ``power_w`` (W, positive discharges); True when it wrote.
+
+        ``now_s`` is the caller's clock (s). Written when first held, when it moved by at
+        least the deadband (after the minimum write interval), or when the last write is half
+        the device's revert timeout old. Between writes nothing is sent. A write the device
+        does not confirm raises WriteNotConfirmed and is retried after the minimum interval.
+        """
+        policy = self.write_policy.with_revert_timeout(self.revert_timeout_for(revert_timeout_s))
+        self.held.policy = policy
+        reason = self.held.due(power_w, now_s)
+        if reason is None:
+            return False
+        try:
+            await self.set_power_w(power_w, revert_timeout_s)
+        except WriteNotConfirmed:
+            self.held.failed(now_s)
+            raise
+        self.held.wrote(power_w, now_s, reason)
+        return True
+
+
+class Battery(HeldSetpoint):
+    """A SunSpec battery inverter: model 124 (storage controls) and 802 (battery base).
+
+    ``write_policy`` (deadband, minimum write interval) comes from the device's description
+    in the site file; the refresh follows the revert timeout written with each command.
+    """
 
     def __init__(
-        self, transport: ModbusTransport, unit: int, smap: SunSpecMap, info: DeviceInfo
+        self,
+        transport: ModbusTransport,
+        unit: int,
+        smap: SunSpecMap,
+        info: DeviceInfo,
+        write_policy: WritePolicy | None = None,
     ) -> None:
+        self._init_writes(write_policy)
         if smap.find(124) is None:
             raise SunSpecError(f"unit {unit} has no storage model 124 (models {smap.model_ids})")
         self.info = info
@@ -244,10 +366,32 @@ class Battery:
         return self._reader.missing_points
 
     @classmethod
-    async def connect(cls, transport: ModbusTransport, unit: int) -> Battery:
-        """Discover the device and check it is a battery inverter."""
+    async def connect(
+        cls, transport: ModbusTransport, unit: int, write_policy: WritePolicy | None = None
+    ) -> Battery:
+        """Discover the device and check it is a battery inverter.
+
+        A device without model 124, or whose model 124 is empty (WChaMax not implemented
+        or 0, as PV-only inverters that announce the storage model report it), is refused
+        with :class:`SunSpecError`: its setpoints could not be expressed.
+        """
         smap = await discover(transport, unit)
-        return cls(transport, unit, smap, await _info(transport, unit, smap))
+        battery = cls(transport, unit, smap, await _info(transport, unit, smap), write_policy)
+        await battery.check_storage()
+        return battery
+
+    async def check_storage(self) -> None:
+        """Raise :class:`SunSpecError` unless model 124 reports a usable WChaMax (W > 0)."""
+        values = await self._reader.poll()
+        w_cha_max = _f(values.get(124, {}).get("WChaMax"))
+        if w_cha_max is None or w_cha_max <= 0:
+            inst = self.map.find(124)
+            where = f" at {inst.address}" if inst is not None else ""
+            got = "not implemented" if w_cha_max is None else f"{w_cha_max:g} W"
+            raise SunSpecError(
+                f"model 124{where} is empty (WChaMax {got}): the device has no "
+                "controllable storage (a PV-only inverter?)"
+            )
 
     async def read(self) -> BatteryReading:
         """One poll."""
@@ -291,29 +435,12 @@ class Battery:
             raise SetpointRejected(f"battery setpoint {power_w} W is not a number")
         if not 0 <= revert_timeout_s <= 0xFFFF:
             raise SetpointRejected(f"revert timeout {revert_timeout_s} s outside 0..65535")
-        now = await self.read()
-        rated = now.rated_discharge_w if power_w > 0 else now.rated_charge_w
-        if rated is None:
-            raise SetpointRejected("battery reports no rated power")
-        if abs(power_w) > rated:
-            direction = "discharge" if power_w > 0 else "charge"
-            raise SetpointRejected(
-                f"{abs(power_w):.0f} W exceeds the rated {direction} power of {rated:.0f} W"
-            )
-        if now.soc_pct is not None and power_w > 0 and now.soc_pct <= now.soc_min_pct:
-            raise SetpointRejected(
-                f"state of charge {now.soc_pct:.1f}% is at its minimum "
-                f"{now.soc_min_pct:.1f}%: cannot discharge"
-            )
-        if now.soc_pct is not None and power_w < 0 and now.soc_pct >= now.soc_max_pct:
-            raise SetpointRejected(
-                f"state of charge {now.soc_pct:.1f}% is at its maximum "
-                f"{now.soc_max_pct:.1f}%: cannot charge"
-            )
+        check_battery_setpoint(await self.read(), power_w)
         w_cha_max = float(self._reader.decode(self._reader.last_image)[124]["WChaMax"] or 0.0)
         if w_cha_max <= 0:
             raise SetpointRejected("battery reports no WChaMax: rates cannot be expressed")
         pct = 100.0 * abs(power_w) / w_cha_max
+        self.writes += 1
         await self._reader.write_points(
             124,
             {
@@ -411,6 +538,26 @@ MAP_METER_POINTS = {
 }
 
 
+async def read_map_points(
+    transport: ModbusTransport,
+    unit: int,
+    regmap: RegisterMap,
+    names: Iterable[str] | None = None,
+) -> dict[str, float]:
+    """Read and decode the named points (all when None), each from the unit that holds it.
+
+    One image per unit, read with the fewest requests the map's ``max_read_registers``
+    allows. NaN float registers decode as NaN (missing).
+    """
+    values: dict[str, float] = {}
+    for unit_id, points in regmap.unit_groups(names).items():
+        group = [p.name for p in points]
+        blocks = plan_reads(regmap.spans(group), max_registers=regmap.max_read_registers)
+        image = await read_blocks(transport, unit if unit_id is None else unit_id, blocks)
+        values.update(decode_map(regmap, image, group))
+    return values
+
+
 class RegisterMapMeter:
     """A meter described by a register map (e.g. the Eastron SDM630)."""
 
@@ -422,12 +569,20 @@ class RegisterMapMeter:
         self.unit = unit
         self.regmap = regmap
         self.info = DeviceInfo(regmap.manufacturer, regmap.model, None, None)
-        self.blocks = plan_reads(regmap.spans(MAP_METER_POINTS.values()))
+        self.blocks = plan_reads(
+            regmap.spans(MAP_METER_POINTS.values()), max_registers=regmap.max_read_registers
+        )
+        self._one_unit = len(regmap.unit_groups(MAP_METER_POINTS.values())) == 1
 
     async def read(self) -> MeterReading:
         """One poll."""
-        image = await read_blocks(self.transport, self.unit, self.blocks)
-        v = decode_map(self.regmap, image, MAP_METER_POINTS.values())
+        if self._one_unit and self.regmap.point("power_total_w").unit_id is None:
+            image = await read_blocks(self.transport, self.unit, self.blocks)
+            v = decode_map(self.regmap, image, MAP_METER_POINTS.values())
+        else:
+            v = await read_map_points(
+                self.transport, self.unit, self.regmap, MAP_METER_POINTS.values()
+            )
 
         def get(name: str) -> float | None:
             x = v[MAP_METER_POINTS[name]]
@@ -447,8 +602,184 @@ class RegisterMapMeter:
         point = self.regmap.point(name)
         if not point.writable or point.table != "holding":
             raise SetpointRejected(f"{self.regmap.source}: point {name} is not writable")
-        await self.transport.write_registers(self.unit, point.address, encode_point(point, value))
+        unit = self.unit if point.unit_id is None else point.unit_id
+        await self.transport.write_registers(unit, point.address, encode_point(point, value))
         image = await read_blocks(self.transport, self.unit, plan_reads(self.regmap.spans([name])))
         back = decode_map(self.regmap, image, [name])[name]
         if not math.isclose(back, value, rel_tol=1e-6, abs_tol=abs(point.scale)):
             raise WriteNotConfirmed(f"{name}: wrote {value}, read back {back}")
+
+
+class MapBattery(HeldSetpoint):
+    """A battery described by a register map's ``[battery]`` table: the same interface as
+    :class:`Battery` (read, set_power_w with limit checks and read-back, hold_power_w).
+
+    The write policy's deadband and minimum write interval come from the map's
+    ``[battery.control]`` unless one is given. The device's own revert timeout is the map's:
+    written to its timeout point with each command (the caller's ``revert_timeout_s``, or
+    the map's longest when 0), or fixed by the device (``revert_timeout_s`` in the map; a
+    device that holds setpoints refuses a command that asks for a timeout).
+    """
+
+    def __init__(
+        self,
+        transport: ModbusTransport,
+        unit: int,
+        regmap: RegisterMap,
+        write_policy: WritePolicy | None = None,
+    ) -> None:
+        if regmap.battery is None:
+            raise RegisterMapError(f"register map {regmap.source} describes no battery")
+        self.spec = regmap.battery
+        self.control: BatteryControl | None = self.spec.control
+        if write_policy is None and self.control is not None:
+            write_policy = WritePolicy(
+                deadband_w=self.control.deadband_w,
+                min_interval_s=self.control.min_write_interval_s,
+            )
+        self._init_writes(write_policy)
+        self.transport = transport
+        self.unit = unit
+        self.regmap = regmap
+        self.info = DeviceInfo(regmap.manufacturer, regmap.model, None, None)
+        names = list(self.spec.reads)
+        if self.control is not None:
+            names += [
+                n
+                for n in (self.control.setpoint, self.control.charge_setpoint, self.control.mode)
+                if n is not None
+            ]
+        self._names = list(dict.fromkeys(names))
+
+    def _setpoint_w(self, v: dict[str, float]) -> float | None:
+        """The commanded power the device holds, W (positive discharges); None when unknown."""
+        c = self.control
+        if c is None:
+            return None
+        mode = None if c.mode is None else v[c.mode]
+        if mode is not None and mode == c.mode_idle:
+            return 0.0
+        if c.setpoint_kind == "signed":
+            sp = v[c.setpoint]
+            return None if math.isnan(sp) else sp
+        if mode == c.mode_discharge:
+            return abs(v[c.setpoint])
+        if mode == c.mode_charge:
+            return -abs(v[c.charge_setpoint or c.setpoint])
+        return None  # another mode (e.g. the device's own self-consumption)
+
+    async def read(self) -> BatteryReading:
+        """One poll."""
+        v = await read_map_points(self.transport, self.unit, self.regmap, self._names)
+
+        def num(ref: str | float | None) -> float | None:
+            if ref is None or isinstance(ref, float):
+                return ref
+            return None if math.isnan(v[ref]) else v[ref]
+
+        spec = self.spec
+        power = num(spec.power_w)
+        if power is not None and spec.direction is not None:
+            status = int(v[spec.direction])
+            power = (
+                -abs(power)
+                if status & spec.charging_mask
+                else abs(power)
+                if status & spec.discharging_mask
+                else 0.0
+            )
+        soc = num(spec.soc_pct)
+        soc_min, soc_max = num(spec.soc_min_pct) or 0.0, num(spec.soc_max_pct) or 100.0
+        if power is None:
+            charge_status = None
+        elif power > 0:
+            charge_status = "discharging"
+        elif power < 0:
+            charge_status = "charging"
+        elif soc is not None and soc >= soc_max:
+            charge_status = "full"
+        elif soc is not None and soc <= soc_min:
+            charge_status = "empty"
+        else:
+            charge_status = "holding"
+        return BatteryReading(
+            soc_pct=soc,
+            power_w=power,
+            setpoint_w=self._setpoint_w(v),
+            rated_charge_w=num(spec.rated_charge_w),
+            rated_discharge_w=num(spec.rated_discharge_w),
+            soc_min_pct=soc_min,
+            soc_max_pct=soc_max,
+            capacity_wh=num(spec.capacity_wh),
+            charge_status=charge_status,
+        )
+
+    def revert_timeout_for(self, revert_timeout_s: int) -> float:
+        """The device's own revert timeout, s, when commanded with ``revert_timeout_s``."""
+        c = self.control
+        if c is None:
+            return 0.0
+        if c.timeout is not None:
+            return float(revert_timeout_s or c.revert_timeout_max_s or 0.0)
+        return c.revert_timeout_s
+
+    def _command(self, power_w: float, revert_timeout_s: int) -> list[tuple[str, float]]:
+        """The (point, value) writes of one command, in the map's order."""
+        c = self.control
+        if c is None:
+            raise SetpointRejected(f"register map {self.regmap.source} documents no control")
+        writes = list(c.prepare)
+        if c.timeout is not None:
+            limit = c.revert_timeout_max_s or 0.0
+            if revert_timeout_s > limit:
+                raise SetpointRejected(
+                    f"revert timeout {revert_timeout_s} s exceeds the device's {limit:g} s"
+                )
+            writes.append((c.timeout, float(revert_timeout_s or limit)))
+        elif revert_timeout_s and not c.revert_timeout_s:
+            raise SetpointRejected(
+                f"{self.regmap.model} holds setpoints until told otherwise: it cannot revert "
+                f"after {revert_timeout_s} s"
+            )
+        if c.setpoint_kind == "signed":
+            writes.append((c.setpoint, power_w))
+        elif power_w < 0 and c.charge_setpoint is not None:
+            writes.append((c.charge_setpoint, -power_w))
+        else:
+            writes.append((c.setpoint, abs(power_w)))
+        if c.mode is not None:
+            mode = (
+                c.mode_discharge if power_w > 0 else c.mode_charge if power_w < 0 else c.mode_idle
+            )
+            writes.append((c.mode, float(mode or 0)))
+        return writes
+
+    async def set_power_w(self, power_w: float, revert_timeout_s: int = 0) -> float:
+        """Command the battery to ``power_w`` (positive discharges, negative charges, 0 holds).
+
+        Writes the map's command (prepare, timeout, setpoint(s), mode) and confirms by reading
+        back. Refused before anything is written when beyond the rated power or the state of
+        charge bounds, or when a value does not fit its register. Returns the setpoint the
+        device reports, W.
+        """
+        if not 0 <= revert_timeout_s <= 0xFFFF:
+            raise SetpointRejected(f"revert timeout {revert_timeout_s} s outside 0..65535")
+        check_battery_setpoint(await self.read(), power_w)
+        encoded = []
+        for name, value in self._command(power_w, revert_timeout_s):
+            point = self.regmap.point(name)
+            try:
+                words = encode_point(point, value)
+            except ValueError as err:
+                raise SetpointRejected(f"{name}: {err}") from err
+            encoded.append((self.unit if point.unit_id is None else point.unit_id, point, words))
+        self.writes += 1
+        for unit, point, words in encoded:
+            await self.transport.write_registers(unit, point.address, words)
+        check = await self.read()
+        control = self.control
+        assert control is not None  # _command refused a map without control
+        step = abs(self.regmap.point(control.setpoint).scale)
+        if check.setpoint_w is None or abs(check.setpoint_w - power_w) > step:
+            raise WriteNotConfirmed(f"setpoint {power_w} W written, read back {check.setpoint_w}")
+        return check.setpoint_w

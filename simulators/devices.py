@@ -32,6 +32,9 @@ class SimulatedDevice(ABC):
     """A device a Modbus server can serve: a register image and an action callback."""
 
     kind: str = "device"
+    #: Devices of other kinds than the built-in ones step after those, lowest first
+    #: (producers before meters, so that a meter sees what they changed).
+    step_order: int = 1
 
     def __init__(self, name: str, unit_id: int, site: SimSite) -> None:
         if not 0 <= unit_id <= 247:
@@ -250,6 +253,9 @@ class SimSite:
                 self.pv_w = sum(d.ac_power_w for d in self.devices if isinstance(d, PvInverterSim))
                 self.battery_w = sum(d.power_w for d in self.devices if isinstance(d, BatterySim))
                 self.grid_w = self.load_w - self.pv_w - self.battery_w
+        others = [d for d in self.devices if not isinstance(d, order)]
+        for device in sorted(others, key=lambda d: d.step_order):
+            device.step(now, dt_s)
 
 
 class PvInverterSim(SunSpecDevice):

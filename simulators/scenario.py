@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from drivers.errors import RegisterMapError
+from drivers.regmap import RegisterMap, builtin_map_names, load_builtin_map, load_register_map
 from simulators.clock import Clock
 from simulators.devices import (
     BatterySim,
@@ -28,6 +30,7 @@ from simulators.devices import (
     SimulatedDevice,
     SunSpecMeterSim,
 )
+from simulators.mapped import MapDeviceSim
 from simulators.server import DeviceServer, SerialPair
 
 
@@ -90,7 +93,35 @@ class Sdm630Config(_DeviceBase):
     transport: Literal["tcp", "rtu"] = "rtu"
 
 
-AnyDeviceConfig = PvConfig | BatteryConfig | SunSpecMeterConfig | Sdm630Config
+class MapConfig(_DeviceBase):
+    """Any register map's twin (:class:`simulators.mapped.MapDeviceSim`): a built-in map's
+    name or a TOML file. ``unit`` defaults to the map's unit id; points the map puts in other
+    units are served under those on the same port or line."""
+
+    kind: Literal["map"]
+    map: str = Field(min_length=1)
+    unit: int | None = Field(default=None, ge=1, le=247)  # type: ignore[assignment]
+    pv_peak_w: float = Field(default=5000.0, gt=0)
+    capacity_wh: float = Field(default=10_000.0, gt=0)
+    rated_power_w: float = Field(default=5000.0, gt=0)
+    soc_pct: float = Field(default=50.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _known_map(self) -> MapConfig:
+        self.register_map()  # a wrong map is a wrong scenario
+        return self
+
+    def register_map(self) -> RegisterMap:
+        """The map, built-in or from a file; ValueError naming what is wrong."""
+        try:
+            if self.map in builtin_map_names():
+                return load_builtin_map(self.map)
+            return load_register_map(self.map)
+        except RegisterMapError as err:
+            raise ValueError(str(err)) from err
+
+
+AnyDeviceConfig = PvConfig | BatteryConfig | SunSpecMeterConfig | Sdm630Config | MapConfig
 DeviceConfig = Annotated[AnyDeviceConfig, Field(discriminator="kind")]
 
 
@@ -157,7 +188,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("pv_inverter", "battery", "sunspec_meter", "sdm630"):
+        elif part in ("pv_inverter", "battery", "sunspec_meter", "sdm630", "map"):
             continue  # the discriminator's branch name adds nothing for the reader
         else:
             out += f".{part}" if out else str(part)
@@ -220,7 +251,24 @@ def build_device(cfg: AnyDeviceConfig, site: SimSite, seed: int) -> SimulatedDev
         )
     if isinstance(cfg, SunSpecMeterConfig):
         return SunSpecMeterSim(cfg.name, cfg.unit, site, cfg.max_power_w)
+    if isinstance(cfg, MapConfig):
+        return MapDeviceSim(
+            cfg.name,
+            site,
+            cfg.register_map(),
+            cfg.unit,
+            pv_peak_w=cfg.pv_peak_w,
+            capacity_wh=cfg.capacity_wh,
+            rated_power_w=cfg.rated_power_w,
+            soc_pct=cfg.soc_pct,
+            seed=seed,
+        )
     return Sdm630MeterSim(cfg.name, cfg.unit, site)
+
+
+def served_units(device: SimulatedDevice) -> list[SimulatedDevice]:
+    """What a server must serve for ``device``: a map twin answers under several units."""
+    return device.devices if isinstance(device, MapDeviceSim) else [device]
 
 
 def build_sites(
@@ -287,7 +335,7 @@ class ScenarioRunner:
         lines: dict[str, list[tuple[SiteConfig, AnyDeviceConfig, SimulatedDevice]]] = {}
         for site_cfg, dev_cfg, device in built:
             if dev_cfg.transport == "tcp":
-                server = DeviceServer([device], tcp=(cfg.host, dev_cfg.port))
+                server = DeviceServer(served_units(device), tcp=(cfg.host, dev_cfg.port))
                 await self._stack.enter_async_context(server)
                 self._add(site_cfg.id, dev_cfg, device, server.url)
             else:
@@ -303,7 +351,11 @@ class ScenarioRunner:
                     SerialPair(directory=cfg.pty_dir, name=bus)
                 )
                 server_end, client_end = pair.server_end, pair.client_end
-            server = DeviceServer([m[2] for m in members], serial_port=server_end, baud=first.baud)
+            server = DeviceServer(
+                [unit for m in members for unit in served_units(m[2])],
+                serial_port=server_end,
+                baud=first.baud,
+            )
             await self._stack.enter_async_context(server)
             for site_cfg, dev_cfg, device in members:
                 self._add(site_cfg.id, dev_cfg, device, f"rtu://{client_end}?baud={first.baud}")

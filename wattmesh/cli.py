@@ -316,7 +316,10 @@ def _print_scan(result: ScanResult) -> None:
 @app.command()
 def scan(
     url: Annotated[str, typer.Argument(help="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600")],
-    unit: Annotated[int, typer.Option(help="Modbus unit id.", min=0, max=247)] = 1,
+    unit: Annotated[
+        int | None,
+        typer.Option(help="Modbus unit id (default: the map's, else 1).", min=0, max=247),
+    ] = None,
     register_map: Annotated[
         str | None,
         typer.Option(
@@ -347,6 +350,8 @@ def scan(
             )
         except DriverError as err:
             raise _fail(str(err)) from err
+    if unit is None:
+        unit = regmap.unit_id if regmap is not None and regmap.unit_id is not None else 1
 
     async def run() -> ScanResult:
         async with transport:

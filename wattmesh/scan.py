@@ -6,8 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from drivers.coalesce import plan_reads, read_blocks
-from drivers.regmap import RegisterMap, decode_map
+from drivers.devices import read_map_points
+from drivers.regmap import RegisterMap
 from drivers.sunspec.discovery import ModelInstance, SunSpecReader, discover
 from drivers.sunspec.models import ModelLayout, Value, model_layout
 from drivers.transport import ModbusTransport
@@ -79,6 +79,8 @@ async def scan_device(
 ) -> ScanResult:
     """Read a register-mapped device when ``regmap`` is given, else discover SunSpec.
 
+    A map's points are read from ``unit``, or from their own unit where the map says so.
+
     A SunSpec scan reads every model twice: first the fixed blocks (they hold the counts of
     the repeating groups), then every point of every instance, including repeating groups;
     models without a definition are read as raw registers. Registers the device refuses
@@ -86,8 +88,7 @@ async def scan_device(
     """
     url = str(transport.endpoint)
     if regmap is not None:
-        image = await read_blocks(transport, unit, plan_reads(regmap.spans()))
-        decoded = decode_map(regmap, image)
+        decoded = await read_map_points(transport, unit, regmap)
         result = ScanResult(url, unit, f"{regmap.manufacturer} {regmap.model} ({regmap.source})")
         result.values[regmap.name] = {
             p.name: (None if math.isnan(decoded[p.name]) else decoded[p.name], p.unit)

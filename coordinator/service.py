@@ -28,6 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -53,7 +54,7 @@ from broker.messages import (
 from coordinator import forecast as fc
 from coordinator import grid
 from coordinator import plausibility as pl
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, CoordinatorSection
 from coordinator.historian import Historian, HistorianError, HistorianSettings
 from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, LedgerError
 from coordinator.market import Book, Tariff, clear
@@ -102,6 +103,18 @@ def clear_bids(
     net = result.site_net_award_kwh(len(names))
     price = float(np.clip(result.price_per_kwh, -100.0, 100.0))
     return result, {name: float(net[i]) for i, name in enumerate(names)}, price
+
+
+def site_forecast_w(
+    pv: RingBuffer, load: RingBuffer, times: NDArray[np.floating[Any]], where: CoordinatorSection
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """A site's PV and load forecasts (W) at ``times`` from its history (unknown: 0)
+    (:func:`coordinator.forecast.pv_forecast_w`, :func:`coordinator.forecast.load_forecast_w`)."""
+    pv_ts, pv_w = pv.arrays()
+    load_ts, load_w = load.arrays()
+    pv_f = fc.pv_forecast_w(pv_ts, pv_w, times, where.latitude_deg, where.longitude_deg)
+    load_f = fc.load_forecast_w(load_ts, load_w, times, utc_offset_h=where.utc_offset_h)
+    return np.nan_to_num(pv_f), np.nan_to_num(load_f)
 
 
 class RingBuffer:
@@ -883,11 +896,7 @@ class Coordinator:
         for name, s in self.sites.items():
             if len(s.load) == 0:
                 continue
-            pv_ts, pv_w = s.pv.arrays()
-            load_ts, load_w = s.load.arrays()
-            pv = fc.pv_forecast_w(pv_ts, pv_w, times, c.latitude_deg, c.longitude_deg)
-            load = fc.load_forecast_w(load_ts, load_w, times, utc_offset_h=c.utc_offset_h)
-            per_site[name] = (np.nan_to_num(pv), np.nan_to_num(load))
+            per_site[name] = site_forecast_w(s.pv, s.load, times, c)
         if not per_site:
             return
         tariffs = np.array([self.tariff_at(float(t)) for t in times])

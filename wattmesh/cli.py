@@ -23,6 +23,7 @@ from drivers.regmap import builtin_map_names, load_builtin_map, load_register_ma
 from drivers.transport import ModbusTransport
 from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario
 from wattmesh import __version__, status_cli
+from wattmesh import backtest as backtest_cli
 from wattmesh.broker_cli import broker_app
 from wattmesh.ledger_cli import ledger_app
 from wattmesh.scan import ScanResult, scan_device
@@ -44,6 +45,7 @@ app.add_typer(ledger_app, name="ledger")
 edge_app = typer.Typer(help="The site gateway agent.", no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
 app.command("status")(status_cli.status)
+app.command("backtest")(backtest_cli.backtest)
 
 # Piped output gets a width that fits the report tables; a terminal keeps its own.
 console = Console(width=None if sys.stdout.isatty() else 120)

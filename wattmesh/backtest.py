@@ -30,6 +30,7 @@ register resolution; each edge's forecast holds only the next interval (the one 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 import time
@@ -659,8 +660,11 @@ def run_backtest(
     progress: Callable[[float], None] | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
-    temporary file, removed afterwards, when None)."""
-    with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-") as tmp:
+    temporary file, removed afterwards, when None: in memory-backed ``/dev/shm`` where there is
+    one, since the ledger syncs every commit to disk and a throwaway ledger need not)."""
+    shm = Path("/dev/shm")
+    where = str(shm) if ledger_path is None and shm.is_dir() and os.access(shm, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-", dir=where) as tmp:
         path = ledger_path or Path(tmp) / "ledger.sqlite"
         engine = Engine(
             scenario,

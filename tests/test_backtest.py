@@ -159,3 +159,26 @@ def test_the_command_names_a_bad_scenario(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "latitude_deg" in result.output
     assert "Traceback" not in result.output
+
+
+def test_baselines_neither_trade_nor_balance_and_idle_batteries_stay_put() -> None:
+    scenario = load_scenario(COMMUNITY)
+    idle = run_backtest(scenario, days=0.5, variant="idle")
+    local = run_backtest(scenario, days=0.5, variant="self_consumption")
+    for r in (idle, local):
+        assert r.dispatches == 0 and r.ledger_balanced
+    assert all(s.stored_end_kwh == s.stored_start_kwh for s in idle.sites.values())
+    # Self-consumption covers the school's night and morning load from its battery and
+    # stores its PV surplus by noon: it imports and exports less than with the battery idle.
+    school, school_idle = local.sites["school"], idle.sites["school"]
+    assert school.import_kwh < school_idle.import_kwh
+    assert school.export_kwh < school_idle.export_kwh
+    assert school.stored_end_kwh > school.stored_start_kwh
+    # The metered energy per interval is what the ledger settled, for the economics.
+    assert len(idle.settled) == idle.intervals == 47
+    total = sum(float(m.sum()) for m in idle.metered_kwh.values())
+    assert total == pytest.approx(
+        sum(s.import_kwh - s.export_kwh for s in idle.sites.values()), abs=1e-6
+    )
+    with pytest.raises(BacktestError, match="variant"):
+        run_backtest(scenario, days=0.5, variant="clever")  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import typer
@@ -76,6 +76,11 @@ AWARDS_KEPT = 8
 
 
 Steps = tuple[tuple[float, float], ...]
+#: What runs the batteries: wattmesh (market, dispatch, grid balancing), or a baseline with
+#: no market and no grid balancing: each site's own fallback controller (self-consumption and
+#: its peak shaving, as configured) or batteries held idle.
+Variant = Literal["wattmesh", "self_consumption", "idle"]
+VARIANTS: tuple[Variant, ...] = ("wattmesh", "self_consumption", "idle")
 
 
 class BacktestError(ValueError):
@@ -274,11 +279,34 @@ class BacktestResult:
     ledger_balanced: bool
     dispatches: int
     wall_s: float
+    variant: Variant = "wattmesh"
+    #: The settled intervals, and per site the energy metered in each (kWh, + imports).
+    settled: tuple[int, ...] = ()
+    metered_kwh: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    #: The utility's tariffs in each settled interval, per kWh.
+    retail_per_kwh: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    feed_in_per_kwh: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    #: Each site's batteries' capacity-weighted charge efficiency (1 without a battery).
+    charge_efficiency: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_cost(self) -> float:
         """The community's settled cost, currency (+ pays)."""
         return sum(s.net_cost for s in self.sites.values())
+
+
+def _for_variant(edges: dict[str, EdgeConfig], variant: Variant) -> dict[str, EdgeConfig]:
+    """The edges as a baseline runs them: no bids; idle batteries for ``"idle"``."""
+    if variant == "wattmesh":
+        return edges
+    out = {}
+    for name, e in edges.items():
+        fallback = e.fallback
+        if variant == "idle":
+            fallback = fallback.model_copy(update={"mode": "idle"})
+        market = e.market.model_copy(update={"enabled": False})
+        out[name] = e.model_copy(update={"market": market, "fallback": fallback})
+    return out
 
 
 def _profiles(
@@ -327,7 +355,10 @@ class Engine:
         step_s: float = DEFAULT_STEP_S,
         coordinator: CoordinatorConfig | None = None,
         edges: dict[str, EdgeConfig] | None = None,
+        variant: Variant = "wattmesh",
     ) -> None:
+        if variant not in VARIANTS:
+            raise BacktestError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if not days > 0:
             raise BacktestError(f"days must be positive, got {days}")
         self.scenario = scenario
@@ -338,7 +369,8 @@ class Engine:
             raise BacktestError(
                 f"step_s must divide the market interval ({m.interval_s} s), got {step_s}"
             )
-        self.edges = edges or default_edge_configs(scenario, step_s)
+        self.variant = variant
+        self.edges = _for_variant(edges or default_edge_configs(scenario, step_s), variant)
         for name, e in self.edges.items():
             if e.market.interval_s != m.interval_s:
                 raise BacktestError(f"site {name}: market interval differs from the coordinator's")
@@ -586,7 +618,8 @@ class Engine:
                     s.history.popleft()
                 self._control(s, now)
                 self._ingest(s, now, float(s.pv_w[i]))
-            self._balance(now)
+            if self.variant == "wattmesh":
+                self._balance(now)
             while now >= self._next_bid * interval_s - self._bid_lead_s():
                 if now < self._next_bid * interval_s - self._edge_gate_s():
                     for s in self.sites.values():
@@ -613,11 +646,18 @@ class Engine:
         settled = self.ledger.settled_intervals()
         interval_s = self.config.market.interval_s
         peak_w = -math.inf
-        for k in settled:
+        metered = {name: np.zeros(len(settled)) for name in self.sites}
+        retail, feed_in = np.zeros(len(settled)), np.zeros(len(settled))
+        for j, k in enumerate(settled):
             result = self.ledger.settlement(k)
-            if result is not None:
-                wh = sum(s.metered_wh for s in result.sites)
-                peak_w = max(peak_w, wh * 3600.0 / interval_s)
+            if result is None:  # pragma: no cover - listed as settled
+                continue
+            wh = sum(x.metered_wh for x in result.sites)
+            peak_w = max(peak_w, wh * 3600.0 / interval_s)
+            for x in result.sites:
+                metered[x.site][j] = x.metered_wh / 1000.0
+            retail[j] = result.retail_price_micro_per_kwh / 1e6
+            feed_in[j] = result.feed_in_price_micro_per_kwh / 1e6
         sites = {}
         for name, s in self.sites.items():
             report = self.ledger.site_report(name) if settled else None
@@ -642,6 +682,20 @@ class Engine:
             ledger_balanced=self.ledger.check_balanced(),
             dispatches=self.dispatches,
             wall_s=wall_s,
+            variant=self.variant,
+            settled=settled,
+            metered_kwh=metered,
+            retail_per_kwh=retail,
+            feed_in_per_kwh=feed_in,
+            charge_efficiency={
+                name: (
+                    sum(b.charge_efficiency * b.capacity_wh for b in s.batteries)
+                    / sum(b.capacity_wh for b in s.batteries)
+                    if s.batteries
+                    else 1.0
+                )
+                for name, s in self.sites.items()
+            },
         )
 
     def close(self) -> None:
@@ -657,6 +711,7 @@ def run_backtest(
     step_s: float = DEFAULT_STEP_S,
     coordinator: CoordinatorConfig | None = None,
     edges: dict[str, EdgeConfig] | None = None,
+    variant: Variant = "wattmesh",
     progress: Callable[[float], None] | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
@@ -673,6 +728,7 @@ def run_backtest(
             step_s=step_s,
             coordinator=coordinator,
             edges=edges,
+            variant=variant,
         )
         try:
             return engine.run(progress)
@@ -689,6 +745,13 @@ def backtest(
     ledger: Annotated[
         Path | None, typer.Option(help="keep the settlement ledger in this SQLite file")
     ] = None,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="wattmesh, or a baseline: self_consumption (each site's own controller) or "
+            "idle (batteries idle); baselines neither trade nor balance the feeder"
+        ),
+    ] = "wattmesh",
 ) -> None:
     """Simulate a scenario in-process on the live policies, market and ledger; print each
     site's settled cost and the feeder's 15-minute peak."""
@@ -704,6 +767,7 @@ def backtest(
             days=days,
             ledger_path=ledger,
             step_s=step_s,
+            variant=variant,  # type: ignore[arg-type]  # checked by the engine
             progress=lambda f: err.print(f"simulated {100 * f:5.1f} %", highlight=False),
         )
     except (ScenarioError, BacktestError) as e:
@@ -716,8 +780,8 @@ def print_result(result: BacktestResult, console: Console) -> None:
     """The result as the command prints it."""
     days = (result.end_ts - result.start_ts) / 86_400
     console.print(
-        f"{result.scenario}: {days:g} simulated day(s), {result.intervals} settled intervals, "
-        f"step {result.step_s:g} s",
+        f"{result.scenario} ({result.variant}): {days:g} simulated day(s), "
+        f"{result.intervals} settled intervals, step {result.step_s:g} s",
         highlight=False,
     )
     console.print(

@@ -228,8 +228,6 @@ class Coordinator:
         self.feeder = config.coordinator.feeder
         self.sites: dict[str, SiteState] = {}
         self.bids: dict[int, dict[str, Bid]] = {}
-        self.awards: dict[int, dict[str, float]] = {}
-        self.prices: dict[int, tuple[float, float, float]] = {}  # clearing, retail, feed-in
         self.stats = CoordinatorStats()
         self.mode: grid.GridMode = "normal"
         self.flow_w = 0.0

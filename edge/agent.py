@@ -507,11 +507,14 @@ class EdgeAgent:
     def decide(self, now: float) -> tuple[float | None, str]:
         """The total battery setpoint (W, + discharges) and the layer it comes from
         (:func:`edge.policy.decide_setpoint_w` on the latest poll and the orders in force)."""
+        views = self._views()
+        if not views:
+            return None, "fallback"
         emergency, dispatch = self._active(now)
         order = emergency or dispatch
         award = self.awards.get(int(now // self.config.market.interval_s))
         return decide_setpoint_w(
-            self._views(),
+            views,
             self.snapshot.net_load_w,
             self.snapshot.soc_pct,
             command=None

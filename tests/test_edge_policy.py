@@ -91,26 +91,27 @@ def test_market_keeps_the_peak_reserve_below_its_soc() -> None:
 
 def test_a_dispatch_overrides_the_award_and_an_emergency_is_reported_as_such() -> None:
     award = Commitment(0.25, 0.20)
-    assert decide(2000.0, award=award, command=Command("normal", -3000.0)) == (-3000.0, "normal")
+    command = Command("dispatch", -3000.0)
+    assert decide(2000.0, award=award, command=command) == (-3000.0, "dispatch")
     assert decide(2000.0, command=Command("emergency", 4000.0)) == (4000.0, "emergency")
 
 
 def test_a_load_limit_discharges_what_the_net_load_exceeds() -> None:
-    assert decide(3000.0, command=Command("normal", load_limit_w=1000.0)) == (2000.0, "normal")
-    assert decide(500.0, command=Command("normal", load_limit_w=1000.0)) == (0.0, "normal")
-    assert decide(None, command=Command("normal", load_limit_w=1000.0)) == (None, "normal")
+    assert decide(3000.0, command=Command("dispatch", load_limit_w=1000.0)) == (2000.0, "dispatch")
+    assert decide(500.0, command=Command("dispatch", load_limit_w=1000.0)) == (0.0, "dispatch")
+    assert decide(None, command=Command("dispatch", load_limit_w=1000.0)) == (None, "dispatch")
 
 
 def test_safety_clamps_to_rated_power_and_says_so() -> None:
-    assert decide(2000.0, command=Command("normal", 9000.0)) == (5000.0, "safety")
+    assert decide(2000.0, command=Command("dispatch", 9000.0)) == (5000.0, "safety")
 
 
 def test_safety_keeps_the_connection_limits() -> None:
     limits = LimitsSection(import_limit_w=2000.0, export_limit_w=1000.0)
     # Net load 6 kW, idle ordered: must discharge 4 kW to import no more than 2 kW.
-    assert decide(6000.0, command=Command("normal", 0.0), limits=limits) == (4000.0, "safety")
+    assert decide(6000.0, command=Command("dispatch", 0.0), limits=limits) == (4000.0, "safety")
     # Net load -500 W, ordered to discharge 3 kW: at most 500 W + 1 kW export.
-    assert decide(-500.0, command=Command("normal", 3000.0), limits=limits) == (500.0, "safety")
+    assert decide(-500.0, command=Command("dispatch", 3000.0), limits=limits) == (500.0, "safety")
 
 
 def test_safety_clamp_applies_connection_limits_then_rated_powers() -> None:

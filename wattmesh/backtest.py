@@ -234,6 +234,7 @@ class _Site:
     written: dict[int, tuple[float, float]] = field(default_factory=dict)
     forecast: tuple[float, float, float] | None = None  # (start ts, pv W, load W)
     controller: str = "fallback"
+    next_bid: int = 0  # the next interval to bid for
     # the coordinator
     readings: int = 0
     energy_wh: dict[int, float] = field(default_factory=dict)
@@ -405,7 +406,8 @@ class Engine:
         if self.start_ts >= first * m.interval_s - m.gate_s:
             first += 1
         self._next_clear = first  # as coordinator.plausibility.open_interval
-        self._next_bid = first
+        for site in self.sites.values():
+            site.next_bid = first
 
     # -- the edge ----------------------------------------------------------------------------
     def _control(self, site: _Site, now: float) -> None:
@@ -547,6 +549,8 @@ class Engine:
             interval * m.interval_s, self.config.coordinator.utc_offset_h
         )
         bids = self.bids.pop(interval, {})
+        for stale in [k for k in self.bids if k < interval]:  # too late: as the service does
+            del self.bids[stale]
         _, awards_kwh, price = clear_bids(
             bids,
             retail_per_kwh=retail,
@@ -620,12 +624,12 @@ class Engine:
                 self._ingest(s, now, float(s.pv_w[i]))
             if self.variant == "wattmesh":
                 self._balance(now)
-            while now >= self._next_bid * interval_s - self._bid_lead_s():
-                if now < self._next_bid * interval_s - self._edge_gate_s():
-                    for s in self.sites.values():
-                        if s.edge.market.enabled:
-                            self._bid(s, self._next_bid)
-                self._next_bid += 1
+            for s in self.sites.values():
+                e = s.edge.market
+                while now >= s.next_bid * interval_s - e.gate_s - e.bid_lead_s:
+                    if e.enabled and now < s.next_bid * interval_s - e.gate_s:
+                        self._bid(s, s.next_bid)  # EdgeAgent.bid: only while the gate is open
+                    s.next_bid += 1
             while now >= self._next_clear * interval_s - m.gate_s:
                 self._clear(self._next_clear, now)
                 self._next_clear += 1
@@ -634,13 +638,6 @@ class Engine:
         if progress is not None:
             progress(1.0)
         return self._result(time.perf_counter() - wall0)
-
-    def _bid_lead_s(self) -> float:
-        e = next(iter(self.edges.values())).market
-        return float(e.gate_s + e.bid_lead_s)
-
-    def _edge_gate_s(self) -> float:
-        return float(next(iter(self.edges.values())).market.gate_s)
 
     def _result(self, wall_s: float) -> BacktestResult:
         settled = self.ledger.settled_intervals()

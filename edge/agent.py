@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker import topics
@@ -67,11 +66,12 @@ from edge.policy import (
     BatteryView,
     Command,
     Commitment,
+    clamp_to_rating_w,
     decide_setpoint_w,
     expected_net_kwh,
     interval_bid,
     rated_totals_w,
-    renew_step_w,
+    setpoint_due,
     share_among_batteries_w,
 )
 from edge.spool import Spool
@@ -540,12 +540,12 @@ class EdgeAgent:
         shares = share_among_batteries_w(total, [battery_view(r) for _, _, r in batteries])
         for (poller, battery, reading), share in zip(batteries, shares, strict=True):
             last = self._battery_written.get(poller.cfg.name)
-            renew_wall = revert_s / self.speed / 2.0
-            step = renew_step_w(reading.rated_discharge_w)
-            if (
-                last is not None
-                and abs(last[0] - share) < step
-                and loop.time() - last[1] < renew_wall
+            if last is not None and not setpoint_due(
+                share,
+                last,
+                loop.time(),
+                rated_discharge_w=reading.rated_discharge_w,
+                renew_after_s=revert_s / self.speed / 2.0,
             ):
                 applied += reading.setpoint_w if reading.setpoint_w is not None else last[0]
                 continue
@@ -716,9 +716,10 @@ class EdgeAgent:
             return
         details = [window.detail] if window.shortened else []
         if cmd.battery_power_w is not None:
-            max_cha, max_dis = rated_totals_w([battery_view(r) for _, _, r in batteries])
+            views = [battery_view(r) for _, _, r in batteries]
+            max_cha, max_dis = rated_totals_w(views)
             wanted = cmd.battery_power_w
-            clamped = float(np.clip(wanted, -max_cha, max_dis))
+            clamped = clamp_to_rating_w(wanted, views)
             if clamped != wanted:
                 details.append(
                     f"{wanted:.0f} W is beyond the rated {-max_cha:.0f}..{max_dis:.0f} W"

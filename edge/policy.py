@@ -196,6 +196,30 @@ def renew_step_w(rated_discharge_w: float | None) -> float:
     return max(50.0, RENEW_STEP_SHARE * (rated_discharge_w or 0.0))
 
 
+def setpoint_due(
+    share_w: float,
+    last: tuple[float, float] | None,
+    now_s: float,
+    *,
+    rated_discharge_w: float | None,
+    renew_after_s: float,
+) -> bool:
+    """Whether a battery's setpoint ``share_w`` (W) must be written now: never written, moved
+    by at least :func:`renew_step_w` from the last written ``(W, time s)``, or due for renewal
+    ``renew_after_s`` after it (before the battery's revert timer sends it back to idle)."""
+    return (
+        last is None
+        or abs(last[0] - share_w) >= renew_step_w(rated_discharge_w)
+        or now_s - last[1] >= renew_after_s
+    )
+
+
+def clamp_to_rating_w(power_w: float, batteries: Sequence[BatteryView]) -> float:
+    """A battery order (W, + discharges) within the batteries' total rated powers."""
+    max_cha, max_dis = rated_totals_w(batteries)
+    return float(np.clip(power_w, -max_cha, max_dis))
+
+
 def bid_energy_kwh(
     batteries: Sequence[BatteryView], interval_s: float, *, reserve_soc_pct: float | None
 ) -> tuple[float, float]:

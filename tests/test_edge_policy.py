@@ -10,10 +10,12 @@ from edge.policy import (
     Command,
     Commitment,
     bid_energy_kwh,
+    clamp_to_rating_w,
     decide_setpoint_w,
     expected_net_kwh,
     interval_bid,
     safety_clamp_w,
+    setpoint_due,
     share_among_batteries_w,
 )
 
@@ -163,3 +165,19 @@ def test_interval_bid_offers_the_need_and_the_battery() -> None:
     # 0.25 kWh of spare discharge sold just above 0.25.
     assert curve.buy == ((0.25, 1.0), (0.12, 1.25))
     assert curve.sell == ((pytest.approx(0.2501), pytest.approx(0.25)),)
+
+
+def test_a_setpoint_is_written_when_new_moved_or_due_for_renewal() -> None:
+    kw = {"rated_discharge_w": 10_000.0, "renew_after_s": 30.0}  # step: max(50, 1 % of 10 kW)
+    assert setpoint_due(1000.0, None, 0.0, **kw)
+    assert not setpoint_due(1099.0, (1000.0, 0.0), 29.0, **kw)
+    assert setpoint_due(1100.0, (1000.0, 0.0), 29.0, **kw)
+    assert setpoint_due(1000.0, (1000.0, 0.0), 30.0, **kw)
+    assert setpoint_due(1050.0, (1000.0, 0.0), 1.0, rated_discharge_w=None, renew_after_s=30.0)
+
+
+def test_an_order_is_clamped_to_the_total_rating() -> None:
+    pair = [battery(5000.0), battery(3000.0)]
+    assert clamp_to_rating_w(9000.0, pair) == 8000.0
+    assert clamp_to_rating_w(-9000.0, pair) == -8000.0
+    assert clamp_to_rating_w(-100.0, pair) == -100.0

@@ -55,11 +55,11 @@ from edge.policy import (
     BatteryView,
     Command,
     Commitment,
+    clamp_to_rating_w,
     decide_setpoint_w,
     expected_net_kwh,
     interval_bid,
-    rated_totals_w,
-    renew_step_w,
+    setpoint_due,
     share_among_batteries_w,
 )
 from edge.trust import order_window
@@ -433,9 +433,13 @@ class Engine:
         for i, (battery, share) in enumerate(
             zip(site.batteries, share_among_batteries_w(total, views), strict=True)
         ):
-            last = site.written.get(i)
-            step = renew_step_w(battery.rated_power_w)
-            if last is not None and abs(last[0] - share) < step and now - last[1] < revert_s / 2:
+            if not setpoint_due(
+                share,
+                site.written.get(i),
+                now,
+                rated_discharge_w=battery.rated_power_w,
+                renew_after_s=revert_s / 2.0,
+            ):
                 continue
             battery.command(share)
             site.written[i] = (share, now)
@@ -454,8 +458,9 @@ class Engine:
         if window.verdict != "ok" or (command.battery_power_w is not None and not site.batteries):
             return
         if command.battery_power_w is not None:
-            max_cha, max_dis = rated_totals_w([b.view() for b in site.batteries])
-            clamped = float(np.clip(command.battery_power_w, -max_cha, max_dis))
+            clamped = clamp_to_rating_w(
+                command.battery_power_w, [b.view() for b in site.batteries]
+            )
             command = Command(command.priority, clamped, command.load_limit_w)
         site.order = (command, window.end_ts)
         self._control(site, now)

@@ -49,6 +49,7 @@ from broker.clock import ManualClock
 from coordinator import grid
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
 from coordinator.ledger import Ledger, to_currency
+from coordinator.plausibility import open_interval
 from coordinator.service import RingBuffer, clear_bids, site_forecast_w
 from edge.config import EdgeConfig, parse_edge_config
 from edge.policy import (
@@ -402,10 +403,8 @@ class Engine:
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
         self.cleared: set[int] = set()
         self.dispatches = 0
-        first = int(self.start_ts // m.interval_s) + 1
-        if self.start_ts >= first * m.interval_s - m.gate_s:
-            first += 1
-        self._next_clear = first  # as coordinator.plausibility.open_interval
+        first = open_interval(self.start_ts, m.interval_s, m.gate_s)  # as the coordinator
+        self._next_clear = first
         for site in self.sites.values():
             site.next_bid = first
 

@@ -81,3 +81,27 @@ def test_each_intervals_shared_energy_sums_on_both_sides(metered: np.ndarray) ->
     np.testing.assert_allclose(
         costs.sum(axis=0), alone.sum(axis=0) - shared * (0.3 - 0.1), atol=1e-9
     )
+
+
+@given(
+    arrays(np.float64, (3, 5), elements=st.floats(-20.0, 20.0)),
+    st.floats(0.0, 0.1),
+)
+def test_money_under_energy_sharing_balances_each_interval(
+    metered: np.ndarray, charge: float
+) -> None:
+    # What the sites pay in an interval is exactly what their suppliers bill and pay, plus the
+    # network charge on the shared energy: the local payments cancel between the sites.
+    retail, feed_in, local = 0.30, 0.08, 0.19
+    costs = energy_sharing_cost(
+        metered,
+        retail_per_kwh=retail,
+        feed_in_per_kwh=feed_in,
+        local_price_per_kwh=local,
+        local_network_charge_per_kwh=charge,
+    )
+    s = shared_energy_kwh(metered)
+    suppliers = (
+        s.supplier_import_kwh.sum(axis=0) * retail - s.supplier_export_kwh.sum(axis=0) * feed_in
+    )
+    np.testing.assert_allclose(costs.sum(axis=0), suppliers + s.shared_kwh * charge, atol=1e-9)

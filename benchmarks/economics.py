@@ -30,7 +30,8 @@ site's charge efficiency, the price of putting it back.
 Tariffs: ``tou`` (the demo's: 0.32 from 07:00 to 22:00 local, 0.22 at night, feed-in 0.08) and
 ``flat`` (0.30, feed-in 0.08). The feeder's 15-minute peak import and the energy above its
 limit are printed for ours and (ii). Today's figures are printed as they are, poor or not.
-The perfect-foresight LP per run is not in this first version.
+The perfect-foresight LP per run and an industrial tariff for the factory are not in this
+first version.
 """
 
 from __future__ import annotations

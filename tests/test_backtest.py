@@ -85,6 +85,10 @@ def test_a_community_day_is_deterministic_and_its_ledger_balances(tmp_path: Path
     assert set(first.sites) == {"solar-farm", "factory", "house-1", "house-2", "school"}
     assert first.sites["solar-farm"].net_cost < 0 < first.sites["factory"].net_cost
     assert first.dispatches > 0  # the factory's peaks bring the grid loop in
+    # With batteries idle the feeder's 15-minute peak passes its 150 kW limit that day; the
+    # grid policy's battery orders keep it below.
+    idle = run_backtest(scenario, days=1, variant="idle")
+    assert idle.feeder_peak_w > first.feeder_limit_w > first.feeder_peak_w
 
 
 def _one_house() -> dict[str, object]:

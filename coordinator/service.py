@@ -26,10 +26,10 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -53,12 +53,14 @@ from broker.messages import (
     new_id,
 )
 from coordinator import forecast as fc
+from coordinator import grid
 from coordinator import plausibility as pl
 from coordinator.api import ApiServer, build_app, load_tokens
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, CoordinatorSection
 from coordinator.historian import Historian, HistorianError, HistorianSettings
 from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, LedgerError
 from coordinator.market import Book, Tariff, clear
+from coordinator.market import Clearing as MarketClearing
 from coordinator.metrics import MetricsServer, registry_for
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,55 @@ _SITE_PREFIX = f"{topics.PREFIX}/site/"
 #: Wall seconds between two publications of the coordinator's status.
 STATUS_PERIOD_S = 5.0
 
-GridMode = Literal["normal", "constrained", "emergency"]
+
+def clear_bids(
+    curves: Mapping[str, tuple[Sequence[tuple[float, float]], Sequence[tuple[float, float]]]],
+    *,
+    retail_per_kwh: float,
+    feed_in_per_kwh: float,
+    interval_s: float,
+    import_limit_w: float,
+    export_limit_w: float,
+) -> tuple[MarketClearing, dict[str, float], float]:
+    """Clear one interval's bids (each site's buy and sell steps, (price per kWh, kWh)) with
+    the utility as the
+    outside option within the feeder's limits (:func:`coordinator.market.clear`).
+
+    Returns the clearing, each site's net award (kWh, + buys) and the price (per kWh) the
+    ledger records, kept within +-100.
+    """
+    hours = interval_s / 3600.0
+    names = sorted(curves)
+    steps: list[tuple[int, float, float]] = []
+    for i, name in enumerate(names):
+        buy, sell = curves[name]
+        steps += [(i, price, kwh) for price, kwh in buy]
+        steps += [(i, price, -kwh) for price, kwh in sell]
+    book = Book.from_steps(steps) if steps else Book.empty()
+    result = clear(
+        book,
+        Tariff(
+            retail_per_kwh,
+            feed_in_per_kwh,
+            import_limit_w / 1000.0 * hours,
+            export_limit_w / 1000.0 * hours,
+        ),
+    )
+    net = result.site_net_award_kwh(len(names))
+    price = float(np.clip(result.price_per_kwh, -100.0, 100.0))
+    return result, {name: float(net[i]) for i, name in enumerate(names)}, price
+
+
+def site_forecast_w(
+    pv: RingBuffer, load: RingBuffer, times: NDArray[np.floating[Any]], where: CoordinatorSection
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """A site's PV and load forecasts (W) at ``times`` from its history (unknown: 0)
+    (:func:`coordinator.forecast.pv_forecast_w`, :func:`coordinator.forecast.load_forecast_w`)."""
+    pv_ts, pv_w = pv.arrays()
+    load_ts, load_w = load.arrays()
+    pv_f = fc.pv_forecast_w(pv_ts, pv_w, times, where.latitude_deg, where.longitude_deg)
+    load_f = fc.load_forecast_w(load_ts, load_w, times, utc_offset_h=where.utc_offset_h)
+    return np.nan_to_num(pv_f), np.nan_to_num(load_f)
 
 
 class RingBuffer:
@@ -96,23 +146,6 @@ class RingBuffer:
 
     def __len__(self) -> int:
         return self._count
-
-
-@dataclass(frozen=True, slots=True)
-class _Relief:
-    """What the grid orders to one site's batteries do (battery power, W, + discharges).
-
-    ``flow_w`` is how much the order moves the site's battery from ``base_w``, its power before
-    the episode's first order (and so how much it moves the feeder's flow); ``pending_w`` the
-    change the last order asked for, not visible until two readings have arrived after it
-    (``readings_at_order``); the relief lapses with the order at ``expires_ts``.
-    """
-
-    flow_w: float
-    pending_w: float
-    base_w: float
-    expires_ts: float
-    readings_at_order: int
 
 
 @dataclass
@@ -147,13 +180,19 @@ class SiteState:
         rated = sum(
             d.rated_power_w or 0.0 for d in t.devices if d.kind == "battery" and d.available
         )
-        now_w = t.battery_power_w or 0.0
-        soc = t.battery_soc_pct
-        can_discharge = soc is None or soc > 12.0
-        can_charge = soc is None or soc < 98.0
-        return (
-            max(0.0, rated - now_w) if can_discharge else 0.0,
-            max(0.0, rated + now_w) if can_charge else 0.0,
+        return grid.battery_headroom_w(rated, t.battery_power_w or 0.0, t.battery_soc_pct)
+
+    def grid_view(self) -> grid.SiteGrid | None:
+        """The site as the grid policy sees it; None before its first reading."""
+        t = self.latest
+        if t is None:
+            return None
+        return grid.SiteGrid(
+            grid_power_w=t.grid_power_w,
+            battery_power_w=t.battery_power_w or 0.0,
+            headroom_w=self.battery_headroom_w,
+            readings=self.readings,
+            role=self.role,
         )
 
 
@@ -193,17 +232,15 @@ class Coordinator:
         self.feeder = config.coordinator.feeder
         self.sites: dict[str, SiteState] = {}
         self.bids: dict[int, dict[str, Bid]] = {}
-        self.awards: dict[int, dict[str, float]] = {}
-        self.prices: dict[int, tuple[float, float, float]] = {}  # clearing, retail, feed-in
         self.stats = CoordinatorStats()
-        self.mode: GridMode = "normal"
+        self.mode: grid.GridMode = "normal"
         self.flow_w = 0.0
         #: (ts, feeder flow W) of the last day's checks at one a second, for tests and reports.
         self.flow_log: deque[tuple[float, float]] = deque(maxlen=86_400)
         self.emergency_until = -math.inf
         self.last_clearing: Clearing | None = None
         self._grid_orders: dict[str, float] = {}  # site -> wall time the order was last sent
-        self._relief: dict[str, _Relief] = {}  # site -> the relief its grid orders give
+        self._relief: dict[str, grid.Relief] = {}  # site -> the relief its orders give
         self._logged: set[tuple[str, str]] = set()
         self._unknown_rejected: dict[str, int] = {}
         self.started_ts = clock.now()
@@ -687,28 +724,24 @@ class Coordinator:
         t_gate = self.clock.now()
         m = self.config.market
         retail, feed_in = self.tariff_at(interval * m.interval_s)
-        hours = m.interval_s / 3600.0
-        grid = self.config.grid
         bids = self.bids.pop(interval, {})
         for stale in [k for k in self.bids if k < interval]:  # bounded whatever arrives
             del self.bids[stale]
-        names = sorted(bids)
-        steps: list[tuple[int, float, float]] = []
-        for i, name in enumerate(names):
-            steps += [(i, s.price_per_kwh, s.quantity_kwh) for s in bids[name].buy]
-            steps += [(i, s.price_per_kwh, -s.quantity_kwh) for s in bids[name].sell]
-        book = Book.from_steps(steps) if steps else Book.empty()
-        result = clear(
-            book,
-            Tariff(
-                retail,
-                feed_in,
-                grid.import_limit_w / 1000.0 * hours,
-                grid.export_limit_w / 1000.0 * hours,
-            ),
+        result, awards_kwh, price = clear_bids(
+            {
+                name: (
+                    [(s.price_per_kwh, s.quantity_kwh) for s in b.buy],
+                    [(s.price_per_kwh, s.quantity_kwh) for s in b.sell],
+                )
+                for name, b in bids.items()
+            },
+            retail_per_kwh=retail,
+            feed_in_per_kwh=feed_in,
+            interval_s=m.interval_s,
+            import_limit_w=self.config.grid.import_limit_w,
+            export_limit_w=self.config.grid.export_limit_w,
         )
-        net = result.site_net_award_kwh(len(names))
-        price = float(np.clip(result.price_per_kwh, -100.0, 100.0))
+        names = sorted(bids)
         now = self.clock.now()
         restored = False
         try:
@@ -717,7 +750,7 @@ class Coordinator:
                 clearing_price_per_kwh=price,
                 retail_price_per_kwh=retail,
                 feed_in_price_per_kwh=feed_in,
-                awards_kwh={name: float(net[i]) for i, name in enumerate(names)},
+                awards_kwh=awards_kwh,
                 imbalance_premium_per_kwh=m.imbalance_premium_per_kwh,
                 rebate=m.rebate,
                 cleared_ts=now,
@@ -932,11 +965,7 @@ class Coordinator:
         for name, s in self.sites.items():
             if len(s.load) == 0:
                 continue
-            pv_ts, pv_w = s.pv.arrays()
-            load_ts, load_w = s.load.arrays()
-            pv = fc.pv_forecast_w(pv_ts, pv_w, times, c.latitude_deg, c.longitude_deg)
-            load = fc.load_forecast_w(load_ts, load_w, times, utc_offset_h=c.utc_offset_h)
-            per_site[name] = (np.nan_to_num(pv), np.nan_to_num(load))
+            per_site[name] = site_forecast_w(s.pv, s.load, times, c)
         if not per_site:
             return
         tariffs = np.array([self.tariff_at(float(t)) for t in times])
@@ -980,32 +1009,24 @@ class Coordinator:
                 await asyncio.wait_for(self._stop.wait(), g.period_s)
 
     async def balance(self, wall_now: float) -> None:
-        """Check the feeder; dispatch batteries (and load limits) while it nears a limit."""
+        """Check the feeder; dispatch batteries (and load limits) while it nears a limit
+        (:mod:`coordinator.grid`)."""
         g = self.config.grid
         flow = self.flow_w = self.feeder_flow_w()
         now = self.clock.now()
         self.flow_log.append((now, flow))
-        importing = flow > 0
-        limit = g.import_limit_w if importing else g.export_limit_w
-        # Hysteresis on the flow as it would be without our orders, so that relieving the
-        # feeder does not by itself end the relief (and start the overload again).
-        self._relief = {n: r for n, r in self._relief.items() if r.expires_ts > now}
-        underlying = flow + sum(r.flow_w for r in self._relief.values())
-        load_pct = 100.0 * max(abs(flow), abs(underlying)) / limit
+        self._relief = grid.active_reliefs(self._relief, now)
         before = self.mode
-        if now < self.emergency_until:
-            self.mode = "emergency"  # operator orders override market and balancing
-        elif load_pct >= g.act_at_pct:
-            self.mode = "constrained"
-        elif load_pct <= g.release_pct or self.mode == "emergency":
-            self.mode = "normal"
+        self.mode = grid.feeder_mode(
+            flow, self._relief, previous=before, emergency=now < self.emergency_until, grid=g
+        )
         if self.mode != before:
             log.info("feeder %s: %s -> %s at %.0f W", self.feeder, before, self.mode, flow)
             self._audit(
                 "grid_mode", "coordinator", {"from": before, "to": self.mode, "flow_w": flow}
             )
         if self.mode == "constrained":
-            await self._relieve(flow, limit * g.target_pct / 100.0, importing, wall_now)
+            await self._relieve(flow, grid.relief_target_w(flow, g), wall_now)
         state = GridState(
             ts=now,
             flow_w=float(np.clip(flow, -1e9, 1e9)),
@@ -1020,108 +1041,40 @@ class Coordinator:
                 topics.grid_state_topic(self.feeder), state.model_dump_json(), retain=True
             )
 
-    def _headroom(self, excess: float, importing: bool) -> tuple[float, dict[str, float]]:
-        """The excess (W) less what orders not yet in the readings will relieve, and the
-        headroom (W) of every site that can be ordered now (two readings since its last
-        order)."""
-        sign = 1.0 if importing else -1.0
-        headroom: dict[str, float] = {}
-        for name, site in self.sites.items():
-            if site.latest is None:
-                continue
-            relief = self._relief.get(name)
-            if relief is not None and site.readings < relief.readings_at_order + 2:
-                excess -= sign * relief.pending_w  # ordered, not yet in the flow we see
-                continue
-            headroom[name] = site.battery_headroom_w[0 if importing else 1]
-        return excess, headroom
-
-    def _battery_orders(
-        self, flow: float, excess: float, headroom: dict[str, float], importing: bool
-    ) -> dict[str, tuple[Dispatch, _Relief | None]]:
-        """Each site's share of ``excess`` (pro rata to ``headroom``) as a battery order."""
-        g = self.config.grid
-        sign = 1.0 if importing else -1.0
-        now = self.clock.now()
-        total = sum(headroom.values())
-        orders: dict[str, tuple[Dispatch, _Relief | None]] = {}
-        for name, room in headroom.items():
-            site = self.sites[name]
-            latest = site.latest
-            relief = self._relief.get(name)
-            if latest is None or (relief is None and (room <= 0 or excess <= 0)):
-                continue
-            if total <= 0:
-                share = 0.0  # every battery is at its limit: keep the relief in place
-            elif excess > 0:
-                share = min(room, excess * room / total)
-            else:
-                share = excess * room / total
-            current = latest.battery_power_w or 0.0
-            base = current if relief is None else relief.base_w
-            setpoint = current + sign * share
-            setpoint = max(setpoint, base) if importing else min(setpoint, base)
-            order = Dispatch(
-                ts=now,
-                battery_power_w=setpoint,
-                expires_ts=now + g.dispatch_expiry_s,
-                reason=f"feeder {self.feeder} at {abs(flow):.0f} W",
-            )
-            orders[name] = (
-                order,
-                _Relief(
-                    flow_w=setpoint - base,
-                    pending_w=setpoint - current,
-                    base_w=base,
-                    expires_ts=order.expires_ts,
-                    readings_at_order=site.readings,
-                ),
-            )
-        return orders
-
-    async def _relieve(self, flow: float, target: float, importing: bool, wall_now: float) -> None:
-        """Spread the excess over the batteries with headroom, pro rata; then load limits.
-
-        A battery's order is its present power plus its share of the excess, so re-issuing it
-        while the flow sits at the target keeps the relief in place. A site is ordered again
-        only once two readings have arrived since its last order (the first may have been
-        taken before the order landed): until then the flow does not show that order, so its
-        expected effect is taken off the excess instead of ordering the same excess twice, and
-        its headroom is left out of the sharing. An order never goes past the battery's power
-        before the first order of the episode in the wrong direction: handing relief back
-        stops there, so a battery is never told to charge from (or discharge into) the
-        overloaded feeder, whatever it did with earlier orders.
-        """
+    async def _relieve(self, flow: float, target: float, wall_now: float) -> None:
+        """Send the orders of :func:`coordinator.grid.plan_relief`: battery setpoints pro rata
+        to headroom, then load limits; each site at most once every ``reissue_s``."""
         g = self.config.grid
         now = self.clock.now()
-        excess, headroom = self._headroom(abs(flow) - target, importing)
-        total = sum(headroom.values())
-        orders = self._battery_orders(flow, excess, headroom, importing)
-        uncovered = excess - min(max(excess, 0.0), total)
-        if importing and uncovered > 0:
-            consumers = [
-                n
-                for n, s in self.sites.items()
-                if s.role in ("consumer", "prosumer")
-                and s.latest is not None
-                and (s.latest.grid_power_w or 0.0) > 0
-                and n not in orders
-                and n not in self._relief  # its battery order stands; do not replace it
-            ]
-            for name in consumers:
-                latest = self.sites[name].latest
-                assert latest is not None
-                cut = uncovered / len(consumers)
-                order = Dispatch(
+        views = {n: v for n, s in self.sites.items() if (v := s.grid_view()) is not None}
+        plan = grid.plan_relief(
+            flow, target, views, self._relief, now_ts=now, expiry_s=g.dispatch_expiry_s
+        )
+        orders: dict[str, tuple[Dispatch, grid.Relief | None]] = {
+            name: (
+                Dispatch(
                     ts=now,
-                    load_limit_w=max(0.0, (latest.grid_power_w or 0.0) - cut),
+                    battery_power_w=setpoint,
+                    expires_ts=relief.expires_ts,
+                    reason=f"feeder {self.feeder} at {abs(flow):.0f} W",
+                ),
+                relief,
+            )
+            for name, (setpoint, relief) in plan.batteries.items()
+        }
+        for name, limit_w in plan.load_limits_w.items():
+            orders[name] = (
+                Dispatch(
+                    ts=now,
+                    load_limit_w=limit_w,
                     expires_ts=now + g.dispatch_expiry_s,
                     reason=f"feeder {self.feeder} over its limit: please limit load",
-                )
-                orders[name] = (order, None)
+                ),
+                None,
+            )
         for name, (order, relief) in orders.items():
             last = self._grid_orders.get(name)
-            if last is not None and wall_now - last < g.reissue_s / self.speed:
+            if not grid.reissue_due(last, wall_now, g.reissue_s / self.speed):
                 continue
             self._own_dispatch_ids.append(order.id)
             try:

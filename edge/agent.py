@@ -24,12 +24,11 @@ import contextlib
 import itertools
 import logging
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker import topics
@@ -61,10 +60,20 @@ from drivers.devices import (
 from drivers.errors import DriverError, SetpointRejected
 from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import BusPool
-from edge.bidding import bid_curve, interval_energy_kwh
 from edge.config import DeviceSection, EdgeConfig
-from edge.control import keep_peak_reserve_w, self_consumption_setpoint_w
 from edge.outbox import Outbox
+from edge.policy import (
+    BatteryView,
+    Command,
+    Commitment,
+    clamp_to_rating_w,
+    decide_setpoint_w,
+    expected_net_kwh,
+    interval_bid,
+    rated_totals_w,
+    setpoint_due,
+    share_among_batteries_w,
+)
 from edge.spool import Spool
 from edge.trust import OrderWindow, order_window
 
@@ -78,6 +87,8 @@ Facade = Inverter | Battery | SunSpecMeter | RegisterMapMeter
 MAX_INBOUND_BYTES = 256 * 1024
 #: Awards for intervals further than this from the current one are refused (stale or forged).
 AWARD_WINDOW_INTERVALS = 96
+#: At most this many recent net-load samples are kept for bidding without a forecast.
+HISTORY_MAX_SAMPLES = 20_000
 
 
 class PayloadTooLarge(ValueError):
@@ -126,6 +137,18 @@ def command_id_of(payload: bytes) -> str:
         return _CommandId.model_validate_json(payload).id
     except Exception:  # anything at all: the ack then says "unknown"
         return ""
+
+
+def battery_view(reading: BatteryReading) -> BatteryView:
+    """A battery's reading as :mod:`edge.policy` sees it."""
+    return BatteryView(
+        rated_discharge_w=reading.rated_discharge_w,
+        rated_charge_w=reading.rated_charge_w,
+        soc_pct=reading.soc_pct,
+        soc_min_pct=reading.soc_min_pct,
+        soc_max_pct=reading.soc_max_pct,
+        capacity_wh=reading.capacity_wh,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +311,8 @@ class EdgeAgent:
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
         self._bid_for: int | None = None
         self._battery_written: dict[str, tuple[float, float]] = {}
-        self._history: list[tuple[float, float]] = []  # (ts, net load W), bounded
+        #: (ts, net load W) of the last two intervals, at most one a poll.
+        self._history: deque[tuple[float, float]] = deque(maxlen=HISTORY_MAX_SAMPLES)
         self._control_lock = asyncio.Lock()
         self._outbox = asyncio.Event()
         self._logged_invalid: set[tuple[str, str]] = set()
@@ -426,7 +450,7 @@ class EdgeAgent:
             self._history.append((now, snap.net_load_w))
             horizon = now - 2 * self.config.market.interval_s
             while self._history and self._history[0][0] < horizon:
-                self._history.pop(0)
+                self._history.popleft()
 
     def _spool_telemetry(self, now: float) -> None:
         snap = self.snapshot
@@ -476,80 +500,31 @@ class EdgeAgent:
             None if self.dispatch is None else self.dispatch.command,
         )
 
-    def decide(self, now: float) -> tuple[float | None, str]:
-        """The total battery setpoint (W, + discharges) and the layer it comes from."""
-        batteries = self._batteries()
-        net = self.snapshot.net_load_w
-        if not batteries:
-            return None, "fallback"
-        max_dis = sum(r.rated_discharge_w or 0.0 for _, _, r in batteries)
-        max_cha = sum(r.rated_charge_w or 0.0 for _, _, r in batteries)
-        emergency, dispatch = self._active(now)
-        award = self.awards.get(int(now // self.config.market.interval_s))
-        target: float | None
-        layer: str
-        command = emergency or dispatch
-        if command is not None:
-            layer = command.priority
-            target = command.battery_power_w
-            if target is None and command.load_limit_w is not None and net is not None:
-                target = max(0.0, net - command.load_limit_w)  # discharge to respect the cap
-        elif award is not None and net is not None:
-            layer = "market"
-            target = net - award.quantity_kwh * 3.6e6 / self.config.market.interval_s
-            if (
-                target < 0 < net
-                and award.price_per_kwh > self.config.market.battery_charge_price_per_kwh
-            ):
-                # Keeping the award would mean buying dear energy to charge the battery (the
-                # forecast overshot): deviate instead; the imbalance costs less than that.
-                target = 0.0
-            # The energy below the peak-shaving reserve was not offered to the market: it
-            # covers a forecast shortfall only beyond the fallback's import cap (the rest is
-            # imbalance). The cap itself is the fallback's: the feeder is the coordinator's.
-            fb = self.config.fallback
-            soc = self.snapshot.soc_pct
-            target = float(
-                keep_peak_reserve_w(
-                    target,
-                    net,
-                    soc if soc is not None else 100.0,
-                    import_cap_w=fb.import_cap_w,
-                    reserve_soc_pct=fb.reserve_soc_pct if soc is not None else None,
-                )
-            )
-        elif self.config.fallback.mode == "self_consumption" and net is not None:
-            layer = "fallback"
-            fb = self.config.fallback
-            soc = self.snapshot.soc_pct if self.snapshot.soc_pct is not None else 50.0
-            target = float(
-                self_consumption_setpoint_w(
-                    net,
-                    0.0,
-                    soc,
-                    soc_min_pct=min(r.soc_min_pct for _, _, r in batteries),
-                    soc_max_pct=max(r.soc_max_pct for _, _, r in batteries),
-                    max_charge_w=max_cha,
-                    max_discharge_w=max_dis,
-                    import_cap_w=fb.import_cap_w,
-                    reserve_soc_pct=fb.reserve_soc_pct,
-                )
-            )
-        else:
-            layer, target = "fallback", 0.0
-        if target is None:
-            return None, layer
-        safe = self._safety(target, net, max_cha, max_dis)
-        return safe, ("safety" if abs(safe - target) > 1e-6 else layer)
+    def _views(self) -> list[BatteryView]:
+        """The available batteries as the policy sees them."""
+        return [battery_view(r) for _, _, r in self._batteries()]
 
-    def _safety(self, target: float, net: float | None, max_cha: float, max_dis: float) -> float:
-        """Connection limits, then rated powers: above every other layer."""
-        limits = self.config.limits
-        if net is not None and limits.import_limit_w is not None:
-            target = max(target, net - limits.import_limit_w)
-        if net is not None and limits.export_limit_w is not None:
-            target = min(target, net + limits.export_limit_w)
-        return float(np.clip(target, -max_cha, max_dis))
+    def decide(self, now: float) -> tuple[float | None, str]:
+        """The total battery setpoint (W, + discharges) and the layer it comes from
+        (:func:`edge.policy.decide_setpoint_w` on the latest poll and the orders in force)."""
+        views = self._views()
+        if not views:
+            return None, "fallback"
+        emergency, dispatch = self._active(now)
+        order = emergency or dispatch
+        award = self.awards.get(int(now // self.config.market.interval_s))
+        return decide_setpoint_w(
+            views,
+            self.snapshot.net_load_w,
+            self.snapshot.soc_pct,
+            command=None
+            if order is None
+            else Command(order.priority, order.battery_power_w, order.load_limit_w),
+            award=None if award is None else Commitment(award.quantity_kwh, award.price_per_kwh),
+            market=self.config.market,
+            fallback=self.config.fallback,
+            limits=self.config.limits,
+        )
 
     async def _control(self, now: float) -> float | None:
         """Decide and apply; returns the total setpoint the batteries report."""
@@ -562,26 +537,15 @@ class EdgeAgent:
         )
         applied = 0.0
         loop = asyncio.get_running_loop()
-        weights = [
-            (r.rated_discharge_w if total > 0 else r.rated_charge_w) or 0.0 for _, _, r in batteries
-        ]
-        for (poller, battery, reading), weight in zip(batteries, weights, strict=True):
-            share = total * weight / (sum(weights) or 1.0)
-            # Respect this battery's own state-of-charge bounds before asking it.
-            soc = reading.soc_pct
-            if soc is not None and (
-                (share > 0 and soc <= reading.soc_min_pct)
-                or (share < 0 and soc >= reading.soc_max_pct)
-            ):
-                share = 0.0
-            share = round(share)
+        shares = share_among_batteries_w(total, [battery_view(r) for _, _, r in batteries])
+        for (poller, battery, reading), share in zip(batteries, shares, strict=True):
             last = self._battery_written.get(poller.cfg.name)
-            renew_wall = revert_s / self.speed / 2.0
-            step = max(50.0, 0.01 * (reading.rated_discharge_w or 0.0))
-            if (
-                last is not None
-                and abs(last[0] - share) < step
-                and loop.time() - last[1] < renew_wall
+            if last is not None and not setpoint_due(
+                share,
+                last,
+                loop.time(),
+                rated_discharge_w=reading.rated_discharge_w,
+                renew_after_s=revert_s / self.speed / 2.0,
             ):
                 applied += reading.setpoint_w if reading.setpoint_w is not None else last[0]
                 continue
@@ -752,10 +716,10 @@ class EdgeAgent:
             return
         details = [window.detail] if window.shortened else []
         if cmd.battery_power_w is not None:
-            max_dis = sum(r.rated_discharge_w or 0.0 for _, _, r in batteries)
-            max_cha = sum(r.rated_charge_w or 0.0 for _, _, r in batteries)
+            views = [battery_view(r) for _, _, r in batteries]
+            max_cha, max_dis = rated_totals_w(views)
             wanted = cmd.battery_power_w
-            clamped = float(np.clip(wanted, -max_cha, max_dis))
+            clamped = clamp_to_rating_w(wanted, views)
             if clamped != wanted:
                 details.append(
                     f"{wanted:.0f} W is beyond the rated {-max_cha:.0f}..{max_dis:.0f} W"
@@ -854,16 +818,18 @@ class EdgeAgent:
     # -- bidding ---------------------------------------------------------------------------
     def _expected_net_kwh(self, start_ts: float, interval_s: float) -> float:
         f = self.forecast
-        if f is not None and f.pv_power_w:
-            times = f.start_ts + f.step_s * np.arange(len(f.pv_power_w))
-            mask = (times >= start_ts) & (times < start_ts + interval_s)
-            if mask.any():
-                net = np.asarray(f.load_power_w)[mask] - np.asarray(f.pv_power_w)[mask]
-                return interval_energy_kwh(float(net.mean()), interval_s)
-        if self._history:
-            recent = [w for _, w in self._history]
-            return interval_energy_kwh(float(np.mean(recent)), interval_s)
-        return 0.0
+        recent = [w for _, w in self._history]
+        if f is None or not f.pv_power_w:
+            return expected_net_kwh(start_ts, interval_s, recent_net_w=recent)
+        return expected_net_kwh(
+            start_ts,
+            interval_s,
+            forecast_start_ts=f.start_ts,
+            forecast_step_s=f.step_s,
+            forecast_pv_w=f.pv_power_w,
+            forecast_load_w=f.load_power_w,
+            recent_net_w=recent,
+        )
 
     async def _bid_loop(self) -> None:
         """Bid once per interval, ``bid_lead_s`` before its gate closes (on the agent's clock)."""
@@ -888,25 +854,11 @@ class EdgeAgent:
         start = upcoming * m.interval_s
         if self._bid_for == upcoming or now >= start - m.gate_s:
             return
-        hours = m.interval_s / 3600.0
-        charge = discharge = 0.0
-        for _, _, r in self._batteries():
-            if r.soc_pct is None or r.capacity_wh is None:
-                continue
-            room_kwh = (r.soc_max_pct - r.soc_pct) / 100.0 * r.capacity_wh / 1000.0
-            # Energy kept for peak shaving is not offered to the market.
-            floor_pct = max(r.soc_min_pct, self.config.fallback.reserve_soc_pct or 0.0)
-            avail_kwh = (r.soc_pct - floor_pct) / 100.0 * r.capacity_wh / 1000.0
-            charge += max(0.0, min((r.rated_charge_w or 0.0) / 1000.0 * hours, room_kwh))
-            discharge += max(0.0, min((r.rated_discharge_w or 0.0) / 1000.0 * hours, avail_kwh))
-        curve = bid_curve(
+        curve = interval_bid(
+            self._views(),
             self._expected_net_kwh(start, m.interval_s),
-            charge_kwh=charge,
-            discharge_kwh=discharge,
-            max_buy_price_per_kwh=m.max_buy_price_per_kwh,
-            min_sell_price_per_kwh=m.min_sell_price_per_kwh,
-            charge_price_per_kwh=m.battery_charge_price_per_kwh,
-            discharge_price_per_kwh=m.battery_discharge_price_per_kwh,
+            market=m,
+            fallback=self.config.fallback,
             role=self.config.site.role,
         )
         bid = Bid(

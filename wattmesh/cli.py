@@ -30,6 +30,7 @@ from drivers.regmap import builtin_map_names, load_builtin_map, load_register_ma
 from drivers.transport import ModbusTransport
 from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario
 from wattmesh import __version__, api_cli, status_cli
+from wattmesh import backtest as backtest_cli
 from wattmesh.broker_cli import broker_app
 from wattmesh.ledger_cli import ledger_app
 from wattmesh.scan import ScanResult, scan_device
@@ -65,6 +66,7 @@ app.add_typer(edge_app, name="edge")
 app.command("status")(status_cli.status)
 app.add_typer(api_cli.api_app, name="api")
 app.command("mcp")(api_cli.mcp)
+app.command("backtest")(backtest_cli.backtest)
 
 # Piped output gets a width that fits the report tables; a terminal keeps its own.
 console = Console(width=None if sys.stdout.isatty() else 120)

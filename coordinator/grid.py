@@ -1,0 +1,251 @@
+"""The coordinator's grid balancing as pure functions: no I/O, no clock, no logging.
+
+:class:`coordinator.service.Coordinator` wires them to the bus (dispatch orders, the retained
+grid state); the stepped simulation engine (:mod:`wattmesh.backtest`) calls the same
+functions. Signs (design section 3): feeder and site power positive when importing; battery
+power positive when discharging. Powers in W, times in the coordinator's clock seconds.
+
+Each check: the feeder's mode from its flow with hysteresis (:func:`feeder_mode`); while it is
+constrained, the excess over the target is spread over the batteries with headroom, pro rata
+(:func:`plan_relief`), then what batteries cannot cover becomes load limits for consumers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from coordinator.config import GridSection
+
+GridMode = Literal["normal", "constrained", "emergency"]
+#: A battery is not asked to discharge at or below this state of charge, %.
+DISCHARGE_FLOOR_SOC_PCT = 12.0
+#: A battery is not asked to charge at or above this state of charge, %.
+CHARGE_CEILING_SOC_PCT = 98.0
+
+
+@dataclass(frozen=True, slots=True)
+class Relief:
+    """What the grid orders to one site's batteries do (battery power, W, + discharges).
+
+    ``flow_w`` is how much the order moves the site's battery from ``base_w``, its power before
+    the episode's first order (and so how much it moves the feeder's flow); ``pending_w`` the
+    change the last order asked for, not visible until two readings have arrived after it
+    (``readings_at_order``); the relief lapses with the order at ``expires_ts``.
+    """
+
+    flow_w: float
+    pending_w: float
+    base_w: float
+    expires_ts: float
+    readings_at_order: int
+
+    @property
+    def setpoint_w(self) -> float:
+        """The battery power the order asks for, W (+ discharges)."""
+        return self.base_w + self.flow_w
+
+
+@dataclass(frozen=True, slots=True)
+class SiteGrid:
+    """What the grid policy needs of one site that has reported: its latest grid exchange
+    (W, + importing), battery power (W, + discharging), battery headroom (W, see
+    :func:`battery_headroom_w`), role, and how many readings it has sent so far."""
+
+    grid_power_w: float | None
+    battery_power_w: float
+    headroom_w: tuple[float, float]
+    readings: int
+    role: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReliefPlan:
+    """Orders for one check: each battery's (setpoint W, relief) and consumers' load limits
+    (W of import), in the order they are to be sent."""
+
+    batteries: dict[str, tuple[float, Relief]] = field(default_factory=dict)
+    load_limits_w: dict[str, float] = field(default_factory=dict)
+
+
+def battery_headroom_w(
+    rated_w: float, battery_power_w: float, soc_pct: float | None
+) -> tuple[float, float]:
+    """(more discharge, more charge) a site's batteries could take on now, W.
+
+    ``rated_w`` is the available batteries' rated power, ``battery_power_w`` their power now
+    (+ discharging). Discharge headroom is ``rated - power``, none at or below
+    :data:`DISCHARGE_FLOOR_SOC_PCT`; charge headroom ``rated + power``, none at or above
+    :data:`CHARGE_CEILING_SOC_PCT`. An unknown SOC does not limit either.
+    """
+    can_discharge = soc_pct is None or soc_pct > DISCHARGE_FLOOR_SOC_PCT
+    can_charge = soc_pct is None or soc_pct < CHARGE_CEILING_SOC_PCT
+    return (
+        max(0.0, rated_w - battery_power_w) if can_discharge else 0.0,
+        max(0.0, rated_w + battery_power_w) if can_charge else 0.0,
+    )
+
+
+def active_reliefs(reliefs: Mapping[str, Relief], now_ts: float) -> dict[str, Relief]:
+    """The reliefs whose orders have not expired at ``now_ts``."""
+    return {n: r for n, r in reliefs.items() if r.expires_ts > now_ts}
+
+
+def feeder_mode(
+    flow_w: float,
+    reliefs: Mapping[str, Relief],
+    *,
+    previous: GridMode,
+    emergency: bool,
+    grid: GridSection,
+) -> GridMode:
+    """The feeder's mode after a check of its net flow ``flow_w`` (W, + importing).
+
+    An operator's emergency overrides all. Otherwise the load is ``max(|flow|, |flow + sum of
+    reliefs' flow_w|)`` in % of the limit in the flow's direction: the flow as it would be
+    without our orders counts, so that relieving the feeder does not by itself end the relief
+    (and start the overload again). Constrained from ``act_at_pct``, back to normal at or below
+    ``release_pct`` (or at once when an emergency ends); in between the mode stays.
+    """
+    limit = grid.import_limit_w if flow_w > 0 else grid.export_limit_w
+    underlying = flow_w + sum(r.flow_w for r in reliefs.values())
+    load_pct = 100.0 * max(abs(flow_w), abs(underlying)) / limit
+    if emergency:
+        return "emergency"  # operator orders override market and balancing
+    if load_pct >= grid.act_at_pct:
+        return "constrained"
+    if load_pct <= grid.release_pct or previous == "emergency":
+        return "normal"
+    return previous
+
+
+def relief_target_w(flow_w: float, grid: GridSection) -> float:
+    """The flow (W, magnitude) relief aims for: ``target_pct`` of the limit in its direction."""
+    limit = grid.import_limit_w if flow_w > 0 else grid.export_limit_w
+    return limit * grid.target_pct / 100.0
+
+
+def headroom_w(
+    excess_w: float,
+    importing: bool,
+    sites: Mapping[str, SiteGrid],
+    reliefs: Mapping[str, Relief],
+) -> tuple[float, dict[str, float]]:
+    """The excess (W) less what orders not yet in the readings will relieve, and the headroom
+    (W, in the direction that relieves) of every site that can be ordered now.
+
+    A site can be ordered again once two readings have arrived since its last order (the
+    first may have been taken before the order landed); until then its pending change is taken
+    off the excess and its headroom is left out.
+    """
+    sign = 1.0 if importing else -1.0
+    room: dict[str, float] = {}
+    for name, site in sites.items():
+        relief = reliefs.get(name)
+        if relief is not None and site.readings < relief.readings_at_order + 2:
+            excess_w -= sign * relief.pending_w  # ordered, not yet in the flow we see
+            continue
+        room[name] = site.headroom_w[0 if importing else 1]
+    return excess_w, room
+
+
+def battery_orders(
+    excess_w: float,
+    room_w: Mapping[str, float],
+    importing: bool,
+    sites: Mapping[str, SiteGrid],
+    reliefs: Mapping[str, Relief],
+    *,
+    now_ts: float,
+    expiry_s: float,
+) -> dict[str, tuple[float, Relief]]:
+    """Each site's share of ``excess_w`` (pro rata to ``room_w``) as a battery setpoint (W)
+    and the relief it gives, expiring ``expiry_s`` after ``now_ts``.
+
+    The setpoint is the battery's present power plus its share, so re-issuing it while the flow
+    sits at the target keeps the relief in place; with a negative excess the share hands
+    relief back. It never goes past the battery's power before the episode's first order in the
+    wrong direction, so a battery is never told to charge from (or discharge into) the
+    overloaded feeder. Every battery at its limit: the relief stays in place.
+    """
+    sign = 1.0 if importing else -1.0
+    total = sum(room_w.values())
+    orders: dict[str, tuple[float, Relief]] = {}
+    for name, room in room_w.items():
+        site = sites[name]
+        relief = reliefs.get(name)
+        if relief is None and (room <= 0 or excess_w <= 0):
+            continue
+        if total <= 0:
+            share = 0.0  # every battery is at its limit: keep the relief in place
+        elif excess_w > 0:
+            share = min(room, excess_w * room / total)
+        else:
+            share = excess_w * room / total
+        current = site.battery_power_w
+        base = current if relief is None else relief.base_w
+        setpoint = current + sign * share
+        setpoint = max(setpoint, base) if importing else min(setpoint, base)
+        orders[name] = (
+            setpoint,
+            Relief(
+                flow_w=setpoint - base,
+                pending_w=setpoint - current,
+                base_w=base,
+                expires_ts=now_ts + expiry_s,
+                readings_at_order=site.readings,
+            ),
+        )
+    return orders
+
+
+def load_limits_w(
+    uncovered_w: float,
+    sites: Mapping[str, SiteGrid],
+    *,
+    exclude: set[str],
+) -> dict[str, float]:
+    """Import limits (W) that share ``uncovered_w`` equally among the importing consumers and
+    prosumers not in ``exclude`` (those with a battery order, or whose order stands)."""
+    consumers = [
+        n
+        for n, s in sites.items()
+        if s.role in ("consumer", "prosumer")
+        and (s.grid_power_w or 0.0) > 0
+        and n not in exclude
+    ]
+    return {
+        n: max(0.0, (sites[n].grid_power_w or 0.0) - uncovered_w / len(consumers))
+        for n in consumers
+    }
+
+
+def plan_relief(
+    flow_w: float,
+    target_w: float,
+    sites: Mapping[str, SiteGrid],
+    reliefs: Mapping[str, Relief],
+    *,
+    now_ts: float,
+    expiry_s: float,
+) -> ReliefPlan:
+    """The orders that bring the feeder's flow ``flow_w`` (W) towards ``target_w`` (W,
+    magnitude): battery orders pro rata to headroom (:func:`battery_orders`), then, on import,
+    load limits for what the batteries cannot cover (:func:`load_limits_w`)."""
+    importing = flow_w > 0
+    excess, room = headroom_w(abs(flow_w) - target_w, importing, sites, reliefs)
+    total = sum(room.values())
+    batteries = battery_orders(
+        excess, room, importing, sites, reliefs, now_ts=now_ts, expiry_s=expiry_s
+    )
+    uncovered = excess - min(max(excess, 0.0), total)
+    limits: dict[str, float] = {}
+    if importing and uncovered > 0:
+        limits = load_limits_w(uncovered, sites, exclude=set(batteries) | set(reliefs))
+    return ReliefPlan(batteries, limits)
+
+
+def reissue_due(last_sent_ts: float | None, now_ts: float, reissue_s: float) -> bool:
+    """Whether a site may be sent an order now: never sent, or ``reissue_s`` since the last."""
+    return last_sent_ts is None or now_ts - last_sent_ts >= reissue_s

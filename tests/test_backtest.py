@@ -1,0 +1,188 @@
+"""The stepped simulation engine (wattmesh.backtest): same physics, deterministic, balanced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from broker.clock import ManualClock
+from coordinator.config import parse_coordinator_config
+from simulators import physics
+from simulators.devices import BatterySim, SimSite
+from simulators.scenario import load_scenario, parse_scenario, stepped_sites
+from wattmesh.backtest import (
+    BacktestError,
+    Engine,
+    SteppedBattery,
+    _profiles,
+    run_backtest,
+)
+from wattmesh.cli import app
+
+COMMUNITY = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "community.toml"
+
+
+def test_profiles_are_the_simulators_own_load_and_pv() -> None:
+    scenario = load_scenario(COMMUNITY)
+    times = scenario.start_ts + 60.0 * np.arange(0, 24 * 60, 7)  # a day, every 7 minutes
+    _, profiles = _profiles(scenario, times)
+    clock = ManualClock(float(times[0]))
+    sites = stepped_sites(scenario, clock)
+    for k, t in enumerate(times):
+        clock.ts = float(t)
+        for name, site in sites.items():
+            site.advance()
+            load, pv = profiles[name]
+            assert load[k] == pytest.approx(site.load_w, rel=1e-12, abs=1e-9)
+            assert pv[k] == pytest.approx(site.pv_w, rel=1e-12, abs=1e-9)
+    assert max(float(profiles["solar-farm"][1].max()), 0.0) > 100_000.0  # midsummer noon
+
+
+def test_a_stepped_battery_follows_setpoints_as_the_simulated_device_does() -> None:
+    clock = ManualClock(1_000_000.0)
+    site = SimSite("s", clock)
+    sim = BatterySim("b", 1, site, 10_000.0, 5000.0, soc_pct=20.0, soc_min_pct=10.0)
+    stepped = SteppedBattery.of(sim)
+    sim.step(clock.ts, 0.0)
+    stepped.step(0.0)
+    # Discharge 4 kW into the minimum, then charge 2.5 kW, then hold; 60-s steps.
+    for setpoint in [4000.0] * 12 + [-2500.0] * 10 + [0.0] * 3:
+        pct = 100.0 * abs(setpoint) / 5000.0
+        sim.image.set_many(
+            124,
+            {
+                "OutWRte": pct if setpoint > 0 else 0.0,
+                "InWRte": pct if setpoint < 0 else 0.0,
+                "StorCtl_Mod": 2 if setpoint > 0 else 1 if setpoint < 0 else 0,
+            },
+        )
+        sim.written(124, {"StorCtl_Mod"})
+        stepped.command(setpoint)
+        assert stepped.power_w == pytest.approx(sim.power_w, abs=1e-9)
+        clock.ts += 60.0
+        sim.step(clock.ts, 60.0)
+        stepped.step(60.0)
+        assert stepped.soc_pct == pytest.approx(sim.soc_pct, abs=1e-9)
+        assert stepped.power_w == pytest.approx(sim.power_w, abs=1e-9)
+    assert stepped.soc_pct > 10.0  # it charged after reaching the minimum
+
+
+def test_a_community_day_is_deterministic_and_its_ledger_balances(tmp_path: Path) -> None:
+    scenario = load_scenario(COMMUNITY)
+    first = run_backtest(scenario, days=1, ledger_path=tmp_path / "a.sqlite")
+    again = run_backtest(scenario, days=1, ledger_path=tmp_path / "b.sqlite")
+    other = run_backtest(scenario.model_copy(update={"seed": 8}), days=1)
+    assert first.ledger_balanced and again.ledger_balanced and other.ledger_balanced
+    assert first.intervals == 95  # every interval of the day but the first, which had no gate
+    assert {n: s.net_cost for n, s in first.sites.items()} == {
+        n: s.net_cost for n, s in again.sites.items()
+    }
+    assert first.feeder_peak_w == again.feeder_peak_w
+    assert first.total_cost != other.total_cost  # the seed matters
+    assert set(first.sites) == {"solar-farm", "factory", "house-1", "house-2", "school"}
+    assert first.sites["solar-farm"].net_cost < 0 < first.sites["factory"].net_cost
+    assert first.dispatches > 0  # the factory's peaks bring the grid loop in
+    # With batteries idle the feeder's 15-minute peak passes its 150 kW limit that day; the
+    # grid policy's battery orders keep it below.
+    idle = run_backtest(scenario, days=1, variant="idle")
+    assert idle.feeder_peak_w > first.feeder_limit_w > first.feeder_peak_w
+
+
+def _one_house() -> dict[str, object]:
+    return {
+        "name": "one-house",
+        "start": "2026-06-22T00:00:00Z",
+        "seed": 3,
+        "latitude_deg": 48.0,
+        "longitude_deg": 11.0,
+        "sites": [
+            {
+                "id": "house",
+                "load": {"profile": "household", "base_w": 1000.0, "peak_w": 1000.0},
+                "devices": [{"name": "meter", "kind": "sunspec_meter", "port": 0}],
+            }
+        ],
+    }
+
+
+def test_one_house_on_a_flat_tariff_pays_retail_for_what_it_imports(tmp_path: Path) -> None:
+    # No PV, no battery, about 1 kW all day (a flat profile with +-3 % noise), retail 0.30 at
+    # all hours, no imbalance premium: whatever its award, every kWh costs 0.30, so 23.75 h
+    # (the first interval has no market) cost about 0.30 * 23.75 = 7.125.
+    scenario = parse_scenario(_one_house(), "test")
+    config = parse_coordinator_config(
+        {
+            "tariff": {"retail_per_kwh": 0.30, "feed_in_per_kwh": 0.08},
+            "market": {"imbalance_premium_per_kwh": 0.0, "rebate": "none"},
+        },
+        "test",
+    )
+    result = run_backtest(scenario, days=1, coordinator=config, ledger_path=tmp_path / "l.sqlite")
+    house = result.sites["house"]
+    times = scenario.start_ts + 900.0 + 60.0 * np.arange(95 * 15)
+    site_seed = scenario.seed * 1000  # simulators.scenario.build_sites: seed * 1000 + index
+    load_w = physics.load_power_w(times, "household", 1000.0, 1000.0, seed=site_seed)
+    kwh = float(load_w.sum()) * 60.0 / 3.6e6
+    assert house.import_kwh == pytest.approx(kwh, abs=95 * 0.5e-3)  # metered in whole Wh
+    assert house.net_cost == pytest.approx(0.30 * kwh, abs=0.001)
+    assert house.net_cost == pytest.approx(7.125, rel=0.03)
+    assert house.baseline_cost == pytest.approx(house.net_cost, abs=0.001)
+    assert result.feeder_peak_w == pytest.approx(1000.0, rel=0.07)
+    assert result.ledger_balanced
+
+
+def test_a_step_that_does_not_divide_the_interval_is_refused(tmp_path: Path) -> None:
+    scenario = parse_scenario(_one_house(), "test")
+    with pytest.raises(BacktestError, match="divide"):
+        Engine(scenario, days=1, ledger_path=tmp_path / "l.sqlite", step_s=7 * 60)
+
+
+def test_the_command_prints_costs_peak_and_wall_time(tmp_path: Path) -> None:
+    path = tmp_path / "one.toml"
+    path.write_text(
+        'name = "one-house"\nstart = 2026-06-22T00:00:00Z\nlatitude_deg = 48.0\n'
+        "longitude_deg = 11.0\n[[sites]]\nid = \"house\"\n"
+        'load = { profile = "household", base_w = 300, peak_w = 3000 }\n'
+        'devices = [{ name = "meter", kind = "sunspec_meter" }]\n'
+    )
+    result = CliRunner().invoke(app, ["backtest", str(path), "--days", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "house" in result.output
+    assert "feeder 15-minute peak import" in result.output
+    assert "ledger balanced: yes" in result.output
+    assert "wall time" in result.output
+
+
+def test_the_command_names_a_bad_scenario(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "x"\nstart = 2026-06-22T00:00:00Z\nlatitude_deg = 95.0\n')
+    result = CliRunner().invoke(app, ["backtest", str(path)])
+    assert result.exit_code == 2
+    assert "latitude_deg" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_baselines_neither_trade_nor_balance_and_idle_batteries_stay_put() -> None:
+    scenario = load_scenario(COMMUNITY)
+    idle = run_backtest(scenario, days=0.5, variant="idle")
+    local = run_backtest(scenario, days=0.5, variant="self_consumption")
+    for r in (idle, local):
+        assert r.dispatches == 0 and r.ledger_balanced
+    assert all(s.stored_end_kwh == s.stored_start_kwh for s in idle.sites.values())
+    # Self-consumption covers the school's night and morning load from its battery and
+    # stores its PV surplus by noon: it imports and exports less than with the battery idle.
+    school, school_idle = local.sites["school"], idle.sites["school"]
+    assert school.import_kwh < school_idle.import_kwh
+    assert school.export_kwh < school_idle.export_kwh
+    assert school.stored_end_kwh > school.stored_start_kwh
+    # The metered energy per interval is what the ledger settled, for the economics.
+    assert len(idle.settled) == idle.intervals == 47
+    total = sum(float(m.sum()) for m in idle.metered_kwh.values())
+    assert total == pytest.approx(
+        sum(s.import_kwh - s.export_kwh for s in idle.sites.values()), abs=1e-6
+    )
+    with pytest.raises(BacktestError, match="variant"):
+        run_backtest(scenario, days=0.5, variant="clever")  # type: ignore[arg-type]

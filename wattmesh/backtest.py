@@ -1,0 +1,809 @@
+"""``wattmesh backtest``: the stepped simulation engine.
+
+A scenario's sites run in one process on a manual clock, step by step (``step_s`` simulated
+seconds, 60 by default), with no broker, no Modbus and no waiting on wall time, through the
+code the live services run:
+
+- device physics: the scenario's simulators (``simulators.scenario.build_sites``, the same
+  seeds); their load and PV from the pure functions of :mod:`simulators.physics` the devices
+  call, computed for the whole run at once, and each battery stepped by
+  :func:`simulators.physics.battery_step` exactly as :class:`simulators.devices.BatterySim`
+  steps it (:class:`SteppedBattery`, without its registers);
+- each edge: :mod:`edge.policy` (precedence layers, safety clamp, sharing among batteries,
+  bid energy and curve) and :func:`edge.trust.order_window` for dispatch orders;
+- the coordinator: forecasts (:func:`coordinator.service.site_forecast_w`), market clearing
+  (:func:`coordinator.service.clear_bids`), grid balancing (:mod:`coordinator.grid`) and
+  settlement in a SQLite ledger (:class:`coordinator.ledger.Ledger`).
+
+Each step, in the order the live system runs them: settle the interval that just ended;
+advance the physics; each edge reads its devices and controls its batteries; the
+coordinator meters the readings (held until the next, as it integrates telemetry) and
+balances the feeder, and a dispatch it sends is applied at once; then bids are made and
+cleared when their times come (``bid_lead_s`` + ``gate_s`` and ``gate_s`` before the
+interval).
+
+Differences from a live run, by design: readings are exact (the live agent reads registers
+with their scale factors, e.g. SOC in 0.1 %); a setpoint is not quantised to the battery's
+register resolution; each edge's forecast holds only the next interval (the one it bids for).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import typer
+from numpy.typing import NDArray
+from rich.console import Console
+
+from broker.clock import ManualClock
+from coordinator import grid
+from coordinator.config import CoordinatorConfig, parse_coordinator_config
+from coordinator.ledger import Ledger, to_currency
+from coordinator.plausibility import open_interval
+from coordinator.service import RingBuffer, clear_bids, site_forecast_w
+from edge.config import EdgeConfig, parse_edge_config
+from edge.policy import (
+    BatteryView,
+    Command,
+    Commitment,
+    clamp_to_rating_w,
+    decide_setpoint_w,
+    expected_net_kwh,
+    interval_bid,
+    setpoint_due,
+    share_among_batteries_w,
+)
+from edge.trust import order_window
+from simulators import physics
+from simulators.devices import BatterySim, PvInverterSim, SimSite
+from simulators.scenario import ScenarioConfig, ScenarioError, build_sites, load_scenario
+
+#: Simulated seconds per step unless told otherwise.
+DEFAULT_STEP_S = 60.0
+#: The coordinator keeps one history sample a minute per site, as the live one does.
+HISTORY_SAMPLE_S = 60.0
+#: Awards an edge keeps (the live agent keeps the last 8).
+AWARDS_KEPT = 8
+
+
+Steps = tuple[tuple[float, float], ...]
+#: What runs the batteries: wattmesh (market, dispatch, grid balancing), or a baseline with
+#: no market and no grid balancing: each site's own fallback controller (self-consumption and
+#: its peak shaving, as configured) or batteries held idle.
+Variant = Literal["wattmesh", "self_consumption", "idle"]
+VARIANTS: tuple[Variant, ...] = ("wattmesh", "self_consumption", "idle")
+
+
+class BacktestError(ValueError):
+    """A backtest cannot run as asked (bad scenario, step or configuration)."""
+
+
+def default_coordinator_config(
+    scenario: ScenarioConfig, ledger_path: Path, step_s: float
+) -> CoordinatorConfig:
+    """The demo's feeder and tariffs (``wattmesh.demo.COORDINATOR``) for ``scenario``, with
+    dispatch timing scaled to the step as the demo scales it to its polls."""
+    from wattmesh.demo import COORDINATOR  # noqa: PLC0415 - the demo pulls in rich views
+
+    return parse_coordinator_config(
+        {
+            "coordinator": {
+                "latitude_deg": scenario.latitude_deg,
+                "longitude_deg": scenario.longitude_deg,
+                "utc_offset_h": scenario.utc_offset_h,
+                "ledger": str(ledger_path),
+            },
+            "broker": {"password_env": None},
+            "grid": {
+                **COORDINATOR["grid"],
+                "dispatch_expiry_s": max(300, int(6 * step_s)),
+                "reissue_s": max(60, int(step_s)),
+            },
+            "tariff": COORDINATOR["tariff"],
+        },
+        "backtest",
+    )
+
+
+def default_edge_configs(scenario: ScenarioConfig, step_s: float) -> dict[str, EdgeConfig]:
+    """Each site's edge configuration as the demo writes it (roles and peak-shaving
+    fallbacks of ``wattmesh.demo``), polling once a step."""
+    from wattmesh.demo import FALLBACK, ROLES  # noqa: PLC0415 - the demo pulls in rich views
+
+    out = {}
+    for site in scenario.sites:
+        devices = [
+            {"name": d.name, "kind": d.kind, "url": f"tcp://{scenario.host}:{d.port}"}
+            for d in site.devices
+        ]
+        out[site.id] = parse_edge_config(
+            {
+                "site": {
+                    "id": site.id,
+                    "role": ROLES.get(site.id, "prosumer"),
+                    "poll_interval_s": step_s,
+                },
+                "devices": devices,
+                "dispatch_revert_s": max(60, int(6 * step_s)),
+                **({"fallback": FALLBACK[site.id]} if site.id in FALLBACK else {}),
+            },
+            f"backtest site {site.id}",
+        )
+    return out
+
+
+@dataclass
+class SteppedBattery:
+    """One battery stepped as :meth:`simulators.devices.BatterySim.step` steps it, without
+    its registers: the state of charge integrates the power held since the last step, then
+    the power becomes what the setpoint can deliver (:func:`simulators.physics.battery_step`).
+    Powers in W (+ discharges), SOC in %."""
+
+    name: str
+    capacity_wh: float
+    rated_power_w: float
+    soc_pct: float
+    soc_min_pct: float
+    soc_max_pct: float
+    charge_efficiency: float
+    discharge_efficiency: float
+    setpoint_w: float = 0.0
+    power_w: float = 0.0
+
+    @classmethod
+    def of(cls, sim: BatterySim) -> SteppedBattery:
+        """The battery a scenario's simulator describes, at its initial state."""
+        return cls(
+            sim.name,
+            sim.capacity_wh,
+            sim.rated_power_w,
+            sim.soc_pct,
+            sim.soc_min_pct,
+            sim.soc_max_pct,
+            sim.charge_efficiency,
+            sim.discharge_efficiency,
+        )
+
+    def _physics(self, power_w: float, dt_s: float) -> tuple[float, float]:
+        if power_w == 0.0:
+            return self.soc_pct, 0.0  # what battery_step gives for no power, without the cost
+        soc, delivered = physics.battery_step(
+            self.soc_pct,
+            power_w,
+            dt_s,
+            self.capacity_wh,
+            charge_efficiency=self.charge_efficiency,
+            discharge_efficiency=self.discharge_efficiency,
+            soc_min_pct=self.soc_min_pct,
+            soc_max_pct=self.soc_max_pct,
+        )
+        return float(soc), float(delivered)
+
+    def step(self, dt_s: float) -> None:
+        """Integrate ``dt_s`` seconds at the present power, then follow the setpoint."""
+        if dt_s > 0:
+            self.soc_pct, _ = self._physics(self.power_w, dt_s)
+        _, self.power_w = self._physics(self.setpoint_w, 1.0)
+
+    def command(self, power_w: float) -> None:
+        """A new setpoint, within the rating, in effect at once (as a register write is)."""
+        self.setpoint_w = max(-self.rated_power_w, min(self.rated_power_w, power_w))
+        self.step(0.0)
+
+    def view(self) -> BatteryView:
+        """The battery as the edge's policy sees it."""
+        return BatteryView(
+            rated_discharge_w=self.rated_power_w,
+            rated_charge_w=self.rated_power_w,
+            soc_pct=self.soc_pct,
+            soc_min_pct=self.soc_min_pct,
+            soc_max_pct=self.soc_max_pct,
+            capacity_wh=self.capacity_wh,
+        )
+
+    @property
+    def stored_wh(self) -> float:
+        """Energy stored, Wh."""
+        return self.soc_pct / 100.0 * self.capacity_wh
+
+
+@dataclass
+class _Site:
+    """One site: its physics, its edge's state and what the coordinator knows of it."""
+
+    name: str
+    edge: EdgeConfig
+    load_w: NDArray[np.float64]
+    pv_w: NDArray[np.float64]
+    batteries: list[SteppedBattery]
+    grid_w: float = 0.0
+    battery_w: float = 0.0
+    # the edge
+    awards: OrderedDict[int, Commitment] = field(default_factory=OrderedDict)
+    order: tuple[Command, float] | None = None  # the dispatch in force and its end
+    history: deque[tuple[float, float]] = field(default_factory=deque)
+    written: dict[int, tuple[float, float]] = field(default_factory=dict)
+    forecast: tuple[float, float, float] | None = None  # (start ts, pv W, load W)
+    controller: str = "fallback"
+    next_bid: int = 0  # the next interval to bid for
+    # the coordinator
+    readings: int = 0
+    energy_wh: dict[int, float] = field(default_factory=dict)
+    pv_history: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
+    load_history: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
+    last_history_ts: float = -math.inf
+
+    @property
+    def soc_pct(self) -> float | None:
+        """The capacity-weighted state of charge, as the edge's snapshot has it."""
+        if not self.batteries:
+            return None
+        return sum(b.soc_pct * b.capacity_wh for b in self.batteries) / sum(
+            b.capacity_wh for b in self.batteries
+        )
+
+
+@dataclass(frozen=True)
+class SiteResult:
+    """One site over the settled intervals: money in currency (+ pays), energy in kWh."""
+
+    site: str
+    net_cost: float
+    baseline_cost: float
+    import_kwh: float
+    export_kwh: float
+    stored_start_kwh: float
+    stored_end_kwh: float
+
+
+@dataclass(frozen=True)
+class BacktestResult:
+    """What a backtest measured."""
+
+    scenario: str
+    start_ts: float
+    end_ts: float
+    step_s: float
+    intervals: int  # settled market intervals
+    sites: dict[str, SiteResult]
+    feeder_peak_w: float  # largest 15-minute (interval) mean import at the feeder
+    feeder_limit_w: float
+    ledger_balanced: bool
+    dispatches: int
+    wall_s: float
+    variant: Variant = "wattmesh"
+    #: The settled intervals, and per site the energy metered in each (kWh, + imports).
+    settled: tuple[int, ...] = ()
+    metered_kwh: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    #: The utility's tariffs in each settled interval, per kWh.
+    retail_per_kwh: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    feed_in_per_kwh: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    #: Each site's batteries' capacity-weighted charge efficiency (1 without a battery).
+    charge_efficiency: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_cost(self) -> float:
+        """The community's settled cost, currency (+ pays)."""
+        return sum(s.net_cost for s in self.sites.values())
+
+
+def _for_variant(edges: dict[str, EdgeConfig], variant: Variant) -> dict[str, EdgeConfig]:
+    """The edges as a baseline runs them: no bids; idle batteries for ``"idle"``."""
+    if variant == "wattmesh":
+        return edges
+    out = {}
+    for name, e in edges.items():
+        fallback = e.fallback
+        if variant == "idle":
+            fallback = fallback.model_copy(update={"mode": "idle"})
+        market = e.market.model_copy(update={"enabled": False})
+        out[name] = e.model_copy(update={"market": market, "fallback": fallback})
+    return out
+
+
+def _profiles(
+    scenario: ScenarioConfig, times: NDArray[np.float64]
+) -> tuple[dict[str, SimSite], dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]]]:
+    """Each site's load and PV (W) at ``times``: the simulators' own physics, vectorised."""
+    clock = ManualClock(float(times[0]))
+    sites: dict[str, SimSite] = {}
+    for _, _, device in build_sites(scenario, clock):
+        sites.setdefault(device.site.site_id, device.site)
+    out = {}
+    for name, site in sites.items():
+        load = np.zeros_like(times)
+        if site.load is not None:
+            load = physics.load_power_w(
+                times,
+                site.load.profile,
+                site.load.base_w,
+                site.load.peak_w,
+                seed=site.seed,
+                utc_offset_h=site.utc_offset_h,
+            )
+        pv = np.zeros_like(times)
+        clear_sky = None
+        for d in site.devices:
+            if isinstance(d, PvInverterSim):
+                if clear_sky is None:
+                    clear_sky = physics.clear_sky_ghi_w_per_m2(
+                        times, site.latitude_deg, site.longitude_deg
+                    )
+                ghi = clear_sky * physics.cloud_index(times, seed=d.seed)
+                pv = pv + physics.pv_ac_power_w(ghi, d.rated_dc_w, d.rated_ac_w)
+        out[name] = (load, pv)
+    return sites, out
+
+
+class Engine:
+    """One backtest run; :meth:`run` steps it to the end."""
+
+    def __init__(
+        self,
+        scenario: ScenarioConfig,
+        *,
+        days: float,
+        ledger_path: Path,
+        step_s: float = DEFAULT_STEP_S,
+        coordinator: CoordinatorConfig | None = None,
+        edges: dict[str, EdgeConfig] | None = None,
+        variant: Variant = "wattmesh",
+    ) -> None:
+        if variant not in VARIANTS:
+            raise BacktestError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if not days > 0:
+            raise BacktestError(f"days must be positive, got {days}")
+        self.scenario = scenario
+        self.step_s = float(step_s)
+        self.config = coordinator or default_coordinator_config(scenario, ledger_path, step_s)
+        m = self.config.market
+        if not 0 < step_s <= m.interval_s or m.interval_s % step_s:
+            raise BacktestError(
+                f"step_s must divide the market interval ({m.interval_s} s), got {step_s}"
+            )
+        self.variant = variant
+        self.edges = _for_variant(edges or default_edge_configs(scenario, step_s), variant)
+        for name, e in self.edges.items():
+            if e.market.interval_s != m.interval_s:
+                raise BacktestError(f"site {name}: market interval differs from the coordinator's")
+        self.start_ts = scenario.start_ts
+        n = round(days * 86_400 / step_s)
+        self.times = self.start_ts + step_s * np.arange(n + 1, dtype=np.float64)
+        self.end_ts = float(self.times[-1])
+        sims, profiles = _profiles(scenario, self.times)
+        missing = sorted(set(sims) - set(self.edges))
+        if missing:
+            raise BacktestError(f"no edge configuration for site(s) {', '.join(missing)}")
+        self.sites = {
+            name: _Site(
+                name,
+                self.edges[name],
+                *profiles[name],
+                [SteppedBattery.of(d) for d in sim.devices if isinstance(d, BatterySim)],
+            )
+            for name, sim in sims.items()
+        }
+        self.stored_start_wh = {
+            n: sum(b.stored_wh for b in s.batteries) for n, s in self.sites.items()
+        }
+        self.ledger = Ledger(ledger_path)
+        self.reliefs: dict[str, grid.Relief] = {}
+        self.mode: grid.GridMode = "normal"
+        self.sent_ts: dict[str, float] = {}
+        self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
+        self.cleared: set[int] = set()
+        self.dispatches = 0
+        first = open_interval(self.start_ts, m.interval_s, m.gate_s)  # as the coordinator
+        self._next_clear = first
+        for site in self.sites.values():
+            site.next_bid = first
+
+    # -- the edge ----------------------------------------------------------------------------
+    def _control(self, site: _Site, now: float) -> None:
+        """The edge's control (EdgeAgent._control): decide, share, write what changed."""
+        if site.order is not None and site.order[1] <= now:
+            site.order = None
+        m = site.edge.market
+        award = site.awards.get(int(now // m.interval_s))
+        views = [b.view() for b in site.batteries]
+        total, site.controller = decide_setpoint_w(
+            views,
+            site.grid_w + site.battery_w,
+            site.soc_pct,
+            command=None if site.order is None else site.order[0],
+            award=award,
+            market=m,
+            fallback=site.edge.fallback,
+            limits=site.edge.limits,
+        )
+        if total is None or not site.batteries:
+            return
+        revert_s = math.ceil(max(site.edge.dispatch_revert_s, 3 * self.step_s))
+        for i, (battery, share) in enumerate(
+            zip(site.batteries, share_among_batteries_w(total, views), strict=True)
+        ):
+            if not setpoint_due(
+                share,
+                site.written.get(i),
+                now,
+                rated_discharge_w=battery.rated_power_w,
+                renew_after_s=revert_s / 2.0,
+            ):
+                continue
+            battery.command(share)
+            site.written[i] = (share, now)
+
+    def _dispatch(self, site: _Site, now: float, command: Command, expires_ts: float) -> None:
+        """A dispatch received by the edge (EdgeAgent._dispatch): judged, clamped, applied."""
+        trust = site.edge.dispatch
+        window = order_window(
+            now,
+            expires_ts,
+            now,
+            max_skew_s=trust.max_clock_skew_s,
+            max_age_s=trust.max_age_s,
+            max_duration_s=trust.max_duration_s,
+        )
+        if window.verdict != "ok" or (command.battery_power_w is not None and not site.batteries):
+            return
+        if command.battery_power_w is not None:
+            clamped = clamp_to_rating_w(
+                command.battery_power_w, [b.view() for b in site.batteries]
+            )
+            command = Command(command.priority, clamped, command.load_limit_w)
+        site.order = (command, window.end_ts)
+        self._control(site, now)
+
+    def _bid(self, site: _Site, interval: int) -> None:
+        m = site.edge.market
+        start = interval * m.interval_s
+        f = site.forecast
+        recent = [w for _, w in site.history]
+        if f is not None:
+            net_kwh = expected_net_kwh(
+                start,
+                m.interval_s,
+                forecast_start_ts=f[0],
+                forecast_step_s=m.interval_s,
+                forecast_pv_w=[f[1]],
+                forecast_load_w=[f[2]],
+                recent_net_w=recent,
+            )
+        else:
+            net_kwh = expected_net_kwh(start, m.interval_s, recent_net_w=recent)
+        curve = interval_bid(
+            [b.view() for b in site.batteries],
+            net_kwh,
+            market=m,
+            fallback=site.edge.fallback,
+            role=site.edge.site.role,
+        )
+        self.bids.setdefault(interval, {})[site.name] = (curve.buy, curve.sell)
+
+    # -- the coordinator ---------------------------------------------------------------------
+    def _ingest(self, site: _Site, now: float, pv_w: float) -> None:
+        """Telemetry: the latest reading, the minute history, metered energy (held)."""
+        site.readings += 1
+        if now >= site.last_history_ts + HISTORY_SAMPLE_S:
+            site.last_history_ts = now
+            site.pv_history.append(now, pv_w)
+            site.load_history.append(now, max(site.grid_w + pv_w + site.battery_w, 0.0))
+        k = int(now // self.config.market.interval_s)
+        site.energy_wh[k] = site.energy_wh.get(k, 0.0) + site.grid_w * self.step_s / 3600.0
+
+    def _balance(self, now: float) -> None:
+        """Coordinator.balance: the feeder's mode, then battery orders and load limits."""
+        g = self.config.grid
+        flow = sum(s.grid_w for s in self.sites.values())
+        self.reliefs = grid.active_reliefs(self.reliefs, now)
+        self.mode = grid.feeder_mode(
+            flow, self.reliefs, previous=self.mode, emergency=False, grid=g
+        )
+        if self.mode != "constrained":
+            return
+        views = {}
+        for name, s in self.sites.items():
+            rated = sum(b.rated_power_w for b in s.batteries)
+            views[name] = grid.SiteGrid(
+                grid_power_w=s.grid_w,
+                battery_power_w=s.battery_w,
+                headroom_w=grid.battery_headroom_w(rated, s.battery_w, s.soc_pct),
+                readings=s.readings,
+                role=s.edge.site.role,
+            )
+        plan = grid.plan_relief(
+            flow,
+            grid.relief_target_w(flow, g),
+            views,
+            self.reliefs,
+            now_ts=now,
+            expiry_s=g.dispatch_expiry_s,
+        )
+        orders: list[tuple[str, Command, grid.Relief | None]] = [
+            (name, Command("dispatch", battery_power_w=setpoint), relief)
+            for name, (setpoint, relief) in plan.batteries.items()
+        ]
+        orders += [
+            (name, Command("dispatch", load_limit_w=limit), None)
+            for name, limit in plan.load_limits_w.items()
+        ]
+        for name, command, relief in orders:
+            if not grid.reissue_due(self.sent_ts.get(name), now, g.reissue_s):
+                continue
+            self.sent_ts[name] = now
+            if relief is not None:
+                self.reliefs[name] = relief
+            self.dispatches += 1
+            self._dispatch(self.sites[name], now, command, now + g.dispatch_expiry_s)
+
+    def _clear(self, interval: int, now: float) -> None:
+        """Coordinator.clear_interval: clear, commit, award; then the next forecasts."""
+        m = self.config.market
+        retail, feed_in = self.config.tariff.at(
+            interval * m.interval_s, self.config.coordinator.utc_offset_h
+        )
+        bids = self.bids.pop(interval, {})
+        for stale in [k for k in self.bids if k < interval]:  # too late: as the service does
+            del self.bids[stale]
+        _, awards_kwh, price = clear_bids(
+            bids,
+            retail_per_kwh=retail,
+            feed_in_per_kwh=feed_in,
+            interval_s=m.interval_s,
+            import_limit_w=self.config.grid.import_limit_w,
+            export_limit_w=self.config.grid.export_limit_w,
+        )
+        record = self.ledger.record_clearing(
+            interval,
+            clearing_price_per_kwh=price,
+            retail_price_per_kwh=retail,
+            feed_in_price_per_kwh=feed_in,
+            awards_kwh=awards_kwh,
+            imbalance_premium_per_kwh=m.imbalance_premium_per_kwh,
+            rebate=m.rebate,
+            cleared_ts=now,
+        )
+        self.cleared.add(interval)
+        for name, quantity in record.awards_kwh.items():
+            awards = self.sites[name].awards
+            awards[interval] = Commitment(quantity, record.clearing_price_per_kwh)
+            while len(awards) > AWARDS_KEPT:
+                awards.popitem(last=False)
+        start = (interval + 1) * m.interval_s
+        midpoint = np.array([start + m.interval_s / 2])
+        for s in self.sites.values():
+            if len(s.load_history) == 0:
+                continue
+            pv, load = site_forecast_w(
+                s.pv_history, s.load_history, midpoint, self.config.coordinator
+            )
+            s.forecast = (float(start), float(pv[0]), float(load[0]))
+
+    def _settle(self, interval: int) -> None:
+        """Coordinator.settle: every site at its metered energy."""
+        metered = {
+            name: s.energy_wh.pop(interval) / 1000.0
+            for name, s in self.sites.items()
+            if interval in s.energy_wh
+        }
+        if interval in self.cleared:
+            self.ledger.settle_cleared(interval, metered_kwh=metered, roster=sorted(self.sites))
+            self.cleared.discard(interval)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, progress: Callable[[float], None] | None = None) -> BacktestResult:
+        """Step from the scenario's start to the end; ``progress`` gets the fraction done."""
+        wall0 = time.perf_counter()
+        m = self.config.market
+        interval_s = m.interval_s
+        n = len(self.times)
+        report_every = max(1, round(86_400 / self.step_s))
+        for i in range(n):
+            now = float(self.times[i])
+            k = int(now // interval_s)
+            if now % interval_s == 0:
+                self._settle(k - 1)
+            if i == n - 1:
+                break  # the end: the last interval is settled, nothing runs past it
+            dt = 0.0 if i == 0 else self.step_s
+            for s in self.sites.values():
+                for b in s.batteries:
+                    b.step(dt)
+                s.battery_w = sum(b.power_w for b in s.batteries)
+                s.grid_w = float(s.load_w[i] - s.pv_w[i]) - s.battery_w
+                s.history.append((now, s.grid_w + s.battery_w))
+                while s.history and s.history[0][0] < now - 2 * interval_s:
+                    s.history.popleft()
+                self._control(s, now)
+                self._ingest(s, now, float(s.pv_w[i]))
+            if self.variant == "wattmesh":
+                self._balance(now)
+            for s in self.sites.values():
+                e = s.edge.market
+                while now >= s.next_bid * interval_s - e.gate_s - e.bid_lead_s:
+                    if e.enabled and now < s.next_bid * interval_s - e.gate_s:
+                        self._bid(s, s.next_bid)  # EdgeAgent.bid: only while the gate is open
+                    s.next_bid += 1
+            while now >= self._next_clear * interval_s - m.gate_s:
+                self._clear(self._next_clear, now)
+                self._next_clear += 1
+            if progress is not None and i % report_every == 0:
+                progress(i / (n - 1))
+        if progress is not None:
+            progress(1.0)
+        return self._result(time.perf_counter() - wall0)
+
+    def _result(self, wall_s: float) -> BacktestResult:
+        settled = self.ledger.settled_intervals()
+        interval_s = self.config.market.interval_s
+        peak_w = -math.inf
+        metered = {name: np.zeros(len(settled)) for name in self.sites}
+        retail, feed_in = np.zeros(len(settled)), np.zeros(len(settled))
+        for j, k in enumerate(settled):
+            result = self.ledger.settlement(k)
+            if result is None:  # pragma: no cover - listed as settled
+                continue
+            wh = sum(x.metered_wh for x in result.sites)
+            peak_w = max(peak_w, wh * 3600.0 / interval_s)
+            for x in result.sites:
+                metered[x.site][j] = x.metered_wh / 1000.0
+            retail[j] = result.retail_price_micro_per_kwh / 1e6
+            feed_in[j] = result.feed_in_price_micro_per_kwh / 1e6
+        sites = {}
+        for name, s in self.sites.items():
+            report = self.ledger.site_report(name) if settled else None
+            sites[name] = SiteResult(
+                site=name,
+                net_cost=float(to_currency(report.net_cost_micro)) if report else 0.0,
+                baseline_cost=float(to_currency(report.baseline_cost_micro)) if report else 0.0,
+                import_kwh=report.metered_import_wh / 1000.0 if report else 0.0,
+                export_kwh=report.metered_export_wh / 1000.0 if report else 0.0,
+                stored_start_kwh=self.stored_start_wh[name] / 1000.0,
+                stored_end_kwh=sum(b.stored_wh for b in s.batteries) / 1000.0,
+            )
+        return BacktestResult(
+            scenario=self.scenario.name,
+            start_ts=self.start_ts,
+            end_ts=self.end_ts,
+            step_s=self.step_s,
+            intervals=len(settled),
+            sites=sites,
+            feeder_peak_w=peak_w if settled else 0.0,
+            feeder_limit_w=self.config.grid.import_limit_w,
+            ledger_balanced=self.ledger.check_balanced(),
+            dispatches=self.dispatches,
+            wall_s=wall_s,
+            variant=self.variant,
+            settled=settled,
+            metered_kwh=metered,
+            retail_per_kwh=retail,
+            feed_in_per_kwh=feed_in,
+            charge_efficiency={
+                name: (
+                    sum(b.charge_efficiency * b.capacity_wh for b in s.batteries)
+                    / sum(b.capacity_wh for b in s.batteries)
+                    if s.batteries
+                    else 1.0
+                )
+                for name, s in self.sites.items()
+            },
+        )
+
+    def close(self) -> None:
+        """Close the ledger."""
+        self.ledger.close()
+
+
+def run_backtest(
+    scenario: ScenarioConfig,
+    *,
+    days: float,
+    ledger_path: Path | None = None,
+    step_s: float = DEFAULT_STEP_S,
+    coordinator: CoordinatorConfig | None = None,
+    edges: dict[str, EdgeConfig] | None = None,
+    variant: Variant = "wattmesh",
+    progress: Callable[[float], None] | None = None,
+) -> BacktestResult:
+    """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
+    temporary file, removed afterwards, when None: in memory-backed ``/dev/shm`` where there is
+    one, since the ledger syncs every commit to disk and a throwaway ledger need not)."""
+    shm = Path("/dev/shm")
+    where = str(shm) if ledger_path is None and shm.is_dir() and os.access(shm, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-", dir=where) as tmp:
+        path = ledger_path or Path(tmp) / "ledger.sqlite"
+        engine = Engine(
+            scenario,
+            days=days,
+            ledger_path=path,
+            step_s=step_s,
+            coordinator=coordinator,
+            edges=edges,
+            variant=variant,
+        )
+        try:
+            return engine.run(progress)
+        finally:
+            engine.close()
+
+
+def backtest(
+    scenario: Annotated[Path, typer.Argument(help="a scenario TOML file")],
+    days: Annotated[float, typer.Option(help="simulated days from the scenario's start")] = 1.0,
+    step_s: Annotated[
+        float, typer.Option(help="simulated seconds per step; must divide the market interval")
+    ] = DEFAULT_STEP_S,
+    ledger: Annotated[
+        Path | None, typer.Option(help="keep the settlement ledger in this SQLite file")
+    ] = None,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="wattmesh, or a baseline: self_consumption (each site's own controller) or "
+            "idle (batteries idle); baselines neither trade nor balance the feeder"
+        ),
+    ] = "wattmesh",
+) -> None:
+    """Simulate a scenario in-process on the live policies, market and ledger; print each
+    site's settled cost and the feeder's 15-minute peak."""
+    out = Console(width=None if sys.stdout.isatty() else 120)
+    err = Console(stderr=True)
+    if ledger is not None and ledger.exists():
+        err.print(f"[red]error:[/red] {ledger} exists: give a new file for the ledger")
+        raise typer.Exit(2)
+    try:
+        config = load_scenario(scenario)
+        result = run_backtest(
+            config,
+            days=days,
+            ledger_path=ledger,
+            step_s=step_s,
+            variant=variant,  # type: ignore[arg-type]  # checked by the engine
+            progress=lambda f: err.print(f"simulated {100 * f:5.1f} %", highlight=False),
+        )
+    except (ScenarioError, BacktestError) as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    print_result(result, out)
+
+
+def print_result(result: BacktestResult, console: Console) -> None:
+    """The result as the command prints it."""
+    days = (result.end_ts - result.start_ts) / 86_400
+    console.print(
+        f"{result.scenario} ({result.variant}): {days:g} simulated day(s), "
+        f"{result.intervals} settled intervals, step {result.step_s:g} s",
+        highlight=False,
+    )
+    console.print(
+        f"{'site':<12} {'settled cost':>13} {'utility alone':>14} {'import kWh':>11} "
+        f"{'export kWh':>11} {'stored kWh start -> end':>24}",
+        highlight=False,
+    )
+    for s in result.sites.values():
+        console.print(
+            f"{s.site:<12} {s.net_cost:>13.2f} {s.baseline_cost:>14.2f} {s.import_kwh:>11.1f} "
+            f"{s.export_kwh:>11.1f} {s.stored_start_kwh:>11.1f} -> {s.stored_end_kwh:>9.1f}",
+            highlight=False,
+        )
+    console.print(f"{'community':<12} {result.total_cost:>13.2f}", highlight=False)
+    console.print(
+        f"feeder 15-minute peak import: {result.feeder_peak_w / 1000:.1f} kW "
+        f"(limit {result.feeder_limit_w / 1000:.0f} kW); grid dispatches: {result.dispatches}",
+        highlight=False,
+    )
+    console.print(
+        f"ledger balanced: {'yes' if result.ledger_balanced else 'NO'}; "
+        f"wall time {result.wall_s:.2f} s",
+        highlight=False,
+    )

@@ -3,10 +3,10 @@
 :class:`edge.agent.EdgeAgent` wires them to the bus and the devices; the stepped simulation
 engine (:mod:`wattmesh.backtest`) calls the same functions on simulated devices.
 
-Signs (docs/architecture.md section 4): site power positive when importing; battery power positive when
-discharging. Precedence (docs/architecture.md section 5, highest first): device safety limits > a grid
-emergency order > an unexpired dispatch command > the interval's market commitment > the
-local fallback controller.
+Signs (docs/architecture.md section 4): site power positive when importing; battery
+power positive when discharging. Precedence (docs/architecture.md section 5, highest first):
+device safety limits > a grid emergency order > an unexpired dispatch command > the
+interval's market commitment > the local fallback controller.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 :class:`coordinator.service.Coordinator` wires them to the bus (dispatch orders, the retained
 grid state); the stepped simulation engine (:mod:`wattmesh.backtest`) calls the same
 functions. Signs (docs/architecture.md section 4): feeder and site power positive when
-importing; battery power positive when discharging. Powers in W, times in the coordinator's clock seconds.
+importing; battery power positive when discharging. Powers in W, times in the coordinator's
+clock seconds.
 
 Each check: the feeder's mode from its flow with hysteresis (:func:`feeder_mode`); while it is
 constrained, the excess over the target is spread over the batteries with headroom, pro rata

@@ -203,6 +203,13 @@ async def _run_sites(clock: ScaledClock, buses: dict[str, BusClient], stop: asyn
         await asyncio.sleep(0.05)  # 30 simulated seconds
 
 
+async def _connected(mosquitto: MosquittoProcess, times: int, timeout_s: float = 60.0) -> None:
+    """Wait until the coordinator has connected ``times`` times (the broker's log says so)."""
+    async with asyncio.timeout(timeout_s):
+        while mosquitto.log_tail(10_000).count("u'coordinator'") < times:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
 async def test_killing_the_coordinator_around_gate_closures_loses_no_cleared_interval(  # noqa: PLR0915
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:
@@ -242,9 +249,12 @@ async def test_killing_the_coordinator_around_gate_closures_loses_no_cleared_int
         kills = 0
         try:
             while kills < 20:
+                # Kill only a coordinator that got up (connected to the broker), so that each
+                # kill lands around a gate it could clear, however slow a start is here.
+                await _connected(mosquitto, kills + 1)
                 # A random moment within 0.4 s (wall) either side of the next gate closure.
                 now = clock.now()
-                gate = (int((now + 60) // 900) + 1) * 900 - 60
+                gate = (int((now + 60 + 0.4 * SPEED) // 900) + 1) * 900 - 60
                 moment = gate + rng.uniform(-0.4, 0.4) * SPEED
                 await asyncio.sleep(max(0.0, (moment - clock.now()) / SPEED))
                 if kills % 4 == 3:

@@ -62,7 +62,7 @@ from drivers.errors import DriverError, SetpointRejected
 from drivers.regmap import RegisterMap, builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import BusPool
 from drivers.writeguard import WritePolicy
-from edge.config import DeviceSection, EdgeConfig
+from edge.config import DeviceSection, EdgeConfig, proxy_units
 from edge.outbox import Outbox
 from edge.policy import (
     BatteryView,
@@ -76,6 +76,7 @@ from edge.policy import (
     renew_step_w,
     share_among_batteries_w,
 )
+from edge.proxy import ModbusProxy, ProxyTarget
 from edge.spool import Spool
 from edge.trust import OrderWindow, order_window
 
@@ -403,6 +404,23 @@ class EdgeAgent:
             handler=self._on_message,
         )
         self._group: asyncio.TaskGroup | None = None
+        self.proxy = self._proxy()
+
+    def _proxy(self) -> ModbusProxy | None:
+        """The ``[proxy]`` over the agent's own transports (not started), if configured."""
+        p = self.config.proxy
+        if p is None:
+            return None
+        pollers = {poller.cfg.name: poller for poller in self.pollers}
+        targets = [
+            ProxyTarget(
+                unit,
+                self.pool.get(device.url),
+                lambda poller=pollers[device.name]: poller.available,  # type: ignore[misc]
+            )
+            for unit, device in proxy_units(self.config).items()
+        ]
+        return ModbusProxy(p.host, p.port, targets, allow_writes=p.allow_writes)
 
     @property
     def spool(self) -> Spool | None:
@@ -443,7 +461,14 @@ class EdgeAgent:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> EdgeAgent:
-        await self.bus.__aenter__()
+        if self.proxy is not None:
+            await self.proxy.start()
+        try:
+            await self.bus.__aenter__()
+        except BaseException:
+            if self.proxy is not None:
+                await self.proxy.stop()
+            raise
         for kind in topics.SITE_READS:
             await self.bus.subscribe(topics.site_topic(self.site, kind))
         await self.bus.subscribe(topics.forecast_topic(self.site))
@@ -466,6 +491,8 @@ class EdgeAgent:
         try:
             await self._group.__aexit__(et, ev, tb)
         finally:
+            if self.proxy is not None:
+                await self.proxy.stop()
             await self.bus.__aexit__(et, ev, tb)
             self.pool.close()
             self.outbox.close()

@@ -202,6 +202,23 @@ class DispatchSection(_Strict):
     )
 
 
+class ProxySection(_Strict):
+    """An optional Modbus TCP proxy on the gateway (``[proxy]``): Home Assistant or another
+    reader shares devices that accept one client only.
+
+    Reads are answered from the agent's own polls (the registers it reads, as of its last
+    poll); writes are refused (exception 1) unless ``allow_writes``, then forwarded through
+    the agent's own connection. Each device is served under its own unit id(s).
+    """
+
+    host: str = Field(default="127.0.0.1", description="listen address (0.0.0.0: every one)")
+    port: int = Field(default=5020, ge=0, le=65535, description="listen port (0: any free one)")
+    devices: list[str] = Field(
+        default_factory=list, max_length=64, description="device names (empty: every device)"
+    )
+    allow_writes: bool = False
+
+
 class EdgeConfig(_Strict):
     """A whole site file."""
 
@@ -214,6 +231,7 @@ class EdgeConfig(_Strict):
     spool: SpoolSection = SpoolSection()
     dispatch: DispatchSection = DispatchSection()
     clock: ClockSettings | None = None
+    proxy: ProxySection | None = None
     dispatch_revert_s: int = Field(
         default=30, ge=2, le=3600, description="battery reverts to idle if not renewed"
     )
@@ -240,7 +258,43 @@ def parse_edge_config(data: dict[str, object], source: str) -> EdgeConfig:
         config = config.model_copy(
             update={"spool": config.spool.model_copy(update={"path": spool})}
         )
-    return _check_maps(config, source)
+    config = _check_maps(config, source)
+    if config.proxy is not None:
+        try:
+            proxy_units(config)
+        except ValueError as err:
+            raise EdgeConfigError(f"{source}: proxy: {err}") from err
+    return config
+
+
+def proxy_units(config: EdgeConfig) -> dict[int, DeviceSection]:
+    """The unit ids the ``[proxy]`` serves and the device behind each (a map device answers
+    under its own unit and every other unit its map names); ValueError on a clash."""
+    proxy = config.proxy
+    if proxy is None:
+        return {}
+    by_name = {d.name: d for d in config.devices}
+    unknown = [n for n in proxy.devices if n not in by_name]
+    if unknown:
+        raise ValueError(f"devices {unknown} are not in [[devices]]")
+    units: dict[int, DeviceSection] = {}
+    for name in proxy.devices or list(by_name):
+        device = by_name[name]
+        served = {device.unit}
+        if device.kind == "map":
+            regmap = device.load_map()
+            served = {device.map_unit(regmap)} | {
+                p.unit_id for p in regmap.points if p.unit_id is not None
+            }
+        for unit in sorted(served):
+            other = units.get(unit)
+            if other is not None and other.name != device.name:
+                raise ValueError(
+                    f"devices {other.name} and {device.name} both answer as unit {unit}: "
+                    "proxy one of them (proxy.devices)"
+                )
+            units[unit] = device
+    return units
 
 
 def _check_maps(config: EdgeConfig, source: str) -> EdgeConfig:

@@ -3,8 +3,8 @@
 :class:`edge.agent.EdgeAgent` wires them to the bus and the devices; the stepped simulation
 engine (:mod:`wattmesh.backtest`) calls the same functions on simulated devices.
 
-Signs (design section 3): site power positive when importing; battery power positive when
-discharging. Precedence (design section 2, highest first): device safety limits > a grid
+Signs (docs/architecture.md s. 4): site power positive when importing; battery power positive when
+discharging. Precedence (s. 5, highest first): device safety limits > a grid
 emergency order > an unexpired dispatch command > the interval's market commitment > the
 local fallback controller.
 """

@@ -21,7 +21,13 @@ from broker.mosquitto import BrokerFiles, MosquittoProcess
 from drivers.devices import MapBattery
 from drivers.regmap import load_builtin_map
 from edge.agent import EdgeAgent, Order
-from edge.config import EdgeConfig, EdgeConfigError, parse_edge_config
+from edge.config import (
+    EdgeConfig,
+    EdgeConfigError,
+    load_edge_config,
+    parse_edge_config,
+    proxy_units,
+)
 from simulators.devices import LoadSpec, SimSite, SunSpecMeterSim
 from simulators.mapped import MapDeviceSim
 from simulators.server import DeviceServer
@@ -200,3 +206,19 @@ def test_a_map_device_is_checked_when_the_site_file_is_read(tmp_path: Path) -> N
         )
     with pytest.raises(EdgeConfigError, match='map is for kind "map"'):
         parse({"name": "b", "kind": "battery", "map": "victron_gx", "url": url})
+
+
+def test_the_commented_site_file_example_is_a_valid_site_file(tmp_path: Path) -> None:
+    text = (ROOT / "config" / "sites" / "house-2.toml").read_text(encoding="utf-8")
+    head, marker, example = text.partition("# --- example: a register-mapped hybrid")
+    assert marker
+    prose, _, commented = example.partition("\n#\n")  # the settings follow a bare "#"
+    assert "Uncomment" in prose
+    lines = [line.removeprefix("# ") for line in commented.splitlines()]
+    site = tmp_path / "house-2.toml"
+    site.write_text(head + "\n".join(lines) + "\n", encoding="utf-8")
+    config = load_edge_config(site)
+    ess = next(d for d in config.devices if d.name == "house2-ess")
+    assert ess.kind == "map" and ess.map_unit(ess.load_map()) == 100
+    assert config.proxy is not None and config.proxy.allow_writes is False
+    assert sorted(proxy_units(config)) == [100, 227]

@@ -384,6 +384,8 @@ class EdgeAgent:
         #: (ts, net load W) of the last two intervals, at most one a poll.
         self._history: deque[tuple[float, float]] = deque(maxlen=HISTORY_MAX_SAMPLES)
         self._control_lock = asyncio.Lock()
+        #: Batteries whose new setpoint waits for their minimum write interval (last control).
+        self.deferred: list[str] = []
         self._outbox = asyncio.Event()
         self._logged_invalid: set[tuple[str, str]] = set()
         self._ack_unsent_logged = False
@@ -632,6 +634,7 @@ class EdgeAgent:
 
     async def _control(self, now: float) -> float | None:
         """Decide and apply; returns the total setpoint the batteries report."""
+        self.deferred = []
         total, self.controller = self.decide(now)
         batteries = self._batteries()
         if total is None or not batteries:
@@ -661,8 +664,10 @@ class EdgeAgent:
             if wrote and battery.applied_w is not None:
                 self.stats.battery_writes += 1
                 applied += battery.applied_w
-            else:
-                applied += reading.setpoint_w if reading.setpoint_w is not None else held or 0.0
+                continue
+            if held is not None and abs(share - held) >= battery.held.policy.deadband_w:
+                self.deferred.append(poller.cfg.name)  # within the minimum write interval
+            applied += reading.setpoint_w if reading.setpoint_w is not None else held or 0.0
         return applied
 
     # -- messages in -----------------------------------------------------------------------
@@ -853,7 +858,12 @@ class EdgeAgent:
         if self.controller == "safety":
             outcome = "clamped"
             details.append("limited by site safety limits")
-        if (
+        if self.deferred:
+            details.append(
+                f"written once the minimum write interval of {', '.join(self.deferred)} has "
+                "passed"
+            )
+        elif (
             cmd.battery_power_w is not None
             and applied is not None
             and abs(applied - cmd.battery_power_w) > max(50.0, 0.01 * abs(cmd.battery_power_w))

@@ -222,3 +222,77 @@ def test_the_commented_site_file_example_is_a_valid_site_file(tmp_path: Path) ->
     assert ess.kind == "map" and ess.map_unit(ess.load_map()) == 100
     assert config.proxy is not None and config.proxy.allow_writes is False
     assert sorted(proxy_units(config)) == [100, 227]
+
+
+async def test_a_new_setpoint_waits_for_the_map_s_minimum_write_interval(tmp_path: Path) -> None:
+    # GoodWe ET: at most one write per 30 s (its map). A new order 10 s after the last write
+    # is written 30 s after it, not before; the order in between is kept, not dropped.
+    clock = ManualClock(NOON_TS)
+    async with map_site(clock, "goodwe_et") as house:
+        config = map_config(
+            house,
+            free_port(),
+            tmp_path / "spool.sqlite",
+            "goodwe_et",
+            site={"id": SITE, "poll_interval_s": 0.001},
+        )
+        agent = EdgeAgent(config, clock, password="x")
+        start = clock.now()
+        first = Dispatch(ts=start, battery_power_w=-1500.0, expires_ts=start + 3600)
+        agent.dispatch = Order(first, start + 3600)
+        commanded: list[tuple[float, float, list[str]]] = []
+        try:
+            for step in range(10):  # polls 5 s apart; the first write at 5 s
+                clock.advance(5.0)
+                if step == 2:  # 15 s: a new order, 10 s after the first write
+                    second = Dispatch(
+                        ts=clock.now(), battery_power_w=-3000.0, expires_ts=start + 3600
+                    )
+                    agent.dispatch = Order(second, start + 3600)
+                await asyncio.sleep(0.002)
+                await agent.cycle()
+                commanded.append((clock.now() - start, house.sim.commanded_w(), agent.deferred))
+        finally:
+            agent.pool.close()
+            agent.outbox.close()
+        battery = agent.pollers[0].facade
+    assert isinstance(battery, MapBattery)
+    assert [(t, w) for t, w, _ in commanded] == [
+        (5.0, -1500.0),
+        (10.0, -1500.0),
+        (15.0, -1500.0),
+        (20.0, -1500.0),
+        (25.0, -1500.0),
+        (30.0, -1500.0),
+        (35.0, -3000.0),  # 30 s after the first write
+        (40.0, -3000.0),
+        (45.0, -3000.0),
+        (50.0, -3000.0),
+    ]
+    assert [d for t, _, d in commanded if 15.0 <= t < 35.0] == [["hybrid"]] * 4
+    assert commanded[-1][2] == []
+    assert battery.writes == 2
+
+
+async def test_a_dispatch_held_back_by_the_minimum_write_interval_is_acknowledged_so(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    # The site file stretches the GoodWe's minimum write interval to 10 minutes: the fallback
+    # controller's first write at start-up holds the device's setpoint that long.
+    clock = ScaledClock(NOON_TS, 10.0)
+    async with map_site(clock, "goodwe_et") as house, observer(broker_files) as obs:
+        config = map_config(house, broker_files.port, tmp_path / "spool.sqlite", "goodwe_et")
+        devices = [d.model_copy(update={"min_write_interval_s": 600.0}) for d in config.devices]
+        config = config.model_copy(update={"devices": devices})
+        async with EdgeAgent(config, clock, password=_password(broker_files)) as agent:
+            await obs.wait_for(lambda: len(obs.of("telemetry")) >= 2)
+            now = clock.now()
+            order = Dispatch(ts=now, battery_power_w=-3000.0, expires_ts=now + 600)
+            ack = await _dispatch(obs, order.model_dump_json())
+            commanded = house.sim.commanded_w()
+            battery = agent.pollers[0].facade
+    assert isinstance(battery, MapBattery)
+    assert ack.outcome == "accepted"  # it will be written, not clamped
+    assert "minimum write interval of hybrid" in ack.detail
+    assert ack.applied_battery_power_w == commanded != -3000.0  # the fallback's, for now
+    assert battery.writes == 1

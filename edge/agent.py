@@ -202,6 +202,9 @@ class DevicePoller:
         self.failures = 0
         self._next_wall = 0.0
         self._backoff_s = 0.0
+        self._policy_set = False
+        #: What telemetry calls this device (a map device: "battery" or "meter").
+        self.reading_kind: ReadingKind = self._reading_kind()
 
     async def _connect(self) -> Facade:
         transport = self.pool.get(self.cfg.url)
@@ -243,29 +246,27 @@ class DevicePoller:
             min_interval_s=self.cfg.min_write_interval_s or 0.0,
         )
 
-    @property
-    def reading_kind(self) -> ReadingKind:
+    def _reading_kind(self) -> ReadingKind:
         """What this device's telemetry says it is (a map device: battery or meter)."""
         if self.cfg.kind != "map":
             return self.cfg.kind
-        if isinstance(self.facade, MapBattery) or (
-            self.facade is None and self.cfg.load_map().battery is not None
-        ):
-            return "battery"
-        return "meter"
+        try:
+            return "battery" if self.cfg.load_map().battery is not None else "meter"
+        except DriverError:  # the map file went away since the site file was read
+            return "meter"
 
     async def poll(self, wall_now: float) -> None:
         """Poll if due; a failure marks the device unavailable and backs off."""
         if wall_now < self._next_wall:
             return
         try:
-            first = self.facade is None
             if self.facade is None:
                 self.facade = await self._connect()
             self.reading = await self.facade.read()
-            if first and isinstance(self.facade, Battery):
+            if not self._policy_set and isinstance(self.facade, Battery):
                 assert isinstance(self.reading, BatteryReading)
                 self.facade.write_policy = self._sunspec_write_policy(self.reading)
+                self._policy_set = True
         except DriverError as err:
             self.failures += 1
             if self.available or self.failures == 1:

@@ -37,6 +37,10 @@ _WRITES = frozenset({6, 16})
 _REGISTERS = 0x10000
 
 
+class ProxyError(RuntimeError):
+    """The proxy cannot serve (its port is taken, its address is not this machine's)."""
+
+
 class RegisterImage:
     """The words the agent last read from one unit: (table, address) -> word."""
 
@@ -171,7 +175,14 @@ class ModbusProxy:
         server = ModbusTcpServer(
             [self._simdevice(t) for t in self.targets], address=(self.host, self.port)
         )
-        await server.serve_forever(background=True)
+        try:
+            await server.serve_forever(background=True)
+        except (RuntimeError, OSError) as err:
+            await self.stop()
+            raise ProxyError(
+                f"the Modbus proxy cannot listen on {self.host}:{self.port} (is the port in "
+                "use? see [proxy] port in the site file)"
+            ) from err
         self._server = server
         listener = server.transport
         if isinstance(listener, asyncio.Server) and listener.sockets:

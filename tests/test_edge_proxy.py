@@ -19,8 +19,8 @@ from pymodbus.client import AsyncModbusTcpClient
 from broker.clock import Clock, ManualClock, ScaledClock
 from drivers.regmap import encode_point, load_builtin_map
 from edge.agent import EdgeAgent
-from edge.config import EdgeConfig, EdgeConfigError, parse_edge_config
-from edge.proxy import ModbusProxy
+from edge.config import EdgeConfig, EdgeConfigError, ProxySection, parse_edge_config
+from edge.proxy import ModbusProxy, ProxyError
 from simulators.devices import LoadSpec, SimSite
 from simulators.mapped import MapDeviceSim
 from simulators.server import DeviceServer
@@ -224,3 +224,20 @@ def test_the_proxy_section_is_checked_when_the_site_file_is_read(tmp_path: Path)
         parse()
     with pytest.raises(EdgeConfigError, match=r"\['nope'\] are not in"):
         parse(devices=["nope"])
+
+
+async def test_a_taken_port_is_named(tmp_path: Path, clock: ManualClock) -> None:
+    async with victron(clock) as gx:
+        host, port = gx.server.url.removeprefix("tcp://").split(":")
+        config = proxy_config(gx, tmp_path / "spool.sqlite")
+        taken = config.model_copy(update={"proxy": ProxySection(host=host, port=int(port))})
+        agent = EdgeAgent(taken, clock)
+        try:
+            assert agent.proxy is not None
+            with pytest.raises(ProxyError, match=rf"cannot listen on 127.0.0.1:{port}"):
+                await agent.proxy.start()
+            observers = agent.pool.get(gx.server.url).read_observers
+        finally:
+            agent.pool.close()
+            agent.outbox.close()
+    assert observers == []  # nothing left behind

@@ -220,6 +220,14 @@ class DevicePoller:
             unit = self.cfg.map_unit(regmap)
             if regmap.battery is None:
                 return RegisterMapMeter(transport, unit, regmap)
+            c = regmap.battery.control
+            if c is not None and c.timeout is None and not c.revert_timeout_s:
+                log.warning(
+                    "battery %s (%s) holds setpoints until told otherwise: if this agent "
+                    "stops, it keeps the last one",
+                    self.cfg.name,
+                    regmap.model,
+                )
             return MapBattery(transport, unit, regmap, self._map_write_policy(regmap))
         name = self.cfg.register_map or "sdm630"
         regmap = load_builtin_map(name) if name in builtin_map_names() else load_register_map(name)
@@ -245,6 +253,10 @@ class DevicePoller:
             else self.cfg.deadband_w,
             min_interval_s=self.cfg.min_write_interval_s or 0.0,
         )
+
+    def is_available(self) -> bool:
+        """Whether the last poll succeeded."""
+        return self.available
 
     def _reading_kind(self) -> ReadingKind:
         """What this device's telemetry says it is (a map device: battery or meter)."""
@@ -419,7 +431,7 @@ class EdgeAgent:
             ProxyTarget(
                 unit,
                 self.pool.get(device.url),
-                lambda poller=pollers[device.name]: poller.available,  # type: ignore[misc]
+                pollers[device.name].is_available,
             )
             for unit, device in proxy_units(self.config).items()
         ]

@@ -73,7 +73,8 @@ class Status(Message):
     (``ok``, or ``degraded`` while its spool is unusable), ``telemetry_dropped`` (messages
     lost since the agent started), ``telemetry_direct`` (published without the spool),
     ``rejected`` (inbound messages refused, by topic kind then reason) and
-    ``dispatch_outcomes`` (acknowledgements sent, by outcome).
+    ``dispatch_outcomes`` (acknowledgements sent, by outcome) and ``setpoint_writes``
+    (battery setpoint commands written since the agent started, by device).
     """
 
     online: bool
@@ -87,10 +88,16 @@ class Status(Message):
         default_factory=dict, max_length=32
     )
     dispatch_outcomes: dict[CounterKey, Count] = Field(default_factory=dict, max_length=16)
+    setpoint_writes: dict[CounterKey, Count] = Field(default_factory=dict, max_length=64)
 
 
 class DeviceReading(BaseModel):
-    """One device's reading within a telemetry message; missing values are ``None``."""
+    """One device's reading within a telemetry message; missing values are ``None``.
+
+    A battery's ``setpoint_writes`` counts the setpoint commands written to it since the
+    agent started, ``setpoint_refreshes`` those of them that only renewed an unchanged
+    setpoint before the device's own revert timeout.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -106,6 +113,8 @@ class DeviceReading(BaseModel):
     setpoint_w: PowerW | None = None
     rated_power_w: Annotated[float, Field(ge=0, le=MAX_POWER_W)] | None = None
     capacity_wh: Annotated[float, Field(ge=0)] | None = None
+    setpoint_writes: Count | None = None
+    setpoint_refreshes: Count | None = None
 
 
 class Telemetry(Message):

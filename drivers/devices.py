@@ -256,6 +256,8 @@ class BatteryDevice(Protocol):
     info: DeviceInfo
     writes: int
     held: WriteCounter
+    write_policy: WritePolicy
+    applied_w: float | None
 
     async def read(self) -> BatteryReading:
         """One poll."""
@@ -277,17 +279,20 @@ class HeldSetpoint:
     facade's ``set_power_w``, with its limit checks and read-back) only when the setpoint moved
     by the policy's deadband, or to refresh it before the device's own revert timeout.
     ``writes`` counts every setpoint command written (held or direct); ``held`` says how many
-    holds were skipped and refreshed.
+    holds were skipped and refreshed; ``applied_w`` is the setpoint the device reported after
+    the last write (W, None before the first).
     """
 
     write_policy: WritePolicy
     writes: int
     held: WriteCounter
+    applied_w: float | None
 
     def _init_writes(self, policy: WritePolicy | None) -> None:
         self.write_policy = policy or WritePolicy()
         self.writes = 0
         self.held = WriteCounter(self.write_policy)
+        self.applied_w = None
 
     def revert_timeout_for(self, revert_timeout_s: int) -> float:
         """The device's own revert timeout, s, when commanded with ``revert_timeout_s``."""
@@ -311,7 +316,7 @@ class HeldSetpoint:
         if reason is None:
             return False
         try:
-            await self.set_power_w(power_w, revert_timeout_s)
+            self.applied_w = await self.set_power_w(power_w, revert_timeout_s)
         except WriteNotConfirmed:
             self.held.failed(now_s)
             raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -30,6 +31,8 @@ from drivers.errors import DeviceUnavailable, DriverError, GatewayUnavailable, M
 log = logging.getLogger(__name__)
 
 Table = Literal["holding", "input"]
+#: A callback seeing every successful read: (unit, table, address, registers).
+ReadObserver = Callable[[int, Table, int, list[int]], None]
 
 #: Most registers one Modbus read request may carry (function 3 and 4).
 MAX_READ_REGISTERS = 125
@@ -155,6 +158,9 @@ class ModbusTransport:
     stats: TransportStats = field(default_factory=TransportStats)
     _client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = field(default=None, init=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    #: Called with (unit, table, address, registers) after every successful read (the
+    #: gateway's Modbus proxy keeps its register images from them); must not raise.
+    read_observers: list[ReadObserver] = field(default_factory=list, init=False)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: float) -> ModbusTransport:
@@ -343,7 +349,10 @@ class ModbusTransport:
         if not 0 <= address <= 0xFFFF - count + 1:
             raise ValueError(f"address {address}+{count} outside 0..65535")
         fc = 3 if table == "holding" else 4
-        return await self._call("read", unit, fc, address, count)
+        registers = await self._call("read", unit, fc, address, count)
+        for observe in self.read_observers:
+            observe(unit, table, address, registers)
+        return registers
 
     async def write_registers(self, unit: int, address: int, values: list[int]) -> None:
         """Write holding registers: function 6 for one register, 16 for several."""

@@ -53,14 +53,16 @@ from drivers.devices import (
     BatteryReading,
     Inverter,
     InverterReading,
+    MapBattery,
     MeterReading,
     RegisterMapMeter,
     SunSpecMeter,
 )
 from drivers.errors import DriverError, SetpointRejected
-from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
+from drivers.regmap import RegisterMap, builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import BusPool
-from edge.config import DeviceSection, EdgeConfig
+from drivers.writeguard import WritePolicy
+from edge.config import DeviceSection, EdgeConfig, proxy_units
 from edge.outbox import Outbox
 from edge.policy import (
     BatteryView,
@@ -71,9 +73,10 @@ from edge.policy import (
     expected_net_kwh,
     interval_bid,
     rated_totals_w,
-    setpoint_due,
+    renew_step_w,
     share_among_batteries_w,
 )
+from edge.proxy import ModbusProxy, ProxyTarget
 from edge.spool import Spool
 from edge.trust import OrderWindow, order_window
 
@@ -81,8 +84,11 @@ log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "0.1.0"
 AckOutcome = Literal["accepted", "clamped", "refused", "expired", "duplicate", "invalid"]
+ReadingKind = Literal["pv_inverter", "battery", "sunspec_meter", "sdm630", "meter"]
 Reading = InverterReading | BatteryReading | MeterReading
-Facade = Inverter | Battery | SunSpecMeter | RegisterMapMeter
+Facade = Inverter | Battery | MapBattery | SunSpecMeter | RegisterMapMeter
+#: A battery the agent controls: SunSpec 124/802 or a register map's ``[battery]``.
+BatteryFacade = Battery | MapBattery
 #: Inbound payloads larger than this are refused unread, bytes (a week's forecast is ~60 kB).
 MAX_INBOUND_BYTES = 256 * 1024
 #: Awards for intervals further than this from the current one are refused (stale or forged).
@@ -151,6 +157,26 @@ def battery_view(reading: BatteryReading) -> BatteryView:
     )
 
 
+def device_revert_s(battery: BatteryFacade, revert_s: int) -> int:
+    """The revert timeout (s) to command ``battery`` with when the agent wants ``revert_s``.
+
+    A SunSpec battery takes it as written. A map battery with a timeout point takes it
+    rounded up to the point's resolution (a Huawei counts minutes: 30 s would round to 0,
+    "no timeout") and at most the device's longest; one whose revert timeout is fixed ignores
+    it; one that holds setpoints until told otherwise takes 0 (it refuses any other).
+    """
+    if isinstance(battery, Battery):
+        return revert_s
+    c = battery.control
+    if c is None:
+        return 0
+    if c.timeout is not None:
+        step_s = abs(battery.regmap.point(c.timeout).scale)
+        whole = math.ceil(revert_s / step_s) * step_s
+        return int(min(whole, c.revert_timeout_max_s or whole))
+    return revert_s if c.revert_timeout_s else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Order:
     """An accepted dispatch and when it ends on the agent's clock (s, see edge.trust)."""
@@ -176,6 +202,9 @@ class DevicePoller:
         self.failures = 0
         self._next_wall = 0.0
         self._backoff_s = 0.0
+        self._policy_set = False
+        #: What telemetry calls this device (a map device: "battery" or "meter").
+        self.reading_kind: ReadingKind = self._reading_kind()
 
     async def _connect(self) -> Facade:
         transport = self.pool.get(self.cfg.url)
@@ -186,9 +215,57 @@ class DevicePoller:
             return await Battery.connect(transport, unit)
         if kind == "sunspec_meter":
             return await SunSpecMeter.connect(transport, unit)
+        if kind == "map":
+            regmap = self.cfg.load_map()
+            unit = self.cfg.map_unit(regmap)
+            if regmap.battery is None:
+                return RegisterMapMeter(transport, unit, regmap)
+            c = regmap.battery.control
+            if c is not None and c.timeout is None and not c.revert_timeout_s:
+                log.warning(
+                    "battery %s (%s) holds setpoints until told otherwise: if this agent "
+                    "stops, it keeps the last one",
+                    self.cfg.name,
+                    regmap.model,
+                )
+            return MapBattery(transport, unit, regmap, self._map_write_policy(regmap))
         name = self.cfg.register_map or "sdm630"
         regmap = load_builtin_map(name) if name in builtin_map_names() else load_register_map(name)
         return RegisterMapMeter(transport, unit, regmap)
+
+    def _map_write_policy(self, regmap: RegisterMap) -> WritePolicy | None:
+        """The map's write policy with the site file's deadband and minimum interval."""
+        c = regmap.battery.control if regmap.battery is not None else None
+        if c is None:
+            return None
+        return WritePolicy(
+            deadband_w=c.deadband_w if self.cfg.deadband_w is None else self.cfg.deadband_w,
+            min_interval_s=c.min_write_interval_s
+            if self.cfg.min_write_interval_s is None
+            else self.cfg.min_write_interval_s,
+        )
+
+    def _sunspec_write_policy(self, reading: BatteryReading) -> WritePolicy:
+        """A SunSpec battery's write policy: the site file's, else 1 % of its rated power."""
+        return WritePolicy(
+            deadband_w=renew_step_w(reading.rated_discharge_w)
+            if self.cfg.deadband_w is None
+            else self.cfg.deadband_w,
+            min_interval_s=self.cfg.min_write_interval_s or 0.0,
+        )
+
+    def is_available(self) -> bool:
+        """Whether the last poll succeeded."""
+        return self.available
+
+    def _reading_kind(self) -> ReadingKind:
+        """What this device's telemetry says it is (a map device: battery or meter)."""
+        if self.cfg.kind != "map":
+            return self.cfg.kind
+        try:
+            return "battery" if self.cfg.load_map().battery is not None else "meter"
+        except DriverError:  # the map file went away since the site file was read
+            return "meter"
 
     async def poll(self, wall_now: float) -> None:
         """Poll if due; a failure marks the device unavailable and backs off."""
@@ -198,6 +275,10 @@ class DevicePoller:
             if self.facade is None:
                 self.facade = await self._connect()
             self.reading = await self.facade.read()
+            if not self._policy_set and isinstance(self.facade, Battery):
+                assert isinstance(self.reading, BatteryReading)
+                self.facade.write_policy = self._sunspec_write_policy(self.reading)
+                self._policy_set = True
         except DriverError as err:
             self.failures += 1
             if self.available or self.failures == 1:
@@ -236,11 +317,14 @@ class DevicePoller:
                 "export_energy_wh": r.export_energy_wh,
             }
         clean = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+        battery = self.facade if isinstance(self.facade, Battery | MapBattery) else None
         return DeviceReading(
             device=self.cfg.name,
-            kind=self.cfg.kind,
+            kind=self.reading_kind,
             available=self.available,
             error=self.error,
+            setpoint_writes=None if battery is None else battery.writes,
+            setpoint_refreshes=None if battery is None else battery.held.refreshes,
             **clean,
         )
 
@@ -310,10 +394,11 @@ class EdgeAgent:
         self.emergency: Order | None = None
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
         self._bid_for: int | None = None
-        self._battery_written: dict[str, tuple[float, float]] = {}
         #: (ts, net load W) of the last two intervals, at most one a poll.
         self._history: deque[tuple[float, float]] = deque(maxlen=HISTORY_MAX_SAMPLES)
         self._control_lock = asyncio.Lock()
+        #: Batteries whose new setpoint waits for their minimum write interval (last control).
+        self.deferred: list[str] = []
         self._outbox = asyncio.Event()
         self._logged_invalid: set[tuple[str, str]] = set()
         self._ack_unsent_logged = False
@@ -334,6 +419,23 @@ class EdgeAgent:
             handler=self._on_message,
         )
         self._group: asyncio.TaskGroup | None = None
+        self.proxy = self._proxy()
+
+    def _proxy(self) -> ModbusProxy | None:
+        """The ``[proxy]`` over the agent's own transports (not started), if configured."""
+        p = self.config.proxy
+        if p is None:
+            return None
+        pollers = {poller.cfg.name: poller for poller in self.pollers}
+        targets = [
+            ProxyTarget(
+                unit,
+                self.pool.get(device.url),
+                pollers[device.name].is_available,
+            )
+            for unit, device in proxy_units(self.config).items()
+        ]
+        return ModbusProxy(p.host, p.port, targets, allow_writes=p.allow_writes)
 
     @property
     def spool(self) -> Spool | None:
@@ -348,6 +450,11 @@ class EdgeAgent:
             "telemetry_direct": self.outbox.direct,
             "rejected": {k: dict(v) for k, v in self.stats.rejected.items()},
             "dispatch_outcomes": dict(self.stats.acks),
+            "setpoint_writes": {
+                p.cfg.name: p.facade.writes
+                for p in self.pollers
+                if isinstance(p.facade, Battery | MapBattery)
+            },
         }
 
     def _status(self, online: bool, counters: dict[str, object] | None = None) -> bytes:
@@ -369,7 +476,14 @@ class EdgeAgent:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> EdgeAgent:
-        await self.bus.__aenter__()
+        if self.proxy is not None:
+            await self.proxy.start()
+        try:
+            await self.bus.__aenter__()
+        except BaseException:
+            if self.proxy is not None:
+                await self.proxy.stop()
+            raise
         for kind in topics.SITE_READS:
             await self.bus.subscribe(topics.site_topic(self.site, kind))
         await self.bus.subscribe(topics.forecast_topic(self.site))
@@ -392,6 +506,8 @@ class EdgeAgent:
         try:
             await self._group.__aexit__(et, ev, tb)
         finally:
+            if self.proxy is not None:
+                await self.proxy.stop()
             await self.bus.__aexit__(et, ev, tb)
             self.pool.close()
             self.outbox.close()
@@ -476,15 +592,18 @@ class EdgeAgent:
         self._outbox.set()
 
     # -- the controller --------------------------------------------------------------------
-    def _batteries(self) -> list[tuple[DevicePoller, Battery, BatteryReading]]:
-        out = []
+    def _batteries(self) -> list[tuple[DevicePoller, BatteryFacade, BatteryReading]]:
+        """The available batteries the agent can command (a map battery whose map documents
+        no control is polled, not commanded)."""
+        out: list[tuple[DevicePoller, BatteryFacade, BatteryReading]] = []
         for p in self.pollers:
-            if (
-                p.available
-                and isinstance(p.facade, Battery)
-                and isinstance(p.reading, BatteryReading)
+            facade = p.facade
+            if not (p.available and isinstance(p.reading, BatteryReading)):
+                continue
+            if isinstance(facade, Battery) or (
+                isinstance(facade, MapBattery) and facade.control is not None
             ):
-                out.append((p, p.facade, p.reading))
+                out.append((p, facade, p.reading))
         return out
 
     def _active(self, now: float) -> tuple[Dispatch | None, Dispatch | None]:
@@ -528,6 +647,7 @@ class EdgeAgent:
 
     async def _control(self, now: float) -> float | None:
         """Decide and apply; returns the total setpoint the batteries report."""
+        self.deferred = []
         total, self.controller = self.decide(now)
         batteries = self._batteries()
         if total is None or not batteries:
@@ -536,29 +656,31 @@ class EdgeAgent:
             max(self.config.dispatch_revert_s, 3 * self.config.site.poll_interval_s * self.speed)
         )
         applied = 0.0
-        loop = asyncio.get_running_loop()
         shares = share_among_batteries_w(total, [battery_view(r) for _, _, r in batteries])
         for (poller, battery, reading), share in zip(batteries, shares, strict=True):
-            last = self._battery_written.get(poller.cfg.name)
-            if last is not None and not setpoint_due(
-                share,
-                last,
-                loop.time(),
-                rated_discharge_w=reading.rated_discharge_w,
-                renew_after_s=revert_s / self.speed / 2.0,
-            ):
-                applied += reading.setpoint_w if reading.setpoint_w is not None else last[0]
-                continue
+            held = battery.held.last_value_w
             try:
-                applied += await battery.set_power_w(share, revert_timeout_s=revert_s)
+                # Written on a change beyond the deadband or to refresh before the device's
+                # own revert timeout (drivers.writeguard), on the agent's clock.
+                wrote = await battery.hold_power_w(
+                    share, now, revert_timeout_s=device_revert_s(battery, revert_s)
+                )
             except SetpointRejected as err:
                 log.info("battery %s refused %s W: %s", poller.cfg.name, share, err)
                 continue
             except DriverError as err:
                 log.warning("battery %s write failed: %s", poller.cfg.name, err)
                 continue
-            self.stats.battery_writes += 1
-            self._battery_written[poller.cfg.name] = (share, loop.time())
+            except ValueError as err:  # a minimum write interval too long to refresh in time
+                log.warning("battery %s cannot be held: %s", poller.cfg.name, err)
+                continue
+            if wrote and battery.applied_w is not None:
+                self.stats.battery_writes += 1
+                applied += battery.applied_w
+                continue
+            if held is not None and abs(share - held) >= battery.held.policy.deadband_w:
+                self.deferred.append(poller.cfg.name)  # within the minimum write interval
+            applied += reading.setpoint_w if reading.setpoint_w is not None else held or 0.0
         return applied
 
     # -- messages in -----------------------------------------------------------------------
@@ -749,7 +871,12 @@ class EdgeAgent:
         if self.controller == "safety":
             outcome = "clamped"
             details.append("limited by site safety limits")
-        if (
+        if self.deferred:
+            details.append(
+                f"written once the minimum write interval of {', '.join(self.deferred)} has "
+                "passed"
+            )
+        elif (
             cmd.battery_power_w is not None
             and applied is not None
             and abs(applied - cmd.battery_power_w) > max(50.0, 0.01 * abs(cmd.battery_power_w))

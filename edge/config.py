@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from broker.settings import BrokerConnection, ClockSettings, read_toml, validation_lines
 from broker.topics import ID_PATTERN
+from drivers.devices import MAP_METER_POINTS
+from drivers.errors import RegisterMapError
+from drivers.regmap import RegisterMap, builtin_map_names, load_builtin_map, load_register_map
 
 
 class EdgeConfigError(ValueError):
@@ -46,18 +49,65 @@ class DeviceSection(_Strict):
     """One device the gateway polls."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
-    kind: Literal["pv_inverter", "battery", "sunspec_meter", "sdm630"]
+    kind: Literal["pv_inverter", "battery", "sunspec_meter", "sdm630", "map"]
     url: str = Field(description="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600")
-    unit: int = Field(default=1, ge=0, le=247)
+    unit: int = Field(
+        default=1,
+        ge=0,
+        le=247,
+        description='kind "map": the map\'s own unit id when not given, else 1',
+    )
     poll_interval_s: float | None = Field(default=None, gt=0, le=3600)
     register_map: str | None = Field(default=None, description="for non-SunSpec meters")
     timeout_s: float = Field(default=1.0, gt=0, le=30)
+    map: str | None = Field(
+        default=None,
+        description='kind "map": a built-in register map ("victron_gx") or a map file '
+        "(relative to the site file); a map with a [battery] table is a battery, "
+        "else a meter",
+    )
+    deadband_w: float | None = Field(
+        default=None,
+        ge=0,
+        le=1e7,
+        description="batteries: a setpoint change smaller than this (W) is not written "
+        "(default: the map's, else 1 % of the rated power, at least 50 W)",
+    )
+    min_write_interval_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=86400,
+        description="batteries: no two setpoint writes closer than this (s; default: the "
+        "map's, else 0)",
+    )
 
     @model_validator(mode="after")
     def _url(self) -> DeviceSection:
         if not self.url.startswith(("tcp://", "rtu://")):
             raise ValueError("url must start with tcp:// or rtu://")
         return self
+
+    @model_validator(mode="after")
+    def _map(self) -> DeviceSection:
+        if self.kind == "map" and not self.map:
+            raise ValueError('kind "map" needs map = "<built-in name or file>"')
+        if self.kind != "map" and self.map is not None:
+            raise ValueError('map is for kind "map" (an sdm630 takes register_map)')
+        return self
+
+    def load_map(self) -> RegisterMap:
+        """The register map of a ``kind = "map"`` device; RegisterMapError when unusable."""
+        if self.map is None:
+            raise RegisterMapError(f'device {self.name} is not of kind "map"')
+        if self.map in builtin_map_names():
+            return load_builtin_map(self.map)
+        return load_register_map(self.map)
+
+    def map_unit(self, regmap: RegisterMap) -> int:
+        """The unit a map device answers as: the site file's, else the map's, else 1."""
+        if "unit" in self.model_fields_set or regmap.unit_id is None:
+            return self.unit
+        return regmap.unit_id
 
 
 class LimitsSection(_Strict):
@@ -152,6 +202,23 @@ class DispatchSection(_Strict):
     )
 
 
+class ProxySection(_Strict):
+    """An optional Modbus TCP proxy on the gateway (``[proxy]``): Home Assistant or another
+    reader shares devices that accept one client only.
+
+    Reads are answered from the agent's own polls (the registers it reads, as of its last
+    poll); writes are refused (exception 1) unless ``allow_writes``, then forwarded through
+    the agent's own connection. Each device is served under its own unit id(s).
+    """
+
+    host: str = Field(default="127.0.0.1", description="listen address (0.0.0.0: every one)")
+    port: int = Field(default=5020, ge=0, le=65535, description="listen port (0: any free one)")
+    devices: list[str] = Field(
+        default_factory=list, max_length=64, description="device names (empty: every device)"
+    )
+    allow_writes: bool = False
+
+
 class EdgeConfig(_Strict):
     """A whole site file."""
 
@@ -164,6 +231,7 @@ class EdgeConfig(_Strict):
     spool: SpoolSection = SpoolSection()
     dispatch: DispatchSection = DispatchSection()
     clock: ClockSettings | None = None
+    proxy: ProxySection | None = None
     dispatch_revert_s: int = Field(
         default=30, ge=2, le=3600, description="battery reverts to idle if not renewed"
     )
@@ -190,7 +258,72 @@ def parse_edge_config(data: dict[str, object], source: str) -> EdgeConfig:
         config = config.model_copy(
             update={"spool": config.spool.model_copy(update={"path": spool})}
         )
+    config = _check_maps(config, source)
+    if config.proxy is not None:
+        try:
+            proxy_units(config)
+        except ValueError as err:
+            raise EdgeConfigError(f"{source}: proxy: {err}") from err
     return config
+
+
+def proxy_units(config: EdgeConfig) -> dict[int, DeviceSection]:
+    """The unit ids the ``[proxy]`` serves and the device behind each (a map device answers
+    under its own unit and every other unit its map names); ValueError on a clash."""
+    proxy = config.proxy
+    if proxy is None:
+        return {}
+    by_name = {d.name: d for d in config.devices}
+    unknown = [n for n in proxy.devices if n not in by_name]
+    if unknown:
+        raise ValueError(f"devices {unknown} are not in [[devices]]")
+    units: dict[int, DeviceSection] = {}
+    for name in proxy.devices or list(by_name):
+        device = by_name[name]
+        served = {device.unit}
+        if device.kind == "map":
+            regmap = device.load_map()
+            served = {device.map_unit(regmap)} | {
+                p.unit_id for p in regmap.points if p.unit_id is not None
+            }
+        for unit in sorted(served):
+            other = units.get(unit)
+            if other is not None and other.name != device.name:
+                raise ValueError(
+                    f"devices {other.name} and {device.name} both answer as unit {unit}: "
+                    "proxy one of them (proxy.devices)"
+                )
+            units[unit] = device
+    return units
+
+
+def _check_maps(config: EdgeConfig, source: str) -> EdgeConfig:
+    """Resolve map files next to the site file, load every map once (errors name the device)
+    and count map meters against the one grid meter a site has."""
+    devices = list(config.devices)
+    meters = sum(d.kind in ("sunspec_meter", "sdm630") for d in devices)
+    for i, given in enumerate(config.devices):
+        if given.kind != "map" or given.map is None:
+            continue
+        path = Path(given.map)
+        local = given.map not in builtin_map_names() and not path.is_absolute()
+        if local and source.endswith(".toml"):
+            devices[i] = given.model_copy(update={"map": str(Path(source).parent / path)})
+        try:
+            regmap = devices[i].load_map()
+        except RegisterMapError as err:
+            raise EdgeConfigError(f"{source}: devices[{i}].map: {err}") from err
+        if regmap.battery is None:
+            lacking = sorted(set(MAP_METER_POINTS.values()) - {p.name for p in regmap.points})
+            if lacking:
+                raise EdgeConfigError(
+                    f"{source}: devices[{i}].map: {regmap.name} has no [battery] table and "
+                    f"lacks the meter points {', '.join(lacking)}"
+                )
+            meters += 1
+            if meters > 1:
+                raise EdgeConfigError(f"{source}: devices[{i}]: a site has one grid meter")
+    return config.model_copy(update={"devices": devices})
 
 
 def load_edge_config(path: str | Path) -> EdgeConfig:

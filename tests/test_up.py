@@ -202,6 +202,9 @@ def test_two_stacks_run_at_once_with_their_state_in_one_folder_each_and_stop_on_
             f"{s}.sqlite" for s in ("solar-farm", "factory", "house-1", "house-2", "school")
         }
         assert json.loads((state / "clock.json").read_text())["speed"] == 300
+        # The next run on this state continues where this one stopped.
+        scenario_start = json.loads((state / "clock.json").read_text())["start_ts"]
+        assert json.loads((state / "resume.json").read_text())["sim_ts"] > scenario_start + 600
         with Ledger(state / "ledger.sqlite") as ledger:
             assert ledger.settled_intervals() or ledger.unsettled_clearings()
             assert ledger.check_balanced()

@@ -2,7 +2,8 @@
 
 A Mosquitto broker with per-site credentials and ACL, every device of the community scenario
 as a real Modbus server (TCP, and RTU over a socat pair for the factory's SDM630), an edge
-agent per site, and the coordinator with its ledger, all on one scaled clock. A live view
+agent per site, and the coordinator with its ledger, all on one scaled clock: the stack of
+``wattmesh up`` (``wattmesh.up.LocalStack``) with the demo's roles and tariffs. A live view
 shows the market and the feeder; the report compares each site's settled cost with its
 baseline: the same simulators and tariffs with no trading and each battery idle.
 """
@@ -45,6 +46,7 @@ from simulators.scenario import (
     stepped_sites,
 )
 from wattmesh.up import LocalStack, StackConfig
+from wattmesh.up import rtu_over_tcp as _rtu_over_tcp
 
 #: Each site's part in the market; others are prosumers.
 ROLES = {"solar-farm": "producer", "factory": "consumer", "house-2": "consumer"}
@@ -581,18 +583,3 @@ def _write_csv(path: Path, run: Run) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(run.rows)
-
-
-def _rtu_over_tcp(config: ScenarioConfig) -> tuple[ScenarioConfig, list[str]]:
-    """The scenario with pseudo-terminal RTU devices moved to TCP, and their names."""
-    moved: list[str] = []
-    new_sites = []
-    for site in config.sites:
-        devices = []
-        for d in site.devices:
-            if d.transport == "rtu" and not d.serial:
-                moved.append(d.name)
-                d = d.model_copy(update={"transport": "tcp"})  # noqa: PLW2901
-            devices.append(d)
-        new_sites.append(site.model_copy(update={"devices": devices}))
-    return config.model_copy(update={"sites": new_sites}), moved

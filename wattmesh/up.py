@@ -130,6 +130,22 @@ def init_folder(directory: Path, *, overwrite: bool = False) -> list[Path]:
     return sorted(files)
 
 
+def rtu_over_tcp(config: ScenarioConfig) -> tuple[ScenarioConfig, list[str]]:
+    """The scenario with pseudo-terminal RTU devices moved to TCP (when socat is missing),
+    and their names."""
+    moved: list[str] = []
+    new_sites = []
+    for site in config.sites:
+        devices = []
+        for d in site.devices:
+            if d.transport == "rtu" and not d.serial:
+                moved.append(d.name)
+                d = d.model_copy(update={"transport": "tcp"})  # noqa: PLW2901
+            devices.append(d)
+        new_sites.append(site.model_copy(update={"devices": devices}))
+    return config.model_copy(update={"sites": new_sites}), moved
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket() as s:
@@ -433,6 +449,14 @@ async def run_up(
     """Run a local stack until Ctrl-C or SIGTERM; ``say`` gets each component's start line
     and a summary line every ``summary_every_s`` wall seconds."""
     stop = stop_on_signals()
+    if shutil.which("socat") is None:
+        scenario, moved = rtu_over_tcp(config.scenario)
+        if moved:
+            config = StackConfig(scenario, config.coordinator, config.sites)
+            say(
+                f"socat is not installed: serving {', '.join(moved)} over TCP instead of RTU "
+                "(apt-get install socat for the serial wire)"
+            )
     resume = state / RESUME_FILE
     start_ts = config.scenario.start_ts
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):

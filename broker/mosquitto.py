@@ -1031,9 +1031,10 @@ def _spawn_options(conf: Path) -> dict[str, Any]:
     As root the broker starts as its service user (``mosquitto``), which it would drop to
     anyway, because a change of user clears the parent-death signal. A configuration with a
     privileged port (< 1024) needs root to bind: Mosquitto then drops root itself, and only the
-    pid file protects against an orphan.
+    pid file protects against an orphan. The broker gets a process group of its own: a
+    terminal's Ctrl-C reaches only its parent, which stops it after its clients.
     """
-    options: dict[str, Any] = {"preexec_fn": _die_with_parent_hook()}
+    options: dict[str, Any] = {"preexec_fn": _die_with_parent_hook(), "process_group": 0}
     owner = _service_owner()
     if owner is not None and all(port >= 1024 for port, _ in conf_listeners(conf)):
         uid, gid = owner

@@ -50,7 +50,12 @@ class DeviceSection(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     kind: Literal["pv_inverter", "battery", "sunspec_meter", "sdm630", "map"]
-    url: str = Field(description="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600")
+    url: str = Field(default="", description="tcp://HOST:PORT or rtu:///dev/ttyX?baud=9600")
+    sim: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="a device of the scenario `wattmesh up` runs, by name; `up` sets url",
+    )
     unit: int = Field(
         default=1,
         ge=0,
@@ -83,7 +88,9 @@ class DeviceSection(_Strict):
 
     @model_validator(mode="after")
     def _url(self) -> DeviceSection:
-        if not self.url.startswith(("tcp://", "rtu://")):
+        if not self.url and self.sim is None:
+            raise ValueError("give url (a device) or sim (a simulated device, for wattmesh up)")
+        if self.url and not self.url.startswith(("tcp://", "rtu://")):
             raise ValueError("url must start with tcp:// or rtu://")
         return self
 
@@ -326,7 +333,19 @@ def _check_maps(config: EdgeConfig, source: str) -> EdgeConfig:
     return config.model_copy(update={"devices": devices})
 
 
-def load_edge_config(path: str | Path) -> EdgeConfig:
-    """Read and validate a site TOML file (a relative spool path is next to the file)."""
+def load_edge_config(path: str | Path, *, allow_sim: bool = False) -> EdgeConfig:
+    """Read and validate a site TOML file (a relative spool path is next to the file).
+
+    A device given only by ``sim`` needs ``wattmesh up`` to resolve it: refused unless
+    ``allow_sim``.
+    """
     p = Path(path)
-    return parse_edge_config(read_toml(p, EdgeConfigError), str(p))
+    config = parse_edge_config(read_toml(p, EdgeConfigError), str(p))
+    if not allow_sim:
+        for i, d in enumerate(config.devices):
+            if not d.url:
+                raise EdgeConfigError(
+                    f"{p}: devices[{i}].sim: {d.sim!r} is a simulated device that only "
+                    "`wattmesh up` resolves; give url to run this agent on its own"
+                )
+    return config

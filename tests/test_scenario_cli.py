@@ -239,6 +239,13 @@ def test_the_demo_runs_a_community_to_a_report_that_matches_its_ledger(
     with (tmp_path / "day.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["site"] for r in rows} == set(report["sites"])
+    # Each sample's feeder column is the sum of its rows' grid columns (the same readings).
+    samples: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        samples.setdefault(r["ts"], []).append(r)
+    for sample in samples.values():
+        grid_w = sum(float(r["grid_w"] or 0.0) for r in sample)
+        assert all(float(r["feeder_w"]) == pytest.approx(grid_w, abs=0.1) for r in sample)
     assert (tmp_path / "day.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -2,7 +2,8 @@
 
 A Mosquitto broker with per-site credentials and ACL, every device of the community scenario
 as a real Modbus server (TCP, and RTU over a socat pair for the factory's SDM630), an edge
-agent per site, and the coordinator with its ledger, all on one scaled clock. A live view
+agent per site, and the coordinator with its ledger, all on one scaled clock: the stack of
+``wattmesh up`` (``wattmesh.up.LocalStack``) with the demo's roles and tariffs. A live view
 shows the market and the feeder; the report compares each site's settled cost with its
 baseline: the same simulators and tariffs with no trading and each battery idle.
 """
@@ -28,25 +29,24 @@ from rich.live import Live
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
-from broker.client import BusSettings
 from broker.clock import ManualClock, ScaledClock
-from broker.embedded import EmbeddedBroker
 from broker.errors import BrokerError
-from broker.mosquitto import MosquittoProcess, find_mosquitto, write_broker_config
+from broker.mosquitto import find_mosquitto
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
 from coordinator.ledger import Ledger, to_currency
 from coordinator.service import Coordinator
-from edge.agent import EdgeAgent
 from edge.config import parse_edge_config
 from simulators.scenario import (
     ScenarioConfig,
     ScenarioError,
-    ScenarioRunner,
     load_scenario,
     parse_scenario,
     stepped_sites,
 )
+from wattmesh.up import LocalStack, StackConfig
+from wattmesh.up import rtu_over_tcp as _rtu_over_tcp
 
 #: Each site's part in the market; others are prosumers.
 ROLES = {"solar-farm": "producer", "factory": "consumer", "house-2": "consumer"}
@@ -163,80 +163,98 @@ def baseline(
     return result
 
 
+@dataclass(frozen=True)
+class SiteLine:
+    """One site's row in the live view: W and %, None when the site has no such device."""
+
+    name: str
+    grid_w: float | None
+    pv_w: float | None
+    battery_w: float | None
+    soc_pct: float | None
+
+
+def live_view(
+    now_ts: float,
+    progress: float,
+    market: str,
+    feeder: str,
+    sites: list[SiteLine],
+) -> Group:
+    """The live view, within 80 columns: time and progress, market, feeder, a row per site."""
+    when = datetime.fromtimestamp(now_ts, UTC).strftime("%a %H:%M UTC")
+    top = Table.grid(padding=(0, 1))
+    top.add_column(no_wrap=True)
+    top.add_column(no_wrap=True)
+    top.add_column(no_wrap=True, justify="right")
+    top.add_row(
+        f"[bold]{when}[/bold]",
+        ProgressBar(total=1.0, completed=min(1.0, max(0.0, progress)), width=40),
+        f"{100 * min(1.0, max(0.0, progress)):3.0f} %",
+    )
+    table = Table(box=None, padding=(0, 1), pad_edge=False)
+    table.add_column("site", no_wrap=True, min_width=10)
+    for col in ("grid kW", "PV kW", "battery kW", "SOC %"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for s in sites:
+        table.add_row(
+            s.name,
+            "—" if s.grid_w is None else f"{s.grid_w / 1000:+.1f}",
+            "—" if s.pv_w is None else f"{s.pv_w / 1000:.1f}",
+            "—" if s.battery_w is None else f"{s.battery_w / 1000:+.1f}",
+            "—" if s.soc_pct is None else f"{s.soc_pct:.0f}",
+        )
+    return Group(top, Text(market, overflow="fold"), Text(feeder, overflow="fold"), table)
+
+
 def _view(coordinator: Coordinator, start_ts: float, end_ts: float, limit_w: float) -> Group:
     now = coordinator.clock.now()
-    when = datetime.fromtimestamp(now, UTC).strftime("%a %H:%M UTC")
     clearing = coordinator.last_clearing
     market = (
-        f"price {clearing.price_per_kwh:.3f}/kWh, traded {clearing.volume_kwh:.1f} kWh"
+        f"market: price {clearing.price_per_kwh:.3f}/kWh, traded {clearing.volume_kwh:.1f} kWh"
         if clearing
-        else "no clearing yet"
+        else "market: no clearing yet"
     )
-    head = Table.grid(padding=(0, 2))
-    head.add_row(
-        f"[bold]{when}[/bold]",
-        market,
-        f"feeder {coordinator.flow_w / 1000:+.1f} kW of {limit_w / 1000:.0f} kW "
-        f"({coordinator.mode})",
+    feeder = (
+        f"feeder: {coordinator.flow_w / 1000:+.1f} kW of {limit_w / 1000:.0f} kW "
+        f"({coordinator.mode})"
     )
-    sites = Table("site", "grid kW", "PV kW", "battery kW", "SOC %", box=None)
-    for name, s in sorted(coordinator.sites.items()):
-        t = s.latest
-        if t is None:
-            continue
-        sites.add_row(
-            name,
-            f"{(t.grid_power_w or 0) / 1000:+.1f}",
-            f"{(t.pv_power_w or 0) / 1000:.1f}",
-            f"{(t.battery_power_w or 0) / 1000:+.1f}",
-            "—" if t.battery_soc_pct is None else f"{t.battery_soc_pct:.0f}",
-        )
-    progress = (now - start_ts) / (end_ts - start_ts)
-    return Group(head, ProgressBar(total=1.0, completed=min(1.0, progress), width=60), sites)
+    sites = [
+        SiteLine(name, t.grid_power_w, t.pv_power_w, t.battery_power_w, t.battery_soc_pct)
+        for name, s in sorted(coordinator.sites.items())
+        if (t := s.latest) is not None
+    ]
+    return live_view(now, (now - start_ts) / (end_ts - start_ts), market, feeder, sites)
 
 
-class _DemoBroker:
-    """Mosquitto with per-site credentials and ACL, or the embedded broker (MQTT 3.1.1).
-
-    ``settings(user)`` gives each participant its client settings.
-    """
-
-    def __init__(self, sites: list[str], embedded: bool) -> None:
-        self.sites = sites
-        self.embedded = embedded
-        self.port = _free_port()
-        self._stack = contextlib.AsyncExitStack()
-        self._credentials: dict[str, str] = {}
-
-    async def __aenter__(self) -> _DemoBroker:
-        if self.embedded:
-            await self._stack.enter_async_context(EmbeddedBroker(self.port))
-            return self
-        # The files go where Mosquitto's own user can reach them (as root it drops to it).
-        directory = Path(tempfile.mkdtemp(prefix="wattmesh-demo-broker-"))
-        self._stack.callback(shutil.rmtree, directory, ignore_errors=True)
-        directory.chmod(0o755)  # noqa: ASYNC240 - once, before anything runs
-        files = write_broker_config(directory, self.sites, port=self.port, overwrite=True)
-        self._credentials = files.credentials
-        await self._stack.enter_async_context(MosquittoProcess(files.conf, files.port))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
-
-    def settings(self, user: str, client_id: str, max_inflight: int = 200) -> BusSettings:
-        """How ``user`` connects."""
-        if self.embedded:
-            return BusSettings(
-                port=self.port, client_id=client_id, protocol=4, max_inflight=max_inflight
+def demo_stack_config(
+    scenario: ScenarioConfig, out: Path, poll_s: float, speed: float
+) -> StackConfig:
+    """The demo's stack: the scenario's sites with the demo's roles and fallbacks, every
+    device by its scenario name, and the demo's coordinator (``COORDINATOR``)."""
+    sites = []
+    for site in scenario.sites:
+        devices = [
+            {"name": d.name, "kind": d.kind, "sim": d.name, "unit": d.unit, "timeout_s": 0.5}
+            for d in site.devices
+        ]
+        sites.append(
+            parse_edge_config(
+                {
+                    "site": {
+                        "id": site.id,
+                        "role": ROLES.get(site.id, "prosumer"),
+                        "poll_interval_s": poll_s,
+                    },
+                    "devices": devices,
+                    "dispatch_revert_s": max(60, int(6 * poll_s * speed)),
+                    **({"fallback": FALLBACK[site.id]} if site.id in FALLBACK else {}),
+                },
+                "demo",
             )
-        return BusSettings(
-            port=self.port,
-            username=user,
-            password=self._credentials[user],
-            client_id=client_id,
-            max_inflight=max_inflight,
         )
+    coordinator = _coordinator_config(scenario, out, 1883, poll_s, speed)
+    return StackConfig(scenario, coordinator, tuple(sites))
 
 
 async def _run(
@@ -248,123 +266,76 @@ async def _run(
     console: Console,
     embedded: bool,
 ) -> Run:
-    sites = [s.id for s in scenario.sites]
     clock = ScaledClock(scenario.start_ts, speed)
     end_ts = scenario.start_ts + hours * 3600.0
     run = Run(end_ts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: stop, clean up, report
-    async with _DemoBroker(sites, embedded) as broker, ScenarioRunner(scenario, clock) as runner:
-        config = _coordinator_config(scenario, out, broker.port, poll_s, speed)
-        coordinator = Coordinator(
-            config,
-            clock,
-            bus_settings=broker.settings("coordinator", "wattmesh-coordinator", max_inflight=1000),
-        )
-        async with coordinator as coord:
-            await _run_sites(
-                scenario,
-                runner,
-                broker,
-                coord,
-                clock,
-                run,
-                stop,
-                poll_s,
-                speed,
-                hours,
-                out,
-                console,
-            )
+    config = demo_stack_config(scenario, out, poll_s, speed)
+    # The broker's files go to a temporary directory Mosquitto's own user can reach.
+    stack = LocalStack(config, out, clock, embedded=embedded, broker_in_state=False)
+    async with stack:
+        assert stack.coordinator is not None
+        await _watch(scenario, stack.coordinator, clock, run, stop, poll_s, hours, console)
+        config_market = stack.coordinator.config.market
+        coord = stack.coordinator
+    # Let the last interval settle: its telemetry is in, the agents have stopped.
+    for interval in sorted(coord.cleared):
+        if (interval + 1) * config_market.interval_s <= run.end_ts:
+            coord.settle(interval)
     return run
 
 
-async def _run_sites(
+async def _watch(
     scenario: ScenarioConfig,
-    runner: ScenarioRunner,
-    broker: _DemoBroker,
     coord: Coordinator,
     clock: ScaledClock,
     run: Run,
     stop: asyncio.Event,
     poll_s: float,
-    speed: float,
     hours: float,
-    out: Path,
     console: Console,
 ) -> None:
-    config = coord.config
+    """Sample and show the running community until its end or ``stop``."""
     end_ts = run.end_ts
-    sites = [s.id for s in scenario.sites]
-    agents = []
-    for site in sites:
-        devices = [
-            {"name": d.name, "kind": d.kind, "url": d.url, "unit": d.unit, "timeout_s": 0.5}
-            for d in runner.devices
-            if d.site == site
-        ]
-        edge = parse_edge_config(
-            {
-                "site": {
-                    "id": site,
-                    "role": ROLES.get(site, "prosumer"),
-                    "poll_interval_s": poll_s,
-                },
-                "broker": {"port": broker.port},
-                "devices": devices,
-                "spool": {"path": str(out / "spool" / f"{site}.sqlite")},
-                "dispatch_revert_s": max(60, int(6 * poll_s * speed)),
-                **({"fallback": FALLBACK[site]} if site in FALLBACK else {}),
-            },
-            "demo",
-        )
-        agents.append(
-            EdgeAgent(edge, clock, bus_settings=broker.settings(site, f"wattmesh-edge-{site}"))
-        )
-    async with contextlib.AsyncExitStack() as stack:
-        for agent in agents:
-            await stack.enter_async_context(agent)
-        limit = config.grid.import_limit_w
-        with Live(console=console, auto_refresh=False, transient=False) as live:
-            next_hour = scenario.start_ts
-            while (now := clock.now()) < end_ts and not stop.is_set():
-                _sample(coord, now, run)
-                if console.is_terminal:
-                    live.update(_view(coord, scenario.start_ts, end_ts, limit), refresh=True)
-                elif now >= next_hour:
-                    console.print(
-                        f"simulated {(now - scenario.start_ts) / 3600:4.1f} h of "
-                        f"{hours:g} h, feeder {coord.flow_w / 1000:+.1f} kW",
-                        highlight=False,
-                    )
-                    next_hour += 3600.0
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        stop.wait(),
-                        min(0.5, max(0.05, (clock.sim_to_wall_s(end_ts - clock.now())))),
-                    )
-            if not stop.is_set():
-                # A few more polls so the last interval's telemetry reaches its end.
-                await asyncio.sleep(3 * poll_s)
-            if stop.is_set():
-                run.interrupted, run.end_ts = True, clock.now()
+    limit = coord.config.grid.import_limit_w
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        next_hour = scenario.start_ts
+        while (now := clock.now()) < end_ts and not stop.is_set():
+            _sample(coord, now, run)
+            if console.is_terminal:
+                live.update(_view(coord, scenario.start_ts, end_ts, limit), refresh=True)
+            elif now >= next_hour:
                 console.print(
-                    "interrupted: stopping cleanly and reporting what ran", highlight=False
+                    f"simulated {(now - scenario.start_ts) / 3600:4.1f} h of "
+                    f"{hours:g} h, feeder {coord.flow_w / 1000:+.1f} kW",
+                    highlight=False,
                 )
-    # Let the last interval settle: its telemetry is in, the agents have stopped.
-    for interval in sorted(coord.cleared):
-        if (interval + 1) * config.market.interval_s <= run.end_ts:
-            coord.settle(interval)
+                next_hour += 3600.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    stop.wait(),
+                    min(0.5, max(0.05, (clock.sim_to_wall_s(end_ts - clock.now())))),
+                )
+        if not stop.is_set():
+            # A few more polls so the last interval's telemetry reaches its end.
+            await asyncio.sleep(3 * poll_s)
+        if stop.is_set():
+            run.interrupted, run.end_ts = True, clock.now()
+            console.print("interrupted: stopping cleanly and reporting what ran", highlight=False)
 
 
 def _sample(coord: Coordinator, now: float, run: Run) -> None:
+    """One row per reporting site; ``feeder_w`` is the sum of these rows' ``grid_w`` (the
+    coordinator's own estimate, which holds each site's reading to its own time, is
+    ``coordinator_flow_w``)."""
     run.feeder_peak_w = max(run.feeder_peak_w, coord.flow_w)
     clearing = coord.last_clearing
-    for name, s in coord.sites.items():
-        t = s.latest
-        if t is None:
-            continue
+    latest = [(name, s.latest) for name, s in coord.sites.items() if s.latest is not None]
+    feeder_w = round(sum(t.grid_power_w or 0.0 for _, t in latest if t is not None), 1)
+    for name, t in latest:
+        assert t is not None
         run.rows.append(
             {
                 "ts": round(now, 1),
@@ -374,18 +345,11 @@ def _sample(coord: Coordinator, now: float, run: Run) -> None:
                 "load_w": t.load_power_w,
                 "battery_w": t.battery_power_w,
                 "soc_pct": t.battery_soc_pct,
-                "feeder_w": round(coord.flow_w, 1),
+                "feeder_w": feeder_w,
+                "coordinator_flow_w": round(coord.flow_w, 1),
                 "price_per_kwh": clearing.price_per_kwh if clearing else None,
             }
         )
-
-
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _report(
@@ -551,13 +515,28 @@ def run_demo(
                 "instead of RTU (apt-get install socat for the serial wire)",
                 highlight=False,
             )
-    keep = out is not None
-    out = out or Path(tempfile.mkdtemp(prefix="wattmesh-demo-"))
+    if out is not None:
+        return _demo_in(out, True, config, hours, speed, poll_s, console, embedded)
+    with tempfile.TemporaryDirectory(prefix="wattmesh-demo-") as tmp:
+        return _demo_in(Path(tmp), False, config, hours, speed, poll_s, console, embedded)
+
+
+def _demo_in(
+    out: Path,
+    keep: bool,
+    config: ScenarioConfig,
+    hours: float,
+    speed: float,
+    poll_s: float,
+    console: Console,
+    embedded: bool,
+) -> int:
+    """Run the demo with its state in ``out``; the files are written only if ``keep``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "ledger.sqlite").unlink(missing_ok=True)
     console.print(
         f"wattmesh demo: {len(config.sites)} sites, {hours:g} simulated hours at "
-        f"{speed:g}x; writing to {out}",
+        f"{speed:g}x; " + (f"writing to {out}" if keep else "--out DIR keeps its files"),
         highlight=False,
     )
     run = asyncio.run(_run(config, hours, speed, poll_s, out, console, embedded))
@@ -565,14 +544,14 @@ def run_demo(
     span = _settled_span(out, run, config.start_ts, coordinator_config.market.interval_s)
     base = baseline(config, coordinator_config, *span)
     report = _report(out, base, run, console, coordinator_config.market.interval_s)
-    _write_csv(out / "day.csv", run)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    png = _plot(out, run)
-    console.print(
-        f"files: {out / 'ledger.sqlite'}, {out / 'day.csv'}, {png}, "
-        f"{out / 'report.json'}" + ("" if keep else " (a temporary directory)"),
-        highlight=False,
-    )
+    if keep:
+        _write_csv(out / "day.csv", run)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        png = _plot(out, run)
+        console.print(
+            f"files: {out / 'ledger.sqlite'}, {out / 'day.csv'}, {png}, {out / 'report.json'}",
+            highlight=False,
+        )
     return 0
 
 
@@ -597,24 +576,10 @@ def _write_csv(path: Path, run: Run) -> None:
         "battery_w",
         "soc_pct",
         "feeder_w",
+        "coordinator_flow_w",
         "price_per_kwh",
     ]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(run.rows)
-
-
-def _rtu_over_tcp(config: ScenarioConfig) -> tuple[ScenarioConfig, list[str]]:
-    """The scenario with pseudo-terminal RTU devices moved to TCP, and their names."""
-    moved: list[str] = []
-    new_sites = []
-    for site in config.sites:
-        devices = []
-        for d in site.devices:
-            if d.transport == "rtu" and not d.serial:
-                moved.append(d.name)
-                d = d.model_copy(update={"transport": "tcp"})  # noqa: PLW2901
-            devices.append(d)
-        new_sites.append(site.model_copy(update={"devices": devices}))
-    return config.model_copy(update={"sites": new_sites}), moved

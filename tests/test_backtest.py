@@ -186,3 +186,14 @@ def test_baselines_neither_trade_nor_balance_and_idle_batteries_stay_put() -> No
     )
     with pytest.raises(BacktestError, match="variant"):
         run_backtest(scenario, days=0.5, variant="clever")  # type: ignore[arg-type]
+
+
+def test_with_batteries_idle_each_site_meters_the_load_minus_pv_the_lp_is_given() -> None:
+    scenario = load_scenario(COMMUNITY)
+    result = run_backtest(scenario, days=0.25, variant="idle")
+    assert set(result.net_kwh) == set(result.metered_kwh)
+    for name, net in result.net_kwh.items():
+        assert len(net) == result.intervals
+        # the ledger meters in whole Wh
+        assert result.metered_kwh[name] == pytest.approx(net, abs=0.5e-3)
+    assert [b.soc_pct for b in result.batteries["factory"]] == [60.0]  # as at the start

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -290,6 +290,11 @@ class BacktestResult:
     feed_in_per_kwh: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     #: Each site's batteries' capacity-weighted charge efficiency (1 without a battery).
     charge_efficiency: dict[str, float] = field(default_factory=dict)
+    #: Per site, its load minus its PV in each settled interval (kWh): what it would meter
+    #: with its batteries idle.
+    net_kwh: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    #: Per site, its batteries as they were at the start.
+    batteries: dict[str, tuple[SteppedBattery, ...]] = field(default_factory=dict)
 
     @property
     def total_cost(self) -> float:
@@ -396,6 +401,9 @@ class Engine:
         self.stored_start_wh = {
             n: sum(b.stored_wh for b in s.batteries) for n, s in self.sites.items()
         }
+        self.batteries_start = {
+            n: tuple(replace(b) for b in s.batteries) for n, s in self.sites.items()
+        }
         self.ledger = Ledger(ledger_path)
         self.reliefs: dict[str, grid.Relief] = {}
         self.mode: grid.GridMode = "normal"
@@ -457,9 +465,7 @@ class Engine:
         if window.verdict != "ok" or (command.battery_power_w is not None and not site.batteries):
             return
         if command.battery_power_w is not None:
-            clamped = clamp_to_rating_w(
-                command.battery_power_w, [b.view() for b in site.batteries]
-            )
+            clamped = clamp_to_rating_w(command.battery_power_w, [b.view() for b in site.batteries])
             command = Command(command.priority, clamped, command.load_limit_w)
         site.order = (command, window.end_ts)
         self._control(site, now)
@@ -659,6 +665,17 @@ class Engine:
                 metered[x.site][j] = x.metered_wh / 1000.0
             retail[j] = result.retail_price_micro_per_kwh / 1e6
             feed_in[j] = result.feed_in_price_micro_per_kwh / 1e6
+        # each step's load and PV count in the interval it starts in (as metering counts it)
+        step_interval = (self.times[:-1] // interval_s).astype(np.int64)
+        column = {k: j for j, k in enumerate(settled)}
+        where = np.array([column.get(int(k), -1) for k in step_interval], dtype=np.int64)
+        kept = where >= 0
+        net_kwh = {}
+        for name, s in self.sites.items():
+            step_kwh = (s.load_w[:-1] - s.pv_w[:-1]) * self.step_s / 3.6e6
+            net_kwh[name] = np.bincount(
+                where[kept], weights=step_kwh[kept], minlength=len(settled)
+            ).astype(np.float64)
         sites = {}
         for name, s in self.sites.items():
             report = self.ledger.site_report(name) if settled else None
@@ -697,6 +714,8 @@ class Engine:
                 )
                 for name, s in self.sites.items()
             },
+            net_kwh=net_kwh,
+            batteries=self.batteries_start,
         )
 
     def close(self) -> None:

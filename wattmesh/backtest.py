@@ -37,6 +37,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -67,6 +68,7 @@ from edge.trust import order_window
 from simulators import physics
 from simulators.devices import BatterySim, PvInverterSim, SimSite
 from simulators.scenario import ScenarioConfig, ScenarioError, build_sites, load_scenario
+from wattmesh.replay import ReplayError, Series, read_series, replayed_w
 
 #: Simulated seconds per step unless told otherwise.
 DEFAULT_STEP_S = 60.0
@@ -363,6 +365,7 @@ class Engine:
         coordinator: CoordinatorConfig | None = None,
         edges: dict[str, EdgeConfig] | None = None,
         variant: Variant = "wattmesh",
+        replay: dict[str, Series] | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise BacktestError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -389,6 +392,16 @@ class Engine:
         missing = sorted(set(sims) - set(self.edges))
         if missing:
             raise BacktestError(f"no edge configuration for site(s) {', '.join(missing)}")
+        for name, series in (replay or {}).items():
+            if name not in profiles:
+                raise BacktestError(
+                    f"no site {name!r} to replay in scenario {scenario.name!r} "
+                    f"(its sites: {', '.join(sorted(profiles))})"
+                )
+            try:
+                profiles[name] = replayed_w(series, self.times, self.step_s)
+            except ReplayError as err:
+                raise BacktestError(f"site {name}: {err}") from err
         self.sites = {
             name: _Site(
                 name,
@@ -732,11 +745,13 @@ def run_backtest(
     coordinator: CoordinatorConfig | None = None,
     edges: dict[str, EdgeConfig] | None = None,
     variant: Variant = "wattmesh",
+    replay: dict[str, Series] | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
     temporary file, removed afterwards, when None: in memory-backed ``/dev/shm`` where there is
-    one, since the ledger syncs every commit to disk and a throwaway ledger need not)."""
+    one, since the ledger syncs every commit to disk and a throwaway ledger need not).
+    ``replay`` replaces the named sites' synthetic load and PV by measured series."""
     shm = Path("/dev/shm")
     where = str(shm) if ledger_path is None and shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-", dir=where) as tmp:
@@ -749,6 +764,7 @@ def run_backtest(
             coordinator=coordinator,
             edges=edges,
             variant=variant,
+            replay=replay,
         )
         try:
             return engine.run(progress)
@@ -772,6 +788,19 @@ def backtest(
             "idle (batteries idle); baselines neither trade nor balance the feeder"
         ),
     ] = "wattmesh",
+    csv: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SITE=FILE",
+            help="replay a site's measured load and PV from a CSV file (columns time, load_w, "
+            "pv_w; time in ISO 8601 or epoch seconds; any step) in place of its synthetic "
+            "profiles; repeat for more sites",
+        ),
+    ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(help="start here instead of at the scenario's start (ISO 8601, UTC)"),
+    ] = None,
 ) -> None:
     """Simulate a scenario in-process on the live policies, market and ledger; print each
     site's settled cost and the feeder's 15-minute peak."""
@@ -782,18 +811,41 @@ def backtest(
         raise typer.Exit(2)
     try:
         config = load_scenario(scenario)
+        if start is not None:
+            config = config.model_copy(update={"start": _start(start)})
+        replay = _replay(csv or [])
         result = run_backtest(
             config,
             days=days,
             ledger_path=ledger,
             step_s=step_s,
             variant=variant,  # type: ignore[arg-type]  # checked by the engine
+            replay=replay,
             progress=lambda f: err.print(f"simulated {100 * f:5.1f} %", highlight=False),
         )
-    except (ScenarioError, BacktestError) as e:
+    except (ScenarioError, BacktestError, ReplayError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
     print_result(result, out)
+
+
+def _replay(items: list[str]) -> dict[str, Series]:
+    """``--csv SITE=FILE`` options read."""
+    replay = {}
+    for item in items:
+        site, sep, file = item.partition("=")
+        if not sep or not site or not file:
+            raise BacktestError(f"--csv takes SITE=FILE, got {item!r}")
+        replay[site] = read_series(Path(file))
+    return replay
+
+
+def _start(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise BacktestError(f"--start {text!r} is not an ISO 8601 time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def print_result(result: BacktestResult, console: Console) -> None:

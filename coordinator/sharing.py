@@ -1,6 +1,6 @@
 """Settlement regimes as pure functions on metered energy: no I/O, no clock, no logging.
 
-design.md section 3a. Energies in kWh per market interval, positive when the site imports;
+Energies in kWh per market interval, positive when the site imports;
 prices per kWh; money in currency, positive when the site pays. Arrays are
 ``(sites, intervals)``; tariffs broadcast against them (one value, one per interval, or one per
 site and interval).

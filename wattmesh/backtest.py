@@ -366,6 +366,8 @@ class Engine:
         edges: dict[str, EdgeConfig] | None = None,
         variant: Variant = "wattmesh",
         replay: dict[str, Series] | None = None,
+        poll_s: float | None = None,
+        grid_period_s: float | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise BacktestError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -379,6 +381,11 @@ class Engine:
             raise BacktestError(
                 f"step_s must divide the market interval ({m.interval_s} s), got {step_s}"
             )
+        self.poll_s = float(poll_s or step_s)
+        self.grid_period_s = float(grid_period_s or step_s)
+        for name, value in (("poll_s", self.poll_s), ("grid_period_s", self.grid_period_s)):
+            if value < step_s or value % step_s:
+                raise BacktestError(f"{name} must be a multiple of step_s ({step_s}), got {value}")
         self.variant = variant
         self.edges = _for_variant(edges or default_edge_configs(scenario, step_s), variant)
         for name, e in self.edges.items():
@@ -449,7 +456,7 @@ class Engine:
         )
         if total is None or not site.batteries:
             return
-        revert_s = math.ceil(max(site.edge.dispatch_revert_s, 3 * self.step_s))
+        revert_s = math.ceil(max(site.edge.dispatch_revert_s, 3 * self.poll_s))
         for i, (battery, share) in enumerate(
             zip(site.batteries, share_among_batteries_w(total, views), strict=True)
         ):
@@ -511,14 +518,21 @@ class Engine:
 
     # -- the coordinator ---------------------------------------------------------------------
     def _ingest(self, site: _Site, now: float, pv_w: float) -> None:
-        """Telemetry: the latest reading, the minute history, metered energy (held)."""
+        """Telemetry: the latest reading, the minute history, metered energy (the reading
+        held until the next poll, split among the intervals it spans, as
+        ``Coordinator._meter`` splits it)."""
         site.readings += 1
         if now >= site.last_history_ts + HISTORY_SAMPLE_S:
             site.last_history_ts = now
             site.pv_history.append(now, pv_w)
             site.load_history.append(now, max(site.grid_w + pv_w + site.battery_w, 0.0))
-        k = int(now // self.config.market.interval_s)
-        site.energy_wh[k] = site.energy_wh.get(k, 0.0) + site.grid_w * self.step_s / 3600.0
+        interval_s = self.config.market.interval_s
+        t0, t1 = now, now + self.poll_s
+        while t0 < t1:
+            k = int(t0 // interval_s)
+            end = min(t1, (k + 1) * interval_s)
+            site.energy_wh[k] = site.energy_wh.get(k, 0.0) + site.grid_w * (end - t0) / 3600.0
+            t0 = end
 
     def _balance(self, now: float) -> None:
         """Coordinator.balance: the feeder's mode, then battery orders and load limits."""
@@ -627,6 +641,8 @@ class Engine:
         interval_s = m.interval_s
         n = len(self.times)
         report_every = max(1, round(86_400 / self.step_s))
+        poll_steps = round(self.poll_s / self.step_s)
+        grid_steps = round(self.grid_period_s / self.step_s)
         for i in range(n):
             now = float(self.times[i])
             k = int(now // interval_s)
@@ -638,6 +654,8 @@ class Engine:
             for s in self.sites.values():
                 for b in s.batteries:
                     b.step(dt)
+            polled = self.sites.values() if i % poll_steps == 0 else ()
+            for s in polled:  # each edge reads its devices and controls; the coordinator meters
                 s.battery_w = sum(b.power_w for b in s.batteries)
                 s.grid_w = float(s.load_w[i] - s.pv_w[i]) - s.battery_w
                 s.history.append((now, s.grid_w + s.battery_w))
@@ -645,7 +663,7 @@ class Engine:
                     s.history.popleft()
                 self._control(s, now)
                 self._ingest(s, now, float(s.pv_w[i]))
-            if self.variant == "wattmesh":
+            if self.variant == "wattmesh" and i % grid_steps == 0:
                 self._balance(now)
             for s in self.sites.values():
                 e = s.edge.market
@@ -746,12 +764,19 @@ def run_backtest(
     edges: dict[str, EdgeConfig] | None = None,
     variant: Variant = "wattmesh",
     replay: dict[str, Series] | None = None,
+    poll_s: float | None = None,
+    grid_period_s: float | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
     temporary file, removed afterwards, when None: in memory-backed ``/dev/shm`` where there is
     one, since the ledger syncs every commit to disk and a throwaway ledger need not).
-    ``replay`` replaces the named sites' synthetic load and PV by measured series."""
+    ``replay`` replaces the named sites' synthetic load and PV by measured series.
+    ``poll_s`` (simulated seconds between an edge's polls, and so between the coordinator's
+    readings) and ``grid_period_s`` (between the coordinator's grid checks) default to
+    ``step_s``; give the live system's (a multiple of ``step_s``) to model its latency: the
+    batteries still integrate every step, but everything that reads does so at the live
+    cadence, and a grid order waits for two fresh readings as the live one does."""
     shm = Path("/dev/shm")
     where = str(shm) if ledger_path is None and shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-", dir=where) as tmp:
@@ -765,6 +790,8 @@ def run_backtest(
             edges=edges,
             variant=variant,
             replay=replay,
+            poll_s=poll_s,
+            grid_period_s=grid_period_s,
         )
         try:
             return engine.run(progress)

@@ -22,6 +22,12 @@ balances the feeder, and a dispatch it sends is applied at once; then bids are m
 cleared when their times come (``bid_lead_s`` + ``gate_s`` and ``gate_s`` before the
 interval).
 
+By default everything reads once a step. ``poll_s`` and ``grid_period_s`` (multiples of the
+step) give the live cadence instead: the batteries integrate every step, but each edge reads
+and controls, and the coordinator takes readings (each held until the next, as it meters
+telemetry), every ``poll_s``; the grid is checked every ``grid_period_s``, so an order waits
+for two fresh readings as long as it does live.
+
 Differences from a live run, by design: readings are exact (the live agent reads registers
 with their scale factors, e.g. SOC in 0.1 %); a setpoint is not quantised to the battery's
 register resolution; each edge's forecast holds only the next interval (the one it bids for).

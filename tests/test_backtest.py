@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from broker.clock import ManualClock
 from coordinator.config import parse_coordinator_config
+from coordinator.ledger import Ledger
 from simulators import physics
 from simulators.devices import BatterySim, SimSite
 from simulators.scenario import load_scenario, parse_scenario, stepped_sites
@@ -219,3 +220,30 @@ def test_a_poll_period_that_is_not_a_multiple_of_the_step_is_refused(tmp_path: P
     scenario = parse_scenario(_one_house(), "test")
     with pytest.raises(BacktestError, match="poll_s must be a multiple"):
         Engine(scenario, days=1, ledger_path=tmp_path / "l.sqlite", step_s=60.0, poll_s=90.0)
+
+
+def test_with_trust_checks_an_implausible_site_is_refused_and_settled_as_estimated(
+    tmp_path: Path,
+) -> None:
+    # The house draws about 1 kW against a declared 500 W connection: the coordinator refuses
+    # every reading (beyond 500 W + 10 %), so each interval is settled as estimated (at its
+    # award); its meter still counts. Its bids (about 0.25 kWh) pass: within what 500 W and
+    # the 1 kW storage cap a site reporting no battery gets (1.5 kW: 0.41 kWh an interval).
+    scenario = parse_scenario(_one_house(), "test")
+    config = parse_coordinator_config(
+        {"sites": {"house": {"connection_w": 500.0}}, "coordinator": {"ledger": "unused"}},
+        "test",
+    )
+    path = tmp_path / "l.sqlite"
+    days = 0.125
+    result = run_backtest(scenario, days=days, coordinator=config, ledger_path=path, trust=True)
+    assert result.rejected["house"] == round(days * 86_400 / 60)  # every reading
+    with Ledger(path) as ledger:
+        for k in result.settled:
+            settlement = ledger.settlement(k)
+            assert settlement is not None
+            (house,) = settlement.sites
+            assert house.estimated and house.metered_wh == house.award_wh > 0
+    assert result.metered_kwh["house"] == pytest.approx(result.net_kwh["house"], abs=0.5e-3)
+    believed = run_backtest(scenario, days=days, coordinator=config)
+    assert believed.rejected["house"] == 0

@@ -53,7 +53,9 @@ from numpy.typing import NDArray
 from rich.console import Console
 
 from broker.clock import ManualClock
+from broker.messages import Bid, BidStep, Telemetry
 from coordinator import grid
+from coordinator import plausibility as pl
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
 from coordinator.ledger import Ledger, to_currency
 from coordinator.plausibility import open_interval
@@ -244,9 +246,15 @@ class _Site:
     forecast: tuple[float, float, float] | None = None  # (start ts, pv W, load W)
     controller: str = "fallback"
     next_bid: int = 0  # the next interval to bid for
+    reported_generation_w: float = 0.0  # the PV and battery ratings its devices report
+    reported_storage_w: float = 0.0
     # the coordinator
+    limits: pl.SiteLimits | None = None  # fixed at its first reading, as the live ones are
+    suspect: set[int] = field(default_factory=set)  # intervals with an implausible reading
+    rejected: int = 0  # readings and bids the coordinator refused
     readings: int = 0
     energy_wh: dict[int, float] = field(default_factory=dict)
+    meter_wh: dict[int, float] = field(default_factory=dict)  # the utility's: every reading
     pv_history: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
     load_history: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
     last_history_ts: float = -math.inf
@@ -284,13 +292,14 @@ class BacktestResult:
     step_s: float
     intervals: int  # settled market intervals
     sites: dict[str, SiteResult]
-    feeder_peak_w: float  # largest 15-minute (interval) mean import at the feeder
+    feeder_peak_w: float  # largest 15-minute (interval) mean import at the feeder, metered
     feeder_limit_w: float
     ledger_balanced: bool
     dispatches: int
     wall_s: float
     variant: Variant = "wattmesh"
-    #: The settled intervals, and per site the energy metered in each (kWh, + imports).
+    #: The settled intervals, and per site the energy its meter counted in each (kWh, +
+    #: imports): what the utility bills, even where the ledger settled the site as estimated.
     settled: tuple[int, ...] = ()
     metered_kwh: dict[str, NDArray[np.float64]] = field(default_factory=dict)
     #: The utility's tariffs in each settled interval, per kWh.
@@ -303,6 +312,8 @@ class BacktestResult:
     net_kwh: dict[str, NDArray[np.float64]] = field(default_factory=dict)
     #: Per site, its batteries as they were at the start.
     batteries: dict[str, tuple[SteppedBattery, ...]] = field(default_factory=dict)
+    #: Per site, the readings and bids the coordinator refused as implausible.
+    rejected: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_cost(self) -> float:
@@ -374,6 +385,7 @@ class Engine:
         replay: dict[str, Series] | None = None,
         poll_s: float | None = None,
         grid_period_s: float | None = None,
+        trust: bool = False,
     ) -> None:
         if variant not in VARIANTS:
             raise BacktestError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -387,6 +399,7 @@ class Engine:
             raise BacktestError(
                 f"step_s must divide the market interval ({m.interval_s} s), got {step_s}"
             )
+        self.trust = trust
         self.poll_s = float(poll_s or step_s)
         self.grid_period_s = float(grid_period_s or step_s)
         for name, value in (("poll_s", self.poll_s), ("grid_period_s", self.grid_period_s)):
@@ -421,9 +434,17 @@ class Engine:
                 self.edges[name],
                 *profiles[name],
                 [SteppedBattery.of(d) for d in sim.devices if isinstance(d, BatterySim)],
+                reported_generation_w=sum(
+                    d.rated_ac_w for d in sim.devices if isinstance(d, PvInverterSim)
+                ),
+                reported_storage_w=sum(
+                    d.rated_power_w for d in sim.devices if isinstance(d, BatterySim)
+                ),
             )
             for name, sim in sims.items()
         }
+        t = self.config.trust
+        self.window = pl.TimeWindow(t.future_skew_s, t.max_age_s)
         self.stored_start_wh = {
             n: sum(b.stored_wh for b in s.batteries) for n, s in self.sites.items()
         }
@@ -436,6 +457,7 @@ class Engine:
         self.sent_ts: dict[str, float] = {}
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
         self.cleared: set[int] = set()
+        self.meter_wh: dict[str, dict[int, float]] = {name: {} for name in self.sites}
         self.dispatches = 0
         first = open_interval(self.start_ts, m.interval_s, m.gate_s)  # as the coordinator
         self._next_clear = first
@@ -496,7 +518,7 @@ class Engine:
         site.order = (command, window.end_ts)
         self._control(site, now)
 
-    def _bid(self, site: _Site, interval: int) -> None:
+    def _bid(self, site: _Site, interval: int, now: float) -> None:
         m = site.edge.market
         start = interval * m.interval_s
         f = site.forecast
@@ -520,25 +542,86 @@ class Engine:
             fallback=site.edge.fallback,
             role=site.edge.site.role,
         )
+        # Coordinator.ingest_bid: checked against the site's limits before it is kept
+        bid = Bid.model_construct(
+            ts=now,
+            interval=interval,
+            buy=[BidStep.model_construct(price_per_kwh=p, quantity_kwh=q) for p, q in curve.buy],
+            sell=[BidStep.model_construct(price_per_kwh=p, quantity_kwh=q) for p, q in curve.sell],
+        )
+        c = self.config
+        if self.trust and pl.check_bid(
+            bid,
+            self._limits(site, False),
+            now_ts=now,
+            interval_s=c.market.interval_s,
+            gate_s=c.market.gate_s,
+            bids_ahead=c.trust.bids_ahead,
+            tolerance=c.trust.tolerance,
+        ):
+            site.rejected += 1
+            return
         self.bids.setdefault(interval, {})[site.name] = (curve.buy, curve.sell)
 
     # -- the coordinator ---------------------------------------------------------------------
+    def _limits(self, site: _Site, reported: bool) -> pl.SiteLimits:
+        """Coordinator._limits: declared in [sites.NAME], else derived once from its report."""
+        if site.limits is not None:
+            return site.limits
+        t = self.config.trust
+        declared = self.config.sites.get(site.name)
+        limits = pl.derive_limits(
+            connection_w=declared.connection_w if declared else None,
+            generation_w=declared.pv_w if declared else None,
+            storage_w=declared.battery_w if declared else None,
+            reported_generation_w=site.reported_generation_w if reported else 0.0,
+            reported_storage_w=site.reported_storage_w if reported else 0.0,
+            base_connection_w=self.config.default_connection_w(),
+            max_connection_w=t.max_connection_w,
+            max_ratio=t.max_rating_ratio,
+        )
+        if reported:
+            site.limits = limits
+        return limits
+
     def _ingest(self, site: _Site, now: float, pv_w: float) -> None:
-        """Telemetry: the latest reading, the minute history, metered energy (the reading
-        held until the next poll, split among the intervals it spans, as
-        ``Coordinator._meter`` splits it)."""
+        """Coordinator.ingest_telemetry: a reading checked against the site's limits (an
+        implausible one is refused and marks its interval suspect), then the latest reading,
+        the minute history, metered energy (the reading held until the next poll, split among
+        the intervals it spans, as ``Coordinator._meter`` splits it). The reading carries the
+        site totals; per-device powers are not checked (each device here is one of a kind,
+        whose power the totals' checks bound)."""
+        interval_s = self.config.market.interval_s
+        reading = Telemetry.model_construct(
+            ts=now,
+            devices=[],
+            grid_power_w=site.grid_w,
+            pv_power_w=pv_w,
+            battery_power_w=site.battery_w if site.batteries else None,
+            load_power_w=max(site.grid_w + pv_w + site.battery_w, 0.0),
+        )
+        held = []  # the reading held until the next poll, per interval: (interval, Wh)
+        t0, t1 = now, now + self.poll_s
+        while t0 < t1:
+            k = int(t0 // interval_s)
+            end = min(t1, (k + 1) * interval_s)
+            held.append((k, site.grid_w * (end - t0) / 3600.0))
+            t0 = end
+        for k, wh in held:  # the utility's meter counts it whatever the coordinator thinks
+            site.meter_wh[k] = site.meter_wh.get(k, 0.0) + wh
+        t = self.config.trust
+        limits = self._limits(site, True)
+        if self.trust and pl.check_telemetry(reading, limits, now, self.window, t.tolerance):
+            site.rejected += 1
+            site.suspect.add(int(now // interval_s))
+            return
         site.readings += 1
         if now >= site.last_history_ts + HISTORY_SAMPLE_S:
             site.last_history_ts = now
             site.pv_history.append(now, pv_w)
             site.load_history.append(now, max(site.grid_w + pv_w + site.battery_w, 0.0))
-        interval_s = self.config.market.interval_s
-        t0, t1 = now, now + self.poll_s
-        while t0 < t1:
-            k = int(t0 // interval_s)
-            end = min(t1, (k + 1) * interval_s)
-            site.energy_wh[k] = site.energy_wh.get(k, 0.0) + site.grid_w * (end - t0) / 3600.0
-            t0 = end
+        for k, wh in held:
+            site.energy_wh[k] = site.energy_wh.get(k, 0.0) + wh
 
     def _balance(self, now: float) -> None:
         """Coordinator.balance: the feeder's mode, then battery orders and load limits."""
@@ -629,14 +712,28 @@ class Engine:
             s.forecast = (float(start), float(pv[0]), float(load[0]))
 
     def _settle(self, interval: int) -> None:
-        """Coordinator.settle: every site at its metered energy."""
+        """Coordinator.settle: every site at its metered energy, a site with an implausible
+        reading in the interval as estimated."""
         metered = {
             name: s.energy_wh.pop(interval) / 1000.0
             for name, s in self.sites.items()
             if interval in s.energy_wh
         }
+        for name, s in self.sites.items():
+            self.meter_wh[name][interval] = s.meter_wh.pop(interval, 0.0)
+        reasons = {}
+        for name, s in self.sites.items():
+            if interval in s.suspect:
+                s.suspect.discard(interval)
+                metered.pop(name, None)
+                reasons[name] = "implausible telemetry in the interval"
         if interval in self.cleared:
-            self.ledger.settle_cleared(interval, metered_kwh=metered, roster=sorted(self.sites))
+            self.ledger.settle_cleared(
+                interval,
+                metered_kwh=metered,
+                roster=sorted(self.sites),
+                estimate_reasons=reasons,
+            )
             self.cleared.discard(interval)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -675,7 +772,7 @@ class Engine:
                 e = s.edge.market
                 while now >= s.next_bid * interval_s - e.gate_s - e.bid_lead_s:
                     if e.enabled and now < s.next_bid * interval_s - e.gate_s:
-                        self._bid(s, s.next_bid)  # EdgeAgent.bid: only while the gate is open
+                        self._bid(s, s.next_bid, now)  # EdgeAgent.bid: only while the gate is open
                     s.next_bid += 1
             while now >= self._next_clear * interval_s - m.gate_s:
                 self._clear(self._next_clear, now)
@@ -696,10 +793,12 @@ class Engine:
             result = self.ledger.settlement(k)
             if result is None:  # pragma: no cover - listed as settled
                 continue
-            wh = sum(x.metered_wh for x in result.sites)
+            wh = 0.0
+            for name in self.sites:
+                site_wh = round(self.meter_wh[name].get(k, 0.0))  # whole Wh, as the ledger's
+                metered[name][j] = site_wh / 1000.0
+                wh += site_wh
             peak_w = max(peak_w, wh * 3600.0 / interval_s)
-            for x in result.sites:
-                metered[x.site][j] = x.metered_wh / 1000.0
             retail[j] = result.retail_price_micro_per_kwh / 1e6
             feed_in[j] = result.feed_in_price_micro_per_kwh / 1e6
         # each step's load and PV count in the interval it starts in (as metering counts it)
@@ -753,6 +852,7 @@ class Engine:
             },
             net_kwh=net_kwh,
             batteries=self.batteries_start,
+            rejected={name: s.rejected for name, s in self.sites.items()},
         )
 
     def close(self) -> None:
@@ -772,6 +872,7 @@ def run_backtest(
     replay: dict[str, Series] | None = None,
     poll_s: float | None = None,
     grid_period_s: float | None = None,
+    trust: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
@@ -782,7 +883,12 @@ def run_backtest(
     readings) and ``grid_period_s`` (between the coordinator's grid checks) default to
     ``step_s``; give the live system's (a multiple of ``step_s``) to model its latency: the
     batteries still integrate every step, but everything that reads does so at the live
-    cadence, and a grid order waits for two fresh readings as the live one does."""
+    cadence, and a grid order waits for two fresh readings as the live one does. ``trust``
+    makes the coordinator check every reading and bid against the site's limits as the live
+    one does (:mod:`coordinator.plausibility`; by default the engine believes its own
+    simulated sites): an implausible bid is dropped, an implausible reading is not taken and
+    its interval is settled as estimated (``BacktestResult.metered_kwh`` is still what the
+    site's meter counted)."""
     shm = Path("/dev/shm")
     where = str(shm) if ledger_path is None and shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-", dir=where) as tmp:
@@ -798,6 +904,7 @@ def run_backtest(
             replay=replay,
             poll_s=poll_s,
             grid_period_s=grid_period_s,
+            trust=trust,
         )
         try:
             return engine.run(progress)

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     wall0 = time.perf_counter()
     asyncio.run(demo._run(scenario, args.hours, args.speed, args.poll, out, quiet, False))
     demo_wall = time.perf_counter() - wall0
-    sim_poll_s = args.poll * args.speed
+    sim_poll_s = round(args.poll * args.speed, 6)
     config = demo._coordinator_config(scenario, out / "engine.sqlite", 1, args.poll, args.speed)
     step = engine_step_s(sim_poll_s)
     edges = {

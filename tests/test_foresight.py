@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from coordinator.sharing import connection_point_cost, energy_sharing_cost
+from simulators.scenario import load_scenario
+from wattmesh.backtest import run_backtest
 from wattmesh.foresight import ForesightError, LpBattery, perfect_foresight
 
 QUARTER_H = 0.25
@@ -186,3 +190,43 @@ def test_feed_in_at_or_above_retail_is_refused() -> None:
         perfect_foresight(
             [[1.0]], [], interval_h=QUARTER_H, regime="a", retail_per_kwh=0.1, feed_in_per_kwh=0.1
         )
+
+
+def test_on_a_backtest_the_lp_is_no_dearer_than_the_idle_batteries_it_could_have_kept() -> None:
+    # Idle batteries are one schedule the LP may choose (no limits, stored energy worth 0.2):
+    # its optimum costs at most their bill, and less, since the tariff's spread pays cycling.
+    community = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "community.toml"
+    idle = run_backtest(load_scenario(community), days=0.25, variant="idle")
+    names = sorted(idle.net_kwh)
+    batteries = [
+        LpBattery(
+            site=names.index(name),
+            capacity_wh=b.capacity_wh,
+            rated_power_w=b.rated_power_w,
+            soc_pct=b.soc_pct,
+            soc_min_pct=b.soc_min_pct,
+            soc_max_pct=b.soc_max_pct,
+            charge_efficiency=b.charge_efficiency,
+            discharge_efficiency=b.discharge_efficiency,
+            stored_value_per_kwh=0.2,
+        )
+        for name in names
+        for b in idle.batteries[name]
+    ]
+    assert len(batteries) == 3
+    lp = perfect_foresight(
+        np.array([idle.net_kwh[n] for n in names]),
+        batteries,
+        interval_h=QUARTER_H,
+        regime="a",
+        retail_per_kwh=idle.retail_per_kwh,
+        feed_in_per_kwh=idle.feed_in_per_kwh,
+    )
+    metered = np.array([idle.metered_kwh[n] for n in names])
+    bill = float(
+        connection_point_cost(
+            metered, retail_per_kwh=idle.retail_per_kwh, feed_in_per_kwh=idle.feed_in_per_kwh
+        ).sum()
+    )
+    assert lp.objective < bill - 1.0
+    assert np.all(lp.stored_kwh >= -1e-9)

@@ -542,15 +542,23 @@ class Engine:
             fallback=site.edge.fallback,
             role=site.edge.site.role,
         )
-        # Coordinator.ingest_bid: checked against the site's limits before it is kept
+        if self.trust and not self._plausible_bid(site, interval, curve.buy, curve.sell, now):
+            site.rejected += 1
+            return
+        self.bids.setdefault(interval, {})[site.name] = (curve.buy, curve.sell)
+
+    def _plausible_bid(
+        self, site: _Site, interval: int, buy: Steps, sell: Steps, now: float
+    ) -> bool:
+        """Coordinator.ingest_bid's check of a bid against the site's limits."""
         bid = Bid.model_construct(
             ts=now,
             interval=interval,
-            buy=[BidStep.model_construct(price_per_kwh=p, quantity_kwh=q) for p, q in curve.buy],
-            sell=[BidStep.model_construct(price_per_kwh=p, quantity_kwh=q) for p, q in curve.sell],
+            buy=[BidStep.model_construct(price_per_kwh=p, quantity_kwh=q) for p, q in buy],
+            sell=[BidStep.model_construct(price_per_kwh=p, quantity_kwh=q) for p, q in sell],
         )
         c = self.config
-        if self.trust and pl.check_bid(
+        return not pl.check_bid(
             bid,
             self._limits(site, False),
             now_ts=now,
@@ -558,10 +566,7 @@ class Engine:
             gate_s=c.market.gate_s,
             bids_ahead=c.trust.bids_ahead,
             tolerance=c.trust.tolerance,
-        ):
-            site.rejected += 1
-            return
-        self.bids.setdefault(interval, {})[site.name] = (curve.buy, curve.sell)
+        )
 
     # -- the coordinator ---------------------------------------------------------------------
     def _limits(self, site: _Site, reported: bool) -> pl.SiteLimits:
@@ -592,14 +597,7 @@ class Engine:
         site totals; per-device powers are not checked (each device here is one of a kind,
         whose power the totals' checks bound)."""
         interval_s = self.config.market.interval_s
-        reading = Telemetry.model_construct(
-            ts=now,
-            devices=[],
-            grid_power_w=site.grid_w,
-            pv_power_w=pv_w,
-            battery_power_w=site.battery_w if site.batteries else None,
-            load_power_w=max(site.grid_w + pv_w + site.battery_w, 0.0),
-        )
+        load_w = max(site.grid_w + pv_w + site.battery_w, 0.0)
         held = []  # the reading held until the next poll, per interval: (interval, Wh)
         t0, t1 = now, now + self.poll_s
         while t0 < t1:
@@ -609,17 +607,26 @@ class Engine:
             t0 = end
         for k, wh in held:  # the utility's meter counts it whatever the coordinator thinks
             site.meter_wh[k] = site.meter_wh.get(k, 0.0) + wh
-        t = self.config.trust
-        limits = self._limits(site, True)
-        if self.trust and pl.check_telemetry(reading, limits, now, self.window, t.tolerance):
-            site.rejected += 1
-            site.suspect.add(int(now // interval_s))
-            return
+        if self.trust:
+            reading = Telemetry.model_construct(
+                ts=now,
+                devices=[],
+                grid_power_w=site.grid_w,
+                pv_power_w=pv_w,
+                battery_power_w=site.battery_w if site.batteries else None,
+                load_power_w=load_w,
+            )
+            t = self.config.trust
+            limits = self._limits(site, True)
+            if pl.check_telemetry(reading, limits, now, self.window, t.tolerance):
+                site.rejected += 1
+                site.suspect.add(int(now // interval_s))
+                return
         site.readings += 1
         if now >= site.last_history_ts + HISTORY_SAMPLE_S:
             site.last_history_ts = now
             site.pv_history.append(now, pv_w)
-            site.load_history.append(now, max(site.grid_w + pv_w + site.battery_w, 0.0))
+            site.load_history.append(now, load_w)
         for k, wh in held:
             site.energy_wh[k] = site.energy_wh.get(k, 0.0) + wh
 

@@ -27,11 +27,24 @@ Battery energy at the end is valued the same way for everyone: each kWh stored b
 of) the run's start is credited (charged) at the last interval's retail tariff divided by the
 site's charge efficiency, the price of putting it back.
 
-Tariffs: ``tou`` (the demo's: 0.32 from 07:00 to 22:00 local, 0.22 at night, feed-in 0.08) and
-``flat`` (0.30, feed-in 0.08). The feeder's 15-minute peak import and the energy above its
-limit are printed for ours and (ii). Today's figures are printed as they are, poor or not.
-The perfect-foresight LP per run and an industrial tariff for the factory are not in this
-first version.
+Tariffs: ``tou`` (the demo's: 0.32 from 07:00 to 22:00 local, 0.22 at night, feed-in 0.08),
+``flat`` (0.30, feed-in 0.08) and ``industrial``: the ``tou`` energy prices plus a demand
+charge of 15 per kW-month (prorated to the run) on the largest 15-minute mean import, the
+structure of US commercial and industrial tariffs (PG&E's B-19) and of the German grid fee
+for interval-metered customers (Leistungspreis). In regime (b) the factory alone is on it (its
+own meter's peak); in regime (a) the connection point is (the feeder's peak), as an industrial
+park behind one meter would be. The engine runs for ``industrial`` are the ``tou`` runs (the
+market clears on the same energy prices; wattmesh does not know of the demand charge).
+
+The perfect-foresight LP per run (:func:`wattmesh.foresight.perfect_foresight`): the cheapest
+schedule of every battery over the whole run, knowing every load, PV output and price, within
+each battery's power, energy and efficiencies, the feeder's limits as constraints (10 per kWh
+beyond them when they cannot be kept), its stored energy valued as above, and in each regime's
+and tariff's terms. Its schedule is billed by the same functions as the others. ``captured``
+is the share of the LP's improvement over (ii) that ours captures (n/a when the LP improves on
+(ii) by less than 1: e.g. when keeping the feeder's limit costs the LP more than (ii) pays).
+The feeder's 15-minute peak import and the energy above its limit are printed for ours, (ii)
+and the LP. Today's figures are printed as they are, poor or not.
 """
 
 from __future__ import annotations
@@ -46,11 +59,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from coordinator.config import CoordinatorConfig, TariffSection
 from coordinator.sharing import connection_point_cost, energy_sharing_cost
 from simulators.scenario import ScenarioConfig, load_scenario
 from wattmesh.backtest import BacktestResult, default_coordinator_config, run_backtest
+from wattmesh.foresight import LpBattery, perfect_foresight
 
 SCENARIO = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "community.toml"
 #: A Monday in each season (the profiles know weekdays from weekends).
@@ -62,8 +77,18 @@ SEASONS = {
 TARIFFS: dict[str, dict[str, Any] | None] = {
     "tou": None,  # the demo's, as default_coordinator_config has it
     "flat": {"retail_per_kwh": 0.30, "feed_in_per_kwh": 0.08, "periods": []},
+    "industrial": None,  # the demo's energy prices plus the factory's demand charge
 }
 REGIMES = ("a", "b")
+#: The site on the industrial contract.
+FACTORY = "factory"
+#: The industrial contract's demand charge, per kW of the month's largest 15-minute mean
+#: import (the structure of US commercial and industrial tariffs such as PG&E's B-19, and of
+#: the German grid fee for interval-metered customers, the Leistungspreis), prorated to the run.
+DEMAND_CHARGE_PER_KW_MONTH = 15.0
+#: The LP's penalty per kWh of feeder flow beyond a limit: high enough that it keeps to the
+#: limits whenever it can.
+OVER_LIMIT_PER_KWH = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,44 +100,132 @@ class Figures:
     above_limit_kwh: float
 
 
+@dataclass(frozen=True)
+class Contract:
+    """How a run is billed: the regime, regime (b)'s network charge on shared energy, and the
+    industrial contract's demand charge (currency per kW of the run's largest 15-minute mean
+    import: the feeder's in (a), the factory's own in (b)), zero without one."""
+
+    regime: str
+    local_charge_per_kwh: float
+    demand_charge_per_kw: float = 0.0
+
+
+def demand_charge_per_kw(tariff: str, days: float) -> float:
+    """The industrial contract's demand charge for a run of ``days``, per kW."""
+    return DEMAND_CHARGE_PER_KW_MONTH * days / 30.0 if tariff == "industrial" else 0.0
+
+
 def stored_value(result: BacktestResult) -> float:
     """The value (currency) of the battery energy gained over the run, at the last interval's
     retail tariff divided by each site's charge efficiency (negative when drained)."""
     if len(result.retail_per_kwh) == 0:
         return 0.0
-    price = float(result.retail_per_kwh[-1])
     return sum(
-        (s.stored_end_kwh - s.stored_start_kwh) * price / result.charge_efficiency[name]
+        (s.stored_end_kwh - s.stored_start_kwh) * value_per_kwh(result, name)
         for name, s in result.sites.items()
     )
 
 
-def figures(result: BacktestResult, regime: str, local_charge_per_kwh: float) -> Figures:
-    """Bill a run's metered energy in ``regime`` and measure its feeder."""
-    names = sorted(result.metered_kwh)
-    metered = np.array([result.metered_kwh[n] for n in names])
+def value_per_kwh(result: BacktestResult, site: str) -> float:
+    """What a kWh stored at the end is worth at ``site``: the last retail tariff over the
+    site's charge efficiency, the price of putting it back."""
+    return float(result.retail_per_kwh[-1]) / result.charge_efficiency[site]
+
+
+def bill(result: BacktestResult, metered_kwh: NDArray[np.float64], contract: Contract) -> float:
+    """The community's bill (currency) for ``metered_kwh`` (sites in sorted order, settled
+    intervals) at the run's tariffs under ``contract``, before stored energy."""
     retail, feed_in = result.retail_per_kwh, result.feed_in_per_kwh
-    if regime == "a":
-        bill = float(
-            connection_point_cost(metered, retail_per_kwh=retail, feed_in_per_kwh=feed_in).sum()
-        )
-    else:
-        bill = float(
-            energy_sharing_cost(
-                metered,
-                retail_per_kwh=retail,
-                feed_in_per_kwh=feed_in,
-                local_price_per_kwh=(retail + feed_in) / 2.0,
-                local_network_charge_per_kwh=local_charge_per_kwh,
-            ).sum()
-        )
-    feeder_kwh = metered.sum(axis=0)
+    names = sorted(result.metered_kwh)
+    if contract.regime == "a":
+        energy = connection_point_cost(metered_kwh, retail_per_kwh=retail, feed_in_per_kwh=feed_in)
+        peak_kw = float(metered_kwh.sum(axis=0).max(initial=0.0)) * 4.0
+        return float(energy.sum()) + contract.demand_charge_per_kw * max(peak_kw, 0.0)
+    energy = energy_sharing_cost(
+        metered_kwh,
+        retail_per_kwh=retail,
+        feed_in_per_kwh=feed_in,
+        local_price_per_kwh=(retail + feed_in) / 2.0,
+        local_network_charge_per_kwh=contract.local_charge_per_kwh,
+    )
+    factory_kw = float(metered_kwh[names.index(FACTORY)].max(initial=0.0)) * 4.0
+    return float(energy.sum()) + contract.demand_charge_per_kw * max(factory_kw, 0.0)
+
+
+def measure(
+    result: BacktestResult,
+    metered_kwh: NDArray[np.float64],
+    gained_value: float,
+    contract: Contract,
+) -> Figures:
+    """Bill ``metered_kwh``, value the stored energy gained, and measure the feeder."""
+    feeder_kwh = metered_kwh.sum(axis=0)
     limit_kwh = result.feeder_limit_w / 1000.0 * 0.25
     return Figures(
-        cost=bill - stored_value(result),
+        cost=bill(result, metered_kwh, contract) - gained_value,
         peak_kw=float(feeder_kwh.max(initial=0.0)) * 4.0,
         above_limit_kwh=float(np.maximum(feeder_kwh - limit_kwh, 0.0).sum()),
     )
+
+
+def figures(result: BacktestResult, contract: Contract) -> Figures:
+    """A run billed under ``contract``."""
+    metered = np.array([result.metered_kwh[n] for n in sorted(result.metered_kwh)])
+    return measure(result, metered, stored_value(result), contract)
+
+
+def foresight(result: BacktestResult, contract: Contract, export_limit_w: float) -> Figures:
+    """The perfect-foresight LP on the run's loads, PV, batteries and tariffs, billed as the
+    run is (the LP's own pro-rata-free sharing replaced by the real allocation)."""
+    names = sorted(result.net_kwh)
+    net = np.array([result.net_kwh[n] for n in names])
+    batteries = [
+        LpBattery(
+            site=names.index(name),
+            capacity_wh=b.capacity_wh,
+            rated_power_w=b.rated_power_w,
+            soc_pct=b.soc_pct,
+            soc_min_pct=b.soc_min_pct,
+            soc_max_pct=b.soc_max_pct,
+            charge_efficiency=b.charge_efficiency,
+            discharge_efficiency=b.discharge_efficiency,
+            stored_value_per_kwh=value_per_kwh(result, name),
+        )
+        for name in names
+        for b in result.batteries[name]
+    ]
+    retail, feed_in = result.retail_per_kwh, result.feed_in_per_kwh
+    demand: float | NDArray[np.float64] = contract.demand_charge_per_kw
+    if contract.regime == "b":
+        demand = np.where(np.array(names) == FACTORY, contract.demand_charge_per_kw, 0.0)
+    lp = perfect_foresight(
+        net,
+        batteries,
+        interval_h=0.25,
+        regime="a" if contract.regime == "a" else "b",
+        retail_per_kwh=retail,
+        feed_in_per_kwh=feed_in,
+        local_price_per_kwh=(retail + feed_in) / 2.0,
+        local_network_charge_per_kwh=contract.local_charge_per_kwh,
+        import_limit_kwh=result.feeder_limit_w / 1000.0 * 0.25,
+        export_limit_kwh=export_limit_w / 1000.0 * 0.25,
+        over_limit_per_kwh=OVER_LIMIT_PER_KWH,
+        demand_charge_per_kw=demand,
+    )
+    gained = sum(
+        (float(lp.stored_kwh[j, -1]) - b.stored_kwh) * b.stored_value_per_kwh
+        for j, b in enumerate(batteries)
+    )
+    return measure(result, lp.metered_kwh, gained, contract)
+
+
+def captured_pct(ours: float, local: float, lp: float) -> float | None:
+    """The share (%) of the LP's improvement over (ii) that ours captures, when the LP
+    improves on (ii) by at least 1 (currency)."""
+    if local - lp < 1.0:
+        return None
+    return 100.0 * (local - ours) / (local - lp)
 
 
 def coordinator_for(scenario: ScenarioConfig, tariff: str) -> CoordinatorConfig:
@@ -150,52 +263,74 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"economics: {len(base.sites)} sites, {args.days:g} days per run, seeds "
         f"{' '.join(map(str, args.seeds))}; costs in currency with stored energy valued; "
-        "saving in % of the baseline's cost",
+        "saving in % of the baseline's cost; captured: share of the LP's improvement over "
+        "(ii) that ours captures",
         flush=True,
     )
     print(
-        f"{'season':<7} {'seed':>4} {'tariff':<6} {'reg':<3} {'ours':>9} {'(i) idle':>9} "
-        f"{'(ii) local':>10} {'vs (i) %':>9} {'vs (ii) %':>9} {'peak kW ours/(ii)':>18} "
-        f"{'kWh over limit ours/(ii)':>25} {'wall s':>7}"
+        f"{'season':<7} {'seed':>4} {'tariff':<10} {'reg':<3} {'ours':>9} {'(i) idle':>9} "
+        f"{'(ii) local':>10} {'LP':>9} {'vs (i) %':>8} {'vs (ii) %':>9} {'captured %':>10} "
+        f"{'peak kW ours/(ii)/LP':>22} {'kWh over limit ours/(ii)/LP':>29} {'wall s':>7}"
     )
     savings: dict[tuple[str, str], list[float]] = {}
+    captured: dict[tuple[str, str], list[float]] = {}
     week_wall: list[float] = []
     for season in args.seasons:
         for seed in args.seeds:
             scenario = base.model_copy(update={"start": SEASONS[season], "seed": seed})
+            done: dict[str, dict[str, BacktestResult]] = {}
             for tariff in args.tariffs:
                 config = coordinator_for(scenario, tariff)
                 t0 = time.perf_counter()
-                runs = {
-                    v: run_backtest(scenario, days=args.days, coordinator=config, variant=v)
-                    for v in ("wattmesh", "idle", "self_consumption")
-                }
-                wall = time.perf_counter() - t0
-                week_wall.append(runs["wattmesh"].wall_s)
+                engine_tariff = "tou" if tariff == "industrial" else tariff  # same energy prices
+                if engine_tariff not in done:
+                    done[engine_tariff] = {
+                        v: run_backtest(scenario, days=args.days, coordinator=config, variant=v)
+                        for v in ("wattmesh", "idle", "self_consumption")
+                    }
+                    week_wall.append(done[engine_tariff]["wattmesh"].wall_s)
+                runs = done[engine_tariff]
                 for regime in REGIMES:
-                    f = {v: figures(r, regime, args.local_charge) for v, r in runs.items()}
+                    contract = Contract(
+                        regime, args.local_charge, demand_charge_per_kw(tariff, args.days)
+                    )
+                    f = {v: figures(r, contract) for v, r in runs.items()}
+                    lp = foresight(runs["wattmesh"], contract, config.grid.export_limit_w)
                     ours, idle, local = f["wattmesh"], f["idle"], f["self_consumption"]
                     if abs(local.cost) >= 1.0:
                         savings.setdefault((season, regime), []).append(
                             100.0 * (local.cost - ours.cost) / abs(local.cost)
                         )
+                    share = captured_pct(ours.cost, local.cost, lp.cost)
+                    if share is not None:
+                        captured.setdefault((season, regime), []).append(share)
                     print(
-                        f"{season:<7} {seed:>4} {tariff:<6} {regime:<3} {ours.cost:>9.2f} "
-                        f"{idle.cost:>9.2f} {local.cost:>10.2f} "
-                        f"{saving_pct(ours.cost, idle.cost):>9} "
+                        f"{season:<7} {seed:>4} {tariff:<10} {regime:<3} {ours.cost:>9.2f} "
+                        f"{idle.cost:>9.2f} {local.cost:>10.2f} {lp.cost:>9.2f} "
+                        f"{saving_pct(ours.cost, idle.cost):>8} "
                         f"{saving_pct(ours.cost, local.cost):>9} "
-                        f"{ours.peak_kw:>8.1f}/{local.peak_kw:<9.1f} "
-                        f"{ours.above_limit_kwh:>12.1f}/{local.above_limit_kwh:<12.1f} "
-                        f"{wall:>7.1f}",
+                        f"{'n/a' if share is None else f'{share:+.0f}':>10} "
+                        f"{ours.peak_kw:>8.1f}/{local.peak_kw:.1f}/{lp.peak_kw:<.1f} "
+                        f"{ours.above_limit_kwh:>11.1f}/{local.above_limit_kwh:.1f}/"
+                        f"{lp.above_limit_kwh:<.1f} "
+                        f"{time.perf_counter() - t0:>7.1f}",
                         flush=True,
                     )
     limit_kw = default_coordinator_config(base, Path("unused"), 60.0).grid.import_limit_w / 1e3
     print(f"\nfeeder import limit {limit_kw:.0f} kW")
-    print("saving against (ii) local control, % of its cost, over seeds and tariffs:")
-    for (season, regime), values in savings.items():
+    print("against (ii) local control, over seeds and tariffs (saving in % of its cost):")
+    for key, values in savings.items():
+        season, regime = key
+        shares = captured.get(key, [])
+        captured_text = (
+            f"; captured of the LP's improvement: mean {statistics.fmean(shares):+.0f} %, "
+            f"worst {min(shares):+.0f} %"
+            if shares
+            else ""
+        )
         print(
-            f"  {season:<7} regime ({regime}): mean {statistics.fmean(values):+.1f} %, "
-            f"worst {min(values):+.1f} % ({len(values)} runs)"
+            f"  {season:<7} regime ({regime}): saving mean {statistics.fmean(values):+.1f} %, "
+            f"worst {min(values):+.1f} % ({len(values)} runs){captured_text}"
         )
     print(
         f"wall time: {time.perf_counter() - wall0:.1f} s in all; wattmesh on the engine "

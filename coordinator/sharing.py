@@ -1,7 +1,7 @@
 """Settlement regimes as pure functions on metered energy: no I/O, no clock, no logging.
 
-docs/architecture.md section 6. Energies in kWh per market interval, positive when the site imports;
-prices per kWh; money in currency, positive when the site pays. Arrays are
+docs/architecture.md section 6. Energies in kWh per market interval, positive when the site
+imports; prices per kWh; money in currency, positive when the site pays. Arrays are
 ``(sites, intervals)``; tariffs broadcast against them (one value, one per interval, or one per
 site and interval).
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from broker.clock import ManualClock
 from coordinator.config import parse_coordinator_config
+from coordinator.ledger import Ledger
 from simulators import physics
 from simulators.devices import BatterySim, SimSite
 from simulators.scenario import load_scenario, parse_scenario, stepped_sites
@@ -186,3 +187,63 @@ def test_baselines_neither_trade_nor_balance_and_idle_batteries_stay_put() -> No
     )
     with pytest.raises(BacktestError, match="variant"):
         run_backtest(scenario, days=0.5, variant="clever")  # type: ignore[arg-type]
+
+
+def test_with_batteries_idle_each_site_meters_the_load_minus_pv_the_lp_is_given() -> None:
+    scenario = load_scenario(COMMUNITY)
+    result = run_backtest(scenario, days=0.25, variant="idle")
+    assert set(result.net_kwh) == set(result.metered_kwh)
+    for name, net in result.net_kwh.items():
+        assert len(net) == result.intervals
+        # the ledger meters in whole Wh
+        assert result.metered_kwh[name] == pytest.approx(net, abs=0.5e-3)
+    assert [b.soc_pct for b in result.batteries["factory"]] == [60.0]  # as at the start
+
+
+def test_at_the_live_poll_cadence_each_reading_is_metered_until_the_next(tmp_path: Path) -> None:
+    # Steps of 60 s, polls every 120 s (which does not divide the 900-s interval): each
+    # reading of the house's load holds for 120 s, split between the intervals it spans, as
+    # the live coordinator meters telemetry.
+    scenario = parse_scenario(_one_house(), "test")
+    result = run_backtest(scenario, days=0.25, step_s=60.0, poll_s=120.0, grid_period_s=120.0)
+    polls = scenario.start_ts + 120.0 * np.arange(round(0.25 * 86_400 / 120))
+    load_w = physics.load_power_w(polls, "household", 1000.0, 1000.0, seed=scenario.seed * 1000)
+    for j, k in enumerate(result.settled):
+        lo, hi = k * 900.0, (k + 1) * 900.0
+        overlap_s = np.clip(np.minimum(polls + 120.0, hi) - np.maximum(polls, lo), 0.0, None)
+        expected_kwh = float((load_w * overlap_s).sum()) / 3.6e6
+        assert result.metered_kwh["house"][j] == pytest.approx(expected_kwh, abs=0.5e-3)
+    assert any(k * 900.0 % 120.0 for k in result.settled)  # some readings do span two intervals
+
+
+def test_a_poll_period_that_is_not_a_multiple_of_the_step_is_refused(tmp_path: Path) -> None:
+    scenario = parse_scenario(_one_house(), "test")
+    with pytest.raises(BacktestError, match="poll_s must be a multiple"):
+        Engine(scenario, days=1, ledger_path=tmp_path / "l.sqlite", step_s=60.0, poll_s=90.0)
+
+
+def test_with_trust_checks_an_implausible_site_is_refused_and_settled_as_estimated(
+    tmp_path: Path,
+) -> None:
+    # The house draws about 1 kW against a declared 500 W connection: the coordinator refuses
+    # every reading (beyond 500 W + 10 %), so each interval is settled as estimated (at its
+    # award); its meter still counts. Its bids (about 0.25 kWh) pass: within what 500 W and
+    # the 1 kW storage cap a site reporting no battery gets (1.5 kW: 0.41 kWh an interval).
+    scenario = parse_scenario(_one_house(), "test")
+    config = parse_coordinator_config(
+        {"sites": {"house": {"connection_w": 500.0}}, "coordinator": {"ledger": "unused"}},
+        "test",
+    )
+    path = tmp_path / "l.sqlite"
+    days = 0.125
+    result = run_backtest(scenario, days=days, coordinator=config, ledger_path=path, trust=True)
+    assert result.rejected["house"] == round(days * 86_400 / 60)  # every reading
+    with Ledger(path) as ledger:
+        for k in result.settled:
+            settlement = ledger.settlement(k)
+            assert settlement is not None
+            (house,) = settlement.sites
+            assert house.estimated and house.metered_wh == house.award_wh > 0
+    assert result.metered_kwh["house"] == pytest.approx(result.net_kwh["house"], abs=0.5e-3)
+    believed = run_backtest(scenario, days=days, coordinator=config)
+    assert believed.rejected["house"] == 0

@@ -22,6 +22,12 @@ balances the feeder, and a dispatch it sends is applied at once; then bids are m
 cleared when their times come (``bid_lead_s`` + ``gate_s`` and ``gate_s`` before the
 interval).
 
+By default everything reads once a step. ``poll_s`` and ``grid_period_s`` (multiples of the
+step) give the live cadence instead: the batteries integrate every step, but each edge reads
+and controls, and the coordinator takes readings (each held until the next, as it meters
+telemetry), every ``poll_s``; the grid is checked every ``grid_period_s``, so an order waits
+for two fresh readings as long as it does live.
+
 Differences from a live run, by design: readings are exact (the live agent reads registers
 with their scale factors, e.g. SOC in 0.1 %); a setpoint is not quantised to the battery's
 register resolution; each edge's forecast holds only the next interval (the one it bids for).
@@ -36,7 +42,8 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -46,7 +53,9 @@ from numpy.typing import NDArray
 from rich.console import Console
 
 from broker.clock import ManualClock
+from broker.messages import Bid, BidStep, Telemetry
 from coordinator import grid
+from coordinator import plausibility as pl
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
 from coordinator.ledger import Ledger, to_currency
 from coordinator.plausibility import open_interval
@@ -67,6 +76,7 @@ from edge.trust import order_window
 from simulators import physics
 from simulators.devices import BatterySim, PvInverterSim, SimSite
 from simulators.scenario import ScenarioConfig, ScenarioError, build_sites, load_scenario
+from wattmesh.replay import ReplayError, Series, read_series, replayed_w
 
 #: Simulated seconds per step unless told otherwise.
 DEFAULT_STEP_S = 60.0
@@ -236,9 +246,15 @@ class _Site:
     forecast: tuple[float, float, float] | None = None  # (start ts, pv W, load W)
     controller: str = "fallback"
     next_bid: int = 0  # the next interval to bid for
+    reported_generation_w: float = 0.0  # the PV and battery ratings its devices report
+    reported_storage_w: float = 0.0
     # the coordinator
+    limits: pl.SiteLimits | None = None  # fixed at its first reading, as the live ones are
+    suspect: set[int] = field(default_factory=set)  # intervals with an implausible reading
+    rejected: int = 0  # readings and bids the coordinator refused
     readings: int = 0
     energy_wh: dict[int, float] = field(default_factory=dict)
+    meter_wh: dict[int, float] = field(default_factory=dict)  # the utility's: every reading
     pv_history: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
     load_history: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
     last_history_ts: float = -math.inf
@@ -276,13 +292,14 @@ class BacktestResult:
     step_s: float
     intervals: int  # settled market intervals
     sites: dict[str, SiteResult]
-    feeder_peak_w: float  # largest 15-minute (interval) mean import at the feeder
+    feeder_peak_w: float  # largest 15-minute (interval) mean import at the feeder, metered
     feeder_limit_w: float
     ledger_balanced: bool
     dispatches: int
     wall_s: float
     variant: Variant = "wattmesh"
-    #: The settled intervals, and per site the energy metered in each (kWh, + imports).
+    #: The settled intervals, and per site the energy its meter counted in each (kWh, +
+    #: imports): what the utility bills, even where the ledger settled the site as estimated.
     settled: tuple[int, ...] = ()
     metered_kwh: dict[str, NDArray[np.float64]] = field(default_factory=dict)
     #: The utility's tariffs in each settled interval, per kWh.
@@ -290,6 +307,13 @@ class BacktestResult:
     feed_in_per_kwh: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     #: Each site's batteries' capacity-weighted charge efficiency (1 without a battery).
     charge_efficiency: dict[str, float] = field(default_factory=dict)
+    #: Per site, its load minus its PV in each settled interval (kWh): what it would meter
+    #: with its batteries idle.
+    net_kwh: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    #: Per site, its batteries as they were at the start.
+    batteries: dict[str, tuple[SteppedBattery, ...]] = field(default_factory=dict)
+    #: Per site, the readings and bids the coordinator refused as implausible.
+    rejected: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_cost(self) -> float:
@@ -358,6 +382,10 @@ class Engine:
         coordinator: CoordinatorConfig | None = None,
         edges: dict[str, EdgeConfig] | None = None,
         variant: Variant = "wattmesh",
+        replay: dict[str, Series] | None = None,
+        poll_s: float | None = None,
+        grid_period_s: float | None = None,
+        trust: bool = False,
     ) -> None:
         if variant not in VARIANTS:
             raise BacktestError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -371,6 +399,12 @@ class Engine:
             raise BacktestError(
                 f"step_s must divide the market interval ({m.interval_s} s), got {step_s}"
             )
+        self.trust = trust
+        self.poll_s = float(poll_s or step_s)
+        self.grid_period_s = float(grid_period_s or step_s)
+        for name, value in (("poll_s", self.poll_s), ("grid_period_s", self.grid_period_s)):
+            if value < step_s or value % step_s:
+                raise BacktestError(f"{name} must be a multiple of step_s ({step_s}), got {value}")
         self.variant = variant
         self.edges = _for_variant(edges or default_edge_configs(scenario, step_s), variant)
         for name, e in self.edges.items():
@@ -384,17 +418,38 @@ class Engine:
         missing = sorted(set(sims) - set(self.edges))
         if missing:
             raise BacktestError(f"no edge configuration for site(s) {', '.join(missing)}")
+        for name, series in (replay or {}).items():
+            if name not in profiles:
+                raise BacktestError(
+                    f"no site {name!r} to replay in scenario {scenario.name!r} "
+                    f"(its sites: {', '.join(sorted(profiles))})"
+                )
+            try:
+                profiles[name] = replayed_w(series, self.times, self.step_s)
+            except ReplayError as err:
+                raise BacktestError(f"site {name}: {err}") from err
         self.sites = {
             name: _Site(
                 name,
                 self.edges[name],
                 *profiles[name],
                 [SteppedBattery.of(d) for d in sim.devices if isinstance(d, BatterySim)],
+                reported_generation_w=sum(
+                    d.rated_ac_w for d in sim.devices if isinstance(d, PvInverterSim)
+                ),
+                reported_storage_w=sum(
+                    d.rated_power_w for d in sim.devices if isinstance(d, BatterySim)
+                ),
             )
             for name, sim in sims.items()
         }
+        t = self.config.trust
+        self.window = pl.TimeWindow(t.future_skew_s, t.max_age_s)
         self.stored_start_wh = {
             n: sum(b.stored_wh for b in s.batteries) for n, s in self.sites.items()
+        }
+        self.batteries_start = {
+            n: tuple(replace(b) for b in s.batteries) for n, s in self.sites.items()
         }
         self.ledger = Ledger(ledger_path)
         self.reliefs: dict[str, grid.Relief] = {}
@@ -402,6 +457,7 @@ class Engine:
         self.sent_ts: dict[str, float] = {}
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
         self.cleared: set[int] = set()
+        self.meter_wh: dict[str, dict[int, float]] = {name: {} for name in self.sites}
         self.dispatches = 0
         first = open_interval(self.start_ts, m.interval_s, m.gate_s)  # as the coordinator
         self._next_clear = first
@@ -428,7 +484,7 @@ class Engine:
         )
         if total is None or not site.batteries:
             return
-        revert_s = math.ceil(max(site.edge.dispatch_revert_s, 3 * self.step_s))
+        revert_s = math.ceil(max(site.edge.dispatch_revert_s, 3 * self.poll_s))
         for i, (battery, share) in enumerate(
             zip(site.batteries, share_among_batteries_w(total, views), strict=True)
         ):
@@ -457,14 +513,12 @@ class Engine:
         if window.verdict != "ok" or (command.battery_power_w is not None and not site.batteries):
             return
         if command.battery_power_w is not None:
-            clamped = clamp_to_rating_w(
-                command.battery_power_w, [b.view() for b in site.batteries]
-            )
+            clamped = clamp_to_rating_w(command.battery_power_w, [b.view() for b in site.batteries])
             command = Command(command.priority, clamped, command.load_limit_w)
         site.order = (command, window.end_ts)
         self._control(site, now)
 
-    def _bid(self, site: _Site, interval: int) -> None:
+    def _bid(self, site: _Site, interval: int, now: float) -> None:
         m = site.edge.market
         start = interval * m.interval_s
         f = site.forecast
@@ -488,18 +542,93 @@ class Engine:
             fallback=site.edge.fallback,
             role=site.edge.site.role,
         )
+        if self.trust and not self._plausible_bid(site, interval, curve.buy, curve.sell, now):
+            site.rejected += 1
+            return
         self.bids.setdefault(interval, {})[site.name] = (curve.buy, curve.sell)
 
+    def _plausible_bid(
+        self, site: _Site, interval: int, buy: Steps, sell: Steps, now: float
+    ) -> bool:
+        """Coordinator.ingest_bid's check of a bid against the site's limits."""
+        bid = Bid.model_construct(
+            ts=now,
+            interval=interval,
+            buy=[BidStep.model_construct(price_per_kwh=p, quantity_kwh=q) for p, q in buy],
+            sell=[BidStep.model_construct(price_per_kwh=p, quantity_kwh=q) for p, q in sell],
+        )
+        c = self.config
+        return not pl.check_bid(
+            bid,
+            self._limits(site, False),
+            now_ts=now,
+            interval_s=c.market.interval_s,
+            gate_s=c.market.gate_s,
+            bids_ahead=c.trust.bids_ahead,
+            tolerance=c.trust.tolerance,
+        )
+
     # -- the coordinator ---------------------------------------------------------------------
+    def _limits(self, site: _Site, reported: bool) -> pl.SiteLimits:
+        """Coordinator._limits: declared in [sites.NAME], else derived once from its report."""
+        if site.limits is not None:
+            return site.limits
+        t = self.config.trust
+        declared = self.config.sites.get(site.name)
+        limits = pl.derive_limits(
+            connection_w=declared.connection_w if declared else None,
+            generation_w=declared.pv_w if declared else None,
+            storage_w=declared.battery_w if declared else None,
+            reported_generation_w=site.reported_generation_w if reported else 0.0,
+            reported_storage_w=site.reported_storage_w if reported else 0.0,
+            base_connection_w=self.config.default_connection_w(),
+            max_connection_w=t.max_connection_w,
+            max_ratio=t.max_rating_ratio,
+        )
+        if reported:
+            site.limits = limits
+        return limits
+
     def _ingest(self, site: _Site, now: float, pv_w: float) -> None:
-        """Telemetry: the latest reading, the minute history, metered energy (held)."""
+        """Coordinator.ingest_telemetry: a reading checked against the site's limits (an
+        implausible one is refused and marks its interval suspect), then the latest reading,
+        the minute history, metered energy (the reading held until the next poll, split among
+        the intervals it spans, as ``Coordinator._meter`` splits it). The reading carries the
+        site totals; per-device powers are not checked (each device here is one of a kind,
+        whose power the totals' checks bound)."""
+        interval_s = self.config.market.interval_s
+        load_w = max(site.grid_w + pv_w + site.battery_w, 0.0)
+        held = []  # the reading held until the next poll, per interval: (interval, Wh)
+        t0, t1 = now, now + self.poll_s
+        while t0 < t1:
+            k = int(t0 // interval_s)
+            end = min(t1, (k + 1) * interval_s)
+            held.append((k, site.grid_w * (end - t0) / 3600.0))
+            t0 = end
+        for k, wh in held:  # the utility's meter counts it whatever the coordinator thinks
+            site.meter_wh[k] = site.meter_wh.get(k, 0.0) + wh
+        if self.trust:
+            reading = Telemetry.model_construct(
+                ts=now,
+                devices=[],
+                grid_power_w=site.grid_w,
+                pv_power_w=pv_w,
+                battery_power_w=site.battery_w if site.batteries else None,
+                load_power_w=load_w,
+            )
+            t = self.config.trust
+            limits = self._limits(site, True)
+            if pl.check_telemetry(reading, limits, now, self.window, t.tolerance):
+                site.rejected += 1
+                site.suspect.add(int(now // interval_s))
+                return
         site.readings += 1
         if now >= site.last_history_ts + HISTORY_SAMPLE_S:
             site.last_history_ts = now
             site.pv_history.append(now, pv_w)
-            site.load_history.append(now, max(site.grid_w + pv_w + site.battery_w, 0.0))
-        k = int(now // self.config.market.interval_s)
-        site.energy_wh[k] = site.energy_wh.get(k, 0.0) + site.grid_w * self.step_s / 3600.0
+            site.load_history.append(now, load_w)
+        for k, wh in held:
+            site.energy_wh[k] = site.energy_wh.get(k, 0.0) + wh
 
     def _balance(self, now: float) -> None:
         """Coordinator.balance: the feeder's mode, then battery orders and load limits."""
@@ -590,14 +719,28 @@ class Engine:
             s.forecast = (float(start), float(pv[0]), float(load[0]))
 
     def _settle(self, interval: int) -> None:
-        """Coordinator.settle: every site at its metered energy."""
+        """Coordinator.settle: every site at its metered energy, a site with an implausible
+        reading in the interval as estimated."""
         metered = {
             name: s.energy_wh.pop(interval) / 1000.0
             for name, s in self.sites.items()
             if interval in s.energy_wh
         }
+        for name, s in self.sites.items():
+            self.meter_wh[name][interval] = s.meter_wh.pop(interval, 0.0)
+        reasons = {}
+        for name, s in self.sites.items():
+            if interval in s.suspect:
+                s.suspect.discard(interval)
+                metered.pop(name, None)
+                reasons[name] = "implausible telemetry in the interval"
         if interval in self.cleared:
-            self.ledger.settle_cleared(interval, metered_kwh=metered, roster=sorted(self.sites))
+            self.ledger.settle_cleared(
+                interval,
+                metered_kwh=metered,
+                roster=sorted(self.sites),
+                estimate_reasons=reasons,
+            )
             self.cleared.discard(interval)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -608,6 +751,8 @@ class Engine:
         interval_s = m.interval_s
         n = len(self.times)
         report_every = max(1, round(86_400 / self.step_s))
+        poll_steps = round(self.poll_s / self.step_s)
+        grid_steps = round(self.grid_period_s / self.step_s)
         for i in range(n):
             now = float(self.times[i])
             k = int(now // interval_s)
@@ -619,6 +764,8 @@ class Engine:
             for s in self.sites.values():
                 for b in s.batteries:
                     b.step(dt)
+            polled = self.sites.values() if i % poll_steps == 0 else ()
+            for s in polled:  # each edge reads its devices and controls; the coordinator meters
                 s.battery_w = sum(b.power_w for b in s.batteries)
                 s.grid_w = float(s.load_w[i] - s.pv_w[i]) - s.battery_w
                 s.history.append((now, s.grid_w + s.battery_w))
@@ -626,13 +773,13 @@ class Engine:
                     s.history.popleft()
                 self._control(s, now)
                 self._ingest(s, now, float(s.pv_w[i]))
-            if self.variant == "wattmesh":
+            if self.variant == "wattmesh" and i % grid_steps == 0:
                 self._balance(now)
             for s in self.sites.values():
                 e = s.edge.market
                 while now >= s.next_bid * interval_s - e.gate_s - e.bid_lead_s:
                     if e.enabled and now < s.next_bid * interval_s - e.gate_s:
-                        self._bid(s, s.next_bid)  # EdgeAgent.bid: only while the gate is open
+                        self._bid(s, s.next_bid, now)  # EdgeAgent.bid: only while the gate is open
                     s.next_bid += 1
             while now >= self._next_clear * interval_s - m.gate_s:
                 self._clear(self._next_clear, now)
@@ -653,12 +800,25 @@ class Engine:
             result = self.ledger.settlement(k)
             if result is None:  # pragma: no cover - listed as settled
                 continue
-            wh = sum(x.metered_wh for x in result.sites)
+            wh = 0.0
+            for name in self.sites:
+                site_wh = round(self.meter_wh[name].get(k, 0.0))  # whole Wh, as the ledger's
+                metered[name][j] = site_wh / 1000.0
+                wh += site_wh
             peak_w = max(peak_w, wh * 3600.0 / interval_s)
-            for x in result.sites:
-                metered[x.site][j] = x.metered_wh / 1000.0
             retail[j] = result.retail_price_micro_per_kwh / 1e6
             feed_in[j] = result.feed_in_price_micro_per_kwh / 1e6
+        # each step's load and PV count in the interval it starts in (as metering counts it)
+        step_interval = (self.times[:-1] // interval_s).astype(np.int64)
+        column = {k: j for j, k in enumerate(settled)}
+        where = np.array([column.get(int(k), -1) for k in step_interval], dtype=np.int64)
+        kept = where >= 0
+        net_kwh = {}
+        for name, s in self.sites.items():
+            step_kwh = (s.load_w[:-1] - s.pv_w[:-1]) * self.step_s / 3.6e6
+            net_kwh[name] = np.bincount(
+                where[kept], weights=step_kwh[kept], minlength=len(settled)
+            ).astype(np.float64)
         sites = {}
         for name, s in self.sites.items():
             report = self.ledger.site_report(name) if settled else None
@@ -697,6 +857,9 @@ class Engine:
                 )
                 for name, s in self.sites.items()
             },
+            net_kwh=net_kwh,
+            batteries=self.batteries_start,
+            rejected={name: s.rejected for name, s in self.sites.items()},
         )
 
     def close(self) -> None:
@@ -713,11 +876,26 @@ def run_backtest(
     coordinator: CoordinatorConfig | None = None,
     edges: dict[str, EdgeConfig] | None = None,
     variant: Variant = "wattmesh",
+    replay: dict[str, Series] | None = None,
+    poll_s: float | None = None,
+    grid_period_s: float | None = None,
+    trust: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
     temporary file, removed afterwards, when None: in memory-backed ``/dev/shm`` where there is
-    one, since the ledger syncs every commit to disk and a throwaway ledger need not)."""
+    one, since the ledger syncs every commit to disk and a throwaway ledger need not).
+    ``replay`` replaces the named sites' synthetic load and PV by measured series.
+    ``poll_s`` (simulated seconds between an edge's polls, and so between the coordinator's
+    readings) and ``grid_period_s`` (between the coordinator's grid checks) default to
+    ``step_s``; give the live system's (a multiple of ``step_s``) to model its latency: the
+    batteries still integrate every step, but everything that reads does so at the live
+    cadence, and a grid order waits for two fresh readings as the live one does. ``trust``
+    makes the coordinator check every reading and bid against the site's limits as the live
+    one does (:mod:`coordinator.plausibility`; by default the engine believes its own
+    simulated sites): an implausible bid is dropped, an implausible reading is not taken and
+    its interval is settled as estimated (``BacktestResult.metered_kwh`` is still what the
+    site's meter counted)."""
     shm = Path("/dev/shm")
     where = str(shm) if ledger_path is None and shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-", dir=where) as tmp:
@@ -730,6 +908,10 @@ def run_backtest(
             coordinator=coordinator,
             edges=edges,
             variant=variant,
+            replay=replay,
+            poll_s=poll_s,
+            grid_period_s=grid_period_s,
+            trust=trust,
         )
         try:
             return engine.run(progress)
@@ -753,6 +935,19 @@ def backtest(
             "idle (batteries idle); baselines neither trade nor balance the feeder"
         ),
     ] = "wattmesh",
+    csv: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SITE=FILE",
+            help="replay a site's measured load and PV from a CSV file (columns time, load_w, "
+            "pv_w; time in ISO 8601 or epoch seconds; any step) in place of its synthetic "
+            "profiles; repeat for more sites",
+        ),
+    ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(help="start here instead of at the scenario's start (ISO 8601, UTC)"),
+    ] = None,
 ) -> None:
     """Simulate a scenario in-process on the live policies, market and ledger; print each
     site's settled cost and the feeder's 15-minute peak."""
@@ -763,18 +958,41 @@ def backtest(
         raise typer.Exit(2)
     try:
         config = load_scenario(scenario)
+        if start is not None:
+            config = config.model_copy(update={"start": _start(start)})
+        replay = _replay(csv or [])
         result = run_backtest(
             config,
             days=days,
             ledger_path=ledger,
             step_s=step_s,
             variant=variant,  # type: ignore[arg-type]  # checked by the engine
+            replay=replay,
             progress=lambda f: err.print(f"simulated {100 * f:5.1f} %", highlight=False),
         )
-    except (ScenarioError, BacktestError) as e:
+    except (ScenarioError, BacktestError, ReplayError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         raise typer.Exit(2) from None
     print_result(result, out)
+
+
+def _replay(items: list[str]) -> dict[str, Series]:
+    """``--csv SITE=FILE`` options read."""
+    replay = {}
+    for item in items:
+        site, sep, file = item.partition("=")
+        if not sep or not site or not file:
+            raise BacktestError(f"--csv takes SITE=FILE, got {item!r}")
+        replay[site] = read_series(Path(file))
+    return replay
+
+
+def _start(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise BacktestError(f"--start {text!r} is not an ISO 8601 time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def print_result(result: BacktestResult, console: Console) -> None:

@@ -39,6 +39,8 @@ from coordinator.ledger import Ledger, to_currency
 from coordinator.service import Coordinator
 from edge.config import parse_edge_config
 from simulators.scenario import (
+    BatteryConfig,
+    PvConfig,
     ScenarioConfig,
     ScenarioError,
     load_scenario,
@@ -87,6 +89,25 @@ class Run:
     interrupted: bool = False
 
 
+def declared_sites(scenario: ScenarioConfig) -> dict[str, dict[str, float]]:
+    """Each simulated site's limits as its operator would declare them (W): the connection
+    carries the peak load with the batteries charging, or the PV with the batteries
+    discharging, whichever is larger; PV and battery ratings from the devices."""
+    declared: dict[str, dict[str, float]] = {}
+    for site in scenario.sites:
+        pv_w = sum(d.rated_ac_w for d in site.devices if isinstance(d, PvConfig))
+        battery_w = sum(d.rated_power_w for d in site.devices if isinstance(d, BatteryConfig))
+        load_w = site.load.peak_w if site.load is not None else 0.0
+        connection_w = max(load_w + battery_w, pv_w + battery_w, 1000.0)
+        entry: dict[str, float] = {"connection_w": connection_w}
+        if pv_w > 0:
+            entry["pv_w"] = pv_w
+        if battery_w > 0:
+            entry["battery_w"] = battery_w
+        declared[site.id] = entry
+    return declared
+
+
 def _coordinator_config(
     scenario: ScenarioConfig, out: Path, port: int, poll_s: float, speed: float
 ) -> CoordinatorConfig:
@@ -107,6 +128,7 @@ def _coordinator_config(
                 "reissue_s": max(60, int(poll_s * speed)),
             },
             "tariff": COORDINATOR["tariff"],
+            "sites": declared_sites(scenario),
         },
         "demo",
     )

@@ -4,9 +4,9 @@ One MQTT session (coordinator credentials) and four clock-driven tasks:
 
 - ingest: every site's status, telemetry, bids and dispatch acks, validated (invalid messages
   are counted per site and logged once per site and topic); a site's identity is its topic.
-  Telemetry is deduplicated by id, kept in bounded numpy ring buffers for forecasting, and
-  integrated into metered energy per market interval (sample and hold: a reading's power
-  holds until the next reading).
+  Telemetry is deduplicated by a per-site high-water mark of (ts, id), kept in bounded numpy
+  ring buffers for forecasting, and integrated into metered energy per market interval
+  (sample and hold: a reading's power holds until the next reading).
 - market: at each gate closure, clear the interval's bids (coordinator.market) with the
   utility as outside option, publish each bidder's award and the retained clearing.
 - settlement: ``settle_delay_s`` after an interval ends, settle it in the ledger from metered
@@ -25,7 +25,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 _SITE_PREFIX = f"{topics.PREFIX}/site/"
 #: Wall seconds between two publications of the coordinator's status.
 STATUS_PERIOD_S = 5.0
+#: Distinct telemetry ids a site may send with the same ts (beyond: counted as duplicates).
+MAX_IDS_AT_NEWEST = 8
 
 
 def clear_bids(
@@ -162,7 +164,10 @@ class SiteState:
     covered_s: dict[int, float] = field(default_factory=dict)  # interval -> metered seconds
     suspect: set[int] = field(default_factory=set)  # intervals with an implausible reading
     last_sample: tuple[float, float] | None = None  # (ts, grid W) held until the next
-    seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    #: The newest accepted reading's ts and the ids accepted at exactly that ts: telemetry
+    #: at or before it is a replay (see :meth:`SiteState.is_replay`).
+    newest_ts: float = -math.inf
+    ids_at_newest: list[str] = field(default_factory=list)
     invalid: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     limits: pl.SiteLimits | None = None
@@ -170,6 +175,28 @@ class SiteState:
     last_history_ts: float = -math.inf
     readings: int = 0  # telemetry messages taken as the latest so far
     last_seen_ts: float = -math.inf  # the coordinator's clock at the last accepted message
+
+    def is_replay(self, ts: float, message_id: str) -> bool:
+        """Whether a reading at ``ts`` with ``message_id`` is a duplicate or older than the
+        newest accepted one.
+
+        The edge publishes and replays its spool in order, so a per-site high-water mark
+        replaces a set of every id seen: memory is per site, not per message. An older
+        reading (a replayed batch the broker had already taken, a late copy) would not
+        change the latest state or the metering, which only move forward. Readings sharing
+        the newest ts are told apart by id, up to ``MAX_IDS_AT_NEWEST`` of them.
+        """
+        if ts != self.newest_ts:
+            return ts < self.newest_ts
+        return message_id in self.ids_at_newest or len(self.ids_at_newest) >= MAX_IDS_AT_NEWEST
+
+    def accepted(self, ts: float, message_id: str) -> None:
+        """Move the high-water mark to an accepted reading (one :meth:`is_replay` let in)."""
+        if ts > self.newest_ts:
+            self.newest_ts = ts
+            self.ids_at_newest = [message_id]
+        else:
+            self.ids_at_newest.append(message_id)
 
     @property
     def battery_headroom_w(self) -> tuple[float, float]:
@@ -615,7 +642,7 @@ class Coordinator:
         state = self._known(site)
         if state is None:
             return False
-        if msg.id in state.seen:
+        if state.is_replay(msg.ts, msg.id):
             self.stats.duplicates += 1
             return False
         now = self.clock.now()
@@ -626,9 +653,7 @@ class Coordinator:
                 state.suspect.add(int(msg.ts // self.config.market.interval_s))
             self._reject(site, reason, f"telemetry at ts {msg.ts:.0f} (clock {now:.0f})")
             return False
-        state.seen[msg.id] = None
-        if len(state.seen) > 5000:
-            state.seen.popitem(last=False)
+        state.accepted(msg.ts, msg.id)
         state.last_seen_ts = now
         self.stats.telemetry += 1
         if self.historian is not None:

@@ -107,6 +107,35 @@ def test_replayed_telemetry_is_counted_once(tmp_path: Path) -> None:
     c.ledger.close()
 
 
+def test_an_out_of_order_replay_counts_only_what_the_coordinator_had_not_taken(
+    tmp_path: Path,
+) -> None:
+    """The edge republishes a whole batch after a broken link: the readings the broker had
+    already delivered (and any older copy) are duplicates, the rest are metered once, and two
+    distinct readings that share a timestamp are both kept."""
+    c = _coordinator(tmp_path)
+    assert isinstance(c.clock, ManualClock)
+    c.clock.ts = T0 + 60.0
+    batch = [_telemetry(T0 + 10.0 * i, 3600.0) for i in range(6)]
+    for msg in batch[:3]:  # delivered before the link broke
+        assert c.ingest_telemetry("a", msg)
+    for msg in batch:  # the spool replays the whole batch, in order
+        c.ingest_telemetry("a", msg)
+    assert c.stats.telemetry == 6
+    assert c.stats.duplicates == 3
+    assert not c.ingest_telemetry("a", batch[1])  # a late copy of an old reading
+    assert not c.ingest_telemetry("a", _telemetry(T0 + 15.0, 3600.0))  # older, new id
+    assert c.stats.duplicates == 5
+    twin = _telemetry(T0 + 50.0, 3600.0)  # same ts as the newest, another reading
+    assert c.ingest_telemetry("a", twin)
+    assert not c.ingest_telemetry("a", twin)
+    assert c.stats.telemetry == 7
+    # 3600 W held over the 50 s between the first and the newest reading: 50 Wh, once.
+    assert c.sites["a"].energy_wh[int(T0 // 900)] == pytest.approx(50.0)
+    assert c.sites["a"].covered_s[int(T0 // 900)] == pytest.approx(50.0)
+    c.ledger.close()
+
+
 async def test_invalid_messages_are_counted_per_site_and_never_stop_ingest(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from broker.clock import ManualClock
-from broker.messages import Bid, BidStep
+from broker.messages import Bid, BidStep, DeviceReading, Telemetry
 from broker.mosquitto import MosquittoProcess, mosquitto_password_hash, write_broker_config
 from coordinator import forecast as fc
 from coordinator.config import parse_coordinator_config
@@ -257,7 +257,36 @@ async def gate_to_awards(port: int, password: str, work: Path, sites: int) -> Ga
         return GateResult(t_award, t_forecast, stall, site_state_mb)
 
 
-async def main(messages: int, site_counts: list[int]) -> None:
+def memory_growth(sites: int, seconds: int, work: Path) -> tuple[float, float, int]:
+    """RSS (MB) after the first minute and at the end of ``seconds`` of 1 Hz telemetry from
+    ``sites`` sites, ingested directly (no broker: the state, not the transport), and the
+    readings accepted."""
+    coordinator = _coordinator(1, "unused", work / "memory.sqlite", "memory")
+    clock = coordinator.clock
+    assert isinstance(clock, ManualClock)
+    devices = [DeviceReading(device="meter", kind="sunspec_meter", available=True, power_w=1e3)]
+    start = clock.ts
+    after_first_minute = 0.0
+    for t in range(seconds):
+        clock.ts = start + t
+        for i in range(sites):
+            reading = Telemetry(
+                ts=clock.ts,
+                devices=devices,
+                grid_power_w=1000.0 + i,
+                pv_power_w=0.0,
+                load_power_w=1000.0 + i,
+            )
+            coordinator.ingest_telemetry(f"site-{i}", reading)
+        if t == 60:
+            after_first_minute = rss_mb()
+    coordinator.ledger.close()
+    return after_first_minute, rss_mb(), coordinator.stats.telemetry
+
+
+async def main(
+    messages: int, site_counts: list[int], memory_sites: int, memory_seconds: int
+) -> None:
     work = Path(tempfile.mkdtemp(prefix="wattmesh-bench-"))
     work.chmod(0o755)  # Mosquitto, started as root, runs as its own user and must get in
     files = write_broker_config(work / "broker", ["site-0"], port=_free_port())
@@ -287,6 +316,15 @@ async def main(messages: int, site_counts: list[int]) -> None:
             f"  coordinator RSS {r.coordinator_rss_mb:.0f} MB at the end "
             f"(peak {r.coordinator_peak_mb:.0f} MB)"
         )
+        if memory_sites and memory_seconds > 60:
+            first, last, accepted = memory_growth(memory_sites, memory_seconds, work)
+            growth = 100.0 * (last - first) / first
+            print(
+                f"memory: {memory_seconds} s of 1 Hz telemetry from {memory_sites:,} sites "
+                f"({accepted:,} readings, ingested directly): RSS {first:.0f} MB after the "
+                f"first minute, {last:.0f} MB at the end: {growth:+.1f} % (goal < 5 %) "
+                f"{'met' if growth < 5 else 'MISSED'}"
+            )
         print("at the gate (clear, awards, then every site's forecast from a full history):")
         for sites in site_counts:
             r = await gate_to_awards(files.port, password, work, sites)
@@ -303,6 +341,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--sites", default="1000,5000,10000")
+    parser.add_argument("--memory-sites", type=int, default=1000)
+    parser.add_argument("--memory-seconds", type=int, default=600)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(ROOT))
-    asyncio.run(main(args.messages, [int(x) for x in args.sites.split(",")]))
+    sites = [int(x) for x in args.sites.split(",") if x]
+    asyncio.run(main(args.messages, sites, args.memory_sites, args.memory_seconds))

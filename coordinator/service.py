@@ -875,7 +875,7 @@ class Coordinator:
         if not messages:
             return 0
         try:
-            return await self.bus.publish_many(messages)
+            return await self.bus.publish_burst(messages)
         except BusUnavailable as err:
             log.warning("awards of cleared intervals not sent again: %s", err)
             return 0
@@ -946,7 +946,7 @@ class Coordinator:
             utility_export_kwh=float(result.utility_export_kwh),
         )
         try:
-            await self.bus.publish_many(awards)
+            await self.bus.publish_burst(awards)
             if not restored:  # a restored clearing's retained message is already out
                 await self.bus.publish(
                     topics.MARKET_CLEARING, clearing.model_dump_json(), retain=True
@@ -1163,7 +1163,7 @@ class Coordinator:
             for name, forecast in forecasts.items():
                 self.historian.record_forecast(name, forecast)
         with contextlib.suppress(BusUnavailable):
-            self.stats.forecasts += await self.bus.publish_many(messages, retain=True)
+            self.stats.forecasts += await self.bus.publish_burst(messages, retain=True)
 
     def _history_snapshot(
         self, names: Sequence[str]

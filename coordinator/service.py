@@ -12,7 +12,8 @@ One MQTT session (coordinator credentials) and four clock-driven tasks:
 - settlement: ``settle_delay_s`` after an interval ends, settle it in the ledger from metered
   energy against awards (idempotent; a site with no telemetry is settled as its award and
   flagged estimated).
-- forecasts: before each gate, publish every site's PV, load and price forecast (retained).
+- forecasts: before each gate, publish every site's PV, load and price forecast (retained),
+  computed for many sites at once in a worker thread so that ingest goes on meanwhile.
 - grid: every ``period_s``, the feeder's net flow from the latest telemetry; when it nears a
   limit, dispatch batteries with headroom pro rata (then load limits to consumers), re-issued
   while needed and left to expire when not; the grid state is published retained.

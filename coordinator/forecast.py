@@ -62,12 +62,14 @@ __all__ = [
     "clear_sky_ghi_w_per_m2",
     "community_net_load_w",
     "haurwitz_ghi_w_per_m2",
+    "load_forecast_sites_w",
     "load_forecast_w",
     "load_profile_w",
     "mae",
     "persistence_forecast",
     "price_forecast_per_kwh",
     "pv_effective_capacity_w",
+    "pv_forecast_sites_w",
     "pv_forecast_w",
     "seasonal_naive_forecast",
     "solar_zenith_deg",
@@ -813,4 +815,267 @@ def seasonal_naive_forecast(
     lookup_ts = target_ts - k * period_s
     seasonal = np.interp(lookup_ts, ts, values)
     forecast = np.where(lookup_ts >= t_first, seasonal, float(values[-1]))
+    return _f64(np.where(finite, forecast, np.nan))
+
+
+# --------------------------------------------------------------------------------------------
+# many sites at once
+#
+# The coordinator forecasts every site each interval. Looping the per-site functions costs
+# Python overhead per site and keeps the event loop's thread busy; these take the histories of
+# many sites as 2-D arrays, one row a site, padded with NaN (rows of different lengths), and
+# give each row exactly what the per-site function gives for that row's history (up to
+# floating-point summation order). Their numpy work runs on whole arrays, which releases the
+# GIL, so a worker thread computing them leaves the event loop free.
+
+
+def _site_rows(
+    history_ts: ArrayLike, history_values: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+    """2-D histories ``(n_sites, n_samples)``, and the mask of finite samples.
+
+    Raises:
+        ForecastInputError: if the arrays are not 2-D or do not have the same shape.
+    """
+    ts = _f64(history_ts)
+    values = _f64(history_values)
+    if ts.ndim != 2 or ts.shape != values.shape:
+        raise ForecastInputError(
+            "site histories must be 2-D arrays (n_sites, n_samples) of the same shape, got "
+            f"{ts.shape} and {values.shape}"
+        )
+    return ts, values, np.isfinite(ts) & np.isfinite(values)
+
+
+def _weighted_median_rows(
+    values: NDArray[np.float64], weights: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """:func:`_weighted_median` of each row; entries with weight <= 0 do not count."""
+    positive = weights > 0.0
+    order = np.argsort(np.where(positive, values, np.inf), axis=1, kind="stable")
+    sorted_values = np.take_along_axis(values, order, axis=1)
+    cumulative = np.cumsum(np.take_along_axis(np.where(positive, weights, 0.0), order, 1), 1)
+    total = cumulative[:, -1] if cumulative.shape[1] else np.zeros(values.shape[0])
+    if values.shape[1] == 0:
+        return _f64(np.full(values.shape[0], np.nan))
+    index = np.argmax(cumulative >= 0.5 * total[:, None], axis=1)
+    median = sorted_values[np.arange(values.shape[0]), index]
+    return _f64(np.where(total > 0.0, median, np.nan))
+
+
+def _newest(
+    ts: NDArray[np.float64], values: NDArray[np.float64], use: NDArray[np.bool_]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Each row's newest used timestamp and its value (the last one among equal timestamps);
+    (-inf, NaN) for a row with none."""
+    newest_ts = np.max(np.where(use, ts, -np.inf), axis=1, initial=-np.inf)
+    is_newest = use & (ts == newest_ts[:, None])
+    last = ts.shape[1] - 1 - np.argmax(is_newest[:, ::-1], axis=1)
+    value = values[np.arange(ts.shape[0]), last] if ts.shape[1] else np.full(ts.shape[0], 0.0)
+    return _f64(newest_ts), _f64(np.where(use.any(axis=1), value, np.nan))
+
+
+def pv_forecast_sites_w(
+    history_ts: ArrayLike,
+    history_power_w: ArrayLike,
+    forecast_ts: ArrayLike,
+    latitude_deg: float,
+    longitude_deg: float,
+    *,
+    rated_w: float = 0.0,
+    default_clear_sky_index: float = 0.75,
+    half_life_s: float = 3.0 * _SECONDS_PER_DAY,
+    recent_window_s: float = _SECONDS_PER_HOUR,
+    persistence_decay_s: float = _SECONDS_PER_HOUR,
+    min_clear_sky_ghi_w_per_m2: float = 50.0,
+    history_clear_sky_ghi_w_per_m2: ArrayLike | None = None,
+) -> NDArray[np.float64]:
+    """:func:`pv_forecast_w` for many sites at once [W].
+
+    Args:
+        history_ts: timestamps [s since the Unix epoch], shape ``(n_sites, n_samples)``; pad
+            shorter histories with NaN.
+        history_power_w: PV AC power [W], same shape; non-finite samples are ignored.
+        forecast_ts: timestamps to forecast [s since the Unix epoch], shape ``(n_times,)``.
+        latitude_deg, longitude_deg, rated_w, default_clear_sky_index, half_life_s,
+        recent_window_s, persistence_decay_s, min_clear_sky_ghi_w_per_m2: as
+            :func:`pv_forecast_w`, the same for every site.
+        history_clear_sky_ghi_w_per_m2: :func:`clear_sky_ghi_w_per_m2` at each history sample
+            [W/m^2], same shape, when the caller already has it (it never changes for a
+            sample, and computing it is most of the cost); None computes it.
+
+    Returns:
+        Forecast PV power [W], ``(n_sites, n_times)``; row ``i`` is ``pv_forecast_w`` of row
+        ``i``'s history.
+
+    Raises:
+        ForecastInputError: for malformed arrays or a parameter out of range.
+    """
+    _require_non_negative("rated_w", rated_w)
+    _require_non_negative("default_clear_sky_index", default_clear_sky_index)
+    _require_positive("half_life_s", half_life_s)
+    _require_positive("recent_window_s", recent_window_s)
+    _require_positive("persistence_decay_s", persistence_decay_s)
+    _require_positive("min_clear_sky_ghi_w_per_m2", min_clear_sky_ghi_w_per_m2)
+    ts, power_w, valid = _site_rows(history_ts, history_power_w)
+    target_ts, finite = _forecast_times(forecast_ts)
+    ghi_cs = clear_sky_ghi_w_per_m2(target_ts, latitude_deg, longitude_deg)
+
+    if history_clear_sky_ghi_w_per_m2 is None:
+        ghi = clear_sky_ghi_w_per_m2(np.where(valid, ts, 0.0), latitude_deg, longitude_deg)
+    else:
+        ghi = _f64(history_clear_sky_ghi_w_per_m2)
+        if ghi.shape != ts.shape:
+            raise ForecastInputError(
+                f"history_clear_sky_ghi_w_per_m2 must have the histories' shape {ts.shape}, "
+                f"got {ghi.shape}"
+            )
+        valid = valid & np.isfinite(ghi)
+    day = valid & (ghi >= min_clear_sky_ghi_w_per_m2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio_w = np.where(day, power_w * 1000.0 / ghi, 0.0)
+    t_day = np.max(np.where(day, ts, -np.inf), axis=1, initial=-np.inf)
+    has_day: NDArray[np.bool_] = np.any(day, axis=1)
+    t_ref = np.where(has_day, t_day, 0.0)[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        recency = np.where(day, 0.5 ** ((t_ref - ts) / half_life_s), 0.0)
+    c_clim = _weighted_median_rows(ratio_w, np.where(day, ghi * recency, 0.0))
+    recent = day & (ts > t_ref - recent_window_s)
+    c_now = _weighted_median_rows(ratio_w, np.where(recent, ghi, 0.0))
+    lead_s = np.clip(target_ts[None, :] - t_ref, 0.0, None)
+    learned_w = c_clim[:, None] + (c_now - c_clim)[:, None] * np.exp(-lead_s / persistence_decay_s)
+    capacity_w = np.where(has_day[:, None], learned_w, default_clear_sky_index * rated_w)
+    power = np.clip(capacity_w * ghi_cs / 1000.0, 0.0, rated_w if rated_w > 0.0 else None)
+    return _f64(np.where(finite, power, np.nan))
+
+
+def _profile_rows(
+    ts: NDArray[np.float64],
+    power_w: NDArray[np.float64],
+    use: NDArray[np.bool_],
+    target_ts: NDArray[np.float64],
+    reference_day: NDArray[np.int64],
+    offset_s: float,
+    slot_s: float,
+    n_slots: int,
+    classes: NDArray[np.int64],
+    half_life_days: float,
+    empty_w: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """:func:`_profile` of each row's used samples at that row's ``target_ts`` (2-D)."""
+    n_sites = ts.shape[0]
+    n_keys = (int(classes.max()) + 1) * n_slots
+    day, slot = _day_and_slot(np.where(use, ts, 0.0), offset_s, slot_s, n_slots)
+    weight = 0.5 ** ((reference_day[:, None] - day) / half_life_days)
+    key = classes[(day + _EPOCH_WEEKDAY) % _DAYS_PER_WEEK] * n_slots + slot
+    row = np.arange(n_sites)[:, None]
+    w, wp = weight[use], (weight * np.where(use, power_w, 0.0))[use]
+    class_keys = (row * n_keys + key)[use]
+    slot_keys = (row * n_slots + slot)[use]
+    class_w = np.bincount(class_keys, w, minlength=n_sites * n_keys).reshape(n_sites, n_keys)
+    class_sum = np.bincount(class_keys, wp, minlength=n_sites * n_keys).reshape(n_sites, n_keys)
+    slot_w = np.bincount(slot_keys, w, minlength=n_sites * n_slots).reshape(n_sites, n_slots)
+    slot_sum = np.bincount(slot_keys, wp, minlength=n_sites * n_slots).reshape(n_sites, n_slots)
+
+    t_day, t_slot = _day_and_slot(target_ts, offset_s, slot_s, n_slots)
+    t_key = classes[(t_day + _EPOCH_WEEKDAY) % _DAYS_PER_WEEK] * n_slots + t_slot
+    t_key = np.broadcast_to(t_key, (n_sites, t_key.shape[-1]))
+    t_slot = np.broadcast_to(t_slot, t_key.shape)
+    cw = np.take_along_axis(class_w, t_key, axis=1)
+    sw = np.take_along_axis(slot_w, t_slot, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        by_class = np.take_along_axis(class_sum, t_key, axis=1) / cw
+        by_slot = np.take_along_axis(slot_sum, t_slot, axis=1) / sw
+    return _f64(np.where(cw > 0.0, by_class, np.where(sw > 0.0, by_slot, empty_w[:, None])))
+
+
+def load_forecast_sites_w(
+    history_ts: ArrayLike,
+    history_power_w: ArrayLike,
+    forecast_ts: ArrayLike,
+    *,
+    utc_offset_h: float = 0.0,
+    half_life_days: float = 7.0,
+    slot_s: float = 900.0,
+    day_classes: Sequence[int] = DAY_CLASSES_WEEKDAY_WEEKEND,
+    level_window_s: float = 3.0 * _SECONDS_PER_HOUR,
+    level_decay_s: float = 6.0 * _SECONDS_PER_HOUR,
+    level_ratio_bounds: tuple[float, float] = (0.5, 2.0),
+    default_w: float = 0.0,
+) -> NDArray[np.float64]:
+    """:func:`load_forecast_w` for many sites at once [W].
+
+    Args:
+        history_ts: timestamps [s since the Unix epoch], shape ``(n_sites, n_samples)``; pad
+            shorter histories with NaN.
+        history_power_w: load power [W], same shape; non-finite samples are ignored.
+        forecast_ts: timestamps to forecast [s since the Unix epoch], shape ``(n_times,)``.
+        utc_offset_h, half_life_days, slot_s, day_classes, level_window_s, level_decay_s,
+        level_ratio_bounds, default_w: as :func:`load_forecast_w`, the same for every site.
+
+    Returns:
+        Forecast load [W], ``(n_sites, n_times)``; row ``i`` is ``load_forecast_w`` of row
+        ``i``'s history.
+
+    Raises:
+        ForecastInputError: for malformed arrays or a parameter out of range.
+    """
+    _require_positive("half_life_days", half_life_days)
+    _require_non_negative("level_window_s", level_window_s)
+    _require_positive("level_decay_s", level_decay_s)
+    low, high = level_ratio_bounds
+    if not 0.0 <= low <= 1.0 <= high:
+        raise ForecastInputError(
+            f"level_ratio_bounds must satisfy 0 <= low <= 1 <= high, got {level_ratio_bounds}"
+        )
+    n_slots = _slots_per_day(slot_s)
+    classes = _check_day_classes(day_classes)
+    ts, power_w, valid = _site_rows(history_ts, history_power_w)
+    target_ts, finite = _forecast_times(forecast_ts)
+    offset_s = utc_offset_h * _SECONDS_PER_HOUR
+    has: NDArray[np.bool_] = np.any(valid, axis=1)
+    t_last, last_w = _newest(ts, power_w, valid)
+    t_ref = np.where(has, t_last, 0.0)
+    reference_day = np.floor((t_ref + offset_s) / _SECONDS_PER_DAY).astype(np.int64)
+    profile = _profile_rows(
+        ts,
+        power_w,
+        valid,
+        target_ts[None, :],
+        reference_day,
+        offset_s,
+        slot_s,
+        n_slots,
+        classes,
+        half_life_days,
+        last_w,
+    )
+
+    in_window = valid & (ts > t_ref[:, None] - level_window_s)
+    before = valid & ~in_window
+    ratio = np.ones(ts.shape[0])
+    if level_window_s > 0.0 and np.any(before):
+        _, earlier_last_w = _newest(ts, power_w, before)
+        expected = _profile_rows(
+            ts,
+            power_w,
+            before,
+            np.where(in_window, ts, 0.0),
+            reference_day,
+            offset_s,
+            slot_s,
+            n_slots,
+            classes,
+            half_life_days,
+            earlier_last_w,
+        )
+        expected_sum = np.sum(np.where(in_window, expected, 0.0), axis=1)
+        observed_sum = np.sum(np.where(in_window, power_w, 0.0), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            measured = np.clip(observed_sum / expected_sum, low, high)
+        ratio = np.where(before.any(axis=1) & (expected_sum > 0.0), measured, 1.0)
+
+    lead_s = np.clip(target_ts[None, :] - t_ref[:, None], 0.0, None)
+    forecast = profile * (1.0 + (ratio - 1.0)[:, None] * np.exp(-lead_s / level_decay_s))
+    forecast = np.where(has[:, None], forecast, default_w)
     return _f64(np.where(finite, forecast, np.nan))

@@ -4,15 +4,16 @@ One MQTT session (coordinator credentials) and four clock-driven tasks:
 
 - ingest: every site's status, telemetry, bids and dispatch acks, validated (invalid messages
   are counted per site and logged once per site and topic); a site's identity is its topic.
-  Telemetry is deduplicated by id, kept in bounded numpy ring buffers for forecasting, and
-  integrated into metered energy per market interval (sample and hold: a reading's power
-  holds until the next reading).
+  Telemetry is deduplicated by a per-site high-water mark of (ts, id), kept in bounded numpy
+  ring buffers for forecasting, and integrated into metered energy per market interval
+  (sample and hold: a reading's power holds until the next reading).
 - market: at each gate closure, clear the interval's bids (coordinator.market) with the
   utility as outside option, publish each bidder's award and the retained clearing.
 - settlement: ``settle_delay_s`` after an interval ends, settle it in the ledger from metered
   energy against awards (idempotent; a site with no telemetry is settled as its award and
   flagged estimated).
-- forecasts: before each gate, publish every site's PV, load and price forecast (retained).
+- forecasts: before each gate, publish every site's PV, load and price forecast (retained),
+  computed for many sites at once in a worker thread so that ingest goes on meanwhile.
 - grid: every ``period_s``, the feeder's net flow from the latest telemetry; when it nears a
   limit, dispatch batteries with headroom pro rata (then load limits to consumers), re-issued
   while needed and left to expire when not; the grid state is published retained.
@@ -25,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -40,6 +41,7 @@ from broker.client import BusClient, BusSettings
 from broker.clock import Clock
 from broker.errors import BusUnavailable
 from broker.messages import (
+    MAX_POWER_W,
     Award,
     Bid,
     Clearing,
@@ -68,6 +70,17 @@ log = logging.getLogger(__name__)
 _SITE_PREFIX = f"{topics.PREFIX}/site/"
 #: Wall seconds between two publications of the coordinator's status.
 STATUS_PERIOD_S = 5.0
+#: Seconds between two history samples a site keeps for forecasting, and how many it keeps:
+#: what the forecasters use (and benchmarks/forecast_skill.py scores them on): 15-minute
+#: steps, the load profile's slot, over a week, its day classes and half-life.
+HISTORY_STEP_S = 900.0
+HISTORY_SAMPLES = 7 * 86_400 // 900
+#: History samples whose clear-sky GHI is computed together (see Coordinator._fill_ghi).
+GHI_BATCH = 4096
+#: Sites forecast together in one worker-thread call (bounds the arrays' memory).
+FORECAST_CHUNK_SITES = 256
+#: Distinct telemetry ids a site may send with the same ts (beyond: counted as duplicates).
+MAX_IDS_AT_NEWEST = 8
 
 
 def clear_bids(
@@ -120,29 +133,153 @@ def site_forecast_w(
     return np.nan_to_num(pv_f), np.nan_to_num(load_f)
 
 
-class RingBuffer:
-    """A bounded history of (ts, value) samples in float64 numpy arrays."""
+def sites_forecast_w(
+    history_ts: NDArray[np.float64],
+    history: NDArray[np.float64],
+    times: NDArray[np.float64],
+    where: CoordinatorSection,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """PV and load forecasts (W, ``(n_sites, n_times)``, unknown: 0) of many sites at once
+    from their histories: ``history_ts`` ``(n_sites, n_samples)`` (NaN-padded) and ``history``
+    ``(n_sites, n_samples, 3)`` of PV W, load W and clear-sky GHI W/m^2 at each sample
+    (:func:`coordinator.forecast.pv_forecast_sites_w`,
+    :func:`coordinator.forecast.load_forecast_sites_w`). Pure: safe in a worker thread."""
+    pv_f = fc.pv_forecast_sites_w(
+        history_ts,
+        history[..., 0],
+        times,
+        where.latitude_deg,
+        where.longitude_deg,
+        history_clear_sky_ghi_w_per_m2=history[..., 2],
+    )
+    load_f = fc.load_forecast_sites_w(
+        history_ts, history[..., 1], times, utc_offset_h=where.utc_offset_h
+    )
+    return np.nan_to_num(pv_f), np.nan_to_num(load_f)
 
-    def __init__(self, capacity: int) -> None:
-        self.ts = np.full(capacity, np.nan)
-        self.values = np.full(capacity, np.nan)
+
+def award_messages(record: ClearedInterval, now: float) -> list[tuple[str, str]]:
+    """(topic, JSON) of each awarded site's award, by site; pure, for a worker thread.
+
+    Built without re-validation: every value is bounded (receivers validate).
+    """
+    return [
+        (
+            topics.site_topic(name, "award"),
+            Award.model_construct(
+                id=new_id(),
+                ts=now,
+                interval=record.interval,
+                price_per_kwh=record.clearing_price_per_kwh,
+                quantity_kwh=min(max(float(quantity), -1e6), 1e6),
+            ).model_dump_json(),
+        )
+        for name, quantity in sorted(record.awards_kwh.items())
+    ]
+
+
+def _f64(x: NDArray[Any]) -> NDArray[np.float64]:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _forecast_messages(
+    names: Sequence[str],
+    pv_w: NDArray[np.float64],
+    load_w: NDArray[np.float64],
+    price_per_kwh: NDArray[np.float64],
+    now: float,
+    start_ts: float,
+    step_s: int,
+) -> list[tuple[str, Forecast, str]]:
+    """(site, forecast, its JSON) for each site (row) of a chunk; pure, for a worker thread.
+
+    Built without re-validation: every value is finite and clipped to the message's bounds.
+    """
+    prices = [float(x) for x in np.clip(price_per_kwh, -100.0, 100.0)]
+    pv_rows = np.clip(pv_w, -MAX_POWER_W, MAX_POWER_W).tolist()
+    load_rows = np.clip(load_w, -MAX_POWER_W, MAX_POWER_W).tolist()
+    out = []
+    for name, pv, load in zip(names, pv_rows, load_rows, strict=True):
+        forecast = Forecast.model_construct(
+            id=new_id(),
+            ts=now,
+            start_ts=start_ts,
+            step_s=step_s,
+            pv_power_w=pv,
+            load_power_w=load,
+            price_per_kwh=prices,
+        )
+        out.append((name, forecast, forecast.model_dump_json()))
+    return out
+
+
+class RingBuffer:
+    """A bounded history of (ts, value, ...) samples in float64 numpy arrays.
+
+    Memory grows with the samples held (doubling from a small start) up to ``capacity``
+    samples, so a site that has sent little holds little.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        columns: int = 1,
+        initial: int = 16,
+        dtype: type[np.floating[Any]] = np.float64,
+    ) -> None:
+        if capacity < 1 or columns < 1:
+            raise ValueError("a ring buffer needs capacity >= 1 and columns >= 1")
+        self.capacity = capacity
+        size = min(capacity, max(initial, 1))
+        self.ts = np.full(size, np.nan)
+        self.values: NDArray[np.floating[Any]] = np.full((size, columns), np.nan, dtype=dtype)
         self._next = 0
         self._count = 0
 
-    def append(self, ts: float, value: float | None) -> None:
-        """Add a sample (None is stored as NaN, ignored by the forecasters)."""
+    def append(self, ts: float, *values: float | None) -> int:
+        """Add a sample, one value per column (None is stored as NaN, ignored by the
+        forecasters); returns the slot it went to (valid until ``capacity`` more appends)."""
+        if self._count == len(self.ts) < self.capacity:  # full, not yet at capacity: grow
+            size = min(self.capacity, 2 * len(self.ts))
+            self.ts = np.concatenate([self.ts, np.full(size - len(self.ts), np.nan)])
+            grown = np.full((size, self.values.shape[1]), np.nan, dtype=self.values.dtype)
+            grown[: self._count] = self.values
+            self.values = grown
+            self._next = self._count
         i = self._next
         self.ts[i] = ts
-        self.values[i] = np.nan if value is None else value
+        self.values[i] = [np.nan if v is None else v for v in values]
         self._next = (i + 1) % len(self.ts)
         self._count = min(self._count + 1, len(self.ts))
+        return i
+
+    def extend(self, ts: NDArray[np.float64], values: NDArray[np.float64]) -> None:
+        """Append many samples at once: ``ts`` ``(n,)``, ``values`` ``(n,)`` or
+        ``(n, columns)``, oldest first (the newest ``capacity`` of old and new are kept)."""
+        old_ts, old_values = self.arrays()
+        columns = self.values.shape[1]
+        all_ts = np.concatenate([old_ts, np.asarray(ts, dtype=np.float64)])[-self.capacity :]
+        all_values = np.concatenate(
+            [old_values.reshape(-1, columns), np.asarray(values, np.float64).reshape(-1, columns)]
+        )[-self.capacity :]
+        size = max(len(self.ts), len(all_ts))
+        self.ts = np.full(size, np.nan)
+        self.values = np.full((size, columns), np.nan, dtype=self.values.dtype)
+        self.ts[: len(all_ts)] = all_ts
+        self.values[: len(all_ts)] = all_values
+        self._count = len(all_ts)
+        self._next = self._count % size
 
     def arrays(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """(ts, values), oldest first."""
+        """(ts, values) in float64, oldest first; values ``(n,)`` for one column, else
+        ``(n, columns)``."""
         if self._count < len(self.ts):
-            return self.ts[: self._count].copy(), self.values[: self._count].copy()
-        order = np.r_[self._next : len(self.ts), 0 : self._next]
-        return self.ts[order], self.values[order]
+            ts, values = self.ts[: self._count].copy(), self.values[: self._count]
+        else:
+            order = np.r_[self._next : len(self.ts), 0 : self._next]
+            ts, values = self.ts[order], self.values[order]
+        out = values.astype(np.float64)  # a copy either way
+        return ts, out[:, 0] if out.shape[1] == 1 else out
 
     def __len__(self) -> int:
         return self._count
@@ -156,13 +293,19 @@ class SiteState:
     online: bool = False
     role: str | None = None
     latest: Telemetry | None = None
-    pv: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
-    load: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
+    #: One sample every HISTORY_STEP_S: PV W, load W and the clear-sky GHI (W/m^2) at it
+    #: (float32: 7 significant digits are plenty for a forecast; 20 bytes a sample).
+    history: RingBuffer = field(
+        default_factory=lambda: RingBuffer(HISTORY_SAMPLES, columns=3, dtype=np.float32)
+    )
     energy_wh: dict[int, float] = field(default_factory=dict)  # interval -> metered import
     covered_s: dict[int, float] = field(default_factory=dict)  # interval -> metered seconds
     suspect: set[int] = field(default_factory=set)  # intervals with an implausible reading
     last_sample: tuple[float, float] | None = None  # (ts, grid W) held until the next
-    seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    #: The newest accepted reading's ts and the ids accepted at exactly that ts: telemetry
+    #: at or before it is a replay (see :meth:`SiteState.is_replay`).
+    newest_ts: float = -math.inf
+    ids_at_newest: list[str] = field(default_factory=list)
     invalid: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     limits: pl.SiteLimits | None = None
@@ -170,6 +313,28 @@ class SiteState:
     last_history_ts: float = -math.inf
     readings: int = 0  # telemetry messages taken as the latest so far
     last_seen_ts: float = -math.inf  # the coordinator's clock at the last accepted message
+
+    def is_replay(self, ts: float, message_id: str) -> bool:
+        """Whether a reading at ``ts`` with ``message_id`` is a duplicate or older than the
+        newest accepted one.
+
+        The edge publishes and replays its spool in order, so a per-site high-water mark
+        replaces a set of every id seen: memory is per site, not per message. An older
+        reading (a replayed batch the broker had already taken, a late copy) would not
+        change the latest state or the metering, which only move forward. Readings sharing
+        the newest ts are told apart by id, up to ``MAX_IDS_AT_NEWEST`` of them.
+        """
+        if ts != self.newest_ts:
+            return ts < self.newest_ts
+        return message_id in self.ids_at_newest or len(self.ids_at_newest) >= MAX_IDS_AT_NEWEST
+
+    def accepted(self, ts: float, message_id: str) -> None:
+        """Move the high-water mark to an accepted reading (one :meth:`is_replay` let in)."""
+        if ts > self.newest_ts:
+            self.newest_ts = ts
+            self.ids_at_newest = [message_id]
+        else:
+            self.ids_at_newest.append(message_id)
 
     @property
     def battery_headroom_w(self) -> tuple[float, float]:
@@ -265,6 +430,8 @@ class Coordinator:
         self._settled_at: dict[int, float] = {}  # settled interval -> clock when settled
         self._pruned_at = -1  # the interval in which metering was last pruned
         self._own_dispatch_ids: deque[str] = deque(maxlen=10_000)
+        #: History samples whose clear-sky GHI is still to be computed: (ring, slot, ts).
+        self._ghi_pending: list[tuple[RingBuffer, int, float]] = []
         self._window = pl.TimeWindow(config.trust.future_skew_s, config.trust.max_age_s)
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -615,7 +782,7 @@ class Coordinator:
         state = self._known(site)
         if state is None:
             return False
-        if msg.id in state.seen:
+        if state.is_replay(msg.ts, msg.id):
             self.stats.duplicates += 1
             return False
         now = self.clock.now()
@@ -626,9 +793,7 @@ class Coordinator:
                 state.suspect.add(int(msg.ts // self.config.market.interval_s))
             self._reject(site, reason, f"telemetry at ts {msg.ts:.0f} (clock {now:.0f})")
             return False
-        state.seen[msg.id] = None
-        if len(state.seen) > 5000:
-            state.seen.popitem(last=False)
+        state.accepted(msg.ts, msg.id)
         state.last_seen_ts = now
         self.stats.telemetry += 1
         if self.historian is not None:
@@ -636,10 +801,12 @@ class Coordinator:
         if state.latest is None or msg.ts >= state.latest.ts:
             state.latest = msg
             state.readings += 1
-        if msg.ts >= state.last_history_ts + 60.0:  # one history sample a minute
+        if msg.ts >= state.last_history_ts + HISTORY_STEP_S:
             state.last_history_ts = msg.ts
-            state.pv.append(msg.ts, msg.pv_power_w)
-            state.load.append(msg.ts, msg.load_power_w)
+            slot = state.history.append(msg.ts, msg.pv_power_w, msg.load_power_w, None)
+            self._ghi_pending.append((state.history, slot, msg.ts))
+            if len(self._ghi_pending) >= GHI_BATCH:
+                self._fill_ghi()
         if msg.grid_power_w is None:
             return True
         if state.last_sample is not None and msg.ts > state.last_sample[0]:
@@ -647,6 +814,20 @@ class Coordinator:
         if state.last_sample is None or msg.ts > state.last_sample[0]:
             state.last_sample = (msg.ts, msg.grid_power_w)
         return True
+
+    def _fill_ghi(self) -> None:
+        """Store the clear-sky GHI of the history samples taken since the last call, in one
+        vectorised computation (a scalar one per sample would cost ingest ~35 us each)."""
+        pending, self._ghi_pending = self._ghi_pending, []
+        if not pending:
+            return
+        c = self.config.coordinator
+        ghi = fc.clear_sky_ghi_w_per_m2(
+            np.array([ts for _, _, ts in pending]), c.latitude_deg, c.longitude_deg
+        )
+        for (ring, slot, ts), value in zip(pending, ghi.tolist(), strict=True):
+            if slot < len(ring.ts) and ring.ts[slot] == ts:  # not overwritten since
+                ring.values[slot, 2] = value
 
     def _meter(self, state: SiteState, t0: float, t1: float, grid_w: float) -> None:
         """Add grid_w held over [t0, t1) to the intervals it spans, Wh.
@@ -680,21 +861,7 @@ class Coordinator:
         return self.config.tariff.at(ts, self.config.coordinator.utc_offset_h)
 
     def _award_messages(self, record: ClearedInterval) -> list[tuple[str, str]]:
-        now = self.clock.now()
-        # Built without re-validation: every value is bounded (receivers validate).
-        return [
-            (
-                topics.site_topic(name, "award"),
-                Award.model_construct(
-                    id=new_id(),
-                    ts=now,
-                    interval=record.interval,
-                    price_per_kwh=record.clearing_price_per_kwh,
-                    quantity_kwh=float(np.clip(quantity, -1e6, 1e6)),
-                ).model_dump_json(),
-            )
-            for name, quantity in sorted(record.awards_kwh.items())
-        ]
+        return award_messages(record, self.clock.now())
 
     async def republish_awards(self) -> int:
         """Send again the awards of cleared intervals that have not ended (after a restart)."""
@@ -709,7 +876,7 @@ class Coordinator:
         if not messages:
             return 0
         try:
-            return await self.bus.publish_many(messages)
+            return await self.bus.publish_burst(messages)
         except BusUnavailable as err:
             log.warning("awards of cleared intervals not sent again: %s", err)
             return 0
@@ -768,7 +935,8 @@ class Coordinator:
             return None
         if not record.settled:
             self.cleared[interval] = record
-        awards = self._award_messages(record)
+        # Built in a worker thread: 10,000 awards take ~0.1 s that ingest goes on meanwhile.
+        awards = await asyncio.to_thread(award_messages, record, now)
         clearing = Clearing(
             ts=now,
             interval=interval,
@@ -779,7 +947,7 @@ class Coordinator:
             utility_export_kwh=float(result.utility_export_kwh),
         )
         try:
-            await self.bus.publish_many(awards)
+            await self.bus.publish_burst(awards)
             if not restored:  # a restored clearing's retained message is already out
                 await self.bus.publish(
                     topics.MARKET_CLEARING, clearing.model_dump_json(), retain=True
@@ -956,42 +1124,61 @@ class Coordinator:
             del self._settled_at[k]
 
     async def publish_forecasts(self, first_interval: int) -> None:
-        """Every known site's forecast from ``first_interval`` on, and the price forecast."""
+        """Every known site's forecast from ``first_interval`` on, and the price forecast.
+
+        The forecasts are computed a chunk of sites at a time in a worker thread, on copies
+        of the histories taken between chunks, and the messages are built there too: ingest
+        goes on in the event loop meanwhile.
+        """
         m = self.config.market
         c = self.config.coordinator
         steps = int(m.forecast_horizon_h * 3600 // m.interval_s)
-        times = (first_interval + np.arange(steps)) * float(m.interval_s) + m.interval_s / 2
-        per_site: dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
-        for name, s in self.sites.items():
-            if len(s.load) == 0:
-                continue
-            per_site[name] = site_forecast_w(s.pv, s.load, times, c)
-        if not per_site:
+        times = _f64((first_interval + np.arange(steps)) * float(m.interval_s) + m.interval_s / 2)
+        self._fill_ghi()
+        names = [name for name, s in self.sites.items() if len(s.history)]
+        if not names:
             return
+        chunks: list[tuple[list[str], NDArray[np.float64], NDArray[np.float64]]] = []
+        net = np.zeros(steps)
+        for first in range(0, len(names), FORECAST_CHUNK_SITES):
+            chunk = names[first : first + FORECAST_CHUNK_SITES]
+            ts, history = self._history_snapshot(chunk)
+            pv, load = await asyncio.to_thread(sites_forecast_w, ts, history, times, c)
+            net += load.sum(axis=0) - pv.sum(axis=0)
+            chunks.append((chunk, pv, load))
         tariffs = np.array([self.tariff_at(float(t)) for t in times])
-        net = sum((load - pv for pv, load in per_site.values()), np.zeros(steps))
         price = fc.price_forecast_per_kwh(net, tariffs[:, 0], tariffs[:, 1])
-        now = self.clock.now()
         start_ts = float(times[0] - m.interval_s / 2)
-        prices = [float(x) for x in price]
-        forecasts = {
-            name: Forecast(
-                ts=now,
-                start_ts=start_ts,
-                step_s=m.interval_s,
-                pv_power_w=[float(x) for x in pv],
-                load_power_w=[float(x) for x in load],
-                price_per_kwh=prices,
+        now = self.clock.now()
+        forecasts: dict[str, Forecast] = {}
+        messages: list[tuple[str, str]] = []
+        for chunk, pv, load in chunks:
+            built = await asyncio.to_thread(
+                _forecast_messages, chunk, pv, load, price, now, start_ts, m.interval_s
             )
-            for name, (pv, load) in per_site.items()
-        }
+            for name, forecast, payload in built:
+                forecasts[name] = forecast
+                messages.append((topics.forecast_topic(name), payload))
         self.last_forecasts = forecasts
         if self.historian is not None:
             for name, forecast in forecasts.items():
                 self.historian.record_forecast(name, forecast)
-        messages = [(topics.forecast_topic(n), f.model_dump_json()) for n, f in forecasts.items()]
         with contextlib.suppress(BusUnavailable):
-            self.stats.forecasts += await self.bus.publish_many(messages, retain=True)
+            self.stats.forecasts += await self.bus.publish_burst(messages, retain=True)
+
+    def _history_snapshot(
+        self, names: Sequence[str]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Copies of the sites' histories: ts ``(n, samples)`` and values ``(n, samples, 3)``,
+        each row right-aligned (the newest sample last) and padded in front with NaN."""
+        rows = [self.sites[name].history.arrays() for name in names]
+        width = max(len(ts) for ts, _ in rows)
+        ts_out = np.full((len(rows), width), np.nan)
+        values_out = np.full((len(rows), width, 3), np.nan)
+        for i, (ts, values) in enumerate(rows):
+            ts_out[i, width - len(ts) :] = ts
+            values_out[i, width - len(ts) :] = values
+        return ts_out, values_out
 
     # -- grid ------------------------------------------------------------------------------
     def feeder_flow_w(self) -> float:

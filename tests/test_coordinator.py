@@ -10,20 +10,31 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from broker import topics
 from broker.client import BusClient, BusSettings
 from broker.clock import ManualClock
-from broker.messages import Award, Bid, BidStep, Clearing, DeviceReading, Dispatch, Telemetry
+from broker.messages import (
+    Award,
+    Bid,
+    BidStep,
+    Clearing,
+    DeviceReading,
+    Dispatch,
+    Forecast,
+    Telemetry,
+)
 from broker.mosquitto import BrokerFiles, MosquittoProcess
+from coordinator import forecast as fc
 from coordinator.config import (
     CoordinatorConfigError,
     load_coordinator_config,
     parse_coordinator_config,
 )
 from coordinator.ledger import Ledger
-from coordinator.service import Coordinator, RingBuffer
+from coordinator.service import HISTORY_STEP_S, Coordinator, RingBuffer
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_782_043_200.0  # a multiple of 900 s: an interval boundary
@@ -107,6 +118,35 @@ def test_replayed_telemetry_is_counted_once(tmp_path: Path) -> None:
     c.ledger.close()
 
 
+def test_an_out_of_order_replay_counts_only_what_the_coordinator_had_not_taken(
+    tmp_path: Path,
+) -> None:
+    """The edge republishes a whole batch after a broken link: the readings the broker had
+    already delivered (and any older copy) are duplicates, the rest are metered once, and two
+    distinct readings that share a timestamp are both kept."""
+    c = _coordinator(tmp_path)
+    assert isinstance(c.clock, ManualClock)
+    c.clock.ts = T0 + 60.0
+    batch = [_telemetry(T0 + 10.0 * i, 3600.0) for i in range(6)]
+    for msg in batch[:3]:  # delivered before the link broke
+        assert c.ingest_telemetry("a", msg)
+    for msg in batch:  # the spool replays the whole batch, in order
+        c.ingest_telemetry("a", msg)
+    assert c.stats.telemetry == 6
+    assert c.stats.duplicates == 3
+    assert not c.ingest_telemetry("a", batch[1])  # a late copy of an old reading
+    assert not c.ingest_telemetry("a", _telemetry(T0 + 15.0, 3600.0))  # older, new id
+    assert c.stats.duplicates == 5
+    twin = _telemetry(T0 + 50.0, 3600.0)  # same ts as the newest, another reading
+    assert c.ingest_telemetry("a", twin)
+    assert not c.ingest_telemetry("a", twin)
+    assert c.stats.telemetry == 7
+    # 3600 W held over the 50 s between the first and the newest reading: 50 Wh, once.
+    assert c.sites["a"].energy_wh[int(T0 // 900)] == pytest.approx(50.0)
+    assert c.sites["a"].covered_s[int(T0 // 900)] == pytest.approx(50.0)
+    c.ledger.close()
+
+
 async def test_invalid_messages_are_counted_per_site_and_never_stop_ingest(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -130,6 +170,26 @@ def test_ring_buffers_keep_the_newest_samples_in_order() -> None:
     ts, values = ring.arrays()
     assert list(ts) == [2.0, 3.0, 4.0]
     assert list(values) == [20.0, 30.0, 40.0]
+
+
+def test_ring_buffers_grow_with_their_samples_up_to_capacity() -> None:
+    ring = RingBuffer(10, columns=2, initial=2)
+    assert len(ring.ts) == 2  # a new site holds little
+    for i in range(7):
+        ring.append(float(i), float(i), None)
+    assert len(ring.ts) == 8
+    for i in range(7, 13):
+        ring.append(float(i), float(i), None)
+    assert len(ring.ts) == 10  # never past capacity
+    ts, values = ring.arrays()
+    assert list(ts) == [float(i) for i in range(3, 13)]
+    assert list(values[:, 0]) == list(ts)
+    assert np.isnan(values[:, 1]).all()
+    ring.extend(np.array([13.0, 14.0]), np.array([[13.0, 1.0], [14.0, 2.0]]))
+    ring.append(15.0, 15.0, 3.0)
+    ts, values = ring.arrays()
+    assert list(ts) == [float(i) for i in range(6, 16)]
+    assert list(values[-3:, 1]) == [1.0, 2.0, 3.0]
 
 
 def test_time_of_use_tariffs_apply_in_local_time() -> None:
@@ -215,6 +275,40 @@ async def _watched_coordinator(
         yield c, got
         await asyncio.sleep(0.3)
         await watcher.__aexit__(None, None, None)
+
+
+async def test_forecasts_are_published_for_every_site_from_its_sampled_history(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    """Each site gets the per-site forecasters' result on its own history (one sample every
+    HISTORY_STEP_S), computed off the event loop and sent as a valid, retained message."""
+    async with _watched_coordinator(
+        tmp_path, broker_files, f"{topics.PREFIX}/forecast/+"
+    ) as (c, got):
+        assert isinstance(c.clock, ManualClock)
+        for i in range(6 * 60):  # six hours of readings a minute apart, up to noon UTC
+            c.clock.ts = T0 - 6 * 3600.0 + 60.0 * i
+            c.ingest_telemetry("site-a", _telemetry(c.clock.ts, -2000.0 - i))
+            c.ingest_telemetry("site-b", _telemetry(c.clock.ts, 800.0 + (i % 7) * 100.0))
+        k = int(c.clock.ts // 900) + 1
+        await c.publish_forecasts(k)
+    forecasts = {t.split("/")[-1]: Forecast.model_validate_json(p) for t, p in got}
+    assert set(forecasts) == {"site-a", "site-b"}
+    assert c.stats.forecasts == 2
+    where = c.config.coordinator
+    for name, forecast in forecasts.items():
+        ts, values = c.sites[name].history.arrays()
+        assert len(ts) == 6 * 3600 // HISTORY_STEP_S
+        times = forecast.start_ts + (np.arange(len(forecast.pv_power_w)) + 0.5) * 900.0
+        assert forecast.start_ts == k * 900
+        pv = fc.pv_forecast_w(ts, values[:, 0], times, where.latitude_deg, where.longitude_deg)
+        load = fc.load_forecast_w(ts, values[:, 1], times, utc_offset_h=where.utc_offset_h)
+        # The coordinator keeps each sample's clear-sky GHI, in float32 like the powers.
+        np.testing.assert_allclose(forecast.pv_power_w, pv, rtol=1e-6)
+        np.testing.assert_allclose(forecast.load_power_w, load, rtol=1e-9)
+        assert c.last_forecasts[name] == forecast
+    assert max(forecasts["site-a"].pv_power_w) > 2000.0
+    assert max(forecasts["site-b"].pv_power_w) == 0.0
 
 
 def _dispatches(got: list[tuple[str, bytes]]) -> list[tuple[str, Dispatch]]:

@@ -18,12 +18,14 @@ from coordinator.forecast import (
     clear_sky_ghi_w_per_m2,
     community_net_load_w,
     haurwitz_ghi_w_per_m2,
+    load_forecast_sites_w,
     load_forecast_w,
     load_profile_w,
     mae,
     persistence_forecast,
     price_forecast_per_kwh,
     pv_effective_capacity_w,
+    pv_forecast_sites_w,
     pv_forecast_w,
     seasonal_naive_forecast,
     solar_zenith_deg,
@@ -420,3 +422,75 @@ def test_pv_and_load_forecasts_beat_persistence_and_seasonal_naive() -> None:
         assert mean["ours"] < mean["seasonal"], (target, mean)
         # a margin, not a coin flip: at least 10 % better than the best baseline
         assert mean["ours"] < 0.9 * min(mean["persistence"], mean["seasonal"]), (target, mean)
+
+
+def _ragged_site_histories() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ts, PV W, load W) of sites with unlike histories: long, short, night only, gappy,
+    a load that stepped up for the last hours, unsorted, empty."""
+    rng = np.random.default_rng(7)
+    start = datetime(2026, 6, 1, tzinfo=UTC).timestamp()
+    week = start + np.arange(0.0, 7 * DAY_S, 300.0)
+    ghi = clear_sky_ghi_w_per_m2(week, LAT_DEG, LON_DEG)
+    sites = []
+    for k in range(4):  # long, noisy histories of different sizes
+        n = len(week) - 400 * k
+        pv = (3000.0 + 1000 * k) * ghi[:n] / 1000.0 * rng.uniform(0.3, 1.0, n)
+        load = 500.0 + 300.0 * np.sin(week[:n] / 7000.0) + rng.normal(0, 50, n)
+        sites.append((week[:n].copy(), pv, load))
+    ts, pv, load = sites[0][0].copy(), sites[0][1].copy(), sites[0][2].copy()
+    pv[::7] = np.nan
+    load[::5] = np.inf
+    ts[::11] = np.nan
+    sites.append((ts, pv, load))  # gappy, with non-finite samples
+    night = start + np.arange(0.0, 3 * HOUR_S, 60.0)  # midnight UTC: no daylight sample
+    sites.append((night, np.zeros(night.size), np.full(night.size, 800.0)))
+    step = week[-600:].copy()
+    stepped = np.where(step > step[-1] - 2 * HOUR_S, 1500.0, 600.0)
+    sites.append((step, ghi[-600:] * 2.0, stepped))
+    order = rng.permutation(step.size)
+    sites.append((step[order], (ghi[-600:] * 2.0)[order], stepped[order]))  # unsorted
+    sites.append((np.array([]), np.array([]), np.array([])))
+    return sites
+
+
+def _padded(columns: list[np.ndarray]) -> np.ndarray:
+    out = np.full((len(columns), max(c.size for c in columns)), np.nan)
+    for i, c in enumerate(columns):
+        out[i, : c.size] = c
+    return out
+
+
+def test_forecasts_for_many_sites_at_once_equal_the_per_site_forecasts() -> None:
+    sites = _ragged_site_histories()
+    start = float(np.nanmax(sites[0][0])) + STEP_S
+    target = start + np.arange(96) * STEP_S
+    target[5] = np.nan
+    ts = _padded([s[0] for s in sites])
+    pv = pv_forecast_sites_w(ts, _padded([s[1] for s in sites]), target, LAT_DEG, LON_DEG)
+    load = load_forecast_sites_w(
+        ts, _padded([s[2] for s in sites]), target, utc_offset_h=2.0, default_w=123.0
+    )
+    assert pv.shape == load.shape == (len(sites), target.size)
+    ghi = clear_sky_ghi_w_per_m2(ts, LAT_DEG, LON_DEG)
+    known = pv_forecast_sites_w(
+        ts,
+        _padded([s[1] for s in sites]),
+        target,
+        LAT_DEG,
+        LON_DEG,
+        history_clear_sky_ghi_w_per_m2=ghi,
+    )
+    np.testing.assert_array_equal(known, pv)  # the GHI the caller kept: the same forecast
+    for i, (site_ts, site_pv, site_load) in enumerate(sites):
+        np.testing.assert_allclose(
+            pv[i], pv_forecast_w(site_ts, site_pv, target, LAT_DEG, LON_DEG), rtol=1e-9
+        )
+        np.testing.assert_allclose(
+            load[i],
+            load_forecast_w(site_ts, site_load, target, utc_offset_h=2.0, default_w=123.0),
+            rtol=1e-9,
+        )
+    assert np.all(load[-1][np.isfinite(target)] == 123.0)  # no history: the default
+    assert np.all(pv[5][np.isfinite(target)] == 0.0)  # night only, no rating: nothing
+    assert np.any(pv[0] > 100.0)
+    assert np.isnan(pv[:, 5]).all() and np.isnan(load[:, 5]).all()

@@ -1,0 +1,392 @@
+"""Site planning: each site's batteries scheduled over a rolling horizon by a linear programme.
+
+Pure functions (no I/O, no clock): :class:`edge.agent.EdgeAgent` and the stepped engine
+(:mod:`wattmesh.backtest`) call them once per market interval, from the coordinator's
+forecasts, and fall back to today's rules (:mod:`edge.policy`) when a plan fails.
+docs/architecture.md section 5 ("Planning") describes how the plan is used.
+
+Signs and units: energies in kWh per step, positive when the site imports (grid) or the
+battery discharges (battery, AC side); prices per kWh; money in currency, positive when paid.
+The site's batteries are planned as one (their sum; :func:`edge.policy.share_among_batteries_w`
+shares the setpoint among them).
+
+The programme, per step ``t`` of ``step_h`` hours, with charge ``c``, discharge ``d`` (each at
+most the rated power times ``step_h``), stored energy ``E`` at the step's end within the
+battery's bounds (``E[t] = E[t-1] + eta_c c[t] - d[t] / eta_d``) and grid import/export ``i``,
+``x`` (``i - x = net + c - d``) minimises
+
+    sum(buy i - sell x) - stored_value * E[last]
+      + penalty * (flow beyond the site's limits and the coordinator's caps
+                   + stored energy short of the coordinator's floors).
+
+**Forecast error.** A reservation from the coordinator (floors, caps) must hold even when the
+forecast is optimistic: with one, the programme carries a second, pessimistic scenario (PV
+times ``1 - pv_downside``, load times ``1 + load_upside``) that shares the first step's grid
+exchange (what the site bids for now) and must keep the same floors and caps, at no energy
+cost. So the plan never spends now energy it could not win back by the reservation's time if PV
+disappoints; later steps are re-decided at the next re-plan, with fresh forecasts and state of
+charge (recourse). Without a reservation there is nothing to protect and the plan is the
+nominal scenario's optimum.
+
+**Marginal value.** The dual of each step's energy balance is what one more kWh stored at that
+step's end is worth to the site (currency per kWh): the bid offers the battery's energy at
+that value (divided by the discharge efficiency) and buys to charge below it (times the charge
+efficiency) (:func:`plan_bid`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from edge.bidding import CurveSteps, bid_curve
+
+#: Currency per kWh of flow beyond a limit or cap, or of stored energy short of a floor: far
+#: above any tariff, so the plan keeps them whenever it can and minimises the excess if not.
+PENALTY_PER_KWH = 5.0
+#: The pessimistic scenario's PV shortfall and load excess, as shares of the forecast.
+PV_DOWNSIDE = 0.5
+LOAD_UPSIDE = 0.2
+
+
+class PlanError(ValueError):
+    """A plan cannot be set up (bad input) or the solver found no optimum."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanBattery:
+    """A site's batteries taken together: energies in kWh, powers in kW, efficiencies (-)."""
+
+    stored_kwh: float
+    min_kwh: float
+    max_kwh: float
+    max_charge_kw: float
+    max_discharge_kw: float
+    charge_efficiency: float = 0.95
+    discharge_efficiency: float = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class SitePlan:
+    """A solved plan, one value per step from the first planned step on.
+
+    ``grid_kwh`` the planned import (+) or export (-), ``battery_kwh`` the batteries' AC
+    energy (+ discharges), ``stored_kwh`` the energy stored at each step's end,
+    ``value_per_kwh`` the marginal value of stored energy at each step's end, ``cost`` the
+    nominal scenario's energy cost (currency, + paid, without penalties and stored value),
+    ``penalty_kwh`` the flow beyond limits and the floor shortfall the plan could not avoid
+    (nominal and pessimistic scenarios), ``solve_s`` the solver's wall time."""
+
+    grid_kwh: NDArray[np.float64]
+    battery_kwh: NDArray[np.float64]
+    stored_kwh: NDArray[np.float64]
+    value_per_kwh: NDArray[np.float64]
+    cost: float
+    penalty_kwh: float
+    solve_s: float
+
+
+def _steps(value: ArrayLike | None, n: int, what: str) -> NDArray[np.float64]:
+    """``value`` broadcast to ``n`` steps (NaN: no constraint in that step)."""
+    if value is None:
+        return np.full(n, np.nan)
+    try:
+        return np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy()
+    except ValueError as err:
+        raise PlanError(f"{what} does not fit {n} steps: {err}") from err
+
+
+class _Programme:
+    """A linear programme's cost, bounds and constraint rows, built a block of rows at a time."""
+
+    def __init__(self, width: int) -> None:
+        self.cost = np.zeros(width)
+        self.lower = np.zeros(width)
+        self.upper = np.full(width, np.inf)
+        self.width = width
+        self.parts: dict[str, tuple[list[NDArray[np.int64]], ...]] = {
+            "eq": ([], [], []),
+            "ub": ([], [], []),
+        }
+        self.rhs: dict[str, list[NDArray[np.float64]]] = {"eq": [], "ub": []}
+        self.count = {"eq": 0, "ub": 0}
+
+    def add(
+        self,
+        kind: str,
+        cols: list[NDArray[np.int64]],
+        vals: list[float],
+        rhs: NDArray[np.float64],
+        rows: NDArray[np.int64] | None = None,
+    ) -> NDArray[np.int64]:
+        """Rows ``sum(vals[k] * x[cols[k][r]]) (= or <=) rhs[r]``; with ``rows``, terms added
+        to existing rows instead (``rhs`` ignored). Returns the rows."""
+        if rows is None:
+            first = self.count[kind]
+            rows = np.arange(first, first + len(rhs), dtype=np.int64)
+            self.count[kind] += len(rhs)
+            self.rhs[kind].append(np.asarray(rhs, dtype=np.float64))
+        out_rows, out_cols, out_vals = self.parts[kind]
+        for col, val in zip(cols, vals, strict=True):
+            out_rows.append(rows)
+            out_cols.append(col)
+            out_vals.append(np.full(len(rows), val))
+        return rows
+
+    def matrix(self, kind: str) -> tuple[object, NDArray[np.float64]] | tuple[None, None]:
+        """The rows of ``kind`` as a sparse matrix and their right-hand sides."""
+        from scipy.sparse import csr_matrix  # noqa: PLC0415 - scipy loads with the first plan
+
+        if not self.count[kind]:
+            return None, None
+        rows, cols, vals = (np.concatenate(part) for part in self.parts[kind])
+        shape = (self.count[kind], self.width)
+        return csr_matrix((vals, (rows, cols)), shape=shape), np.concatenate(self.rhs[kind])
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """Per-step limits on the site's flow (kW, NaN: none) and floors on its storage (kWh)."""
+
+    cap_in: NDArray[np.float64]
+    cap_out: NDArray[np.float64]
+    floor: NDArray[np.float64]
+
+
+def _scenario(
+    lp: _Programme,
+    base: int,
+    net: NDArray[np.float64],
+    battery: PlanBattery,
+    limits: _Limits,
+    step_h: float,
+    penalty_per_kwh: float,
+) -> tuple[NDArray[np.int64], ...]:
+    """One scenario's variables (8 blocks of ``len(net)`` from ``base``: charge, discharge,
+    stored, import, export, over import, over export, floor shortfall) and its rows."""
+    b, n = battery, len(net)
+    blocks = tuple(base + j * n + np.arange(n, dtype=np.int64) for j in range(8))
+    c, d, e, i, x, oi, ox, short = blocks
+    lp.upper[c] = b.max_charge_kw * step_h
+    lp.upper[d] = b.max_discharge_kw * step_h
+    lp.lower[e] = min(b.min_kwh, b.stored_kwh)
+    lp.upper[e] = max(b.max_kwh, b.stored_kwh)
+    lp.cost[oi] = lp.cost[ox] = lp.cost[short] = penalty_per_kwh
+    start = np.zeros(n)
+    start[0] = b.stored_kwh
+    # E[t] - E[t-1] - eta_c c[t] + d[t] / eta_d = E0 at t = 0, else 0
+    rows = lp.add("eq", [e, c, d], [1.0, -b.charge_efficiency, 1.0 / b.discharge_efficiency], start)
+    if n > 1:
+        lp.add("eq", [e[:-1]], [-1.0], start, rows=rows[1:])
+    lp.add("eq", [i, x, c, d], [1.0, -1.0, -1.0, 1.0], net)  # import - export = net + c - d
+    has = np.isfinite(limits.cap_in)
+    if has.any():
+        lp.add("ub", [i[has], x[has], oi[has]], [1.0, -1.0, -1.0], limits.cap_in[has] * step_h)
+    has = np.isfinite(limits.cap_out)
+    if has.any():
+        lp.add("ub", [x[has], i[has], ox[has]], [1.0, -1.0, -1.0], limits.cap_out[has] * step_h)
+    has = np.isfinite(limits.floor)
+    if has.any():
+        lp.add("ub", [e[has], short[has]], [-1.0, -1.0], -limits.floor[has])
+    return blocks
+
+
+def _check(
+    net: NDArray[np.float64],
+    buy: NDArray[np.float64],
+    sell: NDArray[np.float64],
+    battery: PlanBattery,
+    step_h: float,
+) -> None:
+    if net.ndim != 1 or len(net) == 0 or not np.all(np.isfinite(net)):
+        raise PlanError(f"net_kwh must be a finite, non-empty series, got shape {net.shape}")
+    if not (math.isfinite(step_h) and step_h > 0):
+        raise PlanError(f"step_h must be positive, got {step_h}")
+    if not (np.all(np.isfinite(buy)) and np.all(np.isfinite(sell))):
+        raise PlanError("prices must be finite")
+    if np.any(sell > buy + 1e-12):
+        raise PlanError("sell_per_kwh must not exceed buy_per_kwh (the plan would be unbounded)")
+    b = battery
+    numbers = (b.stored_kwh, b.min_kwh, b.max_kwh, b.max_charge_kw, b.max_discharge_kw)
+    if not all(math.isfinite(v) and v >= 0 for v in numbers) or b.min_kwh > b.max_kwh:
+        raise PlanError(f"battery figures must be finite, >= 0 and min <= max: {battery}")
+    if not (0 < b.charge_efficiency <= 1 and 0 < b.discharge_efficiency <= 1):
+        raise PlanError("efficiencies must be in (0, 1]")
+
+
+def plan_site(
+    net_kwh: ArrayLike,
+    buy_per_kwh: ArrayLike,
+    sell_per_kwh: ArrayLike,
+    battery: PlanBattery,
+    *,
+    step_h: float,
+    stored_value_per_kwh: float,
+    import_limit_kw: float | None = None,
+    export_limit_kw: float | None = None,
+    floor_kwh: ArrayLike | None = None,
+    import_cap_kw: ArrayLike | None = None,
+    export_cap_kw: ArrayLike | None = None,
+    pessimistic_net_kwh: ArrayLike | None = None,
+    penalty_per_kwh: float = PENALTY_PER_KWH,
+) -> SitePlan:
+    """The site's cheapest battery schedule over ``len(net_kwh)`` steps (module docstring).
+
+    ``net_kwh`` is the forecast load minus PV per step (kWh, + imports); ``buy_per_kwh`` and
+    ``sell_per_kwh`` the expected prices of importing and exporting (sell <= buy); the site's
+    connection limits in kW; the coordinator's reservation as per-step ``floor_kwh`` (energy
+    to hold at the step's end), ``import_cap_kw`` (at most this import; negative: at least
+    this export) and ``export_cap_kw``, NaN where a step has none; ``pessimistic_net_kwh`` the
+    net load the reservation must survive (default: none, one scenario). Raises
+    :class:`PlanError` on bad input or when HiGHS finds no optimum.
+    """
+    from scipy.optimize import linprog  # noqa: PLC0415 - scipy loads with the first plan
+
+    t0 = time.perf_counter()
+    net = np.asarray(net_kwh, dtype=np.float64)
+    n = len(net) if net.ndim == 1 else 0
+    buy, sell = _steps(buy_per_kwh, n, "buy_per_kwh"), _steps(sell_per_kwh, n, "sell_per_kwh")
+    _check(net, buy, sell, battery, step_h)
+    cap_in = _steps(import_cap_kw, n, "import_cap_kw")
+    cap_out = _steps(export_cap_kw, n, "export_cap_kw")
+    if import_limit_kw is not None:
+        cap_in = np.fmin(cap_in, import_limit_kw)
+    if export_limit_kw is not None:
+        cap_out = np.fmin(cap_out, export_limit_kw)
+    limits = _Limits(cap_in, cap_out, _steps(floor_kwh, n, "floor_kwh"))
+    scenarios = [net]
+    if pessimistic_net_kwh is not None:
+        pessimistic = _steps(pessimistic_net_kwh, n, "pessimistic_net_kwh")
+        if not np.all(np.isfinite(pessimistic)):
+            raise PlanError("pessimistic_net_kwh must be finite")
+        scenarios.append(pessimistic)
+    nv = 8 * n
+    lp = _Programme(nv * len(scenarios))
+    blocks = [
+        _scenario(lp, k * nv, s, battery, limits, step_h, penalty_per_kwh)
+        for k, s in enumerate(scenarios)
+    ]
+    _, _, e, i, x, *_ = blocks[0]
+    lp.cost[i], lp.cost[x] = buy, -sell
+    lp.cost[e[-1]] = -stored_value_per_kwh
+    if len(blocks) > 1:  # the first step's grid exchange is one decision for both scenarios
+        i1, x1 = blocks[1][3], blocks[1][4]
+        lp.add("eq", [i[:1], x[:1], i1[:1], x1[:1]], [1.0, -1.0, -1.0, 1.0], np.zeros(1))
+    a_eq, b_eq = lp.matrix("eq")
+    a_ub, b_ub = lp.matrix("ub")
+    try:
+        solution = linprog(
+            lp.cost,
+            A_ub=a_ub,
+            b_ub=b_ub,
+            A_eq=a_eq,
+            b_eq=b_eq,
+            bounds=np.column_stack([lp.lower, lp.upper]),
+            method="highs",
+        )
+    except ValueError as err:  # scipy's own input checks
+        raise PlanError(f"the plan's programme is malformed: {err}") from err
+    if solution.status != 0 or solution.x is None:
+        raise PlanError(f"HiGHS found no optimum: {solution.message}")
+    sol = np.asarray(solution.x, dtype=np.float64)
+    c_v, d_v, e_v, i_v, x_v = (sol[blk] for blk in blocks[0][:5])
+    over = sum(float(sol[np.concatenate(blk[5:])].sum()) for blk in blocks)
+    return SitePlan(
+        grid_kwh=i_v - x_v,
+        battery_kwh=d_v - c_v,
+        stored_kwh=e_v,
+        value_per_kwh=-np.asarray(solution.eqlin.marginals, dtype=np.float64)[:n],
+        cost=float(buy @ i_v - sell @ x_v),
+        penalty_kwh=over,
+        solve_s=time.perf_counter() - t0,
+    )
+
+
+def pessimistic_net_kwh(
+    load_kwh: ArrayLike,
+    pv_kwh: ArrayLike,
+    *,
+    pv_downside: float = PV_DOWNSIDE,
+    load_upside: float = LOAD_UPSIDE,
+) -> NDArray[np.float64]:
+    """The net load (kWh, + imports) a reservation must survive: PV short by ``pv_downside``
+    and load over by ``load_upside`` of the forecast."""
+    load = np.asarray(load_kwh, dtype=np.float64)
+    pv = np.asarray(pv_kwh, dtype=np.float64)
+    return load * (1.0 + load_upside) - np.maximum(pv, 0.0) * (1.0 - pv_downside)
+
+
+def stored_value_per_kwh(buy_per_kwh: ArrayLike, discharge_efficiency: float) -> float:
+    """What a kWh left stored at the horizon's end is worth: the median expected buy price
+    over the horizon times the discharge efficiency (it will displace a purchase later)."""
+    buy = np.asarray(buy_per_kwh, dtype=np.float64)
+    if buy.size == 0:
+        return 0.0
+    return float(np.median(buy)) * discharge_efficiency
+
+
+def plan_bid(
+    plan: SitePlan,
+    net_kwh: float,
+    battery: PlanBattery,
+    *,
+    step_h: float,
+    max_buy_price_per_kwh: float,
+    min_sell_price_per_kwh: float,
+    role: str = "prosumer",
+    floor_kwh: float | None = None,
+    import_cap_kw: float | None = None,
+    export_cap_kw: float | None = None,
+) -> CurveSteps:
+    """The bid for the plan's first step, shaped by the plan's marginal value of storage.
+
+    The site's forecast ``net_kwh`` is its inflexible need (or surplus), less the discharge
+    the coordinator's ``import_cap_kw`` forces (plus the charge its ``export_cap_kw`` forces),
+    which are firm. The batteries offer the rest of their energy (above ``floor_kwh`` and
+    their minimum, within their power) at the value of stored energy ``v`` divided by the
+    discharge efficiency, and buy to charge (within the import cap) at ``v`` times the charge
+    efficiency: a battery sells only at more than its energy is worth to the site later and
+    buys only at less. Offers a buyer could not pay (at or above ``max_buy_price_per_kwh``)
+    are left out.
+    """
+    b = battery
+    value = float(plan.value_per_kwh[0])
+    low = max(b.min_kwh, floor_kwh if floor_kwh is not None and math.isfinite(floor_kwh) else 0)
+    discharge = max(
+        0.0, min(b.max_discharge_kw * step_h, (b.stored_kwh - low) * b.discharge_efficiency)
+    )
+    charge = max(
+        0.0, min(b.max_charge_kw * step_h, (b.max_kwh - b.stored_kwh) / b.charge_efficiency)
+    )
+    forced_out = forced_in = 0.0
+    if import_cap_kw is not None and math.isfinite(import_cap_kw):
+        forced_out = min(discharge, max(0.0, net_kwh - import_cap_kw * step_h))
+        discharge -= forced_out
+    if export_cap_kw is not None and math.isfinite(export_cap_kw):
+        forced_in = min(charge, max(0.0, -net_kwh - export_cap_kw * step_h))
+        charge -= forced_in
+    firm = net_kwh - forced_out + forced_in
+    if import_cap_kw is not None and math.isfinite(import_cap_kw):
+        charge = min(charge, max(0.0, import_cap_kw * step_h - firm))
+    spread = 1e-3
+    sell_at = value / b.discharge_efficiency
+    buy_at = value * b.charge_efficiency
+    top = max_buy_price_per_kwh - spread
+    if sell_at >= top:
+        discharge = 0.0  # worth more kept than any buyer pays
+    buy_at = float(np.clip(buy_at, min_sell_price_per_kwh, top - spread))
+    sell_at = float(np.clip(sell_at, buy_at + spread, top))
+    return bid_curve(
+        firm,
+        charge_kwh=charge,
+        discharge_kwh=discharge,
+        max_buy_price_per_kwh=max_buy_price_per_kwh,
+        min_sell_price_per_kwh=min_sell_price_per_kwh,
+        charge_price_per_kwh=buy_at,
+        discharge_price_per_kwh=sell_at,
+        role=role,
+    )

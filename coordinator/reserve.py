@@ -1,0 +1,178 @@
+"""Feeder reservation: battery energy and power set aside across the sites, from the forecasts,
+to keep the feeder within its limits over the horizon. Pure functions, no I/O.
+
+The coordinator computes it each interval when it publishes forecasts and sends each site its
+share (:class:`broker.messages.Reservation`); each site's plan (:mod:`edge.plan`) must respect
+it, and the live grid loop (:mod:`coordinator.grid`) remains the backstop for forecast errors.
+docs/architecture.md section 5 ("Planning") describes the protocol.
+
+Units and signs: energies in kWh per step (``step_h`` hours), positive when importing; powers
+in kW; stored energies on the batteries' DC side, as :mod:`edge.plan` has them.
+
+The fleet (all the sites' batteries together) is sized backwards from the horizon's end: in a
+step where the forecast feeder import ``F`` exceeds its limit ``L`` the fleet must discharge
+``F - L`` (as far as its power allows); in a step below the limit it may charge from the
+headroom ``L - F`` (as far as its power allows). The energy the fleet must hold at the end of
+step ``t`` is then ``R[t-1] = max(R_min, R[t] + need[t] / eta_d - eta_c room[t])``: what
+the later needs take, less what the later headroom can put back, counting no PV. Export
+beyond the export limit is handled within the step (export caps: the fleet must charge); the
+reservation does not yet empty batteries ahead of a forecast export excess.
+
+Each site's share is by usable capacity (``max - min`` stored energy): its floor is its
+minimum plus its share of the fleet's requirement above the fleet's minimum, and in every
+step where the fleet's power could overload the feeder (the headroom is smaller than the
+fleet's charge power, or the room below the export limit smaller than its discharge power) its
+import is capped at its own forecast net load plus its share of the headroom (negative: it
+must export), and its export likewise. A share beyond a site's power is not re-assigned (the
+grid loop handles what is left).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+#: Share of the feeder's limits the reservation plans to: headroom left for forecast errors.
+PLAN_TO_SHARE = 0.95
+
+
+class ReservationError(ValueError):
+    """The reservation cannot be computed from the given input."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetBattery:
+    """One site's batteries together: stored energy now and its bounds (kWh), powers (kW),
+    one-way efficiencies (-)."""
+
+    stored_kwh: float
+    min_kwh: float
+    max_kwh: float
+    max_charge_kw: float
+    max_discharge_kw: float
+    charge_efficiency: float = 0.95
+    discharge_efficiency: float = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class SiteReservation:
+    """One site's share, per step (NaN: nothing asked in that step): energy to hold at the
+    step's end (kWh), import cap and export cap (kW; a negative import cap asks for export)."""
+
+    floor_kwh: NDArray[np.float64]
+    import_cap_kw: NDArray[np.float64]
+    export_cap_kw: NDArray[np.float64]
+
+    @property
+    def empty(self) -> bool:
+        """Nothing is asked of the site over the horizon."""
+        return not (
+            np.isfinite(self.floor_kwh).any()
+            or np.isfinite(self.import_cap_kw).any()
+            or np.isfinite(self.export_cap_kw).any()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FeederReservation:
+    """The fleet's requirement (kWh at each step's end), the flow beyond the limits the fleet
+    cannot take (kWh per step, + import beyond the import limit, - export beyond the export
+    limit) and each site's share."""
+
+    required_kwh: NDArray[np.float64]
+    unavoidable_kwh: NDArray[np.float64]
+    sites: dict[str, SiteReservation]
+
+
+def reserve(
+    net_kwh: dict[str, ArrayLike],
+    batteries: dict[str, FleetBattery],
+    *,
+    step_h: float,
+    import_limit_kw: float,
+    export_limit_kw: float,
+    plan_to_share: float = PLAN_TO_SHARE,
+) -> FeederReservation:
+    """The reservation for sites whose forecast net load (load - PV, kWh per step, + imports)
+    is ``net_kwh``, with ``batteries`` at some of them (see the module docstring)."""
+    names = sorted(net_kwh)
+    if not names:
+        raise ReservationError("no sites to reserve for")
+    try:
+        net = np.array([np.asarray(net_kwh[n], dtype=np.float64) for n in names])
+    except ValueError as err:
+        raise ReservationError(f"the sites' forecasts differ in length: {err}") from err
+    if net.ndim != 2 or net.shape[1] == 0 or not np.all(np.isfinite(net)):
+        raise ReservationError("every site needs a finite forecast of the same, non-zero length")
+    if not step_h > 0 or not import_limit_kw > 0 or not export_limit_kw > 0:
+        raise ReservationError("step_h and the feeder's limits must be positive")
+    unknown = sorted(set(batteries) - set(names))
+    if unknown:
+        raise ReservationError(f"batteries at sites without a forecast: {', '.join(unknown)}")
+    fleet = [batteries[n] for n in names if n in batteries]
+    n_t = net.shape[1]
+    feeder = net.sum(axis=0)
+    limit_in = import_limit_kw * plan_to_share * step_h
+    limit_out = export_limit_kw * plan_to_share * step_h
+    charge_kwh = sum(b.max_charge_kw for b in fleet) * step_h
+    discharge_kwh = sum(b.max_discharge_kw for b in fleet) * step_h
+    eta_c = _weighted(fleet, "charge_efficiency")
+    eta_d = _weighted(fleet, "discharge_efficiency")
+    low = sum(b.min_kwh for b in fleet)
+    high = sum(b.max_kwh for b in fleet)
+    need = np.minimum(np.maximum(feeder - limit_in, 0.0), discharge_kwh)
+    room = np.minimum(np.maximum(limit_in - feeder, 0.0), charge_kwh)
+    unavoidable = np.maximum(feeder - limit_in - discharge_kwh, 0.0) - np.maximum(
+        -feeder - limit_out - charge_kwh, 0.0
+    )
+    required = np.full(n_t, low)
+    for t in range(n_t - 1, 0, -1):
+        r = required[t] + need[t] / eta_d - eta_c * room[t]
+        required[t - 1] = min(high, max(low, r))
+    share = _shares(names, batteries)
+    headroom_in = limit_in - feeder
+    headroom_out = limit_out + feeder
+    tight_in = headroom_in < charge_kwh
+    tight_out = headroom_out < discharge_kwh
+    sites = {}
+    for row, name in enumerate(names):
+        w = share.get(name, 0.0)
+        b = batteries.get(name)
+        floor = np.full(n_t, np.nan)
+        cap_in = np.full(n_t, np.nan)
+        cap_out = np.full(n_t, np.nan)
+        if b is not None and w > 0:
+            above = (required - low) * w
+            floor = np.where(above > 1e-9, b.min_kwh + above, np.nan)
+            cap_in = np.where(tight_in, (net[row] + w * headroom_in) / step_h, np.nan)
+            cap_out = np.where(tight_out, (-net[row] + w * headroom_out) / step_h, np.nan)
+        sites[name] = SiteReservation(floor, cap_in, cap_out)
+    return FeederReservation(required, unavoidable, sites)
+
+
+def _weighted(fleet: Sequence[FleetBattery], what: str) -> float:
+    """An efficiency of the fleet, weighted by capacity (0.95 without a battery)."""
+    total = sum(b.max_kwh for b in fleet)
+    if total <= 0:
+        return 0.95
+    return float(sum(getattr(b, what) * b.max_kwh for b in fleet) / total)
+
+
+def _shares(names: Sequence[str], batteries: dict[str, FleetBattery]) -> dict[str, float]:
+    """Each site's share of the fleet, by usable capacity."""
+    usable = {n: max(0.0, b.max_kwh - b.min_kwh) for n, b in batteries.items() if n in names}
+    total = sum(usable.values())
+    return {n: u / total for n, u in usable.items()} if total > 0 else {}
+
+
+def flatten(values: ArrayLike) -> list[float | None]:
+    """A per-step array as a message carries it: NaN becomes None."""
+    return [None if not np.isfinite(v) else round(float(v), 4) for v in np.asarray(values)]
+
+
+def unflatten(values: Sequence[float | None]) -> NDArray[np.float64]:
+    """A message's per-step list as an array: None becomes NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)

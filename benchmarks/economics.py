@@ -86,6 +86,8 @@ FACTORY = "factory"
 #: import (the structure of US commercial and industrial tariffs such as PG&E's B-19, and of
 #: the German grid fee for interval-metered customers, the Leistungspreis), prorated to the run.
 DEMAND_CHARGE_PER_KW_MONTH = 15.0
+#: Days of history the coordinator has at the start (a running one keeps a week).
+HISTORY_DAYS = 7.0
 #: The LP's penalty per kWh of feeder flow beyond a limit: high enough that it keeps to the
 #: limits whenever it can.
 OVER_LIMIT_PER_KWH = 10.0
@@ -285,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
                 engine_tariff = "tou" if tariff == "industrial" else tariff  # same energy prices
                 if engine_tariff not in done:
                     done[engine_tariff] = {
-                        v: run_backtest(scenario, days=args.days, coordinator=config, variant=v)
+                        v: run_backtest(
+                            scenario,
+                            days=args.days,
+                            coordinator=config,
+                            variant=v,
+                            history_days=HISTORY_DAYS,
+                        )
                         for v in ("wattmesh", "idle", "self_consumption")
                     }
                     week_wall.append(done[engine_tariff]["wattmesh"].wall_s)

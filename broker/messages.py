@@ -130,7 +130,9 @@ class Telemetry(Message):
     battery_power_w: PowerW | None = None
     load_power_w: PowerW | None = None
     battery_soc_pct: Percent | None = None
-    controller: Literal["safety", "emergency", "dispatch", "market", "fallback"] | None = None
+    controller: Literal["safety", "emergency", "dispatch", "market", "plan", "fallback"] | None = (
+        None
+    )
 
 
 class BidStep(BaseModel):
@@ -240,6 +242,35 @@ class Forecast(Message):
         return self
 
 
+StoredKwh = Annotated[float, Field(ge=0, le=MAX_QUANTITY_KWH), AfterValidator(_finite)]
+CapKw = Annotated[
+    float, Field(ge=-MAX_POWER_W / 1e3, le=MAX_POWER_W / 1e3), AfterValidator(_finite)
+]
+
+
+class Reservation(Message):
+    """``site/{site}/reservation``: what the coordinator asks of the site's batteries to keep
+    the feeder within its limits, retained. Per step of ``step_s`` from ``start_ts`` (``None``:
+    nothing asked in that step): ``floor_kwh`` the energy to hold stored at the step's end,
+    ``import_cap_kw`` the most the site should import (negative: the least it should export),
+    ``export_cap_kw`` the most it should export. New in the first planning release; an agent
+    that does not plan ignores it."""
+
+    start_ts: Timestamp
+    step_s: int = Field(gt=0, le=86400)
+    floor_kwh: list[StoredKwh | None] = Field(max_length=MAX_FORECAST_POINTS)
+    import_cap_kw: list[CapKw | None] = Field(max_length=MAX_FORECAST_POINTS)
+    export_cap_kw: list[Annotated[float, Field(ge=0, le=MAX_POWER_W / 1e3)] | None] = Field(
+        max_length=MAX_FORECAST_POINTS
+    )
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.floor_kwh) == len(self.import_cap_kw) == len(self.export_cap_kw):
+            raise ValueError("floor_kwh, import_cap_kw and export_cap_kw must be equally long")
+        return self
+
+
 class GridState(Message):
     """``grid/{feeder}/state``: the feeder's flow against its limits, retained."""
 
@@ -287,6 +318,7 @@ BY_KIND: dict[str, type[Message]] = {
     "dispatch/ack": DispatchAck,
     "market/clearing": Clearing,
     "forecast": Forecast,
+    "reservation": Reservation,
     "grid/state": GridState,
     "coordinator/status": CoordinatorStatus,
 }

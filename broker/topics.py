@@ -12,7 +12,9 @@ PREFIX = "wattmesh/v1"
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _ID = re.compile(ID_PATTERN)
 
-SiteTopicKind = Literal["status", "telemetry", "bid", "award", "dispatch", "dispatch/ack"]
+SiteTopicKind = Literal[
+    "status", "telemetry", "bid", "award", "dispatch", "dispatch/ack", "reservation"
+]
 SITE_TOPIC_KINDS: tuple[SiteTopicKind, ...] = (
     "status",
     "telemetry",
@@ -20,10 +22,11 @@ SITE_TOPIC_KINDS: tuple[SiteTopicKind, ...] = (
     "award",
     "dispatch",
     "dispatch/ack",
+    "reservation",
 )
 #: What a site publishes (its own topics only) and what it reads.
 SITE_PUBLISHES: tuple[SiteTopicKind, ...] = ("status", "telemetry", "bid", "dispatch/ack")
-SITE_READS: tuple[SiteTopicKind, ...] = ("award", "dispatch")
+SITE_READS: tuple[SiteTopicKind, ...] = ("award", "dispatch", "reservation")
 
 MARKET_CLEARING = f"{PREFIX}/market/clearing"
 

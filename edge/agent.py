@@ -873,8 +873,7 @@ class EdgeAgent:
             details.append("limited by site safety limits")
         if self.deferred:
             details.append(
-                f"written once the minimum write interval of {', '.join(self.deferred)} has "
-                "passed"
+                f"written once the minimum write interval of {', '.join(self.deferred)} has passed"
             )
         elif (
             cmd.battery_power_w is not None

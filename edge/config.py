@@ -161,6 +161,30 @@ class MarketSection(_Strict):
         return self
 
 
+class PlanSection(_Strict):
+    """Horizon planning of the site's batteries (edge/plan.py; docs/architecture.md s. 5)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="plan the batteries over the coordinator's forecast every interval and "
+        "price bids at the plan's value of stored energy; off: today's fixed-price rules",
+    )
+    horizon_h: float = Field(
+        default=24.0, ge=1, le=168, description="plan this far ahead (within the forecast)"
+    )
+    pv_downside: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="a reservation must survive PV this much below its forecast (share)",
+    )
+    load_upside: float = Field(
+        default=0.2, ge=0, le=5, description="... and load this much above it (share)"
+    )
+    charge_efficiency: float = Field(default=0.95, gt=0, le=1, description="AC to stored")
+    discharge_efficiency: float = Field(default=0.95, gt=0, le=1, description="stored to AC")
+
+
 class SpoolSection(_Strict):
     """The on-disk store-and-forward outbox for telemetry."""
 
@@ -235,6 +259,7 @@ class EdgeConfig(_Strict):
     limits: LimitsSection = LimitsSection()
     fallback: FallbackSection = FallbackSection()
     market: MarketSection = MarketSection()
+    plan: PlanSection = PlanSection()
     spool: SpoolSection = SpoolSection()
     dispatch: DispatchSection = DispatchSection()
     clock: ClockSettings | None = None

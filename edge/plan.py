@@ -38,16 +38,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from edge.bidding import CurveSteps, bid_curve
+from edge.config import FallbackSection, LimitsSection, MarketSection, PlanSection
+from edge.policy import BatteryView, PlanStep
 
-#: Currency per kWh of flow beyond a limit or cap, or of stored energy short of a floor: far
-#: above any tariff, so the plan keeps them whenever it can and minimises the excess if not.
+#: Currency per kWh of flow beyond a limit or cap: far above any tariff, so the plan keeps
+#: them whenever it can and minimises the excess if not.
 PENALTY_PER_KWH = 5.0
+#: Currency per kWh of stored energy short of a floor: above any tariff but below the caps'
+#: penalty (a floor only serves later caps: breaking a cap now to keep one is no gain).
+FLOOR_PENALTY_PER_KWH = 1.0
 #: The pessimistic scenario's PV shortfall and load excess, as shares of the forecast.
 PV_DOWNSIDE = 0.5
 LOAD_UPSIDE = 0.2
@@ -175,7 +181,8 @@ def _scenario(
     lp.upper[d] = b.max_discharge_kw * step_h
     lp.lower[e] = min(b.min_kwh, b.stored_kwh)
     lp.upper[e] = max(b.max_kwh, b.stored_kwh)
-    lp.cost[oi] = lp.cost[ox] = lp.cost[short] = penalty_per_kwh
+    lp.cost[oi] = lp.cost[ox] = penalty_per_kwh
+    lp.cost[short] = min(FLOOR_PENALTY_PER_KWH, penalty_per_kwh)
     start = np.zeros(n)
     start[0] = b.stored_kwh
     # E[t] - E[t-1] - eta_c c[t] + d[t] / eta_d = E0 at t = 0, else 0
@@ -390,3 +397,144 @@ def plan_bid(
         discharge_price_per_kwh=sell_at,
         role=role,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalPlan:
+    """A plan made for one market interval: the plan, its first step and its bid."""
+
+    plan: SitePlan
+    step: PlanStep
+    bid: CurveSteps
+
+
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """Per-step series aligned on the market intervals from ``start_ts``: forecast PV and load
+    (W), price (per kWh) and the reservation (NaN: nothing asked)."""
+
+    start_ts: float
+    step_s: float
+    pv_w: NDArray[np.float64]
+    load_w: NDArray[np.float64]
+    price_per_kwh: NDArray[np.float64]
+    floor_kwh: NDArray[np.float64]
+    import_cap_kw: NDArray[np.float64]
+    export_cap_kw: NDArray[np.float64]
+
+
+def aligned(
+    start_ts: float,
+    step_s: float,
+    steps: int,
+    series_start_ts: float,
+    series_step_s: float,
+    values: ArrayLike,
+) -> NDArray[np.float64]:
+    """``steps`` values of a series (NaN where it has none) at ``start_ts + k step_s``; the
+    series must step as the plan does."""
+    data = np.asarray(values, dtype=np.float64)
+    out = np.full(steps, np.nan)
+    if series_step_s != step_s or len(data) == 0:
+        return out
+    offset = (start_ts - series_start_ts) / step_s
+    first = round(offset)
+    if abs(offset - first) > 1e-6:
+        return out
+    index = first + np.arange(steps)
+    ok = (index >= 0) & (index < len(data))
+    out[ok] = data[index[ok]]
+    return out
+
+
+def aggregate(
+    batteries: Sequence[BatteryView], charge_efficiency: float, discharge_efficiency: float
+) -> PlanBattery:
+    """The site's batteries as one; raises :class:`PlanError` if one reports no SOC or
+    capacity (its energy cannot be planned)."""
+    if not batteries:
+        raise PlanError("no battery to plan")
+    if any(b.soc_pct is None or b.capacity_wh is None for b in batteries):
+        raise PlanError("a battery reports no state of charge or capacity")
+    kwh = [(b.capacity_wh or 0.0) / 1000.0 for b in batteries]
+    return PlanBattery(
+        stored_kwh=sum((b.soc_pct or 0.0) / 100.0 * c for b, c in zip(batteries, kwh, strict=True)),
+        min_kwh=sum(b.soc_min_pct / 100.0 * c for b, c in zip(batteries, kwh, strict=True)),
+        max_kwh=sum(b.soc_max_pct / 100.0 * c for b, c in zip(batteries, kwh, strict=True)),
+        max_charge_kw=sum((b.rated_charge_w or 0.0) for b in batteries) / 1000.0,
+        max_discharge_kw=sum((b.rated_discharge_w or 0.0) for b in batteries) / 1000.0,
+        charge_efficiency=charge_efficiency,
+        discharge_efficiency=discharge_efficiency,
+    )
+
+
+def plan_interval(
+    horizon: Horizon,
+    batteries: Sequence[BatteryView],
+    *,
+    config: PlanSection,
+    market: MarketSection,
+    fallback: FallbackSection,
+    limits: LimitsSection,
+    role: str,
+) -> IntervalPlan:
+    """Plan the site from ``horizon`` (its first step is the interval bid for) and make the
+    interval's bid. Raises :class:`PlanError` when it cannot (no forecast for the interval, a
+    battery without state, a failed solve): the caller falls back to today's rules."""
+    step_h = horizon.step_s / 3600.0
+    steps = min(len(horizon.pv_w), max(1, round(config.horizon_h / step_h)))
+    pv, load = horizon.pv_w[:steps], horizon.load_w[:steps]
+    price = horizon.price_per_kwh[:steps]
+    known = np.isfinite(pv) & np.isfinite(load) & np.isfinite(price)
+    if steps == 0 or not known[0]:
+        raise PlanError("no forecast for the interval")
+    usable = int(np.argmin(known)) if not known.all() else steps  # the leading known run
+    pv, load, price = pv[:usable], load[:usable], price[:usable]
+    battery = aggregate(batteries, config.charge_efficiency, config.discharge_efficiency)
+    load_kwh, pv_kwh = load * step_h / 1000.0, np.maximum(pv, 0.0) * step_h / 1000.0
+    net = load_kwh - pv_kwh
+    floor = horizon.floor_kwh[:usable]
+    cap_in = horizon.import_cap_kw[:usable]
+    cap_out = horizon.export_cap_kw[:usable]
+    reserved = bool(
+        np.isfinite(floor).any() or np.isfinite(cap_in).any() or np.isfinite(cap_out).any()
+    )
+    caps = [w for w in (limits.import_limit_w, fallback.import_cap_w) if w is not None]
+    plan = plan_site(
+        net,
+        price,
+        price,
+        battery,
+        step_h=step_h,
+        stored_value_per_kwh=stored_value_per_kwh(price, battery.discharge_efficiency),
+        import_limit_kw=min(caps) / 1000.0 if caps else None,
+        export_limit_kw=None if limits.export_limit_w is None else limits.export_limit_w / 1e3,
+        floor_kwh=floor,
+        import_cap_kw=cap_in,
+        export_cap_kw=cap_out,
+        pessimistic_net_kwh=(
+            pessimistic_net_kwh(
+                load_kwh, pv_kwh, pv_downside=config.pv_downside, load_upside=config.load_upside
+            )
+            if reserved
+            else None
+        ),
+    )
+    bid = plan_bid(
+        plan,
+        float(net[0]),
+        battery,
+        step_h=step_h,
+        max_buy_price_per_kwh=market.max_buy_price_per_kwh,
+        min_sell_price_per_kwh=market.min_sell_price_per_kwh,
+        role=role,
+        floor_kwh=float(floor[0]),
+        import_cap_kw=float(cap_in[0]),
+        export_cap_kw=float(cap_out[0]),
+    )
+    value = float(plan.value_per_kwh[0])
+    step = PlanStep(
+        grid_w=float(plan.grid_kwh[0]) / step_h * 1000.0,
+        charge_price_per_kwh=value * battery.charge_efficiency,
+    )
+    return IntervalPlan(plan, step, bid)

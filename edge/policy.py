@@ -56,6 +56,16 @@ class Commitment:
     price_per_kwh: float
 
 
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """What the site's plan (:mod:`edge.plan`) asks of the interval it was made for: the
+    site's grid exchange (W, + imports) and the price below which its batteries buy to charge
+    (per kWh)."""
+
+    grid_w: float
+    charge_price_per_kwh: float
+
+
 def rated_totals_w(batteries: Sequence[BatteryView]) -> tuple[float, float]:
     """(total rated charge W, total rated discharge W) of the batteries; unknown counts 0."""
     return (
@@ -97,6 +107,7 @@ def decide_setpoint_w(
     market: MarketSection,
     fallback: FallbackSection,
     limits: LimitsSection,
+    plan: PlanStep | None = None,
 ) -> tuple[float | None, str]:
     """The total battery setpoint (W, + discharges) and the layer it comes from.
 
@@ -106,8 +117,11 @@ def decide_setpoint_w(
     with only a load limit discharges what the net load exceeds it by. The market layer keeps
     the award (``net - award power``) but never buys dear energy to charge (above the
     battery charge price while the site imports) and keeps the peak-shaving reserve. The
-    fallback is self-consumption (or idle). The result passes :func:`safety_clamp_w`; the
-    layer is then ``"safety"`` if that changed it. No battery: ``(None, "fallback")``.
+    fallback is self-consumption (or idle). With a ``plan`` for the interval, the market
+    layer buys to charge only below the plan's charge price and leaves the reserve to the plan
+    (which keeps what the forecast peak needs); without an award the ``"plan"`` layer keeps
+    the planned grid exchange (``net - plan grid``). The result passes :func:`safety_clamp_w`;
+    the layer is then ``"safety"`` if that changed it. No battery: ``(None, "fallback")``.
     """
     if not batteries:
         return None, "fallback"
@@ -120,6 +134,11 @@ def decide_setpoint_w(
         target = command.battery_power_w
         if target is None and command.load_limit_w is not None and net is not None:
             target = max(0.0, net - command.load_limit_w)  # discharge to respect the cap
+    elif award is not None and net is not None and plan is not None:
+        layer = "market"
+        target = net - award.quantity_kwh * 3.6e6 / market.interval_s
+        if target < 0 < net and award.price_per_kwh > plan.charge_price_per_kwh:
+            target = 0.0  # as below: the plan values stored energy below this price
     elif award is not None and net is not None:
         layer = "market"
         target = net - award.quantity_kwh * 3.6e6 / market.interval_s
@@ -139,6 +158,8 @@ def decide_setpoint_w(
                 reserve_soc_pct=fallback.reserve_soc_pct if soc_pct is not None else None,
             )
         )
+    elif plan is not None and net is not None:
+        layer, target = "plan", net - plan.grid_w
     elif fallback.mode == "self_consumption" and net is not None:
         layer = "fallback"
         target = float(
@@ -175,9 +196,7 @@ def share_among_batteries_w(total_w: float, batteries: Sequence[BatteryView]) ->
     Pro rata to the rated discharge power when discharging (rated charge power when
     charging); a battery at its state-of-charge bound in the asked direction gets 0.
     """
-    weights = [
-        (b.rated_discharge_w if total_w > 0 else b.rated_charge_w) or 0.0 for b in batteries
-    ]
+    weights = [(b.rated_discharge_w if total_w > 0 else b.rated_charge_w) or 0.0 for b in batteries]
     whole = sum(weights) or 1.0
     shares = []
     for b, weight in zip(batteries, weights, strict=True):

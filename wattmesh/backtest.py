@@ -54,17 +54,28 @@ from rich.console import Console
 
 from broker.clock import ManualClock
 from broker.messages import Bid, BidStep, Telemetry
+from coordinator import forecast as fc
 from coordinator import grid
 from coordinator import plausibility as pl
+from coordinator import reserve as rs
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
 from coordinator.ledger import Ledger, to_currency
 from coordinator.plausibility import open_interval
-from coordinator.service import RingBuffer, clear_bids, site_forecast_w
+from coordinator.service import (
+    HISTORY_SAMPLES,
+    HISTORY_STEP_S,
+    RingBuffer,
+    clear_bids,
+    site_forecast_w,
+)
+from edge.bidding import CurveSteps
 from edge.config import EdgeConfig, parse_edge_config
+from edge.plan import Horizon, PlanError, aligned, plan_interval
 from edge.policy import (
     BatteryView,
     Command,
     Commitment,
+    PlanStep,
     clamp_to_rating_w,
     decide_setpoint_w,
     expected_net_kwh,
@@ -80,8 +91,9 @@ from wattmesh.replay import ReplayError, Series, read_series, replayed_w
 
 #: Simulated seconds per step unless told otherwise.
 DEFAULT_STEP_S = 60.0
-#: The coordinator keeps one history sample a minute per site, as the live one does.
-HISTORY_SAMPLE_S = 60.0
+#: The coordinator keeps one history sample every 15 minutes per site for 7 days, as the
+#: live one does (coordinator.service.HISTORY_STEP_S, HISTORY_SAMPLES).
+HISTORY_SAMPLE_S = HISTORY_STEP_S
 #: Awards an edge keeps (the live agent keeps the last 8).
 AWARDS_KEPT = 8
 
@@ -96,6 +108,32 @@ VARIANTS: tuple[Variant, ...] = ("wattmesh", "self_consumption", "idle")
 
 class BacktestError(ValueError):
     """A backtest cannot run as asked (bad scenario, step or configuration)."""
+
+
+def _check_run(variant: str, days: float, history_days: float) -> None:
+    if variant not in VARIANTS:
+        raise BacktestError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if not days > 0:
+        raise BacktestError(f"days must be positive, got {days}")
+    if not 0 <= history_days <= 7:
+        raise BacktestError(f"history_days must be within 0-7, got {history_days}")
+
+
+def _aligned(
+    start: float, step_s: float, series_start: float, values: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    return aligned(start, step_s, len(values), series_start, step_s, values)
+
+
+def fleet_battery(batteries: list[SteppedBattery]) -> rs.FleetBattery:
+    """A site's batteries as the coordinator's reservation sees them (from their readings)."""
+    return rs.FleetBattery(
+        stored_kwh=sum(b.stored_wh for b in batteries) / 1000.0,
+        min_kwh=sum(b.soc_min_pct * b.capacity_wh for b in batteries) / 1e5,
+        max_kwh=sum(b.soc_max_pct * b.capacity_wh for b in batteries) / 1e5,
+        max_charge_kw=sum(b.rated_power_w for b in batteries) / 1000.0,
+        max_discharge_kw=sum(b.rated_power_w for b in batteries) / 1000.0,
+    )
 
 
 def default_coordinator_config(
@@ -243,7 +281,14 @@ class _Site:
     order: tuple[Command, float] | None = None  # the dispatch in force and its end
     history: deque[tuple[float, float]] = field(default_factory=deque)
     written: dict[int, tuple[float, float]] = field(default_factory=dict)
-    forecast: tuple[float, float, float] | None = None  # (start ts, pv W, load W)
+    forecast: tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None = (
+        None  # (start ts, pv W, load W, price per kWh) per interval, as the Forecast message
+    )
+    reservation: rs.SiteReservation | None = None  # aligned with the forecast
+    plans: OrderedDict[int, PlanStep] = field(default_factory=OrderedDict)
+    planned: int = 0  # intervals planned
+    plan_fallbacks: int = 0  # intervals the plan failed for (today's rules instead)
+    plan_solve_s: float = 0.0
     controller: str = "fallback"
     next_bid: int = 0  # the next interval to bid for
     reported_generation_w: float = 0.0  # the PV and battery ratings its devices report
@@ -255,8 +300,8 @@ class _Site:
     readings: int = 0
     energy_wh: dict[int, float] = field(default_factory=dict)
     meter_wh: dict[int, float] = field(default_factory=dict)  # the utility's: every reading
-    pv_history: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
-    load_history: RingBuffer = field(default_factory=lambda: RingBuffer(8 * 96 * 4))
+    pv_history: RingBuffer = field(default_factory=lambda: RingBuffer(HISTORY_SAMPLES))
+    load_history: RingBuffer = field(default_factory=lambda: RingBuffer(HISTORY_SAMPLES))
     last_history_ts: float = -math.inf
 
     @property
@@ -386,11 +431,9 @@ class Engine:
         poll_s: float | None = None,
         grid_period_s: float | None = None,
         trust: bool = False,
+        history_days: float = 0.0,
     ) -> None:
-        if variant not in VARIANTS:
-            raise BacktestError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if not days > 0:
-            raise BacktestError(f"days must be positive, got {days}")
+        _check_run(variant, days, history_days)
         self.scenario = scenario
         self.step_s = float(step_s)
         self.config = coordinator or default_coordinator_config(scenario, ledger_path, step_s)
@@ -443,6 +486,8 @@ class Engine:
             )
             for name, sim in sims.items()
         }
+        if history_days > 0:
+            self._warm_up(scenario, history_days, set(replay or {}))
         t = self.config.trust
         self.window = pl.TimeWindow(t.future_skew_s, t.max_age_s)
         self.stored_start_wh = {
@@ -464,6 +509,22 @@ class Engine:
         for site in self.sites.values():
             site.next_bid = first
 
+    def _warm_up(self, scenario: ScenarioConfig, days: float, replayed: set[str]) -> None:
+        """Give the coordinator ``days`` of history before the start, as a running one has:
+        each site's load and PV (its batteries idle) every HISTORY_SAMPLE_S; replayed sites
+        get none (their measured series starts at the start)."""
+        count = round(days * 86_400 / HISTORY_SAMPLE_S)
+        times = self.start_ts - HISTORY_SAMPLE_S * np.arange(count, 0, -1, dtype=np.float64)
+        _, before = _profiles(scenario, times)
+        for name, (load, pv) in before.items():
+            site = self.sites[name]
+            if name in replayed:
+                continue
+            for t, load_w, pv_w in zip(times, load, pv, strict=True):
+                site.pv_history.append(float(t), float(pv_w))
+                site.load_history.append(float(t), float(load_w))
+            site.last_history_ts = float(times[-1])
+
     # -- the edge ----------------------------------------------------------------------------
     def _control(self, site: _Site, now: float) -> None:
         """The edge's control (EdgeAgent._control): decide, share, write what changed."""
@@ -481,6 +542,7 @@ class Engine:
             market=m,
             fallback=site.edge.fallback,
             limits=site.edge.limits,
+            plan=site.plans.get(int(now // m.interval_s)),
         )
         if total is None or not site.batteries:
             return
@@ -519,33 +581,85 @@ class Engine:
         self._control(site, now)
 
     def _bid(self, site: _Site, interval: int, now: float) -> None:
+        """EdgeAgent.bid: the plan's bid, or today's rules when there is no plan."""
         m = site.edge.market
         start = interval * m.interval_s
         f = site.forecast
-        recent = [w for _, w in site.history]
-        if f is not None:
-            net_kwh = expected_net_kwh(
-                start,
-                m.interval_s,
-                forecast_start_ts=f[0],
-                forecast_step_s=m.interval_s,
-                forecast_pv_w=[f[1]],
-                forecast_load_w=[f[2]],
-                recent_net_w=recent,
+        curve = None
+        if site.edge.plan.enabled and site.batteries and f is not None:
+            curve = self._planned_bid(site, interval, start, f)
+        if curve is None:
+            recent = [w for _, w in site.history]
+            if f is not None:
+                net_kwh = expected_net_kwh(
+                    start,
+                    m.interval_s,
+                    forecast_start_ts=f[0],
+                    forecast_step_s=m.interval_s,
+                    forecast_pv_w=f[1],
+                    forecast_load_w=f[2],
+                    recent_net_w=recent,
+                )
+            else:
+                net_kwh = expected_net_kwh(start, m.interval_s, recent_net_w=recent)
+            curve = interval_bid(
+                [b.view() for b in site.batteries],
+                net_kwh,
+                market=m,
+                fallback=site.edge.fallback,
+                role=site.edge.site.role,
             )
-        else:
-            net_kwh = expected_net_kwh(start, m.interval_s, recent_net_w=recent)
-        curve = interval_bid(
-            [b.view() for b in site.batteries],
-            net_kwh,
-            market=m,
-            fallback=site.edge.fallback,
-            role=site.edge.site.role,
-        )
         if self.trust and not self._plausible_bid(site, interval, curve.buy, curve.sell, now):
             site.rejected += 1
             return
         self.bids.setdefault(interval, {})[site.name] = (curve.buy, curve.sell)
+
+    def _planned_bid(
+        self,
+        site: _Site,
+        interval: int,
+        start: float,
+        f: tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]],
+    ) -> CurveSteps | None:
+        """EdgeAgent's planning: plan from the forecast and reservation, keep the interval's
+        step for control; None (today's rules) when the plan fails."""
+        m = site.edge.market
+        n = len(f[1])
+        r = site.reservation
+        nan = np.full(n, np.nan)
+        horizon = Horizon(
+            start_ts=start,
+            step_s=float(m.interval_s),
+            pv_w=_aligned(start, m.interval_s, f[0], f[1]),
+            load_w=_aligned(start, m.interval_s, f[0], f[2]),
+            price_per_kwh=_aligned(start, m.interval_s, f[0], f[3]),
+            floor_kwh=nan if r is None else _aligned(start, m.interval_s, f[0], r.floor_kwh),
+            import_cap_kw=nan
+            if r is None
+            else _aligned(start, m.interval_s, f[0], r.import_cap_kw),
+            export_cap_kw=nan
+            if r is None
+            else _aligned(start, m.interval_s, f[0], r.export_cap_kw),
+        )
+        try:
+            planned = plan_interval(
+                horizon,
+                [b.view() for b in site.batteries],
+                config=site.edge.plan,
+                market=m,
+                fallback=site.edge.fallback,
+                limits=site.edge.limits,
+                role=site.edge.site.role,
+            )
+        except PlanError:
+            site.plan_fallbacks += 1
+            return None
+        site.planned += 1
+        site.plan_solve_s += planned.plan.solve_s
+        site.plans[interval] = planned.step
+        while len(site.plans) > AWARDS_KEPT:
+            site.plans.popitem(last=False)
+        return planned.bid
 
     def _plausible_bid(
         self, site: _Site, interval: int, buy: Steps, sell: Steps, now: float
@@ -708,15 +822,40 @@ class Engine:
             awards[interval] = Commitment(quantity, record.clearing_price_per_kwh)
             while len(awards) > AWARDS_KEPT:
                 awards.popitem(last=False)
-        start = (interval + 1) * m.interval_s
-        midpoint = np.array([start + m.interval_s / 2])
-        for s in self.sites.values():
-            if len(s.load_history) == 0:
-                continue
-            pv, load = site_forecast_w(
-                s.pv_history, s.load_history, midpoint, self.config.coordinator
+        self._forecast((interval + 1) * m.interval_s)
+
+    def _forecast(self, start: float) -> None:
+        """Coordinator.publish_forecasts: each site's PV and load over the horizon, the local
+        price from the community's net load, and the feeder reservation."""
+        m = self.config.market
+        c = self.config
+        steps = int(m.forecast_horizon_h * 3600 // m.interval_s)
+        times = start + m.interval_s * (np.arange(steps) + 0.5)
+        known = [s for s in self.sites.values() if len(s.load_history)]
+        if not known:
+            return
+        shapes = {}
+        for s in known:
+            shapes[s.name] = site_forecast_w(s.pv_history, s.load_history, times, c.coordinator)
+        net_w = sum(load - pv for pv, load in shapes.values())
+        tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
+        price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
+        step_h = m.interval_s / 3600.0
+        reservation = None
+        if self.variant == "wattmesh":
+            fleet = {s.name: fleet_battery(s.batteries) for s in known if s.batteries}
+            reservation = rs.reserve(
+                {n: (ld - pv) * step_h / 1000.0 for n, (pv, ld) in shapes.items()},
+                fleet,
+                step_h=step_h,
+                import_limit_kw=c.grid.import_limit_w / 1000.0,
+                export_limit_kw=c.grid.export_limit_w / 1000.0,
+                plan_to_share=c.grid.target_pct / 100.0,
             )
-            s.forecast = (float(start), float(pv[0]), float(load[0]))
+        for s in known:
+            pv, load = shapes[s.name]
+            s.forecast = (float(start), pv, load, price)
+            s.reservation = None if reservation is None else reservation.sites.get(s.name)
 
     def _settle(self, interval: int) -> None:
         """Coordinator.settle: every site at its metered energy, a site with an implausible
@@ -880,6 +1019,7 @@ def run_backtest(
     poll_s: float | None = None,
     grid_period_s: float | None = None,
     trust: bool = False,
+    history_days: float = 0.0,
     progress: Callable[[float], None] | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
@@ -912,6 +1052,7 @@ def run_backtest(
             poll_s=poll_s,
             grid_period_s=grid_period_s,
             trust=trust,
+            history_days=history_days,
         )
         try:
             return engine.run(progress)

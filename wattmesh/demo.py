@@ -61,14 +61,16 @@ COORDINATOR: dict[str, dict[str, Any]] = {
         "feed_in_per_kwh": 0.08,
         "periods": [{"start_h": 7, "end_h": 22, "retail_per_kwh": 0.32, "feed_in_per_kwh": 0.08}],
     },
-    # Peak shaving: batteries are dispatched once the feeder passes 80 % of a limit (120 kW of
-    # import), relieve it to 75 % and hand back below 65 %.
+    # The feeder reservation plans the sites' batteries to keep the feeder at 95 % of a limit
+    # (142.5 kW of import); the live grid loop is the backstop for forecast errors: it
+    # dispatches batteries once the feeder passes 98 %, relieves it to 95 % and hands back
+    # below 90 %.
     "grid": {
         "import_limit_w": 150_000.0,
         "export_limit_w": 220_000.0,
-        "act_at_pct": 80.0,
-        "target_pct": 75.0,
-        "release_pct": 65.0,
+        "act_at_pct": 98.0,
+        "target_pct": 95.0,
+        "release_pct": 90.0,
     },
 }
 

@@ -96,8 +96,7 @@ def build_server(api_url: str, stdio_token: str | None = None) -> MCPServer:
 
     @mcp.tool(
         description="Market clearings in an interval range (intervals are floor(ts / 900) for "
-        "15-minute markets; at most `limit`, the newest): price and awards (kWh, + buys). "
-        + UNITS
+        "15-minute markets; at most `limit`, the newest): price and awards (kWh, + buys). " + UNITS
     )
     async def clearings(
         ctx: Context,

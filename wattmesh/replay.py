@@ -50,9 +50,7 @@ def _time(text: str, where: str) -> float:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise ReplayError(
-            f"{where}: time {text!r} is neither ISO 8601 nor epoch seconds"
-        ) from None
+        raise ReplayError(f"{where}: time {text!r} is neither ISO 8601 nor epoch seconds") from None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 

@@ -524,4 +524,3 @@ class ApiServer:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, SystemExit):
                 await self._task
-

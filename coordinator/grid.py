@@ -212,9 +212,7 @@ def load_limits_w(
     consumers = [
         n
         for n, s in sites.items()
-        if s.role in ("consumer", "prosumer")
-        and (s.grid_power_w or 0.0) > 0
-        and n not in exclude
+        if s.role in ("consumer", "prosumer") and (s.grid_power_w or 0.0) > 0 and n not in exclude
     ]
     return {
         n: max(0.0, (sites[n].grid_power_w or 0.0) - uncovered_w / len(consumers))

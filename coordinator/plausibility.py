@@ -70,9 +70,7 @@ class TimeWindow:
 
 def reported_ratings_w(msg: Telemetry) -> tuple[float, float]:
     """(generation, storage) W: the sums of the rated powers the site's devices report."""
-    generation = sum(
-        d.rated_power_w or 0.0 for d in msg.devices if d.kind == "pv_inverter"
-    )
+    generation = sum(d.rated_power_w or 0.0 for d in msg.devices if d.kind == "pv_inverter")
     storage = sum(d.rated_power_w or 0.0 for d in msg.devices if d.kind == "battery")
     return generation, storage
 

@@ -29,7 +29,7 @@ grid loop handles what is left).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,8 +88,8 @@ class FeederReservation:
 
 
 def reserve(
-    net_kwh: dict[str, ArrayLike],
-    batteries: dict[str, FleetBattery],
+    net_kwh: Mapping[str, ArrayLike],
+    batteries: Mapping[str, FleetBattery],
     *,
     step_h: float,
     import_limit_kw: float,
@@ -161,7 +161,7 @@ def _weighted(fleet: Sequence[FleetBattery], what: str) -> float:
     return float(sum(getattr(b, what) * b.max_kwh for b in fleet) / total)
 
 
-def _shares(names: Sequence[str], batteries: dict[str, FleetBattery]) -> dict[str, float]:
+def _shares(names: Sequence[str], batteries: Mapping[str, FleetBattery]) -> dict[str, float]:
     """Each site's share of the fleet, by usable capacity."""
     usable = {n: max(0.0, b.max_kwh - b.min_kwh) for n, b in batteries.items() if n in names}
     total = sum(usable.values())
@@ -176,3 +176,29 @@ def flatten(values: ArrayLike) -> list[float | None]:
 def unflatten(values: Sequence[float | None]) -> NDArray[np.float64]:
     """A message's per-step list as an array: None becomes NaN."""
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+#: The stored energy the reservation assumes a battery keeps (its readings carry no bounds),
+#: % of its capacity.
+ASSUMED_SOC_MIN_PCT = 5.0
+
+
+def fleet_from_readings(
+    readings: Sequence[tuple[float | None, float | None, float | None]],
+) -> FleetBattery | None:
+    """A site's batteries as the reservation sees them, from each battery's latest reading
+    ``(soc %, capacity Wh, rated power W)``; None when none reports all three."""
+    known = [
+        (soc, cap, power)
+        for soc, cap, power in readings
+        if soc is not None and cap is not None and power is not None and cap > 0
+    ]
+    if not known:
+        return None
+    return FleetBattery(
+        stored_kwh=sum(soc / 100.0 * cap for soc, cap, _ in known) / 1000.0,
+        min_kwh=sum(ASSUMED_SOC_MIN_PCT / 100.0 * cap for _, cap, _ in known) / 1000.0,
+        max_kwh=sum(cap for _, cap, _ in known) / 1000.0,
+        max_charge_kw=sum(power for _, _, power in known) / 1000.0,
+        max_discharge_kw=sum(power for _, _, power in known) / 1000.0,
+    )

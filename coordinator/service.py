@@ -50,12 +50,13 @@ from broker.messages import (
     DispatchAck,
     Forecast,
     GridState,
+    Reservation,
     Status,
     Telemetry,
     new_id,
 )
 from coordinator import forecast as fc
-from coordinator import grid
+from coordinator import grid, reserve
 from coordinator import plausibility as pl
 from coordinator.api import ApiServer, build_app, load_tokens
 from coordinator.config import CoordinatorConfig, CoordinatorSection
@@ -422,6 +423,8 @@ class Coordinator:
         self.api: ApiServer | None = None
         #: Each site's last published forecast (for the API).
         self.last_forecasts: dict[str, Forecast] = {}
+        #: The last feeder reservation (coordinator/reserve.py), if one was made.
+        self.last_reservation: reserve.FeederReservation | None = None
         self._ack_waiters: dict[str, asyncio.Future[DispatchAck]] = {}
         #: Cleared intervals not yet settled (from the ledger at start: none is lost).
         self.cleared: dict[int, ClearedInterval] = {}
@@ -576,11 +579,14 @@ class Coordinator:
             estimated=st.estimated,
             unsettled=len(self.cleared),
             dispatches=st.dispatches,
-            last_cleared_interval=None if self.last_clearing is None
+            last_cleared_interval=None
+            if self.last_clearing is None
             else self.last_clearing.interval,
             rejected=rejected,
-            historian="off" if self.config.historian is None
-            else "failed" if self.historian_failed
+            historian="off"
+            if self.config.historian is None
+            else "failed"
+            if self.historian_failed
             else "ok",
             historian_dropped=0 if historian is None else historian.dropped,
             historian_buffered=0 if historian is None else historian.buffer_points,
@@ -1094,9 +1100,7 @@ class Coordinator:
             }
             if not metered:
                 continue
-            ready = all(
-                self._complete(s, k) for s in self.sites.values() if k in s.energy_wh
-            )
+            ready = all(self._complete(s, k) for s in self.sites.values() if k in s.energy_wh)
             if not ready and now - settled_at < window:
                 continue
             self._dirty.discard(k)
@@ -1160,11 +1164,69 @@ class Coordinator:
                 forecasts[name] = forecast
                 messages.append((topics.forecast_topic(name), payload))
         self.last_forecasts = forecasts
+        messages += self._reservation_messages(chunks, start_ts, now)
         if self.historian is not None:
             for name, forecast in forecasts.items():
                 self.historian.record_forecast(name, forecast)
         with contextlib.suppress(BusUnavailable):
             self.stats.forecasts += await self.bus.publish_burst(messages, retain=True)
+
+    def _reservation_messages(
+        self,
+        chunks: Sequence[tuple[list[str], NDArray[np.float64], NDArray[np.float64]]],
+        start_ts: float,
+        now: float,
+    ) -> list[tuple[str, str]]:
+        """Each site's share of the feeder reservation (coordinator/reserve.py) from the
+        forecasts just made and the batteries' latest readings, as retained messages."""
+        m, g = self.config.market, self.config.grid
+        step_h = m.interval_s / 3600.0
+        net: dict[str, NDArray[np.float64]] = {}
+        for names, pv, load in chunks:
+            for row, name in enumerate(names):
+                net[name] = (load[row] - pv[row]) * step_h / 1000.0
+        fleet = {}
+        for name in net:
+            latest = self.sites[name].latest
+            if latest is None:
+                continue
+            battery = reserve.fleet_from_readings(
+                [
+                    (d.soc_pct, d.capacity_wh, d.rated_power_w)
+                    for d in latest.devices
+                    if d.kind == "battery" and d.available
+                ]
+            )
+            if battery is not None:
+                fleet[name] = battery
+        if not fleet:
+            return []
+        try:
+            result = reserve.reserve(
+                net,
+                fleet,
+                step_h=step_h,
+                import_limit_kw=g.import_limit_w / 1000.0,
+                export_limit_kw=g.export_limit_w / 1000.0,
+                plan_to_share=g.target_pct / 100.0,
+            )
+        except reserve.ReservationError as err:
+            log.warning("no feeder reservation: %s", err)
+            return []
+        self.last_reservation = result
+        out = []
+        for name in fleet:
+            share = result.sites[name]
+            message = Reservation(
+                ts=now,
+                start_ts=start_ts,
+                step_s=m.interval_s,
+                floor_kwh=reserve.flatten(share.floor_kwh),
+                import_cap_kw=reserve.flatten(share.import_cap_kw),
+                export_cap_kw=reserve.flatten(share.export_cap_kw),
+            )
+            out.append((topics.site_topic(name, "reservation"), message.model_dump_json()))
+        return out
 
     def _history_snapshot(
         self, names: Sequence[str]

@@ -27,7 +27,7 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -45,6 +45,7 @@ from broker.messages import (
     DispatchAck,
     Forecast,
     GridState,
+    Reservation,
     Status,
     Telemetry,
 )
@@ -62,12 +63,15 @@ from drivers.errors import DriverError, SetpointRejected
 from drivers.regmap import RegisterMap, builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import BusPool
 from drivers.writeguard import WritePolicy
+from edge.bidding import CurveSteps
 from edge.config import DeviceSection, EdgeConfig, proxy_units
 from edge.outbox import Outbox
+from edge.plan import Horizon, IntervalPlan, PlanError, aligned, load_solver, plan_interval
 from edge.policy import (
     BatteryView,
     Command,
     Commitment,
+    PlanStep,
     clamp_to_rating_w,
     decide_setpoint_w,
     expected_net_kwh,
@@ -81,6 +85,9 @@ from edge.spool import Spool
 from edge.trust import OrderWindow, order_window
 
 log = logging.getLogger(__name__)
+
+#: Wall seconds a plan may take before the agent bids without it.
+PLAN_TIMEOUT_S = 5.0
 
 SOFTWARE_VERSION = "0.1.0"
 AckOutcome = Literal["accepted", "clamped", "refused", "expired", "duplicate", "invalid"]
@@ -359,6 +366,10 @@ class AgentStats:
     acks: dict[str, int] = field(default_factory=dict)
     battery_writes: int = 0
     status_published: int = 0
+    plans: int = 0
+    """Intervals bid from a plan."""
+    plan_fallbacks: int = 0
+    """Intervals the plan failed or was late for (bid by the fixed-price rules instead)."""
 
 
 class EdgeAgent:
@@ -389,6 +400,12 @@ class EdgeAgent:
         self.controller = "fallback"
         self.awards: OrderedDict[int, Award] = OrderedDict()
         self.forecast: Forecast | None = None
+        self.reservation: Reservation | None = None
+        #: The plan's step for each interval bid from a plan (the last few).
+        self.plans: OrderedDict[int, PlanStep] = OrderedDict()
+        #: The latest plan made and the interval it was made for.
+        self.last_plan: tuple[int, IntervalPlan] | None = None
+        self._plan_failing: str | None = None
         self.grid_mode = "normal"
         self.dispatch: Order | None = None
         self.emergency: Order | None = None
@@ -495,6 +512,11 @@ class EdgeAgent:
         self._group.create_task(self._status_loop(), name="edge-status")
         if self.config.market.enabled:
             self._group.create_task(self._bid_loop(), name="edge-bids")
+        if self.config.plan.enabled and any(
+            d.kind in ("battery", "map") for d in self.config.devices
+        ):
+            # the solver loads in the background, so the first plan is not late for it
+            self._group.create_task(asyncio.to_thread(load_solver), name="edge-plan-warm")
         return self
 
     async def __aexit__(
@@ -643,6 +665,7 @@ class EdgeAgent:
             market=self.config.market,
             fallback=self.config.fallback,
             limits=self.config.limits,
+            plan=self.plans.get(int(now // self.config.market.interval_s)),
         )
 
     async def _control(self, now: float) -> float | None:
@@ -738,6 +761,8 @@ class EdgeAgent:
                 self.awards.popitem(last=False)
         elif kind == "forecast":
             self.forecast = Forecast.model_validate_json(payload)
+        elif kind == "reservation":
+            self.reservation = Reservation.model_validate_json(payload)
         elif kind == "grid/state":
             self.grid_mode = GridState.model_validate_json(payload).mode
         elif kind == "market/clearing":
@@ -957,6 +982,94 @@ class EdgeAgent:
             recent_net_w=recent,
         )
 
+    def horizon(self, start_ts: float) -> Horizon | None:
+        """The forecast and reservation aligned on the market intervals from ``start_ts``
+        (None without a forecast)."""
+        f, r, m = self.forecast, self.reservation, self.config.market
+        if f is None or not f.pv_power_w:
+            return None
+        n, step = len(f.pv_power_w), float(m.interval_s)
+
+        def series(first: float, step_s: float, values: list[float | None] | list[float]) -> Any:
+            data = [math.nan if v is None else v for v in values]
+            return aligned(start_ts, step, n, first, step_s, data)
+
+        nan: list[float] = [math.nan]
+        return Horizon(
+            start_ts=start_ts,
+            step_s=step,
+            pv_w=series(f.start_ts, f.step_s, f.pv_power_w),
+            load_w=series(f.start_ts, f.step_s, f.load_power_w),
+            price_per_kwh=series(f.start_ts, f.step_s, f.price_per_kwh),
+            floor_kwh=series(r.start_ts, r.step_s, r.floor_kwh) if r else series(0, step, nan),
+            import_cap_kw=series(r.start_ts, r.step_s, r.import_cap_kw)
+            if r
+            else series(0, step, nan),
+            export_cap_kw=series(r.start_ts, r.step_s, r.export_cap_kw)
+            if r
+            else series(0, step, nan),
+        )
+
+    def _plan(self, horizon: Horizon | None, views: list[BatteryView]) -> IntervalPlan:
+        """:func:`edge.plan.plan_interval` for this site; raises PlanError without a
+        forecast. Pure: runs in a worker thread."""
+        if horizon is None:
+            raise PlanError("no forecast from the coordinator yet")
+        c = self.config
+        return plan_interval(
+            horizon,
+            views,
+            config=c.plan,
+            market=c.market,
+            fallback=c.fallback,
+            limits=c.limits,
+            role=c.site.role,
+        )
+
+    async def _planned_bid(self, upcoming: int, time_left_s: float) -> CurveSteps | None:
+        """The bid for interval ``upcoming`` from a plan (edge/plan.py) solved in a worker
+        thread within ``time_left_s`` (wall); None when planning is off, there is no battery
+        or forecast, or the plan fails or is late: the agent then bids by the fixed-price
+        rules and says so once (and once when planning works again)."""
+        c = self.config
+        views = self._views()
+        if not c.plan.enabled or not views:
+            return None
+        horizon = self.horizon(upcoming * float(c.market.interval_s))
+        try:
+            planned = await asyncio.wait_for(
+                asyncio.to_thread(self._plan, horizon, views),
+                timeout=max(0.1, min(PLAN_TIMEOUT_S, time_left_s / 2)),
+            )
+        except (PlanError, TimeoutError) as err:
+            reason = str(err) or "the plan was late"
+            self.stats.plan_fallbacks += 1
+            if self._plan_failing is None:
+                log.warning(
+                    "site %s: no plan for interval %d (%s); bidding by the fixed-price rules",
+                    self.site,
+                    upcoming,
+                    reason,
+                )
+            self._plan_failing = reason
+            return None
+        if self._plan_failing is not None:
+            log.info("site %s: planning again from interval %d", self.site, upcoming)
+            self._plan_failing = None
+        self.stats.plans += 1
+        self.last_plan = (upcoming, planned)
+        self.plans[upcoming] = planned.step
+        while len(self.plans) > 8:
+            self.plans.popitem(last=False)
+        log.debug(
+            "site %s: planned interval %d: grid %.0f W, stored energy worth %.3f/kWh",
+            self.site,
+            upcoming,
+            planned.step.grid_w,
+            float(planned.plan.value_per_kwh[0]),
+        )
+        return planned.bid
+
     async def _bid_loop(self) -> None:
         """Bid once per interval, ``bid_lead_s`` before its gate closes (on the agent's clock)."""
         m = self.config.market
@@ -980,13 +1093,15 @@ class EdgeAgent:
         start = upcoming * m.interval_s
         if self._bid_for == upcoming or now >= start - m.gate_s:
             return
-        curve = interval_bid(
-            self._views(),
-            self._expected_net_kwh(start, m.interval_s),
-            market=m,
-            fallback=self.config.fallback,
-            role=self.config.site.role,
-        )
+        curve = await self._planned_bid(upcoming, (start - m.gate_s - now) / self.speed)
+        if curve is None:
+            curve = interval_bid(
+                self._views(),
+                self._expected_net_kwh(start, m.interval_s),
+                market=m,
+                fallback=self.config.fallback,
+                role=self.config.site.role,
+            )
         bid = Bid(
             ts=now,
             interval=upcoming,

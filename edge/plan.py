@@ -313,6 +313,12 @@ def plan_site(
     )
 
 
+def load_solver() -> None:
+    """Import the solver (scipy's HiGHS): about a second on a gateway, so an agent does it
+    in the background at start rather than in its first plan."""
+    from scipy.optimize import linprog  # noqa: F401, PLC0415
+
+
 def pessimistic_net_kwh(
     load_kwh: ArrayLike,
     pv_kwh: ArrayLike,

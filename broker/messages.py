@@ -253,16 +253,14 @@ class Reservation(Message):
     the feeder within its limits, retained. Per step of ``step_s`` from ``start_ts`` (``None``:
     nothing asked in that step): ``floor_kwh`` the energy to hold stored at the step's end,
     ``import_cap_kw`` the most the site should import (negative: the least it should export),
-    ``export_cap_kw`` the most it should export. New in the first planning release; an agent
-    that does not plan ignores it."""
+    ``export_cap_kw`` the most it should export (negative: the least it should import). New
+    in the first planning release; an agent that does not plan ignores it."""
 
     start_ts: Timestamp
     step_s: int = Field(gt=0, le=86400)
     floor_kwh: list[StoredKwh | None] = Field(max_length=MAX_FORECAST_POINTS)
     import_cap_kw: list[CapKw | None] = Field(max_length=MAX_FORECAST_POINTS)
-    export_cap_kw: list[Annotated[float, Field(ge=0, le=MAX_POWER_W / 1e3)] | None] = Field(
-        max_length=MAX_FORECAST_POINTS
-    )
+    export_cap_kw: list[CapKw | None] = Field(max_length=MAX_FORECAST_POINTS)
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:

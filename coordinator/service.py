@@ -1164,7 +1164,10 @@ class Coordinator:
                 forecasts[name] = forecast
                 messages.append((topics.forecast_topic(name), payload))
         self.last_forecasts = forecasts
-        messages += self._reservation_messages(chunks, start_ts, now)
+        try:
+            messages += self._reservation_messages(chunks, start_ts, now)
+        except (ValueError, ArithmeticError) as err:  # a bad reading must not stop forecasts
+            log.warning("no feeder reservation this interval: %s", str(err).splitlines()[0])
         if self.historian is not None:
             for name, forecast in forecasts.items():
                 self.historian.record_forecast(name, forecast)

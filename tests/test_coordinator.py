@@ -24,6 +24,7 @@ from broker.messages import (
     DeviceReading,
     Dispatch,
     Forecast,
+    Reservation,
     Telemetry,
 )
 from broker.mosquitto import BrokerFiles, MosquittoProcess
@@ -282,9 +283,10 @@ async def test_forecasts_are_published_for_every_site_from_its_sampled_history(
 ) -> None:
     """Each site gets the per-site forecasters' result on its own history (one sample every
     HISTORY_STEP_S), computed off the event loop and sent as a valid, retained message."""
-    async with _watched_coordinator(
-        tmp_path, broker_files, f"{topics.PREFIX}/forecast/+"
-    ) as (c, got):
+    async with _watched_coordinator(tmp_path, broker_files, f"{topics.PREFIX}/forecast/+") as (
+        c,
+        got,
+    ):
         assert isinstance(c.clock, ManualClock)
         for i in range(6 * 60):  # six hours of readings a minute apart, up to noon UTC
             c.clock.ts = T0 - 6 * 3600.0 + 60.0 * i
@@ -539,3 +541,33 @@ async def test_with_a_historian_section_the_coordinator_writes_what_it_ingests(
     assert rows[0]["values"] == [1234.0]
     assert rows[0]["timestamps"] == [int(T0 * 1000)]
     assert flows[0]["values"] == [1234.0]
+
+
+async def test_the_feeder_reservation_goes_to_each_site_with_a_battery(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    """With its forecasts the coordinator sends each battery site its share of the feeder
+    reservation (coordinator/reserve.py) as a valid, retained Reservation; a site without a
+    battery gets none. The feeder (10 kW, planned to 80 %: 8 kW) is forecast at 9.5 kW: the
+    battery site is asked to export."""
+    async with _watched_coordinator(
+        tmp_path, broker_files, f"{topics.PREFIX}/site/+/reservation"
+    ) as (c, got):
+        assert isinstance(c.clock, ManualClock)
+        for i in range(6 * 60):
+            c.clock.ts = T0 - 6 * 3600.0 + 60.0 * i
+            c.ingest_telemetry("site-a", _telemetry(c.clock.ts, 9000.0))
+            reading = _telemetry(c.clock.ts, 500.0, 0.0, soc=80.0, rated_w=5000.0)
+            reading.devices[1] = reading.devices[1].model_copy(update={"capacity_wh": 20_000.0})
+            c.ingest_telemetry("site-b", reading)
+        k = int(c.clock.ts // 900) + 1
+        await c.publish_forecasts(k)
+    sent = {t.split("/")[-2]: Reservation.model_validate_json(p) for t, p in got}
+    assert set(sent) == {"site-b"}
+    share = sent["site-b"]
+    assert share.start_ts == k * 900 and share.step_s == 900
+    caps = [v for v in share.import_cap_kw if v is not None]
+    # 9.5 kW forecast against 8 kW: the only battery covers the excess, its site's 0.5 kW
+    # and 1 kW of export
+    assert caps and min(caps) == pytest.approx(0.5 - 1.5, abs=0.1)
+    assert c.last_reservation is not None

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 price,
                 battery,
                 step_h=0.25,
-                stored_value_per_kwh=stored_value_per_kwh(price, 0.95),
+                stored_value_per_kwh=stored_value_per_kwh(price, 0.95, 0.95),
                 floor_kwh=floor if reserved else None,
                 import_cap_kw=cap if reserved else None,
                 pessimistic_net_kwh=pessimistic_net_kwh(load, pv) if reserved else None,

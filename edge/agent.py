@@ -86,8 +86,10 @@ from edge.trust import OrderWindow, order_window
 
 log = logging.getLogger(__name__)
 
-#: Wall seconds a plan may take before the agent bids without it.
+#: Wall seconds a plan may take before the agent bids without it (at most half the time left
+#: before the gate, so the fallback bid still goes out in time), and the least worth trying.
 PLAN_TIMEOUT_S = 5.0
+PLAN_MIN_TIME_S = 0.01
 
 SOFTWARE_VERSION = "0.1.0"
 AckOutcome = Literal["accepted", "clamped", "refused", "expired", "duplicate", "invalid"]
@@ -1036,10 +1038,12 @@ class EdgeAgent:
         if not c.plan.enabled or not views:
             return None
         horizon = self.horizon(upcoming * float(c.market.interval_s))
+        timeout_s = min(PLAN_TIMEOUT_S, time_left_s / 2)
+        if timeout_s < PLAN_MIN_TIME_S:
+            timeout_s = 0.0  # no time to plan and still bid before the gate: times out now
         try:
             planned = await asyncio.wait_for(
-                asyncio.to_thread(self._plan, horizon, views),
-                timeout=max(0.1, min(PLAN_TIMEOUT_S, time_left_s / 2)),
+                asyncio.to_thread(self._plan, horizon, views), timeout=timeout_s
             )
         except (PlanError, TimeoutError) as err:
             reason = str(err) or "the plan was late"

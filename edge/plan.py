@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from edge.bidding import CurveSteps, bid_curve
+from edge.bidding import MIN_STEP_KWH, CurveSteps
 from edge.config import FallbackSection, LimitsSection, MarketSection, PlanSection
 from edge.policy import BatteryView, PlanStep
 
@@ -333,13 +333,60 @@ def pessimistic_net_kwh(
     return load * (1.0 + load_upside) - np.maximum(pv, 0.0) * (1.0 - pv_downside)
 
 
-def stored_value_per_kwh(buy_per_kwh: ArrayLike, discharge_efficiency: float) -> float:
-    """What a kWh left stored at the horizon's end is worth: the median expected buy price
-    over the horizon times the discharge efficiency (it will displace a purchase later)."""
+def stored_value_per_kwh(
+    buy_per_kwh: ArrayLike, charge_efficiency: float, discharge_efficiency: float
+) -> float:
+    """What a kWh left stored at the horizon's end is worth: what it costs to put back at the
+    cheapest expected price (divided by the charge efficiency), but no more than the purchase
+    it displaces at the median price (times the discharge efficiency). Valuing it higher
+    keeps energy the next day refills more cheaply; lower, empties the battery at the end."""
     buy = np.asarray(buy_per_kwh, dtype=np.float64)
     if buy.size == 0:
         return 0.0
-    return float(np.median(buy)) * discharge_efficiency
+    return min(float(buy.min()) / charge_efficiency, float(np.median(buy)) * discharge_efficiency)
+
+
+def demand_curve(
+    base_kwh: float,
+    charges: Sequence[tuple[float, float]],
+    discharges: Sequence[tuple[float, float]],
+    *,
+    max_buy_price_per_kwh: float,
+    min_sell_price_per_kwh: float,
+) -> CurveSteps:
+    """The bid for a net demand that depends on the price: ``base_kwh`` (+ a need bought at up
+    to the max buy price, - a surplus sold from the min sell price), plus each ``(price,
+    kWh)`` of ``charges`` bought at that price or less, less each of ``discharges`` released
+    above that price (first buying less, then selling). Buy steps by falling price, sell steps
+    by rising price; every sell price is above every buy price (a coherent curve)."""
+    tick = 1e-4
+
+    def net_at(price: float) -> float:
+        net = base_kwh if base_kwh > 0 and price <= max_buy_price_per_kwh else 0.0
+        if base_kwh < 0 and price >= min_sell_price_per_kwh:
+            net = base_kwh
+        net += sum(q for p, q in charges if price <= p)
+        return net - sum(q for p, q in discharges if price > p)
+
+    levels = {max_buy_price_per_kwh, min_sell_price_per_kwh}
+    for p, _ in (*charges, *discharges):
+        levels |= {p, p + tick}
+    prices = sorted(levels)
+    buy: list[tuple[float, float]] = []
+    sell: list[tuple[float, float]] = []
+    above = 0.0  # net demand just above the level, from the top down
+    for price in reversed(prices):
+        here = max(net_at(price), 0.0)
+        if here - above > MIN_STEP_KWH:
+            buy.append((price, here - above))
+        above = max(here, above)
+    below = 0.0  # net supply just below the level, from the bottom up
+    for price in prices:
+        here = max(-net_at(price), 0.0)
+        if here - below > MIN_STEP_KWH:
+            sell.append((price, here - below))
+        below = max(here, below)
+    return CurveSteps(tuple(buy), tuple(sell))
 
 
 def plan_bid(
@@ -354,54 +401,71 @@ def plan_bid(
     floor_kwh: float | None = None,
     import_cap_kw: float | None = None,
     export_cap_kw: float | None = None,
+    price_range_per_kwh: tuple[float, float] | None = None,
 ) -> CurveSteps:
-    """The bid for the plan's first step, shaped by the plan's marginal value of storage.
+    """The bid for the plan's first step, shaped by the plan and its value of storage ``v``.
 
-    The site's forecast ``net_kwh`` is its inflexible need (or surplus), less the discharge
-    the coordinator's ``import_cap_kw`` forces (plus the charge its ``export_cap_kw`` forces),
-    which are firm. The batteries offer the rest of their energy (above ``floor_kwh`` and
-    their minimum, within their power) at the value of stored energy ``v`` divided by the
-    discharge efficiency, and buy to charge (within the import cap) at ``v`` times the charge
-    efficiency: a battery sells only at more than its energy is worth to the site later and
-    buys only at less. Offers a buyer could not pay (at or above ``max_buy_price_per_kwh``)
-    are left out.
+    The site's forecast ``net_kwh`` is its inflexible need (or surplus); the discharge the
+    coordinator's ``import_cap_kw`` forces (the charge its ``export_cap_kw`` forces) is firm.
+    The rest of the planned discharge is released at ``v`` divided by the discharge efficiency
+    or more, the rest of the planned charge bought at ``v`` times the charge efficiency or
+    less: a battery sells only at more than its energy is worth to the site later and buys
+    only at less. The batteries' remaining energy (above ``floor_kwh`` and their minimum,
+    within their power and the import cap) is offered only at prices outside what the plan
+    expected (``price_range_per_kwh``, the forecast's lowest and highest): the plan already
+    holds what the expected prices are worth. Roles limit trade as in
+    :func:`edge.bidding.bid_curve`; offers at or above ``max_buy_price_per_kwh`` are left out.
     """
     b = battery
     value = float(plan.value_per_kwh[0])
     low = max(b.min_kwh, floor_kwh if floor_kwh is not None and math.isfinite(floor_kwh) else 0)
-    discharge = max(
+    can_discharge = max(
         0.0, min(b.max_discharge_kw * step_h, (b.stored_kwh - low) * b.discharge_efficiency)
     )
-    charge = max(
+    can_charge = max(
         0.0, min(b.max_charge_kw * step_h, (b.max_kwh - b.stored_kwh) / b.charge_efficiency)
     )
+    planned = float(plan.battery_kwh[0])
+    planned_out = min(max(planned, 0.0), can_discharge)
+    planned_in = min(max(-planned, 0.0), can_charge)
     forced_out = forced_in = 0.0
     if import_cap_kw is not None and math.isfinite(import_cap_kw):
-        forced_out = min(discharge, max(0.0, net_kwh - import_cap_kw * step_h))
-        discharge -= forced_out
+        forced_out = min(can_discharge, max(0.0, net_kwh - import_cap_kw * step_h))
     if export_cap_kw is not None and math.isfinite(export_cap_kw):
-        forced_in = min(charge, max(0.0, -net_kwh - export_cap_kw * step_h))
-        charge -= forced_in
+        forced_in = min(can_charge, max(0.0, -net_kwh - export_cap_kw * step_h))
     firm = net_kwh - forced_out + forced_in
+    flex_out = max(0.0, planned_out - forced_out)
+    flex_in = max(0.0, planned_in - forced_in)
+    extra_out = max(0.0, can_discharge - forced_out - flex_out)
+    extra_in = max(0.0, can_charge - forced_in - flex_in)
     if import_cap_kw is not None and math.isfinite(import_cap_kw):
-        charge = min(charge, max(0.0, import_cap_kw * step_h - firm))
+        room = max(0.0, import_cap_kw * step_h - firm)
+        flex_in = min(flex_in, room)
+        extra_in = min(extra_in, room - flex_in)
+    if role == "producer":  # stores only its own surplus
+        flex_in = min(flex_in, max(-firm, 0.0))
+        extra_in = min(extra_in, max(-firm - flex_in, 0.0))
+    elif role == "consumer":  # serves only itself
+        flex_out = min(flex_out, max(firm, 0.0))
+        extra_out = min(extra_out, max(firm - flex_out, 0.0))
     spread = 1e-3
-    sell_at = value / b.discharge_efficiency
-    buy_at = value * b.charge_efficiency
     top = max_buy_price_per_kwh - spread
-    if sell_at >= top:
-        discharge = 0.0  # worth more kept than any buyer pays
-    buy_at = float(np.clip(buy_at, min_sell_price_per_kwh, top - spread))
-    sell_at = float(np.clip(sell_at, buy_at + spread, top))
-    return bid_curve(
+    cheapest, dearest = price_range_per_kwh or (value, value)
+    sell_at = float(np.clip(value / b.discharge_efficiency, min_sell_price_per_kwh, top))
+    buy_at = float(np.clip(value * b.charge_efficiency, min_sell_price_per_kwh, sell_at - spread))
+    extra_sell_at = min(max(sell_at, dearest) + spread, top)
+    extra_buy_at = max(min(buy_at, cheapest) - spread, min_sell_price_per_kwh)
+    discharges = [(sell_at, flex_out), (extra_sell_at, extra_out)]
+    if value / b.discharge_efficiency >= top:
+        discharges = []  # worth more kept than any buyer pays
+    elif extra_sell_at >= top:
+        discharges = discharges[:1]
+    return demand_curve(
         firm,
-        charge_kwh=charge,
-        discharge_kwh=discharge,
+        [(buy_at, flex_in), (extra_buy_at, extra_in)],
+        discharges,
         max_buy_price_per_kwh=max_buy_price_per_kwh,
         min_sell_price_per_kwh=min_sell_price_per_kwh,
-        charge_price_per_kwh=buy_at,
-        discharge_price_per_kwh=sell_at,
-        role=role,
     )
 
 
@@ -512,7 +576,9 @@ def plan_interval(
         price,
         battery,
         step_h=step_h,
-        stored_value_per_kwh=stored_value_per_kwh(price, battery.discharge_efficiency),
+        stored_value_per_kwh=stored_value_per_kwh(
+            price, battery.charge_efficiency, battery.discharge_efficiency
+        ),
         import_limit_kw=min(caps) / 1000.0 if caps else None,
         export_limit_kw=None if limits.export_limit_w is None else limits.export_limit_w / 1e3,
         floor_kwh=floor,
@@ -537,6 +603,7 @@ def plan_interval(
         floor_kwh=float(floor[0]),
         import_cap_kw=float(cap_in[0]),
         export_cap_kw=float(cap_out[0]),
+        price_range_per_kwh=(float(price.min()), float(price.max())),
     )
     value = float(plan.value_per_kwh[0])
     step = PlanStep(

@@ -8,6 +8,7 @@ import pytest
 from edge.plan import (
     PlanBattery,
     PlanError,
+    SitePlan,
     pessimistic_net_kwh,
     plan_bid,
     plan_site,
@@ -129,32 +130,54 @@ def test_the_marginal_value_is_what_stored_energy_is_worth_later() -> None:
         np.zeros(8), 0.30, 0.05, battery(5.0), step_h=STEP_H, stored_value_per_kwh=0.25
     )
     np.testing.assert_allclose(plan.value_per_kwh, 0.25, atol=1e-9)
-    assert stored_value_per_kwh([0.2, 0.3, 0.3], 0.9) == pytest.approx(0.27)
+    # put back at 0.08 / 0.95; never above the median 0.3 x 0.9
+    assert stored_value_per_kwh([0.08, 0.3, 0.3], 0.95, 0.9) == pytest.approx(0.08 / 0.95)
+    assert stored_value_per_kwh([0.3, 0.3, 0.3], 0.95, 0.9) == pytest.approx(0.27)
 
 
-def test_the_bid_offers_energy_at_its_value_to_the_site() -> None:
-    plan = plan_site(
-        np.zeros(8), 0.30, 0.05, battery(5.0), step_h=STEP_H, stored_value_per_kwh=0.19
-    )
+def made_plan(battery_kwh: float, value_per_kwh: float) -> SitePlan:
+    """A one-step plan as the solver would return it."""
+    one = np.ones(1)
+    return SitePlan(one, one * battery_kwh, one, one * value_per_kwh, 0.0, 0.0, 0.0)
+
+
+def test_the_bid_follows_the_plan_and_offers_the_rest_only_at_unexpected_prices() -> None:
     curve = plan_bid(
-        plan,
+        made_plan(0.5, 0.19),
         0.25,
         battery(5.0),
         step_h=STEP_H,
         max_buy_price_per_kwh=1.0,
         min_sell_price_per_kwh=0.0,
+        price_range_per_kwh=(0.10, 0.30),
     )
-    # it needs 0.25 kWh: its battery (1 kWh: 4 kW x 0.25 h each way) covers that need at
-    # 0.19 / 0.95 = 0.2 or more and sells the rest above it; it buys 1 kWh more to charge at
-    # 0.19 x 0.95 = 0.1805 or less
-    np.testing.assert_allclose(curve.buy, [(0.2, 0.25), (0.1805, 1.0)])
-    np.testing.assert_allclose(curve.sell, [(0.2001, 0.75)])
+    # It needs 0.25 kWh and plans to discharge 0.5 of the 1 kWh its 4 kW give in 15 minutes:
+    # those 0.5 are released above 0.19 / 0.95 = 0.2 (covering the need, then sold), the
+    # other 0.5 only above the dearest expected price (0.30); the 1 kWh it could charge is
+    # bought only below the cheapest expected price (0.10).
+    np.testing.assert_allclose(curve.buy, [(0.2, 0.25), (0.099, 1.0)])
+    np.testing.assert_allclose(curve.sell, [(0.2001, 0.25), (0.3011, 0.5)])
+
+
+def test_a_planned_charge_is_bought_below_the_value_of_storage() -> None:
+    curve = plan_bid(
+        made_plan(-0.5, 0.19),
+        0.25,
+        battery(5.0),
+        step_h=STEP_H,
+        max_buy_price_per_kwh=1.0,
+        min_sell_price_per_kwh=0.0,
+        price_range_per_kwh=(0.10, 0.30),
+    )
+    # the need up to 0.301 (above it the battery covers it and sells 0.75 more), 0.5 more
+    # at 0.19 x 0.95 = 0.1805 or less, the rest of the power below 0.10
+    np.testing.assert_allclose(curve.buy, [(0.301, 0.25), (0.1805, 0.5), (0.099, 0.5)])
+    np.testing.assert_allclose(curve.sell, [(0.3011, 0.75)])
 
 
 def test_the_bid_makes_a_forced_export_firm_and_keeps_the_floor() -> None:
-    plan = plan_site(np.zeros(4), 0.30, 0.05, battery(5.0), step_h=STEP_H, stored_value_per_kwh=2.0)
     curve = plan_bid(
-        plan,
+        made_plan(0.5, 2.0),
         0.25,
         battery(5.0),
         step_h=STEP_H,

@@ -231,11 +231,12 @@ class DispatchIn(BaseModel):
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _caller(
+async def _caller(
     request: Request,
     cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiToken:
-    """The token's holder; 401 without a known bearer token."""
+    """The token's holder; 401 without a known bearer token. (Async: FastAPI would run a
+    plain function in a worker thread, a thread hop on every request.)"""
     if cred is None or cred.scheme.lower() != "bearer":
         raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": "Bearer"})
     digest = hash_token(cred.credentials)
@@ -524,4 +525,3 @@ class ApiServer:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, SystemExit):
                 await self._task
-

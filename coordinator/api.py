@@ -140,6 +140,14 @@ class SiteState(BaseModel):
     rejected: dict[str, int] = Field(description="Messages refused at ingest, by reason.")
 
 
+class CallerOut(BaseModel):
+    """Who a token is: its name, role and, for a site token, its site."""
+
+    name: str
+    role: Role
+    site: str | None
+
+
 class GridStateOut(BaseModel):
     """The feeder now: flow W (+ imports), limits W, mode."""
 
@@ -329,6 +337,11 @@ def build_app(  # noqa: PLR0915 - one statement per route; they share the closur
 
     def interval_start(k: int) -> float:
         return float(k * c.config.market.interval_s)
+
+    @app.get("/api/v1/whoami", tags=["auth"])
+    async def whoami(token: Caller) -> CallerOut:
+        """The caller's token: its name, role and (site tokens) site."""
+        return CallerOut(name=token.name, role=token.role, site=token.site)
 
     @app.get("/api/v1/sites", tags=["sites"])
     async def sites(token: Caller) -> list[SiteState]:

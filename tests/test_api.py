@@ -147,7 +147,7 @@ async def test_each_role_reads_what_it_may_and_a_site_never_reads_another(
     assert r["unknown_site"].status_code == 404
 
 
-async def test_a_statement_follows_every_commit_to_the_ledger_from_any_connection(
+async def test_a_statement_follows_every_commit_to_the_ledger_and_whoami_names_the_token(
     mosquitto: MosquittoProcess,
     broker_files: BrokerFiles,
     tmp_path: Path,
@@ -182,6 +182,10 @@ async def test_a_statement_follows_every_commit_to_the_ledger_from_any_connectio
             settle(other, k0 + 2, 0.5)
         third = await read(http)
         report = c.ledger.site_report("site-a")
+        whoami = await http.get("/api/v1/whoami", headers=_auth(t["site-a"]))
+        whoami_none = await http.get("/api/v1/whoami")
+    assert whoami.json() == {"name": "site-a-owner", "role": "site", "site": "site-a"}
+    assert whoami_none.status_code == 401
     assert first == again
     assert first["intervals"] == 1
     assert second["intervals"] == 2

@@ -13,6 +13,12 @@ SHA-256 (``wattmesh api token add``), each with a role:
   the same path as ``wattmesh dispatch`` (a ``Dispatch`` on the site's topic, the site's
   acknowledgement returned) and into the audit log under the token's name.
 
+``GET /api/v1/whoami`` tells any token its own name, role and site (the MCP server asks it).
+
+Reads are cheap: the token check is a coroutine (no worker-thread hop per request) and a
+site's statement is kept as encoded JSON while the ledger file is unchanged (its SQLite
+``data_version`` on a connection of our own, so commits from any process count).
+
 Units and signs as on the bus: powers in W (site and feeder power positive importing, battery
 power positive discharging), energy in kWh, money in currency units, times in UTC epoch s.
 Lists that grow are paginated (``limit``, ``offset`` or an interval range).

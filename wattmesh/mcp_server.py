@@ -9,6 +9,13 @@ API audits each order under the token's name. Transports:
 - ``http`` (streamable HTTP on ``/mcp``): each request carries ``Authorization: Bearer``; a
   request without a token the API accepts is refused with 401.
 
+One tool is not an API call: ``what_if_battery`` runs the stepped simulation engine
+(:mod:`wattmesh.whatif`) on a scenario file (``--scenario``; the community's by default) in a
+worker thread of this process, one at a time, so the coordinator's own loop never carries a
+simulation. It reads nothing from the ledger, so any token may call it (a viewer's included);
+a site token only about its own site, the API's rule for site data. The caller's role comes
+from the API (``GET /api/v1/whoami``) with the caller's own token.
+
 Units and signs (in every tool description): powers in W, site and feeder power positive when
 importing, battery power positive when discharging; energy in kWh; prices in currency per kWh;
 money as decimal strings of currency units; times as UTC epoch seconds.

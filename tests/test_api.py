@@ -147,6 +147,60 @@ async def test_each_role_reads_what_it_may_and_a_site_never_reads_another(
     assert r["unknown_site"].status_code == 404
 
 
+async def test_a_statement_follows_every_commit_to_the_ledger_and_whoami_names_the_token(
+    mosquitto: MosquittoProcess,
+    broker_files: BrokerFiles,
+    tmp_path: Path,
+    tokens: tuple[Path, dict[str, str]],
+) -> None:
+    from coordinator.ledger import Ledger
+
+    path, t = tokens
+    k0 = int(T0 // 900) - 10
+
+    def settle(ledger: Ledger, k: int, metered_kwh: float) -> None:
+        ledger.settle_interval(
+            k,
+            clearing_price_per_kwh=0.2,
+            retail_price_per_kwh=0.3,
+            feed_in_price_per_kwh=0.08,
+            awards_kwh={"site-a": 1.0, "site-b": -1.0},
+            metered_kwh={"site-a": metered_kwh, "site-b": -1.0},
+        )
+
+    async def read(http: httpx.AsyncClient) -> dict[str, object]:
+        r = await http.get("/api/v1/sites/site-a/statement", headers=_auth(t["site-a"]))
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    async with _api(tmp_path, broker_files, path, ManualClock(T0)) as (c, http):
+        settle(c.ledger, k0, 1.5)
+        first, again = await read(http), await read(http)
+        settle(c.ledger, k0 + 1, 3.0)  # the coordinator's own connection
+        second = await read(http)
+        with Ledger(c.ledger.path) as other:  # another connection, as `wattmesh ledger` has
+            settle(other, k0 + 2, 0.5)
+        third = await read(http)
+        report = c.ledger.site_report("site-a")
+        whoami = await http.get("/api/v1/whoami", headers=_auth(t["site-a"]))
+        whoami_none = await http.get("/api/v1/whoami")
+    assert whoami.json() == {"name": "site-a-owner", "role": "site", "site": "site-a"}
+    assert whoami_none.status_code == 401
+    assert first == again
+    assert first["intervals"] == 1
+    assert second["intervals"] == 2
+    assert second["net_cost"] != first["net_cost"]
+    assert third["intervals"] == 3
+    assert third == {
+        "site": "site-a",
+        "intervals": 3,
+        "estimated_intervals": report.estimated_intervals,
+        "net_cost": f"{report.net_cost_micro / 1e6:.6f}",
+        "baseline_cost": f"{report.baseline_cost_micro / 1e6:.6f}",
+        "savings": f"{report.savings_micro / 1e6:.6f}",
+    }
+
+
 async def test_openapi_is_served_and_valid(
     mosquitto: MosquittoProcess,
     broker_files: BrokerFiles,

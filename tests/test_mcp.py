@@ -26,7 +26,7 @@ from tests.test_coordinator import T0, _bus, _telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 READ_TOOLS = {"list_sites", "site_state", "site_forecast", "site_statement", "clearings",
-              "settlements", "grid_state", "audit_log", "dispatch"}  # fmt: skip
+              "settlements", "grid_state", "audit_log", "dispatch", "what_if_battery"}  # fmt: skip
 
 
 def _stdio(api_url: str, token: str) -> StdioServerParameters:
@@ -153,3 +153,56 @@ async def test_over_http_a_token_is_required_and_a_site_token_reads_only_its_sit
     assert other.is_error
     assert "403" in other.content[0].text
     assert grid["flow_w"] == pytest.approx(1800.0)
+
+
+async def test_what_if_a_battery_at_house_2_runs_the_engine_for_a_viewer_and_is_guarded(
+    mosquitto: MosquittoProcess,
+    broker_files: BrokerFiles,
+    tmp_path: Path,
+    tokens: tuple[Path, dict[str, str]],  # noqa: F811
+) -> None:
+    path, t = tokens
+    question = {"site": "house-2", "capacity_kwh": 10.0, "power_kw": 5.0, "days": 1.0,
+                "start": "2026-06-22"}  # fmt: skip
+    async with _api(tmp_path, broker_files, path, ManualClock(T0)) as (c, _):
+        assert c.api is not None
+        url = f"http://127.0.0.1:{c.api.port}"
+        async with (
+            stdio_client(_stdio(url, t["viewer"])) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+            answer = _payload(await session.call_tool("what_if_battery", question))
+            too_long = await session.call_tool("what_if_battery", {**question, "days": 30.0})
+            too_fast = await session.call_tool("what_if_battery", {**question, "power_kw": 80.0})
+        async with (
+            stdio_client(_stdio(url, t["house-1"])) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            other_site = await session.call_tool("what_if_battery", question)
+    description = tools["what_if_battery"].description or ""
+    for words in ("kWh", "currency", "positive: paid", "positive: the change saves", "W"):
+        assert words in description
+    assert (answer["site"], answer["capacity_kwh"], answer["days"]) == ("house-2", 10.0, 1.0)
+    assert answer["start"] == "2026-06-22T00:00:00+00:00"
+    as_is, changed = answer["as_is"], answer["with_change"]
+    assert as_is["intervals"] == changed["intervals"] >= 90  # a day of 15-minute intervals
+    assert as_is["site_stored_value"] == 0.0  # house-2 has no battery in the scenario
+    assert changed["site_stored_value"] != 0.0  # the added one ends the day fuller or emptier
+    assert changed["site_import_kwh"] != as_is["site_import_kwh"]
+    for run in (as_is, changed):
+        assert run["cost"] == pytest.approx(run["settled_cost"] - run["stored_value"])
+        assert run["feeder_peak_w"] > 0
+    assert answer["saving"] == pytest.approx(as_is["cost"] - changed["cost"])
+    assert answer["site_saving"] == pytest.approx(as_is["site_cost"] - changed["site_cost"])
+    assert answer["feeder_peak_change_w"] == pytest.approx(
+        changed["feeder_peak_w"] - as_is["feeder_peak_w"]
+    )
+    assert too_long.is_error
+    assert "at most 14" in too_long.content[0].text
+    assert too_fast.is_error
+    assert "more than 4 times" in too_fast.content[0].text
+    assert other_site.is_error
+    assert "403" in other_site.content[0].text

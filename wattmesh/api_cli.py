@@ -113,6 +113,10 @@ def mcp(
     ] = "WATTMESH_API_TOKEN",
     host: Annotated[str, typer.Option(help="Address to listen on (http).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (http).")] = 8765,
+    scenario: Annotated[
+        Path | None,
+        typer.Option(help="Scenario the what-if tool simulates (default: the community's)."),
+    ] = None,
 ) -> None:
     """Serve the coordinator's API as MCP tools for AI agents (reads, and dispatch for operators).
 
@@ -124,8 +128,8 @@ def mcp(
         token = mcp_server.token_from_env(token_env)
         if token is None:
             raise _fail(f"set {token_env} to an API token (wattmesh api token add)")
-        mcp_server.run_stdio(api, token)
+        mcp_server.run_stdio(api, token, scenario)
     elif transport == "http":
-        mcp_server.run_http(api, host, port)
+        mcp_server.run_http(api, host, port, scenario)
     else:
         raise _fail("--transport must be stdio or http")

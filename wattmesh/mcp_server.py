@@ -9,6 +9,13 @@ API audits each order under the token's name. Transports:
 - ``http`` (streamable HTTP on ``/mcp``): each request carries ``Authorization: Bearer``; a
   request without a token the API accepts is refused with 401.
 
+One tool is not an API call: ``what_if_battery`` runs the stepped simulation engine
+(:mod:`wattmesh.whatif`) on a scenario file (``--scenario``; the community's by default) in a
+worker thread of this process, one at a time, so the coordinator's own loop never carries a
+simulation. It reads nothing from the ledger, so any token may call it (a viewer's included);
+a site token only about its own site, the API's rule for site data. The caller's role comes
+from the API (``GET /api/v1/whoami``) with the caller's own token.
+
 Units and signs (in every tool description): powers in W, site and feeder power positive when
 importing, battery power positive when discharging; energy in kWh; prices in currency per kWh;
 money as decimal strings of currency units; times as UTC epoch seconds.
@@ -16,12 +23,15 @@ money as decimal strings of currency units; times as UTC epoch seconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+import anyio
 import httpx
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -31,6 +41,24 @@ __all__ = ["build_server", "run_http", "run_stdio"]
 UNITS = (
     "Units: W (site/feeder power positive importing, battery power positive discharging), "
     "kWh, currency per kWh, money as decimal strings, times as UTC epoch seconds."
+)
+#: The scenario the what-if tool simulates unless ``wattmesh mcp --scenario`` names another.
+DEFAULT_SCENARIO = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "community.toml"
+WHAT_IF = (
+    "What a battery added, resized or removed at one site would have changed: runs the "
+    "stepped simulation engine on the community scenario twice, as it is and with the site's "
+    "battery set to capacity_kwh (kWh; 0 removes it) and power_kw (kW; default half the "
+    "capacity per hour; at most 4 times it), for `days` days (at most 14) from `start` (ISO "
+    "8601 date, UTC; default the scenario's start). soc_pct: the battery's state of charge at "
+    "the start, % (default 50, or a resized battery's own). variant: wattmesh (market, "
+    "dispatch, feeder balancing) or self_consumption (each site's own controller). Returns "
+    "each run's community and site costs in currency units (positive: paid), with battery "
+    "energy left at the end valued at the last retail tariff over the charge efficiency "
+    "(cost = settled_cost - stored_value), the site's import and export kWh, the feeder's "
+    "peak 15-minute mean import W, and saving = as_is.cost - with_change.cost (positive: the "
+    "change saves), site_saving alike, feeder_peak_change_w (positive: a higher peak). Takes "
+    "about a second per simulated day. Any token may ask; a site token only about its own "
+    "site. Simulated from the scenario's synthetic weather and loads, not from the ledger."
 )
 
 
@@ -44,8 +72,13 @@ def _bearer(ctx: Context, stdio_token: str | None) -> str:
     return header[7:]
 
 
-def build_server(api_url: str, stdio_token: str | None = None) -> MCPServer:
-    """The MCP server, calling the API at ``api_url`` (stdio: with ``stdio_token``)."""
+def build_server(
+    api_url: str, stdio_token: str | None = None, scenario: Path | None = None
+) -> MCPServer:
+    """The MCP server, calling the API at ``api_url`` (stdio: with ``stdio_token``); the
+    what-if tool simulates ``scenario`` (a scenario TOML file; default ``DEFAULT_SCENARIO``)."""
+    scenario_path = scenario or DEFAULT_SCENARIO
+    one_at_a_time = anyio.CapacityLimiter(1)  # a what-if keeps a core busy for seconds
     mcp: MCPServer = MCPServer(
         name="wattmesh",
         instructions=(
@@ -156,12 +189,55 @@ def build_server(api_url: str, stdio_token: str | None = None) -> MCPServer:
             body["reason"] = reason
         return await call(ctx, "POST", f"/api/v1/sites/{site}/dispatch", json=body)
 
+    @mcp.tool(description=WHAT_IF)
+    async def what_if_battery(
+        site: str,
+        capacity_kwh: float,
+        ctx: Context,
+        power_kw: float | None = None,
+        days: float = 7.0,
+        start: str | None = None,
+        soc_pct: float | None = None,
+        variant: Literal["wattmesh", "self_consumption"] = "wattmesh",
+    ) -> str:
+        caller = json.loads(await call(ctx, "GET", "/api/v1/whoami"))
+        if caller["role"] == "site" and caller["site"] != site:
+            raise ToolError(f"403: a site token asks only about its own site {caller['site']}")
+        question = {"capacity_kwh": capacity_kwh, "days": days, "soc_pct": soc_pct,
+                    "variant": variant}  # fmt: skip
+        if power_kw is not None:
+            question["power_kw"] = power_kw
+        return await _what_if(scenario_path, site, start, question, one_at_a_time)
+
     return mcp
 
 
-def run_stdio(api_url: str, token: str) -> None:
+async def _what_if(
+    scenario: Path,
+    site: str,
+    start: str | None,
+    question: dict[str, Any],
+    limiter: anyio.CapacityLimiter,
+) -> str:
+    """Run :func:`wattmesh.whatif.run_whatif` in a worker thread (one at a time); its result
+    as JSON text, or a ToolError saying what is wrong with the question."""
+    from simulators.scenario import ScenarioError, load_scenario  # noqa: PLC0415 - slow
+    from wattmesh import whatif  # noqa: PLC0415 - numpy and the engine: only when asked
+
+    question.setdefault("power_kw", question["capacity_kwh"] / 2.0)
+    try:
+        config = load_scenario(scenario)
+        when = None if start is None else whatif.parse_start(start)
+        run = functools.partial(whatif.run_whatif, config, site, start=when, **question)
+        result = await anyio.to_thread.run_sync(run, limiter=limiter)
+    except (ScenarioError, whatif.WhatIfError) as err:
+        raise ToolError(str(err)) from err
+    return result.model_dump_json()
+
+
+def run_stdio(api_url: str, token: str, scenario: Path | None = None) -> None:
     """Serve over stdio with one token."""
-    build_server(api_url, stdio_token=token).run("stdio")
+    build_server(api_url, stdio_token=token, scenario=scenario).run("stdio")
 
 
 ASGIApp = Callable[
@@ -214,11 +290,11 @@ class _RequireKnownToken:
         return False
 
 
-def run_http(api_url: str, host: str, port: int) -> None:
+def run_http(api_url: str, host: str, port: int, scenario: Path | None = None) -> None:
     """Serve streamable HTTP on ``http://host:port/mcp``, behind the API's tokens."""
     import uvicorn  # noqa: PLC0415
 
-    app = build_server(api_url).streamable_http_app(host=host)
+    app = build_server(api_url, scenario=scenario).streamable_http_app(host=host)
     uvicorn.run(_RequireKnownToken(app, api_url), host=host, port=port, log_level="warning")
 
 

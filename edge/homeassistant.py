@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker import topics
 from broker.client import BusClient
@@ -37,6 +38,8 @@ CONTROLLERS: tuple[str, ...] = ("safety", "emergency", "dispatch", "market", "fa
 #: The availability template: the status payload's ``online`` flag as Home Assistant's
 #: default ``payload_available`` / ``payload_not_available``.
 AVAILABILITY_TEMPLATE = "{{ 'online' if value_json.online else 'offline' }}"
+log = logging.getLogger(__name__)
+
 MANUFACTURER = "wattmesh"
 MODEL = "wattmesh edge agent"
 
@@ -180,19 +183,26 @@ class SnapshotView(Protocol):
 def state_message(
     ts: float, snapshot: SnapshotView, controller: str, clearing: Clearing | None
 ) -> HaState:
-    """The states of the six sensors at ``ts`` (signs as docs/architecture.md)."""
-    return HaState.model_validate(
-        {
-            "ts": ts,
-            "pv_power_w": snapshot.pv_w,
-            "battery_power_w": snapshot.battery_w,
-            "battery_soc_pct": snapshot.soc_pct,
-            "grid_power_w": snapshot.grid_w,
-            "clearing_price_per_kwh": None if clearing is None else clearing.price_per_kwh,
-            "clearing_interval": None if clearing is None else clearing.interval,
-            "controller": controller if controller in CONTROLLERS else None,
-        }
-    )
+    """The states of the six sensors at ``ts`` (signs as docs/architecture.md).
+
+    A value the message cannot carry (not finite, or out of its range, e.g. a device that
+    reports 150 %) is sent as unknown (null) rather than failing the whole message.
+    """
+    values: dict[str, object] = {
+        "ts": ts,
+        "pv_power_w": snapshot.pv_w,
+        "battery_power_w": snapshot.battery_w,
+        "battery_soc_pct": snapshot.soc_pct,
+        "grid_power_w": snapshot.grid_w,
+        "clearing_price_per_kwh": None if clearing is None else clearing.price_per_kwh,
+        "clearing_interval": None if clearing is None else clearing.interval,
+        "controller": controller if controller in CONTROLLERS else None,
+    }
+    try:
+        return HaState.model_validate(values)
+    except ValidationError as err:
+        bad = {str(e["loc"][0]) for e in err.errors() if e["loc"]} - {"ts"}
+        return HaState.model_validate({k: None if k in bad else v for k, v in values.items()})
 
 
 class _Stats(Protocol):
@@ -227,8 +237,13 @@ async def publish_loop(
     agent: AgentView, section: HomeAssistantSection, software_version: str, stop: asyncio.Event
 ) -> None:
     """Announce the sensors after every (re)connect and publish their states every
-    ``section.state_interval_s`` wall seconds (from the first poll cycle on) until ``stop``."""
+    ``section.state_interval_s`` wall seconds (from the first poll cycle on) until ``stop``.
+
+    Never raises: Home Assistant is a convenience and must not take the agent down (an
+    unexpected error is logged once and the loop goes on).
+    """
     announced_on = 0  # the bus's connect count when the configs were last published
+    failing = False
     while not stop.is_set():
         bus = agent.bus
         if not bus.connected:
@@ -253,6 +268,12 @@ async def publish_loop(
                 )
         except BusUnavailable:
             pass  # announced and published again once connected
+        except Exception:
+            if not failing:
+                log.exception("Home Assistant states not published (logged once per episode)")
+            failing = True
+        else:
+            failing = False
         wait_s = section.state_interval_s if agent.stats.cycles else 0.1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), wait_s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import jinja2
@@ -107,6 +108,14 @@ def test_value_templates_pick_each_state_with_its_sign_and_availability_follows_
     for online, shown in ((True, "online"), (False, "offline")):
         status = Status(ts=NOON_TS, online=online).model_dump_json().encode()
         assert render(availability, status) == shown
+
+
+def test_a_value_the_state_cannot_carry_is_sent_as_unknown_not_dropped() -> None:
+    """A battery reporting 150 % or a meter reading NaN must not stop the other states."""
+    snapshot = SiteSnapshot(grid_w=math.nan, pv_w=500.0, battery_w=-100.0, soc_pct=150.0)
+    state = state_message(NOON_TS, snapshot, "no-such-layer", None)
+    assert (state.grid_power_w, state.battery_soc_pct, state.controller) == (None, None, None)
+    assert (state.pv_power_w, state.battery_power_w) == (500.0, -100.0)
 
 
 def test_homeassistant_section_is_off_unless_configured_and_checked(tmp_path: Path) -> None:

@@ -306,6 +306,24 @@ class CoordinatorStatus(Message):
     historian_buffered: Count = 0
 
 
+class HaState(Message):
+    """``site/{site}/ha/state``: a site's sensor states for Home Assistant, retained.
+
+    Site totals of the agent's last poll (W): ``grid_power_w`` positive when importing,
+    ``battery_power_w`` positive when discharging; ``battery_soc_pct`` the capacity-weighted
+    state of charge; the last clearing the agent received (``clearing_price_per_kwh`` in
+    currency per kWh) and the controller layer in force. ``None`` (JSON null) is unknown.
+    """
+
+    pv_power_w: PowerW | None = None
+    battery_power_w: PowerW | None = None
+    battery_soc_pct: Percent | None = None
+    grid_power_w: PowerW | None = None
+    clearing_price_per_kwh: Price | None = None
+    clearing_interval: int | None = Field(default=None, ge=0)
+    controller: Literal["safety", "emergency", "dispatch", "market", "fallback"] | None = None
+
+
 #: Topic kind -> model, for decoding by topic.
 BY_KIND: dict[str, type[Message]] = {
     "status": Status,

@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -83,12 +84,17 @@ from broker.errors import (
     MosquittoNotFoundError,
 )
 from broker.topics import (
+    HA_DISCOVERY_PREFIX,
+    HA_OBJECTS,
+    HA_PREFIX_PATTERN,
     MARKET_CLEARING,
     PREFIX,
     SITE_PUBLISHES,
     SITE_READS,
     check_id,
     forecast_topic,
+    ha_discovery_topic,
+    ha_state_topic,
     site_topic,
     site_wildcard,
 )
@@ -183,6 +189,7 @@ def write_broker_config(
     tls_names: Sequence[str] = (),
     autosave_interval_s: int = 60,
     overwrite: bool = False,
+    ha_discovery_prefix: str | None = HA_DISCOVERY_PREFIX,
 ) -> BrokerFiles:
     """Write a Mosquitto configuration for ``sites`` into ``directory`` (created if missing).
 
@@ -194,10 +201,17 @@ def write_broker_config(
     random passwords (and with ``tls`` a new CA). ``monitor_user`` reads everything and writes
     nothing (dashboards, status commands, tests); None leaves it out. Every listener binds the
     client id to the user (``use_username_as_clientid``): one connection per user.
-    ``BrokerConfigError`` for invalid ids,
+    ``ha_discovery_prefix`` is Home Assistant's discovery prefix: each site may publish its own
+    discovery configs under it and the monitor (Home Assistant's user) reads it; None grants
+    neither. ``BrokerConfigError`` for invalid ids,
     ports or paths, and when a configuration exists and ``overwrite`` is false.
     """
     site_ids = _check_users(sites, coordinator_user, operator_user, monitor_user)
+    if ha_discovery_prefix is not None and not re.match(HA_PREFIX_PATTERN, ha_discovery_prefix):
+        raise BrokerConfigError(
+            f"Home Assistant discovery prefix {ha_discovery_prefix!r} must be topic levels of "
+            "A-Z, a-z, 0-9, '_' and '-' (no wildcards)"
+        )
     _check_port(port, "port")
     if tls:
         _check_port(tls_port, "tls_port")
@@ -241,7 +255,16 @@ def write_broker_config(
     _write_file(passwd, password_file_text(credentials), 0o600, owner)
     acl = root / ACL_NAME
     _write_file(
-        acl, acl_text(site_ids, coordinator_user, operator_user, monitor_user), 0o600, owner
+        acl,
+        acl_text(
+            site_ids,
+            coordinator_user,
+            operator_user,
+            monitor_user,
+            ha_discovery_prefix=ha_discovery_prefix,
+        ),
+        0o600,
+        owner,
     )
     files = BrokerFiles(
         directory=root,
@@ -330,12 +353,16 @@ def acl_text(
     coordinator_user: str,
     operator_user: str | None,
     monitor_user: str | None = None,
+    *,
+    ha_discovery_prefix: str | None = HA_DISCOVERY_PREFIX,
 ) -> str:
     """The ACL file: the access rules (docs/architecture.md s. 3), one explicit block per user.
 
     The operator and the monitor read everything under the prefix (site topics, market, grid,
     forecasts and the coordinator's ``coordinator/{id}/status``); only the operator writes, and
-    only dispatch commands.
+    only dispatch commands. With ``ha_discovery_prefix`` each site may also publish its own
+    Home Assistant discovery configs (one topic per sensor of ``HA_OBJECTS``) and its
+    ``ha/state``, and the monitor (the user Home Assistant connects as) reads the prefix.
     """
     lines = [
         "# wattmesh broker ACL (docs/architecture.md s. 3), written by `wattmesh broker init`.",
@@ -361,6 +388,7 @@ def acl_text(
             "# The monitor (dashboards, status commands) reads everything and writes nothing.",
             f"user {monitor_user}",
             f"topic read {PREFIX}/#",
+            *([f"topic read {ha_discovery_prefix}/#"] if ha_discovery_prefix else []),
             "",
         ]
     for site in sites:
@@ -372,9 +400,18 @@ def acl_text(
             f"topic read {forecast_topic(site)}",
             f"topic read {MARKET_CLEARING}",
             f"topic read {GRID_STATE_ALL}",
+            *(_ha_site_lines(ha_discovery_prefix, site) if ha_discovery_prefix else []),
             "",
         ]
     return "\n".join(lines)
+
+
+def _ha_site_lines(prefix: str, site: str) -> list[str]:
+    """A site's Home Assistant grants: its own discovery configs and state topic, no more."""
+    return [
+        *(f"topic write {ha_discovery_topic(prefix, site, obj)}" for obj in HA_OBJECTS),
+        f"topic write {ha_state_topic(site)}",
+    ]
 
 
 def _plain_bind_host(host: str, *, tls: bool) -> str:

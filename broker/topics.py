@@ -71,6 +71,44 @@ def coordinator_status_topic(feeder: str) -> str:
 #: Every feeder's coordinator status.
 COORDINATOR_STATUS_ALL = f"{PREFIX}/coordinator/+/status"
 
+# -- Home Assistant MQTT discovery (edge/homeassistant.py) ----------------------------------
+#: Home Assistant's default discovery prefix.
+HA_DISCOVERY_PREFIX = "homeassistant"
+#: A discovery prefix: one or more topic levels of letters, digits, '_' and '-'.
+HA_PREFIX_PATTERN = r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,3}$"
+_HA_PREFIX = re.compile(HA_PREFIX_PATTERN)
+#: The sensors each site announces (object ids in its discovery topics): PV power, battery
+#: power, state of charge, grid exchange, last clearing price and the controller in force.
+HA_OBJECTS: tuple[str, ...] = (
+    "pv_power",
+    "battery_power",
+    "battery_soc",
+    "grid_power",
+    "clearing_price",
+    "controller",
+)
+
+
+def ha_node_id(site: str) -> str:
+    """The discovery node id of a site's agent: ``wattmesh-{site}``."""
+    return f"wattmesh-{check_id(site)}"
+
+
+def ha_discovery_topic(prefix: str, site: str, object_id: str) -> str:
+    """``{prefix}/sensor/wattmesh-{site}/{object_id}/config``: a retained discovery config
+    (Home Assistant's ``<discovery_prefix>/<component>/<node_id>/<object_id>/config``)."""
+    if not _HA_PREFIX.match(prefix):
+        raise ValueError(f"discovery prefix {prefix!r} must be topic levels of A-Z, a-z, 0-9, _, -")
+    if object_id not in HA_OBJECTS:
+        raise ValueError(f"unknown Home Assistant object {object_id!r}")
+    return f"{prefix}/sensor/{ha_node_id(site)}/{object_id}/config"
+
+
+def ha_state_topic(site: str) -> str:
+    """``wattmesh/v1/site/{site}/ha/state``: the site's sensor states for Home Assistant
+    (one JSON object; each sensor's ``value_template`` picks its field)."""
+    return f"{PREFIX}/site/{check_id(site)}/ha/state"
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:

@@ -63,6 +63,7 @@ from drivers.errors import DriverError, SetpointRejected
 from drivers.regmap import RegisterMap, builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import BusPool
 from drivers.writeguard import WritePolicy
+from edge import homeassistant
 from edge.bidding import CurveSteps
 from edge.config import DeviceSection, EdgeConfig, proxy_units
 from edge.outbox import Outbox
@@ -409,6 +410,8 @@ class EdgeAgent:
         self.last_plan: tuple[int, IntervalPlan] | None = None
         self._plan_failing: str | None = None
         self.grid_mode = "normal"
+        #: The latest market clearing received (read only with ``[homeassistant]``).
+        self.clearing: Clearing | None = None
         self.dispatch: Order | None = None
         self.emergency: Order | None = None
         self._seen_commands: OrderedDict[str, None] = OrderedDict()
@@ -519,6 +522,11 @@ class EdgeAgent:
         ):
             # the solver loads in the background, so the first plan is not late for it
             self._group.create_task(asyncio.to_thread(load_solver), name="edge-plan-warm")
+        ha = self.config.homeassistant
+        if ha is not None and ha.enabled:
+            await self.bus.subscribe(topics.MARKET_CLEARING)
+            loop = homeassistant.publish_loop(self, ha, SOFTWARE_VERSION, self._stop)
+            self._group.create_task(loop, name="edge-homeassistant")
         return self
 
     async def __aexit__(
@@ -768,7 +776,9 @@ class EdgeAgent:
         elif kind == "grid/state":
             self.grid_mode = GridState.model_validate_json(payload).mode
         elif kind == "market/clearing":
-            Clearing.model_validate_json(payload)  # not used by the agent: validated only
+            clearing = Clearing.model_validate_json(payload)  # kept for [homeassistant] only
+            if self.clearing is None or clearing.interval >= self.clearing.interval:
+                self.clearing = clearing
         else:
             raise Unwanted("unexpected_topic", f"the agent does not read {kind} messages")
 

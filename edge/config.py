@@ -18,6 +18,7 @@ from broker.topics import ID_PATTERN
 from drivers.devices import MAP_METER_POINTS
 from drivers.errors import RegisterMapError
 from drivers.regmap import RegisterMap, builtin_map_names, load_builtin_map, load_register_map
+from edge.homeassistant import HomeAssistantSection
 
 
 class EdgeConfigError(ValueError):
@@ -264,6 +265,7 @@ class EdgeConfig(_Strict):
     dispatch: DispatchSection = DispatchSection()
     clock: ClockSettings | None = None
     proxy: ProxySection | None = None
+    homeassistant: HomeAssistantSection | None = None
     dispatch_revert_s: int = Field(
         default=30, ge=2, le=3600, description="battery reverts to idle if not renewed"
     )

@@ -38,7 +38,16 @@ from broker.mosquitto import (
     pid_file_path,
     write_broker_config,
 )
-from broker.topics import MARKET_CLEARING, PREFIX, forecast_topic, grid_state_topic, site_topic
+from broker.topics import (
+    HA_OBJECTS,
+    MARKET_CLEARING,
+    PREFIX,
+    forecast_topic,
+    grid_state_topic,
+    ha_discovery_topic,
+    ha_state_topic,
+    site_topic,
+)
 from tests.broker_fixtures import MqttClientFactory, client_kwargs, free_port
 from wattmesh.broker_cli import broker_app
 
@@ -191,6 +200,54 @@ async def test_site_reads_market_clearing_grid_state_and_own_forecast(
             async with mqtt_client("coordinator") as coordinator:
                 await coordinator.publish(grid, b"emergency", qos=1)
             assert await receive_until(house, grid) == [(grid, b"emergency")]
+
+
+async def test_site_publishes_only_its_own_home_assistant_discovery_and_state_topics(
+    mosquitto: MosquittoProcess, mqtt_client: MqttClientFactory
+) -> None:
+    """Home Assistant's user (the monitor) sees site-a's own discovery configs and state, and
+    none of site-a's attempts on another site's, on an unlisted object or component, on Home
+    Assistant's own status or elsewhere under the prefix; sites read none of it."""
+    own = [ha_discovery_topic("homeassistant", "site-a", obj) for obj in HA_OBJECTS]
+    state = ha_state_topic("site-a")
+    forbidden = [
+        *(ha_discovery_topic("homeassistant", "site-b", obj) for obj in HA_OBJECTS),
+        ha_state_topic("site-b"),
+        "homeassistant/sensor/wattmesh-site-a/other/config",
+        "homeassistant/switch/wattmesh-site-a/pv_power/config",
+        "homeassistant/sensor/wattmesh-site-a/pv_power/config/extra",
+        "homeassistant/sensor/pv_power/config",
+        "homeassistant/status",
+        f"{PREFIX}/site/site-a/ha/command",
+    ]
+    async with asyncio.timeout(10):
+        async with (
+            mqtt_client("monitor") as monitor,
+            mqtt_client("site-a") as site_a,
+            mqtt_client("site-b") as site_b,
+        ):
+            await monitor.subscribe("homeassistant/#", qos=1)
+            await monitor.subscribe(ALL, qos=1)
+            await site_b.subscribe("homeassistant/#", qos=1)  # granted, nothing delivered
+            await site_b.subscribe(state, qos=1)
+            await site_b.subscribe(site_topic("site-b", "award"), qos=1)
+            for topic in forbidden:
+                await site_a.publish(topic, b"forged", qos=1)
+            for topic in own:
+                await site_a.publish(topic, b"{}", qos=1, retain=True)
+            await site_a.publish(state, b"{}", qos=1, retain=True)
+            got = await receive_until(monitor, state)
+            assert topics(got) == [*own, state]
+            async with mqtt_client("coordinator") as coordinator:
+                award_b = site_topic("site-b", "award")
+                await coordinator.publish(award_b, b"award", qos=1)
+                assert await receive_until(site_b, award_b) == [(award_b, b"award")]
+        # The configs are retained: Home Assistant started later still discovers them.
+        async with mqtt_client("monitor") as later:
+            await later.subscribe("homeassistant/sensor/#", qos=1)
+            retained = [await anext(later.messages) for _ in own]
+            assert sorted(m.topic.value for m in retained) == sorted(own)
+            assert all(m.retain for m in retained)
 
 
 async def test_operator_dispatches_any_site_and_reads_all_but_publishes_nothing_else(
@@ -351,6 +408,7 @@ def test_password_hash_matches_mosquitto_passwd() -> None:
         (["site-a"], {"monitor_user": "Bad Monitor"}, "monitor user"),
         (["site-a"], {"port": 0}, "not a TCP port"),
         (["site-a"], {"tls": True, "tls_port": 1883}, "must differ"),
+        (["site-a"], {"ha_discovery_prefix": "home/+"}, "discovery prefix"),
     ],
 )
 def test_invalid_configurations_are_refused(
@@ -379,7 +437,9 @@ def test_cli_init_writes_the_files_and_refuses_to_overwrite(tmp_path: Path) -> N
     assert all(pw not in passwd for pw in files.credentials.values())
     acl = (target / "acl").read_text()
     assert "user house-1\ntopic write wattmesh/v1/site/house-1/status\n" in acl
-    assert "user monitor\ntopic read wattmesh/v1/#\n\n" in acl  # reads all, writes nothing
+    # The monitor reads all (and Home Assistant's discovery prefix), writes nothing.
+    assert "user monitor\ntopic read wattmesh/v1/#\ntopic read homeassistant/#\n\n" in acl
+    assert "topic write homeassistant/sensor/wattmesh-house-1/pv_power/config\n" in acl
 
     again = runner.invoke(broker_app, ["init", str(target), "--sites", "site-a"])
     assert again.exit_code != 0
@@ -389,10 +449,29 @@ def test_cli_init_writes_the_files_and_refuses_to_overwrite(tmp_path: Path) -> N
 
     forced = runner.invoke(
         broker_app,
-        ["init", str(target), "--sites", "site-b", "--no-operator", "--no-monitor", "--force"],
+        [
+            "init",
+            str(target),
+            "--sites",
+            "site-b",
+            "--no-operator",
+            "--no-monitor",
+            "--no-homeassistant",
+            "--force",
+        ],
     )
     assert forced.exit_code == 0, forced.output
     assert set(load_broker_files(target).credentials) == {"coordinator", "site-b"}
+    assert "homeassistant" not in (target / "acl").read_text()
+
+    custom = runner.invoke(
+        broker_app,
+        ["init", str(target), "--sites", "site-b", "--ha-discovery-prefix", "ha/disc", "--force"],
+    )
+    assert custom.exit_code == 0, custom.output
+    assert "topic write ha/disc/sensor/wattmesh-site-b/grid_power/config\n" in (
+        target / "acl"
+    ).read_text()
 
     bad = runner.invoke(broker_app, ["init", str(tmp_path / "x"), "--sites", "Bad Id"])
     assert bad.exit_code != 0

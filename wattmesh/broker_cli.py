@@ -87,6 +87,17 @@ def init(
     no_monitor: Annotated[
         bool, typer.Option("--no-monitor", help="Create no monitor user.")
     ] = False,
+    ha_discovery_prefix: Annotated[
+        str,
+        typer.Option(
+            help="Home Assistant's MQTT discovery prefix: each site may publish its own "
+            "discovery configs under it, the monitor user (Home Assistant's) reads it."
+        ),
+    ] = "homeassistant",
+    no_homeassistant: Annotated[
+        bool,
+        typer.Option("--no-homeassistant", help="Grant no Home Assistant discovery topics."),
+    ] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
     ] = False,
@@ -104,6 +115,7 @@ def init(
             operator_user=None if no_operator else operator_user,
             monitor_user=None if no_monitor else monitor_user,
             overwrite=force,
+            ha_discovery_prefix=None if no_homeassistant else ha_discovery_prefix,
         )
     except BrokerConfigError as err:
         raise _fail(str(err)) from err

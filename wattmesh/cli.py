@@ -31,6 +31,7 @@ from drivers.transport import ModbusTransport
 from simulators.scenario import ScenarioError, ScenarioRunner, load_scenario
 from wattmesh import __version__, api_cli, status_cli
 from wattmesh import backtest as backtest_cli
+from wattmesh.archive_cli import archive_app
 from wattmesh.broker_cli import broker_app
 from wattmesh.ledger_cli import ledger_app
 from wattmesh.scan import ScanResult, scan_device
@@ -61,6 +62,7 @@ app.add_typer(broker_app, name="broker")
 coordinator_app = typer.Typer(help="The community coordinator.", no_args_is_help=True)
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(archive_app, name="archive")
 edge_app = typer.Typer(help="The site gateway agent.", no_args_is_help=True)
 app.add_typer(edge_app, name="edge")
 app.command("status")(status_cli.status)

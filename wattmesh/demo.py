@@ -68,9 +68,9 @@ COORDINATOR: dict[str, dict[str, Any]] = {
     "grid": {
         "import_limit_w": 150_000.0,
         "export_limit_w": 220_000.0,
-        "act_at_pct": 98.0,
-        "target_pct": 95.0,
-        "release_pct": 90.0,
+        "act_at_pct": 100.0,
+        "target_pct": 98.0,
+        "release_pct": 92.0,
     },
 }
 

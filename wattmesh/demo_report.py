@@ -465,27 +465,20 @@ def plot(
         ax2.step(
             [when(t) for t in price], list(price.values()), where="post", label="clearing price"
         )
-    tariff_ts = np.arange(
-        min(feeder, default=0.0) // interval_s * interval_s,
-        max(feeder, default=0.0) + interval_s,
-        interval_s,
-    )
-    tariffs = [coordinator.tariff.at(t, coordinator.coordinator.utc_offset_h) for t in tariff_ts]
-    if len(tariff_ts):
-        ax2.step(
-            [when(t) for t in tariff_ts],
-            [r for r, _ in tariffs],
-            where="post",
-            ls="--",
-            label="retail tariff",
+    if feeder:
+        first, last = min(feeder) // interval_s * interval_s, max(feeder) + interval_s
+        tariff_ts = np.arange(first, last, interval_s)
+        tariffs = np.array(
+            [coordinator.tariff.at(t, coordinator.coordinator.utc_offset_h) for t in tariff_ts]
         )
-        ax2.step(
-            [when(t) for t in tariff_ts],
-            [f for _, f in tariffs],
-            where="post",
-            ls=":",
-            label="feed-in tariff",
-        )
+        for column, style, label in ((0, "--", "retail tariff"), (1, ":", "feed-in tariff")):
+            ax2.step(
+                [when(t) for t in tariff_ts],
+                tariffs[:, column],
+                where="post",
+                ls=style,
+                label=label,
+            )
     ax2.set_ylabel(f"price, {CURRENCY}/kWh")
     ax2.legend(loc="upper right", fontsize="small")
     for name, points in sorted(soc.items()):

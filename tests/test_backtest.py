@@ -145,7 +145,7 @@ def test_the_command_prints_costs_peak_and_wall_time(tmp_path: Path) -> None:
     path = tmp_path / "one.toml"
     path.write_text(
         'name = "one-house"\nstart = 2026-06-22T00:00:00Z\nlatitude_deg = 48.0\n'
-        'longitude_deg = 11.0\n[[sites]]\nid = "house"\n'
+        "longitude_deg = 11.0\n[[sites]]\nid = \"house\"\n"
         'load = { profile = "household", base_w = 300, peak_w = 3000 }\n'
         'devices = [{ name = "meter", kind = "sunspec_meter" }]\n'
     )

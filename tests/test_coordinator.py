@@ -282,10 +282,9 @@ async def test_forecasts_are_published_for_every_site_from_its_sampled_history(
 ) -> None:
     """Each site gets the per-site forecasters' result on its own history (one sample every
     HISTORY_STEP_S), computed off the event loop and sent as a valid, retained message."""
-    async with _watched_coordinator(tmp_path, broker_files, f"{topics.PREFIX}/forecast/+") as (
-        c,
-        got,
-    ):
+    async with _watched_coordinator(
+        tmp_path, broker_files, f"{topics.PREFIX}/forecast/+"
+    ) as (c, got):
         assert isinstance(c.clock, ManualClock)
         for i in range(6 * 60):  # six hours of readings a minute apart, up to noon UTC
             c.clock.ts = T0 - 6 * 3600.0 + 60.0 * i

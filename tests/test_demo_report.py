@@ -252,4 +252,5 @@ def test_the_demo_reports_a_chosen_start_and_regime_in_the_ledgers_words(tmp_pat
         total = sum(s["costs"][key] for s in report["sites"].values())
         assert report["community"]["costs"][key] == pytest.approx(total)
     assert report["billed_intervals"] == len(settled)
+    assert report["community"]["stored_gain_kwh"]["idle"] == 0.0
     assert (tmp_path / "day.png").read_bytes().startswith(b"\x89PNG")

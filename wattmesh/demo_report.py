@@ -364,6 +364,10 @@ def report_json(
             "cost": float(to_currency(report.total.net_cost_micro)),
             "baseline_cost": float(to_currency(report.total.baseline_cost_micro)),
             "costs": {k: f[k].cost for k in VARIANTS},
+            "stored_gain_kwh": {
+                k: sum(s.stored_end_kwh - s.stored_start_kwh for s in u.sites.values())
+                for k, u in comparison.usage.items()
+            },
         },
         "feeder": {
             "limit_w": ours.feeder_limit_w,

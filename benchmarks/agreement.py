@@ -16,6 +16,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from rich.console import Console
 from coordinator.ledger import Ledger
 from wattmesh import demo
 from wattmesh.backtest import default_edge_configs, run_backtest
+from wattmesh.up import rtu_over_tcp
 
 
 def site_costs(path: Path) -> dict[int, dict[str, float]]:
@@ -45,23 +47,41 @@ def engine_step_s(sim_poll_s: float) -> float:
     raise SystemExit(f"no engine step divides a poll of {sim_poll_s} s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run both, print the table."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--start", default="2026-06-22T00:00:00+00:00")
-    parser.add_argument("--hours", type=float, default=24.0)
-    parser.add_argument("--speed", type=float, default=800.0)
-    parser.add_argument("--poll", type=float, default=0.1, help="wall seconds between polls")
-    args = parser.parse_args(argv)
-    start = datetime.fromisoformat(args.start.replace("Z", "+00:00")).astimezone(UTC)
-    scenario, _ = demo._rtu_over_tcp(demo.builtin_scenario().model_copy(update={"start": start}))
-    out = Path(tempfile.mkdtemp(prefix="wattmesh-agreement-"))
+@dataclass(frozen=True)
+class Agreement:
+    """Each site's settled cost (currency, + pays) in the demo and on the engine, summed over
+    the intervals both settled."""
+
+    intervals: int
+    demo: dict[str, float]
+    engine: dict[str, float]
+    demo_wall_s: float
+    engine_wall_s: float
+    step_s: float
+    sim_poll_s: float
+
+    def diff_pct(self, site: str) -> float:
+        """The engine's cost minus the demo's, in % of the demo community's total."""
+        return 100.0 * (self.engine[site] - self.demo[site]) / abs(sum(self.demo.values()))
+
+    @property
+    def worst_pct(self) -> float:
+        """The largest difference of a site, % of the community's total."""
+        return max(abs(self.diff_pct(s)) for s in self.demo)
+
+
+def run_agreement(
+    start: datetime, hours: float, speed: float, poll: float, out: Path
+) -> Agreement | None:
+    """Run the demo (files in ``out``), then the engine at its cadence; None when no interval
+    was settled by both."""
+    scenario, _ = rtu_over_tcp(demo.builtin_scenario().model_copy(update={"start": start}))
     quiet = Console(file=(out / "demo.log").open("w"))
     wall0 = time.perf_counter()
-    asyncio.run(demo._run(scenario, args.hours, args.speed, args.poll, out, quiet, False))
+    asyncio.run(demo._run(scenario, hours, speed, poll, out, quiet, False))
     demo_wall = time.perf_counter() - wall0
-    sim_poll_s = round(args.poll * args.speed, 6)
-    config = demo._coordinator_config(scenario, out / "engine.sqlite", 1, args.poll, args.speed)
+    sim_poll_s = round(poll * speed, 6)
+    config = demo._coordinator_config(scenario, out / "engine.sqlite", 1, poll, speed)
     step = engine_step_s(sim_poll_s)
     edges = {
         name: e.model_copy(update={"dispatch_revert_s": max(60, int(6 * sim_poll_s))})
@@ -69,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = run_backtest(
         scenario,
-        days=args.hours / 24.0,
+        days=hours / 24.0,
         coordinator=config,
         edges=edges,
         ledger_path=out / "engine.sqlite",
@@ -81,25 +101,43 @@ def main(argv: list[str] | None = None) -> int:
     live, engine = site_costs(out / "ledger.sqlite"), site_costs(out / "engine.sqlite")
     common = sorted(set(live) & set(engine))
     if not common:
+        return None
+    sites = sorted(live[common[0]])
+    return Agreement(
+        intervals=len(common),
+        demo={s: sum(live[k].get(s, 0.0) for k in common) for s in sites},
+        engine={s: sum(engine[k].get(s, 0.0) for k in common) for s in sites},
+        demo_wall_s=demo_wall,
+        engine_wall_s=result.wall_s,
+        step_s=step,
+        sim_poll_s=sim_poll_s,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both, print the table."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--start", default="2026-06-22T00:00:00+00:00")
+    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--speed", type=float, default=800.0)
+    parser.add_argument("--poll", type=float, default=0.1, help="wall seconds between polls")
+    args = parser.parse_args(argv)
+    start = datetime.fromisoformat(args.start.replace("Z", "+00:00")).astimezone(UTC)
+    out = Path(tempfile.mkdtemp(prefix="wattmesh-agreement-"))
+    a = run_agreement(start, args.hours, args.speed, args.poll, out)
+    if a is None:
         print("no interval settled by both")
         return 1
-    sites = sorted(live[common[0]])
-    cost_live = {s: sum(live[k].get(s, 0.0) for k in common) for s in sites}
-    cost_engine = {s: sum(engine[k].get(s, 0.0) for k in common) for s in sites}
-    total = sum(cost_live.values())
     print(
-        f"{args.hours:g} h from {start.isoformat()}: {len(common)} intervals settled by both; "
-        f"demo {demo_wall:.0f} s wall at {args.speed:g}x, engine {result.wall_s:.1f} s "
-        f"(step {step:g} s, polls every {sim_poll_s:g} s)"
+        f"{args.hours:g} h from {start.isoformat()}: {a.intervals} intervals settled by both; "
+        f"demo {a.demo_wall_s:.0f} s wall at {args.speed:g}x, engine {a.engine_wall_s:.1f} s "
+        f"(step {a.step_s:g} s, polls every {a.sim_poll_s:g} s)"
     )
     print(f"{'site':<12} {'demo':>9} {'engine':>9} {'diff, % of community':>21}")
-    worst = 0.0
-    for s in sites:
-        diff = 100.0 * (cost_engine[s] - cost_live[s]) / abs(total)
-        worst = max(worst, abs(diff))
-        print(f"{s:<12} {cost_live[s]:>9.2f} {cost_engine[s]:>9.2f} {diff:>+21.1f}")
-    print(f"{'community':<12} {total:>9.2f} {sum(cost_engine.values()):>9.2f}")
-    print(f"worst site: {worst:.1f} % of the community's total (bar: 3 %); files in {out}")
+    for s in a.demo:
+        print(f"{s:<12} {a.demo[s]:>9.2f} {a.engine[s]:>9.2f} {a.diff_pct(s):>+21.1f}")
+    print(f"{'community':<12} {sum(a.demo.values()):>9.2f} {sum(a.engine.values()):>9.2f}")
+    print(f"worst site: {a.worst_pct:.1f} % of the community's total (bar: 3 %); files in {out}")
     return 0
 
 

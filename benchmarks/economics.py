@@ -53,7 +53,6 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -62,9 +61,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 from coordinator.config import CoordinatorConfig, TariffSection
-from coordinator.sharing import connection_point_cost, energy_sharing_cost
 from simulators.scenario import ScenarioConfig, load_scenario
 from wattmesh.backtest import BacktestResult, default_coordinator_config, run_backtest
+from wattmesh.economics import (
+    FACTORY,
+    Contract,
+    Figures,
+    captured_pct,
+    figures,
+    measure,
+    saving_pct,
+    value_per_kwh,
+)
 from wattmesh.foresight import LpBattery, perfect_foresight
 
 SCENARIO = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "community.toml"
@@ -80,8 +88,6 @@ TARIFFS: dict[str, dict[str, Any] | None] = {
     "industrial": None,  # the demo's energy prices plus the factory's demand charge
 }
 REGIMES = ("a", "b")
-#: The site on the industrial contract.
-FACTORY = "factory"
 #: The industrial contract's demand charge, per kW of the month's largest 15-minute mean
 #: import (the structure of US commercial and industrial tariffs such as PG&E's B-19, and of
 #: the German grid fee for interval-metered customers, the Leistungspreis), prorated to the run.
@@ -93,88 +99,9 @@ HISTORY_DAYS = 7.0
 OVER_LIMIT_PER_KWH = 10.0
 
 
-@dataclass(frozen=True)
-class Figures:
-    """One variant of one run, billed in one regime (currency; kW; kWh)."""
-
-    cost: float  # including the value of the energy left in batteries
-    peak_kw: float
-    above_limit_kwh: float
-
-
-@dataclass(frozen=True)
-class Contract:
-    """How a run is billed: the regime, regime (b)'s network charge on shared energy, and the
-    industrial contract's demand charge (currency per kW of the run's largest 15-minute mean
-    import: the feeder's in (a), the factory's own in (b)), zero without one."""
-
-    regime: str
-    local_charge_per_kwh: float
-    demand_charge_per_kw: float = 0.0
-
-
 def demand_charge_per_kw(tariff: str, days: float) -> float:
     """The industrial contract's demand charge for a run of ``days``, per kW."""
     return DEMAND_CHARGE_PER_KW_MONTH * days / 30.0 if tariff == "industrial" else 0.0
-
-
-def stored_value(result: BacktestResult) -> float:
-    """The value (currency) of the battery energy gained over the run, at the last interval's
-    retail tariff divided by each site's charge efficiency (negative when drained)."""
-    if len(result.retail_per_kwh) == 0:
-        return 0.0
-    return sum(
-        (s.stored_end_kwh - s.stored_start_kwh) * value_per_kwh(result, name)
-        for name, s in result.sites.items()
-    )
-
-
-def value_per_kwh(result: BacktestResult, site: str) -> float:
-    """What a kWh stored at the end is worth at ``site``: the last retail tariff over the
-    site's charge efficiency, the price of putting it back."""
-    return float(result.retail_per_kwh[-1]) / result.charge_efficiency[site]
-
-
-def bill(result: BacktestResult, metered_kwh: NDArray[np.float64], contract: Contract) -> float:
-    """The community's bill (currency) for ``metered_kwh`` (sites in sorted order, settled
-    intervals) at the run's tariffs under ``contract``, before stored energy."""
-    retail, feed_in = result.retail_per_kwh, result.feed_in_per_kwh
-    names = sorted(result.metered_kwh)
-    if contract.regime == "a":
-        energy = connection_point_cost(metered_kwh, retail_per_kwh=retail, feed_in_per_kwh=feed_in)
-        peak_kw = float(metered_kwh.sum(axis=0).max(initial=0.0)) * 4.0
-        return float(energy.sum()) + contract.demand_charge_per_kw * max(peak_kw, 0.0)
-    energy = energy_sharing_cost(
-        metered_kwh,
-        retail_per_kwh=retail,
-        feed_in_per_kwh=feed_in,
-        local_price_per_kwh=(retail + feed_in) / 2.0,
-        local_network_charge_per_kwh=contract.local_charge_per_kwh,
-    )
-    factory_kw = float(metered_kwh[names.index(FACTORY)].max(initial=0.0)) * 4.0
-    return float(energy.sum()) + contract.demand_charge_per_kw * max(factory_kw, 0.0)
-
-
-def measure(
-    result: BacktestResult,
-    metered_kwh: NDArray[np.float64],
-    gained_value: float,
-    contract: Contract,
-) -> Figures:
-    """Bill ``metered_kwh``, value the stored energy gained, and measure the feeder."""
-    feeder_kwh = metered_kwh.sum(axis=0)
-    limit_kwh = result.feeder_limit_w / 1000.0 * 0.25
-    return Figures(
-        cost=bill(result, metered_kwh, contract) - gained_value,
-        peak_kw=float(feeder_kwh.max(initial=0.0)) * 4.0,
-        above_limit_kwh=float(np.maximum(feeder_kwh - limit_kwh, 0.0).sum()),
-    )
-
-
-def figures(result: BacktestResult, contract: Contract) -> Figures:
-    """A run billed under ``contract``."""
-    metered = np.array([result.metered_kwh[n] for n in sorted(result.metered_kwh)])
-    return measure(result, metered, stored_value(result), contract)
 
 
 def foresight(result: BacktestResult, contract: Contract, export_limit_w: float) -> Figures:
@@ -222,14 +149,6 @@ def foresight(result: BacktestResult, contract: Contract, export_limit_w: float)
     return measure(result, lp.metered_kwh, gained, contract)
 
 
-def captured_pct(ours: float, local: float, lp: float) -> float | None:
-    """The share (%) of the LP's improvement over (ii) that ours captures, when the LP
-    improves on (ii) by at least 1 (currency)."""
-    if local - lp < 1.0:
-        return None
-    return 100.0 * (local - ours) / (local - lp)
-
-
 def coordinator_for(scenario: ScenarioConfig, tariff: str) -> CoordinatorConfig:
     """The default coordinator with the named tariff (its ledger path is not used)."""
     config = default_coordinator_config(scenario, Path("unused.sqlite"), 60.0)
@@ -237,13 +156,6 @@ def coordinator_for(scenario: ScenarioConfig, tariff: str) -> CoordinatorConfig:
     if override is None:
         return config
     return config.model_copy(update={"tariff": TariffSection.model_validate(override)})
-
-
-def saving_pct(ours: float, base: float) -> str:
-    """Ours against a baseline in % of the baseline's cost, when that cost means something."""
-    if abs(base) < 1.0:
-        return "n/a"
-    return f"{100.0 * (base - ours) / abs(base):+.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

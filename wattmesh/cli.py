@@ -119,6 +119,13 @@ def _describe(err: BaseException) -> str:
     return "; ".join(str(e) or type(e).__name__ for e in leaves)
 
 
+class DemoRegime(enum.StrEnum):
+    """The demo report's settlement regime (``wattmesh.demo_report.Regime``)."""
+
+    a = "a"
+    b = "b"
+
+
 class LogFormat(enum.StrEnum):
     """How a service writes its log: for a terminal, or JSON lines for journald and files."""
 
@@ -401,17 +408,46 @@ def demo(
             "(pure Python, MQTT 3.1.1, no access control: for trying only)."
         ),
     ] = "auto",
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="Start the simulated run here instead of at the scenario's start: an ISO "
+            "8601 date or time in UTC on a 15-minute boundary, e.g. 2026-12-21 (a winter "
+            "Monday) or 2026-06-22T06:00Z.",
+        ),
+    ] = None,
+    regime: Annotated[
+        DemoRegime,
+        typer.Option(
+            help="How the report bills the community. a: one connection point (the utility "
+            "bills the feeder's net at retail and feed-in; a campus, an industrial park). b: "
+            "energy sharing with individual meters (each site its own supplier; energy one "
+            "site exports while another imports in the same 15 minutes is shared at the "
+            "mid-point of retail and feed-in plus 0.03 per kWh of network charge; the EU "
+            "renewable-energy-community model).",
+            case_sensitive=False,
+        ),
+    ] = DemoRegime.a,
 ) -> None:
     """Run a whole community on this machine: broker, devices, edge agents, coordinator.
 
     Starts Mosquitto with per-site credentials, every device of the community scenario as a
     real Modbus server, an edge agent per site and the coordinator, on one simulated clock
     (--speed 800: a day in under two minutes). Shows the market and the feeder live, stops
-    cleanly on Ctrl-C, and reports each site's settled cost against its baseline (the same
-    devices and tariffs with no trading and batteries idle), the feeder's peak, and the files
-    written. Uses Mosquitto when installed (else an embedded broker); socat for the RTU meter.
+    cleanly on Ctrl-C, and reports each site's settlement (as `wattmesh ledger report`) and
+    the community's cost, with the energy left in batteries valued, against (i) every battery
+    idle and (ii) every battery under its own site's self-consumption controller, in the same
+    regime and tariffs (both run on the stepped engine over the same span), the feeder's peak
+    against its limit, and the files written. Uses Mosquitto when installed (else an embedded
+    broker); socat for the RTU meter.
     """
-    from wattmesh.demo import run_demo  # noqa: PLC0415 - keeps `wattmesh --help` fast
+    from wattmesh.demo import DemoError, parse_start, run_demo  # noqa: PLC0415 - fast --help
+    from wattmesh.demo_report import Regime  # noqa: PLC0415
+
+    try:
+        start_at = None if start is None else parse_start(start)
+    except DemoError as err:
+        raise _fail(str(err)) from err
 
     code = run_demo(
         hours=hours,
@@ -423,6 +459,8 @@ def demo(
         poll_s=poll,
         out=out,
         broker=broker,
+        start=start_at,
+        regime=Regime(regime.value),
     )
     if code:
         raise typer.Exit(code)

@@ -4,8 +4,9 @@ A Mosquitto broker with per-site credentials and ACL, every device of the commun
 as a real Modbus server (TCP, and RTU over a socat pair for the factory's SDM630), an edge
 agent per site, and the coordinator with its ledger, all on one scaled clock: the stack of
 ``wattmesh up`` (``wattmesh.up.LocalStack``) with the demo's roles and tariffs. A live view
-shows the market and the feeder; the report compares each site's settled cost with its
-baseline: the same simulators and tariffs with no trading and each battery idle.
+shows the market and the feeder; the report (:mod:`wattmesh.demo_report`) gives the ledger's
+settlement and compares the run's cost, stored energy valued, with (i) every battery idle and
+(ii) every battery under its own site's controller, in the chosen settlement regime.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from broker.clock import ManualClock, ScaledClock
+from broker.clock import ScaledClock
 from broker.errors import BrokerError
 from broker.mosquitto import find_mosquitto
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
-from coordinator.ledger import Ledger, to_currency
 from coordinator.service import Coordinator
 from edge.config import parse_edge_config
 from simulators.scenario import (
@@ -45,8 +45,9 @@ from simulators.scenario import (
     ScenarioError,
     load_scenario,
     parse_scenario,
-    stepped_sites,
 )
+from wattmesh.demo_report import REGIME_NAMES, Regime, plot, print_report, report_json
+from wattmesh.demo_report import build as build_report
 from wattmesh.up import LocalStack, StackConfig
 from wattmesh.up import rtu_over_tcp as _rtu_over_tcp
 
@@ -73,6 +74,28 @@ COORDINATOR: dict[str, dict[str, Any]] = {
         "release_pct": 92.0,
     },
 }
+
+
+class DemoError(ValueError):
+    """The demo cannot run as asked (a bad option)."""
+
+
+def parse_start(text: str, interval_s: float = 900.0) -> datetime:
+    """``--start``: an ISO 8601 date or time (``2026-12-21``, ``2026-12-21T06:00Z``; naive
+    means UTC) on a market interval's boundary."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise DemoError(
+            f"--start {text!r} is not an ISO 8601 date or time like 2026-12-21 or 2026-12-21T06:00Z"
+        ) from None
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if when.timestamp() % interval_s:
+        raise DemoError(
+            f"--start {text!r} is not on a {interval_s / 60:g}-minute boundary (the market "
+            "interval): give e.g. 06:00 or 06:15"
+        )
+    return when.astimezone(UTC)
 
 
 def builtin_scenario() -> ScenarioConfig:
@@ -134,57 +157,6 @@ def _coordinator_config(
         },
         "demo",
     )
-
-
-def baseline(
-    scenario: ScenarioConfig,
-    config: CoordinatorConfig,
-    start_ts: float,
-    end_ts: float,
-    step_s: float = 60.0,
-) -> dict[str, dict[str, float]]:
-    """Each site with no trading and its batteries idle: cost at the tariffs and peak import.
-
-    The same simulators (PV, clouds, loads) stepped on a manual clock; no Modbus needed.
-    ``result["_feeder"]`` holds the feeder's highest import over one step (``peak_import_w``)
-    and over a market interval (``peak_interval_import_w``: the largest interval mean, over
-    the intervals wholly inside the span), W.
-    """
-    clock = ManualClock(start_ts)
-    sites = stepped_sites(scenario, clock)
-    result = {name: {"cost": 0.0, "import_kwh": 0.0, "export_kwh": 0.0} for name in sites}
-    feeder_peak_w = 0.0
-    interval_s = float(config.market.interval_s)
-    interval_wh: dict[int, float] = {}
-    interval_steps: dict[int, int] = {}
-    t = start_ts
-    while t < end_ts:
-        clock.ts = t
-        retail, feed_in = config.tariff.at(t, config.coordinator.utc_offset_h)
-        flow = 0.0
-        for name, site in sites.items():
-            site.advance()
-            grid_w = site.load_w - site.pv_w  # batteries idle
-            flow += grid_w
-            kwh = grid_w * step_s / 3.6e6
-            r = result[name]
-            if kwh > 0:
-                r["import_kwh"] += kwh
-                r["cost"] += kwh * retail
-            else:
-                r["export_kwh"] -= kwh
-                r["cost"] += kwh * feed_in
-        feeder_peak_w = max(feeder_peak_w, flow)
-        k = int(t // interval_s)
-        interval_wh[k] = interval_wh.get(k, 0.0) + flow * step_s / 3600.0
-        interval_steps[k] = interval_steps.get(k, 0) + 1
-        t += step_s
-    whole = [wh for k, wh in interval_wh.items() if interval_steps[k] * step_s >= interval_s - 1e-6]
-    result["_feeder"] = {
-        "peak_import_w": feeder_peak_w,
-        "peak_interval_import_w": max(whole, default=0.0) * 3600.0 / interval_s,
-    }
-    return result
 
 
 @dataclass(frozen=True)
@@ -300,14 +272,14 @@ async def _run(
     # The broker's files go to a temporary directory Mosquitto's own user can reach.
     stack = LocalStack(config, out, clock, embedded=embedded, broker_in_state=False)
     async with stack:
-        assert stack.coordinator is not None
-        await _watch(scenario, stack.coordinator, clock, run, stop, poll_s, hours, console)
-        config_market = stack.coordinator.config.market
         coord = stack.coordinator
-    # Let the last interval settle: its telemetry is in, the agents have stopped.
-    for interval in sorted(coord.cleared):
-        if (interval + 1) * config_market.interval_s <= run.end_ts:
-            coord.settle(interval)
+        assert coord is not None
+        await _watch(scenario, coord, clock, run, stop, poll_s, hours, console)
+        # Settle what ended before the end (its telemetry is in: the watch ran a few polls
+        # past it) while the coordinator's ledger is still open.
+        for interval in sorted(coord.cleared):
+            if (interval + 1) * coord.config.market.interval_s <= run.end_ts:
+                coord.settle(interval)
     return run
 
 
@@ -376,124 +348,6 @@ def _sample(coord: Coordinator, now: float, run: Run) -> None:
         )
 
 
-def _report(
-    out: Path,
-    base: dict[str, dict[str, float]],
-    run: Run,
-    console: Console,
-    interval_s: float = 900.0,
-) -> dict[str, Any]:
-    with Ledger(out / "ledger.sqlite") as ledger:
-        settled = ledger.settled_intervals()
-        # The feeder's largest interval mean import, from the metered energy the ledger settled.
-        peak_interval_w = max(
-            (
-                settlement.community_net_wh * 3600.0 / interval_s
-                for i in settled
-                if (settlement := ledger.settlement(i)) is not None
-            ),
-            default=0.0,
-        )
-        peak_interval_w = max(peak_interval_w, 0.0)  # an exporting day has no import peak
-        sites = sorted(s for s in {a.removeprefix("site:") for a in ledger.accounts()} if s in base)
-        per_site: dict[str, dict[str, float]] = {}
-        for name in sites:
-            rep = ledger.site_report(name)
-            per_site[name] = {
-                "traded_kwh": (rep.bought_wh + rep.sold_wh) / 1000.0,
-                "import_kwh": rep.metered_import_wh / 1000.0,
-                "export_kwh": rep.metered_export_wh / 1000.0,
-                "cost": float(to_currency(rep.net_cost_micro)),
-                "baseline_cost": base[name]["cost"],
-            }
-        balanced = ledger.check_balanced()
-    table = Table(title=f"Report: {len(settled)} settled interval(s)")
-    for col in ("site", "traded kWh", "cost", "baseline cost", "saving", "saving %"):
-        table.add_column(col, justify="left" if col == "site" else "right", no_wrap=True)
-    for name, r in per_site.items():
-        saving = r["baseline_cost"] - r["cost"]
-        pct = 100.0 * saving / abs(r["baseline_cost"]) if r["baseline_cost"] else 0.0
-        table.add_row(
-            name,
-            f"{r['traded_kwh']:.1f}",
-            f"{r['cost']:.2f}",
-            f"{r['baseline_cost']:.2f}",
-            f"{saving:.2f}",
-            f"{pct:.1f}",
-        )
-    total = sum(r["cost"] for r in per_site.values())
-    total_base = sum(r["baseline_cost"] for r in per_site.values())
-    pct = 100.0 * (total_base - total) / abs(total_base) if total_base else 0.0
-    table.add_row(
-        "community",
-        f"{sum(r['traded_kwh'] for r in per_site.values()):.1f}",
-        f"{total:.2f}",
-        f"{total_base:.2f}",
-        f"{total_base - total:.2f}",
-        f"{pct:.1f}",
-        style="bold",
-    )
-    console.print(table)
-    base_peak = base["_feeder"]["peak_import_w"]
-    base_interval_peak = base["_feeder"]["peak_interval_import_w"]
-    reduction = (
-        f" ({100.0 * (base_interval_peak - peak_interval_w) / base_interval_peak:.0f} % lower)"
-        if base_interval_peak > 0
-        else ""
-    )
-    console.print(
-        f"feeder peak import over {interval_s / 60:g} minutes: {peak_interval_w / 1000:.1f} kW "
-        f"against {base_interval_peak / 1000:.1f} kW in the baseline{reduction}; highest "
-        f"sampled flow {run.feeder_peak_w / 1000:.1f} kW against {base_peak / 1000:.1f} kW "
-        f"(baseline, 1-minute steps); ledger balanced: {'yes' if balanced else 'NO'}",
-        highlight=False,
-    )
-    return {
-        "settled_intervals": len(settled),
-        "balanced": balanced,
-        "sites": per_site,
-        "community": {"cost": total, "baseline_cost": total_base},
-        "feeder_peak_interval_import_w": peak_interval_w,
-        "baseline_feeder_peak_interval_import_w": base_interval_peak,
-        "feeder_peak_import_w": run.feeder_peak_w,
-        "baseline_feeder_peak_import_w": base_peak,
-    }
-
-
-def _plot(out: Path, run: Run) -> Path:
-    import matplotlib as mpl  # noqa: PLC0415 - only when writing the plot
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
-    feeder: dict[float, float] = {}
-    price: dict[float, float] = {}
-    soc: dict[str, list[tuple[float, float]]] = {}
-    for row in run.rows:
-        hours = row["ts"] / 3600.0
-        feeder[hours] = row["feeder_w"] / 1000.0
-        if row["price_per_kwh"] is not None:
-            price[hours] = row["price_per_kwh"]
-        if row["soc_pct"] is not None:
-            soc.setdefault(row["site"], []).append((hours, row["soc_pct"]))
-    t0 = min(feeder) if feeder else 0.0
-    ax1.plot([h - t0 for h in feeder], list(feeder.values()))
-    ax1.set_ylabel("feeder import, kW")
-    ax2.step([h - t0 for h in price], list(price.values()), where="post")
-    ax2.set_ylabel("clearing price per kWh")
-    for name, points in sorted(soc.items()):
-        ax3.plot([h - t0 for h, _ in points], [s for _, s in points], label=name)
-    ax3.set_ylabel("battery SOC, %")
-    ax3.set_xlabel("simulated hours")
-    ax3.legend(loc="best")
-    fig.tight_layout()
-    path = out / "day.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def run_demo(
     *,
     hours: float,
@@ -505,17 +359,22 @@ def run_demo(
     poll_s: float = 0.1,
     out: Path | None = None,
     broker: str = "auto",
+    start: datetime | None = None,
+    regime: Regime = Regime.a,
 ) -> int:
     """Run the demo; returns the process exit code.
 
     ``broker``: "mosquitto", "embedded" (amqtt, MQTT 3.1.1, no ACL) or "auto" (Mosquitto
-    when installed).
+    when installed). ``start`` replaces the scenario's start (UTC, on a market interval's
+    boundary: :func:`parse_start`); ``regime`` is how the report bills the community.
     """
     try:
         config = builtin_scenario() if scenario is None else load_scenario(scenario)
     except ScenarioError as err:
         console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
+    if start is not None:
+        config = config.model_copy(update={"start": start})
     if seed is not None:
         config = config.model_copy(update={"seed": seed})
     if sites is not None:
@@ -540,9 +399,9 @@ def run_demo(
                 highlight=False,
             )
     if out is not None:
-        return _demo_in(out, True, config, hours, speed, poll_s, console, embedded)
+        return _demo_in(out, True, config, hours, speed, poll_s, console, embedded, regime)
     with tempfile.TemporaryDirectory(prefix="wattmesh-demo-") as tmp:
-        return _demo_in(Path(tmp), False, config, hours, speed, poll_s, console, embedded)
+        return _demo_in(Path(tmp), False, config, hours, speed, poll_s, console, embedded, regime)
 
 
 def _demo_in(
@@ -554,40 +413,45 @@ def _demo_in(
     poll_s: float,
     console: Console,
     embedded: bool,
+    regime: Regime = Regime.a,
 ) -> int:
     """Run the demo with its state in ``out``; the files are written only if ``keep``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "ledger.sqlite").unlink(missing_ok=True)
+    start = datetime.fromtimestamp(config.start_ts, UTC).strftime("%a %Y-%m-%d %H:%M UTC")
     console.print(
-        f"wattmesh demo: {len(config.sites)} sites, {hours:g} simulated hours at "
-        f"{speed:g}x; " + (f"writing to {out}" if keep else "--out DIR keeps its files"),
+        f"wattmesh demo: {len(config.sites)} sites from {start}, {hours:g} simulated hours at "
+        f"{speed:g}x, regime ({regime.value}) {REGIME_NAMES[regime]}; "
+        + (f"writing to {out}" if keep else "--out DIR keeps its files"),
         highlight=False,
     )
     run = asyncio.run(_run(config, hours, speed, poll_s, out, console, embedded))
     coordinator_config = _coordinator_config(config, out, 1, poll_s, speed)
-    span = _settled_span(out, run, config.start_ts, coordinator_config.market.interval_s)
-    base = baseline(config, coordinator_config, *span)
-    report = _report(out, base, run, console, coordinator_config.market.interval_s)
+    console.print(
+        "running the baselines (i) idle and (ii) local on the stepped engine", highlight=False
+    )
+    ledger_report, comparison = build_report(
+        out / "ledger.sqlite", config, run.rows, coordinator_config, regime
+    )
+    interval_s = float(coordinator_config.market.interval_s)
+    print_report(console, ledger_report, comparison, interval_s, run.feeder_peak_w)
     if keep:
         _write_csv(out / "day.csv", run)
+        report = report_json(ledger_report, comparison, run.feeder_peak_w)
         (out / "report.json").write_text(json.dumps(report, indent=2))
-        png = _plot(out, run)
+        png = plot(
+            out / "day.png",
+            run.rows,
+            comparison,
+            coordinator_config,
+            f"wattmesh demo: {config.name}, {len(config.sites)} sites, from {start}; "
+            f"regime ({regime.value})",
+        )
         console.print(
             f"files: {out / 'ledger.sqlite'}, {out / 'day.csv'}, {png}, {out / 'report.json'}",
             highlight=False,
         )
     return 0
-
-
-def _settled_span(
-    out: Path, run: Run, start_ts: float, interval_s: float = 900.0
-) -> tuple[float, float]:
-    """The settled intervals' span: the baseline covers the same time."""
-    with Ledger(out / "ledger.sqlite") as ledger:
-        settled = ledger.settled_intervals()
-    if not settled:
-        return start_ts, run.end_ts
-    return min(settled) * interval_s, (max(settled) + 1) * interval_s
 
 
 def _write_csv(path: Path, run: Run) -> None:

@@ -1,0 +1,32 @@
+"""The real-time demo against the stepped engine (benchmarks/agreement.py), on a window where
+the comparison is stable enough to test.
+
+What this proves, and what it does not: at night there is no PV, so every site imports, the
+market clears at the utility's price and the batteries have nothing to earn; the window tests
+that the engine meters, settles (awards, imbalance, rebates) and bills each site as the live
+services do, with the same configuration and cadence. It does not test the daytime market:
+over three daytime hours two demo runs of the same window differ from each other by 10 % or
+more of the community's total (an interval that clears at 0.12 in one run clears at 0.25 in
+the other on a few kWh of difference in the bids, and around noon the total is near zero), so
+no such short window can hold the 3 % bar reliably; the full day (``python
+benchmarks/agreement.py``, about 110 s) is measured by the benchmark, not by a test.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks.agreement import run_agreement
+
+
+def test_at_night_the_demo_and_the_engine_settle_each_site_within_3_pct_of_the_total(
+    tmp_path: Path,
+) -> None:
+    start = datetime(2026, 6, 22, 0, 0, tzinfo=UTC)
+    agreement = run_agreement(start, hours=2.0, speed=800.0, poll=0.1, out=tmp_path)
+    assert agreement is not None
+    assert agreement.intervals >= 6  # of the 8 in two hours (the first has no clearing)
+    assert set(agreement.demo) == {"solar-farm", "factory", "house-1", "house-2", "school"}
+    assert sum(agreement.demo.values()) > 10.0  # a total that the percentages can stand on
+    assert agreement.worst_pct < 3.0, (agreement.demo, agreement.engine)

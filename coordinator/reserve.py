@@ -202,3 +202,60 @@ def fleet_from_readings(
         max_charge_kw=sum(power for _, _, power in known) / 1000.0,
         max_discharge_kw=sum(power for _, _, power in known) / 1000.0,
     )
+
+
+def community_price_per_kwh(
+    feeder_net_kwh: ArrayLike,
+    fleet: Sequence[FleetBattery],
+    *,
+    retail_per_kwh: ArrayLike,
+    feed_in_per_kwh: ArrayLike,
+    step_h: float,
+    import_limit_kw: float,
+    export_limit_kw: float,
+) -> NDArray[np.float64]:
+    """The local price to expect per step (currency per kWh): the marginal price of feeder
+    energy when the community's batteries, taken as one, are scheduled at their best over the
+    forecast (:func:`coordinator.schedule.perfect_foresight` on the forecast feeder flow,
+    ``feeder_net_kwh``, + imports), clipped to each step's feed-in and retail tariffs.
+
+    A price-taking plan against the tariffs alone (retail while the feeder imports, feed-in
+    while it exports) expects every battery to fill from a midday surplus that the batteries
+    together would exhaust; this price already counts what they do together, so each site's
+    plan sees what energy is worth to the community (the value of storage where the batteries
+    are neither full nor empty). Energy left at the end is valued as :mod:`edge.plan` values
+    it (what it costs to put back, at most what it displaces)."""
+    from coordinator.schedule import Battery, perfect_foresight  # noqa: PLC0415 - scipy
+
+    net = np.asarray(feeder_net_kwh, dtype=np.float64)
+    retail = np.broadcast_to(np.asarray(retail_per_kwh, dtype=np.float64), net.shape)
+    feed_in = np.broadcast_to(np.asarray(feed_in_per_kwh, dtype=np.float64), net.shape)
+    fleet = [b for b in fleet if b.max_kwh > 0 and max(b.max_charge_kw, b.max_discharge_kw) > 0]
+    if not fleet:
+        return np.clip(np.where(net > 0, retail, feed_in), feed_in, retail)
+    capacity = sum(b.max_kwh for b in fleet)
+    low = sum(b.min_kwh for b in fleet) / capacity * 100.0
+    stored = sum(b.stored_kwh for b in fleet) / capacity * 100.0
+    eta_c = _weighted(fleet, "charge_efficiency")
+    eta_d = _weighted(fleet, "discharge_efficiency")
+    battery = Battery(
+        capacity_wh=capacity * 1000.0,
+        rated_power_w=sum(max(b.max_charge_kw, b.max_discharge_kw) for b in fleet) * 1000.0,
+        soc_pct=float(np.clip(stored, low, 100.0)),
+        soc_min_pct=low,
+        soc_max_pct=100.0,
+        charge_efficiency=eta_c,
+        discharge_efficiency=eta_d,
+    )
+    end_value = min(float(retail.min()) / eta_c, float(np.median(retail)) * eta_d)
+    schedule = perfect_foresight(
+        net / step_h * 1000.0,
+        [battery],
+        retail,
+        feed_in,
+        step_h * 3600.0,
+        import_limit_w=import_limit_kw * 1000.0,
+        export_limit_w=export_limit_kw * 1000.0,
+        end_value_per_kwh=[end_value],
+    )
+    return np.clip(schedule.price_per_kwh, feed_in, retail)

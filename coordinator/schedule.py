@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -119,6 +119,9 @@ class Schedule:
     export_excess_w: float
     simultaneous_wh: float
     solve_s: float
+    #: The marginal price of feeder energy per step (currency per kWh): what one more kWh of
+    #: net load in that step would add to the optimum (the dual of the step's feeder balance).
+    price_per_kwh: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
     @property
     def cost(self) -> float:
@@ -369,4 +372,5 @@ def perfect_foresight(
         export_excess_w=float(np.max(x[lay.s_out :], initial=0.0)),
         simultaneous_wh=float(np.sum(np.minimum(charge, discharge)) * h),
         solve_s=solve_s,
+        price_per_kwh=np.asarray(res.eqlin.marginals, dtype=np.float64)[bt:] * 1000.0 / h,
     )

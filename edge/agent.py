@@ -1033,7 +1033,6 @@ class EdgeAgent:
             views,
             config=c.plan,
             market=c.market,
-            fallback=c.fallback,
             limits=c.limits,
             role=c.site.role,
         )

@@ -182,6 +182,12 @@ class PlanSection(_Strict):
     load_upside: float = Field(
         default=0.2, ge=0, le=5, description="... and load this much above it (share)"
     )
+    peak_import_w: float | None = Field(
+        default=None,
+        gt=0,
+        description="keep the site's import under this when the batteries allow (a peak "
+        "target, e.g. for a demand charge); [fallback] import_cap_w is the fallback's own",
+    )
     charge_efficiency: float = Field(default=0.95, gt=0, le=1, description="AC to stored")
     discharge_efficiency: float = Field(default=0.95, gt=0, le=1, description="stored to AC")
 

@@ -45,7 +45,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from edge.bidding import MIN_STEP_KWH, CurveSteps
-from edge.config import FallbackSection, LimitsSection, MarketSection, PlanSection
+from edge.config import LimitsSection, MarketSection, PlanSection
 from edge.policy import BatteryView, PlanStep
 
 #: Currency per kWh of flow beyond a limit or cap: far above any tariff, so the plan keeps
@@ -54,6 +54,11 @@ PENALTY_PER_KWH = 5.0
 #: Currency per kWh of stored energy short of a floor: above any tariff but below the caps'
 #: penalty (a floor only serves later caps: breaking a cap now to keep one is no gain).
 FLOOR_PENALTY_PER_KWH = 1.0
+#: Currency per kWh of import beyond the site's own soft target (``[plan] peak_import_w``):
+#: above the tariffs, below the coordinator's caps.
+TARGET_PENALTY_PER_KWH = 0.5
+#: Variable blocks per scenario in the programme.
+BLOCKS = 9
 #: The pessimistic scenario's PV shortfall and load excess, as shares of the forecast.
 PV_DOWNSIDE = 0.5
 LOAD_UPSIDE = 0.2
@@ -161,6 +166,8 @@ class _Limits:
     cap_in: NDArray[np.float64]
     cap_out: NDArray[np.float64]
     floor: NDArray[np.float64]
+    target_in: float  # a soft cap on import (kW, NaN: none)
+    target_penalty_per_kwh: float
 
 
 def _scenario(
@@ -172,11 +179,12 @@ def _scenario(
     step_h: float,
     penalty_per_kwh: float,
 ) -> tuple[NDArray[np.int64], ...]:
-    """One scenario's variables (8 blocks of ``len(net)`` from ``base``: charge, discharge,
-    stored, import, export, over import, over export, floor shortfall) and its rows."""
+    """One scenario's variables (``BLOCKS`` blocks of ``len(net)`` from ``base``: charge,
+    discharge, stored, import, export, over import, over export, floor shortfall, over the
+    import target) and its rows."""
     b, n = battery, len(net)
-    blocks = tuple(base + j * n + np.arange(n, dtype=np.int64) for j in range(8))
-    c, d, e, i, x, oi, ox, short = blocks
+    blocks = tuple(base + j * n + np.arange(n, dtype=np.int64) for j in range(BLOCKS))
+    c, d, e, i, x, oi, ox, short, ot = blocks
     lp.upper[c] = b.max_charge_kw * step_h
     lp.upper[d] = b.max_discharge_kw * step_h
     lp.lower[e] = min(b.min_kwh, b.stored_kwh)
@@ -196,6 +204,9 @@ def _scenario(
     has = np.isfinite(limits.cap_out)
     if has.any():
         lp.add("ub", [x[has], i[has], ox[has]], [1.0, -1.0, -1.0], limits.cap_out[has] * step_h)
+    if math.isfinite(limits.target_in):
+        lp.cost[ot] = limits.target_penalty_per_kwh
+        lp.add("ub", [i, x, ot], [1.0, -1.0, -1.0], np.full(n, limits.target_in * step_h))
     has = np.isfinite(limits.floor)
     if has.any():
         lp.add("ub", [e[has], short[has]], [-1.0, -1.0], -limits.floor[has])
@@ -240,6 +251,9 @@ def plan_site(
     export_cap_kw: ArrayLike | None = None,
     pessimistic_net_kwh: ArrayLike | None = None,
     penalty_per_kwh: float = PENALTY_PER_KWH,
+    import_target_kw: float | None = None,
+    target_penalty_per_kwh: float = TARGET_PENALTY_PER_KWH,
+    pessimistic_import_cap_kw: ArrayLike | None = None,
 ) -> SitePlan:
     """The site's cheapest battery schedule over ``len(net_kwh)`` steps (module docstring).
 
@@ -248,7 +262,12 @@ def plan_site(
     connection limits in kW; the coordinator's reservation as per-step ``floor_kwh`` (energy
     to hold at the step's end), ``import_cap_kw`` (at most this import; negative: at least
     this export) and ``export_cap_kw``, NaN where a step has none; ``pessimistic_net_kwh`` the
-    net load the reservation must survive (default: none, one scenario). Raises
+    net load the reservation must survive (default: none, one scenario);
+    ``pessimistic_import_cap_kw`` the import caps that scenario must keep (default: the same;
+    the agent lifts them by the pessimistic load's excess, which is the site's own surprise,
+    not what the reservation asks of its batteries); ``import_target_kw`` a soft cap on the
+    site's own import (a peak it would rather not pass, e.g. for a demand charge), kept at
+    ``target_penalty_per_kwh`` beyond it. Raises
     :class:`PlanError` on bad input or when HiGHS finds no optimum.
     """
     from scipy.optimize import linprog  # noqa: PLC0415 - scipy loads with the first plan
@@ -260,21 +279,30 @@ def plan_site(
     _check(net, buy, sell, battery, step_h)
     cap_in = _steps(import_cap_kw, n, "import_cap_kw")
     cap_out = _steps(export_cap_kw, n, "export_cap_kw")
+    cap_in_p = (
+        cap_in
+        if pessimistic_import_cap_kw is None
+        else _steps(pessimistic_import_cap_kw, n, "pessimistic_import_cap_kw")
+    )
     if import_limit_kw is not None:
         cap_in = np.fmin(cap_in, import_limit_kw)
+        cap_in_p = np.fmin(cap_in_p, import_limit_kw)
     if export_limit_kw is not None:
         cap_out = np.fmin(cap_out, export_limit_kw)
-    limits = _Limits(cap_in, cap_out, _steps(floor_kwh, n, "floor_kwh"))
+    floor = _steps(floor_kwh, n, "floor_kwh")
+    target = math.nan if import_target_kw is None else float(import_target_kw)
+    limits = [_Limits(cap_in, cap_out, floor, target, target_penalty_per_kwh)]
     scenarios = [net]
     if pessimistic_net_kwh is not None:
         pessimistic = _steps(pessimistic_net_kwh, n, "pessimistic_net_kwh")
         if not np.all(np.isfinite(pessimistic)):
             raise PlanError("pessimistic_net_kwh must be finite")
         scenarios.append(pessimistic)
-    nv = 8 * n
+        limits.append(_Limits(cap_in_p, cap_out, floor, math.nan, 0.0))
+    nv = BLOCKS * n
     lp = _Programme(nv * len(scenarios))
     blocks = [
-        _scenario(lp, k * nv, s, battery, limits, step_h, penalty_per_kwh)
+        _scenario(lp, k * nv, s, battery, limits[k], step_h, penalty_per_kwh)
         for k, s in enumerate(scenarios)
     ]
     _, _, e, i, x, *_ = blocks[0]
@@ -301,7 +329,7 @@ def plan_site(
         raise PlanError(f"HiGHS found no optimum: {solution.message}")
     sol = np.asarray(solution.x, dtype=np.float64)
     c_v, d_v, e_v, i_v, x_v = (sol[blk] for blk in blocks[0][:5])
-    over = sum(float(sol[np.concatenate(blk[5:])].sum()) for blk in blocks)
+    over = sum(float(sol[np.concatenate(blk[5:8])].sum()) for blk in blocks)
     return SitePlan(
         grid_kwh=i_v - x_v,
         battery_kwh=d_v - c_v,
@@ -544,7 +572,6 @@ def plan_interval(
     *,
     config: PlanSection,
     market: MarketSection,
-    fallback: FallbackSection,
     limits: LimitsSection,
     role: str,
 ) -> IntervalPlan:
@@ -569,7 +596,6 @@ def plan_interval(
     reserved = bool(
         np.isfinite(floor).any() or np.isfinite(cap_in).any() or np.isfinite(cap_out).any()
     )
-    caps = [w for w in (limits.import_limit_w, fallback.import_cap_w) if w is not None]
     plan = plan_site(
         net,
         price,
@@ -579,11 +605,12 @@ def plan_interval(
         stored_value_per_kwh=stored_value_per_kwh(
             price, battery.charge_efficiency, battery.discharge_efficiency
         ),
-        import_limit_kw=min(caps) / 1000.0 if caps else None,
+        import_limit_kw=None if limits.import_limit_w is None else limits.import_limit_w / 1e3,
         export_limit_kw=None if limits.export_limit_w is None else limits.export_limit_w / 1e3,
         floor_kwh=floor,
         import_cap_kw=cap_in,
         export_cap_kw=cap_out,
+        import_target_kw=None if config.peak_import_w is None else config.peak_import_w / 1e3,
         pessimistic_net_kwh=(
             pessimistic_net_kwh(
                 load_kwh, pv_kwh, pv_downside=config.pv_downside, load_upside=config.load_upside
@@ -591,6 +618,7 @@ def plan_interval(
             if reserved
             else None
         ),
+        pessimistic_import_cap_kw=cap_in + load_kwh * config.load_upside / step_h,
     )
     bid = plan_bid(
         plan,

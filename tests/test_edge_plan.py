@@ -214,3 +214,19 @@ def test_bad_input_is_refused_with_a_clear_error(kwargs: dict[str, object], mess
     args.update(kwargs)
     with pytest.raises(PlanError, match=message):
         plan_site(**args)  # type: ignore[arg-type]
+
+
+def test_a_peak_target_is_kept_when_the_battery_allows_and_no_further() -> None:
+    # a 3 kW soft target (a demand charge's peak): the 6 kW evening needs 3.16 kWh stored;
+    # with only 2 kWh (and no room to charge) the plan uses it all on the peak and imports
+    # the rest above the target
+    net = np.array([0.5] * 12 + [1.5] * 4)
+    prices = np.array([0.33] * 12 + [0.30] * 4)
+    args = {"step_h": STEP_H, "stored_value_per_kwh": 0.0, "import_target_kw": 3.0}
+    kept = plan_site(net, prices, prices * 0.0, battery(5.0), **args)  # type: ignore[arg-type]
+    np.testing.assert_array_less(kept.grid_kwh[12:], 0.75 + 1e-6)
+    full = battery(2.0, high=2.0)
+    short = plan_site(net, prices, prices * 0.0, full, **args)  # type: ignore[arg-type]
+    assert short.battery_kwh[:12].sum() == pytest.approx(0.0, abs=1e-6)
+    assert short.battery_kwh[12:].sum() == pytest.approx(2.0 * 0.95)
+    assert short.penalty_kwh == pytest.approx(0.0, abs=1e-9)  # a target is not a limit

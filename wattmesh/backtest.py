@@ -647,7 +647,6 @@ class Engine:
                 [b.view() for b in site.batteries],
                 config=site.edge.plan,
                 market=m,
-                fallback=site.edge.fallback,
                 limits=site.edge.limits,
                 role=site.edge.site.role,
             )
@@ -839,19 +838,30 @@ class Engine:
             shapes[s.name] = site_forecast_w(s.pv_history, s.load_history, times, c.coordinator)
         net_w = sum(load - pv for pv, load in shapes.values())
         tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
-        price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
         step_h = m.interval_s / 3600.0
         reservation = None
-        if self.variant == "wattmesh":
-            fleet = {s.name: fleet_battery(s.batteries) for s in known if s.batteries}
+        fleet = {s.name: fleet_battery(s.batteries) for s in known if s.batteries}
+        if self.variant == "wattmesh" and fleet:
+            net_kwh = {n: (ld - pv) * step_h / 1000.0 for n, (pv, ld) in shapes.items()}
+            price = rs.community_price_per_kwh(
+                net_w * step_h / 1000.0,
+                list(fleet.values()),
+                retail_per_kwh=tariffs[:, 0],
+                feed_in_per_kwh=tariffs[:, 1],
+                step_h=step_h,
+                import_limit_kw=c.grid.import_limit_w * c.grid.target_pct / 1e5,
+                export_limit_kw=c.grid.export_limit_w * c.grid.target_pct / 1e5,
+            )
             reservation = rs.reserve(
-                {n: (ld - pv) * step_h / 1000.0 for n, (pv, ld) in shapes.items()},
+                net_kwh,
                 fleet,
                 step_h=step_h,
                 import_limit_kw=c.grid.import_limit_w / 1000.0,
                 export_limit_kw=c.grid.export_limit_w / 1000.0,
                 plan_to_share=c.grid.target_pct / 100.0,
             )
+        else:
+            price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
         for s in known:
             pv, load = shapes[s.name]
             s.forecast = (float(start), pv, load, price)

@@ -10,6 +10,7 @@ those of ``wattmesh edge run`` (``wattmesh edge run --help`` documents them).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,11 +31,25 @@ from wattmesh.service import (
 )
 
 
+def import_agent() -> None:
+    """Import the agent (``edge.agent``, ``edge.config``): all the service path loads.
+
+    pydantic looks for plugins in every installed distribution's entry points the first time
+    it builds a model, a scan that grows with the environment; the agent uses none, so it is
+    off here unless ``PYDANTIC_DISABLE_PLUGINS`` is already set (benchmarks/edge_footprint.py
+    measures this function).
+    """
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    import edge.agent  # noqa: PLC0415 - after the command line is read and the setting made
+    import edge.config  # noqa: PLC0415, F401
+
+
 def run_edge(site_file: Path, give_up_after: int, log_format: LogFormat) -> int:
     """Run the site gateway agent of ``site_file`` until SIGINT/SIGTERM; the exit code: 0 when
     stopped, 1 after a failure or a broker that kept refusing, 2 for a file that cannot be
     used (one line per problem on stderr, never a traceback)."""
-    from edge.agent import EdgeAgent  # noqa: PLC0415 - parse the command line first
+    import_agent()
+    from edge.agent import EdgeAgent  # noqa: PLC0415 - loaded by import_agent
     from edge.config import load_edge_config  # noqa: PLC0415
 
     try:

@@ -140,8 +140,9 @@ def fast_edge_run(args: Sequence[str]) -> int | None:
         return 1
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``wattmesh-edge`` console script (the systemd unit's command)."""
+def parse_edge_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of ``wattmesh-edge`` (``sys.argv`` when ``argv`` is None): ``site_file``,
+    ``give_up_after``, ``log_format`` and ``verbose``; usage on stderr and exit 2 if wrong."""
     parser = _edge_parser(
         argparse.ArgumentParser(
             prog="wattmesh-edge",
@@ -154,7 +155,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         verbose=True,
     )
     parser.add_argument("--version", action="version", version=f"wattmesh {__version__}")
-    options = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``wattmesh-edge`` console script (the systemd unit's command)."""
+    options = parse_edge_args(argv)
     set_up_logging(options.verbose)
     try:
         code = run_edge(options.site_file, options.give_up_after, LogFormat(options.log_format))

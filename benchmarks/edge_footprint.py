@@ -16,6 +16,7 @@
    QoS 1; printed: messages per second until the subscriber has every one.
 
 Run: python benchmarks/edge_footprint.py [--duration 60] [--messages 20000] [--runs 7]
+[--startup-only]
 Goals (issue 15): import under 0.25 s, RSS under 45 MB.
 """
 
@@ -216,8 +217,10 @@ async def _subscriber(port: int, password: str, received: list[bytes]) -> BusCli
     return bus
 
 
-async def main(duration_s: float, messages: int, runs: int) -> None:
+async def main(duration_s: float, messages: int, runs: int, startup_only: bool) -> None:
     startup(runs)
+    if startup_only:
+        return
     print()
     work = Path(tempfile.mkdtemp(prefix="wattmesh-bench-"))
     work.chmod(0o755)  # Mosquitto, started as root, runs as its own user and must get in
@@ -347,5 +350,6 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=60.0, help="seconds at 1 Hz")
     parser.add_argument("--messages", type=int, default=20_000, help="spooled messages")
     parser.add_argument("--runs", type=int, default=7, help="fresh interpreters for start-up")
+    parser.add_argument("--startup-only", action="store_true", help="only part 0")
     args = parser.parse_args()
-    asyncio.run(main(args.duration, args.messages, args.runs))
+    asyncio.run(main(args.duration, args.messages, args.runs, args.startup_only))

@@ -59,7 +59,8 @@ devices = [
 """
 
 
-#: Top-level packages the agent's service path must not load (tests/test_lean_edge.py too).
+#: Top-level packages the agent's service path must not load at start-up (scipy: the site
+#: planner imports it at its first solve); tests/test_lean_edge.py checks the same.
 NOT_ON_THE_SERVICE_PATH = (
     "simulators", "coordinator", "rich", "typer", "click", "cryptography", "scipy",
 )  # fmt: skip

@@ -26,10 +26,11 @@ from wattmesh.edge_service import fast_edge_run, parse_edge_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Top-level packages the service path must not load (benchmarks/edge_footprint.py too).
-NOT_ON_THE_SERVICE_PATH = {
-    "simulators", "coordinator", "rich", "typer", "click", "cryptography", "scipy"
-}  # fmt: skip
+#: Top-level packages the running agent must never load (benchmarks/edge_footprint.py too).
+NOT_ON_THE_SERVICE_PATH = {"simulators", "coordinator", "rich", "typer", "click", "cryptography"}
+#: ... and what it must not load at start-up either: the site planner imports scipy at its
+#: first solve, in a worker thread, never before.
+NOT_AT_START_UP = NOT_ON_THE_SERVICE_PATH | {"scipy"}
 #: What it must load: the agent and the libraries it works with (the parsing is no vacuum).
 ON_THE_SERVICE_PATH = {"edge", "broker", "drivers", "pydantic", "aiomqtt", "paho", "pymodbus", "numpy"}
 
@@ -98,6 +99,22 @@ async def test_the_running_agent_never_imports_the_cli_simulators_or_cryptograph
     assert not loaded & NOT_ON_THE_SERVICE_PATH
 
 
+def test_importing_the_agent_as_the_service_path_does_loads_no_scipy_or_cli() -> None:
+    code = (
+        "import sys, wattmesh.entry\n"
+        "from wattmesh.edge_service import import_agent\n"
+        "import_agent()\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    loaded = {name.split(".")[0] for name in result.stdout.split()}
+    assert loaded >= ON_THE_SERVICE_PATH
+    assert not loaded & NOT_AT_START_UP
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -138,7 +155,10 @@ def test_a_well_formed_edge_run_takes_the_lean_path_with_the_cli_options(tmp_pat
     assert "Traceback" not in result.stderr
 
 
-def test_the_full_command_lines_edge_run_runs_the_same_service(tmp_path: Path) -> None:
+def test_the_full_command_lines_edge_run_runs_the_same_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "__all__")  # as the service path sets it
     bad = tmp_path / "site.toml"
     bad.write_text("[site]\nid = 'Bad Site!'\n")
     result = CliRunner().invoke(app, ["edge", "run", str(bad)])

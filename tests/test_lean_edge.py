@@ -5,6 +5,7 @@ full ``wattmesh`` command line unchanged."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import re
 import shlex
@@ -174,6 +175,9 @@ def test_the_systemd_unit_runs_the_wattmesh_edge_script_with_options_it_accepts(
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["wattmesh-edge"] == "wattmesh.edge_service:main"
     assert scripts["wattmesh"] == "wattmesh.entry:main"
+    for target in scripts.values():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function))
     options = parse_edge_args(args)
     assert options.site_file == Path("/etc/wattmesh/house-1.toml")
     assert options.give_up_after == 0

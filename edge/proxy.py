@@ -22,13 +22,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.errors import DriverError, ModbusException
 from drivers.transport import ModbusTransport, Table
+
+if TYPE_CHECKING:
+    from pymodbus.server import ModbusTcpServer
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,8 @@ class ModbusProxy:
 
     async def start(self) -> None:
         """Observe the agent's transports and start listening."""
+        from pymodbus.server import ModbusTcpServer  # noqa: PLC0415 - only a site with a proxy
+
         for target in self.targets:
             target.transport.read_observers.append(target.observe)
         server = ModbusTcpServer(

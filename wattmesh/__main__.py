@@ -1,5 +1,5 @@
 """``python -m wattmesh``."""
 
-from wattmesh.cli import main
+from wattmesh.entry import main
 
 main()

@@ -8,10 +8,7 @@ import enum
 import json
 import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,10 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from broker.client import BusClient
 from broker.clock import Clock, ScaledClock, WallClock
 from broker.messages import Dispatch, DispatchAck, Status
-from broker.settings import BrokerConnection, ClockSettings
+from broker.settings import ClockSettings
 from drivers.errors import DriverError
 from drivers.regmap import builtin_map_names, load_builtin_map, load_register_map
 from drivers.transport import ModbusTransport
@@ -35,6 +31,20 @@ from wattmesh.archive_cli import archive_app
 from wattmesh.broker_cli import broker_app
 from wattmesh.ledger_cli import ledger_app
 from wattmesh.scan import ScanResult, scan_device
+from wattmesh.service import (
+    GIVE_UP_AFTER,
+    JsonLogFormatter,  # noqa: F401 - re-exported (tests, other tools)
+    LogFormat,
+    run_service,
+    set_up_logging,
+)
+from wattmesh.service import clock_from as _clock
+from wattmesh.service import describe as _describe
+from wattmesh.service import password_source as _password_source
+from wattmesh.service import say as _say
+from wattmesh.service import serve as _serve
+from wattmesh.service import stop_on_signals as _stop_on_signals
+from wattmesh.service import use_log_format as _use_log_format
 
 _display_type_rich = typer.core.TyperOption.display_type_rich
 
@@ -92,12 +102,7 @@ def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
 ) -> None:
     """wattmesh: edge agents, simulators and tools for a local energy community."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:
-        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    set_up_logging(verbose)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -106,49 +111,11 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _leaf_errors(err: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups: what a person needs to read."""
-    if isinstance(err, BaseExceptionGroup):
-        return [leaf for sub in err.exceptions for leaf in _leaf_errors(sub)]
-    return [err]
-
-
-def _describe(err: BaseException) -> str:
-    """One line for an error that escaped a service, never a TaskGroup's wrapper."""
-    leaves = _leaf_errors(err)
-    return "; ".join(str(e) or type(e).__name__ for e in leaves)
-
-
 class DemoRegime(enum.StrEnum):
     """The demo report's settlement regime (``wattmesh.demo_report.Regime``)."""
 
     a = "a"
     b = "b"
-
-
-class LogFormat(enum.StrEnum):
-    """How a service writes its log: for a terminal, or JSON lines for journald and files."""
-
-    text = "text"
-    json = "json"
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: ``ts`` (UTC epoch s), ``time`` (ISO 8601, UTC), ``level``,
-    ``logger``, ``message`` and, for an exception, ``exc`` (its traceback)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """The record as one line of JSON."""
-        doc: dict[str, object] = {
-            "ts": round(record.created, 3),
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False)
 
 
 LogFormatOption = Annotated[
@@ -162,30 +129,6 @@ LogFormatOption = Annotated[
 ]
 
 
-def _use_log_format(log_format: LogFormat) -> None:
-    """Switch the root logger's handlers (set up by the ``wattmesh`` callback) to JSON lines."""
-    if log_format is LogFormat.json:
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonLogFormatter())
-
-
-def _say(message: str, log_format: LogFormat, level: int = logging.INFO) -> None:
-    """A service's own line on stderr (start-up, final error): plain, or a JSON log line."""
-    if log_format is LogFormat.text:
-        text = escape(message)
-        if level >= logging.ERROR:
-            text = f"[red]error:[/red] {text}"
-        err_console.print(text, highlight=False, soft_wrap=True)
-        return
-    record = logging.makeLogRecord(
-        {"name": "wattmesh", "levelno": level, "levelname": logging.getLevelName(level)}
-    )
-    record.msg = message
-    print(JsonLogFormatter().format(record), file=sys.stderr, flush=True)
-
-
-GIVE_UP_AFTER = 3
-
 GiveUpAfter = Annotated[
     int,
     typer.Option(
@@ -196,49 +139,6 @@ GiveUpAfter = Annotated[
         "are logged and retried.",
     ),
 ]
-
-
-async def _until_connected_or_refused(bus: BusClient, give_up_after: int) -> str | None:
-    """None once ``bus`` is connected; the broker's reason once it refused ``give_up_after``
-    times in a row (never, for 0)."""
-    while not bus.connected:
-        if give_up_after and bus.refusals >= give_up_after:
-            return bus.refusal or "refused"
-        with contextlib.suppress(TimeoutError):
-            await bus.wait_connected(0.05)
-    return None
-
-
-def _refused_message(bus: BusClient, reason: str, password_source: str) -> str:
-    s = bus.settings
-    return (
-        f"the broker at {s.host}:{s.port} refused user {s.username!r} {bus.refusals} times: "
-        f"{reason}. Check {password_source}: it must hold {s.username}'s password from the "
-        "broker's credentials.toml, and the user must be in the broker's configuration."
-    )
-
-
-def _password_source(broker: BrokerConnection) -> str:
-    if broker.password_file is not None:
-        return f"the password file {broker.password_file}"
-    if broker.password_env:
-        return f"${broker.password_env}"
-    return "the [broker] section (it gives no password_env or password_file)"
-
-
-def _clock(settings: ClockSettings | None) -> Clock:
-    """The clock a site or coordinator file (or ``dispatch --clock-file``) describes; the wall
-    clock when none. ``ValueError`` naming the clock file when it cannot be used."""
-    return settings.build() if settings is not None else WallClock()
-
-
-def _stop_on_signals() -> asyncio.Event:
-    """An event set by Ctrl-C or SIGTERM (inside the running loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 async def _run_until_interrupted(
@@ -574,28 +474,11 @@ def edge_run(
     password_env names (WATTMESH_MQTT_PASSWORD in the example site files), unless
     password_file is given. The site's password is in the broker's credentials.toml.
     """
-    from edge.agent import EdgeAgent  # noqa: PLC0415 - keeps `wattmesh --help` fast
-    from edge.config import load_edge_config  # noqa: PLC0415
+    from wattmesh.edge_service import run_edge  # noqa: PLC0415 - keeps `wattmesh --help` fast
 
-    try:
-        config = load_edge_config(site_file)
-        clock = _clock(config.clock)
-        password = config.broker.password()
-    except ValueError as err:  # EdgeConfigError, or a clock file that cannot be used
-        raise _fail(str(err)) from err
-
-    async def run() -> str | None:
-        stop = _stop_on_signals()
-        async with EdgeAgent(config, clock, password=password) as agent:
-            _say(
-                f"edge agent for site {config.site.id!r}: {len(config.devices)} device(s), "
-                f"broker {config.broker.host}:{config.broker.port}; Ctrl-C stops.",
-                log_format,
-            )
-            return await _serve(agent.bus, stop, give_up_after, _password_source(config.broker))
-
-    _use_log_format(log_format)
-    _run_service(run, log_format)
+    code = run_edge(site_file, give_up_after, log_format)
+    if code:
+        raise typer.Exit(code)
 
 
 @coordinator_app.command("run")
@@ -641,37 +524,9 @@ def coordinator_run(
             )
 
     _use_log_format(log_format)
-    _run_service(run, log_format)
-
-
-async def _serve(
-    bus: BusClient, stop: asyncio.Event, give_up_after: int, password_source: str
-) -> str | None:
-    """Run until ``stop``; a message instead when the broker keeps refusing at start-up."""
-    waiting = asyncio.create_task(_until_connected_or_refused(bus, give_up_after))
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if waiting.done() and (reason := waiting.result()) is not None:
-        stopping.cancel()
-        return _refused_message(bus, reason, password_source)
-    waiting.cancel()
-    await stopping
-    return None
-
-
-def _run_service(
-    run: Callable[[], Coroutine[None, None, str | None]], log_format: LogFormat
-) -> None:
-    """Run a service until stopped; a refusal or a failure ends it with one line, exit 1."""
-    try:
-        refused = asyncio.run(run())
-    except Exception as err:  # a failure, told in words: no TaskGroup wrapper, no traceback
-        logging.getLogger("wattmesh").debug("the service failed", exc_info=err)
-        _say(_describe(err), log_format, logging.ERROR)
-        raise typer.Exit(1) from err
-    if refused is not None:
-        _say(refused, log_format, logging.ERROR)
-        raise typer.Exit(1)
+    code = run_service(run, log_format)
+    if code:
+        raise typer.Exit(code)
 
 
 def _duration_s(text: str) -> float:

@@ -253,19 +253,26 @@ class Reservation(Message):
     the feeder within its limits, retained. Per step of ``step_s`` from ``start_ts`` (``None``:
     nothing asked in that step): ``floor_kwh`` the energy to hold stored at the step's end,
     ``import_cap_kw`` the most the site should import (negative: the least it should export),
-    ``export_cap_kw`` the most it should export (negative: the least it should import). New
-    in the first planning release; an agent that does not plan ignores it."""
+    ``export_cap_kw`` the most it should export (negative: the least it should import);
+    ``suggested_kwh`` (optional) the site's share of the community schedule's stored energy,
+    not a constraint but what its plan prefers among equally good ones. New in the first
+    planning release; an agent that does not plan ignores it."""
 
     start_ts: Timestamp
     step_s: int = Field(gt=0, le=86400)
     floor_kwh: list[StoredKwh | None] = Field(max_length=MAX_FORECAST_POINTS)
     import_cap_kw: list[CapKw | None] = Field(max_length=MAX_FORECAST_POINTS)
     export_cap_kw: list[CapKw | None] = Field(max_length=MAX_FORECAST_POINTS)
+    suggested_kwh: list[StoredKwh | None] = Field(
+        default_factory=list, max_length=MAX_FORECAST_POINTS
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> Self:
         if not len(self.floor_kwh) == len(self.import_cap_kw) == len(self.export_cap_kw):
             raise ValueError("floor_kwh, import_cap_kw and export_cap_kw must be equally long")
+        if self.suggested_kwh and len(self.suggested_kwh) != len(self.floor_kwh):
+            raise ValueError("suggested_kwh must be empty or as long as floor_kwh")
         return self
 
 

@@ -30,7 +30,7 @@ grid loop handles what is left).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -65,6 +65,9 @@ class SiteReservation:
     floor_kwh: NDArray[np.float64]
     import_cap_kw: NDArray[np.float64]
     export_cap_kw: NDArray[np.float64]
+    #: The site's share of the community schedule's stored energy at each step's end (kWh,
+    #: NaN: none): not a constraint, a tie-breaker for the site's plan (edge/plan.py).
+    suggested_kwh: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
     @property
     def empty(self) -> bool:
@@ -95,9 +98,12 @@ def reserve(
     import_limit_kw: float,
     export_limit_kw: float,
     plan_to_share: float = PLAN_TO_SHARE,
+    fleet_stored_kwh: ArrayLike | None = None,
 ) -> FeederReservation:
     """The reservation for sites whose forecast net load (load - PV, kWh per step, + imports)
-    is ``net_kwh``, with ``batteries`` at some of them (see the module docstring)."""
+    is ``net_kwh``, with ``batteries`` at some of them (see the module docstring). With the
+    community schedule's ``fleet_stored_kwh`` (the fleet's stored energy at each step's end,
+    :func:`community_schedule`), each site also gets its share of it as ``suggested_kwh``."""
     names = sorted(net_kwh)
     if not names:
         raise ReservationError("no sites to reserve for")
@@ -133,23 +139,26 @@ def reserve(
         r = required[t] + need[t] / eta_d - eta_c * room[t]
         required[t - 1] = min(high, max(low, r))
     share = _shares(names, batteries)
-    headroom_in = limit_in - feeder
-    headroom_out = limit_out + feeder
-    tight_in = headroom_in < charge_kwh
-    tight_out = headroom_out < discharge_kwh
+    headroom = (limit_in - feeder, limit_out + feeder)
+    tight = (headroom[0] < charge_kwh, headroom[1] < discharge_kwh)
+    fleet_e = None if fleet_stored_kwh is None else np.asarray(fleet_stored_kwh, np.float64)
     sites = {}
     for row, name in enumerate(names):
-        w = share.get(name, 0.0)
-        b = batteries.get(name)
-        floor = np.full(n_t, np.nan)
-        cap_in = np.full(n_t, np.nan)
-        cap_out = np.full(n_t, np.nan)
-        if b is not None and w > 0:
-            above = (required - low) * w
-            floor = np.where(above > 1e-9, b.min_kwh + above, np.nan)
-            cap_in = np.where(tight_in, (net[row] + w * headroom_in) / step_h, np.nan)
-            cap_out = np.where(tight_out, (-net[row] + w * headroom_out) / step_h, np.nan)
-        sites[name] = SiteReservation(floor, cap_in, cap_out)
+        w, b = share.get(name, 0.0), batteries.get(name)
+        if b is None or w <= 0:
+            none = np.full(n_t, np.nan)
+            sites[name] = SiteReservation(none, none, none, none)
+            continue
+        above = (required - low) * w
+        suggested = np.full(n_t, np.nan)
+        if fleet_e is not None:
+            suggested[: len(fleet_e)] = b.min_kwh + w * np.maximum(fleet_e[:n_t] - low, 0.0)
+        sites[name] = SiteReservation(
+            floor_kwh=np.where(above > 1e-9, b.min_kwh + above, np.nan),
+            import_cap_kw=np.where(tight[0], (net[row] + w * headroom[0]) / step_h, np.nan),
+            export_cap_kw=np.where(tight[1], (-net[row] + w * headroom[1]) / step_h, np.nan),
+            suggested_kwh=suggested,
+        )
     return FeederReservation(required, unavoidable, sites)
 
 
@@ -204,7 +213,17 @@ def fleet_from_readings(
     )
 
 
-def community_price_per_kwh(
+@dataclass(frozen=True, slots=True)
+class CommunityPlan:
+    """The community's batteries scheduled as one on the forecast: the price to expect per
+    step (currency per kWh) and the fleet's stored energy at each step's end (kWh; None
+    without batteries)."""
+
+    price_per_kwh: NDArray[np.float64]
+    stored_kwh: NDArray[np.float64] | None
+
+
+def community_schedule(
     feeder_net_kwh: ArrayLike,
     fleet: Sequence[FleetBattery],
     *,
@@ -213,7 +232,7 @@ def community_price_per_kwh(
     step_h: float,
     import_limit_kw: float,
     export_limit_kw: float,
-) -> NDArray[np.float64]:
+) -> CommunityPlan:
     """The local price to expect per step (currency per kWh): the marginal price of feeder
     energy when the community's batteries, taken as one, are scheduled at their best over the
     forecast (:func:`coordinator.schedule.perfect_foresight` on the forecast feeder flow,
@@ -224,7 +243,8 @@ def community_price_per_kwh(
     together would exhaust; this price already counts what they do together, so each site's
     plan sees what energy is worth to the community (the value of storage where the batteries
     are neither full nor empty). Energy left at the end is valued as :mod:`edge.plan` values
-    it (what it costs to put back, at most what it displaces)."""
+    it (what it costs to put back, at most what it displaces). The schedule's stored energy
+    goes with it: the reservation shares it out as each site's suggestion."""
     from coordinator.schedule import Battery, perfect_foresight  # noqa: PLC0415 - scipy
 
     net = np.asarray(feeder_net_kwh, dtype=np.float64)
@@ -232,7 +252,7 @@ def community_price_per_kwh(
     feed_in = np.broadcast_to(np.asarray(feed_in_per_kwh, dtype=np.float64), net.shape)
     fleet = [b for b in fleet if b.max_kwh > 0 and max(b.max_charge_kw, b.max_discharge_kw) > 0]
     if not fleet:
-        return np.clip(np.where(net > 0, retail, feed_in), feed_in, retail)
+        return CommunityPlan(np.clip(np.where(net > 0, retail, feed_in), feed_in, retail), None)
     capacity = sum(b.max_kwh for b in fleet)
     low = sum(b.min_kwh for b in fleet) / capacity * 100.0
     stored = sum(b.stored_kwh for b in fleet) / capacity * 100.0
@@ -258,4 +278,5 @@ def community_price_per_kwh(
         export_limit_w=export_limit_kw * 1000.0,
         end_value_per_kwh=[end_value],
     )
-    return np.clip(schedule.price_per_kwh, feed_in, retail)
+    stored_kwh = schedule.soc_pct[0, 1:] / 100.0 * capacity
+    return CommunityPlan(np.clip(schedule.price_per_kwh, feed_in, retail), stored_kwh)

@@ -1151,7 +1151,28 @@ class Coordinator:
             net += load.sum(axis=0) - pv.sum(axis=0)
             chunks.append((chunk, pv, load))
         tariffs = np.array([self.tariff_at(float(t)) for t in times])
-        price = fc.price_forecast_per_kwh(net, tariffs[:, 0], tariffs[:, 1])
+        fleet = self._fleet(names)
+        community: reserve.CommunityPlan | None = None
+        if fleet:
+            g, step_h = self.config.grid, m.interval_s / 3600.0
+            try:
+                community = await asyncio.to_thread(
+                    reserve.community_schedule,
+                    net * step_h / 1000.0,
+                    list(fleet.values()),
+                    retail_per_kwh=tariffs[:, 0],
+                    feed_in_per_kwh=tariffs[:, 1],
+                    step_h=step_h,
+                    import_limit_kw=g.import_limit_w * g.target_pct / 1e5,
+                    export_limit_kw=g.export_limit_w * g.target_pct / 1e5,
+                )
+            except (ValueError, ArithmeticError) as err:  # the forecasts go out regardless
+                log.warning("no community schedule: %s", str(err).splitlines()[0])
+        price = (
+            community.price_per_kwh
+            if community is not None
+            else fc.price_forecast_per_kwh(net, tariffs[:, 0], tariffs[:, 1])
+        )
         start_ts = float(times[0] - m.interval_s / 2)
         now = self.clock.now()
         forecasts: dict[str, Forecast] = {}
@@ -1165,7 +1186,7 @@ class Coordinator:
                 messages.append((topics.forecast_topic(name), payload))
         self.last_forecasts = forecasts
         try:
-            messages += self._reservation_messages(chunks, start_ts, now)
+            messages += self._reservation_messages(chunks, start_ts, now, fleet, community)
         except (ValueError, ArithmeticError) as err:  # a bad reading must not stop forecasts
             log.warning("no feeder reservation this interval: %s", str(err).splitlines()[0])
         if self.historian is not None:
@@ -1174,22 +1195,10 @@ class Coordinator:
         with contextlib.suppress(BusUnavailable):
             self.stats.forecasts += await self.bus.publish_burst(messages, retain=True)
 
-    def _reservation_messages(
-        self,
-        chunks: Sequence[tuple[list[str], NDArray[np.float64], NDArray[np.float64]]],
-        start_ts: float,
-        now: float,
-    ) -> list[tuple[str, str]]:
-        """Each site's share of the feeder reservation (coordinator/reserve.py) from the
-        forecasts just made and the batteries' latest readings, as retained messages."""
-        m, g = self.config.market, self.config.grid
-        step_h = m.interval_s / 3600.0
-        net: dict[str, NDArray[np.float64]] = {}
-        for names, pv, load in chunks:
-            for row, name in enumerate(names):
-                net[name] = (load[row] - pv[row]) * step_h / 1000.0
+    def _fleet(self, names: Sequence[str]) -> dict[str, reserve.FleetBattery]:
+        """The batteries of ``names`` as their latest readings describe them."""
         fleet = {}
-        for name in net:
+        for name in names:
             latest = self.sites[name].latest
             if latest is None:
                 continue
@@ -1202,6 +1211,25 @@ class Coordinator:
             )
             if battery is not None:
                 fleet[name] = battery
+        return fleet
+
+    def _reservation_messages(
+        self,
+        chunks: Sequence[tuple[list[str], NDArray[np.float64], NDArray[np.float64]]],
+        start_ts: float,
+        now: float,
+        fleet: dict[str, reserve.FleetBattery],
+        community: reserve.CommunityPlan | None,
+    ) -> list[tuple[str, str]]:
+        """Each battery site's share of the feeder reservation (coordinator/reserve.py) and
+        of the community schedule's stored energy, from the forecasts just made, as retained
+        messages."""
+        m, g = self.config.market, self.config.grid
+        step_h = m.interval_s / 3600.0
+        net: dict[str, NDArray[np.float64]] = {}
+        for names, pv, load in chunks:
+            for row, name in enumerate(names):
+                net[name] = (load[row] - pv[row]) * step_h / 1000.0
         if not fleet:
             return []
         try:
@@ -1212,6 +1240,7 @@ class Coordinator:
                 import_limit_kw=g.import_limit_w / 1000.0,
                 export_limit_kw=g.export_limit_w / 1000.0,
                 plan_to_share=g.target_pct / 100.0,
+                fleet_stored_kwh=None if community is None else community.stored_kwh,
             )
         except reserve.ReservationError as err:
             log.warning("no feeder reservation: %s", err)
@@ -1227,6 +1256,9 @@ class Coordinator:
                 floor_kwh=reserve.flatten(share.floor_kwh),
                 import_cap_kw=reserve.flatten(share.import_cap_kw),
                 export_cap_kw=reserve.flatten(share.export_cap_kw),
+                suggested_kwh=reserve.flatten(share.suggested_kwh)
+                if np.isfinite(share.suggested_kwh).any()
+                else [],
             )
             out.append((topics.site_topic(name, "reservation"), message.model_dump_json()))
         return out

@@ -1020,6 +1020,11 @@ class EdgeAgent:
             export_cap_kw=series(r.start_ts, r.step_s, r.export_cap_kw)
             if r
             else series(0, step, nan),
+            suggested_kwh=(
+                series(r.start_ts, r.step_s, r.suggested_kwh)
+                if r is not None and r.suggested_kwh
+                else None
+            ),
         )
 
     def _plan(self, horizon: Horizon | None, views: list[BatteryView]) -> IntervalPlan:

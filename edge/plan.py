@@ -57,6 +57,9 @@ FLOOR_PENALTY_PER_KWH = 1.0
 #: Currency per kWh of import beyond the site's own soft target (``[plan] peak_import_w``):
 #: above the tariffs, below the coordinator's caps.
 TARGET_PENALTY_PER_KWH = 0.5
+#: Currency per kWh per step that the plan's stored energy differs from the coordinator's
+#: suggestion: a tie-breaker among equally cheap plans, below any real price difference.
+FOLLOW_PER_KWH = 0.001
 #: Variable blocks per scenario in the programme.
 BLOCKS = 9
 #: The pessimistic scenario's PV shortfall and load excess, as shares of the forecast.
@@ -213,6 +216,20 @@ def _scenario(
     return blocks
 
 
+def _follow(
+    lp: _Programme, stored: NDArray[np.int64], first: int, suggested: NDArray[np.float64]
+) -> None:
+    """``E - above + below = suggested`` where there is a suggestion, each kWh of difference
+    at FOLLOW_PER_KWH (the variables ``above`` and ``below`` start at ``first``)."""
+    has = np.isfinite(suggested)
+    if not has.any():
+        return
+    above = first + np.arange(len(suggested), dtype=np.int64)
+    below = above + len(suggested)
+    lp.cost[above[has]] = lp.cost[below[has]] = FOLLOW_PER_KWH
+    lp.add("eq", [stored[has], above[has], below[has]], [1.0, -1.0, 1.0], suggested[has])
+
+
 def _check(
     net: NDArray[np.float64],
     buy: NDArray[np.float64],
@@ -254,6 +271,7 @@ def plan_site(
     import_target_kw: float | None = None,
     target_penalty_per_kwh: float = TARGET_PENALTY_PER_KWH,
     pessimistic_import_cap_kw: ArrayLike | None = None,
+    suggested_kwh: ArrayLike | None = None,
 ) -> SitePlan:
     """The site's cheapest battery schedule over ``len(net_kwh)`` steps (module docstring).
 
@@ -267,7 +285,9 @@ def plan_site(
     the agent lifts them by the pessimistic load's excess, which is the site's own surprise,
     not what the reservation asks of its batteries); ``import_target_kw`` a soft cap on the
     site's own import (a peak it would rather not pass, e.g. for a demand charge), kept at
-    ``target_penalty_per_kwh`` beyond it. Raises
+    ``target_penalty_per_kwh`` beyond it; ``suggested_kwh`` the coordinator's suggested stored
+    energy per step (NaN: none), followed at ``FOLLOW_PER_KWH`` per kWh of difference per step:
+    enough to choose among equally cheap plans, too little to change a cheaper one. Raises
     :class:`PlanError` on bad input or when HiGHS finds no optimum.
     """
     from scipy.optimize import linprog  # noqa: PLC0415 - scipy loads with the first plan
@@ -300,7 +320,7 @@ def plan_site(
         scenarios.append(pessimistic)
         limits.append(_Limits(cap_in_p, cap_out, floor, math.nan, 0.0))
     nv = BLOCKS * n
-    lp = _Programme(nv * len(scenarios))
+    lp = _Programme(nv * len(scenarios) + 2 * n)
     blocks = [
         _scenario(lp, k * nv, s, battery, limits[k], step_h, penalty_per_kwh)
         for k, s in enumerate(scenarios)
@@ -308,6 +328,7 @@ def plan_site(
     _, _, e, i, x, *_ = blocks[0]
     lp.cost[i], lp.cost[x] = buy, -sell
     lp.cost[e[-1]] = -stored_value_per_kwh
+    _follow(lp, e, nv * len(scenarios), _steps(suggested_kwh, n, "suggested_kwh"))
     if len(blocks) > 1:  # the first step's grid exchange is one decision for both scenarios
         i1, x1 = blocks[1][3], blocks[1][4]
         lp.add("eq", [i[:1], x[:1], i1[:1], x1[:1]], [1.0, -1.0, -1.0, 1.0], np.zeros(1))
@@ -519,6 +540,7 @@ class Horizon:
     floor_kwh: NDArray[np.float64]
     import_cap_kw: NDArray[np.float64]
     export_cap_kw: NDArray[np.float64]
+    suggested_kwh: NDArray[np.float64] | None = None
 
 
 def aligned(
@@ -619,6 +641,7 @@ def plan_interval(
             else None
         ),
         pessimistic_import_cap_kw=cap_in + load_kwh * config.load_upside / step_h,
+        suggested_kwh=None if horizon.suggested_kwh is None else horizon.suggested_kwh[:usable],
     )
     bid = plan_bid(
         plan,

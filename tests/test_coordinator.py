@@ -571,3 +571,7 @@ async def test_the_feeder_reservation_goes_to_each_site_with_a_battery(
     # and 1 kW of export
     assert caps and min(caps) == pytest.approx(0.5 - 1.5, abs=0.1)
     assert c.last_reservation is not None
+    # the community schedule's stored energy comes along as the site's suggestion, within
+    # its battery (20 kWh, 5 % kept)
+    assert len(share.suggested_kwh) == len(share.floor_kwh)
+    assert all(v is not None and 1.0 - 1e-6 <= v <= 20.0 + 1e-6 for v in share.suggested_kwh)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.reserve import FleetBattery, ReservationError, flatten, reserve, unflatten
+from coordinator.reserve import (
+    FleetBattery,
+    ReservationError,
+    community_schedule,
+    flatten,
+    reserve,
+    unflatten,
+)
 
 
 def fleet(capacity: float, power: float, stored: float = 0.0) -> FleetBattery:
@@ -92,3 +99,58 @@ def test_a_reservation_survives_its_message_form() -> None:
     values = np.array([1.5, np.nan, -2.0])
     assert flatten(values) == [1.5, None, -2.0]
     np.testing.assert_array_equal(unflatten(flatten(values)), values)
+
+
+def test_the_community_schedule_prices_energy_as_the_batteries_together_see_it() -> None:
+    # 40 kWh of surplus then 40 kWh of need; the fleet (20 kWh, 40 kW, lossless, empty)
+    # fills in two steps and exports the rest at feed-in: an extra kWh of surplus is worth
+    # 0.08 anywhere in the first half, an extra kWh of need costs retail in the second
+    out = community_schedule(
+        np.array([-10.0] * 4 + [10.0] * 4),
+        [
+            FleetBattery(
+                stored_kwh=0.0,
+                min_kwh=0.0,
+                max_kwh=20.0,
+                max_charge_kw=40.0,
+                max_discharge_kw=40.0,
+                charge_efficiency=1.0,
+                discharge_efficiency=1.0,
+            )
+        ],
+        retail_per_kwh=0.30,
+        feed_in_per_kwh=0.08,
+        step_h=0.25,
+        import_limit_kw=1000.0,
+        export_limit_kw=1000.0,
+    )
+    np.testing.assert_allclose(out.price_per_kwh, [0.08] * 4 + [0.30] * 4, atol=1e-9)
+    assert out.stored_kwh is not None
+    np.testing.assert_allclose(out.stored_kwh[:4], [10.0, 20.0, 20.0, 20.0], atol=1e-6)
+
+
+def test_without_batteries_the_price_is_the_tariff_on_the_feeders_side() -> None:
+    out = community_schedule(
+        np.array([-1.0, 1.0]),
+        [],
+        retail_per_kwh=0.30,
+        feed_in_per_kwh=0.08,
+        step_h=0.25,
+        import_limit_kw=1.0,
+        export_limit_kw=1.0,
+    )
+    np.testing.assert_allclose(out.price_per_kwh, [0.08, 0.30])
+    assert out.stored_kwh is None
+
+
+def test_each_site_is_suggested_its_share_of_the_fleets_stored_energy() -> None:
+    out = reserve(
+        {"a": np.zeros(3), "b": np.zeros(3)},
+        {"a": fleet(30.0, 10.0), "b": fleet(10.0, 10.0)},
+        step_h=0.25,
+        import_limit_kw=100.0,
+        export_limit_kw=100.0,
+        fleet_stored_kwh=[8.0, 20.0, 40.0],
+    )
+    np.testing.assert_allclose(out.sites["a"].suggested_kwh, [6.0, 15.0, 30.0])
+    np.testing.assert_allclose(out.sites["b"].suggested_kwh, [2.0, 5.0, 10.0])

@@ -640,6 +640,9 @@ class Engine:
             export_cap_kw=nan
             if r is None
             else _aligned(start, m.interval_s, f[0], r.export_cap_kw),
+            suggested_kwh=None
+            if r is None or len(r.suggested_kwh) != n
+            else _aligned(start, m.interval_s, f[0], r.suggested_kwh),
         )
         try:
             planned = plan_interval(
@@ -843,7 +846,7 @@ class Engine:
         fleet = {s.name: fleet_battery(s.batteries) for s in known if s.batteries}
         if self.variant == "wattmesh" and fleet:
             net_kwh = {n: (ld - pv) * step_h / 1000.0 for n, (pv, ld) in shapes.items()}
-            price = rs.community_price_per_kwh(
+            community = rs.community_schedule(
                 net_w * step_h / 1000.0,
                 list(fleet.values()),
                 retail_per_kwh=tariffs[:, 0],
@@ -852,6 +855,7 @@ class Engine:
                 import_limit_kw=c.grid.import_limit_w * c.grid.target_pct / 1e5,
                 export_limit_kw=c.grid.export_limit_w * c.grid.target_pct / 1e5,
             )
+            price = community.price_per_kwh
             reservation = rs.reserve(
                 net_kwh,
                 fleet,
@@ -859,6 +863,7 @@ class Engine:
                 import_limit_kw=c.grid.import_limit_w / 1000.0,
                 export_limit_kw=c.grid.export_limit_w / 1000.0,
                 plan_to_share=c.grid.target_pct / 100.0,
+                fleet_stored_kwh=community.stored_kwh,
             )
         else:
             price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])

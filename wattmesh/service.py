@@ -153,9 +153,7 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def serve(
-    bus: BusClient, stop: asyncio.Event, give_up_after: int, source: str
-) -> str | None:
+async def serve(bus: BusClient, stop: asyncio.Event, give_up_after: int, source: str) -> str | None:
     """Run until ``stop``; a message instead when the broker keeps refusing at start-up
     (``source``: where the password comes from, see :func:`password_source`)."""
     waiting = asyncio.create_task(until_connected_or_refused(bus, give_up_after))
@@ -169,9 +167,7 @@ async def serve(
     return None
 
 
-def run_service(
-    run: Callable[[], Coroutine[None, None, str | None]], log_format: LogFormat
-) -> int:
+def run_service(run: Callable[[], Coroutine[None, None, str | None]], log_format: LogFormat) -> int:
     """Run a service until stopped: exit code 0; a refusal or a failure ends it with one
     line and exit code 1."""
     try:

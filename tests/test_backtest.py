@@ -87,9 +87,11 @@ def test_a_community_day_is_deterministic_and_its_ledger_balances(tmp_path: Path
     assert first.sites["solar-farm"].net_cost < 0 < first.sites["factory"].net_cost
     assert first.dispatches > 0  # the factory's peaks bring the grid loop in
     # With batteries idle the feeder's 15-minute peak passes its 150 kW limit that day; the
-    # grid policy's battery orders keep it below.
+    # plans and the grid policy's battery orders (the backstop, acting at the limit itself)
+    # keep it within 2 % of it.
     idle = run_backtest(scenario, days=1, variant="idle")
-    assert idle.feeder_peak_w > first.feeder_limit_w > first.feeder_peak_w
+    assert idle.feeder_peak_w > 1.1 * first.feeder_limit_w
+    assert first.feeder_peak_w < 1.02 * first.feeder_limit_w
 
 
 def _one_house() -> dict[str, object]:

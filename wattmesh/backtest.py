@@ -89,6 +89,9 @@ from simulators.devices import BatterySim, PvInverterSim, SimSite
 from simulators.scenario import ScenarioConfig, ScenarioError, build_sites, load_scenario
 from wattmesh.replay import ReplayError, Series, read_series, replayed_w
 
+#: Days of history the coordinator has at the start unless told otherwise: a running one
+#: keeps a week, and forecasts from nothing would judge the first day unfairly.
+DEFAULT_HISTORY_DAYS = 7.0
 #: Simulated seconds per step unless told otherwise.
 DEFAULT_STEP_S = 60.0
 #: The coordinator keeps one history sample every 15 minutes per site for 7 days, as the
@@ -431,7 +434,7 @@ class Engine:
         poll_s: float | None = None,
         grid_period_s: float | None = None,
         trust: bool = False,
-        history_days: float = 0.0,
+        history_days: float = DEFAULT_HISTORY_DAYS,
     ) -> None:
         _check_run(variant, days, history_days)
         self.scenario = scenario
@@ -1034,7 +1037,7 @@ def run_backtest(
     poll_s: float | None = None,
     grid_period_s: float | None = None,
     trust: bool = False,
-    history_days: float = 0.0,
+    history_days: float = DEFAULT_HISTORY_DAYS,
     progress: Callable[[float], None] | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
@@ -1050,7 +1053,9 @@ def run_backtest(
     one does (:mod:`coordinator.plausibility`; by default the engine believes its own
     simulated sites): an implausible bid is dropped, an implausible reading is not taken and
     its interval is settled as estimated (``BacktestResult.metered_kwh`` is still what the
-    site's meter counted)."""
+    site's meter counted). ``history_days`` (0-7) of each site's load and PV before the start
+    (batteries idle) are the coordinator's history at the start, as a running coordinator has
+    (replayed sites get none)."""
     shm = Path("/dev/shm")
     where = str(shm) if ledger_path is None and shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-", dir=where) as tmp:
@@ -1104,6 +1109,13 @@ def backtest(
         str | None,
         typer.Option(help="start here instead of at the scenario's start (ISO 8601, UTC)"),
     ] = None,
+    history_days: Annotated[
+        float,
+        typer.Option(
+            help="days (0-7) of each site's load and PV before the start that the coordinator "
+            "forecasts from at the start, as a running one does"
+        ),
+    ] = DEFAULT_HISTORY_DAYS,
 ) -> None:
     """Simulate a scenario in-process on the live policies, market and ledger; print each
     site's settled cost and the feeder's 15-minute peak."""
@@ -1124,6 +1136,7 @@ def backtest(
             step_s=step_s,
             variant=variant,  # type: ignore[arg-type]  # checked by the engine
             replay=replay,
+            history_days=history_days,
             progress=lambda f: err.print(f"simulated {100 * f:5.1f} %", highlight=False),
         )
     except (ScenarioError, BacktestError, ReplayError) as e:

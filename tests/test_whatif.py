@@ -93,7 +93,7 @@ def test_a_start_must_be_an_iso_date_and_is_taken_as_utc() -> None:
 def test_stored_energy_is_valued_as_the_economics_benchmark_values_it(
     community: ScenarioConfig,
 ) -> None:
-    from benchmarks.economics import stored_value as economics_stored_value
+    from wattmesh.economics import stored_value as economics_stored_value
 
     result = run_backtest(community, days=0.25)
     per_site = {name: stored_value(result, name) for name in result.sites}

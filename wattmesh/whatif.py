@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from simulators.scenario import BatteryConfig, ScenarioConfig, ScenarioError, parse_scenario
+from wattmesh import economics
 from wattmesh.backtest import BacktestError, BacktestResult, run_backtest
 
 __all__ = [
@@ -159,15 +160,10 @@ def _check_size(capacity_kwh: float, power_kw: float, soc_pct: float | None) -> 
 def stored_value(result: BacktestResult, site: str | None = None) -> float:
     """The value (currency) of the battery energy gained over the run, at the last settled
     interval's retail tariff over each site's charge efficiency per kWh (negative when
-    drained): ``benchmarks/economics.py``'s ``stored_value``, for one site or (None) all."""
-    if len(result.retail_per_kwh) == 0:
-        return 0.0
-    retail = float(result.retail_per_kwh[-1])
-    return sum(
-        (s.stored_end_kwh - s.stored_start_kwh) * retail / result.charge_efficiency[name]
-        for name, s in result.sites.items()
-        if site is None or name == site
-    )
+    drained): :func:`wattmesh.economics.stored_value`, for one site or (None) all."""
+    if site is None:
+        return economics.stored_value(result)
+    return economics.site_stored_value(result, site)
 
 
 def outcome(result: BacktestResult, site: str) -> Outcome:

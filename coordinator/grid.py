@@ -166,9 +166,10 @@ def battery_orders(
 
     The setpoint is the battery's present power plus its share, so re-issuing it while the flow
     sits at the target keeps the relief in place; with a negative excess the share hands
-    relief back. It never goes past the battery's power before the episode's first order in the
-    wrong direction, so a battery is never told to charge from (or discharge into) the
-    overloaded feeder. Every battery at its limit: the relief stays in place.
+    relief back. It never goes past the battery's power before the episode's first order (or
+    idle, if it was charging on import or discharging on export) in the wrong direction, so a
+    battery is never told to charge from (or discharge into) the overloaded feeder. Every
+    battery at its limit: the relief stays in place.
     """
     sign = 1.0 if importing else -1.0
     total = sum(room_w.values())
@@ -185,9 +186,15 @@ def battery_orders(
         else:
             share = excess_w * room / total
         current = site.battery_power_w
-        base = current if relief is None else relief.base_w
+        # The episode's base: the battery's power before its first order, but never a charge
+        # on import (a discharge on export): stopping that is relief, yet the flow without
+        # our orders must not count on it going on for hours (a battery charging to a plan
+        # at the first order would otherwise hold the feeder "constrained" long after).
+        idle_side = max(current, 0.0) if importing else min(current, 0.0)
+        base = idle_side if relief is None else relief.base_w
         setpoint = current + sign * share
-        setpoint = max(setpoint, base) if importing else min(setpoint, base)
+        floor = min(base, current) if importing else max(base, current)
+        setpoint = max(setpoint, floor) if importing else min(setpoint, floor)
         orders[name] = (
             setpoint,
             Relief(

@@ -139,3 +139,22 @@ def test_reissue_waits_reissue_s() -> None:
     assert reissue_due(None, 0.0, 60.0)
     assert not reissue_due(100.0, 159.0, 60.0)
     assert reissue_due(100.0, 160.0, 60.0)
+
+
+def test_a_battery_charging_at_the_first_order_does_not_hold_the_feeder_constrained() -> None:
+    # 110 kW against an 80 kW target while "a" charges at 40 kW to its plan: the order cuts
+    # the charge by the 30 kW excess (to 10 kW). The episode's base is idle, not the charge.
+    sites = {"a": site(-40_000.0, (80_000.0, 0.0))}
+    plan = plan_relief(110_000.0, 80_000.0, sites, {}, now_ts=0.0, expiry_s=300.0)
+    setpoint, relief = plan.batteries["a"]
+    assert (setpoint, relief.base_w) == (pytest.approx(-10_000.0), 0.0)
+    # Two readings later the feeder is still at 95 kW: 15 kW more, a 5 kW discharge.
+    sites = {"a": site(-10_000.0, (70_000.0, 0.0), readings=12)}
+    plan = plan_relief(95_000.0, 80_000.0, sites, {"a": relief}, now_ts=60.0, expiry_s=300.0)
+    setpoint, relief = plan.batteries["a"]
+    assert (setpoint, relief.flow_w) == (pytest.approx(5000.0), pytest.approx(5000.0))
+    # At night the feeder is at 30 kW: the flow without our orders is 35 kW, not 75 kW (as
+    # if the battery would otherwise have kept charging at 40 kW), so the mode returns to
+    # normal instead of re-issuing the discharge all night and blocking every recharge.
+    mode = feeder_mode(30_000.0, {"a": relief}, previous="constrained", emergency=False, grid=GRID)
+    assert mode == "normal"

@@ -97,6 +97,7 @@ def run_agreement(
         poll_s=sim_poll_s,
         grid_period_s=sim_poll_s / 2,
         trust=True,
+        history_days=0.0,  # the demo's coordinator starts with none
     )
     live, engine = site_costs(out / "ledger.sqlite"), site_costs(out / "engine.sqlite")
     common = sorted(set(live) & set(engine))

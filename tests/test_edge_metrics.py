@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import socket
 import subprocess
 import tomllib
 import urllib.error
@@ -17,10 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import topics
+from broker.clock import WallClock
 from broker.messages import Dispatch
 from broker.mosquitto import BrokerFiles, MosquittoProcess
 from edge.agent import EdgeAgent
-from edge.config import MetricsSection
+from edge.config import MetricsSection, parse_edge_config
 from edge.latency import LatencyHistogram
 from tests.broker_fixtures import free_port
 from tests.test_edge_agent import SITE, _dispatch, _password, observer, simulated_house, site_config
@@ -202,3 +204,29 @@ def test_the_edge_device_alert_fires_after_five_minutes_unavailable(tmp_path: Pa
         [_promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_a_metrics_port_in_use_stops_the_agent_starting_and_names_the_address(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = parse_edge_config(
+            {
+                "site": {"id": SITE},
+                "broker": {"port": free_port()},  # never reached
+                "devices": [{"name": "pv", "kind": "pv_inverter", "url": "tcp://127.0.0.1:1"}],
+                "spool": {"path": str(tmp_path / "spool.sqlite")},
+                "metrics": {"port": port},
+            },
+            "test-site.toml",
+        )
+        agent = EdgeAgent(config, WallClock(), password="unused")
+        try:
+            with pytest.raises(OSError, match=f"metrics: cannot listen on 127.0.0.1:{port}"):
+                await agent.__aenter__()
+        finally:
+            agent.outbox.close()
+    assert agent.metrics is None

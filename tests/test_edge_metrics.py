@@ -71,8 +71,18 @@ async def test_a_running_agent_serves_every_edge_metric_with_sane_values(
             ack = await _dispatch(obs, cmd.model_dump_json())
             await obs.bus.publish(topics.site_topic(SITE, "award"), b"{not an award")
             await agent.bid(int(now // 900) + 2)  # no forecast yet: bid without a plan
+            stats = agent.stats
+
+            def settled() -> bool:
+                """The dispatch moved the battery, the award was refused, telemetry went out."""
+                return (
+                    agent.snapshot.battery_w < -1000
+                    and "award" in stats.rejected
+                    and stats.telemetry_published >= 3
+                )
+
             async with asyncio.timeout(10):
-                while agent.snapshot.battery_w > -1000 or "award" not in agent.stats.rejected:  # noqa: ASYNC110
+                while not settled():  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             text = await asyncio.to_thread(_scrape, agent.metrics.port)
             controller = agent.controller

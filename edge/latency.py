@@ -42,10 +42,14 @@ class LatencyHistogram:
         self.last_s = duration_s
 
     def cumulative(self) -> list[tuple[float, int]]:
-        """(upper bound s, observations at most that long), ending with (inf, count)."""
+        """(upper bound s, observations at most that long), ending with (inf, count).
+
+        Reads the counts through one copy, so another thread's ``observe`` cannot make the
+        buckets disagree with each other."""
         out: list[tuple[float, int]] = []
         running = 0
-        for bound, n in zip((*self.bounds_s, float("inf")), self.counts, strict=True):
+        counts = self.counts.copy()
+        for bound, n in zip((*self.bounds_s, float("inf")), counts, strict=True):
             running += n
             out.append((bound, running))
         return out

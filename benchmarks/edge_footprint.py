@@ -63,6 +63,7 @@ devices = [
 #: planner imports it at its first solve); tests/test_lean_edge.py checks the same.
 NOT_ON_THE_SERVICE_PATH = (
     "simulators", "coordinator", "rich", "typer", "click", "cryptography", "scipy",
+    "prometheus_client",  # only with [metrics] (edge/metrics.py)
 )  # fmt: skip
 
 #: Run in a fresh interpreter: import as the service path does, then as the planner's first

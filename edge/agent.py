@@ -24,10 +24,11 @@ import contextlib
 import itertools
 import logging
 import math
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -66,6 +67,7 @@ from drivers.writeguard import WritePolicy
 from edge import homeassistant
 from edge.bidding import CurveSteps
 from edge.config import DeviceSection, EdgeConfig, proxy_units
+from edge.latency import LatencyHistogram
 from edge.outbox import Outbox
 from edge.plan import Horizon, IntervalPlan, PlanError, aligned, load_solver, plan_interval
 from edge.policy import (
@@ -84,6 +86,9 @@ from edge.policy import (
 from edge.proxy import ModbusProxy, ProxyTarget
 from edge.spool import Spool
 from edge.trust import OrderWindow, order_window
+
+if TYPE_CHECKING:
+    from edge.metrics import EdgeMetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +215,10 @@ class DevicePoller:
         self.available = False
         self.error: str | None = None
         self.failures = 0
+        #: Failed polls over the agent's life (``failures`` counts the current run only).
+        self.failed_polls = 0
+        #: Wall seconds each poll took, failed ones included (read by edge.metrics).
+        self.latency = LatencyHistogram()
         self._next_wall = 0.0
         self._backoff_s = 0.0
         self._policy_set = False
@@ -281,6 +290,7 @@ class DevicePoller:
         """Poll if due; a failure marks the device unavailable and backs off."""
         if wall_now < self._next_wall:
             return
+        started = time.perf_counter()
         try:
             if self.facade is None:
                 self.facade = await self._connect()
@@ -290,13 +300,16 @@ class DevicePoller:
                 self.facade.write_policy = self._sunspec_write_policy(self.reading)
                 self._policy_set = True
         except DriverError as err:
+            self.latency.observe(time.perf_counter() - started)
             self.failures += 1
+            self.failed_polls += 1
             if self.available or self.failures == 1:
                 log.warning("device %s unavailable: %s", self.cfg.name, err)
             self.available, self.error = False, str(err)[:200]
             self._backoff_s = min(60.0, max(self.interval_s, self._backoff_s * 2 or 1.0))
             self._next_wall = wall_now + self._backoff_s
             return
+        self.latency.observe(time.perf_counter() - started)
         if not self.available and self.failures:
             log.warning("device %s recovered after %d failed poll(s)", self.cfg.name, self.failures)
         self.available, self.error, self.failures, self._backoff_s = True, None, 0, 0.0
@@ -442,6 +455,8 @@ class EdgeAgent:
         )
         self._group: asyncio.TaskGroup | None = None
         self.proxy = self._proxy()
+        #: The ``[metrics]`` port while the agent runs (edge/metrics.py).
+        self.metrics: EdgeMetricsServer | None = None
 
     def _proxy(self) -> ModbusProxy | None:
         """The ``[proxy]`` over the agent's own transports (not started), if configured."""
@@ -498,6 +513,10 @@ class EdgeAgent:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> EdgeAgent:
+        if self.config.metrics is not None:  # prometheus_client is loaded only then
+            from edge.metrics import serve_metrics  # noqa: PLC0415
+
+            self.metrics = serve_metrics(self, self.config.metrics)
         if self.proxy is not None:
             await self.proxy.start()
         try:
@@ -505,6 +524,7 @@ class EdgeAgent:
         except BaseException:
             if self.proxy is not None:
                 await self.proxy.stop()
+            await self._stop_metrics()
             raise
         for kind in topics.SITE_READS:
             await self.bus.subscribe(topics.site_topic(self.site, kind))
@@ -543,6 +563,12 @@ class EdgeAgent:
             await self.bus.__aexit__(et, ev, tb)
             self.pool.close()
             self.outbox.close()
+            await self._stop_metrics()
+
+    async def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
 
     async def run_until(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (the CLI's Ctrl-C)."""

@@ -1,5 +1,5 @@
-"""The edge agent's site file (TOML): site, broker, devices, limits, fallback, market, spool
-and how far dispatch orders are trusted.
+"""The edge agent's site file (TOML): site, broker, devices, limits, fallback, market, spool,
+how far dispatch orders are trusted, and the optional proxy, Home Assistant and metrics ports.
 
 Every mistake is reported with the file and the field (``site.toml: devices[1].unit: ...``).
 Secrets do not belong in the file: the broker password comes from ``password_env`` (an
@@ -257,6 +257,14 @@ class ProxySection(_Strict):
     allow_writes: bool = False
 
 
+class MetricsSection(_Strict):
+    """Prometheus metrics of this agent on ``http://host:port/metrics`` (``[metrics]``; off
+    without the section). prometheus_client is loaded only then (edge/metrics.py)."""
+
+    host: str = Field(default="127.0.0.1", description="listen address (0.0.0.0: every one)")
+    port: int = Field(default=9109, ge=0, le=65535, description="listen port (0: any free one)")
+
+
 class EdgeConfig(_Strict):
     """A whole site file."""
 
@@ -272,6 +280,7 @@ class EdgeConfig(_Strict):
     clock: ClockSettings | None = None
     proxy: ProxySection | None = None
     homeassistant: HomeAssistantSection | None = None
+    metrics: MetricsSection | None = None
     dispatch_revert_s: int = Field(
         default=30, ge=2, le=3600, description="battery reverts to idle if not renewed"
     )

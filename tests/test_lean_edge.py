@@ -28,7 +28,10 @@ from wattmesh.edge_service import fast_edge_run, parse_edge_args
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Top-level packages the running agent must never load (benchmarks/edge_footprint.py too).
-NOT_ON_THE_SERVICE_PATH = {"simulators", "coordinator", "rich", "typer", "click", "cryptography"}
+#: prometheus_client: only with [metrics] (edge/metrics.py).
+NOT_ON_THE_SERVICE_PATH = {
+    "simulators", "coordinator", "rich", "typer", "click", "cryptography", "prometheus_client",
+}  # fmt: skip
 #: ... and what it must not load at start-up either: the site planner imports scipy at its
 #: first solve, in a worker thread, never before.
 NOT_AT_START_UP = NOT_ON_THE_SERVICE_PATH | {"scipy"}

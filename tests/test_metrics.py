@@ -124,7 +124,7 @@ def test_the_alert_rules_load() -> None:
         [_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 RULE_TESTS = """

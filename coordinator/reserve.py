@@ -37,6 +37,11 @@ from numpy.typing import ArrayLike, NDArray
 
 #: Share of the feeder's limits the reservation plans to: headroom left for forecast errors.
 PLAN_TO_SHARE = 0.95
+#: The share of the forecast feeder import by which the fleet's requirement is sized above
+#: the forecast: load forecasts err by about this much in an evening (benchmarks/
+#: forecast_skill.py), and a reservation sized on the forecast alone runs out before the peak
+#: ends whenever the forecast is low.
+SIZING_MARGIN = 0.1
 
 
 class ReservationError(ValueError):
@@ -99,9 +104,11 @@ def reserve(
     export_limit_kw: float,
     plan_to_share: float = PLAN_TO_SHARE,
     fleet_stored_kwh: ArrayLike | None = None,
+    sizing_margin: float = SIZING_MARGIN,
 ) -> FeederReservation:
     """The reservation for sites whose forecast net load (load - PV, kWh per step, + imports)
-    is ``net_kwh``, with ``batteries`` at some of them (see the module docstring). With the
+    is ``net_kwh``, with ``batteries`` at some of them (see the module docstring); the fleet's
+    requirement is sized on the feeder's forecast import plus ``sizing_margin`` of it. With the
     community schedule's ``fleet_stored_kwh`` (the fleet's stored energy at each step's end,
     :func:`community_schedule`), each site also gets its share of it as ``suggested_kwh``."""
     names = sorted(net_kwh)
@@ -129,8 +136,9 @@ def reserve(
     eta_d = _weighted(fleet, "discharge_efficiency")
     low = sum(b.min_kwh for b in fleet)
     high = sum(b.max_kwh for b in fleet)
-    need = np.minimum(np.maximum(feeder - limit_in, 0.0), discharge_kwh)
-    room = np.minimum(np.maximum(limit_in - feeder, 0.0), charge_kwh)
+    sized = feeder + sizing_margin * np.maximum(feeder, 0.0)  # the requirement's import
+    need = np.minimum(np.maximum(sized - limit_in, 0.0), discharge_kwh)
+    room = np.minimum(np.maximum(limit_in - sized, 0.0), charge_kwh)
     unavoidable = np.maximum(feeder - limit_in - discharge_kwh, 0.0) - np.maximum(
         -feeder - limit_out - charge_kwh, 0.0
     )

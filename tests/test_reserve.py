@@ -38,6 +38,7 @@ def test_an_evening_excess_is_reserved_ahead_and_shared_by_capacity() -> None:
         import_limit_kw=150.0,
         export_limit_kw=150.0,
         plan_to_share=1.0,
+        sizing_margin=0.0,
     )
     # the fleet discharges 7.5 kWh AC in steps 4 and 5: 9.375 kWh stored each (eta_d 0.8);
     # before them the headroom (17.5 kWh a step) can charge: 18.75 at the end of step 3,
@@ -68,6 +69,7 @@ def test_headroom_between_two_peaks_refills_what_the_first_took() -> None:
         import_limit_kw=150.0,
         export_limit_kw=150.0,
         plan_to_share=1.0,
+        sizing_margin=0.0,
     )
     # step 5 needs 2.5 kWh AC = 3.125 stored; steps 2-4 could put back 15: no reserve needed
     # before step 1 beyond step 1's own 3.125
@@ -82,6 +84,7 @@ def test_an_excess_beyond_the_fleets_power_is_reported_unavoidable() -> None:
         import_limit_kw=100.0,
         export_limit_kw=100.0,
         plan_to_share=1.0,
+        sizing_margin=0.0,
     )
     np.testing.assert_allclose(out.unavoidable_kwh, [0.0, 50.0 - 25.0 - 5.0])
 
@@ -154,3 +157,14 @@ def test_each_site_is_suggested_its_share_of_the_fleets_stored_energy() -> None:
     )
     np.testing.assert_allclose(out.sites["a"].suggested_kwh, [6.0, 15.0, 30.0])
     np.testing.assert_allclose(out.sites["b"].suggested_kwh, [2.0, 5.0, 10.0])
+
+
+def test_the_requirement_is_sized_with_a_margin_over_the_forecast() -> None:
+    # 140 kW forecast against 150 kW: no excess on the forecast, but 10 % more (154 kW) needs
+    # 1 kWh AC in that step (1.25 stored at eta_d 0.8) reserved before it
+    args = {"step_h": 0.25, "import_limit_kw": 150.0, "export_limit_kw": 150.0}
+    flat = {"a": np.array([0.0, 35.0])}
+    none = reserve(flat, {"a": fleet(100.0, 40.0)}, plan_to_share=1.0, sizing_margin=0.0, **args)
+    some = reserve(flat, {"a": fleet(100.0, 40.0)}, plan_to_share=1.0, sizing_margin=0.1, **args)
+    np.testing.assert_allclose(none.required_kwh, [0.0, 0.0])
+    np.testing.assert_allclose(some.required_kwh, [1.25, 0.0])

@@ -792,6 +792,13 @@ class EdgeAgent:
                     f"an award for interval {award.interval}, {award.interval - current} "
                     "from the current one",
                 )
+            if award.interval not in self.awards:
+                log.info(
+                    "award for interval %d: %+.3f kWh at %.4f/kWh",
+                    award.interval,
+                    award.quantity_kwh,
+                    award.price_per_kwh,
+                )
             self.awards[award.interval] = award
             while len(self.awards) > 8:
                 self.awards.popitem(last=False)
@@ -816,8 +823,15 @@ class EdgeAgent:
         applied: float | None = None,
         load_limit: float | None = None,
     ) -> None:
-        """Acknowledge a dispatch (counted by outcome); never raises."""
+        """Acknowledge a dispatch (counted by outcome, one info line each); never raises."""
         self.stats.acks[outcome] = self.stats.acks.get(outcome, 0) + 1
+        log.info(
+            "dispatch %s: %s%s%s",
+            command_id[:64] or "unknown",
+            outcome,
+            "" if applied is None else f", battery {applied:.0f} W",
+            f" ({detail})" if detail else "",
+        )
         try:
             ack = DispatchAck(
                 ts=self.clock.now(),
@@ -1158,3 +1172,9 @@ class EdgeAgent:
             return  # a late bid is worthless; the market clears without it
         self._bid_for = upcoming
         self.stats.bids_published += 1
+        log.debug(
+            "bid for interval %d: buy %s, sell %s",
+            upcoming,
+            [(round(p, 4), round(q, 3)) for p, q in curve.buy],
+            [(round(p, 4), round(q, 3)) for p, q in curve.sell],
+        )

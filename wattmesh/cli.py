@@ -36,6 +36,7 @@ from wattmesh.service import (
     JsonLogFormatter,  # noqa: F401 - re-exported (tests, other tools)
     LogFormat,
     run_service,
+    service_logging,
     set_up_logging,
 )
 from wattmesh.service import clock_from as _clock
@@ -99,7 +100,16 @@ def _main(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="-v: wattmesh's debug lines (plans, bids, decisions); -vv: also pymodbus's "
+            "protocol dumps. Services log their info lines without it.",
+        ),
+    ] = 0,
 ) -> None:
     """wattmesh: edge agents, simulators and tools for a local energy community."""
     set_up_logging(verbose)
@@ -523,6 +533,7 @@ def coordinator_run(
                 coordinator.bus, stop, give_up_after, _password_source(config.broker)
             )
 
+    service_logging()
     _use_log_format(log_format)
     code = run_service(run, log_format)
     if code:

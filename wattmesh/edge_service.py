@@ -25,6 +25,7 @@ from wattmesh.service import (
     run_service,
     say,
     serve,
+    service_logging,
     set_up_logging,
     stop_on_signals,
     use_log_format,
@@ -49,6 +50,7 @@ def run_edge(site_file: Path, give_up_after: int, log_format: LogFormat) -> int:
     stopped, 1 after a failure or a broker that kept refusing, 2 for a file that cannot be
     used (one line per problem on stderr, never a traceback)."""
     import_agent()
+    service_logging()
     from edge.agent import EdgeAgent  # noqa: PLC0415 - loaded by import_agent
     from edge.config import load_edge_config  # noqa: PLC0415
 
@@ -113,7 +115,14 @@ def _edge_parser(parser: argparse.ArgumentParser, verbose: bool) -> argparse.Arg
         "message) for journald or log files (default text).",
     )
     if verbose:
-        parser.add_argument("-v", "--verbose", action="store_true", help="Log debug details.")
+        parser.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=0,
+            help="-v: the agent's debug lines (plans, bids, decisions); -vv: also pymodbus's "
+            "protocol dumps. Info lines are logged without it.",
+        )
     return parser
 
 
@@ -121,10 +130,10 @@ def fast_edge_run(args: Sequence[str]) -> int | None:
     """Run ``wattmesh [-v] edge run [options] SITE_FILE`` without loading the full command line:
     the exit code; None when ``args`` are anything else (help, a mistake, another command),
     for the full command line to handle exactly as always."""
-    verbose = False
+    verbose = 0
     rest = list(args)
-    while rest[:1] in (["-v"], ["--verbose"]):
-        verbose, rest = True, rest[1:]
+    while rest[:1] in (["-v"], ["--verbose"], ["-vv"]):
+        verbose, rest = verbose + (2 if rest[0] == "-vv" else 1), rest[1:]
     if rest[:2] != ["edge", "run"]:
         return None
     parser = _edge_parser(_StrictParser(add_help=False, allow_abbrev=False), verbose=False)

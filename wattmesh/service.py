@@ -54,15 +54,31 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
-def set_up_logging(verbose: bool) -> None:
-    """The root logger as every ``wattmesh`` command has it: WARNING (DEBUG when ``verbose``)
-    to stderr; pymodbus's own chatter only when ``verbose``."""
+#: wattmesh's own loggers (the packages'), set apart from libraries'.
+OWN_LOGGERS = ("edge", "coordinator", "broker", "drivers", "simulators", "wattmesh")
+
+
+def set_up_logging(verbosity: int) -> None:
+    """The root logger as every ``wattmesh`` command has it, to stderr: warnings; with ``-v``
+    (``verbosity`` 1) wattmesh's own debug lines too (plans, bids, protocol decisions); with
+    ``-vv`` (2) also pymodbus's protocol dumps, which are silent otherwise."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not verbose:
-        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 1 else logging.WARNING)
+    logging.getLogger("pymodbus").setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
+
+
+def service_logging() -> None:
+    """What a long-running service (``edge run``, ``coordinator run``) logs by default: its
+    info lines too (clearings, settlements, awards, dispatch decisions, device availability,
+    grid mode), unless ``-v`` asked for more."""
+    for name in OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level > logging.INFO or logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
 
 
 def use_log_format(log_format: LogFormat) -> None:

@@ -31,11 +31,16 @@ def test_every_vendor_map_is_builtin_and_loads() -> None:
 
 
 @pytest.mark.parametrize("name", VENDOR_MAPS)
-def test_each_vendor_map_cites_its_document_and_says_what_is_sure(name: str) -> None:
+def test_each_vendor_map_cites_its_document_and_the_sources_it_was_checked_against(
+    name: str,
+) -> None:
     header = (MAPS_DIR / f"{name}.toml").read_text(encoding="utf-8").split("\nname =")[0]
     assert re.search(r"# Source: .+\"[^\"]+\"", header), "document name in quotes"
     assert re.search(r"(V\d+\.\d+|Issue \d+|[Rr]evision \d|Version \d)", header), "its version"
-    assert "# Sure" in header
+    assert "# Checked against" in header
+    assert re.search(r"[\w.-]+/[\w.-]+ @ [0-9a-f]{40}", header), "a repository at a commit"
+    assert "# Confirmed" in header
+    assert "# Not confirmed" in header
 
 
 @pytest.mark.parametrize("name", BATTERY_MAPS)

@@ -20,7 +20,13 @@ VENDOR_MAPS = [
     "carlo_gavazzi_em24",
 ]
 BATTERY_MAPS = ["huawei_sun2000", "sungrow_sh", "victron_gx", "goodwe_et"]
-METER_MAPS = ["sdm630", "eastron_sdm72d", "carlo_gavazzi_em24", "huawei_sun2000"]
+METER_MAPS = [
+    "sdm630",
+    "eastron_sdm72d",
+    "carlo_gavazzi_em24",
+    "carlo_gavazzi_em24_e1",
+    "huawei_sun2000",
+]
 MAPS_DIR = Path(__file__).resolve().parent.parent / "drivers" / "maps"
 
 

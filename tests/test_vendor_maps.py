@@ -20,7 +20,13 @@ VENDOR_MAPS = [
     "carlo_gavazzi_em24",
 ]
 BATTERY_MAPS = ["huawei_sun2000", "sungrow_sh", "victron_gx", "goodwe_et"]
-METER_MAPS = ["sdm630", "eastron_sdm72d", "carlo_gavazzi_em24", "huawei_sun2000"]
+METER_MAPS = [
+    "sdm630",
+    "eastron_sdm72d",
+    "carlo_gavazzi_em24",
+    "carlo_gavazzi_em24_e1",
+    "huawei_sun2000",
+]
 MAPS_DIR = Path(__file__).resolve().parent.parent / "drivers" / "maps"
 
 
@@ -31,11 +37,16 @@ def test_every_vendor_map_is_builtin_and_loads() -> None:
 
 
 @pytest.mark.parametrize("name", VENDOR_MAPS)
-def test_each_vendor_map_cites_its_document_and_says_what_is_sure(name: str) -> None:
+def test_each_vendor_map_cites_its_document_and_the_sources_it_was_checked_against(
+    name: str,
+) -> None:
     header = (MAPS_DIR / f"{name}.toml").read_text(encoding="utf-8").split("\nname =")[0]
     assert re.search(r"# Source: .+\"[^\"]+\"", header), "document name in quotes"
     assert re.search(r"(V\d+\.\d+|Issue \d+|[Rr]evision \d|Version \d)", header), "its version"
-    assert "# Sure" in header
+    assert "# Checked against" in header
+    assert re.search(r"[\w.-]+/[\w.-]+ @ [0-9a-f]{40}", header), "a repository at a commit"
+    assert "# Confirmed" in header
+    assert "# Not confirmed" in header
 
 
 @pytest.mark.parametrize("name", BATTERY_MAPS)

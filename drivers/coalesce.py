@@ -173,9 +173,14 @@ class Span:
 def _blocks_for(
     spans: Sequence[Span],
     readable: Mapping[str, Sequence[tuple[int, int]]] | None,
+    max_registers: int = MAX_READ_REGISTERS,
 ) -> list[tuple[ReadBlock, tuple[Span, ...]]]:
     """Plan reads for ``spans`` and say which spans each block carries."""
-    blocks = plan_reads([(s.table, s.address, s.count) for s in spans], readable=readable)
+    blocks = plan_reads(
+        [(s.table, s.address, s.count) for s in spans],
+        readable=readable,
+        max_registers=max_registers,
+    )
     return [
         (
             b,
@@ -189,6 +194,7 @@ def _blocks_for(
 
 def _merge_adjacent(
     plan: list[tuple[ReadBlock, tuple[Span, ...]]],
+    max_registers: int = MAX_READ_REGISTERS,
 ) -> list[tuple[ReadBlock, tuple[Span, ...]]]:
     """Join blocks that were each read whole and touch: their union is known to be readable."""
     merged: list[tuple[ReadBlock, tuple[Span, ...]]] = []
@@ -199,7 +205,7 @@ def _merge_adjacent(
             if (
                 last.table == block.table
                 and block.address <= last.end
-                and end - last.address <= MAX_READ_REGISTERS
+                and end - last.address <= max_registers
             ):
                 union = ReadBlock(last.table, last.address, end - last.address)
                 merged[-1] = (union, carried + tuple(s for s in spans if s not in carried))
@@ -224,12 +230,14 @@ class SpanReader:
         self,
         spans: Sequence[Span],
         readable: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+        max_registers: int = MAX_READ_REGISTERS,
     ) -> None:
         self.spans = tuple(spans)
         self.readable = readable
+        self.max_registers = max_registers
         #: Spans the device refused, with the reason (they are no longer read).
         self.refused: dict[Span, str] = {}
-        self._plan = _blocks_for(self.spans, readable)
+        self._plan = _blocks_for(self.spans, readable, max_registers)
 
     @property
     def blocks(self) -> list[ReadBlock]:
@@ -255,7 +263,7 @@ class SpanReader:
             image.add(block.table, block.address, words)
             plan.append((block, spans))
         if changed:
-            self._plan = _merge_adjacent(plan)
+            self._plan = _merge_adjacent(plan, self.max_registers)
         return image
 
     async def _split(
@@ -286,7 +294,7 @@ class SpanReader:
             parts = {(0,): ordered[:half], (1,): ordered[half:]}
         worked: list[tuple[ReadBlock, tuple[Span, ...]]] = []
         for part in parts.values():
-            for block, carried in _blocks_for(part, self.readable):
+            for block, carried in _blocks_for(part, self.readable, self.max_registers):
                 try:
                     words = await transport.read_registers(
                         unit, block.address, block.count, block.table

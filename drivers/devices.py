@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from drivers.coalesce import plan_reads, read_blocks
+from drivers.coalesce import Span, SpanReader, plan_reads, read_blocks
 from drivers.errors import RegisterMapError, SetpointRejected, SunSpecError, WriteNotConfirmed
-from drivers.regmap import BatteryControl, RegisterMap, decode_map, encode_point
+from drivers.regmap import BatteryControl, RegisterMap, decode_map, decode_point, encode_point
 from drivers.sunspec.discovery import SunSpecMap, SunSpecReader, discover
 from drivers.sunspec.models import Value
 from drivers.transport import ModbusTransport
@@ -543,24 +543,56 @@ MAP_METER_POINTS = {
 }
 
 
+class MapReader:
+    """Reads a register map's points every poll with the fewest requests the map's
+    ``max_read_registers`` allows, surviving refusals as the SunSpec reader does
+    (:class:`drivers.coalesce.SpanReader`, one per unit): a read the device refuses is split
+    down to the point; a point refused on its own decodes as NaN (missing), its reason in
+    :attr:`missing`, and is not asked for again."""
+
+    def __init__(self, regmap: RegisterMap, names: Iterable[str] | None = None) -> None:
+        self.regmap = regmap
+        self._groups: list[tuple[int | None, list[str], SpanReader]] = []
+        for unit_id, points in regmap.unit_groups(names).items():
+            spans = [
+                Span("input" if p.table == "input" else "holding", p.address, p.count, (i,))
+                for i, p in enumerate(points)
+            ]
+            reader = SpanReader(spans, max_registers=regmap.max_read_registers)
+            self._groups.append((unit_id, [p.name for p in points], reader))
+        #: Points the device refused, with the reason.
+        self.missing: dict[str, str] = {}
+
+    async def read(self, transport: ModbusTransport, unit: int) -> dict[str, float]:
+        """One poll: every point's value (NaN where missing). Other errors propagate."""
+        values: dict[str, float] = {}
+        for unit_id, names, reader in self._groups:
+            image = await reader.read(transport, unit if unit_id is None else unit_id)
+            for name in names:
+                p = self.regmap.point(name)
+                words = [image.get((p.table, p.address + k)) for k in range(p.count)]
+                if any(w is None for w in words):
+                    values[name] = math.nan
+                    span = Span(p.table, p.address, p.count)
+                    self.missing[name] = next(
+                        (why for s, why in reader.refused.items() if s.address == span.address),
+                        "not read: the device refused its registers",
+                    )
+                    continue
+                values[name] = decode_point(p, [w for w in words if w is not None])
+        return values
+
+
 async def read_map_points(
     transport: ModbusTransport,
     unit: int,
     regmap: RegisterMap,
     names: Iterable[str] | None = None,
 ) -> dict[str, float]:
-    """Read and decode the named points (all when None), each from the unit that holds it.
-
-    One image per unit, read with the fewest requests the map's ``max_read_registers``
-    allows. NaN float registers decode as NaN (missing).
-    """
-    values: dict[str, float] = {}
-    for unit_id, points in regmap.unit_groups(names).items():
-        group = [p.name for p in points]
-        blocks = plan_reads(regmap.spans(group), max_registers=regmap.max_read_registers)
-        image = await read_blocks(transport, unit if unit_id is None else unit_id, blocks)
-        values.update(decode_map(regmap, image, group))
-    return values
+    """Read and decode the named points (all when None) once, each from the unit that holds
+    it, surviving refusals (:class:`MapReader`): a refused point is NaN (missing). NaN float
+    registers decode as NaN too."""
+    return await MapReader(regmap, names).read(transport, unit)
 
 
 class RegisterMapMeter:
@@ -577,17 +609,16 @@ class RegisterMapMeter:
         self.blocks = plan_reads(
             regmap.spans(MAP_METER_POINTS.values()), max_registers=regmap.max_read_registers
         )
-        self._one_unit = len(regmap.unit_groups(MAP_METER_POINTS.values())) == 1
+        self._reader = MapReader(regmap, MAP_METER_POINTS.values())
+
+    @property
+    def missing(self) -> dict[str, str]:
+        """Points the meter refused, with the reason."""
+        return self._reader.missing
 
     async def read(self) -> MeterReading:
-        """One poll."""
-        if self._one_unit and self.regmap.point("power_total_w").unit_id is None:
-            image = await read_blocks(self.transport, self.unit, self.blocks)
-            v = decode_map(self.regmap, image, MAP_METER_POINTS.values())
-        else:
-            v = await read_map_points(
-                self.transport, self.unit, self.regmap, MAP_METER_POINTS.values()
-            )
+        """One poll; points the meter refuses read as None (see :attr:`missing`)."""
+        v = await self._reader.read(self.transport, self.unit)
 
         def get(name: str) -> float | None:
             x = v[MAP_METER_POINTS[name]]
@@ -655,6 +686,7 @@ class MapBattery(HeldSetpoint):
                 if n is not None
             ]
         self._names = list(dict.fromkeys(names))
+        self._reader = MapReader(regmap, self._names)
 
     def _setpoint_w(self, v: dict[str, float]) -> float | None:
         """The commanded power the device holds, W (positive discharges); None when unknown."""
@@ -675,7 +707,7 @@ class MapBattery(HeldSetpoint):
 
     async def read(self) -> BatteryReading:
         """One poll."""
-        v = await read_map_points(self.transport, self.unit, self.regmap, self._names)
+        v = await self._reader.read(self.transport, self.unit)
 
         def num(ref: str | float | None) -> float | None:
             if ref is None or isinstance(ref, float):

@@ -176,13 +176,9 @@ async def test_wattmesh_scan_reads_a_real_goodwe_et_capture_as_the_goodwe_librar
         assert values[name]["units"] == regmap.point(name).unit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="drivers.devices.read_map_points (behind wattmesh scan --map, RegisterMapMeter and "
-    "MapBattery) fails whole on one refused register, without the SunSpec reader's "
-    "split-and-remember; a GW10K-ET lacks the MPPT block at 35301",
-)
 async def test_a_map_scan_reports_registers_a_real_device_refuses_as_missing() -> None:
+    """A GW10K-ET lacks the MPPT block at 35301: the map's reader splits the refused read,
+    reports those points missing with the reason and reads every other point."""
     async with serve(device_image("GW10K-ET")) as url:
         result = await asyncio.to_thread(scan_cli, url, "--map", "goodwe_et")
     values = result["values"]["goodwe_et"]  # type: ignore[index]

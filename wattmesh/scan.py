@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from drivers.devices import read_map_points
+from drivers.devices import MapReader
 from drivers.regmap import RegisterMap
 from drivers.sunspec.discovery import ModelInstance, SunSpecReader, discover
 from drivers.sunspec.models import ModelLayout, Value, model_layout
@@ -88,8 +88,11 @@ async def scan_device(
     """
     url = str(transport.endpoint)
     if regmap is not None:
-        decoded = await read_map_points(transport, unit, regmap)
+        map_reader = MapReader(regmap)
+        decoded = await map_reader.read(transport, unit)
         result = ScanResult(url, unit, f"{regmap.manufacturer} {regmap.model} ({regmap.source})")
+        if map_reader.missing:
+            result.missing[regmap.name] = dict(map_reader.missing)
         result.values[regmap.name] = {
             p.name: (None if math.isnan(decoded[p.name]) else decoded[p.name], p.unit)
             for p in regmap.points

@@ -1116,6 +1116,14 @@ def backtest(
             "forecasts from at the start, as a running one does"
         ),
     ] = DEFAULT_HISTORY_DAYS,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan/--no-plan",
+            help="sites plan their batteries (edge/plan.py) and the coordinator reserves the "
+            "feeder; --no-plan: the fixed-price rules (about 5 times faster)",
+        ),
+    ] = True,
 ) -> None:
     """Simulate a scenario in-process on the live policies, market and ledger; print each
     site's settled cost and the feeder's 15-minute peak."""
@@ -1129,6 +1137,12 @@ def backtest(
         if start is not None:
             config = config.model_copy(update={"start": _start(start)})
         replay = _replay(csv or [])
+        edges = None
+        if not plan:
+            edges = {
+                name: e.model_copy(update={"plan": e.plan.model_copy(update={"enabled": False})})
+                for name, e in default_edge_configs(config, step_s).items()
+            }
         result = run_backtest(
             config,
             days=days,
@@ -1137,6 +1151,7 @@ def backtest(
             variant=variant,  # type: ignore[arg-type]  # checked by the engine
             replay=replay,
             history_days=history_days,
+            edges=edges,
             progress=lambda f: err.print(f"simulated {100 * f:5.1f} %", highlight=False),
         )
     except (ScenarioError, BacktestError, ReplayError) as e:

@@ -8,7 +8,9 @@ answer for (a device answers a read that touches an undefined register with an e
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from drivers.errors import ModbusException
@@ -149,6 +151,8 @@ class Image(Mapping[tuple[str, int], int]):
 #: one is split into smaller reads. 2 illegal data address, 3 illegal data value (some devices
 #: answer so for a count that crosses a hole), 4 server device failure (some firmwares).
 REFUSAL_CODES = frozenset({2, 3, 4})
+#: Seconds after which the registers a device refused are asked for again.
+RETRY_REFUSED_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +227,9 @@ class SpanReader:
     halves, so that the points around a refused register are still read together).
     A span refused on its own is remembered with the reason and skipped by later polls,
     and the plan that worked replaces the refused one, so a refusal costs extra requests
-    only once.
+    only once; every ``retry_refused_s`` (of ``clock``, monotonic seconds) the refused spans
+    are asked for again, so a refusal that was transient (a device failure, exception 4,
+    during a restart) does not hide a point for the reader's life.
     """
 
     def __init__(
@@ -231,12 +237,18 @@ class SpanReader:
         spans: Sequence[Span],
         readable: Mapping[str, Sequence[tuple[int, int]]] | None = None,
         max_registers: int = MAX_READ_REGISTERS,
+        *,
+        retry_refused_s: float = RETRY_REFUSED_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spans = tuple(spans)
         self.readable = readable
         self.max_registers = max_registers
-        #: Spans the device refused, with the reason (they are no longer read).
+        self.retry_refused_s = retry_refused_s
+        self.clock = clock
+        #: Spans the device refused, with the reason (they are not read until the retry).
         self.refused: dict[Span, str] = {}
+        self._retry_at = math.inf
         self._plan = _blocks_for(self.spans, readable, max_registers)
 
     @property
@@ -246,6 +258,9 @@ class SpanReader:
 
     async def read(self, transport: ModbusTransport, unit: int) -> Image:
         """One poll: every span not refused. Other errors propagate."""
+        if self.refused and self.clock() >= self._retry_at:
+            self.refused.clear()  # ask for them again; still refused: split once more
+            self._plan = _blocks_for(self.spans, self.readable, self.max_registers)
         image = Image()
         plan: list[tuple[ReadBlock, tuple[Span, ...]]] = []
         changed = False
@@ -264,6 +279,7 @@ class SpanReader:
             plan.append((block, spans))
         if changed:
             self._plan = _merge_adjacent(plan, self.max_registers)
+            self._retry_at = self.clock() + self.retry_refused_s
         return image
 
     async def _split(

@@ -250,3 +250,26 @@ async def test_a_silent_device_names_the_timeout_option() -> None:
         async with ModbusTransport.from_url(server.url, timeout_s=0.2, retries=0) as transport:
             with pytest.raises(DeviceUnavailable, match="--timeout"):
                 await transport.read_registers(1, 40000, 2)
+
+
+async def test_a_register_refused_for_a_while_is_read_again_after_the_retry_interval() -> None:
+    # Hz is refused (a device failing during a restart, say), then answered again: the reader
+    # skips it meanwhile and asks again once RETRY_REFUSED_S has passed on its clock.
+    models = [FieldModel(m, sample_data(m)) for m in (1, 103, 120, 123)]
+    device = FieldDevice(models)
+    hz = device.address_of(103) + model_def(103).point("Hz").offset
+    device.refuse({hz})
+    now = [0.0]
+    async with FieldServer([device]) as server:
+        async with ModbusTransport.from_url(server.url) as transport:
+            inverter = await Inverter.connect(transport, 1)
+            inverter._reader.reads.clock = lambda: now[0]
+            first = await inverter.read()
+            device.refused.clear()  # the device answers again
+            now[0] = 60.0
+            still_skipped = await inverter.read()
+            now[0] = 3600.0
+            again = await inverter.read()
+    assert first.frequency_hz is None and still_skipped.frequency_hz is None
+    assert again.frequency_hz is not None
+    assert inverter.missing == {}

@@ -11,13 +11,13 @@ Signs as everywhere in wattmesh: feeder flow is positive when the community impo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from threading import Thread
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from broker.metrics_http import MetricsServer
 
 if TYPE_CHECKING:
     from coordinator.service import Coordinator
@@ -184,32 +184,3 @@ def registry_for(coordinator: Coordinator) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CoordinatorCollector(coordinator))
     return registry
-
-
-class MetricsServer:
-    """``/metrics`` over HTTP on ``host:port`` for one coordinator (a daemon thread)."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self.registry = registry
-        self.host, self.port = host, port
-        self._server: WSGIServer | None = None
-        self._thread: Thread | None = None
-
-    def start(self) -> None:
-        """Listen; ``OSError`` (port in use) names the address."""
-        try:
-            self._server, self._thread = start_http_server(
-                self.port, addr=self.host, registry=self.registry
-            )
-        except OSError as err:
-            raise OSError(f"metrics: cannot listen on {self.host}:{self.port}: {err}") from err
-        self.port = self._server.server_port
-
-    def stop(self) -> None:
-        """Stop listening and wait for the thread."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None

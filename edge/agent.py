@@ -88,7 +88,7 @@ from edge.spool import Spool
 from edge.trust import OrderWindow, order_window
 
 if TYPE_CHECKING:
-    from edge.metrics import EdgeMetricsServer
+    from broker.metrics_http import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ class EdgeAgent:
         self._group: asyncio.TaskGroup | None = None
         self.proxy = self._proxy()
         #: The ``[metrics]`` port while the agent runs (edge/metrics.py).
-        self.metrics: EdgeMetricsServer | None = None
+        self.metrics: MetricsServer | None = None
 
     def _proxy(self) -> ModbusProxy | None:
         """The ``[proxy]`` over the agent's own transports (not started), if configured."""

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from threading import Thread
 from typing import TYPE_CHECKING, get_args
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -37,6 +35,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from broker.metrics_http import MetricsServer
 from drivers.devices import Battery, MapBattery
 from edge.agent import AckOutcome
 from edge.homeassistant import CONTROLLERS
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
     from edge.agent import EdgeAgent
     from edge.config import MetricsSection
 
-__all__ = ["EdgeCollector", "EdgeMetricsServer", "registry_for", "serve_metrics"]
+__all__ = ["EdgeCollector", "MetricsServer", "registry_for", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -217,39 +216,9 @@ def registry_for(agent: EdgeAgent) -> CollectorRegistry:
     return registry
 
 
-class EdgeMetricsServer:
-    """``/metrics`` over HTTP on ``host:port`` for one agent (a daemon thread)."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self.registry = registry
-        self.host, self.port = host, port
-        self._server: WSGIServer | None = None
-        self._thread: Thread | None = None
-
-    def start(self) -> None:
-        """Listen; ``OSError`` (port in use) names the address. ``port`` 0 becomes the
-        port chosen."""
-        try:
-            self._server, self._thread = start_http_server(
-                self.port, addr=self.host, registry=self.registry
-            )
-        except OSError as err:
-            raise OSError(f"metrics: cannot listen on {self.host}:{self.port}: {err}") from err
-        self.port = self._server.server_port
-
-    def stop(self) -> None:
-        """Stop listening and wait for the thread (blocks up to half a second)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-
-def serve_metrics(agent: EdgeAgent, section: MetricsSection) -> EdgeMetricsServer:
+def serve_metrics(agent: EdgeAgent, section: MetricsSection) -> MetricsServer:
     """Start serving ``agent``'s metrics as ``section`` says; OSError when it cannot listen."""
-    server = EdgeMetricsServer(registry_for(agent), section.host, section.port)
+    server = MetricsServer(registry_for(agent), section.host, section.port)
     server.start()
     log.info("site %s: metrics on http://%s:%d/metrics", agent.site, server.host, server.port)
     return server

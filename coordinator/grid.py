@@ -13,6 +13,7 @@ constrained, the excess over the target is spread over the batteries with headro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,8 +21,11 @@ from typing import Literal
 from coordinator.config import GridSection
 
 GridMode = Literal["normal", "constrained", "emergency"]
-#: A battery is not asked to discharge at or below this state of charge, %.
-DISCHARGE_FLOOR_SOC_PCT = 12.0
+#: A battery is not asked to discharge at or below this state of charge, %: just above the
+#: reserve the feeder reservation assumes (coordinator/reserve.py ASSUMED_SOC_MIN_PCT, 5 %),
+#: so that the energy the reservation counts on is energy the grid loop will use; a battery
+#: with a higher reserve of its own is held there by its edge's safety clamp.
+DISCHARGE_FLOOR_SOC_PCT = 6.0
 #: A battery is not asked to charge at or above this state of charge, %.
 CHARGE_CEILING_SOC_PCT = 98.0
 
@@ -119,6 +123,21 @@ def feeder_mode(
     if load_pct <= grid.release_pct or previous == "emergency":
         return "normal"
     return previous
+
+
+def holding_grid(grid: GridSection, import_level_kw: float | None) -> GridSection:
+    """The grid section the loop acts on: ``grid``, or, when the feeder reservation found
+    that the batteries cannot hold the import limit through the forecast and plans to a
+    higher ``import_level_kw`` (kW, :attr:`coordinator.reserve.FeederReservation.
+    import_level_kw`), with the import limit raised so that the loop's target is that level:
+    the batteries then spread what cannot be avoided over the whole episode instead of
+    emptying before its end and leaving its last hours at the full overload."""
+    if import_level_kw is None or not math.isfinite(import_level_kw):
+        return grid
+    limit_w = import_level_kw * 1000.0 / (grid.target_pct / 100.0)
+    if limit_w <= grid.import_limit_w:
+        return grid
+    return grid.model_copy(update={"import_limit_w": limit_w})
 
 
 def relief_target_w(flow_w: float, grid: GridSection) -> float:

@@ -18,6 +18,15 @@ the later needs take, less what the later headroom can put back, counting no PV.
 beyond the export limit is handled within the step (export caps: the fleet must charge); the
 reservation does not yet empty batteries ahead of a forecast export excess.
 
+When the fleet's stored energy now cannot hold the limit through the forecast (the
+requirement before the first step, or a later one, exceeds what it holds or can hold), the
+reservation plans instead to the lowest import level it can hold
+(:attr:`FeederReservation.import_level_kw`, bisection on the same backward sizing, on the
+forecast without the sizing margin), and the grid loop aims there
+(:func:`coordinator.grid.holding_grid`): what cannot be avoided is spread over the whole
+overload instead of the batteries emptying before its end and leaving its last hours at the
+full overload. Each interval's re-computation lowers the level again as soon as it can.
+
 Each site's share is by usable capacity (``max - min`` stored energy): its floor is its
 minimum plus its share of the fleet's requirement above the fleet's minimum, and in every
 step where the fleet's power could overload the feeder (the headroom is smaller than the
@@ -29,6 +38,7 @@ grid loop handles what is left).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -93,6 +103,67 @@ class FeederReservation:
     required_kwh: NDArray[np.float64]
     unavoidable_kwh: NDArray[np.float64]
     sites: dict[str, SiteReservation]
+    #: The feeder import the reservation plans to (kW): the limit times ``plan_to_share``
+    #: when the fleet's stored energy can hold it over the horizon, else the lowest level it
+    #: can hold (the grid loop then aims there, spreading what cannot be avoided).
+    import_level_kw: float = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    """The fleet as the backward sizing sees it: per-step charge and discharge (kWh),
+    efficiencies, lowest and highest stored energy (kWh)."""
+
+    charge_kwh: float
+    discharge_kwh: float
+    eta_c: float
+    eta_d: float
+    low: float
+    high: float
+
+
+def _requirement(
+    sized_kwh: NDArray[np.float64], level_kwh: float, rates: _Rates
+) -> tuple[NDArray[np.float64], float]:
+    """The stored energy the fleet needs at each step's end to keep the import ``sized_kwh``
+    at or below ``level_kwh`` per step (within ``[low, high]``), and what it needs now, before
+    the first step (not capped at ``high``: more than the fleet holds means it cannot)."""
+    need = np.minimum(np.maximum(sized_kwh - level_kwh, 0.0), rates.discharge_kwh)
+    room = np.minimum(np.maximum(level_kwh - sized_kwh, 0.0), rates.charge_kwh)
+    n_t = len(sized_kwh)
+    required = np.full(n_t, rates.low)
+    now = rates.low
+    for t in range(n_t - 1, -1, -1):
+        r = max(rates.low, required[t] + need[t] / rates.eta_d - rates.eta_c * room[t])
+        if t == 0:
+            now = r
+        else:
+            required[t - 1] = min(rates.high, r)
+            if r > rates.high + 1e-9:
+                now = math.inf  # a later need the full fleet cannot carry
+                break
+    return required, now
+
+
+def _holds(sized_kwh: NDArray[np.float64], level_kwh: float, stored: float, r: _Rates) -> bool:
+    """Whether the fleet, holding ``stored`` kWh now, keeps every step at ``level_kwh``."""
+    return _requirement(sized_kwh, level_kwh, r)[1] <= stored + 1e-6
+
+
+def _lowest_level(
+    sized_kwh: NDArray[np.float64], level_kwh: float, stored: float, r: _Rates
+) -> float:
+    """The lowest import per step (kWh, at least ``level_kwh``) the fleet can hold from
+    ``stored`` kWh (bisection to a thousandth of the level: the requirement falls as the
+    level rises, and at the horizon's highest import nothing is needed)."""
+    lo, hi = level_kwh, max(level_kwh, float(sized_kwh.max()))
+    while hi - lo > 1e-3 * level_kwh:
+        mid = (lo + hi) / 2.0
+        if _holds(sized_kwh, mid, stored, r):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def reserve(
@@ -137,15 +208,14 @@ def reserve(
     low = sum(b.min_kwh for b in fleet)
     high = sum(b.max_kwh for b in fleet)
     sized = feeder + sizing_margin * np.maximum(feeder, 0.0)  # the requirement's import
-    need = np.minimum(np.maximum(sized - limit_in, 0.0), discharge_kwh)
-    room = np.minimum(np.maximum(limit_in - sized, 0.0), charge_kwh)
+    fleet_now = sum(b.stored_kwh for b in fleet)
+    rates = _Rates(charge_kwh, discharge_kwh, eta_c, eta_d, low, high)
     unavoidable = np.maximum(feeder - limit_in - discharge_kwh, 0.0) - np.maximum(
         -feeder - limit_out - charge_kwh, 0.0
     )
-    required = np.full(n_t, low)
-    for t in range(n_t - 1, 0, -1):
-        r = required[t] + need[t] / eta_d - eta_c * room[t]
-        required[t - 1] = min(high, max(low, r))
+    if fleet and not _holds(feeder, limit_in, fleet_now, rates):  # on the forecast itself
+        limit_in = _lowest_level(feeder, limit_in, fleet_now, rates)
+    required, _ = _requirement(sized, limit_in, rates)
     share = _shares(names, batteries)
     headroom = (limit_in - feeder, limit_out + feeder)
     tight = (headroom[0] < charge_kwh, headroom[1] < discharge_kwh)
@@ -167,7 +237,7 @@ def reserve(
             export_cap_kw=np.where(tight[1], (-net[row] + w * headroom[1]) / step_h, np.nan),
             suggested_kwh=suggested,
         )
-    return FeederReservation(required, unavoidable, sites)
+    return FeederReservation(required, unavoidable, sites, limit_in / step_h)
 
 
 def _weighted(fleet: Sequence[FleetBattery], what: str) -> float:

@@ -425,6 +425,8 @@ class Coordinator:
         self.last_forecasts: dict[str, Forecast] = {}
         #: The last feeder reservation (coordinator/reserve.py), if one was made.
         self.last_reservation: reserve.FeederReservation | None = None
+        self.last_reservation_ts = -math.inf
+        self._level_raised = False
         self._ack_waiters: dict[str, asyncio.Future[DispatchAck]] = {}
         #: Cleared intervals not yet settled (from the ledger at start: none is lost).
         self.cleared: dict[int, ClearedInterval] = {}
@@ -1246,6 +1248,22 @@ class Coordinator:
             log.warning("no feeder reservation: %s", err)
             return []
         self.last_reservation = result
+        self.last_reservation_ts = now
+        level = result.import_level_kw
+        planned = g.import_limit_w * g.target_pct / 1e5
+        raised = math.isfinite(level) and level > planned * 1.001
+        if raised != self._level_raised:
+            self._level_raised = raised
+            if raised:
+                log.warning(
+                    "feeder %s: the batteries cannot hold %.0f kW through the forecast; "
+                    "holding %.0f kW instead, spread over the whole overload",
+                    self.feeder,
+                    planned,
+                    level,
+                )
+            else:
+                log.info("feeder %s: the batteries hold the import limit again", self.feeder)
         out = []
         for name in fleet:
             share = result.sites[name]
@@ -1292,12 +1310,21 @@ class Coordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), g.period_s)
 
+    def _import_level_kw(self, now: float) -> float | None:
+        """The import level the latest feeder reservation plans to (kW), while it is recent
+        (two market intervals): the grid loop holds it when the batteries cannot hold the
+        limit (:func:`coordinator.grid.holding_grid`)."""
+        r = self.last_reservation
+        if r is None or now - self.last_reservation_ts > 2 * self.config.market.interval_s:
+            return None
+        return r.import_level_kw
+
     async def balance(self, wall_now: float) -> None:
         """Check the feeder; dispatch batteries (and load limits) while it nears a limit
         (:mod:`coordinator.grid`)."""
-        g = self.config.grid
         flow = self.flow_w = self.feeder_flow_w()
         now = self.clock.now()
+        g = grid.holding_grid(self.config.grid, self._import_level_kw(now))
         self.flow_log.append((now, flow))
         self._relief = grid.active_reliefs(self._relief, now)
         before = self.mode
@@ -1314,7 +1341,7 @@ class Coordinator:
         state = GridState(
             ts=now,
             flow_w=float(np.clip(flow, -1e9, 1e9)),
-            import_limit_w=g.import_limit_w,
+            import_limit_w=self.config.grid.import_limit_w,
             export_limit_w=g.export_limit_w,
             mode=self.mode,
         )

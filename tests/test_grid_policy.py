@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from coordinator.config import GridSection
@@ -11,6 +13,7 @@ from coordinator.grid import (
     active_reliefs,
     battery_headroom_w,
     feeder_mode,
+    holding_grid,
     plan_relief,
     reissue_due,
     relief_target_w,
@@ -46,7 +49,8 @@ def site(
 def test_headroom_is_rated_less_present_power_within_soc_bounds() -> None:
     assert battery_headroom_w(10_000.0, 4000.0, 50.0) == (6000.0, 14_000.0)
     assert battery_headroom_w(10_000.0, -4000.0, None) == (14_000.0, 6000.0)
-    assert battery_headroom_w(10_000.0, 0.0, 12.0) == (0.0, 10_000.0)  # too empty to discharge
+    assert battery_headroom_w(10_000.0, 0.0, 6.0) == (0.0, 10_000.0)  # too empty to discharge
+    assert battery_headroom_w(10_000.0, 0.0, 6.5)[0] == 10_000.0  # the reserve's energy is used
     assert battery_headroom_w(10_000.0, 0.0, 98.0) == (10_000.0, 0.0)  # too full to charge
 
 
@@ -158,3 +162,13 @@ def test_a_battery_charging_at_the_first_order_does_not_hold_the_feeder_constrai
     # normal instead of re-issuing the discharge all night and blocking every recharge.
     mode = feeder_mode(30_000.0, {"a": relief}, previous="constrained", emergency=False, grid=GRID)
     assert mode == "normal"
+
+
+def test_holding_grid_raises_the_limit_so_that_the_target_is_the_reservations_level() -> None:
+    g = GridSection(import_limit_w=150_000.0, act_at_pct=100.0, target_pct=98.0, release_pct=92.0)
+    assert holding_grid(g, None) is g
+    assert holding_grid(g, 140.0) is g  # the limit's own target is higher: nothing to raise
+    assert holding_grid(g, math.inf) is g
+    raised = holding_grid(g, 160.0)
+    assert relief_target_w(1.0, raised) == pytest.approx(160_000.0)
+    assert raised.export_limit_w == g.export_limit_w

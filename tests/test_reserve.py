@@ -168,3 +168,51 @@ def test_the_requirement_is_sized_with_a_margin_over_the_forecast() -> None:
     some = reserve(flat, {"a": fleet(100.0, 40.0)}, plan_to_share=1.0, sizing_margin=0.1, **args)
     np.testing.assert_allclose(none.required_kwh, [0.0, 0.0])
     np.testing.assert_allclose(some.required_kwh, [1.25, 0.0])
+
+
+def test_a_fleet_that_cannot_hold_the_limit_plans_to_the_lowest_level_it_can_hold() -> None:
+    # four steps at 40 kWh against a 25 kWh limit (100 kW at 0.25 h): 60 kWh above it, but the
+    # fleet holds 30 kWh (lossless): it can hold 25 + 30 / 4 = 32.5 kWh a step throughout
+    out = reserve(
+        {"a": np.array([40.0, 40.0, 40.0, 40.0])},
+        {"a": FleetBattery(30.0, 0.0, 100.0, 100.0, 100.0, 1.0, 1.0)},
+        step_h=0.25,
+        import_limit_kw=100.0,
+        export_limit_kw=100.0,
+        plan_to_share=1.0,
+        sizing_margin=0.0,
+    )
+    assert out.import_level_kw == pytest.approx(32.5 / 0.25, rel=2e-3)
+    assert out.import_level_kw >= 32.5 / 0.25  # never a level the fleet cannot hold
+    # the floors then ask for what that level needs: 7.5 kWh a step from the fleet
+    np.testing.assert_allclose(out.required_kwh[:3], [22.5, 15.0, 7.5], atol=0.1)
+
+
+def test_a_fleet_that_holds_the_limit_plans_to_the_limit() -> None:
+    out = reserve(
+        {"a": np.array([40.0, 40.0])},
+        {"a": FleetBattery(100.0, 0.0, 100.0, 100.0, 100.0, 1.0, 1.0)},
+        step_h=0.25,
+        import_limit_kw=100.0,
+        export_limit_kw=100.0,
+        plan_to_share=0.95,
+    )
+    assert out.import_level_kw == pytest.approx(95.0)
+    no_fleet = reserve(
+        {"a": np.array([40.0])}, {}, step_h=0.25, import_limit_kw=100.0, export_limit_kw=1.0
+    )
+    assert no_fleet.import_level_kw == pytest.approx(95.0)
+
+
+def test_a_later_need_beyond_the_fleets_capacity_raises_the_level_too() -> None:
+    # a full 10 kWh fleet cannot carry 2 x 20 kWh above the limit with no refill in between
+    out = reserve(
+        {"a": np.array([45.0, 45.0, 45.0])},
+        {"a": FleetBattery(10.0, 0.0, 10.0, 100.0, 100.0, 1.0, 1.0)},
+        step_h=0.25,
+        import_limit_kw=100.0,
+        export_limit_kw=100.0,
+        plan_to_share=1.0,
+        sizing_margin=0.0,
+    )
+    assert out.import_level_kw == pytest.approx((45.0 - 10.0 / 3) / 0.25, rel=2e-3)

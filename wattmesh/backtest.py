@@ -501,6 +501,7 @@ class Engine:
         }
         self.ledger = Ledger(ledger_path)
         self.reliefs: dict[str, grid.Relief] = {}
+        self.import_level_kw: float | None = None  # the reservation's, as the coordinator's
         self.mode: grid.GridMode = "normal"
         self.sent_ts: dict[str, float] = {}
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
@@ -751,7 +752,7 @@ class Engine:
 
     def _balance(self, now: float) -> None:
         """Coordinator.balance: the feeder's mode, then battery orders and load limits."""
-        g = self.config.grid
+        g = grid.holding_grid(self.config.grid, self.import_level_kw)
         flow = sum(s.grid_w for s in self.sites.values())
         self.reliefs = grid.active_reliefs(self.reliefs, now)
         self.mode = grid.feeder_mode(
@@ -870,6 +871,7 @@ class Engine:
             )
         else:
             price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
+        self.import_level_kw = None if reservation is None else reservation.import_level_kw
         for s in known:
             pv, load = shapes[s.name]
             s.forecast = (float(start), pv, load, price)

@@ -62,15 +62,15 @@ COORDINATOR: dict[str, dict[str, Any]] = {
         "feed_in_per_kwh": 0.08,
         "periods": [{"start_h": 7, "end_h": 22, "retail_per_kwh": 0.32, "feed_in_per_kwh": 0.08}],
     },
-    # The feeder reservation plans the sites' batteries to keep the feeder at 95 % of a limit
-    # (142.5 kW of import); the live grid loop is the backstop for forecast errors: it
-    # dispatches batteries once the feeder passes 98 %, relieves it to 95 % and hands back
-    # below 90 %.
+    # The feeder reservation plans the sites' batteries to keep the feeder at 99.5 % of its
+    # limit (149.25 kW of import), or at the lowest level they can hold when they cannot hold
+    # that; the live grid loop is the backstop for forecast errors: it dispatches batteries
+    # once the feeder reaches the limit, relieves it to that level and hands back below 92 %.
     "grid": {
         "import_limit_w": 150_000.0,
         "export_limit_w": 220_000.0,
         "act_at_pct": 100.0,
-        "target_pct": 98.0,
+        "target_pct": 99.5,
         "release_pct": 92.0,
     },
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -407,6 +408,49 @@ async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
     states = [json.loads(p) for t, p in got if t.endswith("/state")]
     assert states[-1]["mode"] == "constrained"
     assert states[-1]["flow_w"] == pytest.approx(11_000.0)
+
+
+async def test_a_fleet_too_small_for_the_forecast_overload_is_held_at_the_level_it_can_hold(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A day forecast at 9.5 kW on a 10 kW feeder planned to 8 kW needs 36 kWh above 8 kW;
+    the only battery holds 16. The reservation plans to the lowest level it can hold, the log
+    says so, and the grid loop aims there: it leaves a flow below that level alone (instead of
+    spending the battery on it now) and relieves a flow above it down to it."""
+    dispatch = f"{topics.PREFIX}/site/+/dispatch"
+    c = _coordinator(tmp_path, broker_files, act_at_pct=90.0, target_pct=80.0, release_pct=70.0)
+    got: list[tuple[str, bytes]] = []
+    async with c:
+        await c.bus.wait_connected(5)
+        watcher = await _bus(broker_files, "operator", got)
+        await watcher.subscribe(dispatch)
+        assert isinstance(c.clock, ManualClock)
+        for i in range(6 * 60):
+            c.clock.ts = T0 - 6 * 3600.0 + 60.0 * i
+            c.ingest_telemetry("site-a", _telemetry(c.clock.ts, 9000.0))
+            reading = _telemetry(c.clock.ts, 500.0, 0.0, soc=80.0, rated_w=5000.0)
+            reading.devices[1] = reading.devices[1].model_copy(update={"capacity_wh": 20_000.0})
+            c.ingest_telemetry("site-b", reading)
+        with caplog.at_level(logging.WARNING, logger="coordinator.service"):
+            await c.publish_forecasts(int(c.clock.ts // 900) + 1)
+        assert c.last_reservation is not None
+        level_kw = c.last_reservation.import_level_kw
+        assert 8.0 < level_kw < 9.5
+        assert any("cannot hold" in r.getMessage() for r in caplog.records)
+        # 9.3 kW: above the configured 9 kW threshold, below the level's (level / 80 %)
+        c.ingest_telemetry("site-a", _telemetry(c.clock.ts + 1, 8800.0))
+        c.ingest_telemetry("site-b", _telemetry(c.clock.ts + 1, 500.0, 0.0, 80.0, rated_w=5000.0))
+        await c.balance(0.0)
+        assert c.mode == "normal"
+        # 11.5 kW: relieved down to the level, not to the configured 8 kW
+        c.ingest_telemetry("site-a", _telemetry(c.clock.ts + 2, 11_000.0))
+        c.ingest_telemetry("site-b", _telemetry(c.clock.ts + 2, 500.0, 0.0, 80.0, rated_w=5000.0))
+        await c.balance(10.0)
+        assert c.mode == "constrained"
+        await asyncio.sleep(0.3)
+        await watcher.__aexit__(None, None, None)
+    orders = dict(_dispatches(got))
+    assert orders["site-b"].battery_power_w == pytest.approx(11_500.0 - level_kw * 1000.0, rel=1e-3)
 
 
 async def test_grid_orders_wait_for_fresh_readings_and_never_hand_back_more_than_they_took(

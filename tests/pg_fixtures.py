@@ -36,7 +36,7 @@ from urllib.parse import quote
 import pytest
 
 _USER = "wattmesh"
-_PASSWORD = "test-only-secret"  # noqa: S105 - a throwaway server's password
+_PASSWORD = "test-only-secret"
 _DATABASE = "ledger_tests"
 
 
@@ -79,9 +79,9 @@ class PostgresServer:
             url += f"&options={quote(f'-csearch_path={schema}', safe='')}"
         return url
 
-    def admin(self, database: str = _DATABASE) -> Any:  # noqa: ANN401 - psycopg is optional
+    def admin(self, database: str = _DATABASE) -> Any:
         """An autocommit psycopg connection to ``database`` over the socket."""
-        import psycopg  # noqa: PLC0415
+        import psycopg
 
         return psycopg.connect(self.socket_url(database), autocommit=True)
 
@@ -176,7 +176,7 @@ class LedgerStore:
         """The driver's error for a refused write (a constraint or an append-only trigger)."""
         if self._server is None:
             return sqlite3.IntegrityError
-        import psycopg  # noqa: PLC0415
+        import psycopg
 
         return psycopg.IntegrityError
 
@@ -188,7 +188,7 @@ class LedgerStore:
                 return conn.execute(statement).fetchall()
             finally:
                 conn.close()
-        import psycopg  # noqa: PLC0415
+        import psycopg
 
         with psycopg.connect(str(location), autocommit=True) as pg:
             cur = pg.execute(statement)

@@ -230,9 +230,7 @@ _json_scalars = (
 )
 _json = st.recursive(
     _json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
-    ),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
     max_leaves=30,
 )
 _FIELDS = [

@@ -36,16 +36,7 @@ NOT_ON_THE_SERVICE_PATH = {
 #: first solve, in a worker thread, never before.
 NOT_AT_START_UP = NOT_ON_THE_SERVICE_PATH | {"scipy"}
 #: What it must load: the agent and the libraries it works with (the parsing is no vacuum).
-ON_THE_SERVICE_PATH = {
-    "edge",
-    "broker",
-    "drivers",
-    "pydantic",
-    "aiomqtt",
-    "paho",
-    "pymodbus",
-    "numpy",
-}
+ON_THE_SERVICE_PATH = {"edge", "broker", "drivers", "pydantic", "aiomqtt", "paho", "pymodbus", "numpy"}
 
 IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| +([\w.]+)$", re.MULTILINE)
 

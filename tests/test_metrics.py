@@ -66,19 +66,12 @@ async def test_a_running_coordinator_serves_every_metric_with_sane_values(
         b = await _bus(broker_files, "site-b", [])
         await a.publish(
             topics.site_topic("site-a", "status"),
-            Status(
-                ts=T0, online=True, telemetry_dropped=7, spool_state="degraded"
-            ).model_dump_json(),
+            Status(ts=T0, online=True, telemetry_dropped=7, spool_state="degraded")
+            .model_dump_json(),
         )
-        await a.publish(
-            topics.site_topic("site-a", "telemetry"), _telemetry(T0, 3000.0).model_dump_json()
-        )
-        await b.publish(
-            topics.site_topic("site-b", "telemetry"), _telemetry(T0, -1000.0).model_dump_json()
-        )
-        await b.publish(
-            topics.site_topic("site-b", "telemetry"), _telemetry(4e9, 1.0).model_dump_json()
-        )
+        await a.publish(topics.site_topic("site-a", "telemetry"), _telemetry(T0, 3000.0).model_dump_json())
+        await b.publish(topics.site_topic("site-b", "telemetry"), _telemetry(T0, -1000.0).model_dump_json())
+        await b.publish(topics.site_topic("site-b", "telemetry"), _telemetry(4e9, 1.0).model_dump_json())
         for name, bus, side in (("site-a", a, "buy"), ("site-b", b, "sell")):
             step = [BidStep(price_per_kwh=0.25 if side == "buy" else 0.1, quantity_kwh=0.5)]
             bid = Bid(ts=T0, interval=k, **{side: step})  # type: ignore[arg-type]

@@ -469,10 +469,9 @@ def test_cli_init_writes_the_files_and_refuses_to_overwrite(tmp_path: Path) -> N
         ["init", str(target), "--sites", "site-b", "--ha-discovery-prefix", "ha/disc", "--force"],
     )
     assert custom.exit_code == 0, custom.output
-    assert (
-        "topic write ha/disc/sensor/wattmesh-site-b/grid_power/config\n"
-        in (target / "acl").read_text()
-    )
+    assert "topic write ha/disc/sensor/wattmesh-site-b/grid_power/config\n" in (
+        target / "acl"
+    ).read_text()
 
     bad = runner.invoke(broker_app, ["init", str(tmp_path / "x"), "--sites", "Bad Id"])
     assert bad.exit_code != 0

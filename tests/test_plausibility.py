@@ -80,9 +80,7 @@ def test_derived_limits_cap_what_a_site_reports() -> None:
         1e6, 2e6, 3_000.0
     )
     # A PV farm larger than the base connection gets room for its rating.
-    assert _derive(reported_generation_w=300_000.0) == pl.SiteLimits(
-        300_000.0, 300_000.0, 600_000.0
-    )
+    assert _derive(reported_generation_w=300_000.0) == pl.SiteLimits(300_000.0, 300_000.0, 600_000.0)
     # A declared connection and ratings are what count.
     assert _derive(
         connection_w=20_000.0, generation_w=8_000.0, storage_w=1_000.0, reported_generation_w=1e9

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.config import CoordinatorConfigError, parse_coordinator_config
 from coordinator.ledger import (
     COMMUNITY,
     Ledger,
@@ -196,3 +197,26 @@ def test_writers_on_two_connections_settle_an_interval_once(pg_store: LedgerStor
     with psycopg_connect(str(url)) as conn:
         (count,) = conn.execute("SELECT posting_count FROM intervals").fetchone()
         assert pg_store.count(url, "postings") == count
+
+
+def test_the_coordinator_file_names_a_postgres_ledger_with_its_password_outside(
+    postgres_server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with_password = postgres_server.url(with_password=True)
+    with pytest.raises(CoordinatorConfigError, match="ledger_url.*password"):
+        parse_coordinator_config({"coordinator": {"ledger_url": with_password}}, "c.toml")
+    with pytest.raises(CoordinatorConfigError, match="ledger_url.*postgresql://"):
+        parse_coordinator_config({"coordinator": {"ledger_url": "/var/ledger.db"}}, "c.toml")
+    section = {"ledger_url": postgres_server.url(), "ledger_password_env": "TEST_LEDGER_PW"}
+    config = parse_coordinator_config({"coordinator": section}, str(tmp_path / "c.toml"))
+    monkeypatch.delenv("TEST_LEDGER_PW", raising=False)
+    with pytest.raises(LedgerStorageError, match="cannot open ledger postgresql://"):
+        config.coordinator.open_ledger()
+    monkeypatch.setenv("TEST_LEDGER_PW", postgres_server.password)
+    with config.coordinator.open_ledger() as ledger:
+        assert ledger.location == postgres_server.url()
+        assert ledger.check_balanced()
+    # Without a URL the file next to the coordinator file is the ledger, as before.
+    plain = parse_coordinator_config({"coordinator": {}}, str(tmp_path / "c.toml"))
+    with plain.coordinator.open_ledger() as ledger:
+        assert ledger.path == tmp_path / "ledger.sqlite"

@@ -14,13 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
+
 from broker import topics
 from broker.client import BusClient
 from broker.clock import ScaledClock
 from broker.errors import BusUnavailable
 from broker.messages import Bid, BidStep
 from broker.mosquitto import BrokerFiles, MosquittoProcess
+from coordinator.config import parse_coordinator_config
 from coordinator.ledger import Ledger
+from coordinator.standby import LEASE_LOCK_CLASS, FeederLease, LeaseLost, StandbyError, serve
 from tests.pg_fixtures import PostgresServer, psycopg_connect
 from tests.test_coordinator import T0, _bus, _telemetry
 
@@ -190,3 +194,42 @@ async def test_killing_the_active_coordinator_makes_the_standby_clear_the_next_i
     # The standby never connected to the broker while the active one was alive: the broker
     # saw the coordinator's user connect twice, once per process.
     assert mosquitto.log_tail(100_000).count("u'coordinator'") == 2
+
+
+async def test_one_lease_per_feeder_until_its_session_ends(
+    postgres_server: PostgresServer,
+) -> None:
+    url = postgres_server.socket_url()
+    stop = asyncio.Event()
+    async with (
+        FeederLease(url, "feeder-x", poll_s=0.05) as first,
+        FeederLease(url, "feeder-x", poll_s=0.05) as second,
+        FeederLease(url, "feeder-y", poll_s=0.05) as other_feeder,
+    ):
+        assert await first.acquire(stop)
+        assert await other_feeder.acquire(stop)  # another feeder has a lease of its own
+        waiting = asyncio.create_task(second.acquire(stop))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # the standby waits while the active session lives
+        # The active one's session is ended from outside (a partition the server noticed):
+        # it learns that it lost the lease, and the standby gets it.
+        with psycopg_connect(postgres_server.socket_url()) as admin:
+            (ended,) = admin.execute(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+                "AND classid = %s::bigint::oid "
+                "AND objid = (hashtext('feeder-x')::bigint & 4294967295)::oid",
+                (LEASE_LOCK_CLASS,),
+            ).fetchone()
+            assert ended == 1
+        with pytest.raises(LeaseLost):
+            await first.hold(stop)
+        assert await asyncio.wait_for(waiting, 5.0)
+        stop.set()
+        await second.hold(stop)  # returns at once when stopping
+
+
+async def test_a_standby_needs_a_postgres_ledger(tmp_path: Path) -> None:
+    config = parse_coordinator_config({"coordinator": {}}, str(tmp_path / "c.toml"))
+    with pytest.raises(StandbyError, match="ledger_url"):
+        await serve(config, ScaledClock(T0, 1.0), asyncio.Event())

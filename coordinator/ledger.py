@@ -860,9 +860,11 @@ class Ledger:
             conn = self._conn
             if conn is None:
                 raise LedgerStorageError(f"ledger {self.location} is closed")
+            errors: tuple[type[Exception], ...] = (ConnectError, *conn.errors)
             try:
+                conn.reconnect_if_broken()  # a PostgreSQL session the server dropped
                 yield conn
-            except conn.errors as err:
+            except errors as err:
                 raise LedgerStorageError(f"ledger {self.location}: {err}") from err
 
     # -- settlement ---------------------------------------------------------------------

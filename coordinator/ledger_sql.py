@@ -129,6 +129,12 @@ class LedgerConnection:
         """Close the connection."""
         raise NotImplementedError
 
+    def reconnect_if_broken(self) -> None:
+        """Open the connection again if the server dropped it (PostgreSQL); a no-op for a file.
+
+        Raises :class:`ConnectError` when the server is still unreachable.
+        """
+
 
 _SQLITE_TYPES: Final = {
     "INT": "INTEGER",
@@ -240,15 +246,29 @@ class PostgresConnection(LedgerConnection):
                 "the PostgreSQL ledger needs psycopg 3: pip install 'wattmesh[postgres]'"
             ) from err
         self.errors = (psycopg.Error,)
-        extra: dict[str, Any] = {"connect_timeout": max(1, round(busy_timeout_s))}
+        self._url = url
+        self._extra: dict[str, Any] = {"connect_timeout": max(1, round(busy_timeout_s))}
         if password is not None:
-            extra["password"] = password
+            self._extra["password"] = password
+        self._pq_idle = psycopg.pq.TransactionStatus.IDLE
+        self.raw: psycopg.Connection[Any] = self._open()
+
+    def _open(self) -> psycopg.Connection[Any]:
+        import psycopg  # noqa: PLC0415
+
         try:
-            self.raw: psycopg.Connection[Any] = psycopg.connect(url, autocommit=True, **extra)
+            raw = psycopg.connect(self._url, autocommit=True, **self._extra)
         except psycopg.Error as err:
             raise ConnectError(f"cannot connect: {str(err).strip()}") from err
-        self.raw.adapters.register_loader("numeric", _integral_numeric_loader())
-        self._pq_idle = psycopg.pq.TransactionStatus.IDLE
+        raw.adapters.register_loader("numeric", _integral_numeric_loader())
+        return raw
+
+    def reconnect_if_broken(self) -> None:
+        # A statement that found the server gone failed (and its transaction with it, on the
+        # server); the next call gets a new session. Nothing is retried here.
+        if self.raw.broken:
+            self.raw.close()
+            self.raw = self._open()
 
     @staticmethod
     def _sql(sql: str) -> str:

@@ -27,6 +27,7 @@ from coordinator.ledger import (
     SettlementResult,
     site_account,
 )
+from coordinator.ledger_sql import PostgresConnection
 from tests.pg_fixtures import LedgerStore, PostgresServer, psycopg_connect
 from tests.test_ledger import _settle
 
@@ -220,3 +221,19 @@ def test_the_coordinator_file_names_a_postgres_ledger_with_its_password_outside(
     plain = parse_coordinator_config({"coordinator": {}}, str(tmp_path / "c.toml"))
     with plain.coordinator.open_ledger() as ledger:
         assert ledger.path == tmp_path / "ledger.sqlite"
+
+
+def test_a_dropped_session_fails_one_call_and_the_next_reconnects(pg_store: LedgerStore) -> None:
+    url = pg_store.location()
+    with Ledger(url) as ledger:
+        _settle(ledger, 1, {"a": 1.0}, {"a": 1.0})
+        conn = ledger._conn
+        assert isinstance(conn, PostgresConnection)
+        pid = conn.raw.info.backend_pid
+        (ended,) = pg_store.execute(url, f"SELECT pg_terminate_backend({pid})")[0]
+        assert ended  # the server ended the ledger's session
+        with pytest.raises(LedgerStorageError, match="terminat|closed|lost"):
+            ledger.settled_intervals()
+        assert ledger.settled_intervals() == (1,)  # a new session
+        _settle(ledger, 2, {"a": 1.0}, {"a": 2.0})
+        assert ledger.check_balanced()

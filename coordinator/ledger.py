@@ -1,9 +1,12 @@
-"""The settlement ledger: double-entry bookkeeping of every market interval in SQLite.
+"""The settlement ledger: double-entry bookkeeping of every market interval, in SQLite or
+PostgreSQL.
 
 docs/architecture.md section 6 is the market model this settles. One :class:`Ledger` owns one SQLite
 connection (WAL journal, foreign keys on, ``synchronous=FULL`` because this is money) to a file
 whose schema it creates on first open and whose version it checks on every open. The tables are
-STRICT (SQLite >= 3.37), so no REAL can slip into an amount column.
+STRICT (SQLite >= 3.37), so no REAL can slip into an amount column. ``Ledger("postgresql://...")``
+keeps the same schema, invariants and behaviour in a PostgreSQL database instead (BIGINT
+columns); coordinator/ledger_sql.py holds everything that differs between the two engines.
 
 Accounts
 --------
@@ -121,9 +124,10 @@ time; :meth:`Ledger.audit_entries` reads them back.
 Idempotency and atomicity
 -------------------------
 All rows of an interval (the interval's prices, each site's award and metering, every posting and
-entry) are written in one ``BEGIN IMMEDIATE`` transaction, committed once; a crash before the
-commit leaves nothing of the interval, and SQLite's WAL recovery discards the uncommitted frames
-on the next open. The ``intervals`` row also records how many postings the interval has, and
+entry) are written in one ``BEGIN IMMEDIATE`` transaction (in PostgreSQL: a transaction holding
+the ledger's advisory lock), committed once; a crash before the commit leaves nothing of the
+interval: SQLite's WAL recovery discards the uncommitted frames on the next open, PostgreSQL
+rolls back the transaction of a session that ends. The ``intervals`` row also records how many postings the interval has, and
 :meth:`Ledger.check_balanced` checks that count, so a partial interval would be visible even if
 the storage lied about durability.
 
@@ -138,7 +142,8 @@ Fresh and stored results are both read back from the database, so they compare e
 Schema versions
 ---------------
 Version 2 added the ``rebate`` posting kind and each interval's ``rebate_rule``; version 3 the
-durable clearings, corrections, estimate reasons and the audit log. Opening an older file
+durable clearings, corrections, estimate reasons and the audit log (a PostgreSQL ledger starts
+at version 3: only SQLite files migrate). Opening an older file
 migrates it: the file is first copied to ``<file>.v<N>.bak`` (N its version), then in one
 transaction version 1's ``postings`` table is rebuilt with the wider check (every row kept) and
 ``intervals`` gains ``rebate_rule`` ('none' for every interval settled before); then version 3's
@@ -151,8 +156,9 @@ file under an older coordinator. A newer version than this code reads is refused
 Concurrency
 -----------
 The connection is opened with ``check_same_thread=False`` and every method holds a lock, so a
-coordinator may call it from ``asyncio.to_thread``. Several processes may open the same file;
-``BEGIN IMMEDIATE`` and the interval primary key serialise their settlements.
+coordinator may call it from ``asyncio.to_thread``. Several processes may open the same file
+(or database); ``BEGIN IMMEDIATE`` (PostgreSQL: the advisory lock) and the interval primary key
+serialise their settlements.
 """
 
 from __future__ import annotations

@@ -127,9 +127,9 @@ All rows of an interval (the interval's prices, each site's award and metering, 
 entry) are written in one ``BEGIN IMMEDIATE`` transaction (in PostgreSQL: a transaction holding
 the ledger's advisory lock), committed once; a crash before the commit leaves nothing of the
 interval: SQLite's WAL recovery discards the uncommitted frames on the next open, PostgreSQL
-rolls back the transaction of a session that ends. The ``intervals`` row also records how many postings the interval has, and
-:meth:`Ledger.check_balanced` checks that count, so a partial interval would be visible even if
-the storage lied about durability.
+rolls back the transaction of a session that ends. The ``intervals`` row also records how
+many postings the interval has, and :meth:`Ledger.check_balanced` checks that count, so a
+partial interval would be visible even if the storage lied about durability.
 
 Settling an interval that is already settled writes nothing. If the inputs, after the rounding
 above, are the ones it was settled with (the rebate rule is not compared: a settled interval

@@ -5,15 +5,18 @@ Every mistake is reported with the file and the field. Prices are per kWh, power
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from broker.settings import BrokerConnection, ClockSettings, read_toml, validation_lines
 from broker.topics import ID_PATTERN
-from coordinator.ledger import RebateRule
+from coordinator.ledger import Ledger, RebateRule
+from coordinator.ledger_sql import is_postgres_url
 
 
 class CoordinatorConfigError(ValueError):
@@ -32,6 +35,30 @@ class CoordinatorSection(_Strict):
     longitude_deg: float = Field(default=11.0, ge=-180, le=180)
     utc_offset_h: float = Field(default=0.0, ge=-14, le=14)
     ledger: Path = Path("ledger.sqlite")
+    #: A PostgreSQL ledger instead of the file ``ledger``: ``postgresql://user@host:port/db``
+    #: (no password in it: that comes from the environment variable ``ledger_password_env``).
+    ledger_url: str | None = None
+    ledger_password_env: str | None = "WATTMESH_LEDGER_PASSWORD"
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            if not is_postgres_url(url):
+                raise ValueError("must be a postgresql:// URL (a SQLite ledger goes in ledger)")
+            if urlsplit(url).password is not None:
+                raise ValueError("must not hold a password: set it in ledger_password_env")
+        return url
+
+    def open_ledger(self) -> Ledger:
+        """The ledger: PostgreSQL at ``ledger_url`` (password from ``$ledger_password_env``
+        when set, else libpq's own sources), or else the SQLite file ``ledger``. Raises
+        :class:`~coordinator.ledger.LedgerStorageError` naming the cause (psycopg missing,
+        server unreachable, password refused)."""
+        if self.ledger_url is None:
+            return Ledger(self.ledger)
+        password = os.environ.get(self.ledger_password_env) if self.ledger_password_env else None
+        return Ledger(self.ledger_url, password=password)
 
 
 class BrokerSection(BrokerConnection):

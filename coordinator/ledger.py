@@ -1,9 +1,12 @@
-"""The settlement ledger: double-entry bookkeeping of every market interval in SQLite.
+"""The settlement ledger: double-entry bookkeeping of every market interval, in SQLite or
+PostgreSQL.
 
 docs/architecture.md section 6 is the market model this settles. One :class:`Ledger` owns one SQLite
 connection (WAL journal, foreign keys on, ``synchronous=FULL`` because this is money) to a file
 whose schema it creates on first open and whose version it checks on every open. The tables are
-STRICT (SQLite >= 3.37), so no REAL can slip into an amount column.
+STRICT (SQLite >= 3.37), so no REAL can slip into an amount column. ``Ledger("postgresql://...")``
+keeps the same schema, invariants and behaviour in a PostgreSQL database instead (BIGINT
+columns); coordinator/ledger_sql.py holds everything that differs between the two engines.
 
 Accounts
 --------
@@ -121,11 +124,12 @@ time; :meth:`Ledger.audit_entries` reads them back.
 Idempotency and atomicity
 -------------------------
 All rows of an interval (the interval's prices, each site's award and metering, every posting and
-entry) are written in one ``BEGIN IMMEDIATE`` transaction, committed once; a crash before the
-commit leaves nothing of the interval, and SQLite's WAL recovery discards the uncommitted frames
-on the next open. The ``intervals`` row also records how many postings the interval has, and
-:meth:`Ledger.check_balanced` checks that count, so a partial interval would be visible even if
-the storage lied about durability.
+entry) are written in one ``BEGIN IMMEDIATE`` transaction (in PostgreSQL: a transaction holding
+the ledger's advisory lock), committed once; a crash before the commit leaves nothing of the
+interval: SQLite's WAL recovery discards the uncommitted frames on the next open, PostgreSQL
+rolls back the transaction of a session that ends. The ``intervals`` row also records how
+many postings the interval has, and :meth:`Ledger.check_balanced` checks that count, so a
+partial interval would be visible even if the storage lied about durability.
 
 Settling an interval that is already settled writes nothing. If the inputs, after the rounding
 above, are the ones it was settled with (the rebate rule is not compared: a settled interval
@@ -138,7 +142,8 @@ Fresh and stored results are both read back from the database, so they compare e
 Schema versions
 ---------------
 Version 2 added the ``rebate`` posting kind and each interval's ``rebate_rule``; version 3 the
-durable clearings, corrections, estimate reasons and the audit log. Opening an older file
+durable clearings, corrections, estimate reasons and the audit log (a PostgreSQL ledger starts
+at version 3: only SQLite files migrate). Opening an older file
 migrates it: the file is first copied to ``<file>.v<N>.bak`` (N its version), then in one
 transaction version 1's ``postings`` table is rebuilt with the wider check (every row kept) and
 ``intervals`` gains ``rebate_rule`` ('none' for every interval settled before); then version 3's
@@ -151,8 +156,9 @@ file under an older coordinator. A newer version than this code reads is refused
 Concurrency
 -----------
 The connection is opened with ``check_same_thread=False`` and every method holds a lock, so a
-coordinator may call it from ``asyncio.to_thread``. Several processes may open the same file;
-``BEGIN IMMEDIATE`` and the interval primary key serialise their settlements.
+coordinator may call it from ``asyncio.to_thread``. Several processes may open the same file
+(or database); ``BEGIN IMMEDIATE`` (PostgreSQL: the advisory lock) and the interval primary key
+serialise their settlements.
 """
 
 from __future__ import annotations
@@ -169,6 +175,15 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Final, Literal, Self, cast, get_args
+
+from coordinator.ledger_sql import (
+    ConnectError,
+    LedgerConnection,
+    SqliteConnection,
+    connect,
+    is_postgres_url,
+    mask_url,
+)
 
 __all__ = [
     "COMMUNITY",
@@ -640,138 +655,129 @@ def _baseline_cost(metered_wh: int, retail: int, feed_in: int) -> int:
 # --- the ledger ---------------------------------------------------------------------------
 
 _POSTINGS_TABLE: Final = """CREATE TABLE {name} (
-        posting_id INTEGER PRIMARY KEY,
-        interval INTEGER NOT NULL REFERENCES intervals (interval),
-        kind TEXT NOT NULL CHECK (kind IN ('trade', 'imbalance', 'utility', 'rebate')),
-        site TEXT REFERENCES accounts (site),
-        energy_wh INTEGER NOT NULL,
-        price_micro_per_kwh INTEGER NOT NULL,
+        posting_id {ID},
+        interval {INT} NOT NULL REFERENCES intervals (interval),
+        kind {TEXT} NOT NULL CHECK (kind IN ('trade', 'imbalance', 'utility', 'rebate')),
+        site {TEXT} REFERENCES accounts (site),
+        energy_wh {INT} NOT NULL,
+        price_micro_per_kwh {INT} NOT NULL,
         CHECK ((kind = 'utility') = (site IS NULL))
-    ) STRICT"""
+    ) {STRICT}"""
 _POSTINGS_INDEX: Final = "CREATE INDEX postings_interval ON postings (interval)"
 
 _SCHEMA: Final = (
     """CREATE TABLE schema_version (
-        version INTEGER NOT NULL
-    ) STRICT""",
+        version {INT} NOT NULL
+    ) {STRICT}""",
     """CREATE TABLE accounts (
-        account TEXT PRIMARY KEY,
-        kind TEXT NOT NULL CHECK (kind IN ('site', 'community', 'utility')),
-        site TEXT UNIQUE,
+        account {TEXT} PRIMARY KEY,
+        kind {TEXT} NOT NULL CHECK (kind IN ('site', 'community', 'utility')),
+        site {TEXT} UNIQUE,
         CHECK ((kind = 'site') = (site IS NOT NULL))
-    ) STRICT""",
+    ) {STRICT}""",
     """CREATE TABLE intervals (
-        interval INTEGER PRIMARY KEY CHECK (interval >= 0),
-        clearing_price_micro_per_kwh INTEGER NOT NULL,
-        retail_price_micro_per_kwh INTEGER NOT NULL,
-        feed_in_price_micro_per_kwh INTEGER NOT NULL,
-        imbalance_premium_micro_per_kwh INTEGER NOT NULL CHECK (
+        interval {INT} PRIMARY KEY CHECK (interval >= 0),
+        clearing_price_micro_per_kwh {INT} NOT NULL,
+        retail_price_micro_per_kwh {INT} NOT NULL,
+        feed_in_price_micro_per_kwh {INT} NOT NULL,
+        imbalance_premium_micro_per_kwh {INT} NOT NULL CHECK (
             imbalance_premium_micro_per_kwh >= 0),
-        imbalance_buy_price_micro_per_kwh INTEGER NOT NULL,
-        imbalance_sell_price_micro_per_kwh INTEGER NOT NULL,
-        community_net_wh INTEGER NOT NULL,
-        posting_count INTEGER NOT NULL CHECK (posting_count >= 0),
-        rebate_rule TEXT NOT NULL DEFAULT 'none' CHECK (rebate_rule IN ('none', 'traded_energy'))
-    ) STRICT""",
+        imbalance_buy_price_micro_per_kwh {INT} NOT NULL,
+        imbalance_sell_price_micro_per_kwh {INT} NOT NULL,
+        community_net_wh {INT} NOT NULL,
+        posting_count {INT} NOT NULL CHECK (posting_count >= 0),
+        rebate_rule {TEXT} NOT NULL DEFAULT 'none' CHECK (rebate_rule IN ('none', 'traded_energy'))
+    ) {STRICT}""",
     """CREATE TABLE site_intervals (
-        interval INTEGER NOT NULL REFERENCES intervals (interval),
-        site TEXT NOT NULL REFERENCES accounts (site),
-        award_wh INTEGER NOT NULL,
-        metered_wh INTEGER NOT NULL,
-        estimated INTEGER NOT NULL CHECK (estimated IN (0, 1)),
+        interval {INT} NOT NULL REFERENCES intervals (interval),
+        site {TEXT} NOT NULL REFERENCES accounts (site),
+        award_wh {INT} NOT NULL,
+        metered_wh {INT} NOT NULL,
+        estimated {INT} NOT NULL CHECK (estimated IN (0, 1)),
         PRIMARY KEY (interval, site)
-    ) STRICT""",
+    ) {STRICT}""",
     """CREATE INDEX site_intervals_site ON site_intervals (site)""",
-    _POSTINGS_TABLE.format(name="postings"),
+    _POSTINGS_TABLE.replace("{name}", "postings"),
     _POSTINGS_INDEX,
     """CREATE TABLE entries (
-        entry_id INTEGER PRIMARY KEY,
-        posting_id INTEGER NOT NULL REFERENCES postings (posting_id),
-        interval INTEGER NOT NULL REFERENCES intervals (interval),
-        account TEXT NOT NULL REFERENCES accounts (account),
-        amount_micro INTEGER NOT NULL
-    ) STRICT""",
+        entry_id {ID},
+        posting_id {INT} NOT NULL REFERENCES postings (posting_id),
+        interval {INT} NOT NULL REFERENCES intervals (interval),
+        account {TEXT} NOT NULL REFERENCES accounts (account),
+        amount_micro {INT} NOT NULL
+    ) {STRICT}""",
     """CREATE INDEX entries_interval ON entries (interval)""",
     """CREATE INDEX entries_account ON entries (account)""",
     """CREATE INDEX entries_posting ON entries (posting_id)""",
 )
 
 
-def _append_only(table: str) -> tuple[str, ...]:
-    """Triggers that refuse every UPDATE and DELETE of ``table``."""
-    return tuple(
-        f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
-        f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
-        for verb in ("UPDATE", "DELETE")
-    )
+#: Tables whose rows are never updated or deleted (the engine's triggers refuse it).
+_APPEND_ONLY_TABLES: Final = ("audit", "clearings", "clearing_awards", "revisions", "corrections")
 
 
 #: Version 3 on top of version 2 (a new file gets version 2's schema and then these).
 _V3_SCHEMA: Final = (
-    "ALTER TABLE postings ADD COLUMN revision INTEGER NOT NULL DEFAULT 0 CHECK (revision >= 0)",
-    "ALTER TABLE site_intervals ADD COLUMN estimate_reason TEXT",
+    "ALTER TABLE postings ADD COLUMN revision {INT} NOT NULL DEFAULT 0 CHECK (revision >= 0)",
+    "ALTER TABLE site_intervals ADD COLUMN estimate_reason {TEXT}",
     """CREATE TABLE clearings (
-        interval INTEGER PRIMARY KEY CHECK (interval >= 0),
-        clearing_price_micro_per_kwh INTEGER NOT NULL,
-        retail_price_micro_per_kwh INTEGER NOT NULL,
-        feed_in_price_micro_per_kwh INTEGER NOT NULL,
-        imbalance_premium_micro_per_kwh INTEGER NOT NULL CHECK (
+        interval {INT} PRIMARY KEY CHECK (interval >= 0),
+        clearing_price_micro_per_kwh {INT} NOT NULL,
+        retail_price_micro_per_kwh {INT} NOT NULL,
+        feed_in_price_micro_per_kwh {INT} NOT NULL,
+        imbalance_premium_micro_per_kwh {INT} NOT NULL CHECK (
             imbalance_premium_micro_per_kwh >= 0),
-        rebate_rule TEXT NOT NULL CHECK (rebate_rule IN ('none', 'traded_energy')),
-        cleared_ts REAL NOT NULL,
-        award_count INTEGER NOT NULL CHECK (award_count >= 0)
-    ) STRICT""",
+        rebate_rule {TEXT} NOT NULL CHECK (rebate_rule IN ('none', 'traded_energy')),
+        cleared_ts {REAL} NOT NULL,
+        award_count {INT} NOT NULL CHECK (award_count >= 0)
+    ) {STRICT}""",
     """CREATE TABLE clearing_awards (
-        interval INTEGER NOT NULL REFERENCES clearings (interval),
-        site TEXT NOT NULL,
-        award_wh INTEGER NOT NULL,
+        interval {INT} NOT NULL REFERENCES clearings (interval),
+        site {TEXT} NOT NULL,
+        award_wh {INT} NOT NULL,
         PRIMARY KEY (interval, site)
-    ) STRICT""",
+    ) {STRICT}""",
     """CREATE TABLE revisions (
-        interval INTEGER NOT NULL REFERENCES intervals (interval),
-        revision INTEGER NOT NULL CHECK (revision >= 1),
-        posting_count INTEGER NOT NULL CHECK (posting_count >= 0),
-        reason TEXT NOT NULL,
-        ts REAL NOT NULL,
+        interval {INT} NOT NULL REFERENCES intervals (interval),
+        revision {INT} NOT NULL CHECK (revision >= 1),
+        posting_count {INT} NOT NULL CHECK (posting_count >= 0),
+        reason {TEXT} NOT NULL,
+        ts {REAL} NOT NULL,
         PRIMARY KEY (interval, revision)
-    ) STRICT""",
+    ) {STRICT}""",
     """CREATE TABLE corrections (
-        interval INTEGER NOT NULL,
-        revision INTEGER NOT NULL,
-        site TEXT NOT NULL REFERENCES accounts (site),
-        old_metered_wh INTEGER NOT NULL,
-        new_metered_wh INTEGER NOT NULL,
-        old_estimated INTEGER NOT NULL CHECK (old_estimated IN (0, 1)),
-        new_estimated INTEGER NOT NULL CHECK (new_estimated IN (0, 1)),
-        delta_micro INTEGER NOT NULL,
+        interval {INT} NOT NULL,
+        revision {INT} NOT NULL,
+        site {TEXT} NOT NULL REFERENCES accounts (site),
+        old_metered_wh {INT} NOT NULL,
+        new_metered_wh {INT} NOT NULL,
+        old_estimated {INT} NOT NULL CHECK (old_estimated IN (0, 1)),
+        new_estimated {INT} NOT NULL CHECK (new_estimated IN (0, 1)),
+        delta_micro {INT} NOT NULL,
         PRIMARY KEY (interval, revision, site),
         FOREIGN KEY (interval, revision) REFERENCES revisions (interval, revision)
-    ) STRICT""",
+    ) {STRICT}""",
     "CREATE INDEX corrections_site ON corrections (interval, site, revision)",
     """CREATE TABLE audit (
-        audit_id INTEGER PRIMARY KEY,
-        ts REAL NOT NULL,
-        kind TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        detail TEXT NOT NULL CHECK (json_valid(detail))
-    ) STRICT""",
+        audit_id {ID},
+        ts {REAL} NOT NULL,
+        kind {TEXT} NOT NULL,
+        actor {TEXT} NOT NULL,
+        detail {TEXT} NOT NULL CHECK ({JSON_CHECK})
+    ) {STRICT}""",
     "CREATE INDEX audit_ts ON audit (ts)",
     # Each site's metering as it stands: the latest correction's, else the settlement's.
     """CREATE VIEW site_metering AS
     SELECT s.interval, s.site, s.award_wh,
         COALESCE(c.new_metered_wh, s.metered_wh) AS metered_wh,
         COALESCE(c.new_estimated, s.estimated) AS estimated,
-        CASE WHEN COALESCE(c.new_estimated, s.estimated) THEN s.estimate_reason END
+        CASE WHEN COALESCE(c.new_estimated, s.estimated) = 1 THEN s.estimate_reason END
             AS estimate_reason
     FROM site_intervals s LEFT JOIN corrections c
         ON c.interval = s.interval AND c.site = s.site AND c.revision = (
             SELECT MAX(c2.revision) FROM corrections c2
             WHERE c2.interval = s.interval AND c2.site = s.site)""",
-    *_append_only("audit"),
-    *_append_only("clearings"),
-    *_append_only("clearing_awards"),
-    *_append_only("revisions"),
-    *_append_only("corrections"),
+    # ... then the append-only triggers of _APPEND_ONLY_TABLES (see _v3_statements).
 )
 #: How readers of a version 1 or 2 file see ``site_metering``.
 _SITE_METERING_BEFORE_V3: Final = (
@@ -781,44 +787,51 @@ _SITE_METERING_BEFORE_V3: Final = (
 
 
 class Ledger:
-    """The settlement ledger in one SQLite file; a context manager owning one connection.
+    """The settlement ledger in one SQLite file or PostgreSQL database; a context manager
+    owning one connection (coordinator/ledger_sql.py holds what differs between the engines).
 
     ``Ledger(path)`` opens (creating if needed) the file, switches it to WAL, turns foreign keys
     on, sets ``synchronous=FULL`` and creates or checks the schema, migrating an older one
-    (after copying the file to ``<path>.v<N>.bak``). ``migrate=False`` (for readers such as
-    ``wattmesh ledger report``) leaves an older file as it is: it can be read but not settled
-    into. Closing (``close()`` or leaving the ``with`` block) closes the connection.
+    (after copying the file to ``<path>.v<N>.bak``). ``Ledger("postgresql://user@host/db")``
+    opens a PostgreSQL database instead (psycopg 3, the ``postgres`` extra) and creates or
+    checks the same schema in its current schema; ``password`` is its password (else libpq's
+    ``PGPASSWORD`` or ``~/.pgpass``; keep it out of the URL). ``migrate=False`` (for readers
+    such as ``wattmesh ledger report``) leaves an older file as it is: it can be read but not
+    settled into. Closing (``close()`` or leaving the ``with`` block) closes the connection.
     """
 
     def __init__(
-        self, path: str | Path, *, busy_timeout_s: float = 5.0, migrate: bool = True
+        self,
+        path: str | Path,
+        *,
+        busy_timeout_s: float = 5.0,
+        migrate: bool = True,
+        password: str | None = None,
     ) -> None:
-        self.path = Path(path)
+        #: Where the ledger is, for messages: the file, or the URL without its password.
+        self.location = mask_url(str(path)) if is_postgres_url(path) else str(path)
+        #: The SQLite file (for PostgreSQL, ``location`` as a Path, which names no file).
+        self.path = Path(self.location)
         self._lock = threading.RLock()
         try:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=busy_timeout_s,
-                isolation_level=None,  # explicit BEGIN/COMMIT only
-                check_same_thread=False,
-            )
-        except sqlite3.Error as err:
-            raise LedgerStorageError(f"cannot open ledger {self.path}: {err}") from err
-        self._conn: sqlite3.Connection | None = conn
+            conn = connect(path, busy_timeout_s=busy_timeout_s, password=password)
+        except ConnectError as err:
+            raise LedgerStorageError(f"cannot open ledger {self.location}: {err}") from err
+        self._conn: LedgerConnection | None = conn
         try:
-            _configure(conn, self.path)
             #: The schema version of the file (older than SCHEMA_VERSION only without migrate).
-            self.schema_version = _ensure_schema(conn, self.path, migrate=migrate)
+            self.schema_version = _ensure_schema(conn, migrate=migrate)
             # Version 1 had no rebates: every interval was settled under the rule "none".
             self._rebate_rule_column = "rebate_rule" if self.schema_version >= 2 else "'none'"
             v3 = self.schema_version >= 3
             self._site_rows = "site_metering" if v3 else _SITE_METERING_BEFORE_V3
-            conn.execute("PRAGMA foreign_keys=ON")  # after a migration, which needs them off
+            if isinstance(conn, SqliteConnection):
+                conn.execute("PRAGMA foreign_keys=ON")  # after a migration, which needs them off
         except BaseException as err:
             conn.close()
             self._conn = None
-            if isinstance(err, sqlite3.Error):
-                raise LedgerStorageError(f"cannot open ledger {self.path}: {err}") from err
+            if isinstance(err, conn.errors):
+                raise LedgerStorageError(f"cannot open ledger {self.location}: {err}") from err
             raise
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -847,22 +860,25 @@ class Ledger:
         return self._conn is None
 
     @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """The connection under the lock; SQLite errors come out as LedgerStorageError."""
+    def _db(self) -> Iterator[LedgerConnection]:
+        """The connection under the lock; the driver's errors come out as LedgerStorageError."""
         with self._lock:
-            if self._conn is None:
-                raise LedgerStorageError(f"ledger {self.path} is closed")
+            conn = self._conn
+            if conn is None:
+                raise LedgerStorageError(f"ledger {self.location} is closed")
+            errors: tuple[type[Exception], ...] = (ConnectError, *conn.errors)
             try:
-                yield self._conn
-            except sqlite3.Error as err:
-                raise LedgerStorageError(f"ledger {self.path}: {err}") from err
+                conn.reconnect_if_broken()  # a PostgreSQL session the server dropped
+                yield conn
+            except errors as err:
+                raise LedgerStorageError(f"ledger {self.location}: {err}") from err
 
     # -- settlement ---------------------------------------------------------------------
 
     def _require_writable(self) -> None:
         if self.schema_version < SCHEMA_VERSION:
             raise SchemaVersionError(
-                f"ledger {self.path} has schema version {self.schema_version}, opened without "
+                f"ledger {self.location} has schema version {self.schema_version}, opened without "
                 f"migrating: it can be read, not settled into (open it with migrate=True)"
             )
 
@@ -902,7 +918,7 @@ class Ledger:
         _check_rebate(rebate)
         sites = _site_inputs(interval, awards_kwh, metered_kwh, estimate_missing=estimate_missing)
 
-        def agree(conn: sqlite3.Connection) -> None:
+        def agree(conn: LedgerConnection) -> None:
             cleared = self._clearing(conn, interval)
             if cleared is not None:
                 _check_agrees_with_clearing(cleared, prices, rebate, sites)
@@ -978,25 +994,19 @@ class Ledger:
         sites: tuple[_SiteInput, ...],
         rebate: RebateRule,
         reasons: Mapping[str, str],
-        check: Callable[[sqlite3.Connection], None] | None,
+        check: Callable[[LedgerConnection], None] | None,
     ) -> SettlementResult:
         """Write the interval once (one transaction), or compare with what is stored."""
         postings = _postings(prices, sites, rebate)
         if not reasons:
             reasons = {s.site: DEFAULT_ESTIMATE_REASON for s in sites if s.estimated}
         with self._db() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 if check is not None:
                     check(conn)
                 original = self._original_inputs(conn, interval)
                 if original is None:
                     self._write(conn, interval, prices, sites, postings, rebate, reasons)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             result = self._load(conn, interval)
         if result is None:  # pragma: no cover - committed just above on this connection
             raise LedgerStorageError(f"interval {interval} vanished after its commit")
@@ -1006,7 +1016,7 @@ class Ledger:
 
     def _write(
         self,
-        conn: sqlite3.Connection,
+        conn: LedgerConnection,
         interval: int,
         prices: _Prices,
         sites: tuple[_SiteInput, ...],
@@ -1016,7 +1026,8 @@ class Ledger:
     ) -> None:
         net_wh = sum(s.metered_wh for s in sites)
         conn.executemany(
-            "INSERT OR IGNORE INTO accounts (account, kind, site) VALUES (?, 'site', ?)",
+            "INSERT INTO accounts (account, kind, site) VALUES (?, 'site', ?) "
+            "ON CONFLICT DO NOTHING",
             [(site_account(s.site), s.site) for s in sites],
         )
         conn.execute(
@@ -1053,7 +1064,7 @@ class Ledger:
             self._write_posting(conn, interval, posting)
 
     def _write_posting(
-        self, conn: sqlite3.Connection, interval: int, posting: _Posting, revision: int = 0
+        self, conn: LedgerConnection, interval: int, posting: _Posting, revision: int = 0
     ) -> None:
         """Write one posting and its two entries (inside the interval's transaction).
 
@@ -1061,7 +1072,7 @@ class Ledger:
         """
         cur = conn.execute(
             "INSERT INTO postings (interval, kind, site, energy_wh, price_micro_per_kwh, "
-            "revision) VALUES (?, ?, ?, ?, ?, ?)",
+            "revision) VALUES (?, ?, ?, ?, ?, ?) RETURNING posting_id",
             (
                 interval,
                 posting.kind,
@@ -1071,7 +1082,7 @@ class Ledger:
                 revision,
             ),
         )
-        posting_id = cur.lastrowid
+        posting_id = int(cur.fetchone()[0])
         conn.executemany(
             "INSERT INTO entries (posting_id, interval, account, amount_micro) VALUES (?, ?, ?, ?)",
             [
@@ -1081,7 +1092,7 @@ class Ledger:
         )
 
     def _original_inputs(
-        self, conn: sqlite3.Connection, interval: int
+        self, conn: LedgerConnection, interval: int
     ) -> tuple[_Prices, tuple[_SiteInput, ...]] | None:
         """The rounded inputs the interval was settled with (before any correction)."""
         row = conn.execute(
@@ -1102,7 +1113,7 @@ class Ledger:
         )
         return _Prices(*row), sites
 
-    def _load(self, conn: sqlite3.Connection, interval: int) -> SettlementResult | None:
+    def _load(self, conn: LedgerConnection, interval: int) -> SettlementResult | None:
         """The interval as it stands: the settlement plus every correction booked on it."""
         row = conn.execute(
             "SELECT clearing_price_micro_per_kwh, retail_price_micro_per_kwh, "
@@ -1155,7 +1166,7 @@ class Ledger:
             revision=self._revision(conn, interval),
         )
 
-    def _revision(self, conn: sqlite3.Connection, interval: int) -> int:
+    def _revision(self, conn: LedgerConnection, interval: int) -> int:
         if self.schema_version < 3:
             return 0
         row = conn.execute(
@@ -1201,8 +1212,7 @@ class Ledger:
         _check_site_ids(awards_kwh)
         awards = {s: _to_wh(q, f"awards_kwh[{s!r}]") for s, q in sorted(awards_kwh.items())}
         with self._db() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 stored = self._clearing(conn, interval)
                 settled = stored is None and self._is_settled(conn, interval)
                 if stored is None and not settled:
@@ -1223,11 +1233,6 @@ class Ledger:
                         "INSERT INTO clearing_awards VALUES (?, ?, ?)",
                         [(interval, s, wh) for s, wh in awards.items()],
                     )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             if settled:
                 raise ClearingConflict(
                     interval,
@@ -1249,7 +1254,7 @@ class Ledger:
             )
         return stored
 
-    def _clearing(self, conn: sqlite3.Connection, interval: int) -> ClearedInterval | None:
+    def _clearing(self, conn: LedgerConnection, interval: int) -> ClearedInterval | None:
         if self.schema_version < 3:
             return None
         row = conn.execute(
@@ -1280,7 +1285,7 @@ class Ledger:
         )
 
     @staticmethod
-    def _is_settled(conn: sqlite3.Connection, interval: int) -> bool:
+    def _is_settled(conn: LedgerConnection, interval: int) -> bool:
         row = conn.execute("SELECT 1 FROM intervals WHERE interval = ?", (interval,))
         return row.fetchone() is not None
 
@@ -1329,20 +1334,12 @@ class Ledger:
         ts = _check_ts(ts, "ts")
         _check_site_ids(metered_kwh)
         metered = {s: _to_wh(q, f"metered_kwh[{s!r}]") for s, q in metered_kwh.items()}
-        with self._db() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                correction = self._correct(conn, interval, metered, reason, ts)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return correction
+        with self._db() as conn, _transaction(conn):
+            return self._correct(conn, interval, metered, reason, ts)
 
     def _correct(
         self,
-        conn: sqlite3.Connection,
+        conn: LedgerConnection,
         interval: int,
         metered: Mapping[str, int],
         reason: str,
@@ -1501,20 +1498,12 @@ class Ledger:
         kind = _check_text(kind, "kind", max_len=_MAX_SITE_ID_LEN)
         actor = _check_text(actor, "actor", max_len=_MAX_SITE_ID_LEN)
         ts = _check_ts(ts, "ts")
-        with self._db() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                audit_id = self._audit(conn, kind, actor, detail, ts)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return audit_id
+        with self._db() as conn, _transaction(conn):
+            return self._audit(conn, kind, actor, detail, ts)
 
     @staticmethod
     def _audit(
-        conn: sqlite3.Connection, kind: str, actor: str, detail: Mapping[str, object], ts: float
+        conn: LedgerConnection, kind: str, actor: str, detail: Mapping[str, object], ts: float
     ) -> int:
         if not isinstance(detail, Mapping) or not all(isinstance(k, str) for k in detail):
             raise LedgerInputError("detail must be a mapping with string keys")
@@ -1523,12 +1512,10 @@ class Ledger:
         except (TypeError, ValueError) as err:
             raise LedgerInputError(f"detail must be JSON-serialisable: {err}") from err
         cur = conn.execute(
-            "INSERT INTO audit (ts, kind, actor, detail) VALUES (?, ?, ?, ?)",
+            "INSERT INTO audit (ts, kind, actor, detail) VALUES (?, ?, ?, ?) RETURNING audit_id",
             (ts, kind, actor, text),
         )
-        if cur.lastrowid is None:  # pragma: no cover - an INSERT always sets it
-            raise LedgerStorageError("the audit row has no id")
-        return cur.lastrowid
+        return int(cur.fetchone()[0])
 
     def audit_entries(
         self, *, since_ts: float | None = None, kind: str | None = None, limit: int = 1000
@@ -1551,7 +1538,7 @@ class Ledger:
         with self._db() as conn:
             rows = conn.execute(
                 "SELECT audit_id, ts, kind, actor, detail FROM (SELECT * FROM audit "
-                f"{where} ORDER BY audit_id DESC LIMIT ?) ORDER BY audit_id",
+                f"{where} ORDER BY audit_id DESC LIMIT ?) AS newest ORDER BY audit_id",
                 (*args, limit),
             ).fetchall()
         return tuple(
@@ -1588,7 +1575,7 @@ class Ledger:
         with self._db() as conn:
             known = conn.execute("SELECT 1 FROM accounts WHERE account = ?", (account,))
             if known.fetchone() is None:
-                raise UnknownAccount(f"no account {account!r} in ledger {self.path}")
+                raise UnknownAccount(f"no account {account!r} in ledger {self.location}")
             row = conn.execute(
                 "SELECT COALESCE(SUM(amount_micro), 0) FROM entries WHERE account = ?",
                 (account,),
@@ -1632,8 +1619,10 @@ class Ledger:
         with self._db() as conn:
             n, estimated, bought, sold, imp, exp = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(estimated), 0), "
-                "COALESCE(SUM(MAX(award_wh, 0)), 0), COALESCE(SUM(MAX(-award_wh, 0)), 0), "
-                "COALESCE(SUM(MAX(metered_wh, 0)), 0), COALESCE(SUM(MAX(-metered_wh, 0)), 0) "
+                "COALESCE(SUM(CASE WHEN award_wh > 0 THEN award_wh END), 0), "
+                "COALESCE(SUM(CASE WHEN award_wh < 0 THEN -award_wh END), 0), "
+                "COALESCE(SUM(CASE WHEN metered_wh > 0 THEN metered_wh END), 0), "
+                "COALESCE(SUM(CASE WHEN metered_wh < 0 THEN -metered_wh END), 0) "
                 f"FROM {self._site_rows} WHERE site = ?",
                 (site,),
             ).fetchone()
@@ -1678,11 +1667,11 @@ class Ledger:
         with self._db() as conn:
             unbalanced_postings = conn.execute(
                 "SELECT COUNT(*) FROM (SELECT posting_id FROM entries GROUP BY posting_id "
-                "HAVING SUM(amount_micro) != 0 OR COUNT(*) != 2)"
+                "HAVING SUM(amount_micro) != 0 OR COUNT(*) != 2) AS unbalanced"
             ).fetchone()[0]
             unbalanced_intervals = conn.execute(
                 "SELECT COUNT(*) FROM (SELECT interval FROM entries GROUP BY interval "
-                "HAVING SUM(amount_micro) != 0)"
+                "HAVING SUM(amount_micro) != 0) AS unbalanced"
             ).fetchone()[0]
             total = conn.execute("SELECT COALESCE(SUM(amount_micro), 0) FROM entries").fetchone()[0]
             partial = conn.execute(
@@ -1715,7 +1704,7 @@ class Ledger:
         with self._db() as conn:
             rows = conn.execute(
                 "SELECT interval, site, award_wh, metered_wh, estimate_reason "
-                f"FROM {self._site_rows} WHERE estimated ORDER BY interval, site"
+                f"FROM {self._site_rows} WHERE estimated = 1 ORDER BY interval, site"
             ).fetchall()
         return tuple(EstimatedSite(*row) for row in rows)
 
@@ -1751,56 +1740,54 @@ class Ledger:
             return int(conn.execute("SELECT COUNT(*) FROM revisions").fetchone()[0])
 
     @staticmethod
-    def _require_site(conn: sqlite3.Connection, site: str) -> None:
+    def _require_site(conn: LedgerConnection, site: str) -> None:
         if conn.execute("SELECT 1 FROM accounts WHERE site = ?", (site,)).fetchone() is None:
             raise UnknownAccount(f"no site {site!r} in the ledger")
 
 
-def _configure(conn: sqlite3.Connection, path: Path) -> None:
-    """WAL journal, full fsync on every commit (foreign keys go on after the schema check)."""
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise LedgerStorageError(f"ledger {path}: journal_mode is {mode!r}, WAL is required")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=OFF")  # whatever the build's default, until migrated
-
-
-def _ensure_schema(conn: sqlite3.Connection, path: Path, *, migrate: bool) -> int:
-    """Create the schema in an empty file, or check (and with ``migrate``, bring up to date)
-    the version of an existing one; returns the file's version afterwards."""
+def _ensure_schema(conn: LedgerConnection, *, migrate: bool) -> int:
+    """Create the schema in an empty database, or check (and with ``migrate``, bring up to
+    date) the version of an existing one; returns the database's version afterwards."""
     old = _version(conn)
     if migrate and old is not None and 1 <= old < SCHEMA_VERSION:
+        if not isinstance(conn, SqliteConnection):  # PostgreSQL ledgers began at version 3
+            raise SchemaVersionError(f"ledger schema version {old}: only SQLite files migrate")
         # Money data: keep a copy of the file as it was before it is rewritten.
+        path = Path(conn.location)
         backup = path.with_name(f"{path.name}.v{old}.bak")
         if not backup.exists():
             with closing(sqlite3.connect(backup)) as copy:
-                conn.backup(copy)
-    conn.execute("BEGIN IMMEDIATE")
+                conn.raw.backup(copy)
+    with _transaction(conn):
+        return _create_or_check_schema(conn, migrate=migrate)
+
+
+@contextmanager
+def _transaction(conn: LedgerConnection) -> Iterator[None]:
+    """One transaction holding the engine's write lock (SQLite's ``BEGIN IMMEDIATE``, an
+    advisory lock in PostgreSQL): committed when the block ends, rolled back if it raises."""
+    conn.begin_write()
     try:
-        version = _create_or_check_schema(conn, migrate=migrate)
+        yield
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return version
 
 
-def _version(conn: sqlite3.Connection) -> int | None:
+def _version(conn: LedgerConnection) -> int | None:
     """The file's schema version; None for a file without the schema."""
-    exists = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-    ).fetchone()
-    if exists is None:
+    if not conn.table_exists("schema_version"):
         return None
     rows = conn.execute("SELECT version FROM schema_version").fetchall()
     return int(rows[0][0]) if len(rows) == 1 else -1
 
 
-def _create_or_check_schema(conn: sqlite3.Connection, *, migrate: bool) -> int:
+def _create_or_check_schema(conn: LedgerConnection, *, migrate: bool) -> int:
     version = _version(conn)
     if version is None:
-        for statement in (*_SCHEMA, *_V3_SCHEMA):
+        for statement in (*(conn.ddl(t) for t in _SCHEMA), *_v3_statements(conn)):
             conn.execute(statement)
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         conn.executemany(
@@ -1821,7 +1808,15 @@ def _create_or_check_schema(conn: sqlite3.Connection, *, migrate: bool) -> int:
     return SCHEMA_VERSION
 
 
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+def _v3_statements(conn: LedgerConnection) -> tuple[str, ...]:
+    """Version 3's statements on top of version 2 in the engine's dialect, triggers last."""
+    return (
+        *(conn.ddl(t) for t in _V3_SCHEMA),
+        *(s for table in _APPEND_ONLY_TABLES for s in conn.append_only(table)),
+    )
+
+
+def _migrate_1_to_2(conn: LedgerConnection) -> None:
     """Version 2 allows ``rebate`` postings (``postings`` rebuilt with the wider check) and
     records each interval's ``rebate_rule``.
 
@@ -1829,7 +1824,7 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     transaction with foreign keys off): create the new table, copy every row, drop the old one,
     rename, recreate the index, then verify the foreign keys before the caller commits.
     """
-    conn.execute(_POSTINGS_TABLE.format(name="postings_v2"))
+    conn.execute(conn.ddl(_POSTINGS_TABLE, name="postings_v2"))
     conn.execute("INSERT INTO postings_v2 SELECT * FROM postings")
     conn.execute("DROP TABLE postings")
     conn.execute("ALTER TABLE postings_v2 RENAME TO postings")
@@ -1844,11 +1839,11 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE schema_version SET version = 2")
 
 
-def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+def _migrate_2_to_3(conn: LedgerConnection) -> None:
     """Version 3 adds the durable clearings, corrections (postings gain their ``revision``, 0
     for every posting of a settlement), each estimated site's reason and the audit log. Only
     columns and tables are added: every existing row stays as it is."""
-    for statement in _V3_SCHEMA:
+    for statement in _v3_statements(conn):
         conn.execute(statement)
     broken = conn.execute("PRAGMA foreign_key_check").fetchall()
     if broken:

@@ -61,7 +61,7 @@ from coordinator import plausibility as pl
 from coordinator.api import ApiServer, build_app, load_tokens
 from coordinator.config import CoordinatorConfig, CoordinatorSection
 from coordinator.historian import Historian, HistorianError, HistorianSettings
-from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, LedgerError
+from coordinator.ledger import ClearedInterval, ClearingConflict, LedgerError
 from coordinator.market import Book, Tariff, clear
 from coordinator.market import Clearing as MarketClearing
 from coordinator.metrics import MetricsServer, registry_for
@@ -440,7 +440,7 @@ class Coordinator:
         self._window = pl.TimeWindow(config.trust.future_skew_s, config.trust.max_age_s)
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
-        self.ledger = Ledger(config.coordinator.ledger)
+        self.ledger = config.coordinator.open_ledger()
         for record in self.ledger.unsettled_clearings():
             self.cleared[record.interval] = record
         if self.cleared:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the tests need and runs them: Debian packages (socat for the RTU wire,
 # mosquitto for the bus, victoria-metrics as the InfluxDB v2 write API server, prometheus for
-# promtool, which checks the metrics and the alert rules), the Python package with its dev
+# promtool, which checks the metrics and the alert rules, postgresql for the ledger's second
+# engine), the Python package with its dev
 # extras in .venv, then ruff, mypy
 # and pytest. Usage: ./scripts/test.sh [extra pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(socat mosquitto victoria-metrics prometheus)
+packages=(socat mosquitto victoria-metrics prometheus postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

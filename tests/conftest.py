@@ -11,7 +11,7 @@ from broker.clock import ManualClock
 from simulators.devices import LoadSpec, SimSite
 from simulators.server import SerialPair
 
-pytest_plugins = ["tests.broker_fixtures"]
+pytest_plugins = ["tests.broker_fixtures", "tests.pg_fixtures"]
 
 #: 2026-06-21 12:00 UTC: midsummer noon, the sun high over 48 degrees north.
 NOON_TS = 1_782_043_200.0

@@ -1,5 +1,7 @@
-"""Tests for coordinator.ledger on real SQLite files: hand-checked settlements, properties
-(balance, deviation costs more), idempotency, and a settlement killed mid-transaction."""
+"""Tests for coordinator.ledger: hand-checked settlements, properties (balance, deviation costs
+more) and idempotency on both engines (real SQLite files and a real PostgreSQL server, through
+the ``ledger_store`` fixture); opening, migrating and a settlement killed mid-transaction on
+SQLite files."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from coordinator.ledger import (
     site_account,
     to_currency,
 )
+from tests.pg_fixtures import LedgerStore
 
 RETAIL = 0.30
 FEED_IN = 0.05
@@ -71,15 +74,11 @@ def _settle(
     )
 
 
-def _row_counts(path: Path) -> dict[str, int]:
-    conn = sqlite3.connect(path)
-    try:
-        return {
-            table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-            for table in ("accounts", "intervals", "site_intervals", "postings", "entries")
-        }
-    finally:
-        conn.close()
+def _row_counts(store: LedgerStore, location: str | Path) -> dict[str, int]:
+    return {
+        table: store.count(location, table)
+        for table in ("accounts", "intervals", "site_intervals", "postings", "entries")
+    }
 
 
 def _interval_sum(result: SettlementResult) -> int:
@@ -106,13 +105,10 @@ def test_open_creates_schema_in_wal_with_full_sync(tmp_path: Path) -> None:
         assert again.accounts() == (COMMUNITY, UTILITY)
 
 
-def test_open_refuses_another_schema_version(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_open_refuses_another_schema_version(ledger_store: LedgerStore) -> None:
+    path = ledger_store.location()
     Ledger(path).close()
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE schema_version SET version = 99")
-    conn.commit()
-    conn.close()
+    ledger_store.execute(path, "UPDATE schema_version SET version = 99")
     with pytest.raises(SchemaVersionError, match="99"):
         Ledger(path)
 
@@ -228,7 +224,7 @@ def test_opening_a_version_1_ledger_migrates_it_and_keeps_every_entry(tmp_path: 
 # --- hand-checked settlement ------------------------------------------------------------
 
 
-def test_two_site_interval_hand_checked(tmp_path: Path) -> None:
+def test_two_site_interval_hand_checked(ledger_store: LedgerStore) -> None:
     # Clearing 0.20, retail 0.30, feed-in 0.05, premium 0.02. The feeder meters 6 - 5.5 =
     # 0.5 kWh imported, so a kWh more or less is worth retail (0.30) to the community:
     # imbalance buy = max(0.20, 0.30) + 0.02 = 0.32, sell = min(0.20, 0.30) - 0.02 = 0.18.
@@ -238,7 +234,7 @@ def test_two_site_interval_hand_checked(tmp_path: Path) -> None:
     # 1.00 + 0.32 - 1.00 - 0.09 - 0.15 = 0.08 (the premium on 1.5 kWh of deviation, 0.03, and
     # the seller's extra 0.5 kWh bought at 0.18 that saved 0.30 at retail, 0.06... less the
     # buyer's extra kWh that cost 0.30 at retail but paid 0.32: 0.02 + 0.06 = 0.08).
-    with Ledger(tmp_path / "ledger.db") as ledger:
+    with Ledger(ledger_store.location()) as ledger:
         result = _settle(ledger, 7, {"buyer": 5.0, "seller": -5.0}, {"buyer": 6.0, "seller": -5.5})
         assert result.interval == 7
         assert result.clearing_price_micro_per_kwh == 200_000
@@ -280,14 +276,14 @@ def test_two_site_interval_hand_checked(tmp_path: Path) -> None:
         assert ledger.interval_entries(8) == ()
 
 
-def test_imbalance_prices_follow_the_feeders_position(tmp_path: Path) -> None:
+def test_imbalance_prices_follow_the_feeders_position(ledger_store: LedgerStore) -> None:
     # The community exports (the utility is the marginal buyer: clearing = feed-in 0.05), so a
     # kWh more or less at the feeder is worth feed-in, not retail:
     # buy = max(0.05, 0.05) + 0.02 = 0.07, sell = min(0.05, 0.05) - 0.02 = 0.03.
     # buyer: awarded 5, metered 6 -> pays 0.25 + 1*0.07; seller: awarded -8, metered -8.5 ->
     # paid 0.40 + 0.5*0.03. Feeder: 6 - 8.5 = -2.5 kWh -> the utility pays 0.125.
     # Community: 0.25 + 0.07 - 0.40 - 0.015 + 0.125 = 0.03, the premium on 1.5 kWh.
-    with Ledger(tmp_path / "ledger.db") as ledger:
+    with Ledger(ledger_store.location()) as ledger:
         result = _settle(ledger, 1, {"buyer": 5.0, "seller": -8.0},
                          {"buyer": 6.0, "seller": -8.5}, clearing=FEED_IN)  # fmt: skip
         assert result.community_net_wh == -2500
@@ -300,12 +296,12 @@ def test_imbalance_prices_follow_the_feeders_position(tmp_path: Path) -> None:
         assert _interval_sum(result) == 0
 
 
-def test_rebate_pays_the_community_surplus_back_pro_rata(tmp_path: Path) -> None:
+def test_rebate_pays_the_community_surplus_back_pro_rata(ledger_store: LedgerStore) -> None:
     # As in the hand-checked interval above, the community keeps 0.08 (80,000 micro) before
     # rebates. The sites were awarded 5 + 5 = 10 kWh: rate 80,000 * 1000 / 10,000 = 8,000
     # micro per kWh; each gets 5000 * 8000 / 1000 = 40,000 (what they metered does not count:
     # deviating does not buy a larger share); the community keeps nothing.
-    with Ledger(tmp_path / "ledger.db") as ledger:
+    with Ledger(ledger_store.location()) as ledger:
         result = _settle(ledger, 7, {"buyer": 5.0, "seller": -5.0},
                          {"buyer": 6.0, "seller": -5.5}, rebate="traded_energy")  # fmt: skip
         buyer, seller = result.site("buyer"), result.site("seller")
@@ -332,8 +328,8 @@ def test_rebate_pays_the_community_surplus_back_pro_rata(tmp_path: Path) -> None
         assert -buyer.imbalance_micro - buyer.rebate_micro > 0
 
 
-def test_rebate_pays_nothing_back_from_a_loss(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+def test_rebate_pays_nothing_back_from_a_loss(ledger_store: LedgerStore) -> None:
+    with Ledger(ledger_store.location()) as ledger:
         # The export interval of test_utility_pays_feed_in_for_net_export: the community
         # loses 0.21 there, so there is nothing to pay back.
         result = _settle(ledger, 1, {"a": -4.0, "b": 1.0}, {"a": -4.0, "b": 1.0},
@@ -345,9 +341,9 @@ def test_rebate_pays_nothing_back_from_a_loss(tmp_path: Path) -> None:
         assert not ledger.is_settled(2)
 
 
-def test_utility_pays_feed_in_for_net_export(tmp_path: Path) -> None:
+def test_utility_pays_feed_in_for_net_export(ledger_store: LedgerStore) -> None:
     # Both sites export more than they import: the utility buys 3 kWh at 0.05 = 0.15.
-    with Ledger(tmp_path / "ledger.db") as ledger:
+    with Ledger(ledger_store.location()) as ledger:
         result = _settle(ledger, 1, {"a": -4.0, "b": 1.0}, {"a": -4.0, "b": 1.0}, clearing=0.12)
         assert result.community_net_wh == -3000
         assert result.utility_micro == -150_000
@@ -357,10 +353,10 @@ def test_utility_pays_feed_in_for_net_export(tmp_path: Path) -> None:
         assert ledger.check_balanced()
 
 
-def test_rounding_never_favours_the_site(tmp_path: Path) -> None:
+def test_rounding_never_favours_the_site(ledger_store: LedgerStore) -> None:
     # 1 Wh at 0.123457/kWh is worth 123.457 micro: the buyer pays 124, the seller gets 123,
     # the community keeps the fractions; the feeder is balanced so the utility gets nothing.
-    with Ledger(tmp_path / "ledger.db") as ledger:
+    with Ledger(ledger_store.location()) as ledger:
         result = _settle(ledger, 1, {"b": 0.001, "s": -0.001}, {"b": 0.001, "s": -0.001},
                          clearing=0.123457)  # fmt: skip
         assert result.site("b").trade_micro == -124
@@ -374,15 +370,15 @@ def test_rounding_never_favours_the_site(tmp_path: Path) -> None:
         assert result.clearing_price_micro_per_kwh == 123_456
 
 
-def test_missing_sites_and_metering(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_missing_sites_and_metering(ledger_store: LedgerStore) -> None:
+    path = ledger_store.location()
     with Ledger(path) as ledger:
-        before = _row_counts(path)
+        before = _row_counts(ledger_store, path)
         # An awarded site without metering: refused, nothing written, settle later.
         with pytest.raises(IncompleteMetering) as info:
             _settle(ledger, 3, {"a": 1.0, "b": -1.0}, {"a": 1.0})
         assert info.value.sites == ("b",)
-        assert _row_counts(path) == before
+        assert _row_counts(ledger_store, path) == before
         assert not ledger.is_settled(3)
         # A metered site without an award has award 0; all its energy is imbalance.
         result = _settle(ledger, 3, {"a": 1.0}, {"a": 1.0, "c": 2.0})
@@ -398,10 +394,10 @@ def test_missing_sites_and_metering(tmp_path: Path) -> None:
         assert ledger.check_balanced()
 
 
-def test_rejects_bad_inputs_without_writing(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_rejects_bad_inputs_without_writing(ledger_store: LedgerStore) -> None:
+    path = ledger_store.location()
     with Ledger(path) as ledger:
-        before = _row_counts(path)
+        before = _row_counts(ledger_store, path)
         with pytest.raises(LedgerInputError, match="clearing_price_per_kwh"):
             _settle(ledger, 1, {"a": 1.0}, {"a": 1.0}, clearing=float("nan"))
         with pytest.raises(LedgerInputError, match="metered_kwh"):
@@ -416,44 +412,44 @@ def test_rejects_bad_inputs_without_writing(tmp_path: Path) -> None:
             ledger.balance("site:nobody")
         with pytest.raises(UnknownAccount):
             ledger.site_report("nobody")
-        assert _row_counts(path) == before
+        assert _row_counts(ledger_store, path) == before
 
 
 # --- idempotency ----------------------------------------------------------------------
 
 
-def test_resettling_returns_the_stored_result_and_writes_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_resettling_returns_the_stored_result_and_writes_nothing(ledger_store: LedgerStore) -> None:
+    path = ledger_store.location()
     awards = {"buyer": 5.0, "seller": -5.0}
     metered = {"buyer": 6.0, "seller": -5.5}
     with Ledger(path) as ledger:
         first = _settle(ledger, 7, awards, metered)
-        counts = _row_counts(path)
+        counts = _row_counts(ledger_store, path)
         balances = {a: ledger.balance(a) for a in ledger.accounts()}
         # Same inputs (in another order, and as values that round to the same Wh): same result.
         again = _settle(ledger, 7, {**awards, "buyer": 5.0002}, dict(reversed(metered.items())))
         assert again == first
         assert ledger.settlement(7) == first
-        assert _row_counts(path) == counts
+        assert _row_counts(ledger_store, path) == counts
         # Different inputs: refused with the stored result attached; still nothing written.
         with pytest.raises(SettlementConflict) as info:
             _settle(ledger, 7, awards, {"buyer": 6.5, "seller": -5.5})
         assert info.value.stored == first
         with pytest.raises(SettlementConflict):
             _settle(ledger, 7, awards, metered, clearing=0.21)
-        assert _row_counts(path) == counts
+        assert _row_counts(ledger_store, path) == counts
         assert {a: ledger.balance(a) for a in ledger.accounts()} == balances
     # And across a reopen.
     with Ledger(path) as ledger:
         assert _settle(ledger, 7, awards, metered) == first
-        assert _row_counts(path) == counts
+        assert _row_counts(ledger_store, path) == counts
 
 
 # --- report and savings ---------------------------------------------------------------
 
 
-def test_site_report_and_savings_against_the_baseline(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+def test_site_report_and_savings_against_the_baseline(ledger_store: LedgerStore) -> None:
+    with Ledger(ledger_store.location()) as ledger:
         # Interval 1: the hand-checked one above.
         _settle(ledger, 1, {"buyer": 5.0, "seller": -5.0}, {"buyer": 6.0, "seller": -5.5})
         # Interval 2: clearing 0.25; buyer unawarded imports 2 kWh at imbalance buy 0.32
@@ -521,10 +517,10 @@ def _interval_inputs(draw: st.DrawFn) -> dict[str, Any]:
     )
 )
 def test_ledger_always_balances(
-    tmp_path_factory: pytest.TempPathFactory,
+    ledger_store: LedgerStore,
     steps: list[tuple[int, dict[str, Any], bool]],
 ) -> None:
-    path = tmp_path_factory.mktemp("balance") / "ledger.db"
+    path = ledger_store.fresh("balance")
     settled: dict[int, SettlementResult] = {}
     with Ledger(path) as ledger:
         for interval, step, repeat in steps:
@@ -541,11 +537,11 @@ def test_ledger_always_balances(
                 assert result == settled[interval]
             settled[interval] = result
             if repeat:  # the same call again changes nothing
-                counts = _row_counts(path)
+                counts = _row_counts(ledger_store, path)
                 assert (
                     _settle(ledger, interval, step["awards"], step["metered"], **kwargs) == result
                 )
-                assert _row_counts(path) == counts
+                assert _row_counts(ledger_store, path) == counts
             assert _interval_sum(result) == 0
             # Each site amount is its exact value rounded down (never in the site's favour).
             for s in result.sites:
@@ -570,7 +566,7 @@ def test_ledger_always_balances(
 @given(award=_energy, metered=_energy, clearing=_price, retail=_price, feed_in=_price,
        premium=st.floats(min_value=0.0, max_value=0.3))  # fmt: skip
 def test_deviation_costs_at_least_as_much_as_being_awarded_it(
-    tmp_path_factory: pytest.TempPathFactory,
+    ledger_store: LedgerStore,
     award: float,
     metered: float,
     clearing: float,
@@ -579,7 +575,7 @@ def test_deviation_costs_at_least_as_much_as_being_awarded_it(
     premium: float,
 ) -> None:
     # The same site and meter reading, once awarded `award` and once awarded what it metered.
-    path = tmp_path_factory.mktemp("deviation") / "ledger.db"
+    path = ledger_store.fresh("deviation")
     with Ledger(path) as ledger:
         first = _settle(ledger, 1, {"s": award}, {"s": metered}, clearing=clearing,
                         retail=retail, feed_in=feed_in, premium=premium)  # fmt: skip
@@ -624,12 +620,12 @@ def _consistent_interval(draw: st.DrawFn) -> dict[str, Any]:
 @PROPERTY_SETTINGS
 @given(case=_consistent_interval())
 def test_community_never_loses_on_deviations_and_rebates_its_surplus(
-    tmp_path_factory: pytest.TempPathFactory, case: dict[str, Any]
+    ledger_store: LedgerStore, case: dict[str, Any]
 ) -> None:
     # Whatever the sites meter, a consistent clearing leaves the community account >= 0:
     # every deviation pays at least what it costs at the feeder. With the rebate, the sites
     # get that surplus back, except for less than a micro-currency per site and per kWh moved.
-    path = tmp_path_factory.mktemp("surplus") / "ledger.db"
+    path = ledger_store.fresh("surplus")
     kwargs = {k: case[k] for k in ("clearing", "retail", "feed_in", "premium")}
     with Ledger(path) as ledger:
         kept = _settle(ledger, 1, case["awards"], case["metered"], **kwargs)
@@ -654,13 +650,13 @@ def test_community_never_loses_on_deviations_and_rebates_its_surplus(
 @PROPERTY_SETTINGS
 @given(case=_consistent_interval(), metered=st.lists(_energy, min_size=6, max_size=6))
 def test_rebate_shares_follow_the_awards_whatever_the_sites_meter(
-    tmp_path_factory: pytest.TempPathFactory, case: dict[str, Any], metered: list[float]
+    ledger_store: LedgerStore, case: dict[str, Any], metered: list[float]
 ) -> None:
     # The same awards and prices with two different sets of meter readings: each site's
     # rebate is the interval's surplus times its share of the awards, rounded down (within a
     # micro-currency per kWh of its award and one more), so a deviation never buys a larger
     # share of what the others paid in.
-    path = tmp_path_factory.mktemp("rebate-shares") / "ledger.db"
+    path = ledger_store.fresh("rebate-shares")
     kwargs = {k: case[k] for k in ("clearing", "retail", "feed_in", "premium")}
     other = {site: metered[i] for i, site in enumerate(case["metered"])}
     with Ledger(path) as ledger:

@@ -1,5 +1,6 @@
 """Tests for the ledger's durable clearings, settlement from a clearing (roster, estimate
-reasons), corrections and the append-only audit log, on real SQLite files."""
+reasons), corrections and the append-only audit log, on both engines (real SQLite files and a
+real PostgreSQL server, through the ``ledger_store`` fixture); migrations on SQLite files."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from coordinator.ledger import (
     SettlementResult,
     site_account,
 )
+from tests.pg_fixtures import LedgerStore
 from tests.test_ledger import _downgrade_to_version_1, _downgrade_to_version_2, _settle
 
 RETAIL = 0.30
@@ -72,14 +74,6 @@ def _record(
     )
 
 
-def _row_count(path: Path, table: str) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-    finally:
-        conn.close()
-
-
 def _account_totals(ledger: Ledger, interval: int) -> dict[str, int]:
     totals: dict[str, int] = {}
     for e in ledger.interval_entries(interval):
@@ -106,8 +100,10 @@ _KILLED_AFTER_RECORDING = textwrap.dedent(
 )
 
 
-def test_a_clearing_recorded_by_a_killed_coordinator_is_found_unsettled(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_a_clearing_recorded_by_a_killed_coordinator_is_found_unsettled(
+    ledger_store: LedgerStore,
+) -> None:
+    path = ledger_store.location()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     child = subprocess.run(
         [sys.executable, "-c", _KILLED_AFTER_RECORDING, str(path)],
@@ -141,8 +137,10 @@ def test_a_clearing_recorded_by_a_killed_coordinator_is_found_unsettled(tmp_path
         assert ledger.check_balanced()
 
 
-def test_unsettled_clearings_come_oldest_first_and_leave_when_settled(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+def test_unsettled_clearings_come_oldest_first_and_leave_when_settled(
+    ledger_store: LedgerStore,
+) -> None:
+    with Ledger(ledger_store.location()) as ledger:
         for interval in (9, 3, 5):
             _record(ledger, interval, {"a": 1.0})
         assert [c.interval for c in ledger.unsettled_clearings()] == [3, 5, 9]
@@ -151,14 +149,14 @@ def test_unsettled_clearings_come_oldest_first_and_leave_when_settled(tmp_path: 
         assert ledger.clearing(4) is None
 
 
-def test_recording_a_clearing_again_returns_the_stored_one(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
+def test_recording_a_clearing_again_returns_the_stored_one(ledger_store: LedgerStore) -> None:
+    path = ledger_store.location()
     with Ledger(path) as ledger:
         first = _record(ledger, 7, {"a": 2.0, "b": -2.0, "c": 0.0})
         assert first.awards_wh == {"a": 2000, "b": -2000, "c": 0}
         again = _record(ledger, 7, {"c": 0.0, "b": -2.0, "a": 2.0004}, cleared_ts=CLEARED_TS + 60)
         assert again == first  # same inputs after rounding: the first record and its time
-        assert _row_count(path, "clearing_awards") == 3
+        assert ledger_store.count(path, "clearing_awards") == 3
 
 
 @pytest.mark.parametrize(
@@ -171,10 +169,11 @@ def test_recording_a_clearing_again_returns_the_stored_one(tmp_path: Path) -> No
     ],
 )
 def test_recording_a_different_clearing_conflicts(
-    tmp_path: Path, change: dict[str, Any], field: str
+    ledger_store: LedgerStore, change: dict[str, Any], field: str
 ) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+    with Ledger(ledger_store.location()) as ledger:
         stored = _record(ledger, 7, {"a": 2.0, "b": -2.0})
+        change = dict(change)  # the parameter is shared by both engines' runs
         awards = change.pop("awards", {"a": 2.0, "b": -2.0})
         with pytest.raises(ClearingConflict, match=field) as err:
             _record(ledger, 7, awards, **change)
@@ -182,8 +181,10 @@ def test_recording_a_different_clearing_conflicts(
         assert ledger.clearing(7) == stored
 
 
-def test_a_clearing_cannot_be_recorded_after_a_settlement_without_one(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+def test_a_clearing_cannot_be_recorded_after_a_settlement_without_one(
+    ledger_store: LedgerStore,
+) -> None:
+    with Ledger(ledger_store.location()) as ledger:
         _settle(ledger, 7, {"a": 1.0}, {"a": 1.0})
         with pytest.raises(ClearingConflict, match="already settled") as err:
             _record(ledger, 7, {"a": 1.0})
@@ -205,9 +206,9 @@ def test_a_clearing_cannot_be_recorded_after_a_settlement_without_one(tmp_path: 
     ],
 )
 def test_record_clearing_rejects_bad_inputs_naming_the_field(
-    tmp_path: Path, kwargs: dict[str, Any], field: str
+    ledger_store: LedgerStore, kwargs: dict[str, Any], field: str
 ) -> None:
-    path = tmp_path / "ledger.db"
+    path = ledger_store.location()
     args: dict[str, Any] = {
         "interval": 3,
         "clearing_price_per_kwh": 0.2,
@@ -223,11 +224,11 @@ def test_record_clearing_rejects_bad_inputs_naming_the_field(
         with pytest.raises(LedgerInputError, match=field):
             ledger.record_clearing(interval, **args)
         assert ledger.unsettled_clearings() == ()
-    assert _row_count(path, "clearings") == 0
+    assert ledger_store.count(path, "clearings") == 0
 
 
-def test_settle_interval_must_agree_with_the_recorded_clearing(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+def test_settle_interval_must_agree_with_the_recorded_clearing(ledger_store: LedgerStore) -> None:
+    with Ledger(ledger_store.location()) as ledger:
         _record(ledger, 7, {"a": 2.0, "b": -2.0})
         with pytest.raises(LedgerInputError, match="clearing_price_per_kwh disagrees"):
             _settle(ledger, 7, {"a": 2.0, "b": -2.0}, {"a": 2.0, "b": -2.0}, clearing=0.25)
@@ -238,16 +239,16 @@ def test_settle_interval_must_agree_with_the_recorded_clearing(tmp_path: Path) -
         assert not ledger.is_settled(7)
         # The clearing's own figures settle, and the same as settle_cleared would.
         result = _settle(ledger, 7, {"a": 2.0, "b": -2.0}, {"a": 2.5, "b": -2.0})
-    with Ledger(tmp_path / "other.db") as other:
+    with Ledger(ledger_store.location("other")) as other:
         _record(other, 7, {"a": 2.0, "b": -2.0})
         assert other.settle_cleared(7, metered_kwh={"a": 2.5, "b": -2.0}) == result
 
 
 def test_settle_cleared_settles_roster_sites_and_records_why_sites_are_estimated(
-    tmp_path: Path,
+    ledger_store: LedgerStore,
 ) -> None:
     implausible = "implausible: grid power beyond the connection limit"
-    with Ledger(tmp_path / "ledger.db") as ledger:
+    with Ledger(ledger_store.location()) as ledger:
         _record(ledger, 12, {"a": 2.0, "b": -2.0})
         result = ledger.settle_cleared(
             12,
@@ -277,8 +278,8 @@ def test_settle_cleared_settles_roster_sites_and_records_why_sites_are_estimated
         assert ledger.check_balanced()
 
 
-def test_settle_cleared_refuses_what_it_cannot_settle(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+def test_settle_cleared_refuses_what_it_cannot_settle(ledger_store: LedgerStore) -> None:
+    with Ledger(ledger_store.location()) as ledger:
         with pytest.raises(LedgerInputError, match="no recorded clearing"):
             ledger.settle_cleared(3, metered_kwh={"a": 1.0})
         _record(ledger, 3, {"a": 1.0})
@@ -297,9 +298,9 @@ def test_settle_cleared_refuses_what_it_cannot_settle(tmp_path: Path) -> None:
 
 
 def test_a_correction_books_the_difference_without_touching_what_was_written(
-    tmp_path: Path,
+    ledger_store: LedgerStore,
 ) -> None:
-    path = tmp_path / "ledger.db"
+    path = ledger_store.location()
     with Ledger(path) as ledger:
         _record(ledger, 20, {"buyer": 5.0, "seller": -5.0})
         settled = ledger.settle_cleared(20, metered_kwh={"buyer": 6.0})
@@ -354,7 +355,7 @@ def test_a_correction_books_the_difference_without_touching_what_was_written(
                 "delta_micro": 90_000,
             }
         }
-    with Ledger(tmp_path / "fresh.db") as fresh:
+    with Ledger(ledger_store.location("fresh")) as fresh:
         _record(fresh, 20, {"buyer": 5.0, "seller": -5.0})
         expected = fresh.settle_cleared(20, metered_kwh={"buyer": 6.0, "seller": -5.5})
     assert now == _with_revision(expected, 1)
@@ -365,9 +366,9 @@ def _with_revision(result: SettlementResult, revision: int) -> SettlementResult:
 
 
 def test_correcting_what_is_not_settled_or_not_in_the_interval_is_refused(
-    tmp_path: Path,
+    ledger_store: LedgerStore,
 ) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+    with Ledger(ledger_store.location()) as ledger:
         with pytest.raises(LedgerInputError, match="not settled"):
             ledger.correct_interval(4, metered_kwh={"a": 1.0}, reason="late", ts=CLEARED_TS)
         _settle(ledger, 4, {"a": 1.0}, {"a": 1.0})
@@ -415,9 +416,9 @@ def _corrected_interval(draw: st.DrawFn) -> dict[str, Any]:
 @PROPERTY_SETTINGS
 @given(case=_corrected_interval())
 def test_any_sequence_of_corrections_equals_a_fresh_settlement_of_the_final_metering(
-    tmp_path_factory: pytest.TempPathFactory, case: dict[str, Any]
+    ledger_store: LedgerStore, case: dict[str, Any]
 ) -> None:
-    path = tmp_path_factory.mktemp("corrections") / "ledger.db"
+    path = ledger_store.fresh("corrections")
     clearing = {"clearing": case["clearing"], "premium": case["premium"]}
     final = dict(case["metered"])
     with Ledger(path) as ledger:
@@ -447,7 +448,7 @@ def test_any_sequence_of_corrections_equals_a_fresh_settlement_of_the_final_mete
         totals = _account_totals(ledger, 1)
         assert sum(ledger.balance(a) for a in ledger.accounts()) == 0
         assert len(ledger.corrections(1)) == revision
-    with Ledger(path.with_name("fresh.db")) as fresh:
+    with Ledger(ledger_store.fresh("fresh")) as fresh:
         _record(fresh, 1, case["awards"], rebate=case["rebate"], **clearing)
         expected = fresh.settle_cleared(1, metered_kwh=final, roster=case["roster"])
         assert totals == _account_totals(fresh, 1)
@@ -458,8 +459,8 @@ def test_any_sequence_of_corrections_equals_a_fresh_settlement_of_the_final_mete
 # --- audit log ----------------------------------------------------------------------------
 
 
-def test_the_audit_log_appends_and_filters(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+def test_the_audit_log_appends_and_filters(ledger_store: LedgerStore) -> None:
+    with Ledger(ledger_store.location()) as ledger:
         first = ledger.audit(
             "dispatch", "operator", {"site": "house-1", "battery_w": -3000.0}, CLEARED_TS
         )
@@ -500,19 +501,17 @@ def test_the_audit_log_appends_and_filters(tmp_path: Path) -> None:
         "DELETE FROM clearing_awards",
     ],
 )
-def test_the_audit_trail_refuses_updates_and_deletes(tmp_path: Path, statement: str) -> None:
-    path = tmp_path / "ledger.db"
+def test_the_audit_trail_refuses_updates_and_deletes(
+    ledger_store: LedgerStore, statement: str
+) -> None:
+    path = ledger_store.location()
     with Ledger(path) as ledger:
         ledger.audit("grid_mode", "coordinator", {"mode": "emergency"}, CLEARED_TS)
         _record(ledger, 2, {"a": 1.0})
         ledger.settle_cleared(2, metered_kwh={"a": 1.0})
         ledger.correct_interval(2, metered_kwh={"a": 1.5}, reason="late", ts=CLEARED_TS)
-    conn = sqlite3.connect(path)
-    try:
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            conn.execute(statement)
-    finally:
-        conn.close()
+    with pytest.raises(ledger_store.integrity_error, match="append-only"):
+        ledger_store.execute(path, statement)
     with Ledger(path) as ledger:
         assert len(ledger.audit_entries()) == 2  # grid_mode and the correction
         assert len(ledger.corrections()) == 1
@@ -579,8 +578,8 @@ def test_migrating_an_older_ledger_to_version_3_keeps_every_entry(
         assert old.settled_intervals() == (7, 8)
 
 
-def test_a_closed_ledger_refuses_the_new_calls(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "ledger.db")
+def test_a_closed_ledger_refuses_the_new_calls(ledger_store: LedgerStore) -> None:
+    ledger = Ledger(ledger_store.location())
     ledger.close()
     with pytest.raises(LedgerStorageError, match="closed"):
         ledger.unsettled_clearings()
@@ -588,8 +587,8 @@ def test_a_closed_ledger_refuses_the_new_calls(tmp_path: Path) -> None:
         ledger.audit("dispatch", "x", {}, CLEARED_TS)
 
 
-def test_community_and_utility_accounts_take_part_in_corrections(tmp_path: Path) -> None:
-    with Ledger(tmp_path / "ledger.db") as ledger:
+def test_community_and_utility_accounts_take_part_in_corrections(ledger_store: LedgerStore) -> None:
+    with Ledger(ledger_store.location()) as ledger:
         _record(ledger, 1, {"a": 1.0}, rebate="traded_energy")
         ledger.settle_cleared(1, metered_kwh={"a": 1.0})
         before = {a: ledger.balance(a) for a in (COMMUNITY, UTILITY, site_account("a"))}

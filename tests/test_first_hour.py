@@ -208,6 +208,24 @@ async def test_coordinator_run_with_an_empty_password_exits_after_the_given_coun
     assert "Check $WATTMESH_COORDINATOR_PASSWORD" in said
 
 
+async def test_coordinator_run_standby_without_a_postgres_ledger_says_what_it_needs(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    config = _coordinator_file(tmp_path, broker_files)
+    result = await asyncio.to_thread(
+        _wattmesh,
+        "coordinator",
+        "run",
+        str(config),
+        "--standby",
+        env={"WATTMESH_COORDINATOR_PASSWORD": broker_files.credentials["coordinator"]},
+    )
+    said = _speaks(result)
+    assert result.returncode == 1
+    assert "a standby needs a PostgreSQL ledger: set [coordinator] ledger_url" in said
+    assert "Traceback" not in result.stderr
+
+
 async def test_coordinator_run_with_its_password_runs_until_stopped(
     mosquitto: MosquittoProcess,
     broker_files: BrokerFiles,

@@ -498,6 +498,15 @@ def coordinator_run(
     ],
     give_up_after: GiveUpAfter = GIVE_UP_AFTER,
     log_format: LogFormatOption = LogFormat.text,
+    standby: Annotated[
+        bool,
+        typer.Option(
+            "--standby",
+            help="Share the feeder with other coordinators on the same PostgreSQL ledger "
+            "(\\[coordinator] ledger_url): run while holding the feeder's lease, stand by "
+            "otherwise, and take over within a second when the active one dies.",
+        ),
+    ] = False,
 ) -> None:
     """Run the coordinator: ingest, forecasts, market clearing, settlement, grid balancing.
 
@@ -520,13 +529,27 @@ def coordinator_run(
     except ValueError as err:
         raise _fail(str(err)) from err
 
+    ledger = config.coordinator.ledger_url or config.coordinator.ledger
+
     async def run() -> str | None:
         stop = _stop_on_signals()
+        if standby:
+            from coordinator.standby import StandbyError, serve  # noqa: PLC0415
+
+            _say(
+                f"coordinator for feeder {config.coordinator.feeder!r} as a standby: broker "
+                f"{config.broker.host}:{config.broker.port}, ledger {ledger}; Ctrl-C stops.",
+                log_format,
+            )
+            try:
+                await serve(config, clock, stop, password=password)
+            except StandbyError as err:
+                return str(err)
+            return None
         async with Coordinator(config, clock, password=password) as coordinator:
             _say(
                 f"coordinator for feeder {coordinator.feeder!r}: broker "
-                f"{config.broker.host}:{config.broker.port}, ledger "
-                f"{config.coordinator.ledger}; Ctrl-C stops.",
+                f"{config.broker.host}:{config.broker.port}, ledger {ledger}; Ctrl-C stops.",
                 log_format,
             )
             return await _serve(

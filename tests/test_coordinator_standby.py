@@ -70,7 +70,7 @@ async def _start(
     }
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "coordinator.standby", str(config),
+            sys.executable, "-m", "wattmesh", "coordinator", "run", str(config), "--standby",
             env=env, stdout=out, stderr=out,
         )  # fmt: skip
 

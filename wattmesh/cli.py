@@ -418,8 +418,9 @@ def up(
         bool,
         typer.Option(
             "--fixed-ports",
-            help="Use the scenario's device ports and the coordinator file's broker port "
-            "instead of free ones.",
+            help="Use the scenario's device ports, the coordinator file's broker port and the "
+            "default HTTP ports ([api], [metrics], [proxy]) instead of free ones. Without it, "
+            "only a port a file names is kept.",
         ),
     ] = False,
     embedded: Annotated[

@@ -419,8 +419,8 @@ def up(
         typer.Option(
             "--fixed-ports",
             help="Use the scenario's device ports, the coordinator file's broker port and the "
-            "default HTTP ports ([api], [metrics], [proxy]) instead of free ones. Without it, "
-            "only a port a file names is kept.",
+            "default HTTP ports (\\[api], \\[metrics], \\[proxy]) instead of free ones. "
+            "Without it, only a port a file names is kept.",
         ),
     ] = False,
     embedded: Annotated[

@@ -3,13 +3,17 @@
 The commands run as written, through bash, with ``wattmesh`` being this checkout's, in a
 sandbox folder holding a copy of ``config/`` and of the vendors' scenario. What is fixed in
 those files and in the commands is moved the same way in both (``MOVES``): the ports (the
-broker's 1883, the simulators' 150xx, the API's 8080, the MCP server's 8765) to free ones,
+broker's 1883, the simulators' 150xx, the API's 8080, the historian's 8086, the MCP
+server's 8765) to free ones,
 ``/tmp/wattmesh-community`` and the production paths (``/var/lib/wattmesh``, ``/backup``,
 ``/srv/lake``, ``/etc/wattmesh``) into the sandbox, and a placeholder password (``...``,
 ``<from credentials.toml>``) to the user's password from the broker's credentials.toml. So
 another stack, or another copy of this suite, on the machine collides with nothing. Where a
-command is shortened, ``RUN`` says so. A README command that is in neither table fails
-``test_every_readme_command_is_run_or_listed_with_a_reason``.
+command is shortened, ``RUN`` says so. The copy of ``config/coordinator.toml`` has its
+commented ``[api]`` and ``[historian]`` sections switched on, as the README describes, with
+VictoriaMetrics as the historian's server. A README command that is in neither table fails
+``test_every_readme_command_is_run_or_listed_with_a_reason``; an entry the README no longer
+has fails ``test_the_tables_name_only_commands_the_readme_has_and_each_once``.
 """
 
 from __future__ import annotations

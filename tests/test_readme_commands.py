@@ -371,6 +371,12 @@ class Sandbox:
         shutil.copy(ROOT / "simulators/scenarios/vendors.toml", box / "simulators/scenarios")
         for path in [*box.glob("config/**/*.toml"), *box.glob("simulators/**/*.toml")]:
             path.write_text(self.move(path.read_text()))
+        # "The scenario fixes ... the speed of simulated time": 3 minutes a second, so that an
+        # interval settles within seconds (the agents poll every second: 3 simulated minutes,
+        # within the coordinator's max_hold_s of 5).
+        scenario = box / "config" / "scenarios" / "community.toml"
+        scenario.write_text(re.sub(r"(?m)^speed = 60\.0", "speed = 180.0", scenario.read_text()))
+        assert tomllib.loads(scenario.read_text())["speed"] == 180.0
         # "With an [api] section", "with a [historian] section": the example's commented
         # ones, switched on (the historian's server is VictoriaMetrics, see _play).
         coordinator = box / "config" / "coordinator.toml"

@@ -33,6 +33,8 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,9 +121,11 @@ NOT_RUN: dict[str, str] = {
 class Run:
     """How a README command runs: ``extra`` arguments appended (``note`` says why), a
     ``background`` service stopped with Ctrl-C at the end (exit 0 then), and text its output
-    must contain (``says``, regular expressions)."""
+    must contain (regular expressions: ``says`` on stdout, ``err_says`` on stderr, where the
+    services write their lines)."""
 
     says: tuple[str, ...] = ()
+    err_says: tuple[str, ...] = ()
     extra: str = ""
     note: str = ""
     background: bool = False
@@ -162,9 +166,13 @@ RUN: dict[str, Run] = {
     ),
     "wattmesh broker run /tmp/wattmesh-community/broker": Run(background=True),
     "WATTMESH_MQTT_PASSWORD=<from credentials.toml> wattmesh edge run "
-    "config/sites/house-1.toml": Run(background=True),
+    "config/sites/house-1.toml": Run(
+        err_says=(r"edge agent for site 'house-1': 3 device\(s\), broker 127\.0\.0\.1:\d+",),
+        background=True,
+    ),
     "WATTMESH_COORDINATOR_PASSWORD=... wattmesh coordinator run config/coordinator.toml": Run(
-        background=True
+        err_says=(r"coordinator for feeder 'feeder-1': broker 127\.0\.0\.1:\d+",),
+        background=True,
     ),
     "wattmesh status --user monitor --broker-dir /tmp/wattmesh-community/broker": Run(
         says=(r"coordinator of feeder-1", r"house-1 +│ yes"),
@@ -554,6 +562,17 @@ def _wait_until_up(sandbox: Sandbox, command: str, service: Service) -> None:
         service.wait_for(lambda: _listening(sandbox.port("1883")), "the broker's port")
     elif "mcp" in command:
         service.wait_for(lambda: _listening(sandbox.port("8765")), "the MCP server's port")
+        # "one the API does not accept gets 401"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{sandbox.port('8765')}/mcp",
+            data=b"{}",
+            method="POST",
+            headers={"Authorization": "Bearer not-a-token", "Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        refused.value.close()
+        assert refused.value.code == 401
     elif "coordinator run" in command:
         service.wait_for(lambda: _listening(sandbox.port("8080")), "the coordinator's API")
     elif "up mesh" in command:
@@ -633,3 +652,5 @@ def test_the_readme_command_runs_and_says_what_the_readme_says(
     assert "Traceback" not in result.err, shown
     for pattern in RUN[command].says:
         assert re.search(pattern, result.out, re.MULTILINE), f"{pattern!r} not in\n{shown}"
+    for pattern in RUN[command].err_says:
+        assert re.search(pattern, result.err, re.MULTILINE), f"{pattern!r} not in\n{shown}"

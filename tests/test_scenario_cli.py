@@ -123,7 +123,8 @@ def test_help_lists_every_subcommand() -> None:
 
 def test_sim_run_prints_a_line_per_device_then_scan_reads_one() -> None:
     proc = subprocess.Popen(
-        [*WATTMESH, "sim", "run", str(COMMUNITY), "--quiet"],
+        # Free ports and RTU links in a temporary folder: another stack may hold the file's.
+        [*WATTMESH, "sim", "run", str(COMMUNITY), "--quiet", "--free-ports"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

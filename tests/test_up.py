@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rich.console import Console
 from coordinator.ledger import Ledger
 from edge.config import EdgeConfigError, load_edge_config
 from wattmesh.demo import SiteLine, live_view
-from wattmesh.up import UpError, init_folder, load_stack_config
+from wattmesh.up import UpError, free_port, init_folder, load_stack_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WATTMESH = [sys.executable, "-m", "wattmesh"]
@@ -279,3 +280,73 @@ def test_the_demo_leaves_no_temporary_directory_behind(reachable_dir: Path) -> N
     assert "community" in result.stdout  # the report
     assert "--out DIR keeps its files" in result.stdout
     assert list(tmp.iterdir()) == []
+
+
+def _get(url: str, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body: bytes = response.read()
+        return body.decode()
+
+
+def test_two_stacks_from_init_folders_with_api_and_metrics_on_get_free_http_ports(
+    reachable_dir: Path,
+) -> None:
+    """[api] with ``port = 0`` and [metrics] without a port get free ones; a named port stays."""
+    named = free_port()
+    folders, tokens = [], []
+    for name in ("one", "two"):
+        folder = reachable_dir / name
+        init_folder(folder)
+        coordinator = folder / "coordinator.toml"
+        coordinator.write_text(
+            coordinator.read_text() + '\n[api]\nport = 0\n\n[metrics]\nhost = "127.0.0.1"\n'
+        )
+        add = subprocess.run(
+            [*WATTMESH, "api", "token", "add", str(folder / "api-tokens.toml"),
+             "--name", "viewer", "--role", "viewer"],
+            capture_output=True, text=True, env=_env(), timeout=60, check=True,
+        )  # fmt: skip
+        tokens.append(add.stdout.strip())
+        site = folder / "sites" / "house-1.toml"
+        port_line = f"port = {named}\n" if name == "one" else ""
+        site.write_text(site.read_text() + f"\n[metrics]\n{port_line}")
+        folders.append(folder)
+    processes = [
+        subprocess.Popen(
+            [*WATTMESH, "up", str(folder), "--speed", "300", "--summary-every", "5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            start_new_session=True,
+        )
+        for folder in folders
+    ]
+    try:
+        for folder, process in zip(folders, processes, strict=True):
+            _wait_for(folder / "state" / "ports.json", process)
+        ports = [json.loads((f / "state" / "ports.json").read_text()) for f in folders]
+        urls = [
+            [p["coordinator"]["api"], p["coordinator"]["metrics"], p["sites"]["house-1"]["metrics"]]
+            for p in ports
+        ]
+        assert all(url is not None for both in urls for url in both)
+        assert not set(urls[0]) & set(urls[1])  # no HTTP port shared
+        assert ":8080/" not in str(urls) and ":9108/" not in str(urls)
+        assert urls[0][2] == f"http://127.0.0.1:{named}/metrics"  # the port the file named
+        assert ports[0]["sites"]["house-2"] == {"metrics": None, "proxy": None}
+        for (api, coordinator_metrics, house_metrics), token in zip(urls, tokens, strict=True):
+            assert json.loads(_get(f"{api}/whoami", token))["role"] == "viewer"
+            assert "wattmesh_" in _get(coordinator_metrics)
+            assert 'site="house-1"' in _get(house_metrics)
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGINT)
+        outputs = [_stopped(p) for p in processes]
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err
+        coordinator_line = next(line for line in out.splitlines() if line.startswith("coord"))
+        assert ", api http://127.0.0.1:" in coordinator_line
+        assert ", metrics http://127.0.0.1:" in coordinator_line

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -417,8 +418,9 @@ def up(
         bool,
         typer.Option(
             "--fixed-ports",
-            help="Use the scenario's device ports and the coordinator file's broker port "
-            "instead of free ones.",
+            help="Use the scenario's device ports, the coordinator file's broker port and the "
+            "default HTTP ports (\\[api], \\[metrics], \\[proxy]) instead of free ones. "
+            "Without it, only a port a file names is kept.",
         ),
     ] = False,
     embedded: Annotated[
@@ -604,16 +606,30 @@ def dispatch(
             "--emergency", help="An emergency order: outranks dispatch and market commitments."
         ),
     ] = False,
-    host: Annotated[str, typer.Option(help="Broker host.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Broker port.")] = 1883,
+    host: Annotated[
+        str | None, typer.Option(help="Broker host (default: --broker-dir's, else 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Broker port (default: --broker-dir's, else 1883).")
+    ] = None,
     user: Annotated[str, typer.Option(help="Broker user (operator or coordinator).")] = "operator",
     password_env: Annotated[
         str,
         typer.Option(
             help="Environment variable holding the password (the operator's is in the broker's "
-            "credentials.toml)."
+            "credentials.toml); when it is not set, --broker-dir's credentials.toml gives it."
         ),
     ] = "WATTMESH_OPERATOR_PASSWORD",
+    broker_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="The broker's directory (`wattmesh broker init DIR`, or STATE/broker of "
+            "`wattmesh up`). Its credentials.toml gives the host, port and password not "
+            "given otherwise, and the sites the broker is configured for: a site it does not "
+            "know is refused before sending, and a known site without a status is an agent "
+            "that never started.",
+        ),
+    ] = None,
     wait: Annotated[
         float, typer.Option(help="Seconds (real time) to wait for the site's acknowledgement.")
     ] = 10.0,
@@ -661,14 +677,16 @@ def dispatch(
     except ValueError as err:
         raise _fail(str(err)) from err
 
+    to = _dispatch_target(site, host, port, user, password_env, broker_dir)
+    host, port = to.host, to.port
     try:
         ack, last_status = asyncio.run(
-            _send_dispatch(host, port, user, os.environ.get(password_env), site, order, wait)
+            _send_dispatch(host, port, user, to.password, site, order, wait)
         )
     except _DispatchFailed as err:
-        raise _fail(_dispatch_failure(err, host, port, user, password_env), 1) from None
+        raise _fail(_dispatch_failure(err, host, port, user, to.password_from), 1) from None
     if ack is None:
-        raise _fail(_no_ack(site, wait, user, last_status), 1)
+        raise _fail(_no_ack(site, wait, user, last_status, to.configured), 1)
     print(json_module.dumps(ack.model_dump(), indent=2))
     note = _ACK_NOTES[ack.outcome].format(site=site, detail=ack.detail or "no detail given")
     if ack.outcome == "refused" and clock_file is None and "clock" in ack.detail:
@@ -677,6 +695,53 @@ def dispatch(
         raise _fail(note, 1)
     if ack.outcome == "clamped":
         err_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+
+
+class _Target(typing.NamedTuple):
+    """Where and as whom ``wattmesh dispatch`` connects, and what the broker is configured for."""
+
+    host: str
+    port: int
+    password: str | None
+    password_from: str  # ``$VAR`` or the credentials file, for messages
+    configured: tuple[str, ...] | None  # the broker's sites, when its files were read
+
+
+def _dispatch_target(
+    site: str,
+    host: str | None,
+    port: int | None,
+    user: str,
+    password_env: str,
+    broker_dir: Path | None,
+) -> _Target:
+    """The options, completed from ``broker_dir``'s credentials.toml when given.
+
+    Exits (code 1, nothing sent) when the broker's configuration does not know ``site``.
+    """
+    password = os.environ.get(password_env)
+    password_from = f"${password_env}"
+    if broker_dir is None:
+        return _Target(host or "127.0.0.1", port or 1883, password, password_from, None)
+    from broker.errors import BrokerConfigError  # noqa: PLC0415
+    from broker.mosquitto import load_broker_files  # noqa: PLC0415
+
+    try:
+        files = load_broker_files(broker_dir)
+    except BrokerConfigError as err:
+        raise _fail(str(err)) from err
+    if site not in files.sites:
+        raise _fail(
+            f"site {site!r} is unknown to the broker's configuration ({files.credentials_file} "
+            f"names {', '.join(files.sites) or 'no site'}); nothing was sent",
+            1,
+        )
+    if password is None and user in files.credentials:
+        password = files.credentials[user]
+        password_from = f"the password in {files.credentials_file}"
+    return _Target(
+        host or files.connect_host, port or files.port, password, password_from, files.sites
+    )
 
 
 #: What each acknowledgement means, one line each ({site}, {detail}).
@@ -764,7 +829,10 @@ async def _send_dispatch(
     return None, status
 
 
-def _dispatch_failure(err: _DispatchFailed, host: str, port: int, user: str, env: str) -> str:
+def _dispatch_failure(
+    err: _DispatchFailed, host: str, port: int, user: str, password_from: str
+) -> str:
+    """One line for a broker failure; ``password_from`` is ``$VAR`` or where the file was."""
     from broker.client import CREDENTIAL_REFUSALS  # noqa: PLC0415
 
     where = f"the broker at {host}:{port}"
@@ -773,7 +841,8 @@ def _dispatch_failure(err: _DispatchFailed, host: str, port: int, user: str, env
     if err.kind == "lost":
         return f"lost {where} before the site answered: {err.detail}"
     if err.code in CREDENTIAL_REFUSALS:
-        given = f"${env} is not set" if os.environ.get(env) is None else f"check ${env}"
+        unset = password_from.startswith("$") and os.environ.get(password_from[1:]) is None
+        given = f"{password_from} is not set" if unset else f"check {password_from}"
         return (
             f"{where} refused user {user!r}: {err.detail}; {given} (each user's password is in "
             "the broker's credentials.toml)"
@@ -781,12 +850,24 @@ def _dispatch_failure(err: _DispatchFailed, host: str, port: int, user: str, env
     return f"{where} refused the connection: {err.detail}"
 
 
-def _no_ack(site: str, wait_s: float, user: str, status: Status | None) -> str:
+def _no_ack(
+    site: str, wait_s: float, user: str, status: Status | None, configured: tuple[str, ...] | None
+) -> str:
+    """Why no acknowledgement came; ``configured``: the broker's sites, if its files were read.
+
+    The site's retained status can come only from the site's own credentials (the broker's
+    ACL), and ``configured`` from the broker's own files: neither is unauthenticated input.
+    """
     head = f"no acknowledgement from {site} within {wait_s:g} s"
+    if status is None and configured is not None:
+        return (
+            f"{head}: its agent never started (the broker is configured for {site!r} but holds "
+            "no status from its agent); start it and retry"
+        )
     if status is None:
         return (
-            f"{head}: the broker has no status from an agent for {site!r} (unknown site, an "
-            "agent never started, or a site the broker's configuration does not have)"
+            f"{head}: the broker has no status from an agent for {site!r}: its agent never "
+            "started, or the broker is not configured for the site (--broker-dir tells which)"
         )
     if not status.online:
         return f"{head}: its agent is offline (its last status says so); start it and retry"

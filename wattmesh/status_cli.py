@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -150,8 +151,12 @@ def print_snapshot(snap: Snapshot, console: Console) -> None:
 
 
 def status(
-    host: Annotated[str, typer.Option(help="Broker host.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Broker port.")] = 1883,
+    host: Annotated[
+        str | None, typer.Option(help="Broker host (default: --broker-dir's, else 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Broker port (default: --broker-dir's, else 1883).")
+    ] = None,
     user: Annotated[str, typer.Option(help="Broker user that may read the wattmesh topics.")] = (
         "operator"
     ),
@@ -160,16 +165,38 @@ def status(
     ] = "WATTMESH_OPERATOR_PASSWORD",
     wait: Annotated[float, typer.Option(help="Seconds to wait for the status messages.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    broker_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="The broker's directory (`wattmesh broker init DIR`, or STATE/broker of "
+            "`wattmesh up`): its credentials.toml gives the host, port and the user's password "
+            "when no option or variable does."
+        ),
+    ] = None,
 ) -> None:
     """Show the coordinator's health counters and every site's status.
 
     Reads the retained status messages from the broker, as the operator by default (any user that may read the wattmesh topics will do). Counters count since the coordinator started. Exit code 0 when a coordinator status was found, 1 otherwise.
     """  # noqa: E501 - one line per paragraph: the help wraps it to the terminal
+    password = os.environ.get(password_env)
+    if broker_dir is not None:
+        from broker.errors import BrokerConfigError  # noqa: PLC0415
+        from broker.mosquitto import load_broker_files  # noqa: PLC0415 - keeps --help fast
+
+        try:
+            files = load_broker_files(broker_dir)
+        except BrokerConfigError as err:
+            Console(stderr=True).print(f"error: {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        host, port = host or files.connect_host, port or files.port
+        if password is None:
+            password = files.credentials.get(user)
+    host, port = host or "127.0.0.1", port or 1883
     settings = BusSettings(
         host=host,
         port=port,
         username=user,
-        password=os.environ.get(password_env),
+        password=password,
         client_id=f"wattmesh-status-{os.getpid()}",
         session_expiry_s=0,
     )

@@ -14,7 +14,11 @@ composition. Every piece of state goes in one directory:
 - ``resume.json``: the simulated time the last run stopped at; the next run continues there,
   so the ledger's intervals never repeat.
 
-Ports are free ones unless ``fixed_ports``: two stacks on one machine do not collide.
+Ports are free ones unless ``fixed_ports``: two stacks on one machine do not collide. The
+same holds for the HTTP ports a folder may switch on (the coordinator's ``[api]`` and
+``[metrics]``, a site's ``[metrics]`` and ``[proxy]``): a section that leaves ``port`` out or
+gives ``port = 0`` gets a free one, and a port the file names is kept (the user asked for
+it; ``fixed_ports`` keeps the defaults too). ``ports.json`` says where each one listens.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from broker.client import BusSettings
 from broker.clock import ScaledClock
@@ -47,6 +53,8 @@ from edge.config import EdgeConfig, load_edge_config
 from simulators.scenario import RunningDevice, ScenarioConfig, ScenarioRunner, load_scenario
 
 log = logging.getLogger("wattmesh.up")
+
+_S = TypeVar("_S", bound=BaseModel)
 
 SCENARIO_FILE = "scenario.toml"
 COORDINATOR_FILE = "coordinator.toml"
@@ -229,6 +237,17 @@ class LocalBroker:
         )
 
 
+def _free_unless_named(section: _S | None, fixed_ports: bool) -> _S | None:
+    """``section`` with ``port = 0`` (a free one) unless the file named a port of its own.
+
+    A section's port left out of the file (pydantic's ``model_fields_set``) or given as 0 is
+    free; a named port is kept, and ``fixed_ports`` keeps the default as well.
+    """
+    if section is None or fixed_ports or "port" in section.model_fields_set:
+        return section
+    return section.model_copy(update={"port": 0})
+
+
 def resolve_devices(site: EdgeConfig, running: Mapping[str, RunningDevice]) -> EdgeConfig:
     """``site`` with every ``sim`` device's url set to where the scenario serves it."""
     devices = []
@@ -318,9 +337,12 @@ class LocalStack:
             ),
         )
         await self._stack.enter_async_context(self.coordinator)
+        endpoints = "".join(
+            f", {name} {url}" for name, url in self._coordinator_endpoints().items() if url
+        )
         self.announce(
             f"coordinator: feeder {coordinator_cfg.coordinator.feeder!r}, ledger "
-            f"{coordinator_cfg.coordinator.ledger}"
+            f"{coordinator_cfg.coordinator.ledger}{endpoints}"
         )
         running = {d.name: d for d in self.runner.devices}
         for site in cfg.sites:
@@ -332,9 +354,12 @@ class LocalStack:
             )
             await self._stack.enter_async_context(agent)
             self.agents.append(agent)
+            endpoints = "".join(
+                f", {name} {url}" for name, url in _agent_endpoints(agent).items() if url
+            )
             self.announce(
                 f"edge: site {edge.site.id!r} ({edge.site.role}), "
-                f"{', '.join(d.name for d in edge.devices)}, spool {edge.spool.path}"
+                f"{', '.join(d.name for d in edge.devices)}, spool {edge.spool.path}{endpoints}"
             )
         self._write_ports()
 
@@ -350,8 +375,21 @@ class LocalStack:
                     host=self.broker.host, port=self.broker.port, username="coordinator"
                 ),
                 "clock": None,
+                "api": _free_unless_named(c.api, self.fixed_ports),
+                "metrics": _free_unless_named(c.metrics, self.fixed_ports),
             }
         )
+
+    def _coordinator_endpoints(self) -> dict[str, str | None]:
+        """Where the coordinator's HTTP API and metrics listen (None: not configured)."""
+        assert self.coordinator is not None
+        c = self.coordinator
+        api = f"http://{c.api.host}:{c.api.port}/api/v1" if c.api is not None else None
+        metrics = c.metrics
+        return {
+            "api": api,
+            "metrics": f"http://{metrics.host}:{metrics.port}/metrics" if metrics else None,
+        }
 
     def _edge_config(self, site: EdgeConfig) -> EdgeConfig:
         assert self.broker is not None
@@ -362,6 +400,8 @@ class LocalStack:
                     update={"path": self.state / "spool" / f"{site.site.id}.sqlite"}
                 ),
                 "clock": None,
+                "metrics": _free_unless_named(site.metrics, self.fixed_ports),
+                "proxy": _free_unless_named(site.proxy, self.fixed_ports),
             }
         )
 
@@ -384,6 +424,8 @@ class LocalStack:
                 d.name: {"site": d.site, "kind": d.kind, "url": d.url, "unit": d.unit}
                 for d in self.runner.devices
             },
+            "coordinator": self._coordinator_endpoints(),
+            "sites": {a.site: _agent_endpoints(a) for a in self.agents},
             "clock_file": str(self.state / CLOCK_FILE),
             "ledger": str(self.state / "ledger.sqlite"),
         }
@@ -409,6 +451,15 @@ class LocalStack:
             f"{when}: {market}; feeder {c.flow_w / 1000:+.1f} kW ({c.mode}); "
             f"{reporting}/{len(self.config.sites)} sites reporting"
         )
+
+
+def _agent_endpoints(agent: EdgeAgent) -> dict[str, str | None]:
+    """Where an agent's metrics and Modbus proxy listen (None: not configured)."""
+    metrics, proxy = agent.metrics, agent.proxy
+    return {
+        "metrics": f"http://{metrics.host}:{metrics.port}/metrics" if metrics else None,
+        "proxy": f"tcp://{proxy.host}:{proxy.port}" if proxy else None,
+    }
 
 
 async def _cancel_stuck_connections(every_s: float = 1.0) -> None:

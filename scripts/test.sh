@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(socat mosquitto victoria-metrics prometheus postgresql)
+packages=(socat mosquitto victoria-metrics prometheus postgresql curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

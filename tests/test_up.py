@@ -282,6 +282,23 @@ def test_the_demo_leaves_no_temporary_directory_behind(reachable_dir: Path) -> N
     assert list(tmp.iterdir()) == []
 
 
+def test_a_demo_too_short_to_settle_an_interval_says_so_and_fails(reachable_dir: Path) -> None:
+    tmp = reachable_dir / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o777)
+    result = subprocess.run(
+        [*WATTMESH, "demo", "--hours", "0.1", "--speed", "1440", "--sites", "2"],
+        capture_output=True,
+        text=True,
+        env=_env(TMPDIR=str(tmp), COLUMNS="200"),
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "no interval was settled in 0.1 simulated hours" in result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    assert list(tmp.iterdir()) == []
+
+
 def _get(url: str, token: str | None = None) -> str:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(url, headers=headers)

@@ -36,6 +36,7 @@ from broker.clock import ScaledClock
 from broker.errors import BrokerError
 from broker.mosquitto import find_mosquitto
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
+from coordinator.ledger import Ledger
 from coordinator.service import Coordinator
 from edge.config import parse_edge_config
 from simulators.scenario import (
@@ -427,6 +428,17 @@ def _demo_in(
     )
     run = asyncio.run(_run(config, hours, speed, poll_s, out, console, embedded))
     coordinator_config = _coordinator_config(config, out, 1, poll_s, speed)
+    with Ledger(out / "ledger.sqlite") as ledger:
+        settled = len(ledger.settled_intervals())
+    if not settled:
+        interval_min = coordinator_config.market.interval_s / 60.0
+        console.print(
+            f"no interval was settled in {hours:g} simulated hours: an interval settles a few "
+            f"minutes after its end ({interval_min:g}-minute intervals); run longer with "
+            "--hours to get a report",
+            highlight=False,
+        )
+        return 1
     console.print(
         "running the baselines (i) idle and (ii) local on the stepped engine", highlight=False
     )

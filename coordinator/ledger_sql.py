@@ -29,6 +29,7 @@ path. psycopg is imported only for PostgreSQL, so SQLite users do not need it.
 from __future__ import annotations
 
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -85,7 +86,7 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
-class LedgerConnection:
+class LedgerConnection(ABC):
     """One connection to the ledger's database, in the common dialect (see the module docs).
 
     ``location`` names the database in messages (a file path, or a URL without password);
@@ -96,40 +97,40 @@ class LedgerConnection:
     location: str
     errors: tuple[type[Exception], ...]
 
+    @abstractmethod
     def execute(self, sql: str, params: Sequence[object] | None = None) -> Rows:
         """Run one statement with ``?`` placeholders."""
-        raise NotImplementedError
 
+    @abstractmethod
     def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
         """Run one statement once per parameter row."""
-        raise NotImplementedError
 
+    @abstractmethod
     def begin_write(self) -> None:
         """Begin a transaction holding the ledger's write lock (one writer at a time)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def in_transaction(self) -> bool:
         """Whether a transaction is open (to roll back after an error)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def table_exists(self, name: str) -> bool:
         """Whether the ledger's schema has a table of that name."""
-        raise NotImplementedError
 
+    @abstractmethod
     def ddl(self, template: str, **names: str) -> str:
         """A schema template with this engine's types (and any other ``names``) filled in."""
-        raise NotImplementedError
 
+    @abstractmethod
     def append_only(self, table: str) -> tuple[str, ...]:
         """Statements that make ``table`` refuse every UPDATE and DELETE (and TRUNCATE)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Close the connection."""
-        raise NotImplementedError
 
-    def reconnect_if_broken(self) -> None:
+    def reconnect_if_broken(self) -> None:  # noqa: B027 - a no-op unless overridden
         """Open the connection again if the server dropped it (PostgreSQL); a no-op for a file.
 
         Raises :class:`ConnectError` when the server is still unreachable.

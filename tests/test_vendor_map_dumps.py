@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
+import yaml  # type: ignore[import-untyped, unused-ignore]
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -68,9 +69,23 @@ def device_image(model: str) -> dict[int, list[int]]:
     return image
 
 
+def blocks_of(image: Mapping[int, list[int]]) -> list[SimData]:
+    """pymodbus blocks for an image (first address -> registers); other addresses are refused."""
+    return [
+        SimData(start, values=list(words), datatype=DataType.REGISTERS)
+        for start, words in sorted(image.items())
+    ]
+
+
 @contextlib.asynccontextmanager
-async def serve(image: Mapping[int, list[int]]) -> AsyncIterator[str]:
-    """The captured registers as holding registers of unit 0xF7 over TCP: the server's URL."""
+async def serve(
+    image: Mapping[int, list[int]],
+    input_image: Mapping[int, list[int]] | None = None,
+    unit: int = GOODWE_UNIT,
+) -> AsyncIterator[str]:
+    """The captured registers over TCP (holding registers of ``unit``, 0xF7 by default, and
+    input registers when ``input_image`` is given): the server's URL. Registers the images
+    do not hold answer exception 2."""
 
     async def read_only(
         function_code: int,
@@ -82,14 +97,13 @@ async def serve(image: Mapping[int, list[int]]) -> AsyncIterator[str]:
     ) -> ExcCodes | None:
         return ExcCodes.ILLEGAL_ADDRESS if set_values is not None else None
 
-    blocks = [
-        SimData(start, values=list(words), datatype=DataType.REGISTERS)
-        for start, words in sorted(image.items())
-    ]
-    server = ModbusTcpServer(
-        [SimDevice(id=GOODWE_UNIT, simdata=blocks, action=read_only)],
-        address=("127.0.0.1", 0),
-    )
+    if input_image is None:
+        device = SimDevice(id=unit, simdata=blocks_of(image), action=read_only)
+    else:
+        bits = [SimData(0, values=False, datatype=DataType.BITS)]
+        tables = (bits, bits, blocks_of(image), blocks_of(input_image))
+        device = SimDevice(id=unit, simdata=tables, action=read_only)
+    server = ModbusTcpServer([device], address=("127.0.0.1", 0))
     await server.serve_forever(background=True)
     try:
         listener = server.transport
@@ -189,3 +203,56 @@ async def test_a_map_scan_reports_registers_a_real_device_refuses_as_missing() -
         assert values[name]["value"] == pytest.approx(expected, abs=abs(regmap.point(name).scale))
     for name in absent:
         assert values[name]["value"] is None and name in missing, name
+
+
+# --- Sungrow SH8.0RT-20 (tests/fixtures/sungrow_sh8rt20/README.md) ----------------------------
+
+SUNGROW = Path(__file__).resolve().parent / "fixtures" / "sungrow_sh8rt20"
+SUNGROW_DUMPS = ("sh8rt20-master-daytime", "sh8rt20-master-night")
+
+
+def sungrow_tables(dump: str) -> dict[str, dict[int, list[int]]]:
+    """A sungrowlib dump as wire images per table: its keys are Sungrow's register numbers,
+    which count from 1 (wire address = number - 1); a list holds consecutive registers from
+    there, ``{utf8: ...}`` a string two characters a register."""
+    text = (SUNGROW / f"{dump}.yaml").read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    tables: dict[str, dict[int, list[int]]] = {}
+    for table in ("input", "holding"):
+        words: dict[int, int] = {}
+        for number, value in data[table].items():
+            if isinstance(value, dict):
+                raw = value["utf8"].encode("ascii")
+                run = [
+                    int.from_bytes(raw[k : k + 2].ljust(2, b"\0")) for k in range(0, len(raw), 2)
+                ]
+            else:
+                run = value if isinstance(value, list) else [value]
+            for i, word in enumerate(run):
+                words[int(number) - 1 + i] = int(word)
+        image: dict[int, list[int]] = {}
+        for address in sorted(words):
+            start = next((s for s, ws in image.items() if s + len(ws) == address), None)
+            if start is None:
+                image[address] = [words[address]]
+            else:
+                image[start].append(words[address])
+        tables[table] = image
+    return tables
+
+
+async def test_the_sungrow_map_does_not_read_register_5036_as_the_grid_frequency() -> None:
+    """Both real SH8.0RT-20 dumps hold 85 at register 5036 (wire 5035), which the protocol
+    calls grid frequency in 0.1 Hz: 8.5 Hz, by day and by night. The map reads 5242 (0.01 Hz)
+    instead, which these dumps do not hold: the frequency is reported missing, not 8.5 Hz."""
+    for dump in SUNGROW_DUMPS:
+        tables = sungrow_tables(dump)
+        at_5036 = [ws[5035 - s] for s, ws in tables["input"].items() if s <= 5035 < s + len(ws)]
+        assert at_5036 == [85], dump
+        async with serve(tables["holding"], tables["input"], unit=1) as url:
+            result = await asyncio.to_thread(scan_cli, url, "--map", "sungrow_sh")
+        values = result["values"]["sungrow_sh"]  # type: ignore[index]
+        missing = result["missing"].get("sungrow_sh", {})  # type: ignore[attr-defined]
+        assert values["inverter_frequency_hz"]["value"] is None, dump
+        assert "inverter_frequency_hz" in missing, dump
+        assert values["inverter_voltage_l1_v"]["value"] is not None, dump

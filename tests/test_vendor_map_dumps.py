@@ -311,6 +311,19 @@ async def test_wattmesh_scan_reads_a_real_sungrow_sh_dump_as_its_source_says(dum
         assert values[name]["value"] is None, name
 
 
+def without(image: Mapping[int, list[int]], refused: int) -> dict[int, list[int]]:
+    """The image with one register taken out (the server then refuses it)."""
+    words = {s + i: w for s, ws in image.items() for i, w in enumerate(ws) if s + i != refused}
+    out: dict[int, list[int]] = {}
+    for address in sorted(words):
+        start = next((s for s, ws in out.items() if s + len(ws) == address), None)
+        if start is None:
+            out[address] = [words[address]]
+        else:
+            out[start].append(words[address])
+    return out
+
+
 @pytest.mark.parametrize(
     ("dump", "power_w", "soc_pct", "status"),
     [
@@ -327,3 +340,15 @@ async def test_the_map_battery_reads_a_real_sungrow_battery_with_its_direction(
         async with ModbusTransport.from_url(url) as transport:
             reading = await MapBattery(transport, 1, load_builtin_map("sungrow_sh")).read()
     assert (reading.power_w, reading.soc_pct, reading.charge_status) == (power_w, soc_pct, status)
+
+
+async def test_a_map_battery_whose_direction_register_is_refused_reads_no_power() -> None:
+    """With 13001 (wire 13000) refused, the night dump's 438 W has no direction: the reading
+    says the power is unknown instead of failing the poll (it raised ValueError before)."""
+    tables = sungrow_tables("sh8rt20-master-night")
+    refused = without(tables["input"], 13000)
+    async with serve(tables["holding"], refused, unit=1) as url:
+        async with ModbusTransport.from_url(url) as transport:
+            reading = await MapBattery(transport, 1, load_builtin_map("sungrow_sh")).read()
+    assert reading.power_w is None and reading.charge_status is None
+    assert reading.soc_pct == 79.0

@@ -1,12 +1,16 @@
-"""Register captures of real GoodWe ET inverters, served over Modbus TCP, read by our map.
+"""Register captures of real vendor-map devices, served over Modbus TCP, read by our maps.
 
-The captures are the goodwe library's test data (tests/fixtures/goodwe_et/README.md: source,
+GoodWe ET: the goodwe library's test data (tests/fixtures/goodwe_et/README.md: source,
 commit and MIT licence). The expected values are the ones the library's own tests assert for
 the same files (marcelblijleven/goodwe @ 66dfcdd9cd947bfd799f2bddb40b4e05ba9db6f6,
 tests/test_et.py: test_GW10K_ET_runtime_data and test_GW20K_ET_runtime_data), turned into
 wattmesh's units and signs: energies in Wh, grid power positive importing (the library's
 ``active_power`` is positive exporting). Registers the captures do not hold are refused with
 exception 2, as the inverter refuses registers it lacks: the scan reports them missing.
+
+Sungrow SH8.0RT-20: two dumps kept by sungrowlib (tests/fixtures/sungrow_sh8rt20/README.md,
+MIT). Huawei SUN2000 with LUNA2000: one response posted in evcc-io/evcc#32234
+(tests/fixtures/huawei_sun2000/README.md). Same rule: what a capture lacks is refused.
 """
 
 from __future__ import annotations
@@ -352,3 +356,43 @@ async def test_a_map_battery_whose_direction_register_is_refused_reads_no_power(
             reading = await MapBattery(transport, 1, load_builtin_map("sungrow_sh")).read()
     assert reading.power_w is None and reading.charge_status is None
     assert reading.soc_pct == 79.0
+
+
+# --- Huawei SUN2000 with LUNA2000 (tests/fixtures/huawei_sun2000/README.md) --------------------
+
+HUAWEI_CAPTURE = (
+    Path(__file__).resolve().parent / "fixtures" / "huawei_sun2000" / "sun2000_37760_24.hex"
+)
+#: The registers as the pull request decodes them (evcc-io/evcc#32234).
+HUAWEI_DECODED = [980, 0, 2, 7813, 64, 0, 4983, 0, 10000, 0, 10000, 0, 10000, 0, 10000, 0, 0, 0]
+HUAWEI_DECODED += [0, 0, 7, 6112, 6, 57974]
+
+
+def tcp_response_registers(frame: bytes) -> tuple[int, list[int]]:
+    """Unit and registers of one Modbus TCP read response (MBAP header, function 3)."""
+    length = int.from_bytes(frame[4:6])
+    unit, function, count = frame[6], frame[7], frame[8]
+    assert frame[2:4] == b"\0\0", "Modbus protocol id"
+    assert len(frame) == 6 + length == 9 + count and function == 3
+    return unit, [int.from_bytes(frame[i : i + 2]) for i in range(9, 9 + count, 2)]
+
+
+def test_the_huawei_capture_is_one_intact_response_as_the_pull_request_decodes_it() -> None:
+    unit, registers = tcp_response_registers(bytes.fromhex(HUAWEI_CAPTURE.read_text().strip()))
+    assert (unit, registers) == (1, HUAWEI_DECODED)
+
+
+async def test_wattmesh_scan_and_the_map_battery_read_a_real_luna2000_block() -> None:
+    """98.0 % charged, running, charging at 4983 W (Huawei's sign: positive charging; ours:
+    negative). Every point outside 37760-37783 is refused by the server and missing."""
+    unit, registers = tcp_response_registers(bytes.fromhex(HUAWEI_CAPTURE.read_text().strip()))
+    async with serve({37760: registers}, unit=unit) as url:
+        result = await asyncio.to_thread(scan_cli, url, "--map", "huawei_sun2000")
+        async with ModbusTransport.from_url(url) as transport:
+            battery = await MapBattery(transport, unit, load_builtin_map("huawei_sun2000")).read()
+    values = result["values"]["huawei_sun2000"]  # type: ignore[index]
+    missing = result["missing"].get("huawei_sun2000", {})  # type: ignore[attr-defined]
+    read = {name: v["value"] for name, v in values.items() if v["value"] is not None}
+    assert read == {"battery_soc_pct": 98.0, "battery_running_status": 2, "battery_power_w": -4983}
+    assert set(missing) == set(values) - set(read)
+    assert (battery.soc_pct, battery.power_w, battery.charge_status) == (98.0, -4983, "charging")

@@ -717,14 +717,18 @@ class MapBattery(HeldSetpoint):
         spec = self.spec
         power = num(spec.power_w)
         if power is not None and spec.direction is not None:
-            status = int(v[spec.direction])
-            power = (
-                -abs(power)
-                if status & spec.charging_mask
-                else abs(power)
-                if status & spec.discharging_mask
-                else 0.0
-            )
+            direction = v[spec.direction]
+            if math.isnan(direction):
+                power = None  # a magnitude whose direction the device did not give
+            else:
+                status = int(direction)
+                power = (
+                    -abs(power)
+                    if status & spec.charging_mask
+                    else abs(power)
+                    if status & spec.discharging_mask
+                    else 0.0
+                )
         soc = num(spec.soc_pct)
         soc_min, soc_max = num(spec.soc_min_pct) or 0.0, num(spec.soc_max_pct) or 100.0
         if power is None:

@@ -124,14 +124,14 @@ HUAWEI = {
 }
 
 # mkaiser/Sungrow-SHx-Inverter-Modbus-Home-Assistant @ 63beec6770e8275670cdf01437cb305817f32988,
-# modbus_sungrow.yaml ("address: N # reg N+1"; swap: word = low word first); 5035 from the same
-# file @ 65871f3a4fb27cf996312cfca40b70fc0f55a7ee. Export power's sign: evcc-io/evcc @
+# modbus_sungrow.yaml ("address: N # reg N+1"; swap: word = low word first; grid frequency
+# 5241 at 0.01 Hz). Export power's sign: evcc-io/evcc @
 # b29b49e3056ead3c99ff1f4711b2bb17083114b0, templates/definition/meter/sungrow-hybrid.yaml.
 SUNGROW = {
     "nominal_power_w": ir(5000, "uint16", 100, "W"),
     "pv_power_w": ir(5016, "uint32", 1, "W", word_order="little"),
     "inverter_voltage_l1_v": ir(5018, "uint16", 0.1, "V"),
-    "inverter_frequency_hz": ir(5035, "uint16", 0.1, "Hz"),
+    "inverter_frequency_hz": ir(5241, "uint16", 0.01, "Hz"),
     "running_state": ir(13000, "uint16"),
     "pv_energy_wh": ir(13002, "uint32", 0.1, "kWh", word_order="little"),
     "grid_power_w": ir(13009, "int32", 1, "W", word_order="little", sign=-1),

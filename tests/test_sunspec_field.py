@@ -5,8 +5,8 @@ SunSpec Alliance's definitions, served by pymodbus over TCP on loopback, and mis
 real devices do: refused registers inside models, busy answers, gateway exceptions, silence
 at 40000. Two devices carry pysunspec2's own test device files (an IEEE 1547 DER with models
 701-713, and an inverter with model 129's curves: ``sunspec2/tests/test_data/device_1547.json``
-and ``inverter_123.json``, shipped with pysunspec2 1.3.7). No public register dumps of real
-devices were available here.
+and ``inverter_123.json``, shipped with pysunspec2 1.3.7). Register dumps of real inverters
+(SMA Sunny Boy 3.6, FIMER PVS) are tested the same way in tests/test_sunspec_dumps.py.
 """
 
 from __future__ import annotations

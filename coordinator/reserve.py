@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -268,24 +268,6 @@ def unflatten(values: Sequence[float | None]) -> NDArray[np.float64]:
 #: The stored energy the reservation assumes a battery keeps (its readings carry no bounds),
 #: % of its capacity.
 ASSUMED_SOC_MIN_PCT = 5.0
-
-
-def projected(battery: FleetBattery, power_kw: float, hours: float) -> FleetBattery:
-    """``battery`` as it will be ``hours`` from now if it keeps its present power
-    (``power_kw``, + discharging, within its ratings): its state at the start of the first
-    planned step, which begins up to an interval and a gate after the forecasts are made. A
-    schedule from the stored energy now would count on energy the interval in progress spends
-    (or miss what it stores)."""
-    if not hours > 0 or not math.isfinite(power_kw):
-        return battery
-    b = battery
-    power = min(max(power_kw, -b.max_charge_kw), b.max_discharge_kw)
-    if power > 0:
-        change = -power * hours / b.discharge_efficiency
-    else:
-        change = -power * hours * b.charge_efficiency
-    low, high = min(b.min_kwh, b.stored_kwh), max(b.max_kwh, b.stored_kwh)
-    return replace(b, stored_kwh=min(max(b.stored_kwh + change, low), high))
 
 
 def fleet_from_readings(

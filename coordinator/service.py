@@ -1153,7 +1153,7 @@ class Coordinator:
             net += load.sum(axis=0) - pv.sum(axis=0)
             chunks.append((chunk, pv, load))
         tariffs = np.array([self.tariff_at(float(t)) for t in times])
-        fleet = self._fleet(names, max(0.0, first_interval * m.interval_s - self.clock.now()))
+        fleet = self._fleet(names)
         community: reserve.CommunityPlan | None = None
         if fleet:
             g, step_h = self.config.grid, m.interval_s / 3600.0
@@ -1197,22 +1197,22 @@ class Coordinator:
         with contextlib.suppress(BusUnavailable):
             self.stats.forecasts += await self.bus.publish_burst(messages, retain=True)
 
-    def _fleet(self, names: Sequence[str], ahead_s: float) -> dict[str, reserve.FleetBattery]:
-        """The batteries of ``names`` as their latest readings describe them, projected
-        ``ahead_s`` at their present power (:func:`coordinator.reserve.projected`: to the
-        start of the first step planned)."""
+    def _fleet(self, names: Sequence[str]) -> dict[str, reserve.FleetBattery]:
+        """The batteries of ``names`` as their latest readings describe them."""
         fleet = {}
         for name in names:
             latest = self.sites[name].latest
             if latest is None:
                 continue
-            batteries = [d for d in latest.devices if d.kind == "battery" and d.available]
             battery = reserve.fleet_from_readings(
-                [(d.soc_pct, d.capacity_wh, d.rated_power_w) for d in batteries]
+                [
+                    (d.soc_pct, d.capacity_wh, d.rated_power_w)
+                    for d in latest.devices
+                    if d.kind == "battery" and d.available
+                ]
             )
             if battery is not None:
-                power_kw = sum(d.power_w or 0.0 for d in batteries) / 1000.0
-                fleet[name] = reserve.projected(battery, power_kw, ahead_s / 3600.0)
+                fleet[name] = battery
         return fleet
 
     def _reservation_messages(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,6 @@ from coordinator.reserve import (
     ReservationError,
     community_schedule,
     flatten,
-    projected,
     reserve,
     unflatten,
 )
@@ -219,17 +216,3 @@ def test_a_later_need_beyond_the_fleets_capacity_raises_the_level_too() -> None:
         sizing_margin=0.0,
     )
     assert out.import_level_kw == pytest.approx((45.0 - 10.0 / 3) / 0.25, rel=2e-3)
-
-
-def test_a_battery_is_projected_to_the_start_of_the_first_planned_step_at_its_power() -> None:
-    b = FleetBattery(50.0, 5.0, 100.0, 20.0, 40.0, 0.8, 0.5)
-    # discharging 10 kW for half an hour takes 5 kWh AC, 10 kWh stored at 50 % efficiency
-    assert projected(b, 10.0, 0.5).stored_kwh == pytest.approx(40.0)
-    # charging 10 kW for an hour stores 8 kWh; past the ratings the rating counts
-    assert projected(b, -10.0, 1.0).stored_kwh == pytest.approx(58.0)
-    assert projected(b, 100.0, 0.25).stored_kwh == pytest.approx(50.0 - 40.0 * 0.25 / 0.5)
-    # never past the bounds, and nothing to project without time or with a bad reading
-    assert projected(b, 40.0, 10.0).stored_kwh == pytest.approx(5.0)
-    assert projected(b, -20.0, 10.0).stored_kwh == pytest.approx(100.0)
-    assert projected(b, 10.0, 0.0) is b
-    assert projected(b, math.nan, 1.0) is b

@@ -828,9 +828,9 @@ class Engine:
             awards[interval] = Commitment(quantity, record.clearing_price_per_kwh)
             while len(awards) > AWARDS_KEPT:
                 awards.popitem(last=False)
-        self._forecast((interval + 1) * m.interval_s, now)
+        self._forecast((interval + 1) * m.interval_s)
 
-    def _forecast(self, start: float, now: float) -> None:
+    def _forecast(self, start: float) -> None:
         """Coordinator.publish_forecasts: each site's PV and load over the horizon, the local
         price from the community's net load, and the feeder reservation."""
         m = self.config.market
@@ -847,12 +847,7 @@ class Engine:
         tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
         step_h = m.interval_s / 3600.0
         reservation = None
-        ahead_h = max(0.0, start - now) / 3600.0  # the first step begins an interval later
-        fleet = {
-            s.name: rs.projected(fleet_battery(s.batteries), s.battery_w / 1000.0, ahead_h)
-            for s in known
-            if s.batteries
-        }
+        fleet = {s.name: fleet_battery(s.batteries) for s in known if s.batteries}
         if self.variant == "wattmesh" and fleet:
             net_kwh = {n: (ld - pv) * step_h / 1000.0 for n, (pv, ld) in shapes.items()}
             community = rs.community_schedule(

@@ -602,7 +602,7 @@ async def test_the_feeder_reservation_goes_to_each_site_with_a_battery(
             c.clock.ts = T0 - 6 * 3600.0 + 60.0 * i
             c.ingest_telemetry("site-a", _telemetry(c.clock.ts, 9000.0))
             reading = _telemetry(c.clock.ts, 500.0, 0.0, soc=80.0, rated_w=5000.0)
-            reading.devices[1] = reading.devices[1].model_copy(update={"capacity_wh": 20_000.0})
+            reading.devices[1] = reading.devices[1].model_copy(update={"capacity_wh": 100_000.0})
             c.ingest_telemetry("site-b", reading)
         k = int(c.clock.ts // 900) + 1
         await c.publish_forecasts(k)
@@ -616,6 +616,6 @@ async def test_the_feeder_reservation_goes_to_each_site_with_a_battery(
     assert caps and min(caps) == pytest.approx(0.5 - 1.5, abs=0.1)
     assert c.last_reservation is not None
     # the community schedule's stored energy comes along as the site's suggestion, within
-    # its battery (20 kWh, 5 % kept)
+    # its battery (100 kWh, 5 % kept)
     assert len(share.suggested_kwh) == len(share.floor_kwh)
-    assert all(v is not None and 1.0 - 1e-6 <= v <= 20.0 + 1e-6 for v in share.suggested_kwh)
+    assert all(v is not None and 5.0 - 1e-6 <= v <= 100.0 + 1e-6 for v in share.suggested_kwh)

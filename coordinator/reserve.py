@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -268,6 +268,28 @@ def unflatten(values: Sequence[float | None]) -> NDArray[np.float64]:
 #: The stored energy the reservation assumes a battery keeps (its readings carry no bounds),
 #: % of its capacity.
 ASSUMED_SOC_MIN_PCT = 5.0
+
+
+def after_award(
+    battery: FleetBattery, net_kwh: float | None, award_kwh: float | None, step_h: float
+) -> FleetBattery:
+    """``battery`` at the end of the interval just cleared, if its site keeps its award
+    (``award_kwh``, + bought) against its forecast net load (``net_kwh``, load - PV, + imports):
+    the battery covers the difference (+ discharging) within its power and energy bounds. The
+    forecasts are made at that interval's gate, so the first step they plan starts when it
+    ends; counting the interval as if the battery stayed idle would plan with energy it will
+    have spent (or without what it will have stored). Without a forecast or an award (the site
+    did not bid): the battery as it is."""
+    if net_kwh is None or award_kwh is None:
+        return battery
+    if not (math.isfinite(net_kwh) and math.isfinite(award_kwh) and step_h > 0):
+        return battery
+    b = battery
+    ac_kwh = min(max(net_kwh - award_kwh, -b.max_charge_kw * step_h), b.max_discharge_kw * step_h)
+    eta = 1.0 / b.discharge_efficiency if ac_kwh > 0 else b.charge_efficiency
+    change = -ac_kwh * eta
+    low, high = min(b.min_kwh, b.stored_kwh), max(b.max_kwh, b.stored_kwh)
+    return replace(b, stored_kwh=min(max(b.stored_kwh + change, low), high))
 
 
 def fleet_from_readings(

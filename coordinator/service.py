@@ -1153,7 +1153,7 @@ class Coordinator:
             net += load.sum(axis=0) - pv.sum(axis=0)
             chunks.append((chunk, pv, load))
         tariffs = np.array([self.tariff_at(float(t)) for t in times])
-        fleet = self._fleet(names)
+        fleet = self._after_awards(self._fleet(names), first_interval - 1)
         community: reserve.CommunityPlan | None = None
         if fleet:
             g, step_h = self.config.grid, m.interval_s / 3600.0
@@ -1214,6 +1214,34 @@ class Coordinator:
             if battery is not None:
                 fleet[name] = battery
         return fleet
+
+    def _after_awards(
+        self, fleet: dict[str, reserve.FleetBattery], cleared: int
+    ) -> dict[str, reserve.FleetBattery]:
+        """The batteries as they will be when interval ``cleared`` (just cleared; the first
+        planned step starts as it ends) has run as awarded (:func:`coordinator.reserve.
+        after_award`), from each site's award and the forecast it was sent for that interval."""
+        record = self.cleared.get(cleared)
+        if record is None:
+            return fleet
+        awards = record.awards_kwh
+        step_h = self.config.market.interval_s / 3600.0
+        out = {}
+        for name, battery in fleet.items():
+            out[name] = reserve.after_award(
+                battery, self._forecast_net_kwh(name, cleared), awards.get(name), step_h
+            )
+        return out
+
+    def _forecast_net_kwh(self, name: str, interval: int) -> float | None:
+        """The net load (kWh, + imports) the site's last forecast gave ``interval``, if any."""
+        f = self.last_forecasts.get(name)
+        if f is None:
+            return None
+        index = round((interval * self.config.market.interval_s - f.start_ts) / f.step_s)
+        if f.step_s != self.config.market.interval_s or not 0 <= index < len(f.pv_power_w):
+            return None
+        return (f.load_power_w[index] - f.pv_power_w[index]) * f.step_s / 3.6e6
 
     def _reservation_messages(
         self,

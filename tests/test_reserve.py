@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from coordinator.reserve import (
     FleetBattery,
     ReservationError,
+    after_award,
     community_schedule,
     flatten,
     reserve,
@@ -216,3 +219,20 @@ def test_a_later_need_beyond_the_fleets_capacity_raises_the_level_too() -> None:
         sizing_margin=0.0,
     )
     assert out.import_level_kw == pytest.approx((45.0 - 10.0 / 3) / 0.25, rel=2e-3)
+
+
+def test_the_fleet_is_planned_from_where_the_interval_just_cleared_leaves_it() -> None:
+    b = FleetBattery(50.0, 5.0, 100.0, 20.0, 40.0, 0.8, 0.5)
+    # forecast 6 kWh of net load, 1 kWh bought: the battery gives 5 kWh AC, 10 kWh stored
+    assert after_award(b, 6.0, 1.0, 0.25).stored_kwh == pytest.approx(40.0)
+    # 2 kWh of surplus, 2 kWh sold: the battery is idle; 4 kWh bought on 1 kWh of need: it
+    # stores 3 kWh AC at 80 %
+    assert after_award(b, -2.0, -2.0, 0.25).stored_kwh == pytest.approx(50.0)
+    assert after_award(b, 1.0, 4.0, 0.25).stored_kwh == pytest.approx(52.4)
+    # within its power (40 kW over a quarter hour: 10 kWh AC) and its bounds
+    assert after_award(b, 30.0, 0.0, 0.25).stored_kwh == pytest.approx(30.0)
+    assert after_award(b, 300.0, 0.0, 2.0).stored_kwh == pytest.approx(5.0)
+    # no award (the site did not bid) or no forecast: as it is
+    assert after_award(b, 6.0, None, 0.25) is b
+    assert after_award(b, None, 1.0, 0.25) is b
+    assert after_award(b, math.nan, 1.0, 0.25) is b

@@ -128,6 +128,21 @@ def _aligned(
     return aligned(start, step_s, len(values), series_start, step_s, values)
 
 
+def _interval_net_kwh(
+    forecast: tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None,
+    start_ts: float,
+    interval_s: float,
+) -> float | None:
+    """The forecast net load (kWh, + imports) of the interval from ``start_ts``, from the
+    forecast a site holds (None when it has none for that interval)."""
+    if forecast is None:
+        return None
+    index = round((start_ts - forecast[0]) / interval_s)
+    if not 0 <= index < len(forecast[1]):
+        return None
+    return float(forecast[2][index] - forecast[1][index]) * interval_s / 3.6e6
+
+
 def fleet_battery(batteries: list[SteppedBattery]) -> rs.FleetBattery:
     """A site's batteries as the coordinator's reservation sees them (from their readings)."""
     return rs.FleetBattery(
@@ -847,7 +862,17 @@ class Engine:
         tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
         step_h = m.interval_s / 3600.0
         reservation = None
-        fleet = {s.name: fleet_battery(s.batteries) for s in known if s.batteries}
+        cleared = int(start // m.interval_s) - 1  # its awards are known, the batteries run it
+        fleet = {
+            s.name: rs.after_award(
+                fleet_battery(s.batteries),
+                _interval_net_kwh(s.forecast, start - m.interval_s, m.interval_s),
+                None if cleared not in s.awards else s.awards[cleared].quantity_kwh,
+                step_h,
+            )
+            for s in known
+            if s.batteries
+        }
         if self.variant == "wattmesh" and fleet:
             net_kwh = {n: (ld - pv) * step_h / 1000.0 for n, (pv, ld) in shapes.items()}
             community = rs.community_schedule(

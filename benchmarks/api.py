@@ -67,13 +67,13 @@ LOADGEN = textwrap.dedent("""
             raise RuntimeError(f"{path}: HTTP {status} {body[:200]!r}")
 
     async def main():
-        lat, todo, go = [], [paths[i % len(paths)] for i in reversed(range(n))], asyncio.Event()
+        lat, pending, go = [], [paths[i % len(paths)] for i in reversed(range(n))], asyncio.Event()
         async def worker(i):
             reader, writer = await asyncio.open_connection(url.hostname, url.port)
             await get(reader, writer, paths[i % len(paths)])  # warm up
             await go.wait()
-            while todo:
-                path = todo.pop()
+            while pending:
+                path = pending.pop()
                 t = time.perf_counter()
                 await get(reader, writer, path)
                 lat.append(time.perf_counter() - t)

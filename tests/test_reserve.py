@@ -42,6 +42,7 @@ def test_an_evening_excess_is_reserved_ahead_and_shared_by_capacity() -> None:
         export_limit_kw=150.0,
         plan_to_share=1.0,
         sizing_margin=0.0,
+        refill_share=1.0,
     )
     # the fleet discharges 7.5 kWh AC in steps 4 and 5: 9.375 kWh stored each (eta_d 0.8);
     # before them the headroom (17.5 kWh a step) can charge: 18.75 at the end of step 3,
@@ -73,6 +74,7 @@ def test_headroom_between_two_peaks_refills_what_the_first_took() -> None:
         export_limit_kw=150.0,
         plan_to_share=1.0,
         sizing_margin=0.0,
+        refill_share=1.0,
     )
     # step 5 needs 2.5 kWh AC = 3.125 stored; steps 2-4 could put back 15: no reserve needed
     # before step 1 beyond step 1's own 3.125
@@ -236,3 +238,24 @@ def test_the_fleet_is_planned_from_where_the_interval_just_cleared_leaves_it() -
     assert after_award(b, 6.0, None, 0.25) is b
     assert after_award(b, None, 1.0, 0.25) is b
     assert after_award(b, math.nan, 1.0, 0.25) is b
+
+
+def test_only_part_of_the_headroom_before_a_peak_is_counted_as_refill_by_default() -> None:
+    # the peak at step 5 needs 2.5 kWh AC (3.125 stored); steps 2-4 have 5 kWh of headroom
+    # each. Counting all of it, nothing need be held before step 4; counting half (the
+    # default), the batteries hold what step 4's half cannot put back, and refill earlier.
+    feeder = np.array([30.0, 30.0, 32.5, 32.5, 32.5, 40.0])
+    args = {"step_h": 0.25, "import_limit_kw": 150.0, "export_limit_kw": 150.0}
+    full = reserve(
+        {"a": feeder},
+        {"a": fleet(100.0, 40.0)},
+        plan_to_share=1.0,
+        sizing_margin=0.0,
+        refill_share=1.0,
+        **args,
+    )
+    half = reserve(
+        {"a": feeder}, {"a": fleet(100.0, 40.0)}, plan_to_share=1.0, sizing_margin=0.0, **args
+    )
+    np.testing.assert_allclose(full.required_kwh[:5], [0.0, 0.0, 0.0, 0.0, 3.125])
+    np.testing.assert_allclose(half.required_kwh[:5], [0.0, 0.0, 0.0, 0.625, 3.125])

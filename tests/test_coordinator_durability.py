@@ -167,16 +167,21 @@ file = "{clock_file}"
     return path
 
 
-async def _start(config: Path, files: BrokerFiles, log: Path) -> asyncio.subprocess.Process:
-    env = {
+async def start_coordinator(
+    config: Path, files: BrokerFiles, log: Path, *args: str, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """``wattmesh coordinator run CONFIG ARGS`` in its own process, its output in ``log``;
+    ``env`` adds to the broker password and this checkout on the path."""
+    full_env = {
         **os.environ,
         "WATTMESH_COORDINATOR_PASSWORD": files.credentials["coordinator"],
         "PYTHONPATH": str(ROOT),
+        **(env or {}),
     }
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wattmesh", "coordinator", "run", str(config),
-            env=env, stdout=out, stderr=out,
+            sys.executable, "-m", "wattmesh", "coordinator", "run", str(config), *args,
+            env=full_env, stdout=out, stderr=out,
         )  # fmt: skip
 
 
@@ -245,7 +250,7 @@ async def test_killing_the_coordinator_around_gate_closures_loses_no_cleared_int
         await operator.subscribe(topics.MARKET_CLEARING)
         await operator.subscribe(f"{topics.PREFIX}/site/+/award")
         feeder = asyncio.create_task(_run_sites(clock, buses, stop))
-        proc = await _start(config, broker_files, log)
+        proc = await start_coordinator(config, broker_files, log)
         kills = 0
         try:
             while kills < 20:
@@ -262,7 +267,7 @@ async def test_killing_the_coordinator_around_gate_closures_loses_no_cleared_int
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
                 kills += 1
-                proc = await _start(config, broker_files, log)
+                proc = await start_coordinator(config, broker_files, log)
             # Let the last one run until every published interval is due and settled.
             last = max(published)
             end = (last + 1) * 900 + 120 + 600 + 100  # settle_window_s for incomplete metering

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
@@ -27,6 +25,7 @@ from coordinator.ledger import Ledger
 from coordinator.standby import LEASE_LOCK_CLASS, FeederLease, LeaseLost, StandbyError, serve
 from tests.pg_fixtures import PostgresServer, psycopg_connect
 from tests.test_coordinator import T0, _bus, _telemetry
+from tests.test_coordinator_durability import start_coordinator
 
 ROOT = Path(__file__).resolve().parent.parent
 INTERVAL_S = 60
@@ -62,17 +61,9 @@ file = "{clock_file}"
 async def _start(
     config: Path, files: BrokerFiles, server: PostgresServer, log: Path
 ) -> asyncio.subprocess.Process:
-    env = {
-        **os.environ,
-        "WATTMESH_COORDINATOR_PASSWORD": files.credentials["coordinator"],
-        _PASSWORD_ENV: server.password,
-        "PYTHONPATH": str(ROOT),
-    }
-    with log.open("ab") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wattmesh", "coordinator", "run", str(config), "--standby",
-            env=env, stdout=out, stderr=out,
-        )  # fmt: skip
+    return await start_coordinator(
+        config, files, log, "--standby", env={_PASSWORD_ENV: server.password}
+    )
 
 
 async def _run_sites(clock: ScaledClock, buses: dict[str, BusClient], stop: asyncio.Event) -> None:

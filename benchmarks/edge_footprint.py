@@ -4,8 +4,8 @@
    (``wattmesh.entry``, then :func:`wattmesh.edge_service.import_agent`); printed: the import's
    wall time (median and best run) and CPU time, the peak RSS after it, the number of modules
    and any module the service path must not load. A second figure adds the site planner's
-   first solve (``import scipy.optimize`` and one small HiGHS linear program, as edge/plan.py
-   does lazily); for comparison, the same import through the full command line
+   first solve (highspy and one small plan through :func:`edge.plan.plan_site`, as the agent
+   does in the background at start); for comparison, the same import through the full command line
    (``wattmesh.cli``), which is what ``wattmesh edge run`` loaded before the lean path.
 1. A three-device site (PV inverter, battery, SunSpec meter) runs under `wattmesh sim run` in
    its own process; `wattmesh edge run` polls it at 1 Hz for --duration seconds against a real
@@ -59,8 +59,8 @@ devices = [
 """
 
 
-#: Top-level packages the agent's service path must not load at start-up (scipy: the site
-#: planner imports it at its first solve); tests/test_lean_edge.py checks the same.
+#: Top-level packages the agent's service path must not load at start-up (the site planner
+#: needs only highspy, never scipy); tests/test_lean_edge.py checks the same.
 NOT_ON_THE_SERVICE_PATH = (
     "simulators", "coordinator", "rich", "typer", "click", "cryptography", "scipy",
     "prometheus_client",  # only with [metrics] (edge/metrics.py)
@@ -81,15 +81,16 @@ out = {{"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu
 if {plan}:
     wall, cpu = time.perf_counter(), time.process_time()
     try:
-        from scipy.optimize import linprog
+        import highspy
     except ImportError:
         out["plan"] = None
     else:
-        res = linprog([1.0, 2.0], A_ub=[[-1.0, -1.0]], b_ub=[-1.0], bounds=[(0, 1), (0, 1)],
-                      method="highs")
-        assert res.status == 0
+        from edge.plan import PlanBattery, plan_site
+        plan_site([0.5, -0.5, 0.5, 0.2], 0.3, 0.1, PlanBattery(1.0, 0.0, 2.0, 1.0, 1.0),
+                  step_h=0.25, stored_value_per_kwh=0.2)
         out["plan"] = {{"wall_s": time.perf_counter() - wall,
-                        "cpu_s": time.process_time() - cpu, "peak_mb": peak_mb()}}
+                        "cpu_s": time.process_time() - cpu, "peak_mb": peak_mb(),
+                        "scipy": "scipy" in sys.modules}}
 print(json.dumps(out))
 """
 LEAN_IMPORTS = (
@@ -139,9 +140,11 @@ def startup(runs: int) -> None:
           f"RSS under 45 MB: {'met' if peak < 45 else 'MISSED'} (after import)")  # fmt: skip
     plans = [f["plan"] for f in lean]
     if any(p is None for p in plans):
-        print("  planner's first solve: scipy is not installed, not measured")
+        print("  planner's first solve: highspy is not installed, not measured")
     else:
-        print(_startup_line("+ planner's first solve", plans, "scipy + solve"))  # type: ignore[arg-type]
+        print(_startup_line("+ planner's first solve", plans, "HiGHS + solve"))  # type: ignore[arg-type]
+        loaded = any(p["scipy"] for p in plans)  # type: ignore[index]
+        print(f"    scipy loaded by the plan: {'YES' if loaded else 'no'}")
     full = _startup_runs(FULL_IMPORTS, max(1, runs // 2), plan=False)
     print(_startup_line("full command line (before)", full))
     print(f"    {len(full[0]['modules'])} modules")  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ billed for a known future is the minimum utility bill of the feeder flow
 
 over every battery's schedule, where ``net_load_w`` is the sum over the sites of load minus PV
 (batteries idle). Where a battery sits does not matter: nothing limits flows inside the
-community. :func:`perfect_foresight` solves it with scipy's HiGHS.
+community. :func:`perfect_foresight` solves it with HiGHS (highspy).
 
 Variables (powers are means over a step of ``step_s`` seconds, ``h = step_s / 3600``):
 
@@ -42,14 +42,15 @@ result reports how much of that there was (``simultaneous_wh``).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import sparse
-from scipy.optimize import linprog
 
 __all__ = [
     "DEFAULT_LIMIT_PENALTY_PER_KWH",
@@ -296,6 +297,63 @@ def _program(
     return lay, program
 
 
+def _solve(p: _Program) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The programme's optimum and its rows' duals (equalities first), by HiGHS's simplex
+    through highspy (scipy's linprog wrapper costs as much as a small solve);
+    :class:`ScheduleError` when there is none."""
+    import highspy  # noqa: PLC0415 - with the first schedule
+
+    a = sparse.vstack([p.a_eq, p.a_ub], format="csr")
+    n_eq = p.a_eq.shape[0]
+    highs = _highs()
+    passed = highs.passModel(
+        len(p.cost),
+        a.shape[0],
+        a.nnz,
+        int(highspy.MatrixFormat.kRowwise),
+        int(highspy.ObjSense.kMinimize),
+        0.0,
+        p.cost,
+        np.ascontiguousarray(p.bounds[:, 0]),
+        np.ascontiguousarray(p.bounds[:, 1]),
+        np.concatenate([p.b_eq, np.full(len(p.b_ub), -np.inf)]),
+        np.concatenate([p.b_eq, p.b_ub]),
+        a.indptr.astype(np.int32),
+        a.indices.astype(np.int32),
+        a.data.astype(np.float64),
+        np.zeros(len(p.cost), dtype=np.int32),  # every variable continuous
+    )
+    if passed != highspy.HighsStatus.kOk:
+        raise ScheduleError(f"HiGHS refused the schedule's programme ({passed})")
+    highs.run()
+    status = highs.getModelStatus()
+    if status != highspy.HighsModelStatus.kOptimal:
+        reason = highs.modelStatusToString(status)
+        raise ScheduleError(f"HiGHS did not solve the schedule: {reason}")
+    solution = highs.getSolution()
+    return (
+        np.asarray(solution.col_value, dtype=np.float64),
+        np.asarray(solution.row_dual, dtype=np.float64)[:n_eq],
+    )
+
+
+_solvers = threading.local()
+
+
+def _highs() -> Any:
+    """This thread's silent HiGHS instance, kept between schedules."""
+    highs = getattr(_solvers, "highs", None)
+    if highs is None:
+        import highspy  # noqa: PLC0415
+
+        # highspy's Highs() prints the solver's banner as it is made: the bare solver it wraps
+        bare = getattr(getattr(highspy, "_core", None), "_Highs", None)
+        highs = bare() if bare is not None else highspy.Highs()  # type: ignore[no-untyped-call]
+        highs.setOptionValue("output_flag", False)
+        _solvers.highs = highs
+    return highs
+
+
 def perfect_foresight(
     net_load_w: ArrayLike,
     batteries: Sequence[Battery],
@@ -344,13 +402,8 @@ def perfect_foresight(
         values,
     )
     started = time.perf_counter()
-    res = linprog(
-        p.cost, A_ub=p.a_ub, b_ub=p.b_ub, A_eq=p.a_eq, b_eq=p.b_eq, bounds=p.bounds, method="highs"
-    )
+    x, row_dual = _solve(p)
     solve_s = time.perf_counter() - started
-    if res.status != 0 or res.x is None:
-        raise ScheduleError(f"HiGHS did not solve the schedule: {res.message}")
-    x = np.asarray(res.x, dtype=np.float64)
     n_b, bt = lay.n_b, lay.bt
     charge = x[lay.charge : lay.charge + bt].reshape(n_b, n_t)
     discharge = x[lay.discharge : lay.discharge + bt].reshape(n_b, n_t)
@@ -372,5 +425,5 @@ def perfect_foresight(
         export_excess_w=float(np.max(x[lay.s_out :], initial=0.0)),
         simultaneous_wh=float(np.sum(np.minimum(charge, discharge)) * h),
         solve_s=solve_s,
-        price_per_kwh=np.asarray(res.eqlin.marginals, dtype=np.float64)[bt:] * 1000.0 / h,
+        price_per_kwh=row_dual[bt : bt + n_t] * 1000.0 / h,
     )

@@ -37,9 +37,11 @@ efficiency) (:func:`plan_bid`).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -151,15 +153,32 @@ class _Programme:
             out_vals.append(np.full(len(rows), val))
         return rows
 
-    def matrix(self, kind: str) -> tuple[object, NDArray[np.float64]] | tuple[None, None]:
-        """The rows of ``kind`` as a sparse matrix and their right-hand sides."""
-        from scipy.sparse import csr_matrix  # noqa: PLC0415 - scipy loads with the first plan
+    def rows(
+        self,
+    ) -> tuple[NDArray[np.int64], NDArray[np.int32], NDArray[np.float64], NDArray[np.float64]]:
+        """Every row, equalities first, in compressed-row form (start, column index, value; a
+        column's terms in one row summed) and their right-hand sides."""
+        offset = {"eq": 0, "ub": self.count["eq"]}
+        kinds = [k for k in ("eq", "ub") if self.count[k]]
+        rows = np.concatenate([r + offset[k] for k in kinds for r in self.parts[k][0]])
+        cols = np.concatenate([c for k in kinds for c in self.parts[k][1]])
+        vals = np.concatenate([v for k in kinds for v in self.parts[k][2]]).astype(np.float64)
+        n_rows = self.count["eq"] + self.count["ub"]
+        keys, where = np.unique(rows * self.width + cols, return_inverse=True)
+        start = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(keys // self.width, minlength=n_rows), out=start[1:])
+        value = np.bincount(where, weights=vals).astype(np.float64)
+        rhs = np.concatenate([r for k in kinds for r in self.rhs[k]])
+        return start, (keys % self.width).astype(np.int32), value, rhs
 
-        if not self.count[kind]:
-            return None, None
-        rows, cols, vals = (np.concatenate(part) for part in self.parts[kind])
-        shape = (self.count[kind], self.width)
-        return csr_matrix((vals, (rows, cols)), shape=shape), np.concatenate(self.rhs[kind])
+    def solve(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """The optimum (every variable) and the duals of the equality rows (the change in
+        cost per unit more on a row's right-hand side); :class:`PlanError` without one."""
+        start, index, value, rhs = self.rows()
+        n_eq = self.count["eq"]
+        lower = rhs.copy()
+        lower[n_eq:] = -np.inf
+        return solve_lp(self.cost, self.lower, self.upper, lower, rhs, start, index, value, n_eq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,8 +309,6 @@ def plan_site(
     enough to choose among equally cheap plans, too little to change a cheaper one. Raises
     :class:`PlanError` on bad input or when HiGHS finds no optimum.
     """
-    from scipy.optimize import linprog  # noqa: PLC0415 - scipy loads with the first plan
-
     t0 = time.perf_counter()
     net = np.asarray(net_kwh, dtype=np.float64)
     n = len(net) if net.ndim == 1 else 0
@@ -332,30 +349,14 @@ def plan_site(
     if len(blocks) > 1:  # the first step's grid exchange is one decision for both scenarios
         i1, x1 = blocks[1][3], blocks[1][4]
         lp.add("eq", [i[:1], x[:1], i1[:1], x1[:1]], [1.0, -1.0, -1.0, 1.0], np.zeros(1))
-    a_eq, b_eq = lp.matrix("eq")
-    a_ub, b_ub = lp.matrix("ub")
-    try:
-        solution = linprog(
-            lp.cost,
-            A_ub=a_ub,
-            b_ub=b_ub,
-            A_eq=a_eq,
-            b_eq=b_eq,
-            bounds=np.column_stack([lp.lower, lp.upper]),
-            method="highs",
-        )
-    except ValueError as err:  # scipy's own input checks
-        raise PlanError(f"the plan's programme is malformed: {err}") from err
-    if solution.status != 0 or solution.x is None:
-        raise PlanError(f"HiGHS found no optimum: {solution.message}")
-    sol = np.asarray(solution.x, dtype=np.float64)
+    sol, eq_dual = lp.solve()
     c_v, d_v, e_v, i_v, x_v = (sol[blk] for blk in blocks[0][:5])
     over = sum(float(sol[np.concatenate(blk[5:8])].sum()) for blk in blocks)
     return SitePlan(
         grid_kwh=i_v - x_v,
         battery_kwh=d_v - c_v,
         stored_kwh=e_v,
-        value_per_kwh=-np.asarray(solution.eqlin.marginals, dtype=np.float64)[:n],
+        value_per_kwh=-eq_dual[:n],
         cost=float(buy @ i_v - sell @ x_v),
         penalty_kwh=over,
         solve_s=time.perf_counter() - t0,
@@ -363,9 +364,80 @@ def plan_site(
 
 
 def load_solver() -> None:
-    """Import the solver (scipy's HiGHS): about a second on a gateway, so an agent does it
-    in the background at start rather than in its first plan."""
-    from scipy.optimize import linprog  # noqa: F401, PLC0415
+    """Import the solver (HiGHS, through highspy): an agent does it in the background at start
+    rather than in its first plan."""
+    _highs()
+
+
+_solvers = threading.local()
+
+
+def _highs() -> Any:
+    """This thread's HiGHS instance, silent (made at its first use and kept: an instance per
+    solve would cost more than a small plan's solve)."""
+    highs = getattr(_solvers, "highs", None)
+    if highs is None:
+        highs = _new_highs()
+        highs.setOptionValue("presolve", "off")  # a plan is small and has little to remove
+        _solvers.highs = highs
+    return highs
+
+
+def _new_highs() -> Any:
+    """A HiGHS instance that prints nothing: highspy's ``Highs()`` prints the solver's banner
+    as it is made, before any option can be set, so the bare solver it wraps is used."""
+    import highspy  # noqa: PLC0415
+
+    core = getattr(highspy, "_core", None)
+    bare = getattr(core, "_Highs", None)
+    highs = bare() if bare is not None else highspy.Highs()  # type: ignore[no-untyped-call]
+    highs.setOptionValue("output_flag", False)
+    return highs
+
+
+def solve_lp(
+    cost: NDArray[np.float64],
+    col_lower: NDArray[np.float64],
+    col_upper: NDArray[np.float64],
+    row_lower: NDArray[np.float64],
+    row_upper: NDArray[np.float64],
+    start: NDArray[np.int64],
+    index: NDArray[np.int32],
+    value: NDArray[np.float64],
+    n_eq: int,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Minimise ``cost @ x`` within column and row bounds (rows in compressed-row form) with
+    HiGHS's simplex; the optimum and the duals of the first ``n_eq`` rows. :class:`PlanError`
+    when there is none (infeasible, unbounded, or the solver failed)."""
+    import highspy  # noqa: PLC0415 - loads with the first plan
+
+    highs = _highs()
+    passed = highs.passModel(
+        len(cost),
+        len(row_lower),
+        len(value),
+        int(highspy.MatrixFormat.kRowwise),
+        int(highspy.ObjSense.kMinimize),
+        0.0,
+        cost,
+        col_lower,
+        col_upper,
+        row_lower,
+        row_upper,
+        start.astype(np.int32),
+        index,
+        value,
+        np.zeros(len(cost), dtype=np.int32),  # every variable continuous
+    )
+    if passed != highspy.HighsStatus.kOk:
+        raise PlanError(f"the plan's programme is malformed (HiGHS refused it: {passed})")
+    highs.run()
+    status = highs.getModelStatus()
+    if status != highspy.HighsModelStatus.kOptimal:
+        raise PlanError(f"HiGHS found no optimum: {highs.modelStatusToString(status)}")
+    solution = highs.getSolution()
+    x = np.asarray(solution.col_value, dtype=np.float64)
+    return x, np.asarray(solution.row_dual, dtype=np.float64)[:n_eq]
 
 
 def pessimistic_net_kwh(

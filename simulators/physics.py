@@ -22,6 +22,7 @@ evaluated without state and the same seed always gives the same values.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -411,6 +412,26 @@ def battery_step(
         raise ValueError(
             f"need 0 <= soc_min_pct <= soc_max_pct <= 100, got {soc_min_pct}, {soc_max_pct}"
         )
+    if (
+        isinstance(soc_pct, float | int)
+        and isinstance(power_w, float | int)
+        and isinstance(dt_s, float | int)
+        and math.isfinite(soc_pct)
+        and math.isfinite(power_w)
+        and math.isfinite(dt_s)
+    ):
+        if dt_s < 0.0:
+            raise ValueError("dt_s must be >= 0")
+        return _battery_step_scalar(
+            float(soc_pct),
+            float(power_w),
+            float(dt_s),
+            capacity_wh,
+            charge_efficiency,
+            discharge_efficiency,
+            soc_min_pct,
+            soc_max_pct,
+        )
     dt = _f64(dt_s)
     if np.any(dt < 0.0):
         raise ValueError("dt_s must be >= 0")
@@ -438,6 +459,46 @@ def battery_step(
     new_soc = np.where(charge_limited & (max_charge_w > 0.0), soc_max_pct, new_soc)
     new_soc = np.where(discharge_limited & (max_discharge_w > 0.0), soc_min_pct, new_soc)
     return _f64(new_soc), _f64(delivered)
+
+
+def _battery_step_scalar(
+    soc: float,
+    power: float,
+    dt_s: float,
+    capacity_wh: float,
+    charge_efficiency: float,
+    discharge_efficiency: float,
+    soc_min_pct: float,
+    soc_max_pct: float,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """:func:`battery_step` for one battery and finite numbers: the same equations in plain
+    floats, as a simulated week calls it tens of thousands of times (tests/test_physics.py
+    checks the two agree)."""
+    dt_h = dt_s / _SECONDS_PER_HOUR
+    headroom_wh = max((soc_max_pct - soc) / 100.0 * capacity_wh, 0.0)
+    available_wh = max((soc - soc_min_pct) / 100.0 * capacity_wh, 0.0)
+    max_charge_w = 0.0
+    if headroom_wh > 0.0:
+        max_charge_w = headroom_wh / (dt_h * charge_efficiency) if dt_h > 0.0 else math.inf
+    max_discharge_w = 0.0
+    if available_wh > 0.0:
+        max_discharge_w = available_wh * discharge_efficiency / dt_h if dt_h > 0.0 else math.inf
+    new_soc = soc
+    if power < 0.0:
+        delivered = -min(-power, max_charge_w)
+        delta_wh = -delivered * dt_h * charge_efficiency
+        new_soc = soc + delta_wh / capacity_wh * 100.0
+        if -power >= max_charge_w > 0.0:
+            new_soc = soc_max_pct
+    elif power > 0.0:
+        delivered = min(power, max_discharge_w)
+        delta_wh = -delivered * dt_h / discharge_efficiency
+        new_soc = soc + delta_wh / capacity_wh * 100.0
+        if power >= max_discharge_w > 0.0:
+            new_soc = soc_min_pct
+    else:
+        delivered = 0.0
+    return np.asarray(new_soc, dtype=np.float64), np.asarray(delivered, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,13 +28,15 @@ from wattmesh.edge_service import fast_edge_run, parse_edge_args
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Top-level packages the running agent must never load (benchmarks/edge_footprint.py too).
-#: prometheus_client: only with [metrics] (edge/metrics.py).
+#: prometheus_client: only with [metrics] (edge/metrics.py); scipy: the site planner calls
+#: HiGHS through highspy (scipy alone would add about 40 MB).
 NOT_ON_THE_SERVICE_PATH = {
     "simulators", "coordinator", "rich", "typer", "click", "cryptography", "prometheus_client",
+    "scipy",
 }  # fmt: skip
-#: ... and what it must not load at start-up either: the site planner imports scipy at its
-#: first solve, in a worker thread, never before.
-NOT_AT_START_UP = NOT_ON_THE_SERVICE_PATH | {"scipy"}
+#: ... and what it must not load at start-up either: the site planner loads highspy in a
+#: worker thread once the agent runs, never before.
+NOT_AT_START_UP = NOT_ON_THE_SERVICE_PATH | {"highspy"}
 #: What it must load: the agent and the libraries it works with (the parsing is no vacuum).
 ON_THE_SERVICE_PATH = {"edge", "broker", "drivers", "pydantic", "aiomqtt", "paho", "pymodbus", "numpy"}
 

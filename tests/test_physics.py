@@ -311,6 +311,36 @@ def test_battery_step_keeps_soc_in_bounds_and_conserves_energy(
     assert stored_change_wh == pytest.approx(expected_wh, rel=1e-9, abs=1e-9 * capacity_wh)
 
 
+@given(
+    soc_pct=st.floats(-5.0, 105.0),
+    power_w=st.floats(-1e6, 1e6) | st.just(0.0),
+    dt_s=st.floats(0.0, 86_400.0) | st.just(0.0),
+    capacity_wh=st.floats(1.0, 1e6),
+    eta_c=st.floats(0.5, 1.0),
+    eta_d=st.floats(0.5, 1.0),
+    soc_min_pct=st.floats(0.0, 50.0),
+    soc_max_pct=st.floats(50.0, 100.0),
+)
+def test_battery_step_gives_the_same_for_plain_floats_as_for_arrays(
+    *,
+    soc_pct: float,
+    power_w: float,
+    dt_s: float,
+    capacity_wh: float,
+    eta_c: float,
+    eta_d: float,
+    soc_min_pct: float,
+    soc_max_pct: float,
+) -> None:
+    """Plain floats take a scalar path (a simulated week calls it ~10^5 times); it must be the
+    array equations exactly, also for a battery outside its bounds, no power or no time."""
+    args = (capacity_wh, eta_c, eta_d, soc_min_pct, soc_max_pct)
+    soc_s, got_s = battery_step(soc_pct, power_w, dt_s, *args)
+    soc_a, got_a = battery_step(np.array([soc_pct]), np.array([power_w]), np.array([dt_s]), *args)
+    assert float(soc_s) == float(soc_a[0])
+    assert float(got_s) == float(got_a[0])
+
+
 # ------------------------------------------------------------------------------------ loads
 
 # 2024-06-09 is a Sunday, 2024-06-12 a Wednesday, 2024-06-15 a Saturday.

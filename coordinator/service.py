@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -65,6 +65,9 @@ from coordinator.ledger import ClearedInterval, ClearingConflict, LedgerError
 from coordinator.market import Book, Tariff, clear
 from coordinator.market import Clearing as MarketClearing
 from coordinator.metrics import MetricsServer, registry_for
+
+if TYPE_CHECKING:
+    from coordinator.schedule import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +125,6 @@ def clear_bids(
     return result, {name: float(net[i]) for i, name in enumerate(names)}, price
 
 
-def site_forecast_w(
-    pv: RingBuffer, load: RingBuffer, times: NDArray[np.floating[Any]], where: CoordinatorSection
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """A site's PV and load forecasts (W) at ``times`` from its history (unknown: 0)
-    (:func:`coordinator.forecast.pv_forecast_w`, :func:`coordinator.forecast.load_forecast_w`)."""
-    pv_ts, pv_w = pv.arrays()
-    load_ts, load_w = load.arrays()
-    pv_f = fc.pv_forecast_w(pv_ts, pv_w, times, where.latitude_deg, where.longitude_deg)
-    load_f = fc.load_forecast_w(load_ts, load_w, times, utc_offset_h=where.utc_offset_h)
-    return np.nan_to_num(pv_f), np.nan_to_num(load_f)
-
-
 def sites_forecast_w(
     history_ts: NDArray[np.float64],
     history: NDArray[np.float64],
@@ -157,6 +148,44 @@ def sites_forecast_w(
         history_ts, history[..., 1], times, utc_offset_h=where.utc_offset_h
     )
     return np.nan_to_num(pv_f), np.nan_to_num(load_f)
+
+
+def new_history() -> RingBuffer:
+    """A site's forecasting history: a sample every HISTORY_STEP_S (s) of PV W, load W and
+    the clear-sky GHI (W/m^2) at it, float32, for HISTORY_SAMPLES samples (7 days)."""
+    return RingBuffer(HISTORY_SAMPLES, columns=3, dtype=np.float32)
+
+
+def fill_clear_sky(
+    pending: Sequence[tuple[RingBuffer, int, float]], where: CoordinatorSection
+) -> None:
+    """Store the clear-sky GHI of each pending (history, slot, ts) sample, in one vectorised
+    computation (a scalar one per sample would cost ingest ~35 us each); a slot overwritten
+    since is left alone."""
+    if not pending:
+        return
+    ghi = fc.clear_sky_ghi_w_per_m2(
+        np.array([ts for _, _, ts in pending]), where.latitude_deg, where.longitude_deg
+    )
+    for (ring, slot, ts), value in zip(pending, ghi.tolist(), strict=True):
+        if slot < len(ring.ts) and ring.ts[slot] == ts:  # not overwritten since
+            ring.values[slot, 2] = value
+
+
+def history_snapshot(
+    rings: Sequence[RingBuffer],
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Copies of the sites' histories for :func:`sites_forecast_w`: ts ``(n, samples)`` and
+    values ``(n, samples, 3)``, each row right-aligned (the newest sample last) and padded in
+    front with NaN."""
+    rows = [ring.arrays() for ring in rings]
+    width = max(len(ts) for ts, _ in rows)
+    ts_out = np.full((len(rows), width), np.nan)
+    values_out = np.full((len(rows), width, 3), np.nan)
+    for i, (ts, values) in enumerate(rows):
+        ts_out[i, width - len(ts) :] = ts
+        values_out[i, width - len(ts) :] = values
+    return ts_out, values_out
 
 
 def award_messages(record: ClearedInterval, now: float) -> list[tuple[str, str]]:
@@ -296,9 +325,7 @@ class SiteState:
     latest: Telemetry | None = None
     #: One sample every HISTORY_STEP_S: PV W, load W and the clear-sky GHI (W/m^2) at it
     #: (float32: 7 significant digits are plenty for a forecast; 20 bytes a sample).
-    history: RingBuffer = field(
-        default_factory=lambda: RingBuffer(HISTORY_SAMPLES, columns=3, dtype=np.float32)
-    )
+    history: RingBuffer = field(default_factory=new_history)
     energy_wh: dict[int, float] = field(default_factory=dict)  # interval -> metered import
     covered_s: dict[int, float] = field(default_factory=dict)  # interval -> metered seconds
     suspect: set[int] = field(default_factory=set)  # intervals with an implausible reading
@@ -426,6 +453,7 @@ class Coordinator:
         #: The last feeder reservation (coordinator/reserve.py), if one was made.
         self.last_reservation: reserve.FeederReservation | None = None
         self.last_reservation_ts = -math.inf
+        self._schedule_warm: WarmStart | None = None  # the community schedule's last basis
         self._level_raised = False
         self._ack_waiters: dict[str, asyncio.Future[DispatchAck]] = {}
         #: Cleared intervals not yet settled (from the ledger at start: none is lost).
@@ -824,18 +852,9 @@ class Coordinator:
         return True
 
     def _fill_ghi(self) -> None:
-        """Store the clear-sky GHI of the history samples taken since the last call, in one
-        vectorised computation (a scalar one per sample would cost ingest ~35 us each)."""
+        """Store the clear-sky GHI of the history samples taken since the last call."""
         pending, self._ghi_pending = self._ghi_pending, []
-        if not pending:
-            return
-        c = self.config.coordinator
-        ghi = fc.clear_sky_ghi_w_per_m2(
-            np.array([ts for _, _, ts in pending]), c.latitude_deg, c.longitude_deg
-        )
-        for (ring, slot, ts), value in zip(pending, ghi.tolist(), strict=True):
-            if slot < len(ring.ts) and ring.ts[slot] == ts:  # not overwritten since
-                ring.values[slot, 2] = value
+        fill_clear_sky(pending, self.config.coordinator)
 
     def _meter(self, state: SiteState, t0: float, t1: float, grid_w: float) -> None:
         """Add grid_w held over [t0, t1) to the intervals it spans, Wh.
@@ -1156,17 +1175,14 @@ class Coordinator:
         fleet = self._after_awards(self._fleet(names), first_interval - 1)
         community: reserve.CommunityPlan | None = None
         if fleet:
-            g, step_h = self.config.grid, m.interval_s / 3600.0
+            step_h = m.interval_s / 3600.0
             try:
                 community = await asyncio.to_thread(
-                    reserve.community_schedule,
+                    self._community_schedule,
                     net * step_h / 1000.0,
                     list(fleet.values()),
-                    retail_per_kwh=tariffs[:, 0],
-                    feed_in_per_kwh=tariffs[:, 1],
-                    step_h=step_h,
-                    import_limit_kw=g.import_limit_w * g.target_pct / 1e5,
-                    export_limit_kw=g.export_limit_w * g.target_pct / 1e5,
+                    tariffs,
+                    step_h,
                 )
             except (ValueError, ArithmeticError) as err:  # the forecasts go out regardless
                 log.warning("no community schedule: %s", str(err).splitlines()[0])
@@ -1196,6 +1212,31 @@ class Coordinator:
                 self.historian.record_forecast(name, forecast)
         with contextlib.suppress(BusUnavailable):
             self.stats.forecasts += await self.bus.publish_burst(messages, retain=True)
+
+    def _community_schedule(
+        self,
+        net_kwh: NDArray[np.float64],
+        fleet: list[reserve.FleetBattery],
+        tariffs: NDArray[np.float64],
+        step_h: float,
+    ) -> reserve.CommunityPlan:
+        """:func:`coordinator.reserve.community_schedule` on the forecast, each from the
+        last one's basis (runs in a worker thread, one at a time)."""
+        if self._schedule_warm is None:
+            from coordinator.schedule import WarmStart  # noqa: PLC0415 - scipy, at first use
+
+            self._schedule_warm = WarmStart()
+        g = self.config.grid
+        return reserve.community_schedule(
+            net_kwh,
+            fleet,
+            retail_per_kwh=tariffs[:, 0],
+            feed_in_per_kwh=tariffs[:, 1],
+            step_h=step_h,
+            import_limit_kw=g.import_limit_w * g.target_pct / 1e5,
+            export_limit_kw=g.export_limit_w * g.target_pct / 1e5,
+            warm=self._schedule_warm,
+        )
 
     def _fleet(self, names: Sequence[str]) -> dict[str, reserve.FleetBattery]:
         """The batteries of ``names`` as their latest readings describe them."""
@@ -1312,16 +1353,8 @@ class Coordinator:
     def _history_snapshot(
         self, names: Sequence[str]
     ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """Copies of the sites' histories: ts ``(n, samples)`` and values ``(n, samples, 3)``,
-        each row right-aligned (the newest sample last) and padded in front with NaN."""
-        rows = [self.sites[name].history.arrays() for name in names]
-        width = max(len(ts) for ts, _ in rows)
-        ts_out = np.full((len(rows), width), np.nan)
-        values_out = np.full((len(rows), width, 3), np.nan)
-        for i, (ts, values) in enumerate(rows):
-            ts_out[i, width - len(ts) :] = ts
-            values_out[i, width - len(ts) :] = values
-        return ts_out, values_out
+        """Copies of the sites' histories (:func:`history_snapshot`)."""
+        return history_snapshot([self.sites[name].history for name in names])
 
     # -- grid ------------------------------------------------------------------------------
     def feeder_flow_w(self) -> float:

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -69,7 +70,15 @@ from edge.bidding import CurveSteps
 from edge.config import DeviceSection, EdgeConfig, proxy_units
 from edge.latency import LatencyHistogram
 from edge.outbox import Outbox
-from edge.plan import Horizon, IntervalPlan, PlanError, aligned, load_solver, plan_interval
+from edge.plan import (
+    Horizon,
+    IntervalPlan,
+    PlanError,
+    WarmStart,
+    aligned,
+    load_solver,
+    plan_interval,
+)
 from edge.policy import (
     BatteryView,
     Command,
@@ -422,6 +431,8 @@ class EdgeAgent:
         #: The latest plan made and the interval it was made for.
         self.last_plan: tuple[int, IntervalPlan] | None = None
         self._plan_failing: str | None = None
+        self._plan_warm = WarmStart()  # the last plan's basis, for the next one to start from
+        self._plan_warm_lock = threading.Lock()
         self.grid_mode = "normal"
         #: The latest market clearing received (read only with ``[homeassistant]``).
         self.clearing: Clearing | None = None
@@ -1073,14 +1084,21 @@ class EdgeAgent:
         if horizon is None:
             raise PlanError("no forecast from the coordinator yet")
         c = self.config
-        return plan_interval(
-            horizon,
-            views,
-            config=c.plan,
-            market=c.market,
-            limits=c.limits,
-            role=c.site.role,
-        )
+        # a late plan's thread may still hold the warm start: then this one starts cold
+        warm = self._plan_warm if self._plan_warm_lock.acquire(blocking=False) else None
+        try:
+            return plan_interval(
+                horizon,
+                views,
+                config=c.plan,
+                market=c.market,
+                limits=c.limits,
+                role=c.site.role,
+                warm=warm,
+            )
+        finally:
+            if warm is not None:
+                self._plan_warm_lock.release()
 
     async def _planned_bid(self, upcoming: int, time_left_s: float) -> CurveSteps | None:
         """The bid for interval ``upcoming`` from a plan (edge/plan.py) solved in a worker

@@ -73,6 +73,22 @@ class PlanError(ValueError):
     """A plan cannot be set up (bad input) or the solver found no optimum."""
 
 
+class WarmStart:
+    """What one site's next plan starts from: the simplex basis of its last plan (one step
+    earlier, so mostly still the right one: a re-plan of the five-site community's week takes
+    about 30 simplex iterations instead of about 560). A programme of another shape (another
+    horizon length, a reservation appearing or lapsing) starts cold. The optimum is the same
+    either way (where several plans cost the same, the solver may pick another of them). One
+    per site, used by one plan at a time (not thread-safe). Moving the basis on by one step
+    was tried: fewer iterations, but converting it in Python cost more than they saved."""
+
+    __slots__ = ("basis", "shape")
+
+    def __init__(self) -> None:
+        self.basis: Any = None
+        self.shape: tuple[int, list[int]] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class PlanBattery:
     """A site's batteries taken together: energies in kWh, powers in kW, efficiencies (-)."""
@@ -95,7 +111,8 @@ class SitePlan:
     ``value_per_kwh`` the marginal value of stored energy at each step's end, ``cost`` the
     nominal scenario's energy cost (currency, + paid, without penalties and stored value),
     ``penalty_kwh`` the flow beyond limits and the floor shortfall the plan could not avoid
-    (nominal and pessimistic scenarios), ``solve_s`` the solver's wall time."""
+    (nominal and pessimistic scenarios), ``solve_s`` the solver's wall time, ``iterations``
+    its simplex iterations."""
 
     grid_kwh: NDArray[np.float64]
     battery_kwh: NDArray[np.float64]
@@ -104,6 +121,7 @@ class SitePlan:
     cost: float
     penalty_kwh: float
     solve_s: float
+    iterations: int = 0
 
 
 def _steps(value: ArrayLike | None, n: int, what: str) -> NDArray[np.float64]:
@@ -171,14 +189,25 @@ class _Programme:
         rhs = np.concatenate([r for k in kinds for r in self.rhs[k]])
         return start, (keys % self.width).astype(np.int32), value, rhs
 
-    def solve(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    def blocks(self) -> list[int]:
+        """The lengths of the row blocks, equalities first, in the order they were added."""
+        return [len(r) for kind in ("eq", "ub") for r in self.rhs[kind]]
+
+    def solve(
+        self, warm: WarmStart | None = None
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """The optimum (every variable) and the duals of the equality rows (the change in
-        cost per unit more on a row's right-hand side); :class:`PlanError` without one."""
+        cost per unit more on a row's right-hand side); :class:`PlanError` without one.
+        With ``warm``, the simplex starts from the last plan's basis and keeps this one's."""
         start, index, value, rhs = self.rows()
         n_eq = self.count["eq"]
         lower = rhs.copy()
         lower[n_eq:] = -np.inf
-        return solve_lp(self.cost, self.lower, self.upper, lower, rhs, start, index, value, n_eq)
+        shape = (self.width, self.blocks())
+        return solve_lp(
+            self.cost, self.lower, self.upper, lower, rhs, start, index, value, n_eq,
+            warm=None if warm is None else (warm, shape),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,18 +249,14 @@ def _scenario(
     if n > 1:
         lp.add("eq", [e[:-1]], [-1.0], start, rows=rows[1:])
     lp.add("eq", [i, x, c, d], [1.0, -1.0, -1.0, 1.0], net)  # import - export = net + c - d
-    has = np.isfinite(limits.cap_in)
-    if has.any():
-        lp.add("ub", [i[has], x[has], oi[has]], [1.0, -1.0, -1.0], limits.cap_in[has] * step_h)
-    has = np.isfinite(limits.cap_out)
-    if has.any():
-        lp.add("ub", [x[has], i[has], ox[has]], [1.0, -1.0, -1.0], limits.cap_out[has] * step_h)
+    # a row for every step, limited or not (no limit: an infinite right-hand side, a free row),
+    # so that re-plans share one shape and each can start from the last one's basis
+    lp.add("ub", [i, x, oi], [1.0, -1.0, -1.0], _or_inf(limits.cap_in * step_h))
+    lp.add("ub", [x, i, ox], [1.0, -1.0, -1.0], _or_inf(limits.cap_out * step_h))
     if math.isfinite(limits.target_in):
         lp.cost[ot] = limits.target_penalty_per_kwh
         lp.add("ub", [i, x, ot], [1.0, -1.0, -1.0], np.full(n, limits.target_in * step_h))
-    has = np.isfinite(limits.floor)
-    if has.any():
-        lp.add("ub", [e[has], short[has]], [-1.0, -1.0], -limits.floor[has])
+    lp.add("ub", [e, short], [-1.0, -1.0], _or_inf(-limits.floor))
     return blocks
 
 
@@ -246,7 +271,13 @@ def _follow(
     above = first + np.arange(len(suggested), dtype=np.int64)
     below = above + len(suggested)
     lp.cost[above[has]] = lp.cost[below[has]] = FOLLOW_PER_KWH
-    lp.add("eq", [stored[has], above[has], below[has]], [1.0, -1.0, 1.0], suggested[has])
+    # every step has its row (free to differ at no cost where there is no suggestion): one shape
+    lp.add("eq", [stored, above, below], [1.0, -1.0, 1.0], np.where(has, suggested, 0.0))
+
+
+def _or_inf(rhs: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``rhs`` with +inf where it is NaN (no limit at that step)."""
+    return np.where(np.isnan(rhs), np.inf, rhs)
 
 
 def _check(
@@ -291,6 +322,7 @@ def plan_site(
     target_penalty_per_kwh: float = TARGET_PENALTY_PER_KWH,
     pessimistic_import_cap_kw: ArrayLike | None = None,
     suggested_kwh: ArrayLike | None = None,
+    warm: WarmStart | None = None,
 ) -> SitePlan:
     """The site's cheapest battery schedule over ``len(net_kwh)`` steps (module docstring).
 
@@ -306,7 +338,8 @@ def plan_site(
     site's own import (a peak it would rather not pass, e.g. for a demand charge), kept at
     ``target_penalty_per_kwh`` beyond it; ``suggested_kwh`` the coordinator's suggested stored
     energy per step (NaN: none), followed at ``FOLLOW_PER_KWH`` per kWh of difference per step:
-    enough to choose among equally cheap plans, too little to change a cheaper one. Raises
+    enough to choose among equally cheap plans, too little to change a cheaper one; ``warm``
+    the site's :class:`WarmStart` (the solve starts from its last plan's basis). Raises
     :class:`PlanError` on bad input or when HiGHS finds no optimum.
     """
     t0 = time.perf_counter()
@@ -349,7 +382,7 @@ def plan_site(
     if len(blocks) > 1:  # the first step's grid exchange is one decision for both scenarios
         i1, x1 = blocks[1][3], blocks[1][4]
         lp.add("eq", [i[:1], x[:1], i1[:1], x1[:1]], [1.0, -1.0, -1.0, 1.0], np.zeros(1))
-    sol, eq_dual = lp.solve()
+    sol, eq_dual = lp.solve(warm)
     c_v, d_v, e_v, i_v, x_v = (sol[blk] for blk in blocks[0][:5])
     over = sum(float(sol[np.concatenate(blk[5:8])].sum()) for blk in blocks)
     return SitePlan(
@@ -360,6 +393,7 @@ def plan_site(
         cost=float(buy @ i_v - sell @ x_v),
         penalty_kwh=over,
         solve_s=time.perf_counter() - t0,
+        iterations=_solvers.iterations,
     )
 
 
@@ -405,10 +439,14 @@ def solve_lp(
     index: NDArray[np.int32],
     value: NDArray[np.float64],
     n_eq: int,
+    *,
+    warm: tuple[WarmStart, tuple[int, list[int]]] | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Minimise ``cost @ x`` within column and row bounds (rows in compressed-row form) with
     HiGHS's simplex; the optimum and the duals of the first ``n_eq`` rows. :class:`PlanError`
-    when there is none (infeasible, unbounded, or the solver failed)."""
+    when there is none (infeasible, unbounded, or the solver failed). ``warm``: the
+    :class:`WarmStart` to start from and keep this solve's basis in, and the programme's
+    shape (column count, row block lengths)."""
     import highspy  # noqa: PLC0415 - loads with the first plan
 
     highs = _highs()
@@ -431,13 +469,24 @@ def solve_lp(
     )
     if passed != highspy.HighsStatus.kOk:
         raise PlanError(f"the plan's programme is malformed (HiGHS refused it: {passed})")
+    if warm is not None:
+        _start_from(highs, warm[0], warm[1])
     highs.run()
     status = highs.getModelStatus()
     if status != highspy.HighsModelStatus.kOptimal:
         raise PlanError(f"HiGHS found no optimum: {highs.modelStatusToString(status)}")
     solution = highs.getSolution()
     x = np.asarray(solution.col_value, dtype=np.float64)
+    _solvers.iterations = int(highs.getInfo().simplex_iteration_count)
+    if warm is not None:
+        warm[0].basis, warm[0].shape = highs.getBasis(), warm[1]
     return x, np.asarray(solution.row_dual, dtype=np.float64)[:n_eq]
+
+
+def _start_from(highs: Any, warm: WarmStart, shape: tuple[int, list[int]]) -> None:
+    """Give HiGHS ``warm``'s basis if the programme has its shape; else it starts cold."""
+    if warm.basis is not None and warm.shape == shape and warm.basis.valid:
+        highs.setBasis(warm.basis)
 
 
 def pessimistic_net_kwh(
@@ -668,6 +717,7 @@ def plan_interval(
     market: MarketSection,
     limits: LimitsSection,
     role: str,
+    warm: WarmStart | None = None,
 ) -> IntervalPlan:
     """Plan the site from ``horizon`` (its first step is the interval bid for) and make the
     interval's bid. Raises :class:`PlanError` when it cannot (no forecast for the interval, a
@@ -714,6 +764,7 @@ def plan_interval(
         ),
         pessimistic_import_cap_kw=cap_in + load_kwh * config.load_upside / step_h,
         suggested_kwh=None if horizon.suggested_kwh is None else horizon.suggested_kwh[:usable],
+        warm=warm,
     )
     bid = plan_bid(
         plan,

@@ -9,6 +9,7 @@ from edge.plan import (
     PlanBattery,
     PlanError,
     SitePlan,
+    WarmStart,
     pessimistic_net_kwh,
     plan_bid,
     plan_site,
@@ -230,3 +231,47 @@ def test_a_peak_target_is_kept_when_the_battery_allows_and_no_further() -> None:
     assert short.battery_kwh[:12].sum() == pytest.approx(0.0, abs=1e-6)
     assert short.battery_kwh[12:].sum() == pytest.approx(2.0 * 0.95)
     assert short.penalty_kwh == pytest.approx(0.0, abs=1e-9)  # a target is not a limit
+
+
+def _rolling_plans(warm: WarmStart | None, steps: int = 8) -> list[SitePlan]:
+    """Re-plan a 96-step day every step, the battery where the last plan left it, with a
+    reservation from the fifth re-plan on (a new shape: the pessimistic scenario appears)."""
+    hour = (np.arange(96 + steps) * STEP_H) % 24
+    load = 0.3 + 0.4 * np.exp(-((hour - 19) ** 2) / 4)
+    pv = np.maximum(0.0, np.sin((hour - 6) / 12 * np.pi)) * 1.5
+    price = np.where((hour >= 17) & (hour < 21), 0.40, 0.20)
+    stored, plans = 4.0, []
+    for k in range(steps):
+        day = slice(k, k + 96)
+        floor = np.full(96, np.nan)
+        if k >= 4:
+            floor[60:70] = 6.0
+        plan = plan_site(
+            load[day] - pv[day],
+            price[day],
+            price[day] * 0.5,
+            battery(stored),
+            step_h=STEP_H,
+            stored_value_per_kwh=0.15,
+            floor_kwh=floor,
+            pessimistic_net_kwh=load[day] - 0.5 * pv[day] if k >= 4 else None,
+            warm=warm,
+        )
+        stored = float(plan.stored_kwh[0])
+        plans.append(plan)
+    return plans
+
+
+def test_a_warm_started_re_plan_finds_the_same_optimum_in_fewer_iterations() -> None:
+    cold, warm = _rolling_plans(None), _rolling_plans(WarmStart())
+    for c, w in zip(cold, warm, strict=True):
+        objective_c = c.cost - 0.15 * c.stored_kwh[-1]
+        objective_w = w.cost - 0.15 * w.stored_kwh[-1]
+        assert objective_w == pytest.approx(objective_c, abs=1e-6)
+        assert w.penalty_kwh == pytest.approx(c.penalty_kwh, abs=1e-6)
+    # the first plan and the first with a reservation (another shape) start cold
+    assert warm[0].iterations == cold[0].iterations
+    assert warm[4].iterations == cold[4].iterations
+    # the others start from the last plan's basis
+    for k in (1, 2, 3, 5, 6, 7):
+        assert warm[k].iterations < cold[k].iterations / 2, k

@@ -11,7 +11,7 @@ code the live services run:
   steps it (:class:`SteppedBattery`, without its registers);
 - each edge: :mod:`edge.policy` (precedence layers, safety clamp, sharing among batteries,
   bid energy and curve) and :func:`edge.trust.order_window` for dispatch orders;
-- the coordinator: forecasts (:func:`coordinator.service.site_forecast_w`), market clearing
+- the coordinator: forecasts (:func:`coordinator.service.sites_forecast_w`), market clearing
   (:func:`coordinator.service.clear_bids`), grid balancing (:mod:`coordinator.grid`) and
   settlement in a SQLite ledger (:class:`coordinator.ledger.Ledger`).
 
@@ -61,16 +61,19 @@ from coordinator import reserve as rs
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
 from coordinator.ledger import Ledger, to_currency
 from coordinator.plausibility import open_interval
+from coordinator.schedule import WarmStart as ScheduleWarmStart
 from coordinator.service import (
-    HISTORY_SAMPLES,
     HISTORY_STEP_S,
     RingBuffer,
     clear_bids,
-    site_forecast_w,
+    fill_clear_sky,
+    history_snapshot,
+    new_history,
+    sites_forecast_w,
 )
 from edge.bidding import CurveSteps
 from edge.config import EdgeConfig, parse_edge_config
-from edge.plan import Horizon, PlanError, aligned, plan_interval
+from edge.plan import Horizon, PlanError, WarmStart, aligned, plan_interval
 from edge.policy import (
     BatteryView,
     Command,
@@ -306,6 +309,7 @@ class _Site:
     plans: OrderedDict[int, PlanStep] = field(default_factory=OrderedDict)
     planned: int = 0  # intervals planned
     plan_fallbacks: int = 0  # intervals the plan failed for (today's rules instead)
+    warm: WarmStart = field(default_factory=WarmStart)  # EdgeAgent's: the last plan's basis
     plan_solve_s: float = 0.0
     controller: str = "fallback"
     next_bid: int = 0  # the next interval to bid for
@@ -318,8 +322,7 @@ class _Site:
     readings: int = 0
     energy_wh: dict[int, float] = field(default_factory=dict)
     meter_wh: dict[int, float] = field(default_factory=dict)  # the utility's: every reading
-    pv_history: RingBuffer = field(default_factory=lambda: RingBuffer(HISTORY_SAMPLES))
-    load_history: RingBuffer = field(default_factory=lambda: RingBuffer(HISTORY_SAMPLES))
+    forecast_history: RingBuffer = field(default_factory=new_history)  # SiteState.history
     last_history_ts: float = -math.inf
 
     @property
@@ -504,6 +507,7 @@ class Engine:
             )
             for name, sim in sims.items()
         }
+        self.ghi_pending: list[tuple[RingBuffer, int, float]] = []  # Coordinator._ghi_pending
         if history_days > 0:
             self._warm_up(scenario, history_days, set(replay or {}))
         t = self.config.trust
@@ -521,10 +525,10 @@ class Engine:
         self.sent_ts: dict[str, float] = {}
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
         self.cleared: set[int] = set()
+        self.schedule_warm = ScheduleWarmStart()  # the last schedule's basis, as the service
         self.meter_wh: dict[str, dict[int, float]] = {name: {} for name in self.sites}
         self.dispatches = 0
-        first = open_interval(self.start_ts, m.interval_s, m.gate_s)  # as the coordinator
-        self._next_clear = first
+        self._next_clear = first = open_interval(self.start_ts, m.interval_s, m.gate_s)
         for site in self.sites.values():
             site.next_bid = first
 
@@ -540,8 +544,8 @@ class Engine:
             if name in replayed:
                 continue
             for t, load_w, pv_w in zip(times, load, pv, strict=True):
-                site.pv_history.append(float(t), float(pv_w))
-                site.load_history.append(float(t), float(load_w))
+                slot = site.forecast_history.append(float(t), float(pv_w), float(load_w), None)
+                self.ghi_pending.append((site.forecast_history, slot, float(t)))
             site.last_history_ts = float(times[-1])
 
     # -- the edge ----------------------------------------------------------------------------
@@ -671,6 +675,7 @@ class Engine:
                 market=m,
                 limits=site.edge.limits,
                 role=site.edge.site.role,
+                warm=site.warm,
             )
         except PlanError:
             site.plan_fallbacks += 1
@@ -760,8 +765,8 @@ class Engine:
         site.readings += 1
         if now >= site.last_history_ts + HISTORY_SAMPLE_S:
             site.last_history_ts = now
-            site.pv_history.append(now, pv_w)
-            site.load_history.append(now, load_w)
+            slot = site.forecast_history.append(now, pv_w, load_w, None)
+            self.ghi_pending.append((site.forecast_history, slot, now))
         for k, wh in held:
             site.energy_wh[k] = site.energy_wh.get(k, 0.0) + wh
 
@@ -852,12 +857,14 @@ class Engine:
         c = self.config
         steps = int(m.forecast_horizon_h * 3600 // m.interval_s)
         times = start + m.interval_s * (np.arange(steps) + 0.5)
-        known = [s for s in self.sites.values() if len(s.load_history)]
+        known = [s for s in self.sites.values() if len(s.forecast_history)]
         if not known:
             return
-        shapes = {}
-        for s in known:
-            shapes[s.name] = site_forecast_w(s.pv_history, s.load_history, times, c.coordinator)
+        pending, self.ghi_pending = self.ghi_pending, []
+        fill_clear_sky(pending, c.coordinator)
+        ts, history = history_snapshot([s.forecast_history for s in known])
+        pv_w, load_w = sites_forecast_w(ts, history, times.astype(np.float64), c.coordinator)
+        shapes = {s.name: (pv_w[i], load_w[i]) for i, s in enumerate(known)}
         net_w = sum(load - pv for pv, load in shapes.values())
         tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
         step_h = m.interval_s / 3600.0
@@ -883,6 +890,7 @@ class Engine:
                 step_h=step_h,
                 import_limit_kw=c.grid.import_limit_w * c.grid.target_pct / 1e5,
                 export_limit_kw=c.grid.export_limit_w * c.grid.target_pct / 1e5,
+                warm=self.schedule_warm,
             )
             price = community.price_per_kwh
             reservation = rs.reserve(

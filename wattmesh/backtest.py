@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +74,7 @@ from coordinator.service import (
 )
 from edge.bidding import CurveSteps
 from edge.config import EdgeConfig, parse_edge_config
-from edge.plan import Horizon, PlanError, WarmStart, aligned, plan_interval
+from edge.plan import Horizon, IntervalPlan, PlanError, WarmStart, aligned, plan_interval
 from edge.policy import (
     BatteryView,
     Command,
@@ -144,6 +145,11 @@ def _interval_net_kwh(
     if not 0 <= index < len(forecast[1]):
         return None
     return float(forecast[2][index] - forecast[1][index]) * interval_s / 3.6e6
+
+
+def _plan_pool() -> ThreadPoolExecutor | None:
+    """Two threads for the sites' plans where there are two cores (none on one core)."""
+    return ThreadPoolExecutor(2, "wattmesh-plan") if (os.cpu_count() or 1) > 1 else None
 
 
 def fleet_battery(batteries: list[SteppedBattery]) -> rs.FleetBattery:
@@ -525,7 +531,8 @@ class Engine:
         self.sent_ts: dict[str, float] = {}
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
         self.cleared: set[int] = set()
-        self.schedule_warm = ScheduleWarmStart()  # the last schedule's basis, as the service
+        # the last community schedule's basis (as the service's), the sites' planning threads
+        self.schedule_warm, self._pool = ScheduleWarmStart(), _plan_pool()
         self.meter_wh: dict[str, dict[int, float]] = {name: {} for name in self.sites}
         self.dispatches = 0
         self._next_clear = first = open_interval(self.start_ts, m.interval_s, m.gate_s)
@@ -603,14 +610,17 @@ class Engine:
         site.order = (command, window.end_ts)
         self._control(site, now)
 
-    def _bid(self, site: _Site, interval: int, now: float) -> None:
-        """EdgeAgent.bid: the plan's bid, or today's rules when there is no plan."""
+    def _bid(
+        self, site: _Site, interval: int, now: float, plans: dict[str, IntervalPlan | None]
+    ) -> None:
+        """EdgeAgent.bid: the plan's bid (``plans``, by site, from :meth:`_plan_all`; None: it
+        failed), or today's rules when there is no plan."""
         m = site.edge.market
         start = interval * m.interval_s
-        f = site.forecast
         curve = None
-        if site.edge.plan.enabled and site.batteries and f is not None:
-            curve = self._planned_bid(site, interval, start, f)
+        if site.name in plans:
+            curve = self._planned_bid(site, interval, plans[site.name])
+        f = site.forecast
         if curve is None:
             recent = [w for _, w in site.history]
             if f is not None:
@@ -637,16 +647,27 @@ class Engine:
             return
         self.bids.setdefault(interval, {})[site.name] = (curve.buy, curve.sell)
 
-    def _planned_bid(
-        self,
-        site: _Site,
-        interval: int,
-        start: float,
-        f: tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]],
-    ) -> CurveSteps | None:
-        """EdgeAgent's planning: plan from the forecast and reservation, keep the interval's
-        step for control; None (today's rules) when the plan fails."""
+    @staticmethod
+    def _plans(site: _Site) -> bool:
+        """Whether the site's agent plans (planning on, a battery, a forecast)."""
+        return site.edge.plan.enabled and bool(site.batteries) and site.forecast is not None
+
+    def _plan_all(self, due: list[tuple[_Site, int]]) -> dict[str, IntervalPlan | None]:
+        """The plans of the sites bidding now, made at once: each agent plans in its own
+        thread, and these run two at a time (HiGHS solves without Python's lock)."""
+        planning = [(s, k) for s, k in due if self._plans(s)]
+        if len(planning) < 2 or self._pool is None:
+            return {s.name: self._plan(s, k) for s, k in planning}
+        futures = {s.name: self._pool.submit(self._plan, s, k) for s, k in planning}
+        return {name: future.result() for name, future in futures.items()}
+
+    def _plan(self, site: _Site, interval: int) -> IntervalPlan | None:
+        """EdgeAgent's planning: plan from the forecast and reservation (None: the plan
+        failed, today's rules instead). Reads the site, changes only its warm start."""
         m = site.edge.market
+        f = site.forecast
+        assert f is not None  # _plans() checked
+        start = interval * m.interval_s
         n = len(f[1])
         r = site.reservation
         nan = np.full(n, np.nan)
@@ -668,7 +689,7 @@ class Engine:
             else _aligned(start, m.interval_s, f[0], r.suggested_kwh),
         )
         try:
-            planned = plan_interval(
+            return plan_interval(
                 horizon,
                 [b.view() for b in site.batteries],
                 config=site.edge.plan,
@@ -678,6 +699,14 @@ class Engine:
                 warm=site.warm,
             )
         except PlanError:
+            return None
+
+    def _planned_bid(
+        self, site: _Site, interval: int, planned: IntervalPlan | None
+    ) -> CurveSteps | None:
+        """EdgeAgent's bookkeeping of a plan: keep the interval's step for control and bid
+        it; None (today's rules) when the plan failed."""
+        if planned is None:
             site.plan_fallbacks += 1
             return None
         site.planned += 1
@@ -967,12 +996,17 @@ class Engine:
                 self._ingest(s, now, float(s.pv_w[i]))
             if self.variant == "wattmesh" and i % grid_steps == 0:
                 self._balance(now)
+            due = []
             for s in self.sites.values():
                 e = s.edge.market
                 while now >= s.next_bid * interval_s - e.gate_s - e.bid_lead_s:
                     if e.enabled and now < s.next_bid * interval_s - e.gate_s:
-                        self._bid(s, s.next_bid, now)  # EdgeAgent.bid: only while the gate is open
+                        due.append((s, s.next_bid))  # EdgeAgent.bid: only while the gate is open
                     s.next_bid += 1
+            if due:
+                plans = self._plan_all(due)
+                for s, k in due:
+                    self._bid(s, k, now, plans)
             while now >= self._next_clear * interval_s - m.gate_s:
                 self._clear(self._next_clear, now)
                 self._next_clear += 1
@@ -1055,8 +1089,10 @@ class Engine:
         )
 
     def close(self) -> None:
-        """Close the ledger."""
+        """Close the ledger and the planning threads."""
         self.ledger.close()
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def run_backtest(

@@ -21,6 +21,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from aiomqtt import ProtocolVersion
+from pydantic import ValidationError
 
 from broker import topics
 from broker.client import BusClient, BusSettings
@@ -43,14 +44,16 @@ from broker.messages import (
     Clearing,
     DeviceReading,
     Forecast,
+    GridState,
     Status,
     Telemetry,
 )
 from broker.mosquitto import MosquittoProcess, load_broker_files
+from broker.settings import BrokerConnection
 from coordinator.config import parse_coordinator_config
 from coordinator.service import Coordinator
 from tests.broker_fixtures import free_port
-from wattmesh.status_cli import feeder_rows, read_feeders_status
+from wattmesh.status_cli import FeedersSnapshot, FeederView, feeder_rows, read_feeders_status
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_782_043_200.0  # an interval boundary (900 s)
@@ -527,3 +530,83 @@ def test_the_mount_point_of_a_feeder_is_its_topic_root() -> None:
     assert mount_point("north") == "feeder/north/"
     with pytest.raises(ValueError, match="feeder id"):
         mount_point("a/b")
+
+
+def test_a_brokers_mount_point_comes_off_delivered_topics_and_nothing_else() -> None:
+    bus = BusClient(BusSettings(mount_point="feeder/north/"))
+    assert bus.local_topic("feeder/north/wattmesh/v1/market/clearing") == topics.MARKET_CLEARING
+    assert bus.local_topic(topics.MARKET_CLEARING) == topics.MARKET_CLEARING  # 2.0.12 and later
+    assert bus.local_topic("feeder/south/wattmesh/v1/x") == "feeder/south/wattmesh/v1/x"
+    assert BusClient(BusSettings()).local_topic("feeder/north/a") == "feeder/north/a"
+
+
+def test_a_site_or_coordinator_file_carries_its_listeners_mount_point() -> None:
+    connection = BrokerConnection(port=1884, mount_point="feeder/north/")
+    settings = connection.bus_settings(username="n-1", client_id="n-1")
+    assert settings.mount_point == "feeder/north/"
+    with pytest.raises(ValidationError, match="mount_point"):
+        BrokerConnection(mount_point="feeder/north")  # a mount point ends with '/'
+
+
+def _snapshot(
+    clearings: dict[str, tuple[int, float, float]], flows: dict[str, float]
+) -> FeedersSnapshot:
+    snap = FeedersSnapshot()
+    for feeder, (interval, price, kwh) in clearings.items():
+        view = snap.feeders.setdefault(feeder, FeederView())
+        view.clearing = Clearing(ts=T0, interval=interval, price_per_kwh=price, volume_kwh=kwh)
+    for feeder, flow_w in flows.items():
+        view = snap.feeders.setdefault(feeder, FeederView())
+        mode = "constrained" if flow_w > 9000 else "normal"
+        view.grid[feeder] = GridState(
+            ts=T0, flow_w=flow_w, import_limit_w=1e4, export_limit_w=1e4, mode=mode
+        )
+    return snap
+
+
+def test_the_total_adds_flows_and_only_the_newest_intervals_volumes() -> None:
+    """A feeder whose coordinator is an interval behind adds its flow but not its older
+    clearing; the total's mode is the worst feeder's, and a configured feeder that said
+    nothing still counts its sites as known."""
+    snap = _snapshot(
+        {"a": (K, 0.20, 2.0), "b": (K, 0.25, 1.5), "c": (K - 1, 0.10, 9.0)},
+        {"a": 9500.0, "b": -2000.0, "c": 1000.0},
+    )
+    snap.feeders["a"].sites["a-1"] = Status(ts=T0, online=True)
+    snap.feeders["a"].sites["a-2"] = Status(ts=T0, online=False)
+    rows, total = feeder_rows(snap, {"a": ("a-1", "a-2", "a-3"), "d": ("d-1",)})
+    assert [r.feeder for r in rows] == ["a", "b", "c", "d"]
+    assert (rows[0].sites_online, rows[0].sites_known) == (1, 3)
+    assert rows[3].flow_w is None
+    assert rows[3].sites_known == 1
+    assert total.flow_w == pytest.approx(8500.0)
+    assert total.mode == "constrained"
+    assert total.last_interval == K
+    assert total.volume_kwh == pytest.approx(3.5)  # a and b cleared K; c is still at K-1
+    assert total.cleared_feeders == 2
+    assert (total.sites_online, total.sites_known) == (1, 4)
+
+
+def test_broker_init_takes_either_sites_or_a_feeders_file(broker_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wattmesh.cli import app
+
+    runner = CliRunner()
+    feeders = str(ROOT / "config" / "feeders.toml")
+    both = runner.invoke(
+        app, ["broker", "init", str(broker_dir / "x"), "--sites", "a", "--feeders", feeders]
+    )
+    assert both.exit_code == 2
+    assert "either --sites or --feeders" in both.output
+    done = runner.invoke(
+        app, ["broker", "init", str(broker_dir / "y"), "--feeders", feeders, "--port", "2883"]
+    )
+    assert done.exit_code == 0, done.output
+    assert "feeder south: listener 127.0.0.1:1885, mount point feeder/south/" in done.output
+    assert load_feeders_broker(broker_dir / "y").port == 2883  # --port moves the operator's
+    bad = broker_dir / "bad.toml"
+    bad.write_text('[[feeders]]\nid = "n"\nport = 0\nsites = ["a"]\n')
+    refused = runner.invoke(app, ["broker", "init", str(broker_dir / "z"), "--feeders", str(bad)])
+    assert refused.exit_code == 2
+    assert "bad.toml: feeders.0.port" in refused.output

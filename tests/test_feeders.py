@@ -14,7 +14,7 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -43,6 +43,8 @@ from broker.messages import (
     BidStep,
     Clearing,
     DeviceReading,
+    Dispatch,
+    DispatchAck,
     Forecast,
     GridState,
     Status,
@@ -52,7 +54,11 @@ from broker.mosquitto import MosquittoProcess, load_broker_files
 from broker.settings import BrokerConnection
 from coordinator.config import parse_coordinator_config
 from coordinator.service import Coordinator
+from edge.agent import EdgeAgent
+from edge.config import parse_edge_config
 from tests.broker_fixtures import free_port
+from tests.test_edge_agent import SITE as AGENT_SITE
+from tests.test_edge_agent import simulated_house
 from wattmesh.status_cli import FeedersSnapshot, FeederView, feeder_rows, read_feeders_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -610,3 +616,64 @@ def test_broker_init_takes_either_sites_or_a_feeders_file(broker_dir: Path) -> N
     refused = runner.invoke(app, ["broker", "init", str(broker_dir / "z"), "--feeders", str(bad)])
     assert refused.exit_code == 2
     assert "bad.toml: feeders.0.port" in refused.output
+
+
+async def test_an_edge_agent_on_its_feeders_listener_takes_orders_on_the_v1_topics(
+    broker_dir: Path, tmp_path: Path
+) -> None:
+    """A real agent with ``[broker] port`` and ``mount_point`` of its feeder: it acknowledges
+    its own feeder's coordinator's order; the other feeder's coordinator sees none of it."""
+    spec = _spec()
+    north = spec.feeders[0].model_copy(update={"sites": (AGENT_SITE, "n-2")})
+    files = write_feeders_broker_config(
+        broker_dir, spec.model_copy(update={"feeders": (north, spec.feeders[1])})
+    )
+    got: dict[str, list[tuple[str, bytes]]] = {"north": [], "south": []}
+
+    def collect(feeder: str) -> Callable[[str, bytes], Awaitable[None]]:
+        async def handle(topic: str, payload: bytes) -> None:
+            got[feeder].append((topic, payload))
+
+        return handle
+
+    async with (
+        MosquittoProcess(files.conf, files.port),
+        simulated_house() as house,
+        BusClient(_settings(files, "coordinator-north"), handler=collect("north")) as c_north,
+        BusClient(_settings(files, "coordinator-south"), handler=collect("south")) as c_south,
+    ):
+        for bus in (c_north, c_south):
+            await bus.wait_connected(5)
+            await bus.subscribe(f"{topics.PREFIX}/#")
+        f = files.feeder("north")
+        config = parse_edge_config(
+            {
+                "site": {"id": AGENT_SITE, "poll_interval_s": 0.2},
+                "broker": {"port": f.port, "mount_point": f.mount_point},
+                "devices": [
+                    {"name": "pv", "kind": "pv_inverter", "url": house.urls["pv"]},
+                    {"name": "battery", "kind": "battery", "url": house.urls["battery"]},
+                    {"name": "meter", "kind": "sunspec_meter", "url": house.urls["meter"]},
+                ],
+                "spool": {"path": str(tmp_path / "spool.sqlite")},
+                "dispatch_revert_s": 30,
+            },
+            "house-1.toml",
+        )
+        ack_topic = topics.site_topic(AGENT_SITE, "dispatch/ack")
+        async with EdgeAgent(config, house.clock, password=files.credentials[AGENT_SITE]):
+            await _until(lambda: any(t.endswith("/telemetry") for t, _ in got["north"]))
+            now = house.clock.now()
+            order = Dispatch(ts=now, battery_power_w=-2000.0, expires_ts=now + 600)
+            await c_north.publish(
+                topics.site_topic(AGENT_SITE, "dispatch"), order.model_dump_json()
+            )
+            await _until(lambda: any(t == ack_topic for t, _ in got["north"]))
+        # The sentinel: south's own message after everything north's agent sent.
+        await c_south.publish(topics.MARKET_CLEARING, b"{}", retain=False)
+        await _until(lambda: any(t == topics.MARKET_CLEARING for t, _ in got["south"]))
+    ack = DispatchAck.model_validate_json(next(p for t, p in got["north"] if t == ack_topic))
+    assert ack.command_id == order.id
+    assert ack.outcome == "accepted"
+    assert house.battery.setpoint_w == -2000.0
+    assert [t for t, _ in got["south"]] == [topics.MARKET_CLEARING]

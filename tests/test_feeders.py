@@ -16,12 +16,14 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
+from dataclasses import asdict
 from pathlib import Path
 
 import aiomqtt
 import pytest
 from aiomqtt import ProtocolVersion
 from pydantic import ValidationError
+from typer.testing import CliRunner, Result
 
 from broker import topics
 from broker.client import BusClient, BusSettings
@@ -52,6 +54,7 @@ from broker.messages import (
 )
 from broker.mosquitto import MosquittoProcess, load_broker_files
 from broker.settings import BrokerConnection
+from coordinator.api import ApiToken, hash_token, new_token, write_tokens
 from coordinator.config import parse_coordinator_config
 from coordinator.service import Coordinator
 from edge.agent import EdgeAgent
@@ -59,7 +62,15 @@ from edge.config import parse_edge_config
 from tests.broker_fixtures import free_port
 from tests.test_edge_agent import SITE as AGENT_SITE
 from tests.test_edge_agent import simulated_house
-from wattmesh.status_cli import FeedersSnapshot, FeederView, feeder_rows, read_feeders_status
+from wattmesh.cli import app
+from wattmesh.status_cli import (
+    FeederRow,
+    FeedersSnapshot,
+    FeederView,
+    feeder_rows,
+    read_feeders_api,
+    read_feeders_status,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_782_043_200.0  # an interval boundary (900 s)
@@ -330,11 +341,16 @@ async def test_a_user_connecting_to_another_feeders_listener_is_refused(
 # -- a real coordinator per feeder, and the operator's view ---------------------------------
 
 
-def _coordinator(files: FeedersBrokerFiles, feeder: str, tmp_path: Path) -> Coordinator:
-    """A coordinator for ``feeder`` on its listener, as its coordinator file would give it."""
+def _coordinator(
+    files: FeedersBrokerFiles, feeder: str, tmp_path: Path, tokens_file: Path | None = None
+) -> Coordinator:
+    """A coordinator for ``feeder`` on its listener, as its coordinator file would give it;
+    with ``tokens_file``, with its HTTP API on a free port."""
     f = files.feeder(feeder)
+    api = {"api": {"port": 0, "tokens_file": str(tokens_file)}} if tokens_file else {}
     config = parse_coordinator_config(
         {
+            **api,
             "coordinator": {"feeder": feeder, "ledger": str(tmp_path / f"{feeder}.sqlite")},
             "broker": {
                 "port": f.port,
@@ -399,6 +415,73 @@ def coordinator_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
         yield
 
 
+async def _api_view(
+    coordinators: dict[str, Coordinator], token: str
+) -> tuple[FeedersSnapshot, Result]:
+    """The operator view from each coordinator's HTTP API, directly and by ``wattmesh status``."""
+    apis = {f: f"http://127.0.0.1:{c.api.port}" for f, c in coordinators.items() if c.api}
+    from_api = await read_feeders_api(apis, token)
+    cli = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        ["status", "--json", *(f"--api={f}={url}" for f, url in apis.items())],
+        env={"WATTMESH_API_TOKEN": token},
+    )
+    return from_api, cli
+
+
+def _assert_each_site_saw_only_its_feeder(
+    got: dict[str, list[tuple[str, bytes]]], north: Clearing, south: Clearing
+) -> None:
+    """Each site received its own award and its own feeder's clearing, on the v1 topics."""
+    for site, messages in got.items():
+        feeder_clearing = north if site in NORTH else south
+        # BusClient took the mount point off: the sites see the v1 topics.
+        seen = {t for t, _ in messages}
+        assert seen == {topics.site_topic(site, "award"), topics.MARKET_CLEARING}
+        (clearing,) = [Clearing.model_validate_json(p) for t, p in messages if "clearing" in t]
+        assert clearing.price_per_kwh == pytest.approx(feeder_clearing.price_per_kwh)
+        assert clearing.volume_kwh == pytest.approx(feeder_clearing.volume_kwh)
+        (award,) = [Award.model_validate_json(p) for t, p in messages if t.endswith("/award")]
+        side, _, kwh = BIDS[site]
+        expected = min(kwh, feeder_clearing.volume_kwh)
+        assert award.quantity_kwh == pytest.approx(expected if side == "buy" else -expected)
+
+
+async def _trade(site: str, bus: BusClient) -> None:
+    """``site`` says its status (s-2: offline), sends a reading of ``GRID_W`` and its bid."""
+    side, price, kwh = BIDS[site]
+    step = [BidStep(price_per_kwh=price, quantity_kwh=kwh)]
+    bid = Bid(ts=T0, interval=K, **{side: step})
+    await bus.publish(
+        topics.site_topic(site, "status"),
+        Status(ts=T0, online=site != "s-2").model_dump_json(),
+        retain=True,
+    )
+    await bus.publish(
+        topics.site_topic(site, "telemetry"), _telemetry(T0, GRID_W[site]).model_dump_json()
+    )
+    await bus.publish(topics.site_topic(site, "bid"), bid.model_dump_json())
+
+
+def _assert_same_view(
+    rows: list[FeederRow], total: FeederRow, from_api: FeedersSnapshot, cli: Result
+) -> None:
+    """The APIs' view agrees with the bus's (the ledger keeps prices in micro-units)."""
+    assert from_api.invalid == []
+    api_rows, api_total = feeder_rows(from_api)
+    for bus_row, api_row in zip([*rows, total], [*api_rows, api_total], strict=True):
+        assert api_row.feeder == bus_row.feeder
+        assert api_row.mode == bus_row.mode
+        assert api_row.sites_online == bus_row.sites_online
+        assert api_row.last_interval == bus_row.last_interval
+        assert api_row.flow_w == pytest.approx(bus_row.flow_w)
+        assert api_row.volume_kwh == pytest.approx(bus_row.volume_kwh)
+        assert api_row.price_per_kwh == pytest.approx(bus_row.price_per_kwh, abs=1e-6)
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.output)["total"] == asdict(api_total)
+
+
 async def test_each_feeders_coordinator_clears_only_its_own_sites_and_the_operator_sums_them(
     feeders_broker: MosquittoProcess,
     feeders_files: FeedersBrokerFiles,
@@ -407,27 +490,18 @@ async def test_each_feeders_coordinator_clears_only_its_own_sites_and_the_operat
 ) -> None:
     files = feeders_files
     got: dict[str, list[tuple[str, bytes]]] = {site: [] for site in BIDS}
+    token = new_token()
+    tokens_file = tmp_path / "api-tokens.toml"
+    write_tokens(tokens_file, {"v": ApiToken("control-room", "viewer", hash_token(token))})
     async with AsyncExitStack() as stack:
         coordinators = {
             feeder: await _started(
-                await stack.enter_async_context(_coordinator(files, feeder, tmp_path))
+                await stack.enter_async_context(_coordinator(files, feeder, tmp_path, tokens_file))
             )
             for feeder in ("north", "south")
         }
-        sites = {site: await _site(files, site, got[site], stack) for site in BIDS}
-        for site, bus in sites.items():
-            side, price, kwh = BIDS[site]
-            step = [BidStep(price_per_kwh=price, quantity_kwh=kwh)]
-            bid = Bid(ts=T0, interval=K, **{side: step})
-            await bus.publish(
-                topics.site_topic(site, "status"),
-                Status(ts=T0, online=site != "s-2").model_dump_json(),
-                retain=True,
-            )
-            await bus.publish(
-                topics.site_topic(site, "telemetry"), _telemetry(T0, GRID_W[site]).model_dump_json()
-            )
-            await bus.publish(topics.site_topic(site, "bid"), bid.model_dump_json())
+        for site in BIDS:
+            await _trade(site, await _site(files, site, got[site], stack))
         await _until(
             lambda: all(
                 len(c.bids.get(K, {})) == 2
@@ -454,24 +528,14 @@ async def test_each_feeders_coordinator_clears_only_its_own_sites_and_the_operat
             session_expiry_s=0,
         )
         snap = await read_feeders_status(monitor, 5.0, ("north", "south"))
+        from_api, cli = await _api_view(coordinators, token)
 
     north, south = clearings["north"], clearings["south"]
     assert north is not None
     assert south is not None
     assert north.volume_kwh == pytest.approx(2.0)  # n-1 buys 2 of n-2's 3 kWh
     assert south.volume_kwh == pytest.approx(1.0)  # s-1 buys 1 of s-2's 4 kWh
-    for site, messages in got.items():
-        feeder_clearing = north if site in NORTH else south
-        # BusClient took the mount point off: the sites see the v1 topics.
-        seen = {t for t, _ in messages}
-        assert seen == {topics.site_topic(site, "award"), topics.MARKET_CLEARING}
-        (clearing,) = [Clearing.model_validate_json(p) for t, p in messages if "clearing" in t]
-        assert clearing.price_per_kwh == pytest.approx(feeder_clearing.price_per_kwh)
-        assert clearing.volume_kwh == pytest.approx(feeder_clearing.volume_kwh)
-        (award,) = [Award.model_validate_json(p) for t, p in messages if t.endswith("/award")]
-        side, _, kwh = BIDS[site]
-        expected = min(kwh, feeder_clearing.volume_kwh)
-        assert award.quantity_kwh == pytest.approx(expected if side == "buy" else -expected)
+    _assert_each_site_saw_only_its_feeder(got, north, south)
 
     # The operator's view: both feeders and their sum.
     rows, total = feeder_rows(snap, {"north": NORTH, "south": SOUTH})
@@ -488,6 +552,8 @@ async def test_each_feeders_coordinator_clears_only_its_own_sites_and_the_operat
     assert total.last_interval == K
     assert total.volume_kwh == pytest.approx(3.0)
     assert total.cleared_feeders == 2
+    # The same view from each coordinator's HTTP API, and on the command line.
+    _assert_same_view(rows, total, from_api, cli)
 
 
 async def test_wattmesh_status_on_a_feeders_broker_dir_shows_each_feeder_and_the_total(
@@ -594,10 +660,6 @@ def test_the_total_adds_flows_and_only_the_newest_intervals_volumes() -> None:
 
 
 def test_broker_init_takes_either_sites_or_a_feeders_file(broker_dir: Path) -> None:
-    from typer.testing import CliRunner
-
-    from wattmesh.cli import app
-
     runner = CliRunner()
     feeders = str(ROOT / "config" / "feeders.toml")
     both = runner.invoke(

@@ -175,6 +175,66 @@ async def read_feeders_status(
     return snap
 
 
+def _local_volume_kwh(awards_kwh: Mapping[str, float]) -> float:
+    """Energy traded between sites (kWh) by net award: the smaller of the imports and the
+    exports awarded. Equal to the clearing's ``volume_kwh`` unless a site had both a buy and a
+    sell step awarded in the same interval (then it is smaller by that site's smaller side)."""
+    bought = sum(q for q in awards_kwh.values() if q > 0)
+    sold = -sum(q for q in awards_kwh.values() if q < 0)
+    return max(0.0, min(bought, sold))
+
+
+async def read_feeders_api(
+    apis: Mapping[str, str], token: str | None, timeout_s: float = 10.0
+) -> FeedersSnapshot:
+    """Every feeder's view from its coordinator's HTTP API (``feeder id -> base URL``).
+
+    Reads ``/api/v1/grid``, ``/api/v1/sites`` and the newest of ``/api/v1/clearings``; a
+    feeder whose API cannot be read is named in ``invalid`` and left out.
+    """
+    import httpx  # noqa: PLC0415 - only this path needs it
+
+    snap = FeedersSnapshot()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def one(feeder: str, url: str, http: httpx.AsyncClient) -> None:
+        base = url.rstrip("/")
+        try:
+            answers = await asyncio.gather(
+                *(
+                    http.get(f"{base}/api/v1/{path}", headers=headers)
+                    for path in ("grid", "sites", "clearings?limit=8")
+                )
+            )
+            for answer in answers:
+                answer.raise_for_status()
+            grid, sites, clearings = (a.json() for a in answers)
+            view = FeederView()
+            state = GridState.model_validate({k: grid[k] for k in _GRID_FIELDS})
+            view.grid[str(grid["feeder"])] = state
+            for site in sites:
+                view.sites[str(site["site"])] = Status(ts=state.ts, online=bool(site["online"]))
+            if clearings:
+                newest = max(clearings, key=lambda c: int(c["interval"]))
+                view.clearing = Clearing(
+                    ts=state.ts,
+                    interval=int(newest["interval"]),
+                    price_per_kwh=float(newest["clearing_price_per_kwh"]),
+                    volume_kwh=_local_volume_kwh(newest["awards_kwh"]),
+                )
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
+            snap.invalid.append(f"{feeder}: cannot read {base}/api/v1: {err}")
+            return
+        snap.feeders[feeder] = view
+
+    async with httpx.AsyncClient(timeout=timeout_s) as http:
+        await asyncio.gather(*(one(f, url, http) for f, url in apis.items()))
+    return snap
+
+
+_GRID_FIELDS = ("ts", "flow_w", "import_limit_w", "export_limit_w", "mode")
+
+
 _MODE_RANK = {"normal": 0, "constrained": 1, "emergency": 2}
 
 
@@ -316,7 +376,7 @@ def print_feeders(
         )
     console.print(table)
     for line in snap.invalid:
-        console.print(f"[yellow]invalid message[/] {line}", highlight=False)
+        console.print(f"[yellow]left out[/] {line}", highlight=False)
 
 
 def _utc(ts: float) -> str:
@@ -418,6 +478,19 @@ def status(
             "shows every feeder and their total, through its operator listener."
         ),
     ] = None,
+    api: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api",
+            metavar="FEEDER=URL",
+            help="A feeder's coordinator HTTP API, e.g. north=http://10.0.0.5:8080 (repeat it "
+            "for each feeder): one row per feeder and the total, from the APIs instead of the "
+            "broker. The token is in --token-env.",
+        ),
+    ] = None,
+    token_env: Annotated[
+        str, typer.Option(help="Environment variable holding the API token (with --api).")
+    ] = "WATTMESH_API_TOKEN",
     all_feeders: Annotated[
         bool,
         typer.Option(
@@ -431,6 +504,9 @@ def status(
 
     Reads the retained status messages from the broker, as the operator by default (any user that may read the wattmesh topics will do). Counters count since the coordinator started. Exit code 0 when a coordinator status was found, 1 otherwise.
     """  # noqa: E501 - one line per paragraph: the help wraps it to the terminal
+    if api:
+        _api_status(api, os.environ.get(token_env), wait, as_json)
+        return
     password = os.environ.get(password_env)
     from broker.feeders import is_feeders_broker  # noqa: PLC0415 - keeps --help fast
 
@@ -534,4 +610,32 @@ def _feeders_status(
                 f"{', '.join(missing) or 'any'}",
                 highlight=False,
             )
+        raise typer.Exit(1)
+
+
+def _api_status(apis: list[str], token: str | None, wait: float, as_json: bool) -> None:
+    """``wattmesh status --api FEEDER=URL ...``: exit code 0 when every API answered."""
+    err = Console(stderr=True)
+    urls: dict[str, str] = {}
+    for item in apis:
+        feeder, sep, url = item.partition("=")
+        try:
+            topics.check_id(feeder, "feeder")
+        except ValueError as error:
+            err.print(f"error: --api {item}: {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        if not sep or not url.startswith(("http://", "https://")) or feeder in urls:
+            err.print(
+                f"error: --api {item}: give each feeder once, as FEEDER=http://HOST:PORT",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
+        urls[feeder] = url
+    snap = asyncio.run(read_feeders_api(urls, token, max(wait, 1.0)))
+    if as_json:
+        print(json.dumps(feeders_json(snap), indent=2))
+    else:
+        print_feeders(snap, Console())
+    if snap.invalid:
         raise typer.Exit(1)

@@ -77,6 +77,11 @@ class BusSettings:
     max_inflight: int = 200
     #: MQTT 5 (5), or 3.1.1 (4) for brokers that speak only that, such as the embedded one.
     protocol: int = 5
+    #: The listener's ``mount_point`` (a many-feeders broker: ``feeder/{id}/``), or None.
+    #: The broker puts it in front of every topic we publish or subscribe to and should take it
+    #: off what it delivers; Mosquitto 2.0.11 (Debian 12) leaves it on (eclipse-mosquitto
+    #: issue 2244, fixed in 2.0.12), so delivered topics that start with it lose it here.
+    mount_point: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +235,13 @@ class BusClient:
         async with asyncio.timeout(timeout_s):
             await self._connected.wait()
 
+    def local_topic(self, topic: str) -> str:
+        """``topic`` as this client named it: without the listener's mount point (if any)."""
+        mount = self.settings.mount_point
+        if mount and topic.startswith(mount):
+            return topic[len(mount) :]
+        return topic
+
     # -- the connection task ---------------------------------------------------------------
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
@@ -289,7 +301,7 @@ class BusClient:
                         else (str(item.payload or "").encode())
                     )
                     try:
-                        if fast(str(item.topic), payload):
+                        if fast(bus.local_topic(str(item.topic)), payload):
                             bus.stats.received += 1
                             return
                     except Exception:  # a handler bug must not take the connection down
@@ -311,7 +323,7 @@ class BusClient:
                     await self._on_connected(client)
                     delay_s = 0.0
                     async for message in client.messages:
-                        await self._deliver(str(message.topic), message.payload)
+                        await self._deliver(self.local_topic(str(message.topic)), message.payload)
             except aiomqtt.MqttError as err:
                 self.last_error = str(err)
                 if self.state is ConnectionState.CONNECTED:

@@ -431,27 +431,14 @@ _CLIENT_ID_BINDING = (
 )
 
 
-def _conf_text(files: BrokerFiles, autosave_interval_s: int) -> str:
-    plain_host = _plain_bind_host(files.host, tls=files.tls is not None)
-    bind = "" if files.host in _UNSPECIFIED_HOSTS else f" {files.host}"
-    lines = [
-        "# wattmesh Mosquitto configuration, written by `wattmesh broker init`",
-        "# (broker/mosquitto.py). `init --force` rewrites it: hand edits are lost then.",
-        "# Run it with `wattmesh broker run DIR` or `mosquitto -c DIR/mosquitto.conf`.",
-        "",
-        "# Started as root, Mosquitto drops to the 'mosquitto' user ('nobody' if that user does",
-        "# not exist): the passwd, acl and TLS server key files and the persistence directory",
-        "# are owned by it.",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {files.password_file}",
-        f"acl_file {files.acl_file}",
-        "",
+def _common_conf_lines(persistence_dir: Path, autosave_interval_s: int) -> list[str]:
+    """The broker-wide settings every layout shares: persistence, queues and logging."""
+    return [
         "# Persistence: retained messages, persistent sessions and their queued QoS 1 messages",
         "# survive a restart. Saved on a clean shutdown (SIGTERM) and every autosave_interval",
         "# seconds; a SIGKILL loses what changed since the last save.",
         "persistence true",
-        f"persistence_location {files.persistence_dir}/",
+        f"persistence_location {persistence_dir}/",
         f"autosave_interval {autosave_interval_s}",
         "",
         "# Queues. After an outage an edge replays its spool in one burst, and a gateway that is",
@@ -478,6 +465,26 @@ def _conf_text(files: BrokerFiles, autosave_interval_s: int) -> str:
         "log_timestamp true",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         "connection_messages true",
+    ]
+
+
+def _conf_text(files: BrokerFiles, autosave_interval_s: int) -> str:
+    plain_host = _plain_bind_host(files.host, tls=files.tls is not None)
+    bind = "" if files.host in _UNSPECIFIED_HOSTS else f" {files.host}"
+    lines = [
+        "# wattmesh Mosquitto configuration, written by `wattmesh broker init`",
+        "# (broker/mosquitto.py). `init --force` rewrites it: hand edits are lost then.",
+        "# Run it with `wattmesh broker run DIR` or `mosquitto -c DIR/mosquitto.conf`.",
+        "",
+        "# Started as root, Mosquitto drops to the 'mosquitto' user ('nobody' if that user does",
+        "# not exist): the passwd, acl and TLS server key files and the persistence directory",
+        "# are owned by it.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {files.password_file}",
+        f"acl_file {files.acl_file}",
+        "",
+        *_common_conf_lines(files.persistence_dir, autosave_interval_s),
         "",
         "# Password listener (MQTT 3.1.1 and 5)."
         + (" With TLS on it serves this machine only." if files.tls else ""),
@@ -533,6 +540,13 @@ def _credentials_text(files: BrokerFiles) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _text_or_empty(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
 def load_broker_files(directory: str | os.PathLike[str]) -> BrokerFiles:
     """The ``BrokerFiles`` of a directory written by ``write_broker_config``.
 
@@ -540,6 +554,12 @@ def load_broker_files(directory: str | os.PathLike[str]) -> BrokerFiles:
     """
     root = Path(directory).absolute()
     path = root / CREDENTIALS_NAME
+    if "[feeders." in _text_or_empty(path):
+        raise BrokerConfigError(
+            f"{root} is a many-feeders broker (`wattmesh broker init --feeders`): each feeder "
+            "has its own listener and users; give that feeder's port and credentials "
+            "(broker/feeders.py: load_feeders_broker)"
+        )
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
         broker = doc["broker"]

@@ -80,6 +80,10 @@ class BrokerConnection(BaseModel):
     cert_file: Path | None = None
     key_file: Path | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    #: The listener's mount point on a many-feeders broker (``feeder/{id}/``, as
+    #: ``wattmesh broker init --feeders`` writes it in credentials.toml); see
+    #: ``BusSettings.mount_point``.
+    mount_point: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9_/-]{0,126}/$")
 
     def password(self) -> str | None:
         """The password from the password file or the environment; ``ValueError`` if missing."""
@@ -112,6 +116,7 @@ class BrokerConnection(BaseModel):
             cert_file=str(self.cert_file) if self.cert_file else None,
             key_file=str(self.key_file) if self.key_file else None,
             max_inflight=max_inflight,
+            mount_point=self.mount_point,
         )
 
 

@@ -91,6 +91,8 @@ NOT_RUN: dict[str, str] = {
     "wattmesh ledger check /var/lib/wattmesh/ledger.sqlite --strict --max-age 1h": "judges "
     "ages on the wall clock, for a live ledger; the simulated one here is months from it "
     "(tests/test_ledger_cli_durable.py runs --strict; the same check without it runs here)",
+    "wattmesh status --broker-dir /tmp/wattmesh-community/feeders": "needs that broker running "
+    "with a coordinator per feeder; tests/test_feeders.py runs this command against one",
     "WATTMESH_API_TOKEN=<a token> wattmesh mcp --api http://127.0.0.1:8080": "an MCP server "
     "on stdin/stdout for a desktop agent; tests/test_mcp.py drives it with the MCP SDK's client",
     **{
@@ -163,6 +165,9 @@ RUN: dict[str, Run] = {
         says=(r"credentials\.toml",),
         extra="--port {broker_port}",
         note="the README's port 1883 moved to a free one, as everywhere here",
+    ),
+    "wattmesh broker init /tmp/wattmesh-community/feeders --feeders config/feeders.toml": Run(
+        says=(r"feeder north: listener 127\.0\.0\.1:\d+, mount point feeder/north/",)
     ),
     "wattmesh broker run /tmp/wattmesh-community/broker": Run(background=True),
     "WATTMESH_MQTT_PASSWORD=<from credentials.toml> wattmesh edge run "
@@ -485,7 +490,8 @@ ORDER = [
     _key("--name house-1-owner"),
     _key("--name control-room"),
     _key("sim run config/scenarios/community.toml"),
-    _key("broker init"),
+    _key("--sites solar-farm"),
+    _key("--feeders config/feeders.toml"),
     _key("broker run"),
     _key("edge run"),
     _key("coordinator run"),

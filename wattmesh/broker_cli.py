@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from broker.errors import BrokerConfigError, BrokerError, MosquittoNotFoundError
+from broker.feeders import FeedersBrokerFiles, load_feeders_file, write_feeders_broker_config
 from broker.mosquitto import (
     BrokerFiles,
     check_broker_access,
@@ -58,13 +59,77 @@ def _describe(files: BrokerFiles) -> list[str]:
     return lines
 
 
+def _describe_feeders(files: FeedersBrokerFiles) -> list[str]:
+    lines = [
+        f"wrote a Mosquitto configuration for {len(files.feeders)} feeder(s), "
+        f"{len(files.sites)} site(s) in {files.directory}:",
+        f"  config       {files.conf}",
+        f"  persistence  {files.persistence_dir}/",
+    ]
+    for f in files.feeders:
+        lines.append(
+            f"  feeder {f.id}: listener {files.connect_host}:{f.port}, mount point "
+            f"{f.mount_point}, coordinator user {f.coordinator_user!r}, sites {', '.join(f.sites)}"
+            f" (passwords {f.password_file.name}, ACL {f.acl_file.name})"
+        )
+    observers = [u for u in (files.operator_user, files.monitor_user) if u]
+    lines += [
+        f"  operator listener {files.connect_host}:{files.port} (no mount point: every feeder "
+        f"under feeder/<id>/) for {', '.join(observers) or 'nobody'}",
+        "a site's or coordinator's password is valid only on its own feeder's listener; give "
+        "each its feeder's port and mount_point in its [broker] section",
+        f"credentials (user -> password, keep secret, mode 600): {files.credentials_file}",
+        f"start it with: wattmesh broker run {files.directory}",
+    ]
+    return lines
+
+
+def _init_feeders(
+    directory: Path,
+    feeders: Path,
+    port: int | None,
+    host: str,
+    operator_user: str | None,
+    monitor_user: str | None,
+    ha_discovery_prefix: str | None,
+    force: bool,
+) -> FeedersBrokerFiles:
+    spec = load_feeders_file(feeders)
+    if port is not None:
+        spec = spec.model_copy(update={"operator": spec.operator.model_copy(update={"port": port})})
+    return write_feeders_broker_config(
+        directory,
+        spec,
+        host=host,
+        operator_user=operator_user,
+        monitor_user=monitor_user,
+        overwrite=force,
+        ha_discovery_prefix=ha_discovery_prefix,
+    )
+
+
 @broker_app.command("init")
 def init(
     directory: Annotated[Path, typer.Argument(help="Directory to write the broker files into.")],
     sites: Annotated[
-        str, typer.Option("--sites", help="Comma-separated site ids, e.g. solar-farm,house-1.")
-    ],
-    port: Annotated[int, typer.Option(help="Port of the password listener.")] = 1883,
+        str | None,
+        typer.Option("--sites", help="Comma-separated site ids, e.g. solar-farm,house-1."),
+    ] = None,
+    feeders: Annotated[
+        Path | None,
+        typer.Option(
+            "--feeders",
+            help="Instead of --sites: a feeders file (config/feeders.toml) for many feeders on "
+            "one broker, one listener per feeder, each under its own topic root.",
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the password listener (default 1883); with --feeders the operator "
+            "listener's (default: the file's)."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (and in the TLS cert).")] = (
         "127.0.0.1"
     ),
@@ -102,12 +167,41 @@ def init(
         bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
     ] = False,
 ) -> None:
-    """Write mosquitto.conf, the password file, the ACL and credentials.toml into DIRECTORY."""
+    """Write mosquitto.conf, the password file, the ACL and credentials.toml into DIRECTORY.
+
+    With --feeders: one listener per feeder (its own password file and ACL, mount point
+    feeder/<id>/) and an operator listener that sees every feeder.
+    """
+    if (sites is None) == (feeders is None):
+        raise _fail("give either --sites or --feeders")
+    if feeders is not None:
+        if tls:
+            raise _fail("--tls is not supported with --feeders yet")
+        try:
+            feeder_files = _init_feeders(
+                directory,
+                feeders,
+                port,
+                host,
+                None if no_operator else operator_user,
+                None if no_monitor else monitor_user,
+                None if no_homeassistant else ha_discovery_prefix,
+                force,
+            )
+        except BrokerConfigError as err:
+            raise _fail(str(err)) from err
+        except OSError as err:
+            raise _fail(f"cannot write the broker files in {directory}: {err}") from err
+        for line in _describe_feeders(feeder_files):
+            typer.echo(line)
+        _warn_access(feeder_files.directory)
+        return
+    assert sites is not None
     try:
         files = write_broker_config(
             directory,
             _site_list(sites),
-            port=port,
+            port=1883 if port is None else port,
             host=host,
             tls=tls,
             tls_port=tls_port,
@@ -123,8 +217,12 @@ def init(
         raise _fail(f"cannot write the broker files in {directory}: {err}") from err
     for line in _describe(files):
         typer.echo(line)
+    _warn_access(files.directory)
+
+
+def _warn_access(directory: Path) -> None:
     try:
-        check_broker_access(files.directory)
+        check_broker_access(directory)
     except BrokerConfigError as err:
         typer.echo(f"warning: {err}", err=True)
 

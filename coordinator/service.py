@@ -61,6 +61,7 @@ from coordinator import plausibility as pl
 from coordinator.api import ApiServer, build_app, load_tokens
 from coordinator.config import CoordinatorConfig, CoordinatorSection
 from coordinator.historian import Historian, HistorianError, HistorianSettings
+from coordinator.ingest import IngestPool, Invalid, Record, error_line, worker_specs
 from coordinator.ledger import ClearedInterval, ClearingConflict, LedgerError
 from coordinator.market import Book, Tariff, clear
 from coordinator.market import Clearing as MarketClearing
@@ -392,6 +393,7 @@ class Coordinator:
         *,
         password: str | None = None,
         bus_settings: BusSettings | None = None,
+        ingest_password: str | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -437,6 +439,8 @@ class Coordinator:
         self._own_dispatch_ids: deque[str] = deque(maxlen=10_000)
         #: History samples whose clear-sky GHI is still to be computed: (ring, slot, ts).
         self._ghi_pending: list[tuple[RingBuffer, int, float]] = []
+        #: Readings that became their site's latest since the last :meth:`_take_latest`.
+        self._latest_pending: dict[str, tuple[float, Telemetry | bytes]] = {}
         self._window = pl.TimeWindow(config.trust.future_skew_s, config.trust.max_age_s)
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -469,6 +473,30 @@ class Coordinator:
             handler=self._on_message,
             fast_handler=self._on_fast,
         )
+        #: The ingest worker processes, with ``[coordinator] ingest_workers`` > 0 (started on
+        #: entry; see coordinator/ingest.py).
+        self.ingest = self._ingest_pool(ingest_password)
+
+    def _ingest_pool(self, password: str | None) -> IngestPool | None:
+        """The ingest workers' pool with ``[coordinator] ingest_workers`` > 0, else None;
+        ``password`` (default ``$[broker] ingest_password_env``) is their users' password."""
+        c = self.config.coordinator
+        if not c.ingest_workers:
+            return None
+        settings = self.bus.settings
+        if settings.cert_file:
+            raise ValueError(
+                "coordinator.ingest_workers needs password logins: the workers have no "
+                "client certificates of their own"
+            )
+        specs = worker_specs(
+            settings,
+            user=settings.username or "coordinator",
+            password=password if password is not None else self.config.broker.ingest_password(),
+            count=c.ingest_workers,
+            group=f"wattmesh-ingest-{self.feeder}",
+        )
+        return IngestPool(specs, c.ingest_flush_s, self.apply_ingest)
 
     @property
     def speed(self) -> float:
@@ -490,7 +518,13 @@ class Coordinator:
             self.metrics.start()
             log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
         await self.bus.__aenter__()
-        for kind in ("status", "telemetry", "bid", "dispatch", "dispatch/ack"):
+        kinds: list[topics.SiteTopicKind] = ["status", "telemetry", "bid", "dispatch"]
+        kinds.append("dispatch/ack")
+        if self.ingest is not None:  # telemetry comes through the workers
+            kinds.remove("telemetry")
+            self.bus.on_connect = self._drop_telemetry_subscription
+            await self.ingest.__aenter__()
+        for kind in kinds:
             await self.bus.subscribe(topics.site_wildcard(kind))
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
@@ -506,6 +540,25 @@ class Coordinator:
         if self.cleared:
             self._group.create_task(self._republish_when_connected(), name="coordinator-resend")
         return self
+
+    async def _drop_telemetry_subscription(self) -> None:
+        """With ingest workers, end the telemetry subscription a persistent session may still
+        hold from a run without them (each message would otherwise come twice)."""
+        with contextlib.suppress(BusUnavailable):
+            await self.bus.unsubscribe(topics.site_wildcard("telemetry"))
+
+    def apply_ingest(self, records: list[Record], invalid: list[Invalid]) -> None:
+        """Apply what the ingest workers sent, as :meth:`handle` would have: the invalid
+        messages counted, each reading through :meth:`ingest_reading` in the order given."""
+        for site, error in invalid:
+            self.invalid_message(site, "telemetry", error)
+        for site, message_id, summary, payload in records:
+            try:
+                self.ingest_reading(site, message_id, summary, payload)
+            except Exception as err:  # a reading must never stop ingest
+                log.exception("unexpected error on a reading from site %s", site)
+                self._invalid(site, "telemetry", err)
+        self._take_latest()
 
     async def _republish_when_connected(self) -> None:
         """After a restart, send the awards of cleared intervals again once connected."""
@@ -527,6 +580,8 @@ class Coordinator:
         try:
             await self._group.__aexit__(et, ev, tb)
         finally:
+            if self.ingest is not None:
+                await self.ingest.__aexit__(et, ev, tb)
             await self.bus.__aexit__(et, ev, tb)
             if self.historian is not None:
                 await self.historian.__aexit__(et, ev, tb)
@@ -596,12 +651,16 @@ class Coordinator:
 
     # -- ingest ----------------------------------------------------------------------------
     def _invalid(self, site: str, kind: str, err: BaseException) -> None:
+        self.invalid_message(site, kind, error_line(err))
+
+    def invalid_message(self, site: str, kind: str, error: str) -> None:
+        """Count a message that failed validation (``error``: its first line), as
+        :meth:`handle` does; ingest workers report theirs through here."""
         self.stats.invalid += 1
         state = self._known(site)
         if state is not None:
             state.invalid += 1
-        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        self._reject(site, "invalid", f"invalid {kind}: {first}", log_key=f"invalid {kind}")
+        self._reject(site, "invalid", f"invalid {kind}: {error}", log_key=f"invalid {kind}")
 
     def _reject(self, site: str, reason: str, detail: str, log_key: str | None = None) -> None:
         """Count a refused message per site and reason; log and audit the first of each
@@ -641,13 +700,15 @@ class Coordinator:
             state = self.sites[site] = SiteState(site)
         return state
 
-    def _limits(self, state: SiteState, msg: Telemetry | None) -> pl.SiteLimits:
+    def _limits(self, state: SiteState, msg: pl.ReadingSummary | None) -> pl.SiteLimits:
         """The site's limits: declared in [sites.NAME], else derived once from its report."""
         if state.limits is not None:
             return state.limits
         t = self.config.trust
         declared = self.config.sites.get(state.site)
-        generation, storage = pl.reported_ratings_w(msg) if msg is not None else (0.0, 0.0)
+        generation, storage = (
+            (msg.generation_rating_w, msg.storage_rating_w) if msg is not None else (0.0, 0.0)
+        )
         limits = pl.derive_limits(
             connection_w=declared.connection_w if declared else None,
             generation_w=declared.pv_w if declared else None,
@@ -787,41 +848,74 @@ class Coordinator:
         A reading that fails the plausibility checks is refused before it touches anything;
         a refused power reading marks its interval suspect (settled as estimated).
         """
+        accepted = self.ingest_reading(site, msg.id, pl.summarise(msg), msg)
+        self._take_latest()
+        return accepted
+
+    def ingest_reading(
+        self, site: str, message_id: str, s: pl.ReadingSummary, msg: Telemetry | bytes
+    ) -> bool:
+        """:meth:`ingest_telemetry` on a reading's summary ``s`` (what an ingest worker sends)
+        with the reading itself, validated or as its JSON (validated here only if it becomes
+        the site's latest, at the next :meth:`_take_latest`, or for the historian)."""
         state = self._known(site)
         if state is None:
             return False
-        if state.is_replay(msg.ts, msg.id):
+        if state.is_replay(s.ts, message_id):
             self.stats.duplicates += 1
             return False
         now = self.clock.now()
         t = self.config.trust
-        reason = pl.check_telemetry(msg, self._limits(state, msg), now, self._window, t.tolerance)
+        reason = pl.check_reading(s, self._limits(state, s), now, self._window, t.tolerance)
         if reason is not None:
             if reason not in ("future", "too_old"):
-                state.suspect.add(int(msg.ts // self.config.market.interval_s))
-            self._reject(site, reason, f"telemetry at ts {msg.ts:.0f} (clock {now:.0f})")
+                state.suspect.add(int(s.ts // self.config.market.interval_s))
+            self._reject(site, reason, f"telemetry at ts {s.ts:.0f} (clock {now:.0f})")
             return False
-        state.accepted(msg.ts, msg.id)
+        state.accepted(s.ts, message_id)
         state.last_seen_ts = now
         self.stats.telemetry += 1
         if self.historian is not None:
+            if isinstance(msg, bytes):
+                msg = Telemetry.model_validate_json(msg)
             self.historian.record_telemetry(site, msg)
-        if state.latest is None or msg.ts >= state.latest.ts:
-            state.latest = msg
+        pending = self._latest_pending.get(site)
+        latest_ts = (
+            pending[0] if pending else (state.latest.ts if state.latest is not None else None)
+        )
+        if latest_ts is None or s.ts >= latest_ts:
+            self._latest_pending[site] = (s.ts, msg)
             state.readings += 1
-        if msg.ts >= state.last_history_ts + HISTORY_STEP_S:
-            state.last_history_ts = msg.ts
-            slot = state.history.append(msg.ts, msg.pv_power_w, msg.load_power_w, None)
-            self._ghi_pending.append((state.history, slot, msg.ts))
+        if s.ts >= state.last_history_ts + HISTORY_STEP_S:
+            state.last_history_ts = s.ts
+            slot = state.history.append(s.ts, s.pv_power_w, s.load_power_w, None)
+            self._ghi_pending.append((state.history, slot, s.ts))
             if len(self._ghi_pending) >= GHI_BATCH:
                 self._fill_ghi()
-        if msg.grid_power_w is None:
+        if s.grid_power_w is None:
             return True
-        if state.last_sample is not None and msg.ts > state.last_sample[0]:
-            self._meter(state, state.last_sample[0], msg.ts, state.last_sample[1])
-        if state.last_sample is None or msg.ts > state.last_sample[0]:
-            state.last_sample = (msg.ts, msg.grid_power_w)
+        if state.last_sample is not None and s.ts > state.last_sample[0]:
+            self._meter(state, state.last_sample[0], s.ts, state.last_sample[1])
+        if state.last_sample is None or s.ts > state.last_sample[0]:
+            state.last_sample = (s.ts, s.grid_power_w)
         return True
+
+    def _take_latest(self) -> None:
+        """Make each reading that became its site's latest since the last call the site's
+        ``latest`` (validating those that came as JSON from an ingest worker)."""
+        pending, self._latest_pending = self._latest_pending, {}
+        for site, (_, reading) in pending.items():
+            state = self.sites.get(site)
+            if state is None:
+                continue
+            try:
+                state.latest = (
+                    Telemetry.model_validate_json(reading)
+                    if isinstance(reading, bytes)
+                    else reading
+                )
+            except ValidationError:  # pragma: no cover - the worker validated it
+                log.exception("a reading from an ingest worker failed validation")
 
     def _fill_ghi(self) -> None:
         """Store the clear-sky GHI of the history samples taken since the last call, in one

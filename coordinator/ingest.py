@@ -1,0 +1,428 @@
+"""Telemetry ingest in worker processes, on an MQTT 5 shared subscription.
+
+With ``[coordinator] ingest_workers = N`` the coordinator starts N worker processes. Each
+connects as its own broker user (``{coordinator}-ingest-{i}``: a client id belongs to one user)
+and subscribes to ``$share/{group}/wattmesh/v1/site/+/telemetry``: the broker hands each
+telemetry message to exactly one of them. A worker does what costs most per message: reading
+MQTT (paho's read path and the PUBACK), validating the JSON (the same pydantic model) and
+summarising it (:func:`coordinator.plausibility.summarise`). It sends the main process, per
+message, the site (from the topic), the message id, the summary and the raw JSON.
+
+Everything that needs a site's state or the coordinator's clock stays in the main process,
+which applies the records through :meth:`coordinator.service.Coordinator.ingest_reading`,
+the very code the in-process path runs: the dedupe high-water mark, the limits fixed at a
+site's first report, the plausibility checks, metering, history and the latest reading. Bids,
+status and dispatch acknowledgements stay there too: few, and they need its state at once.
+
+Why per message, not per site and interval: Mosquitto (2.0) hands the messages of a shared
+subscription out round-robin, message by message, not by site, so one site's readings reach
+several workers, and metering (sample and hold between consecutive readings) and the dedupe
+mark need them in order in one place. At 1 Hz telemetry and 0.1 s batches a site has at most
+one reading in a batch anyway.
+
+Order: the main process asks every worker for its batch at once (epoch k) and applies epoch k
+only when every live worker has answered epoch k + 1 (:func:`merge_epochs`): a site's reading
+read by one worker just after the barrier is applied in ts order before a later reading that
+another worker read just before it. A reading still later than a newer one already applied
+(a worker that lagged more than a batch) is counted as a duplicate, as the in-process path
+counts a late copy.
+
+Worker lifecycle: a worker dies with the coordinator (the kernel's parent-death signal, and
+end of file on its pipe); when one dies, the coordinator logs it and starts it again after a
+growing delay. Its persistent session (``WORKER_SESSION_EXPIRY_S``) keeps the share the broker
+queued for it meanwhile; what it had read but not yet handed over (at most one batch, already
+acknowledged to the broker) is lost, which metering's sample and hold bridges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from types import TracebackType
+
+from pydantic import ValidationError
+
+from broker import topics
+from broker.client import BusClient, BusSettings
+from broker.messages import Telemetry
+from coordinator import plausibility as pl
+
+log = logging.getLogger(__name__)
+
+#: A validated reading: (site, message id, summary, the message's JSON).
+Record = tuple[str, str, pl.ReadingSummary, bytes]
+#: A message that failed validation: (site, the first line of the error).
+Invalid = tuple[str, str]
+#: Seconds the broker keeps a worker's session (and queues its share) while it is away: long
+#: enough for a restart, short enough that a worker given up (N lowered) stops taking a share.
+WORKER_SESSION_EXPIRY_S = 120
+#: Delay before restarting a dead worker (doubling up to the maximum), seconds.
+RESTART_INITIAL_S = 0.5
+RESTART_MAX_S = 30.0
+
+_TELEMETRY_PREFIX = f"{topics.PREFIX}/site/"
+_TELEMETRY_SUFFIX = "/telemetry"
+
+
+def shared_topic(group: str) -> str:
+    """The shared subscription the workers of ``group`` take their share of telemetry from."""
+    return f"$share/{group}/{topics.site_wildcard('telemetry')}"
+
+
+def error_line(err: BaseException) -> str:
+    """The first line of an error (at most 200 characters), or its type's name."""
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+
+
+def reduce_message(topic: str, payload: bytes) -> Record | Invalid | None:
+    """A telemetry message as the main process needs it: a :data:`Record` when it is a valid
+    reading, an :data:`Invalid` when it is not, None when the topic is not a site's telemetry.
+    Pure; the same validation as :meth:`coordinator.service.Coordinator.handle`."""
+    if not (topic.startswith(_TELEMETRY_PREFIX) and topic.endswith(_TELEMETRY_SUFFIX)):
+        return None
+    site = topic[len(_TELEMETRY_PREFIX) : -len(_TELEMETRY_SUFFIX)]
+    if "/" in site or not site:
+        return None
+    try:
+        msg = Telemetry.model_validate_json(payload)
+    except (ValidationError, ValueError, RecursionError, MemoryError) as err:
+        return site, error_line(err)
+    return site, msg.id, pl.summarise(msg), payload
+
+
+def merge_epochs(
+    held: Sequence[Record], arrived: Sequence[Record]
+) -> tuple[list[Record], list[Record]]:
+    """(apply now, hold): from the records held back from epoch k and those of epoch k + 1,
+    apply all of the former and those of the latter that are no newer than their site's
+    newest held one (read by a worker just after the barrier), in ts order; hold the rest.
+
+    Each worker reads a site's readings in the order the broker sent them, so a reading that
+    crossed one barrier is put back in order here.
+    """
+    newest: dict[str, float] = {}
+    for site, _, s, _ in held:
+        if s.ts > newest.get(site, -float("inf")):
+            newest[site] = s.ts
+    now = list(held)
+    later = []
+    for record in arrived:
+        if record[2].ts <= newest.get(record[0], -float("inf")):
+            now.append(record)
+        else:
+            later.append(record)
+    now.sort(key=lambda r: r[2].ts)
+    return now, later
+
+
+# -- the worker process ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What one worker process needs: its index, connection (its own user) and group."""
+
+    index: int
+    bus: BusSettings
+    group: str
+    log_level: int = logging.WARNING
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the parent dies; exit now if it already has."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def worker_main(spec: WorkerSpec, conn: Connection, parent_pid: int) -> None:
+    """A worker process's entry point (spawned): serve until the coordinator says stop or
+    goes away."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator: it stops us
+    logging.basicConfig(
+        level=spec.log_level, format=f"ingest-{spec.index} %(levelname)s %(message)s"
+    )
+    asyncio.run(_serve(spec, conn))
+
+
+async def _serve(spec: WorkerSpec, conn: Connection) -> None:
+    records: list[Record] = []
+    invalid: list[Invalid] = []
+    stop = asyncio.Event()
+
+    def on_message(topic: str, payload: bytes) -> bool:
+        reduced = reduce_message(topic, payload)
+        if reduced is None:
+            return True
+        if len(reduced) == 2:
+            invalid.append(reduced)
+        else:
+            records.append(reduced)
+        return True
+
+    bus = BusClient(spec.bus, fast_handler=on_message)
+
+    def on_request() -> None:
+        try:
+            epoch = conn.recv()
+        except (EOFError, OSError):
+            stop.set()
+            return
+        if epoch is None:
+            stop.set()
+            return
+        batch = (epoch, bus.connected, records[:], invalid[:])
+        records.clear()
+        invalid.clear()
+        try:
+            conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            stop.set()
+
+    loop = asyncio.get_running_loop()
+    loop.add_reader(conn.fileno(), on_request)
+    try:
+        async with bus:
+            await bus.subscribe(shared_topic(spec.group))
+            await stop.wait()
+    finally:
+        loop.remove_reader(conn.fileno())
+
+
+# -- the pool, in the coordinator ------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    spec: WorkerSpec
+    process: BaseProcess | None = None
+    conn: Connection | None = None
+    connected: bool = False
+    answered: int = -1  # the last epoch it answered
+    restart_delay_s: float = 0.0
+    restart_at: float = 0.0
+    started_at: float = 0.0
+
+
+@dataclass
+class IngestStats:
+    """Counters of the ingest workers."""
+
+    batches: int = 0
+    records: int = 0
+    invalid: int = 0
+    deaths: int = 0
+    restarts: int = 0
+    #: Exit codes of the workers that died, newest last (at most 100).
+    exit_codes: list[int | None] = field(default_factory=list)
+
+
+Deliver = Callable[[list[Record], list[Invalid]], None]
+
+
+class IngestPool:
+    """N ingest worker processes and the barrier that collects their batches. ``async with``.
+
+    ``deliver(records, invalid)`` is called in the event loop with each epoch's records in
+    the order to apply them and the invalid messages reported.
+    """
+
+    def __init__(self, specs: Sequence[WorkerSpec], flush_s: float, deliver: Deliver) -> None:
+        if not specs:
+            raise ValueError("an ingest pool needs at least one worker")
+        self.workers = [_Worker(spec) for spec in specs]
+        self.flush_s = flush_s
+        self.deliver = deliver
+        self.stats = IngestStats()
+        self._ctx = multiprocessing.get_context("spawn")
+        self._epoch = 0
+        self._waiting: set[int] = set()  # workers that have not answered the current epoch
+        self._arrived: list[Record] = []
+        self._held: list[Record] = []
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def connected(self) -> int:
+        """How many workers are connected to the broker (as of their last batch)."""
+        return sum(1 for w in self.workers if w.connected and w.process is not None)
+
+    def pids(self) -> list[int | None]:
+        """Each worker's process id (None while it is down)."""
+        return [w.process.pid if w.process is not None else None for w in self.workers]
+
+    async def __aenter__(self) -> IngestPool:
+        for worker in self.workers:
+            self._start(worker)
+        self._task = asyncio.create_task(self._run(), name="coordinator-ingest-pool")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for worker in self.workers:
+            if worker.conn is not None:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(None)
+        await asyncio.to_thread(self._join_all, 5.0)
+
+    def _join_all(self, timeout_s: float) -> None:
+        for worker in self.workers:
+            process = worker.process
+            if process is None:
+                continue
+            process.join(timeout_s)
+            if process.is_alive():
+                log.warning("ingest worker %d did not stop: terminating it", worker.spec.index)
+                process.terminate()
+                process.join(2.0)
+                if process.is_alive():
+                    process.kill()
+                    process.join(1.0)
+            self._close(worker)
+
+    def _start(self, worker: _Worker) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(worker.spec, child, os.getpid()),
+            name=f"wattmesh-ingest-{worker.spec.index}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        worker.process, worker.conn, worker.connected = process, parent, False
+        worker.answered = self._epoch  # it joins at the next epoch
+        worker.started_at = asyncio.get_running_loop().time()
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._on_reply, worker)
+        log.info("ingest worker %d started (pid %s)", worker.spec.index, process.pid)
+
+    def _close(self, worker: _Worker) -> None:
+        if worker.conn is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+            worker.conn.close()
+        worker.conn = None
+
+    def _on_reply(self, worker: _Worker) -> None:
+        conn = worker.conn
+        if conn is None:
+            return
+        try:
+            epoch, connected, records, invalid = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            self._died(worker)
+            return
+        worker.connected = connected
+        worker.answered = epoch
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        self.stats.invalid += len(invalid)
+        if invalid:
+            self.deliver([], invalid)
+        self._arrived += records
+        if epoch == self._epoch:
+            self._waiting.discard(worker.spec.index)
+            self._complete_epoch()
+
+    def _complete_epoch(self) -> None:
+        """Apply the held epoch once every live worker has answered the current one."""
+        if self._waiting:
+            return
+        now, self._held = merge_epochs(self._held, self._arrived)
+        self._arrived = []
+        if now:
+            self.deliver(now, [])
+
+    def _died(self, worker: _Worker) -> None:
+        if self._closing:
+            return
+        process = worker.process
+        if process is not None:
+            process.join(0.5)
+        code = process.exitcode if process is not None else None
+        self._close(worker)
+        worker.process, worker.connected = None, False
+        self.stats.deaths += 1
+        self.stats.exit_codes = [*self.stats.exit_codes[-99:], code]
+        loop = asyncio.get_running_loop()
+        lived_s = loop.time() - worker.started_at
+        worker.restart_delay_s = (
+            RESTART_INITIAL_S
+            if lived_s > 60.0 or worker.restart_delay_s <= 0
+            else min(RESTART_MAX_S, 2.0 * worker.restart_delay_s)
+        )
+        worker.restart_at = loop.time() + worker.restart_delay_s
+        log.error(
+            "ingest worker %d (user %s) died with exit code %s; restarting it in %.1f s",
+            worker.spec.index,
+            worker.spec.bus.username,
+            code,
+            worker.restart_delay_s,
+        )
+        self._waiting.discard(worker.spec.index)
+        self._complete_epoch()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.flush_s)
+            for worker in self.workers:
+                if worker.process is None and loop.time() >= worker.restart_at:
+                    self.stats.restarts += 1
+                    self._start(worker)
+                elif worker.process is not None and not worker.process.is_alive():
+                    self._died(worker)  # gone without closing its pipe (should not happen)
+            if self._waiting:
+                continue  # the last epoch is still being answered
+            self._epoch += 1
+            for worker in self.workers:
+                if worker.conn is None:
+                    continue
+                try:
+                    worker.conn.send(self._epoch)
+                except OSError:
+                    self._died(worker)
+                    continue
+                self._waiting.add(worker.spec.index)
+
+
+def worker_specs(
+    settings: BusSettings, *, user: str, password: str, count: int, group: str
+) -> list[WorkerSpec]:
+    """The specs of ``count`` workers: ``settings`` with each worker's own user
+    (``{user}-ingest-{i}``, which the broker also takes as its client id) and ``password``."""
+    from broker.mosquitto import ingest_user  # noqa: PLC0415 - Mosquitto tooling, not the bus
+
+    level = logging.getLogger().getEffectiveLevel()
+    specs = []
+    for i in range(1, count + 1):
+        name = ingest_user(user, i)
+        bus = dataclasses.replace(
+            settings,
+            username=name,
+            client_id=name,
+            password=password,
+            session_expiry_s=WORKER_SESSION_EXPIRY_S,
+        )
+        specs.append(WorkerSpec(index=i, bus=bus, group=group, log_level=max(level, logging.INFO)))
+    return specs

@@ -224,6 +224,8 @@ class IngestStats:
 
     batches: int = 0
     records: int = 0
+    #: Valid readings received from each worker (by index).
+    per_worker: dict[int, int] = field(default_factory=dict)
     invalid: int = 0
     deaths: int = 0
     restarts: int = 0
@@ -336,6 +338,8 @@ class IngestPool:
         worker.answered = epoch
         self.stats.batches += 1
         self.stats.records += len(records)
+        i = worker.spec.index
+        self.stats.per_worker[i] = self.stats.per_worker.get(i, 0) + len(records)
         self.stats.invalid += len(invalid)
         if invalid:
             self.deliver([], invalid)

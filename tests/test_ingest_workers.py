@@ -1,0 +1,293 @@
+"""Issue 15: telemetry ingest in worker processes on an MQTT 5 shared subscription.
+
+Over a real Mosquitto: the workers share the telemetry (each message reaches exactly one,
+none lost or counted twice), garbage and implausible readings through a worker are refused
+and counted as in-process ingest counts them, a killed worker is noticed and restarted, and
+the same readings through two workers and through the coordinator's own process settle the
+same meters and feeder flow. The broker's ACL lets an ingest user read telemetry through
+``$share/...`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from broker import topics
+from broker.clock import ManualClock
+from broker.messages import DeviceReading, Telemetry
+from broker.mosquitto import BrokerFiles, MosquittoProcess, ingest_user, write_broker_config
+from coordinator import plausibility as pl
+from coordinator.config import parse_coordinator_config
+from coordinator.ingest import Record, merge_epochs, reduce_message, shared_topic
+from coordinator.service import Coordinator
+from tests.broker_fixtures import BROKER_SITES, client_kwargs, free_port
+from tests.test_coordinator import T0, _telemetry
+
+WORKERS = 2
+
+
+@pytest.fixture
+def ingest_files(broker_dir: Path) -> BrokerFiles:
+    """A broker configuration with two ingest users for the coordinator's workers."""
+    return write_broker_config(broker_dir, BROKER_SITES, port=free_port(), ingest_workers=WORKERS)
+
+
+@pytest.fixture
+async def ingest_broker(ingest_files: BrokerFiles) -> AsyncIterator[MosquittoProcess]:
+    async with MosquittoProcess(ingest_files.conf, ingest_files.port) as process:
+        yield process
+
+
+def _coordinator(tmp_path: Path, files: BrokerFiles, workers: int, name: str) -> Coordinator:
+    config = parse_coordinator_config(
+        {
+            "coordinator": {
+                "ledger": str(tmp_path / f"{name}.sqlite"),
+                "ingest_workers": workers,
+                "ingest_flush_s": 0.05,
+            },
+            "broker": {"port": files.port, "password_env": None},
+            "grid": {"import_limit_w": 1e6, "export_limit_w": 1e6},
+            "trust": {"max_hold_s": 900},
+            "sites": {"site-a": {"connection_w": 20_000.0}},
+        },
+        "test",
+    )
+    return Coordinator(
+        config,
+        ManualClock(T0 + 600.0),
+        password=files.credentials["coordinator"],
+        ingest_password=files.credentials[ingest_user("coordinator", 1)] if workers else None,
+    )
+
+
+async def _until(predicate: object, timeout_s: float = 20.0) -> None:
+    assert callable(predicate)
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - the coordinator counts; nothing to wait on
+            await asyncio.sleep(0.02)
+
+
+async def _started(c: Coordinator) -> None:
+    """Until the coordinator and all its workers are connected (and subscribed)."""
+    await c.bus.wait_connected(10)
+    if c.ingest is not None:
+        pool = c.ingest
+        await _until(lambda: pool.connected == len(pool.workers))
+
+
+def _readings() -> list[tuple[str, Telemetry]]:
+    """Ten minutes of readings every 20 s from every site, interleaved as they would arrive."""
+    out = []
+    for step in range(30):
+        ts = T0 + 20.0 * step
+        for i, site in enumerate(BROKER_SITES):
+            out.append((site, _telemetry(ts, 1000.0 * (i + 1) + 37.0 * step - 500.0 * (step % 3))))
+    return out
+
+
+async def _publish(files: BrokerFiles, messages: list[tuple[str, bytes]]) -> None:
+    """Publish each (site, payload) as that site (QoS 1), in order per site."""
+    by_site: dict[str, list[bytes]] = {}
+    for site, payload in messages:
+        by_site.setdefault(site, []).append(payload)
+    for site, payloads in by_site.items():
+        async with aiomqtt.Client(**client_kwargs(files, site)) as client:
+            for payload in payloads:
+                await client.publish(topics.site_topic(site, "telemetry"), payload, qos=1)
+
+
+def test_reduce_message_validates_and_summarises_as_in_process_ingest_does() -> None:
+    msg = _telemetry(T0, 1234.0, battery_w=-500.0, soc=50.0, rated_w=5000.0)
+    topic = topics.site_topic("site-a", "telemetry")
+    record = reduce_message(topic, msg.model_dump_json().encode())
+    assert record == ("site-a", msg.id, pl.summarise(msg), msg.model_dump_json().encode())
+    garbage = reduce_message(topic, b'{"schema_version": 1, "ts": "soon"')
+    assert garbage is not None
+    assert len(garbage) == 2
+    assert garbage[0] == "site-a"
+    assert reduce_message(topics.site_topic("site-a", "bid"), b"{}") is None
+
+
+def test_a_reading_that_crossed_the_barrier_is_put_back_in_ts_order() -> None:
+    def rec(site: str, ts: float) -> Record:
+        return site, f"{site}-{ts}", pl.summarise(_telemetry(ts, 1.0)), b""
+
+    held = [rec("a", 2.0), rec("a", 4.0), rec("b", 10.0)]  # epoch k, both workers
+    arrived = [rec("a", 3.0), rec("a", 5.0), rec("b", 11.0), rec("c", 1.0)]  # epoch k + 1
+    now, later = merge_epochs(held, arrived)
+    assert [(r[0], r[2].ts) for r in now] == [("a", 2.0), ("a", 3.0), ("a", 4.0), ("b", 10.0)]
+    assert [(r[0], r[2].ts) for r in later] == [("a", 5.0), ("b", 11.0), ("c", 1.0)]
+
+
+def test_the_summary_check_is_the_message_check() -> None:
+    limits = pl.SiteLimits(connection_w=20_000.0, generation_w=10_000.0, storage_w=5_000.0)
+    window = pl.TimeWindow(30.0, 86_400.0)
+    big = DeviceReading(device="x", kind="battery", available=True, power_w=1e6)
+    cases = [
+        _telemetry(T0, 1000.0),
+        _telemetry(T0, 1e6),
+        _telemetry(T0 + 60.0, 1000.0),
+        Telemetry(ts=T0, devices=[big]),
+        _telemetry(T0, 0.0, battery_w=9000.0, soc=50.0, rated_w=5000.0),
+    ]
+    reasons = [pl.check_telemetry(m, limits, T0, window, 0.1) for m in cases]
+    assert reasons == [None, "grid_power", "future", "device_power", "battery_power"]
+    assert reasons == [pl.check_reading(pl.summarise(m), limits, T0, window, 0.1) for m in cases]
+
+
+async def test_an_ingest_user_reads_telemetry_through_a_shared_subscription_and_nothing_else(
+    ingest_broker: MosquittoProcess, ingest_files: BrokerFiles
+) -> None:
+    user = ingest_user("coordinator", 1)
+    got: list[tuple[str, bytes]] = []
+    async with aiomqtt.Client(**client_kwargs(ingest_files, user)) as reader:
+        await reader.subscribe(shared_topic("g"), qos=1)
+        await reader.subscribe(f"$share/g/{topics.site_wildcard('bid')}", qos=1)
+        await reader.subscribe(topics.site_wildcard("status"), qos=1)
+        async with aiomqtt.Client(**client_kwargs(ingest_files, "site-a")) as site:
+            await site.publish(topics.site_topic("site-a", "bid"), b"bid", qos=1)
+            await site.publish(topics.site_topic("site-a", "status"), b"status", qos=1)
+            await site.publish(topics.site_topic("site-a", "telemetry"), b"reading", qos=1)
+        # it cannot write: a reading forged as another site's is dropped by the broker
+        await reader.publish(topics.site_topic("site-b", "telemetry"), b"forged", qos=1)
+
+        async def collect() -> None:
+            async for message in reader.messages:
+                assert isinstance(message.payload, bytes)
+                got.append((str(message.topic), message.payload))
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await collect()
+    assert got == [(topics.site_topic("site-a", "telemetry"), b"reading")]
+
+
+async def test_workers_share_the_telemetry_without_losing_or_double_counting_a_reading(
+    ingest_broker: MosquittoProcess, ingest_files: BrokerFiles, tmp_path: Path
+) -> None:
+    readings = _readings()
+    c = _coordinator(tmp_path, ingest_files, WORKERS, "workers")
+    async with c:
+        await _started(c)
+        await _publish(ingest_files, [(s, m.model_dump_json().encode()) for s, m in readings])
+        await _until(lambda: c.stats.telemetry >= len(readings))
+        await asyncio.sleep(0.3)  # a copy would arrive now
+        pool = c.ingest
+        assert pool is not None
+        per_worker = dict(pool.stats.per_worker)
+        pids = pool.pids()
+    assert c.stats.telemetry == len(readings)
+    assert c.stats.duplicates == 0
+    assert c.stats.invalid == c.stats.rejected == 0
+    assert sum(per_worker.values()) == len(readings)  # each reading reached exactly one worker
+    assert sorted(per_worker) == [1, 2]
+    assert all(n > 0 for n in per_worker.values())  # both took a share
+    for pid in pids:  # and they stopped with the coordinator
+        assert pid is not None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_the_same_readings_through_workers_and_in_process_meter_the_same(
+    ingest_broker: MosquittoProcess, ingest_files: BrokerFiles, tmp_path: Path
+) -> None:
+    readings = _readings()
+    payloads = [(s, m.model_dump_json().encode()) for s, m in readings]
+    results = []
+    for workers in (0, WORKERS):
+        c = _coordinator(tmp_path, ingest_files, workers, f"run-{workers}")
+        async with c:
+            await _started(c)
+            await _publish(ingest_files, payloads)
+            await _until(lambda c=c: c.stats.telemetry >= len(readings))
+            await c.balance(0.0)
+            results.append(
+                (
+                    {n: dict(s.energy_wh) for n, s in c.sites.items()},
+                    {n: dict(s.covered_s) for n, s in c.sites.items()},
+                    {n: s.latest.id if s.latest else None for n, s in c.sites.items()},
+                    {n: s.history.arrays()[0].tolist() for n, s in c.sites.items()},
+                    c.flow_w,
+                    c.stats.telemetry,
+                    c.stats.duplicates,
+                )
+            )
+    in_process, workers_result = results
+    assert in_process == workers_result
+    energy = in_process[0]
+    assert set(energy) == set(BROKER_SITES)
+    assert in_process[4] == pytest.approx(sum(m.grid_power_w or 0.0 for _, m in readings[-3:]))
+
+
+async def test_garbage_and_implausible_readings_through_a_worker_are_refused_and_counted(
+    ingest_broker: MosquittoProcess, ingest_files: BrokerFiles, tmp_path: Path
+) -> None:
+    c = _coordinator(tmp_path, ingest_files, WORKERS, "trust")
+    fake = _telemetry(T0 + 100.0, -1e9)  # a meter claiming a gigawatt of export
+    future = _telemetry(T0 + 3600.0, 1000.0)
+    good = _telemetry(T0 + 200.0, 1000.0)
+    async with c:
+        await _started(c)
+        await _publish(
+            ingest_files,
+            [
+                ("site-a", b'{"schema_version": 1, "id": "x", "ts": "not a time"}'),
+                ("site-a", fake.model_dump_json().encode()),
+                ("site-a", future.model_dump_json().encode()),
+                ("site-a", good.model_dump_json().encode()),
+            ],
+        )
+        await _until(lambda: c.stats.telemetry + c.stats.rejected >= 4)
+        await asyncio.sleep(0.3)
+        state = c.sites["site-a"]
+        audited = [e.detail["reason"] for e in c.ledger.audit_entries(kind="rejection")]
+    assert c.stats.invalid == 1
+    assert c.stats.telemetry == 1
+    assert state.rejected == {"invalid": 1, "grid_power": 1, "future": 1}
+    assert state.suspect == {int(fake.ts // 900)}  # settled as estimated, as in process
+    assert state.latest is not None
+    assert state.latest.id == good.id
+    assert audited == ["invalid", "grid_power", "future"]  # audited as in process
+
+
+async def test_a_killed_worker_is_noticed_restarted_and_its_share_still_ingested(
+    ingest_broker: MosquittoProcess,
+    ingest_files: BrokerFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    c = _coordinator(tmp_path, ingest_files, WORKERS, "kill")
+    readings = _readings()
+    first, second = readings[:45], readings[45:]
+    async with c:
+        await _started(c)
+        pool = c.ingest
+        assert pool is not None
+        await _publish(ingest_files, [(s, m.model_dump_json().encode()) for s, m in first])
+        await _until(lambda: c.stats.telemetry >= len(first))
+        victim = pool.pids()[0]
+        assert victim is not None
+        with caplog.at_level(logging.ERROR, logger="coordinator.ingest"):
+            os.kill(victim, signal.SIGKILL)
+            await _until(lambda: pool.stats.deaths == 1)
+        assert "ingest worker 1 (user coordinator-ingest-1) died" in caplog.text
+        assert pool.stats.exit_codes == [-signal.SIGKILL]
+        await _until(lambda: pool.stats.restarts == 1 and pool.connected == WORKERS)
+        assert pool.pids()[0] not in (None, victim)
+        await _publish(ingest_files, [(s, m.model_dump_json().encode()) for s, m in second])
+        await _until(lambda: c.stats.telemetry >= len(readings))
+        per_worker = dict(pool.stats.per_worker)
+    assert c.stats.telemetry == len(readings)
+    assert c.stats.duplicates == 0
+    assert per_worker[1] > 0
+    assert per_worker[2] > 0

@@ -41,14 +41,16 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
-import multiprocessing
 import os
 import pickle
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import TracebackType
 
 from pydantic import ValidationError
@@ -70,6 +72,8 @@ WORKER_SESSION_EXPIRY_S = 120
 #: Delay before restarting a dead worker (doubling up to the maximum), seconds.
 RESTART_INITIAL_S = 0.5
 RESTART_MAX_S = 30.0
+#: What a worker process runs (``python -m``).
+WORKER_MODULE = "coordinator.ingest"
 
 _TELEMETRY_PREFIX = f"{topics.PREFIX}/site/"
 _TELEMETRY_SUFFIX = "/telemetry"
@@ -148,10 +152,14 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def worker_main(spec: WorkerSpec, conn: Connection, parent_pid: int) -> None:
-    """A worker process's entry point (spawned): serve until the coordinator says stop or
-    goes away."""
+def worker_main(argv: Sequence[str]) -> None:
+    """A worker process's entry point (``python -m coordinator.ingest FD PARENT_PID``, its
+    :class:`WorkerSpec` pickled on stdin): serve on the socket FD until the coordinator says
+    stop or goes away. A process of its own, not a fork: it imports only what ingest needs."""
+    fd, parent_pid = int(argv[0]), int(argv[1])
     _die_with_parent(parent_pid)
+    spec = pickle.loads(sys.stdin.buffer.read())  # from our parent only: stdin is its pipe
+    conn = Connection(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator: it stops us
     logging.basicConfig(
         level=spec.log_level, format=f"ingest-{spec.index} %(levelname)s %(message)s"
@@ -209,7 +217,7 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
 @dataclass
 class _Worker:
     spec: WorkerSpec
-    process: BaseProcess | None = None
+    process: subprocess.Popen[bytes] | None = None
     conn: Connection | None = None
     connected: bool = False
     answered: int = -1  # the last epoch it answered
@@ -250,7 +258,6 @@ class IngestPool:
         self.flush_s = flush_s
         self.deliver = deliver
         self.stats = IngestStats()
-        self._ctx = multiprocessing.get_context("spawn")
         self._epoch = 0
         self._waiting: set[int] = set()  # workers that have not answered the current epoch
         self._arrived: list[Record] = []
@@ -281,37 +288,50 @@ class IngestPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        loop = asyncio.get_running_loop()
         for worker in self.workers:
             if worker.conn is not None:
+                loop.remove_reader(worker.conn.fileno())
                 with contextlib.suppress(OSError):
                     worker.conn.send(None)
         await asyncio.to_thread(self._join_all, 5.0)
+        for worker in self.workers:
+            if worker.conn is not None:
+                worker.conn.close()
+                worker.conn = None
 
     def _join_all(self, timeout_s: float) -> None:
         for worker in self.workers:
             process = worker.process
             if process is None:
                 continue
-            process.join(timeout_s)
-            if process.is_alive():
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
                 log.warning("ingest worker %d did not stop: terminating it", worker.spec.index)
                 process.terminate()
-                process.join(2.0)
-                if process.is_alive():
+                try:
+                    process.wait(2.0)
+                except subprocess.TimeoutExpired:
                     process.kill()
-                    process.join(1.0)
-            self._close(worker)
+                    process.wait(1.0)
 
     def _start(self, worker: _Worker) -> None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
-            target=worker_main,
-            args=(worker.spec, child, os.getpid()),
-            name=f"wattmesh-ingest-{worker.spec.index}",
-            daemon=True,
-        )
-        process.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parent.parent)  # where the packages are
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, path] if path else [root])}
+        with theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()), str(os.getpid())],
+                stdin=subprocess.PIPE,
+                pass_fds=[theirs.fileno()],
+                env=env,
+            )
+        assert process.stdin is not None
+        with process.stdin:
+            process.stdin.write(pickle.dumps(worker.spec))
+        parent = Connection(ours.detach())
         worker.process, worker.conn, worker.connected = process, parent, False
         worker.answered = self._epoch  # it joins at the next epoch
         worker.started_at = asyncio.get_running_loop().time()
@@ -319,9 +339,9 @@ class IngestPool:
         log.info("ingest worker %d started (pid %s)", worker.spec.index, process.pid)
 
     def _close(self, worker: _Worker) -> None:
+        """Close the pipe to a worker (in the event loop: its reader goes first)."""
         if worker.conn is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
             worker.conn.close()
         worker.conn = None
 
@@ -361,9 +381,10 @@ class IngestPool:
         if self._closing:
             return
         process = worker.process
+        code = None
         if process is not None:
-            process.join(0.5)
-        code = process.exitcode if process is not None else None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = process.wait(0.5)
         self._close(worker)
         worker.process, worker.connected = None, False
         self.stats.deaths += 1
@@ -394,7 +415,7 @@ class IngestPool:
                 if worker.process is None and loop.time() >= worker.restart_at:
                     self.stats.restarts += 1
                     self._start(worker)
-                elif worker.process is not None and not worker.process.is_alive():
+                elif worker.process is not None and worker.process.poll() is not None:
                     self._died(worker)  # gone without closing its pipe (should not happen)
             if self._waiting:
                 continue  # the last epoch is still being answered
@@ -430,3 +451,7 @@ def worker_specs(
         )
         specs.append(WorkerSpec(index=i, bus=bus, group=group, log_level=max(level, logging.INFO)))
     return specs
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])

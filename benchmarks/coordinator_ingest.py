@@ -377,6 +377,51 @@ class GateResult:
     rss_mb: float
 
 
+class StallWatch:
+    """The longest the event loop (which ingests) goes without a turn inside ``async with``."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+        self._running = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> StallWatch:
+        self._running = True
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._running = False
+        if self._task is not None:
+            await self._task
+
+    async def _watch(self) -> None:
+        last = time.perf_counter()
+        while self._running:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            self.longest_s, last = max(self.longest_s, now - last), now
+
+
+def _live_loadgens(
+    port: int, passwords: dict[str, str], sites: int, loadgens: int, seconds: int, start_at: float
+) -> list[subprocess.Popen[str]]:
+    """``loadgens`` processes sending 1 Hz telemetry of ``sites`` sites between them."""
+    return [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-c", LIVE_PUBLISHER, str(port), f"loadgen-{g + 1}"),
+                passwords[f"loadgen-{g + 1}"],
+                *(str(g * sites // loadgens), str((g + 1) * sites // loadgens)),
+                *(str(seconds), repr(1.7e9 - seconds - 5), repr(start_at)),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for g in range(loadgens)
+    ]
+
+
 async def gate_under_load(
     broker: MosquittoProcess,
     passwords: dict[str, str],
@@ -400,53 +445,40 @@ async def gate_under_load(
         fill_histories(coordinator, sites, coordinator.clock.now())
         coordinator.bids[interval] = _bids(sites, interval)
         start_at = time.time() + 1.0
-        procs = [
-            subprocess.Popen(
-                [
-                    *(sys.executable, "-c", LIVE_PUBLISHER, str(port), f"loadgen-{g + 1}"),
-                    passwords[f"loadgen-{g + 1}"],
-                    *(str(g * sites // loadgens), str((g + 1) * sites // loadgens)),
-                    *(str(seconds), repr(1.7e9 - seconds - 5), repr(start_at)),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for g in range(loadgens)
-        ]
+        procs = _live_loadgens(port, passwords, sites, loadgens, seconds, start_at)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         cpu = Cpu(coordinator, broker.pid or 0)
         n0 = coordinator.stats.telemetry
-        stall = 0.0
-        running = True
+        last_change = [time.perf_counter(), n0]  # when the count last moved, and to what
 
-        async def watch() -> None:  # how long the loop goes without a turn
-            nonlocal stall
-            last = time.perf_counter()
-            while running:
-                await asyncio.sleep(0.001)
-                now = time.perf_counter()
-                stall, last = max(stall, now - last), now
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(0.02)
+                if coordinator.stats.telemetry != last_change[1]:
+                    last_change[:] = [time.perf_counter(), coordinator.stats.telemetry]
+
+        counting = asyncio.create_task(progress())
 
         await asyncio.sleep(min(3.0, seconds / 3))  # the load runs before the gate
-        watcher = asyncio.create_task(watch())
-        t0 = time.perf_counter()
-        await coordinator.clear_interval(interval)  # what the market loop does at the gate
-        t_award = time.perf_counter() - t0
-        await coordinator.publish_forecasts(interval + 1)
-        t_forecast = time.perf_counter() - t0
-        running = False
-        await watcher
+        async with StallWatch() as stall:
+            t0 = time.perf_counter()
+            await coordinator.clear_interval(interval)  # what the market loop does at the gate
+            t_award = time.perf_counter() - t0
+            await coordinator.publish_forecasts(interval + 1)
+            t_forecast = time.perf_counter() - t0
         while any(p.poll() is None for p in procs):  # noqa: ASYNC110 - processes, not tasks
             await asyncio.sleep(0.05)
         load_wall, main, workers_cpu, broker_cpu = cpu.shares()
-        rate = (coordinator.stats.telemetry - n0) / load_wall
         rss = cpu.rss_mb()
         sent, loadgen_cpu, late = _loadgen_results(procs, 10)
-        last_change, last_n = time.perf_counter(), coordinator.stats.telemetry
-        while coordinator.stats.telemetry < sent and time.perf_counter() - last_change < 3:
-            await asyncio.sleep(0.05)  # what is still queued comes in; or nothing more does
-            if coordinator.stats.telemetry != last_n:
-                last_change, last_n = time.perf_counter(), coordinator.stats.telemetry
+        # What is still queued comes in, or nothing more does.
+        while coordinator.stats.telemetry - n0 < sent:
+            if time.perf_counter() - last_change[0] > 3:
+                break
+            await asyncio.sleep(0.05)
+        counting.cancel()
+        # from the first reading sent to the last one ingested
+        rate = (last_change[1] - n0) / (last_change[0] - cpu.wall0)
         if coordinator.stats.forecasts != sites:
             raise RuntimeError(f"{coordinator.stats.forecasts} forecasts for {sites} sites")
         return GateResult(
@@ -455,7 +487,7 @@ async def gate_under_load(
             fraction=(coordinator.stats.telemetry - n0) / sent,
             to_last_award_s=t_award,
             to_last_forecast_s=t_forecast,
-            longest_stall_s=stall,
+            longest_stall_s=stall.longest_s,
             main_cpu=main,
             workers_cpu=workers_cpu,
             broker_cpu=broker_cpu,

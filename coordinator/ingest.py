@@ -21,11 +21,11 @@ mark need them in order in one place. At 1 Hz telemetry and 0.1 s batches a site
 one reading in a batch anyway.
 
 Order: the main process asks every worker for its batch at once (epoch k) and applies epoch k
-only when every live worker has answered epoch k + 1 (:func:`merge_epochs`): a site's reading
-read by one worker just after the barrier is applied in ts order before a later reading that
-another worker read just before it. A reading still later than a newer one already applied
-(a worker that lagged more than a batch) is counted as a duplicate, as the in-process path
-counts a late copy.
+only once every live worker has answered the epochs of the next ``REORDER_WINDOW_S``
+(:func:`merge_epochs`): a site's reading read by one worker after a barrier is applied in ts
+order before a later reading that another worker read before it. A reading still later than a
+newer one already applied (a worker that lagged more than the window) is counted as a
+duplicate, as the in-process path counts a late copy.
 
 Worker lifecycle: a worker dies with the coordinator (the kernel's parent-death signal, and
 end of file on its pipe); when one dies, the coordinator logs it and starts it again after a
@@ -40,13 +40,16 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import logging
+import math
 import os
 import pickle
 import signal
 import socket
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -72,6 +75,12 @@ WORKER_SESSION_EXPIRY_S = 120
 #: Delay before restarting a dead worker (doubling up to the maximum), seconds.
 RESTART_INITIAL_S = 0.5
 RESTART_MAX_S = 30.0
+#: How long (wall s) the coordinator holds the workers' batches back to put each site's readings
+#: in order: a worker may read its share up to this much later than another reads its own.
+REORDER_WINDOW_S = 0.3
+#: How much lower the workers' CPU priority is than the coordinator's: at a gate the market and
+#: grid decisions go first, and the telemetry waits a moment in the workers' socket buffers.
+WORKER_NICE = 5
 #: What a worker process runs (``python -m``).
 WORKER_MODULE = "coordinator.ingest"
 
@@ -105,29 +114,32 @@ def reduce_message(topic: str, payload: bytes) -> Record | Invalid | None:
     return site, msg.id, pl.summarise(msg), payload
 
 
-def merge_epochs(
-    held: Sequence[Record], arrived: Sequence[Record]
-) -> tuple[list[Record], list[Record]]:
-    """(apply now, hold): from the records held back from epoch k and those of epoch k + 1,
-    apply all of the former and those of the latter that are no newer than their site's
-    newest held one (read by a worker just after the barrier), in ts order; hold the rest.
+def merge_epochs(epochs: Sequence[Sequence[Record]]) -> tuple[list[Record], list[list[Record]]]:
+    """(apply now, keep): from the records of consecutive epochs, oldest first, apply all of
+    the oldest epoch's and every later one no newer than its site's newest in the oldest epoch
+    (read by a slower worker after a barrier), in ts order; keep the rest, by epoch.
 
     Each worker reads a site's readings in the order the broker sent them, so a reading that
-    crossed one barrier is put back in order here.
+    crossed up to ``len(epochs) - 1`` barriers is put back in order here.
     """
+    if not epochs:
+        return [], []
     newest: dict[str, float] = {}
-    for site, _, s, _ in held:
-        if s.ts > newest.get(site, -float("inf")):
+    for site, _, s, _ in epochs[0]:
+        if s.ts > newest.get(site, -math.inf):
             newest[site] = s.ts
-    now = list(held)
-    later = []
-    for record in arrived:
-        if record[2].ts <= newest.get(record[0], -float("inf")):
-            now.append(record)
-        else:
-            later.append(record)
+    now = list(epochs[0])
+    keep: list[list[Record]] = []
+    for epoch in itertools.islice(epochs, 1, None):
+        later = []
+        for record in epoch:
+            if record[2].ts <= newest.get(record[0], -math.inf):
+                now.append(record)
+            else:
+                later.append(record)
+        keep.append(later)
     now.sort(key=lambda r: r[2].ts)
-    return now, later
+    return now, keep
 
 
 # -- the worker process ----------------------------------------------------------------------
@@ -158,6 +170,8 @@ def worker_main(argv: Sequence[str]) -> None:
     stop or goes away. A process of its own, not a fork: it imports only what ingest needs."""
     fd, parent_pid = int(argv[0]), int(argv[1])
     _die_with_parent(parent_pid)
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
     spec = pickle.loads(sys.stdin.buffer.read())  # from our parent only: stdin is its pipe
     conn = Connection(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator: it stops us
@@ -261,7 +275,10 @@ class IngestPool:
         self._epoch = 0
         self._waiting: set[int] = set()  # workers that have not answered the current epoch
         self._arrived: list[Record] = []
-        self._held: list[Record] = []
+        #: Epochs answered but not yet applied, oldest first: each is applied when
+        #: ``hold_epochs`` more have been answered.
+        self._held: deque[list[Record]] = deque()
+        self.hold_epochs = max(1, math.ceil(REORDER_WINDOW_S / flush_s))
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -283,11 +300,12 @@ class IngestPool:
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._drain(2.0)
+        self._closing = True
         loop = asyncio.get_running_loop()
         for worker in self.workers:
             if worker.conn is not None:
@@ -299,6 +317,36 @@ class IngestPool:
             if worker.conn is not None:
                 worker.conn.close()
                 worker.conn = None
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Collect one last batch from every worker and apply everything held."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._waiting:  # noqa: ASYNC110 - answers come through pipe readers
+                    await asyncio.sleep(0.01)
+                self._request()
+                while self._waiting:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        self._held.append(self._arrived)
+        self._arrived = []
+        records = [r for epoch in self._held for r in epoch]
+        self._held.clear()
+        records.sort(key=lambda r: r[2].ts)
+        if records:
+            self.deliver(records, [])
+
+    def _request(self) -> None:
+        """Ask every live worker for its batch of the next epoch."""
+        self._epoch += 1
+        for worker in self.workers:
+            if worker.conn is None:
+                continue
+            try:
+                worker.conn.send(self._epoch)
+            except OSError:
+                self._died(worker)
+                continue
+            self._waiting.add(worker.spec.index)
 
     def _join_all(self, timeout_s: float) -> None:
         for worker in self.workers:
@@ -372,8 +420,12 @@ class IngestPool:
         """Apply the held epoch once every live worker has answered the current one."""
         if self._waiting:
             return
-        now, self._held = merge_epochs(self._held, self._arrived)
+        self._held.append(self._arrived)
         self._arrived = []
+        if len(self._held) <= self.hold_epochs:
+            return
+        now, keep = merge_epochs(self._held)
+        self._held = deque(keep)
         if now:
             self.deliver(now, [])
 
@@ -417,18 +469,8 @@ class IngestPool:
                     self._start(worker)
                 elif worker.process is not None and worker.process.poll() is not None:
                     self._died(worker)  # gone without closing its pipe (should not happen)
-            if self._waiting:
-                continue  # the last epoch is still being answered
-            self._epoch += 1
-            for worker in self.workers:
-                if worker.conn is None:
-                    continue
-                try:
-                    worker.conn.send(self._epoch)
-                except OSError:
-                    self._died(worker)
-                    continue
-                self._waiting.add(worker.spec.index)
+            if not self._waiting:  # else the last epoch is still being answered
+                self._request()
 
 
 def worker_specs(

@@ -122,11 +122,24 @@ def test_a_reading_that_crossed_the_barrier_is_put_back_in_ts_order() -> None:
     def rec(site: str, ts: float) -> Record:
         return site, f"{site}-{ts}", pl.summarise(_telemetry(ts, 1.0)), b""
 
-    held = [rec("a", 2.0), rec("a", 4.0), rec("b", 10.0)]  # epoch k, both workers
-    arrived = [rec("a", 3.0), rec("a", 5.0), rec("b", 11.0), rec("c", 1.0)]  # epoch k + 1
-    now, later = merge_epochs(held, arrived)
-    assert [(r[0], r[2].ts) for r in now] == [("a", 2.0), ("a", 3.0), ("a", 4.0), ("b", 10.0)]
-    assert [(r[0], r[2].ts) for r in later] == [("a", 5.0), ("b", 11.0), ("c", 1.0)]
+    k0 = [rec("a", 2.0), rec("a", 5.0), rec("b", 10.0)]  # epoch k, both workers
+    k1 = [rec("a", 3.0), rec("a", 7.0), rec("b", 11.0), rec("c", 1.0)]  # epoch k + 1
+    k2 = [rec("a", 4.0), rec("a", 6.0)]  # a worker two barriers behind
+    now, keep = merge_epochs([k0, k1, k2])
+    assert [(r[0], r[2].ts) for r in now] == [
+        ("a", 2.0),
+        ("a", 3.0),
+        ("a", 4.0),
+        ("a", 5.0),
+        ("b", 10.0),
+    ]
+    assert [[(r[0], r[2].ts) for r in epoch] for epoch in keep] == [
+        [("a", 7.0), ("b", 11.0), ("c", 1.0)],
+        [("a", 6.0)],
+    ]
+    now, keep = merge_epochs(keep)
+    assert [(r[0], r[2].ts) for r in now] == [("c", 1.0), ("a", 6.0), ("a", 7.0), ("b", 11.0)]
+    assert keep == [[]]
 
 
 def test_the_summary_check_is_the_message_check() -> None:

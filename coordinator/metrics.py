@@ -151,8 +151,8 @@ class CoordinatorCollector(Collector):
         now = c.clock.now()
         for name, site in sorted(c.sites.items()):
             online.add_metric([c.feeder, name], 1.0 if site.online else 0.0)
-            if site.latest is not None:
-                age.add_metric([c.feeder, name], max(0.0, now - site.latest.ts) / c.speed)
+            if site.latest_ts is not None:
+                age.add_metric([c.feeder, name], max(0.0, now - site.latest_ts) / c.speed)
             if site.status is not None:
                 dropped_telemetry.add_metric([c.feeder, name], site.status.telemetry_dropped)
                 state = site.status.spool_state

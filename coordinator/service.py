@@ -294,7 +294,13 @@ class SiteState:
     site: str
     online: bool = False
     role: str | None = None
-    latest: Telemetry | None = None
+    _latest: Telemetry | None = field(default=None, repr=False)
+    #: The latest reading as JSON, not yet validated here (it came from an ingest worker,
+    #: which validated it): validated when ``latest`` is first read.
+    _latest_json: bytes | None = field(default=None, repr=False)
+    #: The latest reading's ts and grid exchange (W), known without validating its JSON.
+    latest_ts: float | None = None
+    latest_grid_w: float | None = None
     #: One sample every HISTORY_STEP_S: PV W, load W and the clear-sky GHI (W/m^2) at it
     #: (float32: 7 significant digits are plenty for a forecast; 20 bytes a sample).
     history: RingBuffer = field(
@@ -315,6 +321,28 @@ class SiteState:
     last_history_ts: float = -math.inf
     readings: int = 0  # telemetry messages taken as the latest so far
     last_seen_ts: float = -math.inf  # the coordinator's clock at the last accepted message
+
+    @property
+    def latest(self) -> Telemetry | None:
+        """The newest accepted reading (None before the first)."""
+        if self._latest_json is not None:
+            data, self._latest_json = self._latest_json, None
+            try:
+                self._latest = Telemetry.model_validate_json(data)
+            except ValidationError:  # pragma: no cover - an ingest worker validated it
+                log.exception("site %s: a worker's reading failed validation", self.site)
+        return self._latest
+
+    @latest.setter
+    def latest(self, msg: Telemetry | None) -> None:
+        self._latest, self._latest_json = msg, None
+        self.latest_ts = None if msg is None else msg.ts
+        self.latest_grid_w = None if msg is None else msg.grid_power_w
+
+    def set_latest_json(self, data: bytes, ts: float, grid_power_w: float | None) -> None:
+        """Make a validated reading's JSON the latest (validated again only when read)."""
+        self._latest, self._latest_json = None, data
+        self.latest_ts, self.latest_grid_w = ts, grid_power_w
 
     def is_replay(self, ts: float, message_id: str) -> bool:
         """Whether a reading at ``ts`` with ``message_id`` is a duplicate or older than the
@@ -440,7 +468,7 @@ class Coordinator:
         #: History samples whose clear-sky GHI is still to be computed: (ring, slot, ts).
         self._ghi_pending: list[tuple[RingBuffer, int, float]] = []
         #: Readings that became their site's latest since the last :meth:`_take_latest`.
-        self._latest_pending: dict[str, tuple[float, Telemetry | bytes]] = {}
+        self._latest_pending: dict[str, tuple[pl.ReadingSummary, Telemetry | bytes]] = {}
         self._window = pl.TimeWindow(config.trust.future_skew_s, config.trust.max_age_s)
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -880,11 +908,9 @@ class Coordinator:
                 msg = Telemetry.model_validate_json(msg)
             self.historian.record_telemetry(site, msg)
         pending = self._latest_pending.get(site)
-        latest_ts = (
-            pending[0] if pending else (state.latest.ts if state.latest is not None else None)
-        )
+        latest_ts = pending[0].ts if pending else state.latest_ts
         if latest_ts is None or s.ts >= latest_ts:
-            self._latest_pending[site] = (s.ts, msg)
+            self._latest_pending[site] = (s, msg)
             state.readings += 1
         if s.ts >= state.last_history_ts + HISTORY_STEP_S:
             state.last_history_ts = s.ts
@@ -902,20 +928,16 @@ class Coordinator:
 
     def _take_latest(self) -> None:
         """Make each reading that became its site's latest since the last call the site's
-        ``latest`` (validating those that came as JSON from an ingest worker)."""
+        ``latest`` (those that came as JSON from an ingest worker are validated when read)."""
         pending, self._latest_pending = self._latest_pending, {}
-        for site, (_, reading) in pending.items():
+        for site, (summary, reading) in pending.items():
             state = self.sites.get(site)
             if state is None:
                 continue
-            try:
-                state.latest = (
-                    Telemetry.model_validate_json(reading)
-                    if isinstance(reading, bytes)
-                    else reading
-                )
-            except ValidationError:  # pragma: no cover - the worker validated it
-                log.exception("a reading from an ingest worker failed validation")
+            if isinstance(reading, bytes):
+                state.set_latest_json(reading, summary.ts, summary.grid_power_w)
+            else:
+                state.latest = reading
 
     def _fill_ghi(self) -> None:
         """Store the clear-sky GHI of the history samples taken since the last call, in one
@@ -1421,7 +1443,7 @@ class Coordinator:
     def feeder_flow_w(self) -> float:
         """The feeder's net import, W: the sum of every site's latest grid exchange."""
         return float(
-            sum(s.latest.grid_power_w or 0.0 for s in self.sites.values() if s.latest is not None)
+            sum(s.latest_grid_w or 0.0 for s in self.sites.values() if s.latest_grid_w is not None)
         )
 
     async def _grid_loop(self) -> None:

@@ -15,6 +15,10 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -304,3 +308,54 @@ async def test_a_killed_worker_is_noticed_restarted_and_its_share_still_ingested
     assert c.stats.duplicates == 0
     assert per_worker[1] > 0
     assert per_worker[2] > 0
+
+
+KILLED_COORDINATOR = textwrap.dedent("""
+    import asyncio, sys
+    from broker.clock import ManualClock
+    from coordinator.config import parse_coordinator_config
+    from coordinator.service import Coordinator
+
+    async def main() -> None:
+        config = parse_coordinator_config(
+            {
+                "coordinator": {"ledger": sys.argv[1], "ingest_workers": 1},
+                "broker": {"port": 1, "password_env": None},  # nobody listens: it retries
+            },
+            "test",
+        )
+        async with Coordinator(config, ManualClock(0.0), password="x", ingest_password="y") as c:
+            assert c.ingest is not None
+            print(c.ingest.pids()[0], flush=True)
+            await asyncio.sleep(60)
+
+    asyncio.run(main())
+""")
+
+
+def test_the_workers_die_with_a_killed_coordinator(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    coordinator = subprocess.Popen(
+        [sys.executable, "-c", KILLED_COORDINATOR, str(tmp_path / "ledger.sqlite")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert coordinator.stdout is not None
+        worker = int(coordinator.stdout.readline())
+        os.kill(worker, 0)  # it runs
+        coordinator.kill()  # no chance to stop its workers
+        coordinator.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)
+    finally:
+        coordinator.kill()
+        coordinator.wait(10)

@@ -125,6 +125,13 @@ class CoordinatorCollector(Collector):
         for outcome, count in sorted(st.acks.items()):
             acks.add_metric([c.feeder, outcome], count)
         yield acks
+        if c.ingest is not None:  # [coordinator] ingest_workers > 0
+            yield gauge("wattmesh_ingest_workers_connected",
+                        "Ingest worker processes connected to the broker.",
+                        c.ingest.connected)  # fmt: skip
+            yield counter("wattmesh_ingest_worker_restarts",
+                          "Ingest worker processes restarted after dying.",
+                          c.ingest.stats.restarts)  # fmt: skip
         yield from self._sites_and_historian()
 
     def _sites_and_historian(self) -> Iterator[Metric]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from prometheus_client import generate_latest
 
 from broker import topics
 from broker.clock import ManualClock
@@ -301,6 +302,9 @@ async def test_a_killed_worker_is_noticed_restarted_and_its_share_still_ingested
         assert pool.stats.exit_codes == [-signal.SIGKILL]
         await _until(lambda: pool.stats.restarts == 1 and pool.connected == WORKERS)
         assert pool.pids()[0] not in (None, victim)
+        metrics = generate_latest(c.metrics_registry).decode()
+        assert 'wattmesh_ingest_worker_restarts_total{feeder="feeder-1"} 1.0' in metrics
+        assert 'wattmesh_ingest_workers_connected{feeder="feeder-1"} 2.0' in metrics
         await _publish(ingest_files, [(s, m.model_dump_json().encode()) for s, m in second])
         await _until(lambda: c.stats.telemetry >= len(readings))
         per_worker = dict(pool.stats.per_worker)

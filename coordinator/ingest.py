@@ -23,9 +23,13 @@ one reading in a batch anyway.
 Order: the main process asks every worker for its batch at once (epoch k) and applies epoch k
 only once every live worker has answered the epochs of the next ``REORDER_WINDOW_S``
 (:func:`merge_epochs`): a site's reading read by one worker after a barrier is applied in ts
-order before a later reading that another worker read before it. A reading still later than a
-newer one already applied (a worker that lagged more than the window) is counted as a
-duplicate, as the in-process path counts a late copy.
+order before a later reading that another worker read before it. Mosquitto hands each message
+to a worker when it arrives, so a worker that falls behind (less CPU for a while) can still
+hand over a site's reading after a newer one was applied: the coordinator then meters it in
+its place among the site's last ``RECENT_READINGS`` readings (``reordered=True`` of
+:meth:`~coordinator.service.Coordinator.ingest_reading`; a copy of a reading already taken is
+still a duplicate by its id, and an older one beyond those is counted as a duplicate, as
+in-process ingest counts any older reading).
 
 Worker lifecycle: a worker dies with the coordinator (the kernel's parent-death signal, and
 end of file on its pipe); when one dies, the coordinator logs it and starts it again after a

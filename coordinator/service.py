@@ -22,6 +22,7 @@ One MQTT session (coordinator credentials) and four clock-driven tasks:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -83,6 +84,9 @@ GHI_BATCH = 4096
 FORECAST_CHUNK_SITES = 256
 #: Distinct telemetry ids a site may send with the same ts (beyond: counted as duplicates).
 MAX_IDS_AT_NEWEST = 8
+#: With ingest workers, the accepted readings a site keeps (ts, id, grid W) so that one that
+#: two workers handed over out of order is still metered in its place (within these).
+RECENT_READINGS = 8
 
 
 def clear_bids(
@@ -321,6 +325,9 @@ class SiteState:
     last_history_ts: float = -math.inf
     readings: int = 0  # telemetry messages taken as the latest so far
     last_seen_ts: float = -math.inf  # the coordinator's clock at the last accepted message
+    #: With ingest workers: the last ``RECENT_READINGS`` accepted readings (ts, id, grid W or
+    #: None), oldest first (see :meth:`fits_recent`).
+    recent: list[tuple[float, str, float | None]] | None = None
 
     @property
     def latest(self) -> Telemetry | None:
@@ -357,6 +364,25 @@ class SiteState:
         if ts != self.newest_ts:
             return ts < self.newest_ts
         return message_id in self.ids_at_newest or len(self.ids_at_newest) >= MAX_IDS_AT_NEWEST
+
+    def fits_recent(self, ts: float, message_id: str, grid_w: float | None) -> bool:
+        """Whether a reading the high-water mark calls a replay is instead one that ingest
+        workers handed over out of order: a new id, between the recent readings kept (and,
+        when it has a grid power, after one that has), at no ts already taken."""
+        recent = self.recent
+        if not recent or not recent[0][0] < ts < self.newest_ts:
+            return False
+        if any(t == ts or i == message_id for t, i, _ in recent):
+            return False
+        return grid_w is None or any(g is not None for t, _, g in recent if t < ts)
+
+    def remember(self, ts: float, message_id: str, grid_w: float | None) -> None:
+        """Keep an accepted reading among the recent ones (in ts order, the newest few)."""
+        if self.recent is None:
+            self.recent = []
+        bisect.insort(self.recent, (ts, message_id, grid_w), key=lambda r: r[0])
+        if len(self.recent) > RECENT_READINGS:
+            del self.recent[0]
 
     def accepted(self, ts: float, message_id: str) -> None:
         """Move the high-water mark to an accepted reading (one :meth:`is_replay` let in)."""
@@ -582,7 +608,7 @@ class Coordinator:
             self.invalid_message(site, "telemetry", error)
         for site, message_id, summary, payload in records:
             try:
-                self.ingest_reading(site, message_id, summary, payload)
+                self.ingest_reading(site, message_id, summary, payload, reordered=True)
             except Exception as err:  # a reading must never stop ingest
                 log.exception("unexpected error on a reading from site %s", site)
                 self._invalid(site, "telemetry", err)
@@ -881,17 +907,31 @@ class Coordinator:
         return accepted
 
     def ingest_reading(
-        self, site: str, message_id: str, s: pl.ReadingSummary, msg: Telemetry | bytes
+        self,
+        site: str,
+        message_id: str,
+        s: pl.ReadingSummary,
+        msg: Telemetry | bytes,
+        *,
+        reordered: bool = False,
     ) -> bool:
         """:meth:`ingest_telemetry` on a reading's summary ``s`` (what an ingest worker sends)
         with the reading itself, validated or as its JSON (validated here only if it becomes
-        the site's latest, at the next :meth:`_take_latest`, or for the historian)."""
+        the site's latest, at the next :meth:`_take_latest`, or for the historian).
+
+        ``reordered``: readings may come out of order (from several ingest workers): a new
+        reading older than the newest, among the site's recent ones, is metered in its place
+        (:meth:`_ingest_late`) instead of counted as a replay.
+        """
         state = self._known(site)
         if state is None:
             return False
+        late = False
         if state.is_replay(s.ts, message_id):
-            self.stats.duplicates += 1
-            return False
+            late = reordered and state.fits_recent(s.ts, message_id, s.grid_power_w)
+            if not late:
+                self.stats.duplicates += 1
+                return False
         now = self.clock.now()
         t = self.config.trust
         reason = pl.check_reading(s, self._limits(state, s), now, self._window, t.tolerance)
@@ -900,13 +940,18 @@ class Coordinator:
                 state.suspect.add(int(s.ts // self.config.market.interval_s))
             self._reject(site, reason, f"telemetry at ts {s.ts:.0f} (clock {now:.0f})")
             return False
-        state.accepted(s.ts, message_id)
         state.last_seen_ts = now
         self.stats.telemetry += 1
         if self.historian is not None:
             if isinstance(msg, bytes):
                 msg = Telemetry.model_validate_json(msg)
             self.historian.record_telemetry(site, msg)
+        if reordered:
+            state.remember(s.ts, message_id, s.grid_power_w)
+        if late:
+            self._ingest_late(state, s)
+            return True
+        state.accepted(s.ts, message_id)
         pending = self._latest_pending.get(site)
         latest_ts = pending[0].ts if pending else state.latest_ts
         if latest_ts is None or s.ts >= latest_ts:
@@ -925,6 +970,29 @@ class Coordinator:
         if state.last_sample is None or s.ts > state.last_sample[0]:
             state.last_sample = (s.ts, s.grid_power_w)
         return True
+
+    def _ingest_late(self, state: SiteState, s: pl.ReadingSummary) -> None:
+        """Meter a reading that came after newer ones (already in ``state.recent``) as if it
+        had come in order: the hold of the grid reading before it is cut at its ts and its
+        own power holds until the next grid reading. It is not the latest, nor a history
+        sample (those go forward only)."""
+        state.readings += 1
+        if s.grid_power_w is None or state.recent is None:
+            return
+        grid: list[tuple[float, float]] = []  # the first grid reading at each ts: the metered
+        for t, _, g in state.recent:
+            if g is not None and (not grid or grid[-1][0] != t):
+                grid.append((t, g))
+        i = grid.index((s.ts, s.grid_power_w))
+        (a_ts, a_w), after = grid[i - 1], grid[i + 1 : i + 2]
+        if after:
+            b_ts = after[0][0]
+            self._meter(state, a_ts, b_ts, a_w, sign=-1.0)  # what was metered, undone
+            self._meter(state, a_ts, s.ts, a_w)
+            self._meter(state, s.ts, b_ts, s.grid_power_w)
+        elif state.last_sample == (a_ts, a_w):  # its hold was still open: it takes over
+            self._meter(state, a_ts, s.ts, a_w)
+            state.last_sample = (s.ts, s.grid_power_w)
 
     def _take_latest(self) -> None:
         """Make each reading that became its site's latest since the last call the site's
@@ -953,8 +1021,11 @@ class Coordinator:
             if slot < len(ring.ts) and ring.ts[slot] == ts:  # not overwritten since
                 ring.values[slot, 2] = value
 
-    def _meter(self, state: SiteState, t0: float, t1: float, grid_w: float) -> None:
-        """Add grid_w held over [t0, t1) to the intervals it spans, Wh.
+    def _meter(
+        self, state: SiteState, t0: float, t1: float, grid_w: float, sign: float = 1.0
+    ) -> None:
+        """Add grid_w held over [t0, t1) to the intervals it spans, Wh (``sign`` -1: take
+        back what an earlier call added).
 
         A reading holds for at most ``trust.max_hold_s``: a longer gap is not metered (the
         interval's coverage shows it), so silence is never filled with an old value. Metering
@@ -965,8 +1036,8 @@ class Coordinator:
         while t0 < t1:
             k = int(t0 // interval_s)
             end = min(t1, (k + 1) * interval_s)
-            state.energy_wh[k] = state.energy_wh.get(k, 0.0) + grid_w * (end - t0) / 3600.0
-            state.covered_s[k] = state.covered_s.get(k, 0.0) + (end - t0)
+            state.energy_wh[k] = state.energy_wh.get(k, 0.0) + sign * grid_w * (end - t0) / 3600.0
+            state.covered_s[k] = state.covered_s.get(k, 0.0) + sign * (end - t0)
             if k in self._settled_at:
                 self._dirty.add(k)
             t0 = end

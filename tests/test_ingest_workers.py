@@ -28,6 +28,7 @@ from prometheus_client import generate_latest
 
 from broker import topics
 from broker.clock import ManualClock
+from broker.errors import BrokerConfigError
 from broker.messages import DeviceReading, Telemetry
 from broker.mosquitto import BrokerFiles, MosquittoProcess, ingest_user, write_broker_config
 from coordinator import plausibility as pl
@@ -411,3 +412,18 @@ def test_readings_two_workers_hand_over_out_of_order_are_metered_in_their_place(
         assert other.latest.id == msgs[-1].id
     # In process (one reader, in order) an older reading is still a replay, as before.
     assert not in_order.ingest_telemetry("site-a", _telemetry(T0 + 30.0, 1.0))
+
+
+def test_broker_init_makes_one_read_only_user_per_ingest_worker(broker_dir: Path) -> None:
+    files = write_broker_config(broker_dir, ["site-a"], port=free_port(), ingest_workers=3)
+    users = [ingest_user("coordinator", i) for i in (1, 2, 3)]
+    assert list(files.users[:4]) == ["coordinator", *users]
+    assert len({files.credentials[u] for u in users}) == 1  # one password for the workers
+    assert files.credentials[users[0]] != files.credentials["coordinator"]
+    acl = files.acl_file.read_text()
+    for user in users:
+        assert f"user {user}\ntopic read wattmesh/v1/site/+/telemetry\n\n" in acl
+    with pytest.raises(BrokerConfigError, match="unique"):
+        write_broker_config(
+            broker_dir / "again", ["coordinator-ingest-1"], port=free_port(), ingest_workers=1
+        )

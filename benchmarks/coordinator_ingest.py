@@ -19,45 +19,52 @@
    and RSS of the coordinator and its workers.
 
 Issue 15 (ingest workers, coordinator/ingest.py), measured on the shared 2-core machine
-(2026-12-06, load average 2-3 from other engineers' jobs; two earlier runs at load average
-4-7 gave up to 3x slower gates: compare within a run). ``--messages 60000 --seconds 10``:
+(2026-12-06, load average 1-3 from other engineers' jobs; runs at load average 4-7 gave up to
+3x slower gates: compare within a run). ``--messages 60000 --seconds 10``, the final code:
 
-- full speed, 1k sites: 0 workers 6,242 msg/s (coordinator 68 %, Mosquitto 13 %, load
-  generator 49 % of a core, 25 % of the machine; RSS 99 MB); 2 workers 9,003 msg/s, 99.0 %
-  ingested (coordinator 13 % + workers 79 %, Mosquitto 20 %, load generator 69 %, 34 % of the
-  machine; RSS 191 MB); 4 workers 8,147 msg/s, 99.0 % (coordinator 14 % + workers 80 %;
-  272 MB). Runs at load average 4-7: 4,794 / 4,977 / 4,188 msg/s with 85.7 % and 89.1 %
-  ingested with workers, and 2,698 msg/s, 64 % once.
+- full speed, 1k sites: 0 workers 5,482 msg/s (coordinator 56 %, Mosquitto 12 %, load
+  generator 47 % of a core, 23 % of the machine; RSS 99 MB); 2 workers 4,588 msg/s, 97.7 %
+  ingested (coordinator 10 % + workers 47 %, Mosquitto 11 %, load generator 33 %; 188 MB);
+  4 workers 5,441 msg/s, 100 % (coordinator 10 % + workers 52 %; 273 MB). The run before
+  (same code but for late readings, see below): 6,242 / 9,003 / 8,147 msg/s, 99.0 % ingested
+  with workers; the load generators then took 34-35 % of the machine.
 - at the gate, live 1 Hz telemetry (last award / last forecast / longest stall / share
   ingested / CPU coordinator + workers, Mosquitto, load generator / RSS):
-  1k sites: 0 workers 176 ms / 0.8 s / 103 ms / 100 % / 20 + 0, 3, 8 % / 143 MB;
-            2 workers 147 ms / 0.7 s / 122 ms / 100 % / 7 + 17, 4, 8 % / 238 MB;
-            4 workers 124 ms / 0.6 s / 50 ms / 100 % / 6 + 21, 4, 8 % / 317 MB.
-  5k sites: 0 workers 1.10 s / 5.0 s / 205 ms / 100 % / 78 + 0, 14, 34 % / 260 MB;
-            2 workers 0.65 s / 3.1 s / 166 ms / 100 % / 27 + 55, 17, 36 % / 419 MB;
-            4 workers 1.48 s / 7.5 s / 230 ms / 100 % / 31 + 51, 14, 32 % / 502 MB.
-  10k sites: 0 workers 10.6 s / 14.6 s / 472 ms / 100 % / 76 + 0, 13, 37 % / 423 MB;
-             2 workers 2.0 s / 11.5 s / 243 ms / 100 % / 45 + 50, 18, 50 % / 571 MB;
-             4 workers 3.4 s / 10.2 s / 351 ms / 100 % / 49 + 72, 21, 47 % / 741 MB.
-  The load generators (2 and 4 processes at 5k and 10k) took 16-25 % of the machine and kept
-  their schedule within 0.2 s. With 10k sites the coordinator ingested 6-8k msg/s while the
-  gate's work ran and caught up afterwards: every reading sent was ingested in every run.
+  1k sites: 0 workers 123 ms / 0.7 s / 86 ms / 100 % / 19 + 0, 3, 7 % / 143 MB;
+            2 workers 82 ms / 0.6 s / 138 ms / 100 % / 7 + 15, 4, 8 % / 235 MB;
+            4 workers 117 ms / 0.6 s / 39 ms / 100 % / 6 + 17, 4, 7 % / 316 MB.
+  5k sites: 0 workers 0.93 s / 4.0 s / 167 ms / 100 % / 76 + 0, 13, 30 % / 255 MB;
+            2 workers 1.19 s / 3.4 s / 144 ms / 100 % / 28 + 50, 15, 31 % / 426 MB;
+            4 workers 1.57 s / 4.9 s / 152 ms / 100 % / 29 + 58, 15, 32 % / 507 MB.
+  10k sites: 0 workers 10.4 s / 14.7 s / 380 ms / 100 % / 89 + 0, 14, 47 % / 421 MB;
+             2 workers 3.2 s / 13.4 s / 295 ms / 100 % / 50 + 57, 18, 63 % / 530 MB;
+             4 workers 4.6 s / 13.1 s / 677 ms / 100 % / 52 + 73, 19, 48 % / 700 MB.
+  The run before: 10k sites 10.6 / 2.0 / 3.4 s to the last award (0 / 2 / 4 workers), 5k
+  sites 1.10 / 0.65 / 1.48 s. The load generators (2 and 4 processes at 5k and 10k) took
+  15-32 % of the machine and kept their schedule within 0.2 s. With 10k sites the coordinator
+  ingested 5.5-8k msg/s while the gate's work ran and caught up afterwards: every reading sent
+  was ingested.
 
 Against issue 15's goals on this machine: 10k sites with live telemetry, 100 % ingested: met
 (with and without workers, after catching up); last award under 1 s after the gate at 10k:
-MISSED (2.0 s with 2 workers, 10.6 s without: in-process ingest of 10k msg/s starves the
-award publication; 0.65 s at 5k with 2 workers); 20k msg/s ingested with workers: MISSED (9k).
-Why, on 2 cores: the load generators alone need 0.35-0.7 of a core to offer 6-10k msg/s (on a
-real feeder they are the sites' gateways, elsewhere), Mosquitto another 0.15-0.2, the workers
-0.5-0.8 (paho's read path and pydantic, as before, now in parallel processes), the
-coordinator's own process about 10 us a reading (dedupe, checks, metering) and about 1 s of
-CPU to publish 10k awards through paho, and the forecast computation at the gate takes a core
-for seconds. Two workers beat four: there is no third core, and each worker costs 44 MB.
-With workers the coordinator's process spends 6-13 % of a core at 1k msg/s instead of 20 %,
-so the gate's work finds the CPU (workers run at nice 5 for that reason). A reading that two
-workers hand over out of order by more than the 0.3 s reorder window is dropped as a
-duplicate (metering holds the previous reading over the gap): only at full speed on an
-overloaded machine, never at 1 Hz in these runs.
+MISSED (2.0-3.2 s with 2 workers, 10.4-10.6 s without, where in-process ingest of 10k msg/s
+starves the award publication; 0.65-1.19 s at 5k); 20k msg/s ingested with workers: MISSED
+(4.6-9k msg/s). Why, on 2 cores: the load generators alone need 0.3-0.7 of a core to offer
+5-10k msg/s (on a real feeder they are the sites' gateways, elsewhere), Mosquitto another
+0.1-0.2, the workers 0.5-0.8 (paho's read path and pydantic, as before, now in parallel
+processes), the coordinator's own process about 10 us a reading (dedupe, checks, metering),
+about 1 s of CPU to publish 10k awards through paho (1.35 s for 10k awards with nothing else
+running, 4.6 s under the 10k msg/s load) and a core for seconds for the forecasts. Two
+workers beat four: there is no third core, and each worker costs 44 MB. With workers the
+coordinator's process spends 6-7 % of a core at 1k msg/s instead of 19 %, so the gate's work
+finds the CPU (the workers run at nice 5 for that reason).
+Out of order: Mosquitto hands each message of a shared subscription to a worker as it arrives,
+round-robin, so a worker that gets less CPU for a while hands over a site's readings after
+newer ones from the other. Before late readings were metered in place (the runs at load
+average 4-7), 3.4-5.5 % of the 10k-site readings and up to 36 % at full speed were dropped as
+duplicates; now a reading that comes within the site's last 8 is metered in its place, and
+only the full-speed run lost 2.3 % (sites whose readings came 1,000 messages apart, out of
+order by more than 8 of their own).
 
 Earlier figures (issue 12; one process, no live telemetry during the gate), same machine:
 

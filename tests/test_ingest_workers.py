@@ -242,7 +242,11 @@ async def test_the_same_readings_through_workers_and_in_process_meter_the_same(
                 )
             )
     in_process, workers_result = results
-    assert in_process == workers_result
+    assert in_process[2:] == workers_result[2:]
+    for ours, theirs in zip(in_process[:2], workers_result[:2], strict=True):  # energy, cover
+        assert ours.keys() == theirs.keys()
+        for site, table in ours.items():  # equal up to rounding (a reading metered late)
+            assert table == pytest.approx(theirs[site], abs=1e-9)
     energy = in_process[0]
     assert set(energy) == set(BROKER_SITES)
     assert in_process[4] == pytest.approx(sum(m.grid_power_w or 0.0 for _, m in readings[-3:]))

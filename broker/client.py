@@ -412,6 +412,18 @@ class BusClient:
             except aiomqtt.MqttError as err:
                 raise BusUnavailable(f"subscribe to {topic} failed: {err}") from err
 
+    async def unsubscribe(self, topic: str) -> None:
+        """Forget a subscription: now if connected, and never again after reconnects (a
+        persistent session keeps subscriptions, so a service that no longer wants one must
+        say so)."""
+        self._subscriptions.pop(topic, None)
+        client = self._client
+        if client is not None and self.connected:
+            try:
+                await client.unsubscribe(topic)
+            except aiomqtt.MqttError as err:
+                raise BusUnavailable(f"unsubscribe from {topic} failed: {err}") from err
+
     async def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> None:

@@ -190,6 +190,7 @@ def write_broker_config(
     autosave_interval_s: int = 60,
     overwrite: bool = False,
     ha_discovery_prefix: str | None = HA_DISCOVERY_PREFIX,
+    ingest_workers: int = 0,
 ) -> BrokerFiles:
     """Write a Mosquitto configuration for ``sites`` into ``directory`` (created if missing).
 
@@ -203,10 +204,15 @@ def write_broker_config(
     client id to the user (``use_username_as_clientid``): one connection per user.
     ``ha_discovery_prefix`` is Home Assistant's discovery prefix: each site may publish its own
     discovery configs under it and the monitor (Home Assistant's user) reads it; None grants
-    neither. ``BrokerConfigError`` for invalid ids,
+    neither. ``ingest_workers`` adds that many users ``{coordinator_user}-ingest-{i}``
+    (:func:`ingest_user`, one password for them all) for the coordinator's ingest worker
+    processes, each allowed to read every site's telemetry and nothing else.
+    ``BrokerConfigError`` for invalid ids,
     ports or paths, and when a configuration exists and ``overwrite`` is false.
     """
-    site_ids = _check_users(sites, coordinator_user, operator_user, monitor_user)
+    site_ids = _check_users(
+        sites, coordinator_user, operator_user, monitor_user, ingest_workers=ingest_workers
+    )
     if ha_discovery_prefix is not None and not re.match(HA_PREFIX_PATTERN, ha_discovery_prefix):
         raise BrokerConfigError(
             f"Home Assistant discovery prefix {ha_discovery_prefix!r} must be topic levels of "
@@ -247,6 +253,14 @@ def write_broker_config(
 
     users = _user_names(site_ids, coordinator_user, operator_user, monitor_user)
     credentials = {user: secrets.token_urlsafe(32) for user in users}
+    ingest_users = [ingest_user(coordinator_user, i) for i in range(1, ingest_workers + 1)]
+    if ingest_users:  # after the coordinator: one password for its worker processes
+        ingest_password = secrets.token_urlsafe(32)
+        credentials = {
+            coordinator_user: credentials.pop(coordinator_user),
+            **dict.fromkeys(ingest_users, ingest_password),
+            **credentials,
+        }
 
     tls_files = (
         _write_tls(root / TLS_DIR_NAME, host, users, tls_names, owner, group) if tls else None
@@ -262,6 +276,7 @@ def write_broker_config(
             operator_user,
             monitor_user,
             ha_discovery_prefix=ha_discovery_prefix,
+            ingest_users=ingest_users,
         ),
         0o600,
         owner,
@@ -289,6 +304,11 @@ def write_broker_config(
     return files
 
 
+def ingest_user(coordinator_user: str, index: int) -> str:
+    """The broker user of the coordinator's ingest worker ``index`` (1, 2, ...)."""
+    return f"{coordinator_user}-ingest-{index}"
+
+
 def _user_names(
     sites: Sequence[str], coordinator_user: str, operator_user: str | None, monitor_user: str | None
 ) -> list[str]:
@@ -302,6 +322,8 @@ def _check_users(
     coordinator_user: str,
     operator_user: str | None,
     monitor_user: str | None,
+    *,
+    ingest_workers: int = 0,
 ) -> list[str]:
     if isinstance(sites, str):
         raise BrokerConfigError("sites must be a sequence of site ids, not one string")
@@ -318,7 +340,10 @@ def _check_users(
             check_id(monitor_user, "monitor user")
     except ValueError as err:
         raise BrokerConfigError(str(err)) from err
+    if not 0 <= ingest_workers <= 64:
+        raise BrokerConfigError(f"ingest_workers must be 0-64, not {ingest_workers}")
     names = _user_names(site_ids, coordinator_user, operator_user, monitor_user)
+    names += [ingest_user(coordinator_user, i) for i in range(1, ingest_workers + 1)]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise BrokerConfigError(
@@ -355,6 +380,7 @@ def acl_text(
     monitor_user: str | None = None,
     *,
     ha_discovery_prefix: str | None = HA_DISCOVERY_PREFIX,
+    ingest_users: Sequence[str] = (),
 ) -> str:
     """The ACL file: the access rules (docs/architecture.md s. 3), one explicit block per user.
 
@@ -363,6 +389,9 @@ def acl_text(
     only dispatch commands. With ``ha_discovery_prefix`` each site may also publish its own
     Home Assistant discovery configs (one topic per sensor of ``HA_OBJECTS``) and its
     ``ha/state``, and the monitor (the user Home Assistant connects as) reads the prefix.
+    Each of ``ingest_users`` (the coordinator's ingest workers) reads every site's telemetry
+    (also through a shared subscription ``$share/GROUP/...``: Mosquitto checks the topic
+    without that prefix) and writes nothing.
     """
     lines = [
         "# wattmesh broker ACL (docs/architecture.md s. 3), written by `wattmesh broker init`.",
@@ -375,6 +404,13 @@ def acl_text(
         f"topic readwrite {PREFIX}/#",
         "",
     ]
+    for user in ingest_users:
+        lines += [
+            "# A coordinator ingest worker reads every site's telemetry and writes nothing.",
+            f"user {user}",
+            f"topic read {site_wildcard('telemetry')}",
+            "",
+        ]
     if operator_user:
         lines += [
             "# The operator reads everything and may send dispatch commands to any site.",

@@ -39,6 +39,13 @@ class CoordinatorSection(_Strict):
     #: (no password in it: that comes from the environment variable ``ledger_password_env``).
     ledger_url: str | None = None
     ledger_password_env: str | None = "WATTMESH_LEDGER_PASSWORD"
+    #: Telemetry ingest in this many worker processes (0: in the coordinator's own process).
+    #: Each connects as broker user ``{username}-ingest-{i}`` (``wattmesh broker init
+    #: --ingest-workers N``) and takes its share of a shared subscription; see
+    #: coordinator/ingest.py.
+    ingest_workers: int = Field(default=0, ge=0, le=64)
+    #: Wall seconds between two batches of validated readings from the ingest workers.
+    ingest_flush_s: float = Field(default=0.1, ge=0.01, le=1.0)
 
     @field_validator("ledger_url")
     @classmethod
@@ -67,6 +74,18 @@ class BrokerSection(BrokerConnection):
     username: str | None = "coordinator"
     password_env: str | None = "WATTMESH_COORDINATOR_PASSWORD"
     client_id: str | None = "wattmesh-coordinator"
+    #: The ingest workers' password (one for all their users), with ``ingest_workers`` > 0.
+    ingest_password_env: str | None = "WATTMESH_INGEST_PASSWORD"
+
+    def ingest_password(self) -> str:
+        """The ingest workers' password from ``$ingest_password_env``; ``ValueError`` if unset."""
+        value = os.environ.get(self.ingest_password_env) if self.ingest_password_env else None
+        if value is None:
+            raise ValueError(
+                f"broker.ingest_password_env: ${self.ingest_password_env} is not set "
+                "(coordinator.ingest_workers > 0 needs the ingest users' password)"
+            )
+        return value
 
 
 class MarketSection(_Strict):

@@ -125,6 +125,13 @@ class CoordinatorCollector(Collector):
         for outcome, count in sorted(st.acks.items()):
             acks.add_metric([c.feeder, outcome], count)
         yield acks
+        if c.ingest is not None:  # [coordinator] ingest_workers > 0
+            yield gauge("wattmesh_ingest_workers_connected",
+                        "Ingest worker processes connected to the broker.",
+                        c.ingest.connected)  # fmt: skip
+            yield counter("wattmesh_ingest_worker_restarts",
+                          "Ingest worker processes restarted after dying.",
+                          c.ingest.stats.restarts)  # fmt: skip
         yield from self._sites_and_historian()
 
     def _sites_and_historian(self) -> Iterator[Metric]:
@@ -151,8 +158,8 @@ class CoordinatorCollector(Collector):
         now = c.clock.now()
         for name, site in sorted(c.sites.items()):
             online.add_metric([c.feeder, name], 1.0 if site.online else 0.0)
-            if site.latest is not None:
-                age.add_metric([c.feeder, name], max(0.0, now - site.latest.ts) / c.speed)
+            if site.latest_ts is not None:
+                age.add_metric([c.feeder, name], max(0.0, now - site.latest_ts) / c.speed)
             if site.status is not None:
                 dropped_telemetry.add_metric([c.feeder, name], site.status.telemetry_dropped)
                 state = site.status.spool_state

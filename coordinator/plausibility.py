@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 from broker.messages import Bid, Telemetry
 
@@ -124,37 +124,87 @@ def _beyond(value_w: float | None, bound_w: float, tolerance: float) -> bool:
     return value_w is not None and abs(value_w) > bound_w * (1.0 + tolerance) + 1.0
 
 
+class ReadingSummary(NamedTuple):
+    """What the checks, the metering and the history need of a reading (W, site signs).
+
+    Built once per reading by :func:`summarise` (in the coordinator, or in an ingest worker
+    process that sends it on: a tuple pickles cheaply). ``generation_rating_w`` and
+    ``storage_rating_w`` are :func:`reported_ratings_w`; ``max_device_rating_w`` the largest
+    rated power any device reports and ``max_device_power_w`` the largest absolute device power
+    (None when no device reports one).
+    """
+
+    ts: float
+    grid_power_w: float | None
+    pv_power_w: float | None
+    battery_power_w: float | None
+    load_power_w: float | None
+    generation_rating_w: float
+    storage_rating_w: float
+    max_device_rating_w: float | None
+    max_device_power_w: float | None
+
+
+def summarise(msg: Telemetry) -> ReadingSummary:
+    """The :class:`ReadingSummary` of a validated reading."""
+    generation, storage = reported_ratings_w(msg)
+    ratings = [d.rated_power_w for d in msg.devices if d.rated_power_w is not None]
+    powers = [abs(d.power_w) for d in msg.devices if d.power_w is not None]
+    return ReadingSummary(
+        ts=msg.ts,
+        grid_power_w=msg.grid_power_w,
+        pv_power_w=msg.pv_power_w,
+        battery_power_w=msg.battery_power_w,
+        load_power_w=msg.load_power_w,
+        generation_rating_w=generation,
+        storage_rating_w=storage,
+        max_device_rating_w=max(ratings) if ratings else None,
+        max_device_power_w=max(powers) if powers else None,
+    )
+
+
 def check_telemetry(
     msg: Telemetry, limits: SiteLimits, now_ts: float, window: TimeWindow, tolerance: float
 ) -> Reason | None:
-    """The first reason ``msg`` is implausible for a site with ``limits``, or None.
+    """The first reason ``msg`` is implausible for a site with ``limits``, or None
+    (:func:`check_reading` on its :func:`summarise`)."""
+    return check_reading(summarise(msg), limits, now_ts, window, tolerance)
+
+
+def check_reading(
+    s: ReadingSummary, limits: SiteLimits, now_ts: float, window: TimeWindow, tolerance: float
+) -> Reason | None:
+    """The first reason a reading (its summary ``s``) is implausible for a site with
+    ``limits``, or None.
 
     Powers in W with the site conventions; ``tolerance`` is the fraction of a limit allowed
-    for meter error and brief overload.
+    for meter error and brief overload. A device rating beyond what the site could have is
+    reported before a device power beyond it.
     """
-    late = check_time(msg.ts, now_ts, window)
+    late = check_time(s.ts, now_ts, window)
     if late is not None:
         return late
-    if _beyond(msg.grid_power_w, limits.connection_w, tolerance):
+    if _beyond(s.grid_power_w, limits.connection_w, tolerance):
         return "grid_power"
-    if msg.pv_power_w is not None and (
-        msg.pv_power_w < -0.05 * limits.generation_w - 50.0
-        or _beyond(msg.pv_power_w, limits.generation_w, tolerance)
+    if s.pv_power_w is not None and (
+        s.pv_power_w < -0.05 * limits.generation_w - 50.0
+        or _beyond(s.pv_power_w, limits.generation_w, tolerance)
     ):
         return "pv_power"
-    if _beyond(msg.battery_power_w, limits.storage_w, tolerance):
+    if _beyond(s.battery_power_w, limits.storage_w, tolerance):
         return "battery_power"
     supply_w = limits.connection_w + limits.generation_w + limits.storage_w
-    if msg.load_power_w is not None and (
-        msg.load_power_w < -0.05 * supply_w - 50.0 or _beyond(msg.load_power_w, supply_w, tolerance)
+    if s.load_power_w is not None and (
+        s.load_power_w < -0.05 * supply_w - 50.0 or _beyond(s.load_power_w, supply_w, tolerance)
     ):
         return "load_power"
     device_cap_w = max(supply_w, limits.connection_w)
-    for d in msg.devices:
-        if d.rated_power_w is not None and d.rated_power_w > device_cap_w * (1.0 + tolerance):
-            return "rating"
-        if _beyond(d.power_w, device_cap_w, tolerance):
-            return "device_power"
+    if s.max_device_rating_w is not None and s.max_device_rating_w > device_cap_w * (
+        1.0 + tolerance
+    ):
+        return "rating"
+    if _beyond(s.max_device_power_w, device_cap_w, tolerance):
+        return "device_power"
     return None
 
 

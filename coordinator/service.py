@@ -22,6 +22,7 @@ One MQTT session (coordinator credentials) and four clock-driven tasks:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -61,6 +62,7 @@ from coordinator import plausibility as pl
 from coordinator.api import ApiServer, build_app, load_tokens
 from coordinator.config import CoordinatorConfig, CoordinatorSection
 from coordinator.historian import Historian, HistorianError, HistorianSettings
+from coordinator.ingest import IngestPool, Invalid, Record, error_line, worker_specs
 from coordinator.ledger import ClearedInterval, ClearingConflict, LedgerError
 from coordinator.market import Book, Tariff, clear
 from coordinator.market import Clearing as MarketClearing
@@ -85,6 +87,9 @@ GHI_BATCH = 4096
 FORECAST_CHUNK_SITES = 256
 #: Distinct telemetry ids a site may send with the same ts (beyond: counted as duplicates).
 MAX_IDS_AT_NEWEST = 8
+#: With ingest workers, the accepted readings a site keeps (ts, id, grid W) so that one that
+#: two workers handed over out of order is still metered in its place (within these).
+RECENT_READINGS = 8
 
 
 def clear_bids(
@@ -322,7 +327,13 @@ class SiteState:
     site: str
     online: bool = False
     role: str | None = None
-    latest: Telemetry | None = None
+    _latest: Telemetry | None = field(default=None, repr=False)
+    #: The latest reading as JSON, not yet validated here (it came from an ingest worker,
+    #: which validated it): validated when ``latest`` is first read.
+    _latest_json: bytes | None = field(default=None, repr=False)
+    #: The latest reading's ts and grid exchange (W), known without validating its JSON.
+    latest_ts: float | None = None
+    latest_grid_w: float | None = None
     #: One sample every HISTORY_STEP_S: PV W, load W and the clear-sky GHI (W/m^2) at it
     #: (float32: 7 significant digits are plenty for a forecast; 20 bytes a sample).
     history: RingBuffer = field(default_factory=new_history)
@@ -341,6 +352,31 @@ class SiteState:
     last_history_ts: float = -math.inf
     readings: int = 0  # telemetry messages taken as the latest so far
     last_seen_ts: float = -math.inf  # the coordinator's clock at the last accepted message
+    #: With ingest workers: the last ``RECENT_READINGS`` accepted readings (ts, id, grid W or
+    #: None), oldest first (see :meth:`fits_recent`).
+    recent: list[tuple[float, str, float | None]] | None = None
+
+    @property
+    def latest(self) -> Telemetry | None:
+        """The newest accepted reading (None before the first)."""
+        if self._latest_json is not None:
+            data, self._latest_json = self._latest_json, None
+            try:
+                self._latest = Telemetry.model_validate_json(data)
+            except ValidationError:  # pragma: no cover - an ingest worker validated it
+                log.exception("site %s: a worker's reading failed validation", self.site)
+        return self._latest
+
+    @latest.setter
+    def latest(self, msg: Telemetry | None) -> None:
+        self._latest, self._latest_json = msg, None
+        self.latest_ts = None if msg is None else msg.ts
+        self.latest_grid_w = None if msg is None else msg.grid_power_w
+
+    def set_latest_json(self, data: bytes, ts: float, grid_power_w: float | None) -> None:
+        """Make a validated reading's JSON the latest (validated again only when read)."""
+        self._latest, self._latest_json = None, data
+        self.latest_ts, self.latest_grid_w = ts, grid_power_w
 
     def is_replay(self, ts: float, message_id: str) -> bool:
         """Whether a reading at ``ts`` with ``message_id`` is a duplicate or older than the
@@ -355,6 +391,25 @@ class SiteState:
         if ts != self.newest_ts:
             return ts < self.newest_ts
         return message_id in self.ids_at_newest or len(self.ids_at_newest) >= MAX_IDS_AT_NEWEST
+
+    def fits_recent(self, ts: float, message_id: str, grid_w: float | None) -> bool:
+        """Whether a reading the high-water mark calls a replay is instead one that ingest
+        workers handed over out of order: a new id, between the recent readings kept (and,
+        when it has a grid power, after one that has), at no ts already taken."""
+        recent = self.recent
+        if not recent or not recent[0][0] < ts < self.newest_ts:
+            return False
+        if any(t == ts or i == message_id for t, i, _ in recent):
+            return False
+        return grid_w is None or any(g is not None for t, _, g in recent if t < ts)
+
+    def remember(self, ts: float, message_id: str, grid_w: float | None) -> None:
+        """Keep an accepted reading among the recent ones (in ts order, the newest few)."""
+        if self.recent is None:
+            self.recent = []
+        bisect.insort(self.recent, (ts, message_id, grid_w), key=lambda r: r[0])
+        if len(self.recent) > RECENT_READINGS:
+            del self.recent[0]
 
     def accepted(self, ts: float, message_id: str) -> None:
         """Move the high-water mark to an accepted reading (one :meth:`is_replay` let in)."""
@@ -419,6 +474,7 @@ class Coordinator:
         *,
         password: str | None = None,
         bus_settings: BusSettings | None = None,
+        ingest_password: str | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -465,6 +521,8 @@ class Coordinator:
         self._own_dispatch_ids: deque[str] = deque(maxlen=10_000)
         #: History samples whose clear-sky GHI is still to be computed: (ring, slot, ts).
         self._ghi_pending: list[tuple[RingBuffer, int, float]] = []
+        #: Readings that became their site's latest since the last :meth:`_take_latest`.
+        self._latest_pending: dict[str, tuple[pl.ReadingSummary, Telemetry | bytes]] = {}
         self._window = pl.TimeWindow(config.trust.future_skew_s, config.trust.max_age_s)
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -497,6 +555,30 @@ class Coordinator:
             handler=self._on_message,
             fast_handler=self._on_fast,
         )
+        #: The ingest worker processes, with ``[coordinator] ingest_workers`` > 0 (started on
+        #: entry; see coordinator/ingest.py).
+        self.ingest = self._ingest_pool(ingest_password)
+
+    def _ingest_pool(self, password: str | None) -> IngestPool | None:
+        """The ingest workers' pool with ``[coordinator] ingest_workers`` > 0, else None;
+        ``password`` (default ``$[broker] ingest_password_env``) is their users' password."""
+        c = self.config.coordinator
+        if not c.ingest_workers:
+            return None
+        settings = self.bus.settings
+        if settings.cert_file:
+            raise ValueError(
+                "coordinator.ingest_workers needs password logins: the workers have no "
+                "client certificates of their own"
+            )
+        specs = worker_specs(
+            settings,
+            user=settings.username or "coordinator",
+            password=password if password is not None else self.config.broker.ingest_password(),
+            count=c.ingest_workers,
+            group=f"wattmesh-ingest-{self.feeder}",
+        )
+        return IngestPool(specs, c.ingest_flush_s, self.apply_ingest)
 
     @property
     def speed(self) -> float:
@@ -518,7 +600,13 @@ class Coordinator:
             self.metrics.start()
             log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
         await self.bus.__aenter__()
-        for kind in ("status", "telemetry", "bid", "dispatch", "dispatch/ack"):
+        kinds: list[topics.SiteTopicKind] = ["status", "telemetry", "bid", "dispatch"]
+        kinds.append("dispatch/ack")
+        if self.ingest is not None:  # telemetry comes through the workers
+            kinds.remove("telemetry")
+            self.bus.on_connect = self._drop_telemetry_subscription
+            await self.ingest.__aenter__()
+        for kind in kinds:
             await self.bus.subscribe(topics.site_wildcard(kind))
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
@@ -534,6 +622,25 @@ class Coordinator:
         if self.cleared:
             self._group.create_task(self._republish_when_connected(), name="coordinator-resend")
         return self
+
+    async def _drop_telemetry_subscription(self) -> None:
+        """With ingest workers, end the telemetry subscription a persistent session may still
+        hold from a run without them (each message would otherwise come twice)."""
+        with contextlib.suppress(BusUnavailable):
+            await self.bus.unsubscribe(topics.site_wildcard("telemetry"))
+
+    def apply_ingest(self, records: list[Record], invalid: list[Invalid]) -> None:
+        """Apply what the ingest workers sent, as :meth:`handle` would have: the invalid
+        messages counted, each reading through :meth:`ingest_reading` in the order given."""
+        for site, error in invalid:
+            self.invalid_message(site, "telemetry", error)
+        for site, message_id, summary, payload in records:
+            try:
+                self.ingest_reading(site, message_id, summary, payload, reordered=True)
+            except Exception as err:  # a reading must never stop ingest
+                log.exception("unexpected error on a reading from site %s", site)
+                self._invalid(site, "telemetry", err)
+        self._take_latest()
 
     async def _republish_when_connected(self) -> None:
         """After a restart, send the awards of cleared intervals again once connected."""
@@ -555,6 +662,8 @@ class Coordinator:
         try:
             await self._group.__aexit__(et, ev, tb)
         finally:
+            if self.ingest is not None:
+                await self.ingest.__aexit__(et, ev, tb)
             await self.bus.__aexit__(et, ev, tb)
             if self.historian is not None:
                 await self.historian.__aexit__(et, ev, tb)
@@ -624,12 +733,16 @@ class Coordinator:
 
     # -- ingest ----------------------------------------------------------------------------
     def _invalid(self, site: str, kind: str, err: BaseException) -> None:
+        self.invalid_message(site, kind, error_line(err))
+
+    def invalid_message(self, site: str, kind: str, error: str) -> None:
+        """Count a message that failed validation (``error``: its first line), as
+        :meth:`handle` does; ingest workers report theirs through here."""
         self.stats.invalid += 1
         state = self._known(site)
         if state is not None:
             state.invalid += 1
-        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        self._reject(site, "invalid", f"invalid {kind}: {first}", log_key=f"invalid {kind}")
+        self._reject(site, "invalid", f"invalid {kind}: {error}", log_key=f"invalid {kind}")
 
     def _reject(self, site: str, reason: str, detail: str, log_key: str | None = None) -> None:
         """Count a refused message per site and reason; log and audit the first of each
@@ -669,13 +782,15 @@ class Coordinator:
             state = self.sites[site] = SiteState(site)
         return state
 
-    def _limits(self, state: SiteState, msg: Telemetry | None) -> pl.SiteLimits:
+    def _limits(self, state: SiteState, msg: pl.ReadingSummary | None) -> pl.SiteLimits:
         """The site's limits: declared in [sites.NAME], else derived once from its report."""
         if state.limits is not None:
             return state.limits
         t = self.config.trust
         declared = self.config.sites.get(state.site)
-        generation, storage = pl.reported_ratings_w(msg) if msg is not None else (0.0, 0.0)
+        generation, storage = (
+            (msg.generation_rating_w, msg.storage_rating_w) if msg is not None else (0.0, 0.0)
+        )
         limits = pl.derive_limits(
             connection_w=declared.connection_w if declared else None,
             generation_w=declared.pv_w if declared else None,
@@ -815,49 +930,121 @@ class Coordinator:
         A reading that fails the plausibility checks is refused before it touches anything;
         a refused power reading marks its interval suspect (settled as estimated).
         """
+        accepted = self.ingest_reading(site, msg.id, pl.summarise(msg), msg)
+        self._take_latest()
+        return accepted
+
+    def ingest_reading(
+        self,
+        site: str,
+        message_id: str,
+        s: pl.ReadingSummary,
+        msg: Telemetry | bytes,
+        *,
+        reordered: bool = False,
+    ) -> bool:
+        """:meth:`ingest_telemetry` on a reading's summary ``s`` (what an ingest worker sends)
+        with the reading itself, validated or as its JSON (validated here only if it becomes
+        the site's latest, at the next :meth:`_take_latest`, or for the historian).
+
+        ``reordered``: readings may come out of order (from several ingest workers): a new
+        reading older than the newest, among the site's recent ones, is metered in its place
+        (:meth:`_ingest_late`) instead of counted as a replay.
+        """
         state = self._known(site)
         if state is None:
             return False
-        if state.is_replay(msg.ts, msg.id):
-            self.stats.duplicates += 1
-            return False
+        late = False
+        if state.is_replay(s.ts, message_id):
+            late = reordered and state.fits_recent(s.ts, message_id, s.grid_power_w)
+            if not late:
+                self.stats.duplicates += 1
+                return False
         now = self.clock.now()
         t = self.config.trust
-        reason = pl.check_telemetry(msg, self._limits(state, msg), now, self._window, t.tolerance)
+        reason = pl.check_reading(s, self._limits(state, s), now, self._window, t.tolerance)
         if reason is not None:
             if reason not in ("future", "too_old"):
-                state.suspect.add(int(msg.ts // self.config.market.interval_s))
-            self._reject(site, reason, f"telemetry at ts {msg.ts:.0f} (clock {now:.0f})")
+                state.suspect.add(int(s.ts // self.config.market.interval_s))
+            self._reject(site, reason, f"telemetry at ts {s.ts:.0f} (clock {now:.0f})")
             return False
-        state.accepted(msg.ts, msg.id)
         state.last_seen_ts = now
         self.stats.telemetry += 1
         if self.historian is not None:
+            if isinstance(msg, bytes):
+                msg = Telemetry.model_validate_json(msg)
             self.historian.record_telemetry(site, msg)
-        if state.latest is None or msg.ts >= state.latest.ts:
-            state.latest = msg
+        if reordered:
+            state.remember(s.ts, message_id, s.grid_power_w)
+        if late:
+            self._ingest_late(state, s)
+            return True
+        state.accepted(s.ts, message_id)
+        pending = self._latest_pending.get(site)
+        latest_ts = pending[0].ts if pending else state.latest_ts
+        if latest_ts is None or s.ts >= latest_ts:
+            self._latest_pending[site] = (s, msg)
             state.readings += 1
-        if msg.ts >= state.last_history_ts + HISTORY_STEP_S:
-            state.last_history_ts = msg.ts
-            slot = state.history.append(msg.ts, msg.pv_power_w, msg.load_power_w, None)
-            self._ghi_pending.append((state.history, slot, msg.ts))
+        if s.ts >= state.last_history_ts + HISTORY_STEP_S:
+            state.last_history_ts = s.ts
+            slot = state.history.append(s.ts, s.pv_power_w, s.load_power_w, None)
+            self._ghi_pending.append((state.history, slot, s.ts))
             if len(self._ghi_pending) >= GHI_BATCH:
                 self._fill_ghi()
-        if msg.grid_power_w is None:
+        if s.grid_power_w is None:
             return True
-        if state.last_sample is not None and msg.ts > state.last_sample[0]:
-            self._meter(state, state.last_sample[0], msg.ts, state.last_sample[1])
-        if state.last_sample is None or msg.ts > state.last_sample[0]:
-            state.last_sample = (msg.ts, msg.grid_power_w)
+        if state.last_sample is not None and s.ts > state.last_sample[0]:
+            self._meter(state, state.last_sample[0], s.ts, state.last_sample[1])
+        if state.last_sample is None or s.ts > state.last_sample[0]:
+            state.last_sample = (s.ts, s.grid_power_w)
         return True
+
+    def _ingest_late(self, state: SiteState, s: pl.ReadingSummary) -> None:
+        """Meter a reading that came after newer ones (already in ``state.recent``) as if it
+        had come in order: the hold of the grid reading before it is cut at its ts and its
+        own power holds until the next grid reading. It is not the latest, nor a history
+        sample (those go forward only)."""
+        state.readings += 1
+        if s.grid_power_w is None or state.recent is None:
+            return
+        grid: list[tuple[float, float]] = []  # the first grid reading at each ts: the metered
+        for t, _, g in state.recent:
+            if g is not None and (not grid or grid[-1][0] != t):
+                grid.append((t, g))
+        i = grid.index((s.ts, s.grid_power_w))
+        (a_ts, a_w), after = grid[i - 1], grid[i + 1 : i + 2]
+        if after:
+            b_ts = after[0][0]
+            self._meter(state, a_ts, b_ts, a_w, sign=-1.0)  # what was metered, undone
+            self._meter(state, a_ts, s.ts, a_w)
+            self._meter(state, s.ts, b_ts, s.grid_power_w)
+        elif state.last_sample == (a_ts, a_w):  # its hold was still open: it takes over
+            self._meter(state, a_ts, s.ts, a_w)
+            state.last_sample = (s.ts, s.grid_power_w)
+
+    def _take_latest(self) -> None:
+        """Make each reading that became its site's latest since the last call the site's
+        ``latest`` (those that came as JSON from an ingest worker are validated when read)."""
+        pending, self._latest_pending = self._latest_pending, {}
+        for site, (summary, reading) in pending.items():
+            state = self.sites.get(site)
+            if state is None:
+                continue
+            if isinstance(reading, bytes):
+                state.set_latest_json(reading, summary.ts, summary.grid_power_w)
+            else:
+                state.latest = reading
 
     def _fill_ghi(self) -> None:
         """Store the clear-sky GHI of the history samples taken since the last call."""
         pending, self._ghi_pending = self._ghi_pending, []
         fill_clear_sky(pending, self.config.coordinator)
 
-    def _meter(self, state: SiteState, t0: float, t1: float, grid_w: float) -> None:
-        """Add grid_w held over [t0, t1) to the intervals it spans, Wh.
+    def _meter(
+        self, state: SiteState, t0: float, t1: float, grid_w: float, sign: float = 1.0
+    ) -> None:
+        """Add grid_w held over [t0, t1) to the intervals it spans, Wh (``sign`` -1: take
+        back what an earlier call added).
 
         A reading holds for at most ``trust.max_hold_s``: a longer gap is not metered (the
         interval's coverage shows it), so silence is never filled with an old value. Metering
@@ -868,8 +1055,8 @@ class Coordinator:
         while t0 < t1:
             k = int(t0 // interval_s)
             end = min(t1, (k + 1) * interval_s)
-            state.energy_wh[k] = state.energy_wh.get(k, 0.0) + grid_w * (end - t0) / 3600.0
-            state.covered_s[k] = state.covered_s.get(k, 0.0) + (end - t0)
+            state.energy_wh[k] = state.energy_wh.get(k, 0.0) + sign * grid_w * (end - t0) / 3600.0
+            state.covered_s[k] = state.covered_s.get(k, 0.0) + sign * (end - t0)
             if k in self._settled_at:
                 self._dirty.add(k)
             t0 = end
@@ -1360,7 +1547,7 @@ class Coordinator:
     def feeder_flow_w(self) -> float:
         """The feeder's net import, W: the sum of every site's latest grid exchange."""
         return float(
-            sum(s.latest.grid_power_w or 0.0 for s in self.sites.values() if s.latest is not None)
+            sum(s.latest_grid_w or 0.0 for s in self.sites.values() if s.latest_grid_w is not None)
         )
 
     async def _grid_loop(self) -> None:

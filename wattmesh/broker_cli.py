@@ -163,6 +163,15 @@ def init(
         bool,
         typer.Option("--no-homeassistant", help="Grant no Home Assistant discovery topics."),
     ] = False,
+    ingest_workers: Annotated[
+        int,
+        typer.Option(
+            help="Users COORDINATOR-ingest-1..N for the coordinator's ingest worker processes "
+            "(\\[coordinator] ingest_workers; one password, read telemetry only).",
+            min=0,
+            max=64,
+        ),
+    ] = 0,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
     ] = False,
@@ -210,6 +219,7 @@ def init(
             monitor_user=None if no_monitor else monitor_user,
             overwrite=force,
             ha_discovery_prefix=None if no_homeassistant else ha_discovery_prefix,
+            ingest_workers=ingest_workers,
         )
     except BrokerConfigError as err:
         raise _fail(str(err)) from err

@@ -518,8 +518,10 @@ def coordinator_run(
 
     Environment: the broker password is read from the variable the file's \\[broker]
     password_env names (WATTMESH_COORDINATOR_PASSWORD in config/coordinator.toml), unless
-    password_file is given; with a \\[historian] section, the InfluxDB token from the
-    variable its token_env names (default WATTMESH_INFLUX_TOKEN).
+    password_file is given; with \\[coordinator] ingest_workers, the ingest users' password
+    from the one ingest_password_env names (WATTMESH_INGEST_PASSWORD); with a \\[historian]
+    section, the InfluxDB token from the variable its token_env names (default
+    WATTMESH_INFLUX_TOKEN).
     """
     from coordinator.config import load_coordinator_config  # noqa: PLC0415
     from coordinator.service import Coordinator  # noqa: PLC0415
@@ -528,6 +530,8 @@ def coordinator_run(
         config = load_coordinator_config(config_file)
         clock: Clock = config.clock.build() if config.clock else WallClock()
         password = config.broker.password()
+        if config.coordinator.ingest_workers:
+            config.broker.ingest_password()  # set? (the workers read it when they start)
     except ValueError as err:
         raise _fail(str(err)) from err
 

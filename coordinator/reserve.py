@@ -43,13 +43,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-
-if TYPE_CHECKING:
-    from coordinator.schedule import WarmStart
 
 #: Share of the feeder's limits the reservation plans to: headroom left for forecast errors.
 PLAN_TO_SHARE = 0.95
@@ -346,7 +342,6 @@ def community_schedule(
     step_h: float,
     import_limit_kw: float,
     export_limit_kw: float,
-    warm: WarmStart | None = None,
 ) -> CommunityPlan:
     """The local price to expect per step (currency per kWh): the marginal price of feeder
     energy when the community's batteries, taken as one, are scheduled at their best over the
@@ -359,8 +354,7 @@ def community_schedule(
     plan sees what energy is worth to the community (the value of storage where the batteries
     are neither full nor empty). Energy left at the end is valued as :mod:`edge.plan` values
     it (what it costs to put back, at most what it displaces). The schedule's stored energy
-    goes with it: the reservation shares it out as each site's suggestion. ``warm``: the
-    caller's :class:`coordinator.schedule.WarmStart`, kept from one interval to the next."""
+    goes with it: the reservation shares it out as each site's suggestion."""
     from coordinator.schedule import Battery, perfect_foresight  # noqa: PLC0415 - scipy
 
     net = np.asarray(feeder_net_kwh, dtype=np.float64)
@@ -393,7 +387,6 @@ def community_schedule(
         import_limit_w=import_limit_kw * 1000.0,
         export_limit_w=export_limit_kw * 1000.0,
         end_value_per_kwh=[end_value],
-        warm=warm,
     )
     stored_kwh = schedule.soc_pct[0, 1:] / 100.0 * capacity
     return CommunityPlan(np.clip(schedule.price_per_kwh, feed_in, retail), stored_kwh)

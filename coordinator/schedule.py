@@ -57,7 +57,6 @@ __all__ = [
     "Battery",
     "Schedule",
     "ScheduleError",
-    "WarmStart",
     "interval_means",
     "perfect_foresight",
     "utility_bill",
@@ -298,26 +297,13 @@ def _program(
     return lay, program
 
 
-class WarmStart:
-    """What the next schedule of the same community starts from: the simplex basis of the
-    last one (an interval earlier, so mostly still the right one), kept if the programme has
-    the same shape. The optimum is the same either way (where several schedules cost the same,
-    the solver may pick another). One per caller, used by one schedule at a time."""
-
-    __slots__ = ("basis", "shape")
-
-    def __init__(self) -> None:
-        self.basis: Any = None
-        self.shape: tuple[int, int] | None = None
-
-
-def _solve(
-    p: _Program, warm: WarmStart | None = None
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _solve(p: _Program) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The programme's optimum and its rows' duals (equalities first), by HiGHS's simplex
-    through highspy (scipy's linprog wrapper costs as much as a small solve), from ``warm``'s
-    basis where it fits (and keeping this one's there); :class:`ScheduleError` when there is
-    none."""
+    through highspy (scipy's linprog wrapper costs as much as a small solve), always from a
+    cold start: the duals are the community's price, and where they are not unique a start
+    from the last schedule's basis picks others, which made the price (and the sites' plans)
+    depend on the schedules before (tests/test_demo_agreement.py: 30 % apart);
+    :class:`ScheduleError` when there is none."""
     import highspy  # noqa: PLC0415 - with the first schedule
 
     a = sparse.vstack([p.a_eq, p.a_ub], format="csr")
@@ -342,17 +328,12 @@ def _solve(
     )
     if passed != highspy.HighsStatus.kOk:
         raise ScheduleError(f"HiGHS refused the schedule's programme ({passed})")
-    shape = a.shape
-    if warm is not None and warm.basis is not None and warm.shape == shape:
-        highs.setBasis(warm.basis)
     highs.run()
     status = highs.getModelStatus()
     if status != highspy.HighsModelStatus.kOptimal:
         reason = highs.modelStatusToString(status)
         raise ScheduleError(f"HiGHS did not solve the schedule: {reason}")
     solution = highs.getSolution()
-    if warm is not None:
-        warm.basis, warm.shape = highs.getBasis(), shape
     return (
         np.asarray(solution.col_value, dtype=np.float64),
         np.asarray(solution.row_dual, dtype=np.float64)[:n_eq],
@@ -387,14 +368,12 @@ def perfect_foresight(
     export_limit_w: float = math.inf,
     limit_penalty_per_kwh: float = DEFAULT_LIMIT_PENALTY_PER_KWH,
     end_value_per_kwh: ArrayLike | None = None,
-    warm: WarmStart | None = None,
 ) -> Schedule:
     """The cheapest utility bill for the community with every battery optimally scheduled.
 
     ``net_load_w`` is the community's feeder flow per step with the batteries idle (sum over
-    the sites of load minus PV, step means, W); the prices are per step (scalars broadcast);
-    ``warm`` the caller's :class:`WarmStart` when it schedules again and again (a rolling
-    horizon). See the module docstring for the program. Raises :class:`ScheduleError` on bad
+    the sites of load minus PV, step means, W); the prices are per step (scalars broadcast).
+    See the module docstring for the program. Raises :class:`ScheduleError` on bad
     inputs or when HiGHS fails.
     """
     net = np.asarray(net_load_w, dtype=np.float64)
@@ -426,7 +405,7 @@ def perfect_foresight(
         values,
     )
     started = time.perf_counter()
-    x, row_dual = _solve(p, warm)
+    x, row_dual = _solve(p)
     solve_s = time.perf_counter() - started
     n_b, bt = lay.n_b, lay.bt
     charge = x[lay.charge : lay.charge + bt].reshape(n_b, n_t)

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -67,9 +67,6 @@ from coordinator.ledger import ClearedInterval, ClearingConflict, LedgerError
 from coordinator.market import Book, Tariff, clear
 from coordinator.market import Clearing as MarketClearing
 from coordinator.metrics import MetricsServer, registry_for
-
-if TYPE_CHECKING:
-    from coordinator.schedule import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +506,6 @@ class Coordinator:
         #: The last feeder reservation (coordinator/reserve.py), if one was made.
         self.last_reservation: reserve.FeederReservation | None = None
         self.last_reservation_ts = -math.inf
-        self._schedule_warm: WarmStart | None = None  # the community schedule's last basis
         self._level_raised = False
         self._ack_waiters: dict[str, asyncio.Future[DispatchAck]] = {}
         #: Cleared intervals not yet settled (from the ledger at start: none is lost).
@@ -1407,12 +1403,8 @@ class Coordinator:
         tariffs: NDArray[np.float64],
         step_h: float,
     ) -> reserve.CommunityPlan:
-        """:func:`coordinator.reserve.community_schedule` on the forecast, each from the
-        last one's basis (runs in a worker thread, one at a time)."""
-        if self._schedule_warm is None:
-            from coordinator.schedule import WarmStart  # noqa: PLC0415 - scipy, at first use
-
-            self._schedule_warm = WarmStart()
+        """:func:`coordinator.reserve.community_schedule` on the forecast (runs in a worker
+        thread)."""
         g = self.config.grid
         return reserve.community_schedule(
             net_kwh,
@@ -1422,7 +1414,6 @@ class Coordinator:
             step_h=step_h,
             import_limit_kw=g.import_limit_w * g.target_pct / 1e5,
             export_limit_kw=g.export_limit_w * g.target_pct / 1e5,
-            warm=self._schedule_warm,
         )
 
     def _fleet(self, names: Sequence[str]) -> dict[str, reserve.FleetBattery]:

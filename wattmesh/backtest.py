@@ -62,7 +62,6 @@ from coordinator import reserve as rs
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
 from coordinator.ledger import Ledger, to_currency
 from coordinator.plausibility import open_interval
-from coordinator.schedule import WarmStart as ScheduleWarmStart
 from coordinator.service import (
     HISTORY_STEP_S,
     RingBuffer,
@@ -531,8 +530,7 @@ class Engine:
         self.sent_ts: dict[str, float] = {}
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
         self.cleared: set[int] = set()
-        # the last community schedule's basis (as the service's), the sites' planning threads
-        self.schedule_warm, self._pool = ScheduleWarmStart(), _plan_pool()
+        self._pool = _plan_pool()  # the sites' planning threads
         self.meter_wh: dict[str, dict[int, float]] = {name: {} for name in self.sites}
         self.dispatches = 0
         self._next_clear = first = open_interval(self.start_ts, m.interval_s, m.gate_s)
@@ -919,7 +917,6 @@ class Engine:
                 step_h=step_h,
                 import_limit_kw=c.grid.import_limit_w * c.grid.target_pct / 1e5,
                 export_limit_kw=c.grid.export_limit_w * c.grid.target_pct / 1e5,
-                warm=self.schedule_warm,
             )
             price = community.price_per_kwh
             reservation = rs.reserve(

@@ -1,0 +1,480 @@
+"""The bus past one machine: edge Mosquitto brokers bridged to a core broker.
+
+The coordinator (and any ingest workers on MQTT 5 shared subscriptions) connect to a **core**
+broker; the sites connect to an **edge** broker near them (one per feeder, substation or
+region). Each edge broker runs a bridge to the core: the edge broker is the bridge *client*
+and connects out to the core, so the sites' networks need no inbound port. On the core the
+bridge has a user of its own whose ACL grants exactly the topics of the sites behind that edge
+broker; the edge broker's own ACL keeps each site to its own topics, as on a single broker.
+
+Topics the bridge carries (QoS 1, exact topics per site, no ``#``)::
+
+    out (edge -> core): wattmesh/v1/site/{site}/{status,telemetry,bid,dispatch/ack}
+    in  (core -> edge): wattmesh/v1/site/{site}/{award,dispatch,reservation},
+                        wattmesh/v1/forecast/{site}, wattmesh/v1/market/clearing,
+                        wattmesh/v1/grid/+/state
+
+The two sets are disjoint (``dispatch`` and ``dispatch/ack`` are different topics), so no
+message can travel back the way it came. ``try_private`` tells the core that the client is a
+bridge, which makes it forward retained flags as published; with ``bridge_protocol_version
+mqttv50`` the bridge speaks MQTT 5 to the core. ``cleansession false`` keeps the bridge's
+subscriptions and queued QoS 1 messages on the core while the link is down, and its
+``local_cleansession false`` keeps the outgoing messages queued on the edge broker
+(``max_queued_messages`` of the edge's configuration, 100000) until the core is back.
+
+``add_bridge_user`` writes the core side (a password, an ACL block, with a TLS core a client
+certificate signed by the core's CA, and a credentials file to carry to the edge machine);
+``write_edge_broker`` writes a complete edge broker directory (``write_broker_config`` for its
+sites, plus the bridge section). The pure functions ``bridge_conf_text`` and
+``bridge_acl_text`` make the two text blocks. Mosquitto does not reload bridges or the
+password file on SIGHUP for running bridges: restart the core after adding a bridge user (or
+send it SIGHUP, which rereads passwd and acl) and restart an edge broker after changing its
+bridge.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker.errors import BrokerConfigError
+from broker.mosquitto import (
+    CONF_NAME,
+    GRID_STATE_ALL,
+    BrokerFiles,
+    _service_owner,
+    _write_file,
+    load_broker_files,
+    mosquitto_password_hash,
+    write_broker_config,
+)
+from broker.topics import (
+    MARKET_CLEARING,
+    SITE_PUBLISHES,
+    SITE_READS,
+    check_id,
+    forecast_topic,
+    site_topic,
+)
+
+#: Where ``add_bridge_user`` puts a bridge's credentials file on the core (``{user}.toml``).
+BRIDGES_DIR_NAME = "bridges"
+#: Where ``write_edge_broker`` puts the TLS files the bridge presents to the core.
+EDGE_BRIDGE_DIR_NAME = "bridge"
+#: A bridge address: ``host:port`` (an IPv6 host in brackets: ``[::1]:8883``).
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+Direction = Literal["in", "out"]
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeCredentials:
+    """How a bridge authenticates to the core: a user name and either a password or mTLS.
+
+    With ``ca_cert`` (the core's CA), ``cert`` and ``key`` (the bridge's client certificate,
+    CN = ``user``) the bridge connects to the core's mutual-TLS listener and sends no password.
+    """
+
+    user: str
+    password: str | None = field(default=None, repr=False)
+    ca_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the bridge uses mutual TLS."""
+        return self.cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """One edge broker's bridge to the core.
+
+    ``name`` is the edge's id (the bridge user defaults to ``bridge-{name}``); ``addresses``
+    are the core's ``host:port`` addresses (the first is the main one, the others are tried
+    in turn when it fails, and the bridge returns to the main one when it can); ``sites``
+    are the sites behind this edge broker. ``restart_timeout_s`` is the reconnect delay's
+    (base, cap): Mosquitto waits a decorrelated-jitter delay between them.
+    """
+
+    name: str
+    addresses: tuple[str, ...]
+    sites: tuple[str, ...]
+    credentials: BridgeCredentials
+    qos: int = 1
+    protocol: Literal["mqttv50", "mqttv311"] = "mqttv50"
+    keepalive_s: int = 30
+    restart_timeout_s: tuple[int, int] = (2, 30)
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            check_id(self.name, "edge")
+            check_id(self.credentials.user, "bridge user")
+            for site in self.sites:
+                check_id(site)
+        except ValueError as err:
+            raise BrokerConfigError(str(err)) from err
+        if isinstance(self.sites, str) or not self.sites:
+            raise BrokerConfigError("a bridge needs at least one site (a tuple of site ids)")
+        if len(set(self.sites)) != len(self.sites):
+            raise BrokerConfigError(f"duplicate sites in {list(self.sites)}")
+        if not self.addresses:
+            raise BrokerConfigError("a bridge needs at least one core address (host:port)")
+        for address in self.addresses:
+            match = _ADDRESS.match(address)
+            if match is None or not 1 <= int(match.group(2)) <= 65535:
+                raise BrokerConfigError(f"core address {address!r} is not host:port")
+        if self.qos not in (0, 1, 2):
+            raise BrokerConfigError(f"qos {self.qos} is not 0, 1 or 2")
+        creds = self.credentials
+        if creds.tls:
+            if creds.ca_cert is None or creds.key is None:
+                raise BrokerConfigError("a TLS bridge needs ca_cert, cert and key")
+        elif creds.password is None:
+            raise BrokerConfigError("a bridge needs a password or a client certificate")
+        base, cap = self.restart_timeout_s
+        if not 1 <= base <= cap:
+            raise BrokerConfigError(
+                f"restart_timeout_s {self.restart_timeout_s}: need 1 <= base <= cap"
+            )
+        if self.keepalive_s < 5:
+            raise BrokerConfigError("keepalive_s must be at least 5 (Mosquitto's minimum)")
+
+
+def bridge_user_name(edge: str) -> str:
+    """The core's user for edge ``edge``'s bridge: ``bridge-{edge}``."""
+    return check_id(f"bridge-{check_id(edge, 'edge')}", "bridge user")
+
+
+def bridge_topics(sites: Sequence[str]) -> list[tuple[str, Direction]]:
+    """Every topic the bridge of ``sites`` carries and its direction (``out``: to the core)."""
+    out: list[tuple[str, Direction]] = [
+        (site_topic(site, kind), "out") for site in sites for kind in SITE_PUBLISHES
+    ]
+    into: list[tuple[str, Direction]] = [
+        (site_topic(site, kind), "in") for site in sites for kind in SITE_READS
+    ]
+    into += [(forecast_topic(site), "in") for site in sites]
+    into += [(MARKET_CLEARING, "in"), (GRID_STATE_ALL, "in")]
+    return out + into
+
+
+def bridge_conf_text(config: BridgeConfig) -> str:
+    """The ``connection`` section of the edge broker's mosquitto.conf for ``config``.
+
+    It holds the bridge's password (if any) in plain text: the file must be readable only
+    by the broker (``write_edge_broker`` writes it mode 600).
+    """
+    creds = config.credentials
+    base, cap = config.restart_timeout_s
+    lines = [
+        "",
+        f"# Bridge to the core broker (broker/bridge.py): edge {config.name!r} connects out,",
+        "# as user " + repr(creds.user) + "; the core's ACL grants it exactly these sites' topics.",
+        f"connection {creds.user}",
+        f"address {' '.join(config.addresses)}",
+        "# The first address is the main core; the others are tried in turn when it fails.",
+        "round_robin false",
+        f"remote_clientid {creds.user}",
+        f"local_clientid local.{creds.user}",
+    ]
+    if creds.tls:
+        lines += [
+            f"bridge_cafile {creds.ca_cert}",
+            f"bridge_certfile {creds.cert}",
+            f"bridge_keyfile {creds.key}",
+            "bridge_tls_version tlsv1.2",
+        ]
+        if config.insecure:
+            lines.append("bridge_insecure true")
+    else:
+        lines += [f"remote_username {creds.user}", f"remote_password {creds.password}"]
+    lines += [
+        f"bridge_protocol_version {config.protocol}",
+        "# Tell the core this is a bridge: retained flags travel as published.",
+        "try_private true",
+        "bridge_outgoing_retain true",
+        "# Persistent on both ends: while the link is down the core queues what is due to the",
+        "# edge and the edge queues what is due to the core (QoS 1), delivered on reconnect.",
+        "cleansession false",
+        "local_cleansession false",
+        "start_type automatic",
+        f"restart_timeout {base} {cap}",
+        f"keepalive_interval {config.keepalive_s}",
+        "# The link's state ($SYS/broker/connection/<id>/state, 1 or 0) on the edge only.",
+        "notifications true",
+        "notifications_local_only true",
+        "bridge_attempt_unsubscribe false",
+    ]
+    lines += [
+        f"topic {topic} {direction} {config.qos}"
+        for topic, direction in bridge_topics(config.sites)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bridge_acl_text(user: str, sites: Sequence[str]) -> str:
+    """The core's ACL block for bridge ``user`` of ``sites``: exactly their topics.
+
+    It writes what the sites publish and reads what they read (section 3 of
+    docs/architecture.md); a message it forwards for any other site is dropped by the core.
+    """
+    try:
+        check_id(user, "bridge user")
+    except ValueError as err:
+        raise BrokerConfigError(str(err)) from err
+    lines = [
+        "",
+        f"# Bridge {user}: forwards the topics of sites {', '.join(sites)} and no others.",
+        f"user {user}",
+    ]
+    for topic, direction in bridge_topics(sites):
+        lines.append(f"topic {'write' if direction == 'out' else 'read'} {topic}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The core side: a user per bridge
+
+
+def add_bridge_user(
+    core_directory: str | os.PathLike[str], edge: str, sites: Sequence[str]
+) -> BridgeCredentials:
+    """Add edge ``edge``'s bridge user to the core broker in ``core_directory``.
+
+    Appends a password hash to passwd, the bridge's ACL block to acl and the password to
+    credentials.toml; if the core has a TLS listener, also a client certificate (CN = the
+    user) signed by its CA. Writes ``bridges/{user}.toml`` (mode 600): what the edge needs
+    (``write_edge_broker(credentials=load_bridge_credentials(...))``). ``BrokerConfigError``
+    if the user exists or an id is invalid. A running core rereads passwd and acl on SIGHUP.
+    """
+    core = load_broker_files(core_directory)
+    user = _checked_user(edge)
+    site_ids = _checked_sites(sites)
+    if user in core.credentials:
+        raise BrokerConfigError(f"user {user!r} already exists on the core {core.directory}")
+    owner = _service_owner()
+    password = secrets.token_urlsafe(32)
+    _append(core.password_file, f"{user}:{mosquitto_password_hash(password)}\n", owner)
+    _append(core.acl_file, bridge_acl_text(user, site_ids), owner)
+    _append(core.credentials_file, f"{json.dumps(user)} = {json.dumps(password)}\n", None)
+    cert = key = ca_cert = None
+    if core.tls is not None:
+        ca_cert = core.tls.ca_cert
+        cert, key = _issue_client_cert(core.tls.ca_cert, core.tls.ca_key, user)
+    credentials = BridgeCredentials(user, password, ca_cert, cert, key)
+    bridges = core.directory / BRIDGES_DIR_NAME
+    bridges.mkdir(mode=0o700, exist_ok=True)
+    _write_file(
+        bridges / f"{user}.toml", _credentials_toml(credentials, core, site_ids), 0o600, None
+    )
+    return credentials
+
+
+def _checked_user(edge: str) -> str:
+    try:
+        return bridge_user_name(edge)
+    except ValueError as err:
+        raise BrokerConfigError(str(err)) from err
+
+
+def _checked_sites(sites: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(sites, str) or not sites:
+        raise BrokerConfigError("sites must be a non-empty sequence of site ids")
+    try:
+        return tuple(check_id(site) for site in sites)
+    except ValueError as err:
+        raise BrokerConfigError(str(err)) from err
+
+
+def _append(path: Path, text: str, owner: tuple[int, int] | None) -> None:
+    """Append ``text`` to ``path`` atomically, keeping its mode (600) and setting ``owner``."""
+    old = path.read_text(encoding="utf-8")
+    _write_file(path, old + ("" if old.endswith("\n") else "\n") + text, 0o600, owner)
+
+
+def _credentials_toml(creds: BridgeCredentials, core: BrokerFiles, sites: Sequence[str]) -> str:
+    q = json.dumps
+    lines = [
+        "# A bridge's credentials for the core broker (broker/bridge.py). Secret: mode 600.",
+        "# Copy it (and with TLS the three files it names) to the edge broker's machine.",
+        "[bridge]",
+        f"user = {q(creds.user)}",
+        f"password = {q(creds.password)}",
+        f"sites = [{', '.join(q(s) for s in sites)}]",
+        f"core_port = {core.port}",
+    ]
+    if core.tls_port is not None:
+        lines.append(f"core_tls_port = {core.tls_port}")
+    if creds.tls:
+        lines += [
+            f"ca_cert = {q(str(creds.ca_cert))}",
+            f"cert = {q(str(creds.cert))}",
+            f"key = {q(str(creds.key))}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def load_bridge_credentials(path: str | os.PathLike[str]) -> BridgeCredentials:
+    """The credentials in a ``bridges/{user}.toml`` written by ``add_bridge_user``."""
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))["bridge"]
+        paths = {k: Path(doc[k]) if k in doc else None for k in ("ca_cert", "cert", "key")}
+        return BridgeCredentials(
+            user=str(doc["user"]),
+            password=str(doc["password"]),
+            ca_cert=paths["ca_cert"],
+            cert=paths["cert"],
+            key=paths["key"],
+        )
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as err:
+        raise BrokerConfigError(f"cannot read bridge credentials {path}: {err!r}") from err
+
+
+def _issue_client_cert(ca_cert_path: Path, ca_key_path: Path, user: str) -> tuple[Path, Path]:
+    """A client certificate (CN = ``user``) signed by the core's CA, next to the others."""
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise BrokerConfigError(f"{ca_key_path} is not the EC key write_broker_config makes")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate clock skew
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "wattmesh"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, user),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    clients = ca_cert_path.parent / "clients"
+    cert_path, key_path = clients / f"{user}.crt", clients / f"{user}.key"
+    _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, None)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_file(key_path, key_pem, 0o600, None)
+    return cert_path, key_path
+
+
+# ---------------------------------------------------------------------------------------------
+# The edge side: a broker for the sites behind it, with the bridge
+
+
+def write_edge_broker(
+    directory: str | os.PathLike[str],
+    edge: str,
+    sites: Sequence[str],
+    *,
+    core_addresses: Sequence[str],
+    credentials: BridgeCredentials,
+    port: int = 1883,
+    host: str = "127.0.0.1",
+    overwrite: bool = False,
+    restart_timeout_s: tuple[int, int] = (2, 30),
+    insecure: bool = False,
+) -> BrokerFiles:
+    """Write an edge broker for ``sites`` in ``directory`` with a bridge to the core.
+
+    The broker is ``write_broker_config(directory, sites, port=..., host=...)`` (its own
+    coordinator, operator and monitor users stay local; the sites' ACL is the same as on a
+    single broker) plus ``bridge_conf_text`` appended to its mosquitto.conf, which then holds
+    the bridge's password and is written mode 600 (owned by the broker's user when we are
+    root). With TLS credentials the CA, certificate and key are copied into ``bridge/``.
+    """
+    user = _checked_user(edge)
+    if credentials.user != user:
+        raise BrokerConfigError(
+            f"the credentials are for {credentials.user!r}, edge {edge!r} needs {user!r}"
+        )
+    files = write_broker_config(directory, sites, port=port, host=host, overwrite=overwrite)
+    owner = _service_owner()
+    if credentials.tls:
+        credentials = _copy_tls(files.directory / EDGE_BRIDGE_DIR_NAME, credentials, owner)
+    config = BridgeConfig(
+        name=edge,
+        addresses=tuple(core_addresses),
+        sites=tuple(files.sites),
+        credentials=credentials,
+        restart_timeout_s=restart_timeout_s,
+        insecure=insecure,
+    )
+    conf = files.directory / CONF_NAME
+    text = conf.read_text(encoding="utf-8") + bridge_conf_text(config)
+    _write_file(conf, text, 0o600, owner)
+    return files
+
+
+def _copy_tls(
+    directory: Path, creds: BridgeCredentials, owner: tuple[int, int] | None
+) -> BridgeCredentials:
+    directory.mkdir(mode=0o700, exist_ok=True)
+    if owner is not None:
+        os.chown(directory, *owner)
+    copied: list[Path] = []
+    for source, name in (
+        (creds.ca_cert, "ca.crt"),
+        (creds.cert, "bridge.crt"),
+        (creds.key, "bridge.key"),
+    ):
+        if source is None:
+            raise BrokerConfigError("a TLS bridge needs ca_cert, cert and key")
+        target = directory / name
+        shutil.copyfile(source, target)
+        target.chmod(0o600)
+        if owner is not None:
+            os.chown(target, *owner)
+        copied.append(target)
+    return BridgeCredentials(creds.user, creds.password, *copied)
+
+
+def edge_credentials_path(core_directory: str | os.PathLike[str], edge: str) -> Path:
+    """Where ``add_bridge_user`` wrote edge ``edge``'s credentials on the core."""
+    return Path(core_directory).absolute() / BRIDGES_DIR_NAME / f"{_checked_user(edge)}.toml"
+
+
+__all__ = [
+    "BRIDGES_DIR_NAME",
+    "BridgeConfig",
+    "BridgeCredentials",
+    "add_bridge_user",
+    "bridge_acl_text",
+    "bridge_conf_text",
+    "bridge_topics",
+    "bridge_user_name",
+    "edge_credentials_path",
+    "load_bridge_credentials",
+    "write_edge_broker",
+]

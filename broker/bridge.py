@@ -66,6 +66,7 @@ from broker.topics import (
     MARKET_CLEARING,
     SITE_PUBLISHES,
     SITE_READS,
+    bridge_state_topic,
     check_id,
     forecast_topic,
     site_topic,
@@ -217,9 +218,11 @@ def bridge_conf_text(config: BridgeConfig) -> str:
         "start_type automatic",
         f"restart_timeout {base} {cap}",
         f"keepalive_interval {config.keepalive_s}",
-        "# The link's state ($SYS/broker/connection/<id>/state, 1 or 0) on the edge only.",
+        "# The link's state, retained on both brokers: 1 when up; 0, the bridge's will on the",
+        "# core, when the link drops (an edge broker that is gone reads 0 on the core).",
         "notifications true",
-        "notifications_local_only true",
+        "notifications_local_only false",
+        f"notification_topic {bridge_state_topic(config.name)}",
         "bridge_attempt_unsubscribe false",
     ]
     lines += [
@@ -229,23 +232,22 @@ def bridge_conf_text(config: BridgeConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bridge_acl_text(user: str, sites: Sequence[str]) -> str:
-    """The core's ACL block for bridge ``user`` of ``sites``: exactly their topics.
+def bridge_acl_text(edge: str, sites: Sequence[str]) -> str:
+    """The core's ACL block for edge ``edge``'s bridge user (``bridge-{edge}``) of ``sites``.
 
     It writes what the sites publish and reads what they read (section 3 of
-    docs/architecture.md); a message it forwards for any other site is dropped by the core.
+    docs/architecture.md), plus the bridge's own state topic; a message it forwards for any
+    other site is dropped by the core.
     """
-    try:
-        check_id(user, "bridge user")
-    except ValueError as err:
-        raise BrokerConfigError(str(err)) from err
+    user = _checked_user(edge)
     lines = [
         "",
-        f"# Bridge {user}: forwards the topics of sites {', '.join(sites)} and no others.",
+        f"# Bridge of edge {edge}: forwards the topics of sites {', '.join(sites)} and no others.",
         f"user {user}",
     ]
     for topic, direction in bridge_topics(sites):
         lines.append(f"topic {'write' if direction == 'out' else 'read'} {topic}")
+    lines.append(f"topic write {bridge_state_topic(edge)}")
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +274,7 @@ def add_bridge_user(
     owner = _service_owner()
     password = secrets.token_urlsafe(32)
     _append(core.password_file, f"{user}:{mosquitto_password_hash(password)}\n", owner)
-    _append(core.acl_file, bridge_acl_text(user, site_ids), owner)
+    _append(core.acl_file, bridge_acl_text(edge, site_ids), owner)
     _append(core.credentials_file, f"{json.dumps(user)} = {json.dumps(password)}\n", None)
     cert = key = ca_cert = None
     if core.tls is not None:

@@ -41,7 +41,14 @@ from broker.mosquitto import (
     load_broker_files,
     write_broker_config,
 )
-from broker.topics import MARKET_CLEARING, forecast_topic, grid_state_topic, site_topic
+from broker.topics import (
+    BRIDGE_STATE_ALL,
+    MARKET_CLEARING,
+    bridge_state_topic,
+    forecast_topic,
+    grid_state_topic,
+    site_topic,
+)
 from tests.broker_fixtures import client_kwargs, free_port
 
 EDGES = {"north": ("site-a", "house-1"), "south": ("site-b",)}
@@ -188,7 +195,7 @@ def test_bridge_section_carries_exactly_the_sites_topics_with_persistent_session
 
 
 def test_core_acl_block_writes_what_the_sites_publish_and_reads_what_they_read() -> None:
-    lines = bridge_acl_text("bridge-north", ["site-a"]).splitlines()
+    lines = bridge_acl_text("north", ["site-a"]).splitlines()
     assert "user bridge-north" in lines
     assert "topic write wattmesh/v1/site/site-a/telemetry" in lines
     assert "topic read wattmesh/v1/site/site-a/award" in lines
@@ -408,3 +415,46 @@ async def test_bridge_over_mutual_tls_with_a_certificate_from_the_core_ca(
                     lambda: site.publish(telemetry, b"over tls", qos=1), coordinator, telemetry
                 )
     assert message.payload == b"over tls"
+
+
+async def test_core_reads_each_edge_link_state_retained_and_zero_when_the_edge_stops_or_dies(
+    community: Community,
+) -> None:
+    core, north = community.core, community.edges["north"]
+    state = bridge_state_topic("north")
+    async with asyncio.timeout(30):
+        async with running(core), client(core, "coordinator") as coordinator:
+            await coordinator.subscribe(BRIDGE_STATE_ALL, qos=1)
+            edge = MosquittoProcess(north.conf, north.port)
+            await edge.start()
+            try:
+                up = await receive(coordinator, 1)
+                await edge.stop()
+                after_stop = await receive(coordinator, 1)
+                await edge.start()
+                again = await receive(coordinator, 1)
+                await edge.kill()
+                after_kill = await receive(coordinator, 1)
+            finally:
+                await edge.stop()
+            async with client(core, "monitor") as later:  # retained on the core
+                await later.subscribe(BRIDGE_STATE_ALL, qos=1)
+                retained = await receive(later, 1)
+    assert up == again == [(state, b"1")]
+    assert after_stop == after_kill == retained == [(state, b"0")]
+
+
+async def test_a_sites_retained_status_is_retained_on_the_core_too(community: Community) -> None:
+    core, south = community.core, community.edges["south"]
+    status = site_topic("site-b", "status")
+    async with asyncio.timeout(30):
+        async with running(core), running(south):
+            async with client(south, "site-b") as site, client(core, "coordinator") as coord:
+                await coord.subscribe(status, qos=1)
+                await until_received(
+                    lambda: site.publish(status, b"online", qos=1, retain=True), coord, status
+                )
+            async with client(core, "monitor") as later:
+                await later.subscribe(status, qos=1)
+                message = await anext(aiter(later.messages))
+    assert (message.topic.value, message.payload, message.retain) == (status, b"online", True)

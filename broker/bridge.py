@@ -72,8 +72,12 @@ from broker.topics import (
     site_topic,
 )
 
-#: Where ``add_bridge_user`` puts a bridge's credentials file on the core (``{user}.toml``).
+#: Where ``add_bridge_user`` puts each bridge's kit on the core (``bridges/bridge-{edge}/``).
 BRIDGES_DIR_NAME = "bridges"
+KIT_TOML_NAME = "bridge.toml"
+KIT_CA_NAME = "ca.crt"
+KIT_CERT_NAME = "bridge.crt"
+KIT_KEY_NAME = "bridge.key"
 #: Where ``write_edge_broker`` puts the TLS files the bridge presents to the core.
 EDGE_BRIDGE_DIR_NAME = "bridge"
 #: A bridge address: ``host:port`` (an IPv6 host in brackets: ``[::1]:8883``).
@@ -100,6 +104,30 @@ class BridgeCredentials:
     def tls(self) -> bool:
         """Whether the bridge uses mutual TLS."""
         return self.cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeKit:
+    """What an edge broker needs to bridge to the core (``add_bridge_user`` writes it).
+
+    ``core_port`` is the core's password listener, ``core_tls_port`` its mutual-TLS listener
+    (None without TLS). A kit with a client certificate connects to the TLS port: a core with
+    TLS serves passwords on 127.0.0.1 only.
+    """
+
+    edge: str
+    sites: tuple[str, ...]
+    credentials: BridgeCredentials
+    core_port: int
+    core_tls_port: int | None
+    directory: Path
+
+    @property
+    def core_connect_port(self) -> int:
+        """The core port the bridge connects to."""
+        if self.credentials.tls and self.core_tls_port is not None:
+            return self.core_tls_port
+        return self.core_port
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,14 +285,17 @@ def bridge_acl_text(edge: str, sites: Sequence[str]) -> str:
 
 def add_bridge_user(
     core_directory: str | os.PathLike[str], edge: str, sites: Sequence[str]
-) -> BridgeCredentials:
-    """Add edge ``edge``'s bridge user to the core broker in ``core_directory``.
+) -> BridgeKit:
+    """Add edge ``edge``'s bridge user (``bridge-{edge}``) to the core in ``core_directory``.
 
-    Appends a password hash to passwd, the bridge's ACL block to acl and the password to
-    credentials.toml; if the core has a TLS listener, also a client certificate (CN = the
-    user) signed by its CA. Writes ``bridges/{user}.toml`` (mode 600): what the edge needs
-    (``write_edge_broker(credentials=load_bridge_credentials(...))``). ``BrokerConfigError``
-    if the user exists or an id is invalid. A running core rereads passwd and acl on SIGHUP.
+    Appends a password hash to passwd, the bridge's ACL block (``bridge_acl_text``) to acl
+    and the password to credentials.toml; if the core has a TLS listener, also issues a client
+    certificate (CN = the user) signed by its CA. Writes the **bridge kit** the edge machine
+    needs into ``bridges/bridge-{edge}/`` (mode 700): ``bridge.toml`` (user, password, sites,
+    the core's ports) and with TLS ``ca.crt``, ``bridge.crt`` and ``bridge.key``; copy that
+    directory to the edge machine and pass it to ``write_edge_broker`` (``load_bridge_kit``).
+    ``BrokerConfigError`` if the user exists or an id is invalid. A running core rereads
+    passwd and acl on SIGHUP.
     """
     core = load_broker_files(core_directory)
     user = _checked_user(edge)
@@ -276,17 +307,28 @@ def add_bridge_user(
     _append(core.password_file, f"{user}:{mosquitto_password_hash(password)}\n", owner)
     _append(core.acl_file, bridge_acl_text(edge, site_ids), owner)
     _append(core.credentials_file, f"{json.dumps(user)} = {json.dumps(password)}\n", None)
-    cert = key = ca_cert = None
+    kit_dir = bridge_kit_path(core.directory, edge)
+    kit_dir.parent.mkdir(mode=0o700, exist_ok=True)
+    kit_dir.mkdir(mode=0o700, exist_ok=True)
+    credentials = BridgeCredentials(user, password)
     if core.tls is not None:
-        ca_cert = core.tls.ca_cert
         cert, key = _issue_client_cert(core.tls.ca_cert, core.tls.ca_key, user)
-    credentials = BridgeCredentials(user, password, ca_cert, cert, key)
-    bridges = core.directory / BRIDGES_DIR_NAME
-    bridges.mkdir(mode=0o700, exist_ok=True)
-    _write_file(
-        bridges / f"{user}.toml", _credentials_toml(credentials, core, site_ids), 0o600, None
+        copies = {KIT_CA_NAME: core.tls.ca_cert, KIT_CERT_NAME: cert, KIT_KEY_NAME: key}
+        for name, source in copies.items():
+            _write_file(kit_dir / name, source.read_bytes(), 0o600, None)
+        credentials = BridgeCredentials(
+            user, password, kit_dir / KIT_CA_NAME, kit_dir / KIT_CERT_NAME, kit_dir / KIT_KEY_NAME
+        )
+    kit = BridgeKit(
+        edge=edge,
+        sites=site_ids,
+        credentials=credentials,
+        core_port=core.port,
+        core_tls_port=core.tls_port,
+        directory=kit_dir,
     )
-    return credentials
+    _write_file(kit_dir / KIT_TOML_NAME, _kit_toml(kit), 0o600, None)
+    return kit
 
 
 def _checked_user(edge: str) -> str:
@@ -311,42 +353,63 @@ def _append(path: Path, text: str, owner: tuple[int, int] | None) -> None:
     _write_file(path, old + ("" if old.endswith("\n") else "\n") + text, 0o600, owner)
 
 
-def _credentials_toml(creds: BridgeCredentials, core: BrokerFiles, sites: Sequence[str]) -> str:
+def _kit_toml(kit: BridgeKit) -> str:
     q = json.dumps
     lines = [
-        "# A bridge's credentials for the core broker (broker/bridge.py). Secret: mode 600.",
-        "# Copy it (and with TLS the three files it names) to the edge broker's machine.",
+        "# A bridge kit (broker/bridge.py): what edge broker "
+        + q(kit.edge)
+        + " needs to bridge to the core.",
+        "# Secret (mode 600): copy this directory to the edge machine, then",
+        "# `wattmesh broker edge EDGE_DIR --kit THIS_DIR --core HOST`.",
         "[bridge]",
-        f"user = {q(creds.user)}",
-        f"password = {q(creds.password)}",
-        f"sites = [{', '.join(q(s) for s in sites)}]",
-        f"core_port = {core.port}",
+        f"edge = {q(kit.edge)}",
+        f"user = {q(kit.credentials.user)}",
+        f"password = {q(kit.credentials.password)}",
+        f"sites = [{', '.join(q(s) for s in kit.sites)}]",
+        f"core_port = {kit.core_port}",
     ]
-    if core.tls_port is not None:
-        lines.append(f"core_tls_port = {core.tls_port}")
-    if creds.tls:
+    if kit.core_tls_port is not None:
+        lines.append(f"core_tls_port = {kit.core_tls_port}")
+    if kit.credentials.tls:
+        # Relative to the kit's directory, so that the kit can be moved.
         lines += [
-            f"ca_cert = {q(str(creds.ca_cert))}",
-            f"cert = {q(str(creds.cert))}",
-            f"key = {q(str(creds.key))}",
+            f"ca_cert = {q(KIT_CA_NAME)}",
+            f"cert = {q(KIT_CERT_NAME)}",
+            f"key = {q(KIT_KEY_NAME)}",
         ]
     return "\n".join(lines) + "\n"
 
 
-def load_bridge_credentials(path: str | os.PathLike[str]) -> BridgeCredentials:
-    """The credentials in a ``bridges/{user}.toml`` written by ``add_bridge_user``."""
+def load_bridge_kit(path: str | os.PathLike[str]) -> BridgeKit:
+    """The bridge kit in directory ``path`` (or its ``bridge.toml``), from ``add_bridge_user``.
+
+    ``BrokerConfigError`` if it is missing or malformed.
+    """
+    root = Path(path).absolute()
+    toml_path = root / KIT_TOML_NAME if root.is_dir() else root
     try:
-        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))["bridge"]
-        paths = {k: Path(doc[k]) if k in doc else None for k in ("ca_cert", "cert", "key")}
-        return BridgeCredentials(
-            user=str(doc["user"]),
-            password=str(doc["password"]),
-            ca_cert=paths["ca_cert"],
-            cert=paths["cert"],
-            key=paths["key"],
+        doc = tomllib.loads(toml_path.read_text(encoding="utf-8"))["bridge"]
+        files = {
+            k: toml_path.parent / str(doc[k]) if k in doc else None
+            for k in ("ca_cert", "cert", "key")
+        }
+        tls_port = doc.get("core_tls_port")
+        return BridgeKit(
+            edge=str(doc["edge"]),
+            sites=tuple(str(site) for site in doc["sites"]),
+            credentials=BridgeCredentials(
+                user=str(doc["user"]),
+                password=str(doc["password"]),
+                ca_cert=files["ca_cert"],
+                cert=files["cert"],
+                key=files["key"],
+            ),
+            core_port=int(doc["core_port"]),
+            core_tls_port=None if tls_port is None else int(tls_port),
+            directory=toml_path.parent,
         )
-    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as err:
-        raise BrokerConfigError(f"cannot read bridge credentials {path}: {err!r}") from err
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
+        raise BrokerConfigError(f"cannot read the bridge kit {toml_path}: {err!r}") from err
 
 
 def _issue_client_cert(ca_cert_path: Path, ca_key_path: Path, user: str) -> tuple[Path, Path]:
@@ -397,37 +460,35 @@ def _issue_client_cert(ca_cert_path: Path, ca_key_path: Path, user: str) -> tupl
 
 def write_edge_broker(
     directory: str | os.PathLike[str],
-    edge: str,
-    sites: Sequence[str],
+    kit: BridgeKit,
     *,
-    core_addresses: Sequence[str],
-    credentials: BridgeCredentials,
+    core: Sequence[str],
     port: int = 1883,
     host: str = "127.0.0.1",
     overwrite: bool = False,
     restart_timeout_s: tuple[int, int] = (2, 30),
     insecure: bool = False,
 ) -> BrokerFiles:
-    """Write an edge broker for ``sites`` in ``directory`` with a bridge to the core.
+    """Write edge ``kit.edge``'s broker for ``kit.sites`` in ``directory``, bridged to ``core``.
 
-    The broker is ``write_broker_config(directory, sites, port=..., host=...)`` (its own
-    coordinator, operator and monitor users stay local; the sites' ACL is the same as on a
-    single broker) plus ``bridge_conf_text`` appended to its mosquitto.conf, which then holds
-    the bridge's password and is written mode 600 (owned by the broker's user when we are
-    root). With TLS credentials the CA, certificate and key are copied into ``bridge/``.
+    ``core`` lists the core's addresses, ``host`` or ``host:port`` (the kit's port if none;
+    the first is the main core, the others are tried in turn when it fails). The broker is
+    ``write_broker_config(directory, kit.sites, port=..., host=...)`` (its own coordinator,
+    operator and monitor users stay local; each site's ACL is the same as on a single broker)
+    plus ``bridge_conf_text`` appended to its mosquitto.conf, which then holds the bridge's
+    password and is written mode 600 (owned by the broker's user when we are root). With a
+    TLS kit the CA, certificate and key are copied into ``bridge/`` and no password is used.
+    ``insecure`` skips the check of the core's host name against its certificate.
     """
-    user = _checked_user(edge)
-    if credentials.user != user:
-        raise BrokerConfigError(
-            f"the credentials are for {credentials.user!r}, edge {edge!r} needs {user!r}"
-        )
-    files = write_broker_config(directory, sites, port=port, host=host, overwrite=overwrite)
+    addresses = tuple(_with_port(address, kit.core_connect_port) for address in core)
+    files = write_broker_config(directory, kit.sites, port=port, host=host, overwrite=overwrite)
     owner = _service_owner()
+    credentials = kit.credentials
     if credentials.tls:
         credentials = _copy_tls(files.directory / EDGE_BRIDGE_DIR_NAME, credentials, owner)
     config = BridgeConfig(
-        name=edge,
-        addresses=tuple(core_addresses),
+        name=kit.edge,
+        addresses=addresses,
         sites=tuple(files.sites),
         credentials=credentials,
         restart_timeout_s=restart_timeout_s,
@@ -437,6 +498,13 @@ def write_edge_broker(
     text = conf.read_text(encoding="utf-8") + bridge_conf_text(config)
     _write_file(conf, text, 0o600, owner)
     return files
+
+
+def _with_port(address: str, port: int) -> str:
+    """``address`` as ``host:port``, adding ``port`` if it has none."""
+    if _ADDRESS.match(address):
+        return address
+    return f"{address}:{port}"
 
 
 def _copy_tls(
@@ -462,21 +530,22 @@ def _copy_tls(
     return BridgeCredentials(creds.user, creds.password, *copied)
 
 
-def edge_credentials_path(core_directory: str | os.PathLike[str], edge: str) -> Path:
-    """Where ``add_bridge_user`` wrote edge ``edge``'s credentials on the core."""
-    return Path(core_directory).absolute() / BRIDGES_DIR_NAME / f"{_checked_user(edge)}.toml"
+def bridge_kit_path(core_directory: str | os.PathLike[str], edge: str) -> Path:
+    """Where ``add_bridge_user`` writes edge ``edge``'s bridge kit on the core."""
+    return Path(core_directory).absolute() / BRIDGES_DIR_NAME / _checked_user(edge)
 
 
 __all__ = [
     "BRIDGES_DIR_NAME",
     "BridgeConfig",
     "BridgeCredentials",
+    "BridgeKit",
     "add_bridge_user",
     "bridge_acl_text",
     "bridge_conf_text",
+    "bridge_kit_path",
     "bridge_topics",
     "bridge_user_name",
-    "edge_credentials_path",
-    "load_bridge_credentials",
+    "load_bridge_kit",
     "write_edge_broker",
 ]

@@ -26,12 +26,13 @@ from paho.mqtt.properties import Properties
 from broker.bridge import (
     BridgeConfig,
     BridgeCredentials,
+    BridgeKit,
     add_bridge_user,
     bridge_acl_text,
     bridge_conf_text,
+    bridge_kit_path,
     bridge_topics,
-    edge_credentials_path,
-    load_bridge_credentials,
+    load_bridge_kit,
     write_edge_broker,
 )
 from broker.errors import BrokerConfigError
@@ -63,7 +64,7 @@ class Community:
 
     core: BrokerFiles
     edges: dict[str, BrokerFiles]
-    bridges: dict[str, BridgeCredentials]
+    kits: dict[str, BridgeKit]
 
 
 @pytest.fixture
@@ -82,22 +83,19 @@ def make_community(root: Path, *, tls: bool = False) -> Community:
     core = write_broker_config(
         root / "core", SITES, port=free_port(), tls=tls, tls_port=free_port()
     )
-    bridges = {edge: add_bridge_user(core.directory, edge, sites) for edge, sites in EDGES.items()}
-    address = f"127.0.0.1:{core.tls_port if tls else core.port}"
+    kits = {edge: add_bridge_user(core.directory, edge, sites) for edge, sites in EDGES.items()}
     edges = {
         edge: write_edge_broker(
             root / edge,
-            edge,
-            sites,
-            core_addresses=[address],
-            credentials=load_bridge_credentials(edge_credentials_path(core.directory, edge)),
+            load_bridge_kit(bridge_kit_path(core.directory, edge)),
+            core=["127.0.0.1"],
             port=free_port(),
             restart_timeout_s=FAST_RESTART_S,
         )
-        for edge, sites in EDGES.items()
+        for edge in EDGES
     }
     # Reloaded: its credentials now include the bridge users.
-    return Community(load_broker_files(core.directory), edges, bridges)
+    return Community(load_broker_files(core.directory), edges, kits)
 
 
 @pytest.fixture
@@ -314,7 +312,7 @@ async def test_commands_forecasts_and_retained_state_reach_sites_on_their_edge(
 
 async def test_core_acl_keeps_a_bridge_user_to_its_own_sites(community: Community) -> None:
     core = community.core
-    north = community.bridges["north"]
+    north = community.kits["north"].credentials
     assert core.credentials[north.user] == north.password
     telemetry_a, telemetry_b = site_topic("site-a", "telemetry"), site_topic("site-b", "telemetry")
     award_a, award_b = site_topic("site-a", "award"), site_topic("site-b", "award")
@@ -399,7 +397,7 @@ async def test_bridge_over_mutual_tls_with_a_certificate_from_the_core_ca(
 ) -> None:
     community = make_community(broker_root, tls=True)
     core, south = community.core, community.edges["south"]
-    assert community.bridges["south"].tls
+    assert community.kits["south"].credentials.tls
     conf = south.conf.read_text(encoding="utf-8")
     assert "remote_password" not in conf
     assert "bridge_certfile" in conf

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import aiomqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from typer.testing import CliRunner
 
 from broker.bridge import (
     BridgeConfig,
@@ -51,6 +54,7 @@ from broker.topics import (
     site_topic,
 )
 from tests.broker_fixtures import client_kwargs, free_port
+from wattmesh.broker_cli import broker_app
 
 EDGES = {"north": ("site-a", "house-1"), "south": ("site-b",)}
 SITES = tuple(site for sites in EDGES.values() for site in sites)
@@ -456,3 +460,72 @@ async def test_a_sites_retained_status_is_retained_on_the_core_too(community: Co
                 await later.subscribe(status, qos=1)
                 message = await anext(aiter(later.messages))
     assert (message.topic.value, message.payload, message.retain) == (status, b"online", True)
+
+
+def standby_copy(core: BrokerFiles, directory: Path) -> BrokerFiles:
+    """A second core with the same users, ACL and certificates on another port (a standby)."""
+    shutil.copytree(core.directory, directory, symlinks=True)
+    for source in [core.directory, *core.directory.rglob("*")]:
+        st = source.stat()
+        os.chown(directory / source.relative_to(core.directory), st.st_uid, st.st_gid)
+    port = free_port()
+    conf = (directory / "mosquitto.conf").read_text(encoding="utf-8")
+    conf = conf.replace(str(core.directory), str(directory))
+    conf = conf.replace(f"listener {core.port} ", f"listener {port} ")
+    (directory / "mosquitto.conf").write_text(conf, encoding="utf-8")
+    for name in ("mosquitto.log", "mosquitto.pid", "data/mosquitto.db"):
+        (directory / name).unlink(missing_ok=True)
+    return dataclasses.replace(load_broker_files(directory), port=port)
+
+
+async def test_cli_writes_core_user_and_edge_and_the_bridge_falls_over_to_a_standby_core(
+    broker_root: Path,
+) -> None:
+    runner = CliRunner()
+    core_dir, edge_dir = broker_root / "core", broker_root / "east"
+    core_port, edge_port = free_port(), free_port()
+    result = runner.invoke(
+        broker_app, ["init", str(core_dir), "--sites", "site-a,site-b", "--port", str(core_port)]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        broker_app, ["bridge-user", str(core_dir), "--edge", "east", "--sites", "site-b"]
+    )
+    assert result.exit_code == 0, result.output
+    kit = bridge_kit_path(core_dir, "east")
+    assert f"--kit {kit}" in result.output
+    core = load_broker_files(core_dir)
+    standby = standby_copy(core, broker_root / "standby")
+    result = runner.invoke(
+        broker_app,
+        [
+            "edge",
+            str(edge_dir),
+            "--kit",
+            str(kit),
+            "--core",
+            "127.0.0.1",
+            "--core",
+            f"127.0.0.1:{standby.port}",
+            "--port",
+            str(edge_port),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    conf = (edge_dir / "mosquitto.conf").read_text(encoding="utf-8")
+    assert f"address 127.0.0.1:{core_port} 127.0.0.1:{standby.port}" in conf
+    assert stat.S_IMODE((edge_dir / "mosquitto.conf").stat().st_mode) == 0o600  # a password
+    edge = load_broker_files(edge_dir)
+    assert edge.sites == ("site-b",)
+    state = bridge_state_topic("east")
+    async with asyncio.timeout(40):
+        # The main core is down: the bridge connects to the standby.
+        async with running(standby), running(edge):
+            async with client(standby, "coordinator") as coordinator:
+                await coordinator.subscribe(state, qos=1)
+                assert await receive(coordinator, 1) == [(state, b"1")]
+                # The main core comes back: the bridge returns to it.
+                async with running(core), client(core, "coordinator") as main:
+                    await main.subscribe(state, qos=1)
+                    assert await receive(main, 1) == [(state, b"1")]  # Mosquitto: ~9 s
+                    assert await receive(coordinator, 1) == [(state, b"0")]

@@ -16,11 +16,16 @@ Topics the bridge carries (QoS 1, exact topics per site, no ``#``)::
 
 The two sets are disjoint (``dispatch`` and ``dispatch/ack`` are different topics), so no
 message can travel back the way it came. ``try_private`` tells the core that the client is a
-bridge, which makes it forward retained flags as published; with ``bridge_protocol_version
-mqttv50`` the bridge speaks MQTT 5 to the core. ``cleansession false`` keeps the bridge's
-subscriptions and queued QoS 1 messages on the core while the link is down, and its
-``local_cleansession false`` keeps the outgoing messages queued on the edge broker
-(``max_queued_messages`` of the edge's configuration, 100000) until the core is back.
+bridge, which makes it forward retained flags as published. ``cleansession false`` keeps the
+bridge's subscriptions and queued QoS 1 messages on the core while the link is down, and
+``local_cleansession false`` keeps the outgoing messages queued on the edge broker (up to the
+edge's ``max_queued_messages``, 100000) until the core is back.
+
+The bridge speaks MQTT 3.1.1 to the core, on purpose: Mosquitto 2.0's MQTT 5 bridge
+(``bridge_protocol_version mqttv50``) sends no Session Expiry Interval, so the core ends the
+bridge's session when the link drops and the commands queued for its sites are lost
+(eclipse-mosquitto issues 1632 and 2424; tests/test_bridge.py shows both). Sites and the
+coordinator still speak MQTT 5 to their own brokers; shared subscriptions live on the core.
 
 ``add_bridge_user`` writes the core side (a password, an ACL block, with a TLS core a client
 certificate signed by the core's CA, and a credentials file to carry to the edge machine);
@@ -146,7 +151,8 @@ class BridgeConfig:
     sites: tuple[str, ...]
     credentials: BridgeCredentials
     qos: int = 1
-    protocol: Literal["mqttv50", "mqttv311"] = "mqttv50"
+    #: MQTT 3.1.1 keeps the bridge's session on the core (see the module docstring).
+    protocol: Literal["mqttv50", "mqttv311"] = "mqttv311"
     keepalive_s: int = 30
     restart_timeout_s: tuple[int, int] = (2, 30)
     insecure: bool = False
@@ -468,6 +474,7 @@ def write_edge_broker(
     overwrite: bool = False,
     restart_timeout_s: tuple[int, int] = (2, 30),
     insecure: bool = False,
+    protocol: Literal["mqttv50", "mqttv311"] = "mqttv311",
 ) -> BrokerFiles:
     """Write edge ``kit.edge``'s broker for ``kit.sites`` in ``directory``, bridged to ``core``.
 
@@ -478,7 +485,8 @@ def write_edge_broker(
     plus ``bridge_conf_text`` appended to its mosquitto.conf, which then holds the bridge's
     password and is written mode 600 (owned by the broker's user when we are root). With a
     TLS kit the CA, certificate and key are copied into ``bridge/`` and no password is used.
-    ``insecure`` skips the check of the core's host name against its certificate.
+    ``insecure`` skips the check of the core's host name against its certificate;
+    ``protocol`` is the bridge's MQTT version (keep 3.1.1, see the module docstring).
     """
     addresses = tuple(_with_port(address, kit.core_connect_port) for address in core)
     files = write_broker_config(directory, kit.sites, port=port, host=host, overwrite=overwrite)
@@ -493,6 +501,7 @@ def write_edge_broker(
         credentials=credentials,
         restart_timeout_s=restart_timeout_s,
         insecure=insecure,
+        protocol=protocol,
     )
     conf = files.directory / CONF_NAME
     text = conf.read_text(encoding="utf-8") + bridge_conf_text(config)

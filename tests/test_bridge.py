@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import aiomqtt
 import pytest
@@ -83,7 +84,9 @@ def broker_root() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def make_community(root: Path, *, tls: bool = False) -> Community:
+def make_community(
+    root: Path, *, tls: bool = False, protocol: Literal["mqttv50", "mqttv311"] = "mqttv311"
+) -> Community:
     core = write_broker_config(
         root / "core", SITES, port=free_port(), tls=tls, tls_port=free_port()
     )
@@ -95,6 +98,7 @@ def make_community(root: Path, *, tls: bool = False) -> Community:
             core=["127.0.0.1"],
             port=free_port(),
             restart_timeout_s=FAST_RESTART_S,
+            protocol=protocol,
         )
         for edge in EDGES
     }
@@ -176,7 +180,7 @@ def test_bridge_section_carries_exactly_the_sites_topics_with_persistent_session
     assert "connection bridge-north" in lines
     assert "address core1:1883 core2:1883" in lines
     assert {"cleansession false", "local_cleansession false", "try_private true"} <= set(lines)
-    assert "bridge_protocol_version mqttv50" in lines
+    assert "bridge_protocol_version mqttv311" in lines  # keeps its session on the core
     topic_lines = [line for line in lines if line.startswith("topic ")]
     assert topic_lines == [
         "topic wattmesh/v1/site/site-a/status out 1",
@@ -529,3 +533,50 @@ async def test_cli_writes_core_user_and_edge_and_the_bridge_falls_over_to_a_stan
                     await main.subscribe(state, qos=1)
                     assert await receive(main, 1) == [(state, b"1")]  # Mosquitto: ~9 s
                     assert await receive(coordinator, 1) == [(state, b"0")]
+
+
+@pytest.mark.parametrize("protocol", ["mqttv311", "mqttv50"])
+async def test_commands_queued_on_the_core_while_the_edge_is_down_arrive_after_over_mqtt_3_1_1(
+    broker_root: Path, protocol: Literal["mqttv50", "mqttv311"]
+) -> None:
+    """Over MQTT 3.1.1 the core keeps the bridge's session; Mosquitto 2.0's MQTT 5 bridge sends
+    no Session Expiry Interval, so the core drops its session and the commands with it."""
+    community = make_community(broker_root, protocol=protocol)
+    core, north = community.core, community.edges["north"]
+    dispatch = site_topic("site-a", "dispatch")
+    session = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    session.SessionExpiryInterval = 3600
+
+    def gateway() -> aiomqtt.Client:
+        return client(north, "site-a", clean_start=False, properties=session)
+
+    async with asyncio.timeout(40):
+        async with running(core), client(core, "coordinator") as coordinator:
+            edge = MosquittoProcess(north.conf, north.port)
+            await edge.start()
+            try:
+                async with gateway() as site:
+                    await site.subscribe(dispatch, qos=1)
+                    await until_received(
+                        lambda: coordinator.publish(dispatch, b"probe", qos=1), site, dispatch
+                    )
+                    await drain(site)
+                assert await edge.stop() == 0
+                for n in range(5):
+                    await coordinator.publish(dispatch, f"{n}".encode(), qos=1)
+                await edge.start()
+                async with gateway() as site:
+                    if protocol == "mqttv50":
+                        # Bridge up again: a new command passes, the queued ones are gone
+                        # (they would have arrived first).
+                        first = await until_received(
+                            lambda: coordinator.publish(dispatch, b"new", qos=1), site, dispatch
+                        )
+                        assert first.payload == b"new"
+                        return
+                    got = [int(payload) for _, payload in await receive(site, 5)]
+                    extra = await drain(site)
+            finally:
+                await edge.stop()
+    assert got == list(range(5))
+    assert extra == []

@@ -28,13 +28,12 @@ bridge's session when the link drops and the commands queued for its sites are l
 coordinator still speak MQTT 5 to their own brokers; shared subscriptions live on the core.
 
 ``add_bridge_user`` writes the core side (a password, an ACL block, with a TLS core a client
-certificate signed by the core's CA, and a credentials file to carry to the edge machine);
-``write_edge_broker`` writes a complete edge broker directory (``write_broker_config`` for its
-sites, plus the bridge section). The pure functions ``bridge_conf_text`` and
-``bridge_acl_text`` make the two text blocks. Mosquitto does not reload bridges or the
-password file on SIGHUP for running bridges: restart the core after adding a bridge user (or
-send it SIGHUP, which rereads passwd and acl) and restart an edge broker after changing its
-bridge.
+certificate signed by the core's CA) and a bridge kit to carry to the edge machine;
+``write_edge_broker`` writes a complete edge broker directory from the kit
+(``write_broker_config`` for its sites, plus the bridge section). The pure functions
+``bridge_conf_text`` and ``bridge_acl_text`` make the two text blocks. A running core loads a
+new bridge user on SIGHUP (Mosquitto rereads passwd and acl); Mosquitto does not reload
+bridges, so an edge broker is restarted after its bridge changes.
 """
 
 from __future__ import annotations

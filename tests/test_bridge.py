@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -580,3 +581,24 @@ async def test_commands_queued_on_the_core_while_the_edge_is_down_arrive_after_o
                 await edge.stop()
     assert got == list(range(5))
     assert extra == []
+
+
+async def test_a_bridge_user_added_to_a_running_core_works_after_sighup(
+    broker_root: Path,
+) -> None:
+    core = write_broker_config(broker_root / "core", SITES, port=free_port())
+    async with asyncio.timeout(30):
+        async with running(core) as core_process:
+            kit = add_bridge_user(core.directory, "west", ["site-b"])
+            assert core_process.pid is not None
+            os.kill(core_process.pid, signal.SIGHUP)
+            edge = write_edge_broker(
+                broker_root / "west",
+                kit,
+                core=["127.0.0.1"],
+                port=free_port(),
+                restart_timeout_s=FAST_RESTART_S,
+            )
+            async with running(edge), client(core, "coordinator") as coordinator:
+                await coordinator.subscribe(bridge_state_topic("west"), qos=1)
+                assert await receive(coordinator, 1) == [(bridge_state_topic("west"), b"1")]

@@ -474,6 +474,7 @@ def write_edge_broker(
     restart_timeout_s: tuple[int, int] = (2, 30),
     insecure: bool = False,
     protocol: Literal["mqttv50", "mqttv311"] = "mqttv311",
+    keepalive_s: int = 30,
 ) -> BrokerFiles:
     """Write edge ``kit.edge``'s broker for ``kit.sites`` in ``directory``, bridged to ``core``.
 
@@ -501,6 +502,7 @@ def write_edge_broker(
         restart_timeout_s=restart_timeout_s,
         insecure=insecure,
         protocol=protocol,
+        keepalive_s=keepalive_s,
     )
     conf = files.directory / CONF_NAME
     text = conf.read_text(encoding="utf-8") + bridge_conf_text(config)

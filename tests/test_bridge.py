@@ -140,12 +140,20 @@ async def receive(subscriber: aiomqtt.Client, count: int) -> list[tuple[str, byt
 async def until_received(
     publish: Callable[[], Awaitable[None]], subscriber: aiomqtt.Client, topic: str
 ) -> aiomqtt.Message:
-    """Publish every 0.2 s until ``subscriber`` gets a message on ``topic`` (a bridge is up)."""
+    """Publish every 0.2 s until ``subscriber`` gets a message on ``topic`` (a bridge is up).
+
+    The publishing task is stopped by an event, not cancelled: Python 3.11's
+    ``asyncio.wait_for`` (inside aiomqtt's publish) swallows a cancellation that meets the
+    PUBACK, and the task would go on publishing.
+    """
+    stop = asyncio.Event()
 
     async def repeat() -> None:
-        while True:
+        while not stop.is_set():
             await publish()
-            await asyncio.sleep(0.2)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await stop.wait()
 
     task = asyncio.create_task(repeat())
     try:
@@ -154,9 +162,8 @@ async def until_received(
                 return message
         raise AssertionError("the message stream ended")
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()
+        await task
 
 
 async def drain(subscriber: aiomqtt.Client, quiet_s: float = 0.5) -> list[str]:
@@ -444,6 +451,7 @@ async def test_core_reads_each_edge_link_state_retained_and_zero_when_the_edge_s
                 after_kill = await receive(coordinator, 1)
             finally:
                 await edge.stop()
+                print(f"--- edge log:\n{edge.log_tail(60)}")
             async with client(core, "monitor") as later:  # retained on the core
                 await later.subscribe(BRIDGE_STATE_ALL, qos=1)
                 retained = await receive(later, 1)
@@ -579,6 +587,7 @@ async def test_commands_queued_on_the_core_while_the_edge_is_down_arrive_after_o
                     extra = await drain(site)
             finally:
                 await edge.stop()
+                print(f"--- edge log:\n{edge.log_tail(60)}")
     assert got == list(range(5))
     assert extra == []
 

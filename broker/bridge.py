@@ -138,11 +138,12 @@ class BridgeKit:
 class BridgeConfig:
     """One edge broker's bridge to the core.
 
-    ``name`` is the edge's id (the bridge user defaults to ``bridge-{name}``); ``addresses``
-    are the core's ``host:port`` addresses (the first is the main one, the others are tried
-    in turn when it fails, and the bridge returns to the main one when it can); ``sites``
-    are the sites behind this edge broker. ``restart_timeout_s`` is the reconnect delay's
-    (base, cap): Mosquitto waits a decorrelated-jitter delay between them.
+    ``name`` is the edge's id (its core user is ``bridge_user_name(name)``, and it names the
+    link-state topic); ``addresses`` are the core's ``host:port`` addresses (the first is the
+    main one, the others are tried in turn when it fails, and the bridge returns to the main
+    one when it can); ``sites`` are the sites behind this edge broker. ``restart_timeout_s``
+    is the reconnect delay's (base, cap): Mosquitto waits a decorrelated-jitter delay between
+    them.
     """
 
     name: str
@@ -157,6 +158,8 @@ class BridgeConfig:
     insecure: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.sites, str) or not self.sites:
+            raise BrokerConfigError("a bridge needs at least one site (a tuple of site ids)")
         try:
             check_id(self.name, "edge")
             check_id(self.credentials.user, "bridge user")
@@ -164,8 +167,6 @@ class BridgeConfig:
                 check_id(site)
         except ValueError as err:
             raise BrokerConfigError(str(err)) from err
-        if isinstance(self.sites, str) or not self.sites:
-            raise BrokerConfigError("a bridge needs at least one site (a tuple of site ids)")
         if len(set(self.sites)) != len(self.sites):
             raise BrokerConfigError(f"duplicate sites in {list(self.sites)}")
         if not self.addresses:

@@ -71,6 +71,16 @@ def coordinator_status_topic(feeder: str) -> str:
 #: Every feeder's coordinator status.
 COORDINATOR_STATUS_ALL = f"{PREFIX}/coordinator/+/status"
 
+
+def bridge_state_topic(edge: str) -> str:
+    """``wattmesh/v1/bridge/{edge}/state``: retained ``1`` while edge broker ``edge``'s bridge to
+    the core is up, ``0`` (its will) when it drops (broker/bridge.py)."""
+    return f"{PREFIX}/bridge/{check_id(edge, 'edge')}/state"
+
+
+#: Every edge broker's bridge state.
+BRIDGE_STATE_ALL = f"{PREFIX}/bridge/+/state"
+
 # -- Home Assistant MQTT discovery (edge/homeassistant.py) ----------------------------------
 #: Home Assistant's default discovery prefix.
 HA_DISCOVERY_PREFIX = "homeassistant"

@@ -60,6 +60,11 @@ def readme_commands(text: str) -> list[str]:
 # -- what is not run, and why ----------------------------------------------------------------
 
 _PI = "installs on a Raspberry Pi as root (system user, /opt, /etc, systemd): not on a test machine"
+_BRIDGE = (
+    "a core and an edge machine (a host name, files copied between them); "
+    "tests/test_bridge.py runs the same two commands through the CLI and starts the brokers "
+    "they write on this machine"
+)
 _HW = "a real device at a documentation address (RFC 5737) or serial adapter: nothing answers here"
 
 NOT_RUN: dict[str, str] = {
@@ -93,6 +98,12 @@ NOT_RUN: dict[str, str] = {
     "(tests/test_ledger_cli_durable.py runs --strict; the same check without it runs here)",
     "wattmesh status --broker-dir /tmp/wattmesh-community/feeders": "needs that broker running "
     "with a coordinator per feeder; tests/test_feeders.py runs this command against one",
+    "wattmesh broker bridge-user /var/lib/wattmesh/broker --edge north --sites house-1,house-2": (
+        _BRIDGE
+    ),
+    "wattmesh broker edge /var/lib/wattmesh/edge-north --kit ./bridge-north --core "
+    "core.example.net --host 0.0.0.0": _BRIDGE,
+    "wattmesh broker run /var/lib/wattmesh/edge-north": _BRIDGE,
     "WATTMESH_API_TOKEN=<a token> wattmesh mcp --api http://127.0.0.1:8080": "an MCP server "
     "on stdin/stdout for a desktop agent; tests/test_mcp.py drives it with the MCP SDK's client",
     **{

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from broker.bridge import add_bridge_user, load_bridge_kit, write_edge_broker
 from broker.errors import BrokerConfigError, BrokerError, MosquittoNotFoundError
 from broker.feeders import FeedersBrokerFiles, load_feeders_file, write_feeders_broker_config
 from broker.mosquitto import (
@@ -233,6 +234,78 @@ def init(
 def _warn_access(directory: Path) -> None:
     try:
         check_broker_access(directory)
+    except BrokerConfigError as err:
+        typer.echo(f"warning: {err}", err=True)
+
+
+@broker_app.command("bridge-user")
+def bridge_user(
+    core_directory: Annotated[
+        Path, typer.Argument(help="The core broker's directory (written by `broker init`).")
+    ],
+    edge: Annotated[str, typer.Option("--edge", help="The edge broker's id, e.g. north.")],
+    sites: Annotated[
+        str, typer.Option("--sites", help="Comma-separated ids of the sites behind that edge.")
+    ],
+) -> None:
+    """Add an edge broker's bridge user to the core; write its bridge kit.
+
+    The user (bridge-EDGE) may publish and read exactly those sites' topics on the core. The
+    kit (CORE_DIRECTORY/bridges/bridge-EDGE/) goes to the edge machine for `broker edge`.
+    """
+    try:
+        kit = add_bridge_user(core_directory, edge, _site_list(sites))
+    except BrokerConfigError as err:
+        raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(f"cannot write the bridge user in {core_directory}: {err}") from err
+    auth = "client certificate (mTLS)" if kit.credentials.tls else "password"
+    typer.echo(f"added {kit.credentials.user} to the core in {core_directory} ({auth}),")
+    typer.echo(f"  for sites: {', '.join(kit.sites)}")
+    typer.echo(f"bridge kit (secret, copy it to the edge machine): {kit.directory}/")
+    typer.echo("a running core reads the new user after `kill -HUP <mosquitto pid>` or a restart")
+    typer.echo(f"then on the edge: wattmesh broker edge EDGE_DIR --kit {kit.directory} --core HOST")
+
+
+@broker_app.command("edge")
+def edge_broker(
+    directory: Annotated[Path, typer.Argument(help="Directory to write the edge broker into.")],
+    kit_path: Annotated[
+        Path, typer.Option("--kit", help="The bridge kit from `broker bridge-user`.")
+    ],
+    core: Annotated[
+        list[str],
+        typer.Option(
+            "--core",
+            help="The core broker's HOST or HOST:PORT (the kit's port if none); repeat it for "
+            "a standby core, tried when the first fails.",
+        ),
+    ],
+    port: Annotated[int, typer.Option(help="Port the sites connect to.")] = 1883,
+    host: Annotated[str, typer.Option(help="Address the sites connect to.")] = "127.0.0.1",
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="TLS: do not check the core's name in its certificate."),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
+    ] = False,
+) -> None:
+    """Write an edge broker for the kit's sites, bridged to the core (it connects out)."""
+    try:
+        kit = load_bridge_kit(kit_path)
+        files = write_edge_broker(
+            directory, kit, core=core, port=port, host=host, overwrite=force, insecure=insecure
+        )
+    except BrokerConfigError as err:
+        raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(f"cannot write the edge broker in {directory}: {err}") from err
+    for line in _describe(files):
+        typer.echo(line)
+    typer.echo(f"bridge: {kit.credentials.user} -> {', '.join(core)} (in {files.conf})")
+    try:
+        check_broker_access(files.directory)
     except BrokerConfigError as err:
         typer.echo(f"warning: {err}", err=True)
 

@@ -1,0 +1,562 @@
+"""The bus past one machine: edge Mosquitto brokers bridged to a core broker.
+
+The coordinator (and any ingest workers on MQTT 5 shared subscriptions) connect to a **core**
+broker; the sites connect to an **edge** broker near them (one per feeder, substation or
+region). Each edge broker runs a bridge to the core: the edge broker is the bridge *client*
+and connects out to the core, so the sites' networks need no inbound port. On the core the
+bridge has a user of its own whose ACL grants exactly the topics of the sites behind that edge
+broker; the edge broker's own ACL keeps each site to its own topics, as on a single broker.
+
+Topics the bridge carries (QoS 1, exact topics per site, no ``#``)::
+
+    out (edge -> core): wattmesh/v1/site/{site}/{status,telemetry,bid,dispatch/ack}
+    in  (core -> edge): wattmesh/v1/site/{site}/{award,dispatch,reservation},
+                        wattmesh/v1/forecast/{site}, wattmesh/v1/market/clearing,
+                        wattmesh/v1/grid/+/state
+
+The two sets are disjoint (``dispatch`` and ``dispatch/ack`` are different topics), so no
+message can travel back the way it came. ``try_private`` tells the core that the client is a
+bridge, which makes it forward retained flags as published. ``cleansession false`` keeps the
+bridge's subscriptions and queued QoS 1 messages on the core while the link is down, and
+``local_cleansession false`` keeps the outgoing messages queued on the edge broker (up to the
+edge's ``max_queued_messages``, 100000) until the core is back.
+
+The bridge speaks MQTT 3.1.1 to the core, on purpose: Mosquitto 2.0's MQTT 5 bridge
+(``bridge_protocol_version mqttv50``) sends no Session Expiry Interval, so the core ends the
+bridge's session when the link drops and the commands queued for its sites are lost
+(eclipse-mosquitto issues 1632 and 2424; tests/test_bridge.py shows both). Sites and the
+coordinator still speak MQTT 5 to their own brokers; shared subscriptions live on the core.
+
+``add_bridge_user`` writes the core side (a password, an ACL block, with a TLS core a client
+certificate signed by the core's CA) and a bridge kit to carry to the edge machine;
+``write_edge_broker`` writes a complete edge broker directory from the kit
+(``write_broker_config`` for its sites, plus the bridge section). The pure functions
+``bridge_conf_text`` and ``bridge_acl_text`` make the two text blocks. A running core loads a
+new bridge user on SIGHUP (Mosquitto rereads passwd and acl); Mosquitto does not reload
+bridges, so an edge broker is restarted after its bridge changes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker.errors import BrokerConfigError
+from broker.mosquitto import (
+    CONF_NAME,
+    GRID_STATE_ALL,
+    BrokerFiles,
+    _service_owner,
+    _write_file,
+    load_broker_files,
+    mosquitto_password_hash,
+    write_broker_config,
+)
+from broker.topics import (
+    MARKET_CLEARING,
+    SITE_PUBLISHES,
+    SITE_READS,
+    bridge_state_topic,
+    check_id,
+    forecast_topic,
+    site_topic,
+)
+
+#: Where ``add_bridge_user`` puts each bridge's kit on the core (``bridges/bridge-{edge}/``).
+BRIDGES_DIR_NAME = "bridges"
+KIT_TOML_NAME = "bridge.toml"
+KIT_CA_NAME = "ca.crt"
+KIT_CERT_NAME = "bridge.crt"
+KIT_KEY_NAME = "bridge.key"
+#: Where ``write_edge_broker`` puts the TLS files the bridge presents to the core.
+EDGE_BRIDGE_DIR_NAME = "bridge"
+#: A bridge address: ``host:port`` (an IPv6 host in brackets: ``[::1]:8883``).
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+Direction = Literal["in", "out"]
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeCredentials:
+    """How a bridge authenticates to the core: a user name and either a password or mTLS.
+
+    With ``ca_cert`` (the core's CA), ``cert`` and ``key`` (the bridge's client certificate,
+    CN = ``user``) the bridge connects to the core's mutual-TLS listener and sends no password.
+    """
+
+    user: str
+    password: str | None = field(default=None, repr=False)
+    ca_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the bridge uses mutual TLS."""
+        return self.cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeKit:
+    """What an edge broker needs to bridge to the core (``add_bridge_user`` writes it).
+
+    ``core_port`` is the core's password listener, ``core_tls_port`` its mutual-TLS listener
+    (None without TLS). A kit with a client certificate connects to the TLS port: a core with
+    TLS serves passwords on 127.0.0.1 only.
+    """
+
+    edge: str
+    sites: tuple[str, ...]
+    credentials: BridgeCredentials
+    core_port: int
+    core_tls_port: int | None
+    directory: Path
+
+    @property
+    def core_connect_port(self) -> int:
+        """The core port the bridge connects to."""
+        if self.credentials.tls and self.core_tls_port is not None:
+            return self.core_tls_port
+        return self.core_port
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """One edge broker's bridge to the core.
+
+    ``name`` is the edge's id (its core user is ``bridge_user_name(name)``, and it names the
+    link-state topic); ``addresses`` are the core's ``host:port`` addresses (the first is the
+    main one, the others are tried in turn when it fails, and the bridge returns to the main
+    one when it can); ``sites`` are the sites behind this edge broker. ``restart_timeout_s``
+    is the reconnect delay's (base, cap): Mosquitto waits a decorrelated-jitter delay between
+    them.
+    """
+
+    name: str
+    addresses: tuple[str, ...]
+    sites: tuple[str, ...]
+    credentials: BridgeCredentials
+    qos: int = 1
+    #: MQTT 3.1.1 keeps the bridge's session on the core (see the module docstring).
+    protocol: Literal["mqttv50", "mqttv311"] = "mqttv311"
+    keepalive_s: int = 30
+    restart_timeout_s: tuple[int, int] = (2, 30)
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, str) or not self.sites:
+            raise BrokerConfigError("a bridge needs at least one site (a tuple of site ids)")
+        try:
+            check_id(self.name, "edge")
+            check_id(self.credentials.user, "bridge user")
+            for site in self.sites:
+                check_id(site)
+        except ValueError as err:
+            raise BrokerConfigError(str(err)) from err
+        if len(set(self.sites)) != len(self.sites):
+            raise BrokerConfigError(f"duplicate sites in {list(self.sites)}")
+        if not self.addresses:
+            raise BrokerConfigError("a bridge needs at least one core address (host:port)")
+        for address in self.addresses:
+            match = _ADDRESS.match(address)
+            if match is None or not 1 <= int(match.group(2)) <= 65535:
+                raise BrokerConfigError(f"core address {address!r} is not host:port")
+        if self.qos not in (0, 1, 2):
+            raise BrokerConfigError(f"qos {self.qos} is not 0, 1 or 2")
+        creds = self.credentials
+        if creds.tls:
+            if creds.ca_cert is None or creds.key is None:
+                raise BrokerConfigError("a TLS bridge needs ca_cert, cert and key")
+        elif creds.password is None:
+            raise BrokerConfigError("a bridge needs a password or a client certificate")
+        base, cap = self.restart_timeout_s
+        if not 1 <= base <= cap:
+            raise BrokerConfigError(
+                f"restart_timeout_s {self.restart_timeout_s}: need 1 <= base <= cap"
+            )
+        if self.keepalive_s < 5:
+            raise BrokerConfigError("keepalive_s must be at least 5 (Mosquitto's minimum)")
+
+
+def bridge_user_name(edge: str) -> str:
+    """The core's user for edge ``edge``'s bridge: ``bridge-{edge}``."""
+    return check_id(f"bridge-{check_id(edge, 'edge')}", "bridge user")
+
+
+def bridge_topics(sites: Sequence[str]) -> list[tuple[str, Direction]]:
+    """Every topic the bridge of ``sites`` carries and its direction (``out``: to the core)."""
+    out: list[tuple[str, Direction]] = [
+        (site_topic(site, kind), "out") for site in sites for kind in SITE_PUBLISHES
+    ]
+    into: list[tuple[str, Direction]] = [
+        (site_topic(site, kind), "in") for site in sites for kind in SITE_READS
+    ]
+    into += [(forecast_topic(site), "in") for site in sites]
+    into += [(MARKET_CLEARING, "in"), (GRID_STATE_ALL, "in")]
+    return out + into
+
+
+def bridge_conf_text(config: BridgeConfig) -> str:
+    """The ``connection`` section of the edge broker's mosquitto.conf for ``config``.
+
+    It holds the bridge's password (if any) in plain text: the file must be readable only
+    by the broker (``write_edge_broker`` writes it mode 600).
+    """
+    creds = config.credentials
+    base, cap = config.restart_timeout_s
+    lines = [
+        "",
+        f"# Bridge to the core broker (broker/bridge.py): edge {config.name!r} connects out,",
+        "# as user " + repr(creds.user) + "; the core's ACL grants it exactly these sites' topics.",
+        f"connection {creds.user}",
+        f"address {' '.join(config.addresses)}",
+        "# The first address is the main core; the others are tried in turn when it fails.",
+        "round_robin false",
+        f"remote_clientid {creds.user}",
+        f"local_clientid local.{creds.user}",
+    ]
+    if creds.tls:
+        lines += [
+            f"bridge_cafile {creds.ca_cert}",
+            f"bridge_certfile {creds.cert}",
+            f"bridge_keyfile {creds.key}",
+            "bridge_tls_version tlsv1.2",
+        ]
+        if config.insecure:
+            lines.append("bridge_insecure true")
+    else:
+        lines += [f"remote_username {creds.user}", f"remote_password {creds.password}"]
+    lines += [
+        f"bridge_protocol_version {config.protocol}",
+        "# Tell the core this is a bridge: retained flags travel as published.",
+        "try_private true",
+        "bridge_outgoing_retain true",
+        "# Persistent on both ends: while the link is down the core queues what is due to the",
+        "# edge and the edge queues what is due to the core (QoS 1), delivered on reconnect.",
+        "cleansession false",
+        "local_cleansession false",
+        "start_type automatic",
+        f"restart_timeout {base} {cap}",
+        f"keepalive_interval {config.keepalive_s}",
+        "# The link's state, retained on both brokers: 1 when up; 0, the bridge's will on the",
+        "# core, when the link drops (an edge broker that is gone reads 0 on the core).",
+        "notifications true",
+        "notifications_local_only false",
+        f"notification_topic {bridge_state_topic(config.name)}",
+        "bridge_attempt_unsubscribe false",
+    ]
+    lines += [
+        f"topic {topic} {direction} {config.qos}"
+        for topic, direction in bridge_topics(config.sites)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bridge_acl_text(edge: str, sites: Sequence[str]) -> str:
+    """The core's ACL block for edge ``edge``'s bridge user (``bridge-{edge}``) of ``sites``.
+
+    It writes what the sites publish and reads what they read (section 3 of
+    docs/architecture.md), plus the bridge's own state topic; a message it forwards for any
+    other site is dropped by the core.
+    """
+    user = _checked_user(edge)
+    lines = [
+        "",
+        f"# Bridge of edge {edge}: forwards the topics of sites {', '.join(sites)} and no others.",
+        f"user {user}",
+    ]
+    for topic, direction in bridge_topics(sites):
+        lines.append(f"topic {'write' if direction == 'out' else 'read'} {topic}")
+    lines.append(f"topic write {bridge_state_topic(edge)}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The core side: a user per bridge
+
+
+def add_bridge_user(
+    core_directory: str | os.PathLike[str], edge: str, sites: Sequence[str]
+) -> BridgeKit:
+    """Add edge ``edge``'s bridge user (``bridge-{edge}``) to the core in ``core_directory``.
+
+    Appends a password hash to passwd, the bridge's ACL block (``bridge_acl_text``) to acl
+    and the password to credentials.toml; if the core has a TLS listener, also issues a client
+    certificate (CN = the user) signed by its CA. Writes the **bridge kit** the edge machine
+    needs into ``bridges/bridge-{edge}/`` (mode 700): ``bridge.toml`` (user, password, sites,
+    the core's ports) and with TLS ``ca.crt``, ``bridge.crt`` and ``bridge.key``; copy that
+    directory to the edge machine and pass it to ``write_edge_broker`` (``load_bridge_kit``).
+    ``BrokerConfigError`` if the user exists or an id is invalid. A running core rereads
+    passwd and acl on SIGHUP.
+    """
+    core = load_broker_files(core_directory)
+    user = _checked_user(edge)
+    site_ids = _checked_sites(sites)
+    if user in core.credentials:
+        raise BrokerConfigError(f"user {user!r} already exists on the core {core.directory}")
+    owner = _service_owner()
+    password = secrets.token_urlsafe(32)
+    _append(core.password_file, f"{user}:{mosquitto_password_hash(password)}\n", owner)
+    _append(core.acl_file, bridge_acl_text(edge, site_ids), owner)
+    _append(core.credentials_file, f"{json.dumps(user)} = {json.dumps(password)}\n", None)
+    kit_dir = bridge_kit_path(core.directory, edge)
+    kit_dir.parent.mkdir(mode=0o700, exist_ok=True)
+    kit_dir.mkdir(mode=0o700, exist_ok=True)
+    credentials = BridgeCredentials(user, password)
+    if core.tls is not None:
+        cert, key = _issue_client_cert(core.tls.ca_cert, core.tls.ca_key, user)
+        copies = {KIT_CA_NAME: core.tls.ca_cert, KIT_CERT_NAME: cert, KIT_KEY_NAME: key}
+        for name, source in copies.items():
+            _write_file(kit_dir / name, source.read_bytes(), 0o600, None)
+        credentials = BridgeCredentials(
+            user, password, kit_dir / KIT_CA_NAME, kit_dir / KIT_CERT_NAME, kit_dir / KIT_KEY_NAME
+        )
+    kit = BridgeKit(
+        edge=edge,
+        sites=site_ids,
+        credentials=credentials,
+        core_port=core.port,
+        core_tls_port=core.tls_port,
+        directory=kit_dir,
+    )
+    _write_file(kit_dir / KIT_TOML_NAME, _kit_toml(kit), 0o600, None)
+    return kit
+
+
+def _checked_user(edge: str) -> str:
+    try:
+        return bridge_user_name(edge)
+    except ValueError as err:
+        raise BrokerConfigError(str(err)) from err
+
+
+def _checked_sites(sites: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(sites, str) or not sites:
+        raise BrokerConfigError("sites must be a non-empty sequence of site ids")
+    try:
+        return tuple(check_id(site) for site in sites)
+    except ValueError as err:
+        raise BrokerConfigError(str(err)) from err
+
+
+def _append(path: Path, text: str, owner: tuple[int, int] | None) -> None:
+    """Append ``text`` to ``path`` atomically, keeping its mode (600) and setting ``owner``."""
+    old = path.read_text(encoding="utf-8")
+    _write_file(path, old + ("" if old.endswith("\n") else "\n") + text, 0o600, owner)
+
+
+def _kit_toml(kit: BridgeKit) -> str:
+    q = json.dumps
+    lines = [
+        "# A bridge kit (broker/bridge.py): what edge broker "
+        + q(kit.edge)
+        + " needs to bridge to the core.",
+        "# Secret (mode 600): copy this directory to the edge machine, then",
+        "# `wattmesh broker edge EDGE_DIR --kit THIS_DIR --core HOST`.",
+        "[bridge]",
+        f"edge = {q(kit.edge)}",
+        f"user = {q(kit.credentials.user)}",
+        f"password = {q(kit.credentials.password)}",
+        f"sites = [{', '.join(q(s) for s in kit.sites)}]",
+        f"core_port = {kit.core_port}",
+    ]
+    if kit.core_tls_port is not None:
+        lines.append(f"core_tls_port = {kit.core_tls_port}")
+    if kit.credentials.tls:
+        # Relative to the kit's directory, so that the kit can be moved.
+        lines += [
+            f"ca_cert = {q(KIT_CA_NAME)}",
+            f"cert = {q(KIT_CERT_NAME)}",
+            f"key = {q(KIT_KEY_NAME)}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def load_bridge_kit(path: str | os.PathLike[str]) -> BridgeKit:
+    """The bridge kit in directory ``path`` (or its ``bridge.toml``), from ``add_bridge_user``.
+
+    ``BrokerConfigError`` if it is missing or malformed.
+    """
+    root = Path(path).absolute()
+    toml_path = root / KIT_TOML_NAME if root.is_dir() else root
+    try:
+        doc = tomllib.loads(toml_path.read_text(encoding="utf-8"))["bridge"]
+        files = {
+            k: toml_path.parent / str(doc[k]) if k in doc else None
+            for k in ("ca_cert", "cert", "key")
+        }
+        tls_port = doc.get("core_tls_port")
+        return BridgeKit(
+            edge=str(doc["edge"]),
+            sites=tuple(str(site) for site in doc["sites"]),
+            credentials=BridgeCredentials(
+                user=str(doc["user"]),
+                password=str(doc["password"]),
+                ca_cert=files["ca_cert"],
+                cert=files["cert"],
+                key=files["key"],
+            ),
+            core_port=int(doc["core_port"]),
+            core_tls_port=None if tls_port is None else int(tls_port),
+            directory=toml_path.parent,
+        )
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
+        raise BrokerConfigError(f"cannot read the bridge kit {toml_path}: {err!r}") from err
+
+
+def _issue_client_cert(ca_cert_path: Path, ca_key_path: Path, user: str) -> tuple[Path, Path]:
+    """A client certificate (CN = ``user``) signed by the core's CA, next to the others."""
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise BrokerConfigError(f"{ca_key_path} is not the EC key write_broker_config makes")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate clock skew
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "wattmesh"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, user),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    clients = ca_cert_path.parent / "clients"
+    cert_path, key_path = clients / f"{user}.crt", clients / f"{user}.key"
+    _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, None)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_file(key_path, key_pem, 0o600, None)
+    return cert_path, key_path
+
+
+# ---------------------------------------------------------------------------------------------
+# The edge side: a broker for the sites behind it, with the bridge
+
+
+def write_edge_broker(
+    directory: str | os.PathLike[str],
+    kit: BridgeKit,
+    *,
+    core: Sequence[str],
+    port: int = 1883,
+    host: str = "127.0.0.1",
+    overwrite: bool = False,
+    restart_timeout_s: tuple[int, int] = (2, 30),
+    insecure: bool = False,
+    protocol: Literal["mqttv50", "mqttv311"] = "mqttv311",
+    keepalive_s: int = 30,
+) -> BrokerFiles:
+    """Write edge ``kit.edge``'s broker for ``kit.sites`` in ``directory``, bridged to ``core``.
+
+    ``core`` lists the core's addresses, ``host`` or ``host:port`` (the kit's port if none;
+    the first is the main core, the others are tried in turn when it fails). The broker is
+    ``write_broker_config(directory, kit.sites, port=..., host=...)`` (its own coordinator,
+    operator and monitor users stay local; each site's ACL is the same as on a single broker)
+    plus ``bridge_conf_text`` appended to its mosquitto.conf, which then holds the bridge's
+    password and is written mode 600 (owned by the broker's user when we are root). With a
+    TLS kit the CA, certificate and key are copied into ``bridge/`` and no password is used.
+    ``insecure`` skips the check of the core's host name against its certificate;
+    ``protocol`` is the bridge's MQTT version (keep 3.1.1, see the module docstring).
+    """
+    addresses = tuple(_with_port(address, kit.core_connect_port) for address in core)
+    files = write_broker_config(directory, kit.sites, port=port, host=host, overwrite=overwrite)
+    owner = _service_owner()
+    credentials = kit.credentials
+    if credentials.tls:
+        credentials = _copy_tls(files.directory / EDGE_BRIDGE_DIR_NAME, credentials, owner)
+    config = BridgeConfig(
+        name=kit.edge,
+        addresses=addresses,
+        sites=tuple(files.sites),
+        credentials=credentials,
+        restart_timeout_s=restart_timeout_s,
+        insecure=insecure,
+        protocol=protocol,
+        keepalive_s=keepalive_s,
+    )
+    conf = files.directory / CONF_NAME
+    text = conf.read_text(encoding="utf-8") + bridge_conf_text(config)
+    _write_file(conf, text, 0o600, owner)
+    return files
+
+
+def _with_port(address: str, port: int) -> str:
+    """``address`` as ``host:port``, adding ``port`` if it has none."""
+    if _ADDRESS.match(address):
+        return address
+    return f"{address}:{port}"
+
+
+def _copy_tls(
+    directory: Path, creds: BridgeCredentials, owner: tuple[int, int] | None
+) -> BridgeCredentials:
+    directory.mkdir(mode=0o700, exist_ok=True)
+    if owner is not None:
+        os.chown(directory, *owner)
+    copied: list[Path] = []
+    for source, name in (
+        (creds.ca_cert, "ca.crt"),
+        (creds.cert, "bridge.crt"),
+        (creds.key, "bridge.key"),
+    ):
+        if source is None:
+            raise BrokerConfigError("a TLS bridge needs ca_cert, cert and key")
+        target = directory / name
+        shutil.copyfile(source, target)
+        target.chmod(0o600)
+        if owner is not None:
+            os.chown(target, *owner)
+        copied.append(target)
+    return BridgeCredentials(creds.user, creds.password, *copied)
+
+
+def bridge_kit_path(core_directory: str | os.PathLike[str], edge: str) -> Path:
+    """Where ``add_bridge_user`` writes edge ``edge``'s bridge kit on the core."""
+    return Path(core_directory).absolute() / BRIDGES_DIR_NAME / _checked_user(edge)
+
+
+__all__ = [
+    "BRIDGES_DIR_NAME",
+    "BridgeConfig",
+    "BridgeCredentials",
+    "BridgeKit",
+    "add_bridge_user",
+    "bridge_acl_text",
+    "bridge_conf_text",
+    "bridge_kit_path",
+    "bridge_topics",
+    "bridge_user_name",
+    "load_bridge_kit",
+    "write_edge_broker",
+]

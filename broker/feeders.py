@@ -59,10 +59,10 @@ from broker.mosquitto import (
     LOG_NAME,
     PASSWD_NAME,
     _common_conf_lines,
-    _service_owner,
     _write_file,
     acl_text,
     password_file_text,
+    prepare_broker_dir,
 )
 from broker.topics import HA_DISCOVERY_PREFIX, HA_PREFIX_PATTERN, ID_PATTERN, PREFIX, check_id
 
@@ -296,30 +296,8 @@ def write_feeders_broker_config(
         raise BrokerConfigError(
             f"Home Assistant discovery prefix {ha_discovery_prefix!r} is invalid"
         )
-    if not host or any(ch.isspace() for ch in host):
-        raise BrokerConfigError(f"host {host!r} is not a bind address")
-    root = Path(directory).absolute()
-    if any(ch.isspace() for ch in str(root)):
-        raise BrokerConfigError(f"broker directory {str(root)!r} must not contain whitespace")
-    conf = root / CONF_NAME
-    if conf.exists() and not overwrite:
-        raise BrokerConfigError(
-            f"{conf} already exists: refusing to overwrite it (use --force / overwrite=True; "
-            "that makes new passwords)"
-        )
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BrokerConfigError(f"cannot create broker directory {root}: {err}") from err
-    owner = _service_owner()
-    if owner:
-        os.chown(root, -1, owner[1])
-        root.chmod(0o750)
-    data_dir = root / DATA_DIR_NAME
-    data_dir.mkdir(mode=0o700, exist_ok=True)
-    if owner:
-        os.chown(data_dir, *owner)
-
+    root, owner = prepare_broker_dir(directory, host, overwrite=overwrite, renewed="new passwords")
+    conf, data_dir = root / CONF_NAME, root / DATA_DIR_NAME
     credentials = {user: secrets.token_urlsafe(32) for user in users}
     observers = [u for u in (operator_user, monitor_user) if u]
     listeners: list[FeederListener] = []

@@ -223,33 +223,11 @@ def write_broker_config(
         _check_port(tls_port, "tls_port")
         if tls_port == port:
             raise BrokerConfigError(f"port and tls_port must differ (both are {port})")
-    if not host or any(ch.isspace() for ch in host):
-        raise BrokerConfigError(f"host {host!r} is not a bind address")
-    root = Path(directory).absolute()
-    if any(ch.isspace() for ch in str(root)):
-        # Mosquitto's configuration parser splits values at whitespace.
-        raise BrokerConfigError(f"broker directory {str(root)!r} must not contain whitespace")
-    conf = root / CONF_NAME
-    if conf.exists() and not overwrite:
-        raise BrokerConfigError(
-            f"{conf} already exists: refusing to overwrite it (use --force / overwrite=True; "
-            "that makes new passwords and certificates)"
-        )
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BrokerConfigError(f"cannot create broker directory {root}: {err}") from err
-
-    owner = _service_owner()
+    root, owner = prepare_broker_dir(
+        directory, host, overwrite=overwrite, renewed="new passwords and certificates"
+    )
     group = (-1, owner[1]) if owner else None
-    if owner:
-        # The broker must read its files here; the writer keeps ownership of the directory.
-        os.chown(root, -1, owner[1])
-        root.chmod(0o750)
-    data_dir = root / DATA_DIR_NAME
-    data_dir.mkdir(mode=0o700, exist_ok=True)
-    if owner:
-        os.chown(data_dir, *owner)
+    conf, data_dir = root / CONF_NAME, root / DATA_DIR_NAME
 
     users = _user_names(site_ids, coordinator_user, operator_user, monitor_user)
     credentials = {user: secrets.token_urlsafe(32) for user in users}
@@ -307,6 +285,41 @@ def write_broker_config(
 def ingest_user(coordinator_user: str, index: int) -> str:
     """The broker user of the coordinator's ingest worker ``index`` (1, 2, ...)."""
     return f"{coordinator_user}-ingest-{index}"
+
+
+def prepare_broker_dir(
+    directory: str | os.PathLike[str], host: str, *, overwrite: bool, renewed: str
+) -> tuple[Path, tuple[int, int] | None]:
+    """Check ``host`` and ``directory`` and make the directory and its persistence folder,
+    readable by the broker's service user when written as root; the directory (absolute)
+    and that user's (uid, gid), if any. ``BrokerConfigError`` for a bad host, whitespace in
+    the path (Mosquitto's parser splits values there), an existing configuration without
+    ``overwrite`` (``renewed``: what overwriting makes anew) or a directory it cannot make."""
+    if not host or any(ch.isspace() for ch in host):
+        raise BrokerConfigError(f"host {host!r} is not a bind address")
+    root = Path(directory).absolute()
+    if any(ch.isspace() for ch in str(root)):
+        raise BrokerConfigError(f"broker directory {str(root)!r} must not contain whitespace")
+    conf = root / CONF_NAME
+    if conf.exists() and not overwrite:
+        raise BrokerConfigError(
+            f"{conf} already exists: refusing to overwrite it (use --force / overwrite=True; "
+            f"that makes {renewed})"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BrokerConfigError(f"cannot create broker directory {root}: {err}") from err
+    owner = _service_owner()
+    if owner:
+        # The broker must read its files here; the writer keeps ownership of the directory.
+        os.chown(root, -1, owner[1])
+        root.chmod(0o750)
+    data_dir = root / DATA_DIR_NAME
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    if owner:
+        os.chown(data_dir, *owner)
+    return root, owner
 
 
 def _user_names(

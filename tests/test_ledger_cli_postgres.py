@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -15,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner, Result
 
+from coordinator.ledger import Ledger
 from tests.pg_fixtures import PostgresServer
 from tests.test_archive import build_ledger
-from tests.test_ledger_cli import _write_example
-from tests.test_ledger_cli_durable import AT, _write_open_work
+from tests.test_ledger_cli import INTERVAL_100, _write_example
+from tests.test_ledger_cli_durable import AT, PRICES, _write_open_work
 from wattmesh.cli import app
 
 runner = CliRunner()
@@ -221,3 +223,91 @@ def test_archive_export_of_a_postgresql_ledger_equals_the_export_of_the_same_sql
     )
     _assert_one_line_error(by_config, 2, url, "password authentication failed")
     assert "nope-77" not in by_config.output
+
+
+def _same_json(ledger_a: str | Path, ledger_b: str | Path, *args: str, password: str) -> None:
+    """``ledger_a`` and ``ledger_b`` give the same ``--json`` document but for its name."""
+    a = _wattmesh("ledger", *args[:1], ledger_a, *args[1:], password=password)
+    b = _wattmesh("ledger", *args[:1], ledger_b, *args[1:], password=password)
+    assert a.exit_code == 0, a.output
+    assert b.exit_code == 0, b.output
+    assert {**json.loads(a.stdout), "ledger": ""} == {**json.loads(b.stdout), "ledger": ""}
+
+
+def test_a_postgresql_backup_is_a_sqlite_ledger_that_restores_into_an_empty_schema(
+    twin_ledgers: tuple[Path, str], postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    file, url = twin_ledgers
+    secret = postgres_server.password
+    backup = tmp_path / "backup.sqlite"
+    done = _wattmesh("ledger", "backup", url, backup, password=secret)
+    assert done.exit_code == 0, done.output
+    assert f"backup {backup}: " in done.stdout and "balanced" in done.stdout
+    assert backup.read_bytes()[:16] == b"SQLite format 3\x00"
+    # The copy holds what the PostgreSQL ledger holds (audit ids included).
+    for args in (("report", "--json"), ("audit", "--json")):
+        _same_json(backup, file, *args, password=secret)
+    # Into an empty schema, in one transaction; the ledger settles on from there.
+    schema = postgres_server.new_schema()
+    target = _tcp_url(postgres_server, schema)
+    restored = _wattmesh("ledger", "restore", backup, target, password=secret)
+    assert restored.exit_code == 0, restored.output
+    with Ledger(file, migrate=False) as twin:
+        settled = len(twin.settled_intervals())
+    assert restored.stdout == f"restored {target}: {settled} settled interval(s), balanced\n"
+    for args in (("report", "--json"), ("audit", "--json")):
+        _same_json(target, file, *args, password=secret)
+    with Ledger(postgres_server.socket_url(schema=schema)) as ledger:
+        ledger.settle_interval(102, **INTERVAL_100)  # new ids after the copied ones
+        ledger.audit("dispatch", "operator", {"site": "house"}, 1_765_000_000.0)
+        assert ledger.check_balanced()
+    # An existing PostgreSQL ledger is never replaced; a backup never overwrites unasked.
+    again = _wattmesh("ledger", "restore", backup, target, password=secret)
+    _assert_one_line_error(again, 2, target, "already holds a ledger")
+    over = _wattmesh("ledger", "backup", url, backup, password=secret)
+    _assert_one_line_error(over, 2, "exists (--force replaces it)")
+    # The same backup restores into a SQLite file as well.
+    as_file = tmp_path / "restored.sqlite"
+    assert _wattmesh("ledger", "restore", backup, as_file).exit_code == 0
+    _same_json(as_file, file, "report", "--json", password=secret)
+
+
+def test_backups_of_a_postgresql_ledger_taken_while_it_settles_hold_whole_intervals(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    schema = postgres_server.new_schema()
+    url = _tcp_url(postgres_server, schema)
+    stop = threading.Event()
+    settled: list[int] = []
+
+    def writer() -> None:  # a coordinator stand-in: one interval after another
+        with Ledger(postgres_server.socket_url(schema=schema)) as ledger:
+            k = 1000
+            while not stop.is_set():
+                sites = {f"site-{i}": (i % 5 - 2) * 0.75 for i in range(20)}
+                metered = {s: q + 0.125 * (k % 3) for s, q in sites.items()}
+                ledger.settle_interval(k, **{**PRICES, "awards_kwh": sites, "metered_kwh": metered})
+                settled.append(k)
+                k += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        counts = []
+        for i in range(3):
+            while len(settled) < 5 * (i + 1):
+                assert thread.is_alive(), "the writer died"
+                stop.wait(0.01)
+            backup = tmp_path / f"backup-{i}.sqlite"
+            done = _wattmesh("ledger", "backup", url, backup, password=postgres_server.password)
+            assert done.exit_code == 0, done.output
+            with Ledger(backup, migrate=False) as copy:
+                assert copy.check_balanced()  # every interval whole
+                intervals = copy.settled_intervals()
+                counts.append(len(intervals))
+                assert intervals == tuple(range(1000, 1000 + len(intervals)))
+        assert thread.is_alive()  # the writer settled on throughout
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert counts == sorted(counts) and counts[0] >= 5

@@ -25,7 +25,7 @@ from coordinator.ledger import SCHEMA_VERSION
 from coordinator.ledger_sql import (
     ConnectError,
     LedgerConnection,
-    connect,
+    PostgresConnection,
     is_postgres_url,
     mask_url,
 )
@@ -139,14 +139,16 @@ def resolve_location(ledger: str | Path | None, config: Path | None) -> LedgerLo
     )
 
 
-def open_postgres_ledger(location: LedgerLocation, *, timeout_s: float = 5.0) -> LedgerConnection:
+def open_postgres_ledger(location: LedgerLocation, *, timeout_s: float = 5.0) -> PostgresConnection:
     """A connection to a PostgreSQL database that holds a wattmesh ledger (any version).
 
     Raises :class:`LedgerLocationError` (one line, no password) for a missing driver, a server
     that cannot be reached or refuses the password, and a database without the ledger.
     """
     try:
-        conn = connect(location.target, busy_timeout_s=timeout_s, password=location.password)
+        conn = PostgresConnection(
+            str(location.target), busy_timeout_s=timeout_s, password=location.password
+        )
     except ConnectError as err:
         message = f"{location.name}: {one_line(err)}"
         if location.password is None and "no password supplied" in message:

@@ -7,12 +7,18 @@ and lists what is still open (cleared intervals not settled, sites estimated or 
 corrections booked); ``audit`` lists the append-only audit log; ``backup`` and ``restore``
 (wattmesh.ledger_backup) copy a live ledger consistently and put a copy back.
 
+The ledger is a SQLite file or a ``postgresql://`` URL (password from
+``$WATTMESH_LEDGER_PASSWORD``, never in the URL), or ``--config coordinator.toml`` names it
+(wattmesh.ledger_location); the output is the same on both engines.
+
 Every command only reads: a file that is missing, not SQLite, or SQLite without the ledger's
-tables is refused before :class:`~coordinator.ledger.Ledger` opens it (opening creates the file
-and its schema, which a report must never do to a stranger's database).
+tables, and a PostgreSQL database without them, is refused before
+:class:`~coordinator.ledger.Ledger` opens it (opening creates the file and its schema, which a
+report must never do to a stranger's database).
 
 Exit codes: 0 success; 1 ``check`` found the ledger unbalanced; 2 usage or input error (missing
-file, not a ledger, unknown site, unreadable database), printed as one line on stderr; 3
+file, not a ledger, unknown site, unreadable database, unreachable server, refused password,
+psycopg missing), printed as one line on stderr; 3
 ``check --strict`` found a cleared interval unsettled for longer than ``--max-age`` or a site
 missing from an interval (balanced otherwise).
 

@@ -266,6 +266,14 @@ def test_a_postgresql_backup_is_a_sqlite_ledger_that_restores_into_an_empty_sche
     _assert_one_line_error(again, 2, target, "already holds a ledger")
     over = _wattmesh("ledger", "backup", url, backup, password=secret)
     _assert_one_line_error(over, 2, "exists (--force replaces it)")
+    # A refused password is one line, and leaves no file behind.
+    refused = _wattmesh("ledger", "backup", url, tmp_path / "no.sqlite", password="nope-31")
+    _assert_one_line_error(refused, 2, url, "password authentication failed")
+    dead = target.replace(f":{postgres_server.port}/", ":1/")
+    unreachable = _wattmesh("ledger", "restore", backup, dead, password=secret)
+    _assert_one_line_error(unreachable, 2, dead, "cannot connect")
+    assert not list(tmp_path.glob("no.sqlite*"))
+    assert "nope-31" not in refused.output and secret not in unreachable.output
     # The same backup restores into a SQLite file as well.
     as_file = tmp_path / "restored.sqlite"
     assert _wattmesh("ledger", "restore", backup, as_file).exit_code == 0

@@ -222,6 +222,8 @@ class _Cursor(Protocol):
 
     def __iter__(self) -> Iterator[Any]: ...
 
+    def close(self) -> None: ...
+
 
 def _counted(rows: Iterable[Any], counter: list[int]) -> Iterator[tuple[Any, ...]]:
     """The rows as tuples, counted in ``counter[0]`` as they pass."""
@@ -247,6 +249,7 @@ def _copy_rows(read: Callable[[str], _Cursor], dst: LedgerConnection) -> dict[st
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
             _counted(rows, counter),
         )
+        rows.close()
         copied[table] = counter[0]
     return copied
 
@@ -317,6 +320,8 @@ def restore_postgres(backup: Path, location: LedgerLocation) -> BackupResult:
     """Load a checked SQLite ledger ``backup`` into the PostgreSQL database at ``location``,
     which must hold no ledger, in one transaction; the restored ledger's figures (``path`` is
     the backup, ``size_bytes`` its size)."""
+    if not location.is_postgres:
+        raise BackupError(f"{location.name} is a file: restore_ledger restores into a file")
     checked = _verify(backup)
     try:
         src = sqlite3.connect(backup.resolve().as_uri() + "?mode=ro", uri=True)

@@ -214,6 +214,7 @@ __all__ = [
     "SiteReport",
     "SiteSettlement",
     "UnknownAccount",
+    "create_schema",
     "site_account",
     "to_currency",
 ]
@@ -1760,6 +1761,17 @@ def _ensure_schema(conn: LedgerConnection, *, migrate: bool) -> int:
                 conn.raw.backup(copy)
     with _transaction(conn):
         return _create_or_check_schema(conn, migrate=migrate)
+
+
+def create_schema(conn: LedgerConnection) -> None:
+    """Create the current schema (with the community and utility accounts) in a database
+    without a ledger, inside the caller's transaction: a restore fills it and commits once.
+
+    Raises :class:`LedgerStorageError` if the database already holds a ledger.
+    """
+    if _version(conn) is not None:
+        raise LedgerStorageError(f"{conn.location} already holds a ledger")
+    _create_or_check_schema(conn, migrate=False)
 
 
 @contextmanager

@@ -65,6 +65,11 @@ _BRIDGE = (
     "tests/test_bridge.py runs the same two commands through the CLI and starts the brokers "
     "they write on this machine"
 )
+_POSTGRES = (
+    "a PostgreSQL server at db-host; tests/test_ledger_cli_postgres.py runs report, check, "
+    "audit, backup, restore and archive export through the CLI against a throwaway server "
+    "(a URL, --config's ledger_url, the password from the environment)"
+)
 _HW = "a real device at a documentation address (RFC 5737) or serial adapter: nothing answers here"
 
 NOT_RUN: dict[str, str] = {
@@ -96,6 +101,20 @@ NOT_RUN: dict[str, str] = {
     "wattmesh ledger check /var/lib/wattmesh/ledger.sqlite --strict --max-age 1h": "judges "
     "ages on the wall clock, for a live ledger; the simulated one here is months from it "
     "(tests/test_ledger_cli_durable.py runs --strict; the same check without it runs here)",
+    **dict.fromkeys(
+        (
+            "WATTMESH_LEDGER_PASSWORD=... wattmesh ledger report "
+            "postgresql://wattmesh@db-host:5432/wattmesh",
+            "WATTMESH_LEDGER_PASSWORD=... wattmesh ledger check --config "
+            "/etc/wattmesh/coordinator.toml",
+            "WATTMESH_LEDGER_PASSWORD=... wattmesh ledger backup "
+            "postgresql://wattmesh@db-host:5432/wattmesh /backup/ledger-$(date +%F).sqlite",
+            "createdb -h db-host -U wattmesh wattmesh_restored",
+            "WATTMESH_LEDGER_PASSWORD=... wattmesh ledger restore "
+            "/backup/ledger-2026-12-06.sqlite postgresql://wattmesh@db-host:5432/wattmesh_restored",
+        ),
+        _POSTGRES,
+    ),
     "wattmesh status --broker-dir /tmp/wattmesh-community/feeders": "needs that broker running "
     "with a coordinator per feeder; tests/test_feeders.py runs this command against one",
     "wattmesh broker bridge-user /var/lib/wattmesh/broker --edge north --sites house-1,house-2": (

@@ -19,8 +19,9 @@ timestamp (ms). Settlements are each site's settled interval as it stands (corre
 included), with the interval's prices and its correction ``revision``: the rows of
 ``Ledger.settlement``.
 
-The ledger is read through a read-only SQLite connection in one read transaction, so an
-export taken while the coordinator settles holds whole intervals. Telemetry is read from
+The ledger is read in one read-only transaction (a read-only SQLite connection, or a
+PostgreSQL REPEATABLE READ, READ ONLY transaction), so an export taken while the coordinator
+settles holds whole intervals. Telemetry is read from
 the historian's time-series server through VictoriaMetrics' ``/api/v1/export`` (one request
 per day); a server without that API (InfluxDB 2) or one that cannot be reached is reported and
 the ledger parts are exported anyway (exit code 3).
@@ -44,6 +45,13 @@ import pyarrow.parquet as pq
 
 from coordinator.historian import INTEGER_FIELDS, SCHEMA
 from coordinator.ledger import SCHEMA_VERSION
+from wattmesh.ledger_location import (
+    LedgerLocation,
+    LedgerLocationError,
+    one_line,
+    open_postgres_ledger,
+    require_current_schema,
+)
 
 __all__ = [
     "DATASETS",
@@ -146,7 +154,9 @@ JOIN intervals i ON i.interval = m.interval
 LEFT JOIN entries e ON e.interval = m.interval AND e.account = 'site:' || m.site
 LEFT JOIN postings p ON p.posting_id = e.posting_id
 WHERE m.interval BETWEEN ? AND ?
-GROUP BY m.interval, m.site
+GROUP BY m.interval, m.site, m.award_wh, m.metered_wh, m.estimated, m.estimate_reason,
+    i.clearing_price_micro_per_kwh, i.retail_price_micro_per_kwh, i.feed_in_price_micro_per_kwh,
+    i.imbalance_premium_micro_per_kwh, i.rebate_rule
 ORDER BY m.interval, m.site
 """
 _CLEARINGS_SQL: Final = """
@@ -205,11 +215,57 @@ def _fields(name: str) -> Sequence[tuple[str, pa.DataType]]:
     }[name]
 
 
+def _read_postgres_tables(
+    location: LedgerLocation, span: tuple[int, int]
+) -> dict[str, list[tuple[Any, ...]]]:
+    """The three datasets from a PostgreSQL ledger in one REPEATABLE READ, READ ONLY
+    transaction (one snapshot for every query; the coordinator goes on settling)."""
+    try:
+        conn = open_postgres_ledger(location)
+    except LedgerLocationError as err:
+        raise ArchiveError(str(err)) from err
+    try:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        require_current_schema(conn, location.name)
+        tables = {
+            name: [tuple(r) for r in conn.execute(sql, span).fetchall()]
+            for name, sql in (
+                ("settlements", _SETTLEMENTS_SQL),
+                ("clearings", _CLEARINGS_SQL),
+                ("awards", _AWARDS_SQL),
+            )
+        }
+        conn.execute("COMMIT")
+    except LedgerLocationError as err:
+        raise ArchiveError(str(err)) from err
+    except conn.errors as err:
+        raise ArchiveError(f"{location.name}: cannot read the ledger: {one_line(err)}") from err
+    finally:
+        conn.close()
+    return tables
+
+
 def read_ledger_tables(
-    path: Path, first_interval: int, last_interval: int
+    ledger: Path | LedgerLocation, first_interval: int, last_interval: int
 ) -> dict[str, list[tuple[Any, ...]]]:
     """Settlement, clearing and award rows of the intervals ``first..last`` (inclusive), in
-    the column order of the archive, read in one read-only transaction."""
+    the column order of the archive, read in one read-only transaction; ``ledger`` is a
+    SQLite file or a :class:`~wattmesh.ledger_location.LedgerLocation` (file or PostgreSQL)."""
+    location = ledger if isinstance(ledger, LedgerLocation) else LedgerLocation(ledger)
+    if location.is_postgres:
+        tables = _read_postgres_tables(location, (first_interval, last_interval))
+    else:
+        tables = _read_sqlite_tables(location.path, (first_interval, last_interval))
+    flags = {"settlements": (4,), "clearings": (8,)}  # 0/1 columns (and PostgreSQL's EXISTS)
+    for name, at in flags.items():
+        tables[name] = [
+            tuple(bool(v) if i in at else v for i, v in enumerate(r)) for r in tables[name]
+        ]
+    return tables
+
+
+def _read_sqlite_tables(path: Path, span: tuple[int, int]) -> dict[str, list[tuple[Any, ...]]]:
+    """The three datasets from a read-only SQLite connection in one read transaction."""
     if not path.is_file():
         raise ArchiveError(f"{path}: no such ledger file")
     try:
@@ -227,7 +283,6 @@ def read_ledger_tables(
                 f"{path}: ledger schema version {None if row is None else row[0]}, the archive "
                 f"reads version {SCHEMA_VERSION} (open it once with the coordinator to migrate)"
             )
-        span = (first_interval, last_interval)
         tables = {
             "settlements": conn.execute(_SETTLEMENTS_SQL, span).fetchall(),
             "clearings": conn.execute(_CLEARINGS_SQL, span).fetchall(),
@@ -238,11 +293,6 @@ def read_ledger_tables(
         raise ArchiveError(f"{path}: cannot read the ledger: {err}") from err
     finally:
         conn.close()
-    flags = {"settlements": (4,), "clearings": (8,)}  # the SQLite 0/1 columns
-    for name, at in flags.items():
-        tables[name] = [
-            tuple(bool(v) if i in at else v for i, v in enumerate(r)) for r in tables[name]
-        ]
     return tables
 
 
@@ -366,7 +416,7 @@ def export_archive(
     out: Path,
     time_range: TimeRange,
     *,
-    ledger: Path,
+    ledger: Path | LedgerLocation,
     interval_s: int,
     telemetry_url: str | None,
 ) -> ExportResult:

@@ -11,6 +11,12 @@ from typing import Annotated
 import typer
 
 from coordinator.config import CoordinatorConfigError, load_coordinator_config
+from wattmesh.ledger_location import (
+    LedgerLocation,
+    LedgerLocationError,
+    from_config,
+    parse_location,
+)
 
 archive_app = typer.Typer(
     help="Export the ledger and telemetry as Parquet files for pandas, DuckDB or Spark.",
@@ -38,7 +44,11 @@ def export_command(
         typer.Option(help="coordinator.toml: its ledger, market interval and historian url."),
     ] = None,
     ledger: Annotated[
-        Path | None, typer.Option(help="The ledger file (instead of or over --config's).")
+        str | None,
+        typer.Option(
+            help="The ledger (instead of or over --config's): a SQLite file, or "
+            "postgresql://user@host:port/db with the password in $WATTMESH_LEDGER_PASSWORD."
+        ),
     ] = None,
     interval_s: Annotated[
         int | None,
@@ -66,20 +76,28 @@ def export_command(
     except ArchiveError as err:
         raise _fail(str(err)) from err
     url = telemetry_url
-    if config is not None:
-        try:
-            cfg = load_coordinator_config(config)
-        except CoordinatorConfigError as err:
-            raise _fail(str(err)) from err
-        ledger = ledger or cfg.coordinator.ledger
-        interval_s = interval_s or cfg.market.interval_s
-        if url is None and cfg.historian is not None and "url" in cfg.historian:
-            url = str(cfg.historian["url"])
-    if ledger is None:
-        raise _fail("give --ledger LEDGER.sqlite or --config coordinator.toml")
+    location: LedgerLocation | None = None
+    try:
+        if ledger is not None:
+            location = parse_location(ledger)
+        if config is not None:
+            try:
+                cfg = load_coordinator_config(config)
+            except CoordinatorConfigError as err:
+                raise _fail(str(err)) from err
+            location = location or from_config(config)
+            interval_s = interval_s or cfg.market.interval_s
+            if url is None and cfg.historian is not None and "url" in cfg.historian:
+                url = str(cfg.historian["url"])
+    except LedgerLocationError as err:
+        raise _fail(str(err)) from err
+    if location is None:
+        raise _fail(
+            "give --ledger LEDGER.sqlite (or a postgresql:// URL) or --config coordinator.toml"
+        )
     try:
         result = export_archive(
-            directory, time_range, ledger=ledger, interval_s=interval_s or 900, telemetry_url=url
+            directory, time_range, ledger=location, interval_s=interval_s or 900, telemetry_url=url
         )
     except ArchiveError as err:
         raise _fail(str(err)) from err

@@ -7,12 +7,18 @@ and lists what is still open (cleared intervals not settled, sites estimated or 
 corrections booked); ``audit`` lists the append-only audit log; ``backup`` and ``restore``
 (wattmesh.ledger_backup) copy a live ledger consistently and put a copy back.
 
+The ledger is a SQLite file or a ``postgresql://`` URL (password from
+``$WATTMESH_LEDGER_PASSWORD``, never in the URL), or ``--config coordinator.toml`` names it
+(wattmesh.ledger_location); the output is the same on both engines.
+
 Every command only reads: a file that is missing, not SQLite, or SQLite without the ledger's
-tables is refused before :class:`~coordinator.ledger.Ledger` opens it (opening creates the file
-and its schema, which a report must never do to a stranger's database).
+tables, and a PostgreSQL database without them, is refused before
+:class:`~coordinator.ledger.Ledger` opens it (opening creates the file and its schema, which a
+report must never do to a stranger's database).
 
 Exit codes: 0 success; 1 ``check`` found the ledger unbalanced; 2 usage or input error (missing
-file, not a ledger, unknown site, unreadable database), printed as one line on stderr; 3
+file, not a ledger, unknown site, unreadable database, unreachable server, refused password,
+psycopg missing), printed as one line on stderr; 3
 ``check --strict`` found a cleared interval unsettled for longer than ``--max-age`` or a site
 missing from an interval (balanced otherwise).
 
@@ -53,6 +59,15 @@ from coordinator.ledger import (
     to_currency,
 )
 from wattmesh import ledger_backup
+from wattmesh.ledger_location import (
+    LEDGER_TABLES,
+    PASSWORD_ENV,
+    LedgerLocation,
+    LedgerLocationError,
+    one_line,
+    open_postgres_ledger,
+    resolve_location,
+)
 
 __all__ = [
     "AUDIT_VERSION",
@@ -75,9 +90,6 @@ AUDIT_VERSION: Final = 1
 DEFAULT_INTERVAL_S: Final = 900
 
 _SQLITE_HEADER: Final = b"SQLite format 3\x00"
-_LEDGER_TABLES: Final = frozenset(
-    {"schema_version", "accounts", "intervals", "site_intervals", "postings", "entries"}
-)
 _SITE_PREFIX: Final = site_account("")
 _MAX_DECIMALS: Final = 6
 
@@ -138,19 +150,42 @@ def _require_ledger_file(path: Path) -> None:
             conn.close()
     except sqlite3.Error as err:
         raise _CliError(f"{path}: cannot read the database: {err}") from err
-    missing = _LEDGER_TABLES - {str(r[0]) for r in rows}
+    missing = LEDGER_TABLES - {str(r[0]) for r in rows}
     if missing:
         raise _CliError(
             f"{path}: not a wattmesh ledger (missing tables: {', '.join(sorted(missing))})"
         )
 
 
-def _open_ledger(path: Path) -> Ledger:
-    _require_ledger_file(path)
+def _locate(ledger: str | None, config: Path | None) -> LedgerLocation:
+    """The ledger the command names (a file, a URL, or ``--config``'s)."""
     try:
-        return Ledger(path, migrate=False)  # a report never upgrades the file
+        return resolve_location(ledger, config)
+    except LedgerLocationError as err:
+        raise _CliError(str(err)) from err
+
+
+def _open_ledger(location: LedgerLocation) -> Ledger:
+    """Open an existing ledger for reading: never create, never migrate."""
+    try:
+        if location.is_postgres:
+            open_postgres_ledger(location).close()  # refuse a database without the ledger
+        else:
+            _require_ledger_file(location.path)
+    except LedgerLocationError as err:
+        raise _CliError(str(err)) from err
+    try:
+        # A report never upgrades the ledger.
+        return Ledger(location.target, migrate=False, password=location.password)
     except LedgerError as err:  # schema version, locked, read-only directory, corrupt
-        raise _CliError(f"{path}: {err}") from err
+        raise _CliError(f"{location.name}: {one_line(err)}") from err
+
+
+_LEDGER_HELP: Final = (
+    "The ledger: a SQLite file, or postgresql://user@host:port/db with the password in "
+    f"${PASSWORD_ENV}."
+)
+_CONFIG_HELP: Final = "Read the ledger from this coordinator file (ledger or ledger_url)."
 
 
 # --- the report as data -------------------------------------------------------------------
@@ -168,7 +203,7 @@ class LedgerReport:
     ``total.net_cost_micro`` in a balanced ledger.
     """
 
-    path: Path
+    location: str
     intervals: tuple[int, ...]
     all_sites: tuple[str, ...]
     site_filter: str | None
@@ -202,7 +237,7 @@ def build_report(ledger: Ledger, site: str | None = None) -> LedgerReport:
         raise UnknownSite(site, all_sites)
     reports = tuple(ledger.site_report(s) for s in all_sites)
     return LedgerReport(
-        path=ledger.path,
+        location=ledger.location,
         intervals=intervals,
         all_sites=all_sites,
         site_filter=site,
@@ -250,7 +285,7 @@ def report_json(report: LedgerReport, currency: str) -> dict[str, Any]:
     """The ``report --json`` document (layout in the ``report`` help and the module docs)."""
     return {
         "report_version": REPORT_VERSION,
-        "ledger": str(report.path),
+        "ledger": report.location,
         "currency": currency,
         "settled_intervals": {
             "count": len(report.intervals),
@@ -337,7 +372,7 @@ def _print_report(report: LedgerReport, currency: str, decimals: int) -> None:
     out = _stdout()
     first, last = report.intervals[0], report.intervals[-1]
     out.print(
-        f"ledger {escape(str(report.path))}: {len(report.intervals)} settled interval(s), "
+        f"ledger {escape(report.location)}: {len(report.intervals)} settled interval(s), "
         f"#{first} to #{last}",
         soft_wrap=True,
     )
@@ -405,9 +440,8 @@ a one-line error with exit code 2.
 
 @ledger_app.command("report", help=_REPORT_HELP)
 def report(
-    ledger_path: Annotated[
-        Path, typer.Argument(metavar="LEDGER.sqlite", help="The settlement ledger file.")
-    ],
+    ledger_arg: Annotated[str | None, typer.Argument(metavar="LEDGER", help=_LEDGER_HELP)] = None,
+    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
     site: Annotated[
         str | None, typer.Option("--site", help="Show only this site (the total stays).")
     ] = None,
@@ -427,16 +461,17 @@ def report(
     if not currency:
         raise _fail("--currency must not be empty")
     try:
-        with _open_ledger(ledger_path) as ledger:
+        location = _locate(ledger_arg, config)
+        with _open_ledger(location) as ledger:
             data = build_report(ledger, site)
     except _CliError as err:
         raise _fail(str(err)) from err
     except (LedgerError, UnknownSite) as err:
-        raise _fail(f"{ledger_path}: {err}") from err
+        raise _fail(f"{location.name}: {one_line(err)}") from err
     if as_json:
         typer.echo(json.dumps(report_json(data, currency), indent=2))
     elif not data.intervals:
-        _stdout().print(f"ledger {escape(str(ledger_path))}: no settled intervals yet")
+        _stdout().print(f"ledger {escape(location.name)}: no settled intervals yet", soft_wrap=True)
     else:
         _print_report(data, currency, decimals)
 
@@ -526,9 +561,9 @@ def _ago(intervals: int) -> str:
     return f"{intervals} interval(s) ago" if intervals >= 0 else f"in {-intervals} interval(s)"
 
 
-def _print_health(path: Path, health: LedgerHealth) -> None:
+def _print_health(ledger: str, health: LedgerHealth) -> None:
     out = _stdout()
-    name = escape(str(path))
+    name = escape(ledger)
     out.print(f"{name}: balanced ({health.settled_intervals} settled interval(s))", soft_wrap=True)
     if health.corrections:
         out.print(
@@ -581,9 +616,8 @@ missing, not a wattmesh ledger or unreadable, or an option is malformed;
 
 @ledger_app.command("check", help=_CHECK_HELP)
 def check(
-    ledger_path: Annotated[
-        Path, typer.Argument(metavar="LEDGER.sqlite", help="The settlement ledger file.")
-    ],
+    ledger_arg: Annotated[str | None, typer.Argument(metavar="LEDGER", help=_LEDGER_HELP)] = None,
+    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
     quiet: Annotated[
         bool,
         typer.Option("--quiet", "-q", help="Print nothing when the check passes."),
@@ -611,25 +645,27 @@ def check(
     try:
         max_age_s = _parse_age_s(max_age)
         at_ts = time.time() if at is None else _parse_utc(at, "--at")
-        with _open_ledger(ledger_path) as ledger:
+        location = _locate(ledger_arg, config)
+        with _open_ledger(location) as ledger:
             health = build_health(ledger, at_ts=at_ts, interval_s=interval_s)
     except _CliError as err:
         raise _fail(str(err)) from err
     except LedgerError as err:
-        raise _fail(f"{ledger_path}: {err}") from err
+        raise _fail(f"{location.name}: {one_line(err)}") from err
     if not health.balanced:
         raise _fail(
-            f"{ledger_path}: ledger NOT balanced ({health.settled_intervals} settled interval(s))",
+            f"{location.name}: ledger NOT balanced "
+            f"({health.settled_intervals} settled interval(s))",
             code=1,
         )
     overdue = health.overdue(max_age_s)
     missing = health.missing_site_intervals
     failed = strict and (overdue or missing)
     if not quiet:
-        _print_health(ledger_path, health)
+        _print_health(location.name, health)
     if failed:
         raise _fail(
-            f"{ledger_path}: {len(overdue)} cleared interval(s) unsettled for more than "
+            f"{location.name}: {len(overdue)} cleared interval(s) unsettled for more than "
             f"{max_age}, {missing} site-interval(s) estimated or missing",
             code=3,
         )
@@ -641,11 +677,11 @@ def check(
 _DETAIL_WIDTH: Final = 60
 
 
-def audit_json(ledger_path: Path, entries: Sequence[AuditEntry]) -> dict[str, Any]:
-    """The ``audit --json`` document."""
+def audit_json(ledger: str | Path, entries: Sequence[AuditEntry]) -> dict[str, Any]:
+    """The ``audit --json`` document; ``ledger`` names the ledger (a path or a URL)."""
     return {
         "audit_version": AUDIT_VERSION,
-        "ledger": str(ledger_path),
+        "ledger": str(ledger),
         "entries": [
             {
                 "id": e.audit_id,
@@ -662,9 +698,8 @@ def audit_json(ledger_path: Path, entries: Sequence[AuditEntry]) -> dict[str, An
 
 @ledger_app.command("audit")
 def audit(
-    ledger_path: Annotated[
-        Path, typer.Argument(metavar="LEDGER.sqlite", help="The settlement ledger file.")
-    ],
+    ledger_arg: Annotated[str | None, typer.Argument(metavar="LEDGER", help=_LEDGER_HELP)] = None,
+    config: Annotated[Path | None, typer.Option("--config", help=_CONFIG_HELP)] = None,
     kind: Annotated[
         str | None,
         typer.Option(
@@ -694,18 +729,19 @@ def audit(
     """
     try:
         since_ts = None if since is None else _parse_utc(since, "--since")
-        with _open_ledger(ledger_path) as ledger:
+        location = _locate(ledger_arg, config)
+        with _open_ledger(location) as ledger:
             entries = ledger.audit_entries(since_ts=since_ts, kind=kind, limit=limit)
     except _CliError as err:
         raise _fail(str(err)) from err
     except LedgerError as err:
-        raise _fail(f"{ledger_path}: {err}") from err
+        raise _fail(f"{location.name}: {one_line(err)}") from err
     if as_json:
-        typer.echo(json.dumps(audit_json(ledger_path, entries), indent=2))
+        typer.echo(json.dumps(audit_json(location.name, entries), indent=2))
         return
     out = _stdout()
     if not entries:
-        out.print(f"ledger {escape(str(ledger_path))}: no audit entries", soft_wrap=True)
+        out.print(f"ledger {escape(location.name)}: no audit entries", soft_wrap=True)
         return
     table = Table(title=f"Audit log ({len(entries)} row(s))", title_justify="left")
     # One line per row: the detail is cut to the width with an ellipsis (--json has it whole).

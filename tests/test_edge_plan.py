@@ -10,6 +10,7 @@ from edge.plan import (
     PlanError,
     SitePlan,
     WarmStart,
+    _Programme,
     pessimistic_net_kwh,
     plan_bid,
     plan_site,
@@ -275,3 +276,15 @@ def test_a_warm_started_re_plan_finds_the_same_optimum_in_fewer_iterations() -> 
     # the others start from the last plan's basis
     for k in (1, 2, 3, 5, 6, 7):
         assert warm[k].iterations < cold[k].iterations / 2, k
+
+
+def test_the_programme_rows_come_in_compressed_form_with_repeated_terms_summed() -> None:
+    lp = _Programme(4)
+    rows = lp.add("eq", [np.array([2, 3]), np.array([0, 1])], [1.0, -1.0], np.array([5.0, 6.0]))
+    lp.add("eq", [np.array([0, 3])], [0.5], np.zeros(2), rows=rows)  # each row's column again
+    lp.add("ub", [np.array([3])], [2.0], np.array([7.0]))
+    start, index, value, rhs = lp.rows()
+    assert start.tolist() == [0, 2, 4, 5]
+    assert index.tolist() == [0, 2, 1, 3, 3]  # by row, then column
+    np.testing.assert_allclose(value, [-1.0 + 0.5, 1.0, -1.0, 1.0 + 0.5, 2.0])
+    assert rhs.tolist() == [5.0, 6.0, 7.0]

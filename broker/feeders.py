@@ -7,7 +7,8 @@ coordinator connect to that feeder's listener and see the unchanged v1 topic tre
     DIR/mosquitto.conf      one listener per feeder (mount_point feeder/{id}/) + the operator's
     DIR/passwd-{feeder}     that feeder's users: its coordinator, its sites, operator, monitor
     DIR/acl-{feeder}        the single-feeder ACL (``acl_text``) with every topic mounted
-    DIR/passwd, DIR/acl     the operator listener (no mount point): operator and monitor only
+    DIR/passwd, DIR/acl     the operator listener (no mount point): operator and monitor, and
+                            each feeder's ingest worker users (``ingest_workers``)
     DIR/credentials.toml    user -> password, and each feeder's port, mount point and sites
     DIR/data/               persistence (one database for the whole broker)
     DIR/tls/                with ``tls``: ca.crt, ca.key, server.crt, server.key,
@@ -35,6 +36,17 @@ How it works (verified on Mosquitto 2.0.11, Debian 12):
   there as ``feeder/{id}/wattmesh/v1/...`` (``wattmesh status --broker-dir DIR``). They also
   have the same rights as in a single-feeder broker on each feeder's listener, where the
   feeder looks like a single-feeder broker (``wattmesh dispatch --port <feeder port>``).
+
+Ingest workers (``ingest_workers = N`` for a feeder, or ``broker init --feeders F
+--ingest-workers N`` for all): users ``{coordinator_user}-ingest-{i}`` (one password per
+feeder) that read that feeder's telemetry. They log in on the operator listener, not on their
+feeder's: Mosquitto puts a listener's mount point in front of a ``$share/...`` filter
+(``feeder/north/$share/GROUP/wattmesh/v1/site/+/telemetry``, granted QoS 1), and a filter
+whose first level is not ``$share`` is an ordinary subscription that matches nothing (verified
+on 2.0.11; 2.0.22's source is the same). On the operator listener they subscribe to
+``$share/wattmesh-ingest-{feeder}/feeder/{id}/wattmesh/v1/site/+/telemetry``, and its ACL
+grants each of them exactly its own feeder's telemetry. The coordinator gives them
+``[broker] ingest_port`` (the operator port); coordinator/ingest.py has the details.
 
 With ``tls`` every feeder also gets a mutual-TLS listener (its ``tls_port``), and the operator
 one if ``[operator] tls_port`` is set; the password listeners then serve 127.0.0.1 only. One
@@ -92,10 +104,18 @@ from broker.mosquitto import (
     _write_file,
     _write_tls,
     acl_text,
+    ingest_user,
     password_file_text,
     prepare_broker_dir,
 )
-from broker.topics import HA_DISCOVERY_PREFIX, HA_PREFIX_PATTERN, ID_PATTERN, PREFIX, check_id
+from broker.topics import (
+    HA_DISCOVERY_PREFIX,
+    HA_PREFIX_PATTERN,
+    ID_PATTERN,
+    PREFIX,
+    check_id,
+    site_wildcard,
+)
 
 #: A feeder's topic root on the shared broker: ``feeder/{id}/`` (the listener's mount point).
 MOUNT_ROOT = "feeder"
@@ -143,11 +163,20 @@ class FeederSpec(BaseModel):
     tls_port: int | None = Field(default=None, gt=0, le=65535)
     coordinator: str | None = Field(default=None, pattern=ID_PATTERN)
     sites: tuple[str, ...] = Field(min_length=1)
+    #: Users for the coordinator's ingest worker processes (``[coordinator] ingest_workers``).
+    ingest_workers: int = Field(default=0, ge=0, le=64)
 
     @property
     def coordinator_user(self) -> str:
         """The coordinator's user name: ``coordinator`` from the file, else coordinator-{id}."""
         return self.coordinator or f"coordinator-{self.id}"
+
+    @property
+    def ingest_users(self) -> tuple[str, ...]:
+        """The ingest workers' users: ``{coordinator_user}-ingest-{i}``, i = 1..ingest_workers."""
+        return tuple(
+            ingest_user(self.coordinator_user, i) for i in range(1, self.ingest_workers + 1)
+        )
 
 
 class OperatorListener(BaseModel):
@@ -206,6 +235,9 @@ class FeederListener:
     #: certificate of the other feeders' users, so that they fail the TLS handshake here).
     tls_port: int | None = None
     crl_file: Path | None = None
+    #: The coordinator's ingest workers' users: they log in on the operator listener (no mount
+    #: point), where Mosquitto's shared subscriptions work; see the module's docstring.
+    ingest_users: tuple[str, ...] = ()
 
     @property
     def users(self) -> tuple[str, ...]:
@@ -296,19 +328,25 @@ def _check_feeders(
         *(u for u in (operator_user, monitor_user) if u),
         *(f.coordinator_user for f in spec.feeders),
         *(site for f in spec.feeders for site in f.sites),
+        *(user for f in spec.feeders for user in f.ingest_users),
     ]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise BrokerConfigError(
             "user names must be unique across the broker (a client id is its user name, and "
-            "client ids are broker-wide): site ids across feeders, coordinators, operator and "
-            f"monitor; repeated: {duplicates}"
+            "client ids are broker-wide): site ids across feeders, coordinators, their ingest "
+            f"users, operator and monitor; repeated: {duplicates}"
         )
     return names
 
 
-def operator_acl_text(operator_user: str | None, monitor_user: str | None) -> str:
-    """The operator listener's ACL: every feeder's topics, ``feeder/+/wattmesh/v1/...``."""
+def operator_acl_text(
+    operator_user: str | None,
+    monitor_user: str | None,
+    ingest_users: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """The operator listener's ACL: every feeder's topics, ``feeder/+/wattmesh/v1/...``;
+    ``ingest_users`` (feeder -> its ingest workers' users) read their feeder's telemetry."""
     lines = [
         "# wattmesh operator listener ACL (no mount point), written by `wattmesh broker init`.",
         "# Each feeder's topics are under feeder/{id}/; sites and coordinators cannot log in here.",
@@ -329,6 +367,16 @@ def operator_acl_text(operator_user: str | None, monitor_user: str | None) -> st
             f"topic read {ALL_FEEDERS_PREFIX}/#",
             "",
         ]
+    for feeder, users in (ingest_users or {}).items():
+        telemetry = f"{mount_point(feeder)}{site_wildcard('telemetry')}"
+        for user in users:
+            lines += [
+                f"# Feeder {feeder}'s coordinator's ingest worker: reads that feeder's telemetry",
+                f"# (through $share/GROUP/{telemetry}), writes nothing.",
+                f"user {user}",
+                f"topic read {telemetry}",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -367,11 +415,17 @@ def write_feeders_broker_config(
     )
     conf, data_dir = root / CONF_NAME, root / DATA_DIR_NAME
     credentials = {user: secrets.token_urlsafe(32) for user in users}
+    for f in spec.feeders:  # one password for a feeder's ingest workers, as for one feeder
+        if f.ingest_users:
+            shared = secrets.token_urlsafe(32)
+            credentials.update(dict.fromkeys(f.ingest_users, shared))
     observers = [u for u in (operator_user, monitor_user) if u]
+    ingest = {f.id: f.ingest_users for f in spec.feeders if f.ingest_users}
+    cert_users = [u for u in users if not any(u in group for group in ingest.values())]
     tls_files = None
     if tls:
         group = (-1, owner[1]) if owner else None
-        tls_files = _write_tls(root / TLS_DIR_NAME, host, users, tls_names, owner, group)
+        tls_files = _write_tls(root / TLS_DIR_NAME, host, cert_users, tls_names, owner, group)
     listeners: list[FeederListener] = []
     for f in spec.feeders:
         listener = FeederListener(
@@ -384,6 +438,7 @@ def write_feeders_broker_config(
             acl_file=root / f"{ACL_NAME}-{f.id}",
             tls_port=f.tls_port if tls else None,
             crl_file=_crl_path(root, f.id) if tls else None,
+            ingest_users=f.ingest_users,
         )
         feeder_users = [f.coordinator_user, *observers, *f.sites]
         _write_file(
@@ -408,19 +463,22 @@ def write_feeders_broker_config(
         )
         if tls_files is not None and listener.crl_file is not None:
             allowed = {*listener.users, *observers}
-            write_crl(tls_files, listener.crl_file, [u for u in users if u not in allowed])
+            write_crl(tls_files, listener.crl_file, [u for u in cert_users if u not in allowed])
         listeners.append(listener)
+    operator_users = [*observers, *(u for users in ingest.values() for u in users)]
     _write_file(
         root / PASSWD_NAME,
-        password_file_text({u: credentials[u] for u in observers}),
+        password_file_text({u: credentials[u] for u in operator_users}),
         0o600,
         owner,
     )
-    _write_file(root / ACL_NAME, operator_acl_text(operator_user, monitor_user), 0o600, owner)
+    _write_file(
+        root / ACL_NAME, operator_acl_text(operator_user, monitor_user, ingest), 0o600, owner
+    )
     operator_tls_port = spec.operator.tls_port if tls else None
     operator_crl = _crl_path(root, None) if operator_tls_port is not None else None
     if tls_files is not None and operator_crl is not None:
-        write_crl(tls_files, operator_crl, [u for u in users if u not in observers])
+        write_crl(tls_files, operator_crl, [u for u in cert_users if u not in observers])
     files = FeedersBrokerFiles(
         directory=root,
         conf=conf,
@@ -599,6 +657,14 @@ def _credentials_text(files: FeedersBrokerFiles) -> str:
             f"mount_point = {q(f.mount_point)}",
             f"coordinator_user = {q(f.coordinator_user)}",
             f"sites = [{', '.join(q(s) for s in f.sites)}]",
+            *(
+                [
+                    "# The ingest workers log in on the operator listener ([broker] port).",
+                    f"ingest_users = [{', '.join(q(u) for u in f.ingest_users)}]",
+                ]
+                if f.ingest_users
+                else []
+            ),
             "",
         ]
     lines.append("[users]")
@@ -634,10 +700,13 @@ def load_feeders_broker(directory: str | os.PathLike[str]) -> FeedersBrokerFiles
                 acl_file=root / f"{ACL_NAME}-{feeder_id}",
                 tls_port=int(f["tls_port"]) if has_tls else None,
                 crl_file=_crl_path(root, str(feeder_id)) if has_tls else None,
+                ingest_users=tuple(str(u) for u in f.get("ingest_users", ())),
             )
             for feeder_id, f in doc["feeders"].items()
         )
         credentials = {str(k): str(v) for k, v in doc["users"].items()}
+        ingest = {u for f in feeders for u in f.ingest_users}
+        cert_users = [u for u in credentials if u not in ingest]
         tls_port = broker.get("tls_port")
         return FeedersBrokerFiles(
             directory=root,
@@ -651,7 +720,7 @@ def load_feeders_broker(directory: str | os.PathLike[str]) -> FeedersBrokerFiles
             monitor_user=broker.get("monitor_user"),
             feeders=feeders,
             credentials=credentials,
-            tls=_tls_layout(root / TLS_DIR_NAME, credentials) if has_tls else None,
+            tls=_tls_layout(root / TLS_DIR_NAME, cert_users) if has_tls else None,
             tls_port=None if tls_port is None else int(tls_port),
             operator_crl_file=_crl_path(root, None) if tls_port is not None else None,
         )

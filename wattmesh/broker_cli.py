@@ -79,6 +79,11 @@ def _describe_feeders(files: FeedersBrokerFiles) -> list[str]:
             f"{f.mount_point}, coordinator user {f.coordinator_user!r}, sites {', '.join(f.sites)}"
             f" (passwords {f.password_file.name}, ACL {f.acl_file.name})"
         )
+        if f.ingest_users:
+            lines.append(
+                f"    ingest users {', '.join(f.ingest_users)} (one password; they log in on "
+                f"the operator listener, port {files.port}: [broker] ingest_port)"
+            )
         if f.tls_port is not None:
             lines.append(
                 f"    TLS listener {files.host}:{f.tls_port} (client certificate = user; "
@@ -111,9 +116,13 @@ def _init_feeders(
     ha_discovery_prefix: str | None,
     *,
     tls: bool,
+    ingest_workers: int | None,
     force: bool,
 ) -> FeedersBrokerFiles:
     spec = load_feeders_file(feeders)
+    if ingest_workers is not None:  # every feeder's coordinator gets that many
+        every = tuple(f.model_copy(update={"ingest_workers": ingest_workers}) for f in spec.feeders)
+        spec = spec.model_copy(update={"feeders": every})
     operator = {
         key: value for key, value in (("port", port), ("tls_port", tls_port)) if value is not None
     }
@@ -193,14 +202,15 @@ def init(
         typer.Option("--no-homeassistant", help="Grant no Home Assistant discovery topics."),
     ] = False,
     ingest_workers: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="Users COORDINATOR-ingest-1..N for the coordinator's ingest worker processes "
-            "(\\[coordinator] ingest_workers; one password, read telemetry only).",
+            "(\\[coordinator] ingest_workers; one password, read telemetry only); with "
+            "--feeders for every feeder's coordinator (instead of the file's ingest_workers).",
             min=0,
             max=64,
         ),
-    ] = 0,
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
     ] = False,
@@ -225,6 +235,7 @@ def init(
                 None if no_monitor else monitor_user,
                 None if no_homeassistant else ha_discovery_prefix,
                 tls=tls,
+                ingest_workers=ingest_workers,
                 force=force,
             )
         except BrokerConfigError as err:
@@ -249,7 +260,7 @@ def init(
             monitor_user=None if no_monitor else monitor_user,
             overwrite=force,
             ha_discovery_prefix=None if no_homeassistant else ha_discovery_prefix,
-            ingest_workers=ingest_workers,
+            ingest_workers=ingest_workers or 0,
         )
     except BrokerConfigError as err:
         raise _fail(str(err)) from err

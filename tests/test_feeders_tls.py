@@ -24,6 +24,7 @@ from cryptography import x509
 from typer.testing import CliRunner
 
 from broker import topics
+from broker.client import BusClient, BusSettings
 from broker.errors import BrokerConfigError
 from broker.feeders import (
     FeedersBrokerFiles,
@@ -34,6 +35,7 @@ from broker.feeders import (
     write_feeders_broker_config,
 )
 from broker.mosquitto import MosquittoProcess
+from broker.settings import BrokerConnection
 from tests.broker_fixtures import free_port
 from wattmesh.cli import app
 
@@ -246,39 +248,64 @@ def test_broker_init_with_feeders_and_tls_names_every_tls_listener(broker_dir: P
 # -- over a real broker --------------------------------------------------------------------
 
 
+def _site_bus(files: FeedersBrokerFiles, site: str) -> BusSettings:
+    """A site's bus settings from its file's ``[broker]`` section on its feeder's TLS port."""
+    own = files.feeder_of(site)
+    assert own is not None
+    assert own.tls_port is not None
+    assert files.tls is not None
+    connection = BrokerConnection(
+        port=own.tls_port,
+        mount_point=own.mount_point,
+        ca_file=files.tls.ca_cert,
+        cert_file=files.tls.client_certs[site],
+        key_file=files.tls.client_keys[site],
+    )
+    return connection.bus_settings(username=site, client_id=site)
+
+
 async def test_a_site_over_tls_sees_only_its_own_feeders_topics(
     tls_broker: MosquittoProcess, tls_files: FeedersBrokerFiles
 ) -> None:
+    """n-1's agent settings (certificate, north's TLS port and mount point) on a BusClient."""
     files = tls_files
     clearing_topic = topics.MARKET_CLEARING
     got_site: list[tuple[str, bytes]] = []
     got_north: list[tuple[str, bytes]] = []
     got_south: list[tuple[str, bytes]] = []
     got_monitor: list[tuple[str, bytes]] = []
+
+    async def on_site(topic: str, payload: bytes) -> None:
+        got_site.append((topic, payload))
+
     async with (
         _password_client(files, "coordinator-north") as north,
         _password_client(files, "coordinator-south") as south,
         _tls_client(files, "monitor", "operator") as monitor,
-        _tls_client(files, "n-1", "north") as site,
+        BusClient(_site_bus(files, "n-1"), handler=on_site) as site,
     ):
-        for client in (north, south, site):
+        await site.wait_connected(5)
+        for client in (north, south):
             await client.subscribe(f"{topics.PREFIX}/#", qos=1)
-        await site.subscribe(clearing_topic, qos=1)
+        await site.subscribe(f"{topics.PREFIX}/#")
         await monitor.subscribe("feeder/#", qos=1)
-        await site.publish(topics.site_topic("n-1", "telemetry"), b"reading", qos=1)
-        await site.publish(topics.site_topic("s-1", "telemetry"), b"forged", qos=1)
+        await site.publish(topics.site_topic("n-1", "telemetry"), b"reading")
+        await site.publish(topics.site_topic("s-1", "telemetry"), b"forged")
         await south.publish(clearing_topic, b"south-clearing", qos=1)
         await south.publish(topics.site_topic("n-1", "award"), b"south-award", qos=1)
         await north.publish(topics.site_topic("n-1", "award"), b"north-award", qos=1)
         await north.publish(clearing_topic, b"north-clearing", qos=1)  # the sentinel
-        await _collect_until(site, f"feeder/north/{clearing_topic}", got_site)
+        async with asyncio.timeout(5):
+            while (clearing_topic, b"north-clearing") not in got_site:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
         await _collect_until(north, f"feeder/north/{clearing_topic}", got_north)
         await _collect_until(south, f"feeder/south/{clearing_topic}", got_south)
         await _collect_until(monitor, f"feeder/north/{clearing_topic}", got_monitor)
-    # Mosquitto 2.0.11 leaves the mount point on delivered topics (BusClient removes it).
+    # BusClient took the mount point off. n-1's ACL grants it its own award, dispatch and
+    # forecast, the clearing and grid states: not its own telemetry, nor south's anything.
     assert got_site == [
-        ("feeder/north/wattmesh/v1/site/n-1/award", b"north-award"),
-        ("feeder/north/wattmesh/v1/market/clearing", b"north-clearing"),
+        (topics.site_topic("n-1", "award"), b"north-award"),
+        (clearing_topic, b"north-clearing"),
     ]
     assert ("feeder/north/wattmesh/v1/site/n-1/telemetry", b"reading") in got_north
     assert [p for _, p in got_north].count(b"forged") == 0

@@ -7,9 +7,12 @@ coordinator connect to that feeder's listener and see the unchanged v1 topic tre
     DIR/mosquitto.conf      one listener per feeder (mount_point feeder/{id}/) + the operator's
     DIR/passwd-{feeder}     that feeder's users: its coordinator, its sites, operator, monitor
     DIR/acl-{feeder}        the single-feeder ACL (``acl_text``) with every topic mounted
-    DIR/passwd, DIR/acl     the operator listener (no mount point): operator and monitor only
+    DIR/passwd, DIR/acl     the operator listener (no mount point): operator and monitor, and
+                            each feeder's ingest worker users (``ingest_workers``)
     DIR/credentials.toml    user -> password, and each feeder's port, mount point and sites
     DIR/data/               persistence (one database for the whole broker)
+    DIR/tls/                with ``tls``: ca.crt, ca.key, server.crt, server.key,
+                            clients/{user}.crt and .key, crl-feeder-{id}.pem, crl-operator.pem
 
 How it works (verified on Mosquitto 2.0.11, Debian 12):
 
@@ -33,19 +36,54 @@ How it works (verified on Mosquitto 2.0.11, Debian 12):
   there as ``feeder/{id}/wattmesh/v1/...`` (``wattmesh status --broker-dir DIR``). They also
   have the same rights as in a single-feeder broker on each feeder's listener, where the
   feeder looks like a single-feeder broker (``wattmesh dispatch --port <feeder port>``).
+
+Ingest workers (``ingest_workers = N`` for a feeder, or ``broker init --feeders F
+--ingest-workers N`` for all): users ``{coordinator_user}-ingest-{i}`` (one password per
+feeder) that read that feeder's telemetry. They log in on the operator listener, not on their
+feeder's: Mosquitto puts a listener's mount point in front of a ``$share/...`` filter
+(``feeder/north/$share/GROUP/wattmesh/v1/site/+/telemetry``, granted QoS 1), and a filter
+whose first level is not ``$share`` is an ordinary subscription that matches nothing (verified
+on 2.0.11; 2.0.22's source is the same). On the operator listener they subscribe to
+``$share/wattmesh-ingest-{feeder}/feeder/{id}/wattmesh/v1/site/+/telemetry``, and its ACL
+grants each of them exactly its own feeder's telemetry. The coordinator gives them
+``[broker] ingest_port`` (the operator port); coordinator/ingest.py has the details.
+
+With ``tls`` every feeder also gets a mutual-TLS listener (its ``tls_port``), and the operator
+one if ``[operator] tls_port`` is set; the password listeners then serve 127.0.0.1 only. One
+CA signs the server's certificate and one client certificate per user (CN = user). Verified
+on Mosquitto 2.0.11 (tests/test_feeders_tls.py):
+
+- ``per_listener_settings true`` makes ``acl_file`` a listener's own: the TLS listener names
+  its feeder's ACL file (the same file as the password listener). A listener without
+  ``acl_file`` allows every topic (under its mount point).
+- ``mount_point`` works on a TLS listener as on a password listener (the ACL sees the mounted
+  topic), and ``use_username_as_clientid`` takes the certificate's CN.
+- ``use_identity_as_username`` skips the password check altogether (handle_connect.c:
+  "Authentication assumed to be cleared"); a ``password_file`` on the TLS listener changes
+  nothing. With one CA, another feeder's site certificate would therefore connect (its ACL
+  would then deny it every topic). Each feeder's TLS listener has a ``crlfile`` that revokes
+  the certificates of every other feeder's coordinator and sites (the operator's revokes all
+  but the operator's and the monitor's), so they fail the TLS handshake: under TLS 1.2 inside
+  the handshake (alert "certificate revoked"), under TLS 1.3 right after it. The CRLs are
+  valid as long as the CA (OpenSSL refuses every client once a CRL's next update passes);
+  ``init --force`` renews the CA, every certificate and the CRLs.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.errors import BrokerConfigError
@@ -58,13 +96,26 @@ from broker.mosquitto import (
     DATA_DIR_NAME,
     LOG_NAME,
     PASSWD_NAME,
+    TLS_DIR_NAME,
+    TlsFiles,
     _common_conf_lines,
+    _plain_bind_host,
+    _tls_layout,
     _write_file,
+    _write_tls,
     acl_text,
+    ingest_user,
     password_file_text,
     prepare_broker_dir,
 )
-from broker.topics import HA_DISCOVERY_PREFIX, HA_PREFIX_PATTERN, ID_PATTERN, PREFIX, check_id
+from broker.topics import (
+    HA_DISCOVERY_PREFIX,
+    HA_PREFIX_PATTERN,
+    ID_PATTERN,
+    PREFIX,
+    check_id,
+    site_wildcard,
+)
 
 #: A feeder's topic root on the shared broker: ``feeder/{id}/`` (the listener's mount point).
 MOUNT_ROOT = "feeder"
@@ -108,13 +159,24 @@ class FeederSpec(BaseModel):
 
     id: str = Field(pattern=ID_PATTERN)
     port: int = Field(gt=0, le=65535)
+    #: The feeder's mutual-TLS listener (``broker init --feeders F --tls``; ignored without).
+    tls_port: int | None = Field(default=None, gt=0, le=65535)
     coordinator: str | None = Field(default=None, pattern=ID_PATTERN)
     sites: tuple[str, ...] = Field(min_length=1)
+    #: Users for the coordinator's ingest worker processes (``[coordinator] ingest_workers``).
+    ingest_workers: int = Field(default=0, ge=0, le=64)
 
     @property
     def coordinator_user(self) -> str:
         """The coordinator's user name: ``coordinator`` from the file, else coordinator-{id}."""
         return self.coordinator or f"coordinator-{self.id}"
+
+    @property
+    def ingest_users(self) -> tuple[str, ...]:
+        """The ingest workers' users: ``{coordinator_user}-ingest-{i}``, i = 1..ingest_workers."""
+        return tuple(
+            ingest_user(self.coordinator_user, i) for i in range(1, self.ingest_workers + 1)
+        )
 
 
 class OperatorListener(BaseModel):
@@ -123,6 +185,8 @@ class OperatorListener(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     port: int = Field(default=1883, gt=0, le=65535)
+    #: With ``--tls``, an optional mutual-TLS listener for the operator and the monitor.
+    tls_port: int | None = Field(default=None, gt=0, le=65535)
 
 
 class FeedersFile(BaseModel):
@@ -167,6 +231,18 @@ class FeederListener:
     sites: tuple[str, ...]
     password_file: Path
     acl_file: Path
+    #: With TLS: the mutual-TLS listener's port and its certificate revocation list (every
+    #: certificate of the other feeders' users, so that they fail the TLS handshake here).
+    tls_port: int | None = None
+    crl_file: Path | None = None
+    #: The coordinator's ingest workers' users: they log in on the operator listener (no mount
+    #: point), where Mosquitto's shared subscriptions work; see the module's docstring.
+    ingest_users: tuple[str, ...] = ()
+
+    @property
+    def users(self) -> tuple[str, ...]:
+        """The users that belong to this feeder: its coordinator and its sites."""
+        return (self.coordinator_user, *self.sites)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,11 +261,17 @@ class FeedersBrokerFiles:
     monitor_user: str | None
     feeders: tuple[FeederListener, ...]
     credentials: dict[str, str] = field(repr=False)
+    #: With TLS: the CA, the server's and every user's certificate, and the operator's
+    #: mutual-TLS listener (None if it has none).
+    tls: TlsFiles | None = None
+    tls_port: int | None = None
+    operator_crl_file: Path | None = None
 
     @property
     def connect_host(self) -> str:
-        """The address a client on this machine connects to."""
-        return "127.0.0.1" if self.host in _UNSPECIFIED_HOSTS else self.host
+        """The address a client on this machine connects to (the password listeners', which
+        serve 127.0.0.1 only when the broker has TLS)."""
+        return _plain_bind_host(self.host, tls=self.tls is not None)
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -212,7 +294,7 @@ class FeedersBrokerFiles:
 
 
 def _check_feeders(
-    spec: FeedersFile, operator_user: str | None, monitor_user: str | None
+    spec: FeedersFile, operator_user: str | None, monitor_user: str | None, *, tls: bool = False
 ) -> list[str]:
     """Every user name, in the order credentials.toml lists them; ``BrokerConfigError`` if two
     users, two feeders or two listeners collide."""
@@ -229,27 +311,42 @@ def _check_feeders(
     if len(set(ids)) != len(ids):
         raise BrokerConfigError(f"feeder ids must be unique: {sorted(ids)}")
     ports = [spec.operator.port, *(f.port for f in spec.feeders)]
+    if tls:
+        missing = [f.id for f in spec.feeders if f.tls_port is None]
+        if missing:
+            raise BrokerConfigError(
+                "with TLS every feeder needs a tls_port (its mutual-TLS listener) in the "
+                f"feeders file; missing for: {', '.join(missing)}"
+            )
+        ports += [p for p in (spec.operator.tls_port, *(f.tls_port for f in spec.feeders)) if p]
     if len(set(ports)) != len(ports):
         raise BrokerConfigError(
-            f"every feeder needs its own port, and the operator listener another: {ports}"
+            "every feeder needs its own port (and TLS port), and the operator listener "
+            f"others: {ports}"
         )
     names = [
         *(u for u in (operator_user, monitor_user) if u),
         *(f.coordinator_user for f in spec.feeders),
         *(site for f in spec.feeders for site in f.sites),
+        *(user for f in spec.feeders for user in f.ingest_users),
     ]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise BrokerConfigError(
             "user names must be unique across the broker (a client id is its user name, and "
-            "client ids are broker-wide): site ids across feeders, coordinators, operator and "
-            f"monitor; repeated: {duplicates}"
+            "client ids are broker-wide): site ids across feeders, coordinators, their ingest "
+            f"users, operator and monitor; repeated: {duplicates}"
         )
     return names
 
 
-def operator_acl_text(operator_user: str | None, monitor_user: str | None) -> str:
-    """The operator listener's ACL: every feeder's topics, ``feeder/+/wattmesh/v1/...``."""
+def operator_acl_text(
+    operator_user: str | None,
+    monitor_user: str | None,
+    ingest_users: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """The operator listener's ACL: every feeder's topics, ``feeder/+/wattmesh/v1/...``;
+    ``ingest_users`` (feeder -> its ingest workers' users) read their feeder's telemetry."""
     lines = [
         "# wattmesh operator listener ACL (no mount point), written by `wattmesh broker init`.",
         "# Each feeder's topics are under feeder/{id}/; sites and coordinators cannot log in here.",
@@ -270,6 +367,16 @@ def operator_acl_text(operator_user: str | None, monitor_user: str | None) -> st
             f"topic read {ALL_FEEDERS_PREFIX}/#",
             "",
         ]
+    for feeder, users in (ingest_users or {}).items():
+        telemetry = f"{mount_point(feeder)}{site_wildcard('telemetry')}"
+        for user in users:
+            lines += [
+                f"# Feeder {feeder}'s coordinator's ingest worker: reads that feeder's telemetry",
+                f"# (through $share/GROUP/{telemetry}), writes nothing.",
+                f"user {user}",
+                f"topic read {telemetry}",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -278,6 +385,8 @@ def write_feeders_broker_config(
     spec: FeedersFile,
     *,
     host: str = "127.0.0.1",
+    tls: bool = False,
+    tls_names: Sequence[str] = (),
     operator_user: str | None = "operator",
     monitor_user: str | None = "monitor",
     autosave_interval_s: int = 60,
@@ -287,19 +396,36 @@ def write_feeders_broker_config(
     """Write a Mosquitto configuration for every feeder of ``spec`` into ``directory``.
 
     One listener per feeder on ``host`` (its port from ``spec``, mount point ``feeder/{id}/``)
-    and the operator listener (``spec.operator.port``, no mount point). Every call makes new
-    random passwords. ``BrokerConfigError`` for invalid or colliding ids, users or ports, a
+    and the operator listener (``spec.operator.port``, no mount point). With ``tls`` each
+    feeder also gets a mutual-TLS listener on ``host`` (its ``tls_port``, same mount point and
+    ACL, certificate = user), the operator one if ``spec.operator.tls_port`` is set, and the
+    password listeners serve 127.0.0.1 only; one CA signs the server's certificate (with
+    ``tls_names``, as in ``write_broker_config``) and one client certificate per user. Every
+    call makes new random passwords (and with ``tls`` a new CA). ``BrokerConfigError`` for
+    invalid or colliding ids, users or ports, a feeder without ``tls_port`` under ``tls``, a
     path with whitespace, and when a configuration exists and ``overwrite`` is false.
     """
-    users = _check_feeders(spec, operator_user, monitor_user)
+    users = _check_feeders(spec, operator_user, monitor_user, tls=tls)
     if ha_discovery_prefix is not None and not re.match(HA_PREFIX_PATTERN, ha_discovery_prefix):
         raise BrokerConfigError(
             f"Home Assistant discovery prefix {ha_discovery_prefix!r} is invalid"
         )
-    root, owner = prepare_broker_dir(directory, host, overwrite=overwrite, renewed="new passwords")
+    root, owner = prepare_broker_dir(
+        directory, host, overwrite=overwrite, renewed="new passwords and certificates"
+    )
     conf, data_dir = root / CONF_NAME, root / DATA_DIR_NAME
     credentials = {user: secrets.token_urlsafe(32) for user in users}
+    for f in spec.feeders:  # one password for a feeder's ingest workers, as for one feeder
+        if f.ingest_users:
+            shared = secrets.token_urlsafe(32)
+            credentials.update(dict.fromkeys(f.ingest_users, shared))
     observers = [u for u in (operator_user, monitor_user) if u]
+    ingest = {f.id: f.ingest_users for f in spec.feeders if f.ingest_users}
+    cert_users = [u for u in users if not any(u in group for group in ingest.values())]
+    tls_files = None
+    if tls:
+        group = (-1, owner[1]) if owner else None
+        tls_files = _write_tls(root / TLS_DIR_NAME, host, cert_users, tls_names, owner, group)
     listeners: list[FeederListener] = []
     for f in spec.feeders:
         listener = FeederListener(
@@ -310,6 +436,9 @@ def write_feeders_broker_config(
             sites=f.sites,
             password_file=root / f"{PASSWD_NAME}-{f.id}",
             acl_file=root / f"{ACL_NAME}-{f.id}",
+            tls_port=f.tls_port if tls else None,
+            crl_file=_crl_path(root, f.id) if tls else None,
+            ingest_users=f.ingest_users,
         )
         feeder_users = [f.coordinator_user, *observers, *f.sites]
         _write_file(
@@ -326,20 +455,30 @@ def write_feeders_broker_config(
             ha_discovery_prefix=ha_discovery_prefix,
         )
         header = (
-            f"# Feeder {f.id}'s listener (mount_point {listener.mount_point}): the broker checks\n"
+            f"# Feeder {f.id}'s listeners (mount_point {listener.mount_point}): the broker checks\n"
             "# the mounted topic, so every topic below has the mount point in front.\n"
         )
         _write_file(
             listener.acl_file, header + mounted_acl(acl, listener.mount_point), 0o600, owner
         )
+        if tls_files is not None and listener.crl_file is not None:
+            allowed = {*listener.users, *observers}
+            write_crl(tls_files, listener.crl_file, [u for u in cert_users if u not in allowed])
         listeners.append(listener)
+    operator_users = [*observers, *(u for users in ingest.values() for u in users)]
     _write_file(
         root / PASSWD_NAME,
-        password_file_text({u: credentials[u] for u in observers}),
+        password_file_text({u: credentials[u] for u in operator_users}),
         0o600,
         owner,
     )
-    _write_file(root / ACL_NAME, operator_acl_text(operator_user, monitor_user), 0o600, owner)
+    _write_file(
+        root / ACL_NAME, operator_acl_text(operator_user, monitor_user, ingest), 0o600, owner
+    )
+    operator_tls_port = spec.operator.tls_port if tls else None
+    operator_crl = _crl_path(root, None) if operator_tls_port is not None else None
+    if tls_files is not None and operator_crl is not None:
+        write_crl(tls_files, operator_crl, [u for u in cert_users if u not in observers])
     files = FeedersBrokerFiles(
         directory=root,
         conf=conf,
@@ -352,10 +491,48 @@ def write_feeders_broker_config(
         monitor_user=monitor_user,
         feeders=tuple(listeners),
         credentials=credentials,
+        tls=tls_files,
+        tls_port=operator_tls_port,
+        operator_crl_file=operator_crl,
     )
     _write_file(files.credentials_file, _credentials_text(files), 0o600, None)
     _write_file(conf, _conf_text(files, autosave_interval_s), 0o644, None)
     return files
+
+
+def _crl_path(root: Path, feeder: str | None) -> Path:
+    """Where the revocation list of ``feeder``'s TLS listener (None: the operator's) goes."""
+    name = "crl-operator.pem" if feeder is None else f"crl-feeder-{feeder}.pem"
+    return root / TLS_DIR_NAME / name
+
+
+def write_crl(tls: TlsFiles, path: Path, revoked_users: Sequence[str]) -> None:
+    """Write a CRL, signed by the broker's CA, that revokes the client certificates of
+    ``revoked_users``: a listener with it as ``crlfile`` refuses them in the TLS handshake.
+
+    Valid as long as the CA (OpenSSL refuses every client once a CRL's next update passes).
+    """
+    ca_cert = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(tls.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise BrokerConfigError(f"{tls.ca_key} is not the EC key wattmesh makes")
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate clock skew
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for user in revoked_users:
+        cert = x509.load_pem_x509_certificate(tls.client_certs[user].read_bytes())
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now)
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_file(path, crl.public_bytes(serialization.Encoding.PEM), 0o644, None)
 
 
 def _listener_lines(port: int, host: str, password_file: Path, acl_file: Path) -> list[str]:
@@ -370,7 +547,32 @@ def _listener_lines(port: int, host: str, password_file: Path, acl_file: Path) -
     ]
 
 
+def _tls_listener_lines(
+    port: int, host: str, tls: TlsFiles, crl_file: Path, acl_file: Path
+) -> list[str]:
+    """A mutual-TLS listener: the certificate's CN is the user (no password file is read),
+    ``crl_file`` keeps out the certificates of users that belong elsewhere, and the ACL is the
+    listener's own (per_listener_settings: a listener without acl_file would allow every
+    topic)."""
+    bind = "" if host in _UNSPECIFIED_HOSTS else f" {host}"
+    return [
+        f"listener {port}{bind}",
+        "protocol mqtt",
+        f"cafile {tls.ca_cert}",
+        f"certfile {tls.server_cert}",
+        f"keyfile {tls.server_key}",
+        f"crlfile {crl_file}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        f"acl_file {acl_file}",
+        *_CLIENT_ID_BINDING,
+        "tls_version tlsv1.2",
+    ]
+
+
 def _conf_text(files: FeedersBrokerFiles, autosave_interval_s: int) -> str:
+    plain_host = files.connect_host
     lines = [
         "# wattmesh Mosquitto configuration for many feeders, written by",
         "# `wattmesh broker init --feeders` (broker/feeders.py). `init --force` rewrites it.",
@@ -386,17 +588,40 @@ def _conf_text(files: FeedersBrokerFiles, autosave_interval_s: int) -> str:
         lines += [
             "",
             f"# Feeder {f.id}: its coordinator and sites see the v1 tree; the broker keeps it",
-            f"# under {f.mount_point} (the ACL names the mounted topics).",
-            *_listener_lines(f.port, files.host, f.password_file, f.acl_file),
+            f"# under {f.mount_point} (the ACL names the mounted topics)."
+            + (" Passwords: this machine only." if files.tls else ""),
+            *_listener_lines(f.port, plain_host, f.password_file, f.acl_file),
             f"mount_point {f.mount_point}",
         ]
+        if files.tls is not None and f.tls_port is not None and f.crl_file is not None:
+            lines += [
+                "",
+                f"# Feeder {f.id} over mutual TLS: the same mount point and ACL; a client",
+                "# certificate's CN is its user. The CRL revokes every other feeder's users'",
+                "# certificates (one CA signs them all), so those fail the TLS handshake here.",
+                *_tls_listener_lines(f.tls_port, files.host, files.tls, f.crl_file, f.acl_file),
+                f"mount_point {f.mount_point}",
+            ]
     lines += [
         "",
         "# The operator listener: no mount point, every feeder under feeder/{id}/.",
         *_listener_lines(
-            files.port, files.host, files.directory / PASSWD_NAME, files.directory / ACL_NAME
+            files.port, plain_host, files.directory / PASSWD_NAME, files.directory / ACL_NAME
         ),
     ]
+    if files.tls is not None and files.tls_port is not None and files.operator_crl_file:
+        lines += [
+            "",
+            "# The operator listener over mutual TLS: only the operator's and the monitor's",
+            "# certificates are valid here (the CRL revokes every feeder's users').",
+            *_tls_listener_lines(
+                files.tls_port,
+                files.host,
+                files.tls,
+                files.operator_crl_file,
+                files.directory / ACL_NAME,
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -410,18 +635,36 @@ def _credentials_text(files: FeedersBrokerFiles) -> str:
         f"host = {q(files.host)}",
         f"port = {files.port}",
     ]
+    if files.tls_port is not None:
+        lines.append(f"tls_port = {files.tls_port}")
     if files.operator_user:
         lines.append(f"operator_user = {q(files.operator_user)}")
     if files.monitor_user:
         lines.append(f"monitor_user = {q(files.monitor_user)}")
     lines += [f"sites = [{', '.join(q(s) for s in files.sites)}]", ""]
+    if files.tls is not None:
+        lines += [
+            "[tls]",
+            f"ca_cert = {q(str(files.tls.ca_cert))}",
+            f"clients = {q(str(files.tls.ca_cert.parent / 'clients'))}",
+            "",
+        ]
     for f in files.feeders:
         lines += [
             f"[feeders.{f.id}]",
             f"port = {f.port}",
+            *([f"tls_port = {f.tls_port}"] if f.tls_port is not None else []),
             f"mount_point = {q(f.mount_point)}",
             f"coordinator_user = {q(f.coordinator_user)}",
             f"sites = [{', '.join(q(s) for s in f.sites)}]",
+            *(
+                [
+                    "# The ingest workers log in on the operator listener ([broker] port).",
+                    f"ingest_users = [{', '.join(q(u) for u in f.ingest_users)}]",
+                ]
+                if f.ingest_users
+                else []
+            ),
             "",
         ]
     lines.append("[users]")
@@ -445,6 +688,7 @@ def load_feeders_broker(directory: str | os.PathLike[str]) -> FeedersBrokerFiles
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
         broker = doc["broker"]
+        has_tls = "tls" in doc
         feeders = tuple(
             FeederListener(
                 id=str(feeder_id),
@@ -454,9 +698,16 @@ def load_feeders_broker(directory: str | os.PathLike[str]) -> FeedersBrokerFiles
                 sites=tuple(str(s) for s in f["sites"]),
                 password_file=root / f"{PASSWD_NAME}-{feeder_id}",
                 acl_file=root / f"{ACL_NAME}-{feeder_id}",
+                tls_port=int(f["tls_port"]) if has_tls else None,
+                crl_file=_crl_path(root, str(feeder_id)) if has_tls else None,
+                ingest_users=tuple(str(u) for u in f.get("ingest_users", ())),
             )
             for feeder_id, f in doc["feeders"].items()
         )
+        credentials = {str(k): str(v) for k, v in doc["users"].items()}
+        ingest = {u for f in feeders for u in f.ingest_users}
+        cert_users = [u for u in credentials if u not in ingest]
+        tls_port = broker.get("tls_port")
         return FeedersBrokerFiles(
             directory=root,
             conf=root / CONF_NAME,
@@ -468,7 +719,10 @@ def load_feeders_broker(directory: str | os.PathLike[str]) -> FeedersBrokerFiles
             operator_user=broker.get("operator_user"),
             monitor_user=broker.get("monitor_user"),
             feeders=feeders,
-            credentials={str(k): str(v) for k, v in doc["users"].items()},
+            credentials=credentials,
+            tls=_tls_layout(root / TLS_DIR_NAME, cert_users) if has_tls else None,
+            tls_port=None if tls_port is None else int(tls_port),
+            operator_crl_file=_crl_path(root, None) if tls_port is not None else None,
         )
     except FileNotFoundError as err:
         raise BrokerConfigError(

@@ -76,6 +76,12 @@ class BrokerSection(BrokerConnection):
     client_id: str | None = "wattmesh-coordinator"
     #: The ingest workers' password (one for all their users), with ``ingest_workers`` > 0.
     ingest_password_env: str | None = "WATTMESH_INGEST_PASSWORD"
+    #: The listener the ingest workers log in on (default: ``port``). Behind a ``mount_point``
+    #: it must be another listener, one without a mount point (a many-feeders broker's
+    #: operator listener, where ``broker init --feeders`` puts the ingest users): Mosquitto
+    #: puts the mount point in front of ``$share/...``, which makes a shared subscription an
+    #: ordinary one that matches nothing (coordinator/ingest.py).
+    ingest_port: int | None = Field(default=None, gt=0, le=65535)
 
     def ingest_password(self) -> str:
         """The ingest workers' password from ``$ingest_password_env``; ``ValueError`` if unset."""
@@ -257,6 +263,20 @@ class CoordinatorConfig(_Strict):
             return self.trust.default_connection_w
         feeder_w = max(self.grid.import_limit_w, self.grid.export_limit_w)
         return min(feeder_w, MAX_DEFAULT_CONNECTION_W)
+
+    @model_validator(mode="after")
+    def _ingest_listener(self) -> CoordinatorConfig:
+        b = self.broker
+        if self.coordinator.ingest_workers and b.mount_point and b.ingest_port in (None, b.port):
+            raise ValueError(
+                "coordinator.ingest_workers with broker.mount_point needs broker.ingest_port: "
+                "the port of a listener without a mount point (on a many-feeders broker the "
+                "operator listener, [broker] port in credentials.toml). Mosquitto (2.0.11 and "
+                "later 2.0 releases) puts the mount point in front of the workers' $share/... "
+                f"subscription ({b.mount_point}$share/...), which makes it an ordinary "
+                "subscription that matches no topic: the workers would receive nothing"
+            )
+        return self
 
     @field_validator("sites")
     @classmethod

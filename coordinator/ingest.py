@@ -31,6 +31,17 @@ its place among the site's last ``RECENT_READINGS`` readings (``reordered=True``
 still a duplicate by its id, and an older one beyond those is counted as a duplicate, as
 in-process ingest counts any older reading).
 
+Behind a listener's mount point (a many-feeders broker, broker/feeders.py) the workers log in
+on a listener without one (``[broker] ingest_port``: the operator listener) and subscribe to
+``$share/{group}/feeder/{id}/wattmesh/v1/site/+/telemetry``. Verified on Mosquitto 2.0.11
+(tests/test_feeders_ingest.py): a listener's mount point goes in front of the whole filter,
+``$share`` included, so ``$share/g/wattmesh/v1/site/+/telemetry`` through a listener with
+``mount_point feeder/north/`` becomes the ordinary subscription
+``feeder/north/$share/g/wattmesh/v1/site/+/telemetry`` (SUBACK granted, QoS 1), whose literal
+``$share`` and ``g`` levels match no published topic: nothing is ever delivered. Mosquitto
+recognises a shared subscription only when ``$share`` is the first level (topic_tok.c), after
+handle_subscribe.c has added the mount point; 2.0.22's source does the same (read, not run).
+
 Worker lifecycle: a worker dies with the coordinator (the kernel's parent-death signal, and
 end of file on its pipe); when one dies, the coordinator logs it and starts it again after a
 growing delay. Its persistent session (``WORKER_SESSION_EXPIRY_S``) keeps the share the broker
@@ -94,9 +105,11 @@ _TELEMETRY_PREFIX = f"{topics.PREFIX}/site/"
 _TELEMETRY_SUFFIX = "/telemetry"
 
 
-def shared_topic(group: str) -> str:
-    """The shared subscription the workers of ``group`` take their share of telemetry from."""
-    return f"$share/{group}/{topics.site_wildcard('telemetry')}"
+def shared_topic(group: str, root: str = "") -> str:
+    """The shared subscription the workers of ``group`` take their share of telemetry from;
+    ``root`` (a feeder's mount point, ``feeder/{id}/``) in front of the telemetry topics when
+    the workers read a many-feeders broker on its listener without a mount point."""
+    return f"$share/{group}/{root}{topics.site_wildcard('telemetry')}"
 
 
 def error_line(err: BaseException) -> str:
@@ -159,6 +172,9 @@ class WorkerSpec:
     bus: BusSettings
     group: str
     log_level: int = logging.WARNING
+    #: The feeder's mount point, in front of the subscribed telemetry topics (see
+    #: :func:`shared_topic`); ``bus.mount_point`` takes it off the delivered ones.
+    topic_root: str = ""
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -225,7 +241,7 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
     loop.add_reader(conn.fileno(), on_request)
     try:
         async with bus:
-            await bus.subscribe(shared_topic(spec.group))
+            await bus.subscribe(shared_topic(spec.group, spec.topic_root))
             await stop.wait()
     finally:
         loop.remove_reader(conn.fileno())
@@ -497,10 +513,29 @@ class IngestPool:
 
 
 def worker_specs(
-    settings: BusSettings, *, user: str, password: str, count: int, group: str
+    settings: BusSettings,
+    *,
+    user: str,
+    password: str,
+    count: int,
+    group: str,
+    port: int | None = None,
 ) -> list[WorkerSpec]:
     """The specs of ``count`` workers: ``settings`` with each worker's own user
-    (``{user}-ingest-{i}``, which the broker also takes as its client id) and ``password``."""
+    (``{user}-ingest-{i}``, which the broker also takes as its client id) and ``password``.
+
+    With a ``settings.mount_point`` the workers log in on ``port``, a listener without a mount
+    point, and subscribe to the mounted telemetry topics: Mosquitto (2.0.11; the same code in
+    later 2.0 releases) puts a listener's mount point in front of a ``$share/...`` filter
+    (``feeder/north/$share/GROUP/...``), an ordinary subscription that matches nothing.
+    ``ValueError`` for a mount point without another ``port``."""
+    root = settings.mount_point or ""
+    if root and port in (None, settings.port):
+        raise ValueError(
+            f"ingest workers behind mount point {root!r} need the port of a listener without "
+            "one ([broker] ingest_port): a shared subscription behind a mount point matches "
+            "nothing on Mosquitto"
+        )
     from broker.mosquitto import ingest_user  # noqa: PLC0415 - Mosquitto tooling, not the bus
 
     level = logging.getLogger().getEffectiveLevel()
@@ -509,12 +544,21 @@ def worker_specs(
         name = ingest_user(user, i)
         bus = dataclasses.replace(
             settings,
+            port=settings.port if port is None else port,
             username=name,
             client_id=name,
             password=password,
             session_expiry_s=WORKER_SESSION_EXPIRY_S,
         )
-        specs.append(WorkerSpec(index=i, bus=bus, group=group, log_level=max(level, logging.INFO)))
+        specs.append(
+            WorkerSpec(
+                index=i,
+                bus=bus,
+                group=group,
+                log_level=max(level, logging.INFO),
+                topic_root=root,
+            )
+        )
     return specs
 
 

@@ -573,6 +573,7 @@ class Coordinator:
             password=password if password is not None else self.config.broker.ingest_password(),
             count=c.ingest_workers,
             group=f"wattmesh-ingest-{self.feeder}",
+            port=self.config.broker.ingest_port,
         )
         return IngestPool(specs, c.ingest_flush_s, self.apply_ingest)
 

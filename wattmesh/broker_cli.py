@@ -67,18 +67,38 @@ def _describe_feeders(files: FeedersBrokerFiles) -> list[str]:
         f"  config       {files.conf}",
         f"  persistence  {files.persistence_dir}/",
     ]
+    if files.tls is not None:
+        lines += [
+            f"  CA           {files.tls.ca_cert} (key: {files.tls.ca_key})",
+            f"  server cert  {files.tls.server_cert}",
+            f"  client certs {files.tls.ca_cert.parent / 'clients'}/<user>.crt and .key",
+        ]
     for f in files.feeders:
         lines.append(
             f"  feeder {f.id}: listener {files.connect_host}:{f.port}, mount point "
             f"{f.mount_point}, coordinator user {f.coordinator_user!r}, sites {', '.join(f.sites)}"
             f" (passwords {f.password_file.name}, ACL {f.acl_file.name})"
         )
+        if f.ingest_users:
+            lines.append(
+                f"    ingest users {', '.join(f.ingest_users)} (one password; they log in on "
+                f"the operator listener, port {files.port}: [broker] ingest_port)"
+            )
+        if f.tls_port is not None:
+            lines.append(
+                f"    TLS listener {files.host}:{f.tls_port} (client certificate = user; "
+                "other feeders' certificates are revoked there)"
+            )
     observers = [u for u in (files.operator_user, files.monitor_user) if u]
-    lines += [
+    lines.append(
         f"  operator listener {files.connect_host}:{files.port} (no mount point: every feeder "
-        f"under feeder/<id>/) for {', '.join(observers) or 'nobody'}",
-        "a site's or coordinator's password is valid only on its own feeder's listener; give "
-        "each its feeder's port and mount_point in its [broker] section",
+        f"under feeder/<id>/) for {', '.join(observers) or 'nobody'}"
+    )
+    if files.tls_port is not None:
+        lines.append(f"    TLS listener {files.host}:{files.tls_port} (operator and monitor only)")
+    lines += [
+        "a site's or coordinator's credentials are valid only on its own feeder's listeners; "
+        "give each its feeder's port (or TLS port) and mount_point in its [broker] section",
         f"credentials (user -> password, keep secret, mode 600): {files.credentials_file}",
         f"start it with: wattmesh broker run {files.directory}",
     ]
@@ -90,18 +110,29 @@ def _init_feeders(
     feeders: Path,
     port: int | None,
     host: str,
+    tls_port: int | None,
     operator_user: str | None,
     monitor_user: str | None,
     ha_discovery_prefix: str | None,
+    *,
+    tls: bool,
+    ingest_workers: int | None,
     force: bool,
 ) -> FeedersBrokerFiles:
     spec = load_feeders_file(feeders)
-    if port is not None:
-        spec = spec.model_copy(update={"operator": spec.operator.model_copy(update={"port": port})})
+    if ingest_workers is not None:  # every feeder's coordinator gets that many
+        every = tuple(f.model_copy(update={"ingest_workers": ingest_workers}) for f in spec.feeders)
+        spec = spec.model_copy(update={"feeders": every})
+    operator = {
+        key: value for key, value in (("port", port), ("tls_port", tls_port)) if value is not None
+    }
+    if operator:
+        spec = spec.model_copy(update={"operator": spec.operator.model_copy(update=operator)})
     return write_feeders_broker_config(
         directory,
         spec,
         host=host,
+        tls=tls,
         operator_user=operator_user,
         monitor_user=monitor_user,
         overwrite=force,
@@ -137,7 +168,13 @@ def init(
     tls: Annotated[
         bool, typer.Option("--tls", help="Add a mutual-TLS listener and make a CA and certs.")
     ] = False,
-    tls_port: Annotated[int, typer.Option(help="Port of the TLS listener.")] = 8883,
+    tls_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the TLS listener (default 8883); with --feeders the operator's TLS "
+            "listener (default: the file's [operator] tls_port, else none)."
+        ),
+    ] = None,
     coordinator_user: Annotated[str, typer.Option(help="The coordinator's user name.")] = (
         "coordinator"
     ),
@@ -165,14 +202,15 @@ def init(
         typer.Option("--no-homeassistant", help="Grant no Home Assistant discovery topics."),
     ] = False,
     ingest_workers: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="Users COORDINATOR-ingest-1..N for the coordinator's ingest worker processes "
-            "(\\[coordinator] ingest_workers; one password, read telemetry only).",
+            "(\\[coordinator] ingest_workers; one password, read telemetry only); with "
+            "--feeders for every feeder's coordinator (instead of the file's ingest_workers).",
             min=0,
             max=64,
         ),
-    ] = 0,
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
     ] = False,
@@ -180,23 +218,25 @@ def init(
     """Write mosquitto.conf, the password file, the ACL and credentials.toml into DIRECTORY.
 
     With --feeders: one listener per feeder (its own password file and ACL, mount point
-    feeder/<id>/) and an operator listener that sees every feeder.
+    feeder/<id>/) and an operator listener that sees every feeder; with --tls also each
+    feeder's mutual-TLS listener (its tls_port in the file).
     """
     if (sites is None) == (feeders is None):
         raise _fail("give either --sites or --feeders")
     if feeders is not None:
-        if tls:
-            raise _fail("--tls is not supported with --feeders yet")
         try:
             feeder_files = _init_feeders(
                 directory,
                 feeders,
                 port,
                 host,
+                tls_port,
                 None if no_operator else operator_user,
                 None if no_monitor else monitor_user,
                 None if no_homeassistant else ha_discovery_prefix,
-                force,
+                tls=tls,
+                ingest_workers=ingest_workers,
+                force=force,
             )
         except BrokerConfigError as err:
             raise _fail(str(err)) from err
@@ -214,13 +254,13 @@ def init(
             port=1883 if port is None else port,
             host=host,
             tls=tls,
-            tls_port=tls_port,
+            tls_port=8883 if tls_port is None else tls_port,
             coordinator_user=coordinator_user,
             operator_user=None if no_operator else operator_user,
             monitor_user=None if no_monitor else monitor_user,
             overwrite=force,
             ha_discovery_prefix=None if no_homeassistant else ha_discovery_prefix,
-            ingest_workers=ingest_workers,
+            ingest_workers=ingest_workers or 0,
         )
     except BrokerConfigError as err:
         raise _fail(str(err)) from err

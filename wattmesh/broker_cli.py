@@ -172,7 +172,7 @@ def init(
         int | None,
         typer.Option(
             help="Port of the TLS listener (default 8883); with --feeders the operator's TLS "
-            "listener (default: the file's [operator] tls_port, else none)."
+            "listener (default: the file's \\[operator] tls_port, else none)."
         ),
     ] = None,
     coordinator_user: Annotated[str, typer.Option(help="The coordinator's user name.")] = (

@@ -202,6 +202,24 @@ def test_the_agent_starts_no_blas_threads_unless_the_environment_asks(
     assert result.stdout.split() == threads.split()  # the process's threads, the setting
 
 
+def test_a_plan_is_solved_on_its_own_thread_without_a_pool_of_solver_threads() -> None:
+    code = (
+        "import os\n"
+        "from edge.plan import PlanBattery, plan_site\n"
+        "plan = plan_site([0.5, -0.5, 0.5, 0.2] * 24, 0.3, 0.1, PlanBattery(1.0, 0.0, 2.0, 1.0, "
+        "1.0), step_h=0.25, stored_value_per_kwh=0.2)\n"
+        "print(len(os.listdir('/proc/self/task')), plan.cost)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+        env=env,
+    )  # fmt: skip
+    threads, cost = result.stdout.split()
+    assert float(cost) != 0.0  # solved
+    assert threads == "1"
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -9,16 +9,17 @@
    (``wattmesh.cli``), which is what ``wattmesh edge run`` loaded before the lean path.
    Then where the memory goes: each library the agent uses imported alone in fresh
    interpreters (MB over the bare interpreter), all of them together without one line of
-   wattmesh, and the agent; as RSS (/proc/self/status VmRSS), private memory (smaps_rollup
-   Private_Clean + Private_Dirty: what this process alone holds), Pss (private plus its share
-   of the pages other processes map too) and RSS split into anonymous and file-backed pages
-   (mapped libraries, shared with every process that maps them).
+   wattmesh, and the agent; as RSS (/proc/self/status VmRSS) split into anonymous pages (the
+   process's own) and file-backed ones (mapped library code, shared with every process that
+   maps the same file), Pss (smaps_rollup: anonymous plus a share of the file pages), and the
+   import's CPU time. wattmesh's packages are compiled to bytecode first, as an install does
+   (a checkout run with PYTHONDONTWRITEBYTECODE would compile them on every start: +0.04 s).
 1. A three-device site (PV inverter, battery, SunSpec meter) runs under `wattmesh sim run` in
    its own process; `wattmesh edge run` polls it at 1 Hz for --duration seconds against a real
    Mosquitto with auth and ACL, twice: with planning off, and with planning on and a forecast
    (retained, as the coordinator publishes it) on a one-minute market, so the agent loads the
    solver and plans 96 steps every minute (a deployed agent plans every 15 minutes). Printed:
-   the agent's CPU share of one core, its peak RSS, RSS, private memory and Pss (from /proc),
+   the agent's CPU share of one core, its peak RSS, RSS (anonymous, file-backed) and Pss,
    threads, plans made and the telemetry the coordinator's subscriber received.
 2. The telemetry rate one agent process sustains: its spool is filled with --messages
    telemetry messages (as after a long broker outage) and the agent publishes them all with
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import inspect
 import json
 import os
@@ -78,21 +80,20 @@ NOT_ON_THE_SERVICE_PATH = (
 )  # fmt: skip
 
 def memory_mb(pid: str = "self") -> dict[str, float]:
-    """Process ``pid``'s memory, MB: ``rss`` and ``peak`` (VmRSS, VmHWM), ``anon`` and
-    ``file`` (RssAnon, RssFile: the RSS in anonymous and in file-backed pages), ``private``
-    (Private_Clean + Private_Dirty: pages no other process maps) and ``pss`` (private plus an
-    equal share of each page mapped by others too). Builtins only: it also runs, as source, in
-    the fresh interpreters of part 0."""
+    """Process ``pid``'s memory, MB: ``rss`` and ``peak`` (VmRSS, VmHWM); ``anon`` (RssAnon:
+    the process's own memory, Python's objects and the libraries' heaps, private to it) and
+    ``file`` (RssFile: pages of mapped files, i.e. the libraries' code, shared with every
+    process that maps the same file and dropped by the kernel under pressure); ``pss``
+    (smaps_rollup: ``anon`` plus a share of each file page split between the processes that
+    map it). Builtins only: it also runs, as source, in the fresh interpreters of part 0."""
     keys = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file", "Pss": "pss"}
-    out = {"private": 0.0}
+    out = {}
     for name in ("status", "smaps_rollup"):
         with open(f"/proc/{pid}/{name}") as lines:
             for line in lines:
                 key, _, value = line.partition(":")
                 if key in keys:
                     out[keys[key]] = int(value.split()[0]) / 1024
-                elif key in ("Private_Clean", "Private_Dirty"):
-                    out["private"] += int(value.split()[0]) / 1024
     return out
 
 
@@ -142,11 +143,18 @@ LIBRARIES = {
 AGENT_LIBRARIES = "\n".join(v for k, v in LIBRARIES.items() if not k.startswith("highspy"))
 
 
-def _startup_runs(imports: str, runs: int, plan: bool) -> list[dict[str, object]]:
-    """``runs`` fresh interpreters importing ``imports``; their figures."""
+def _startup_runs(
+    imports: str, runs: int, plan: bool, agent_environment: bool = False
+) -> list[dict[str, object]]:
+    """``runs`` fresh interpreters importing ``imports``; their figures. The variables
+    ``import_agent`` sets are its to set (and measured), unless ``agent_environment`` asks for
+    them from the start (libraries measured without the agent, as the agent has them)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in AGENT_ENVIRONMENT:  # what import_agent sets is its to set (and measured)
-        env.pop(name, None)
+    for name, value in AGENT_ENVIRONMENT.items():
+        if agent_environment:
+            env[name] = value
+        else:
+            env.pop(name, None)
     code = _STARTUP.format(
         memory_mb=inspect.getsource(memory_mb), imports=imports, plan=plan
     )
@@ -175,36 +183,56 @@ def _startup_line(label: str, figures: list[dict[str, object]], what: str = "imp
     )
 
 
-def _memory_line(label: str, memory: dict[str, float], over: dict[str, float] | None) -> str:
-    keys = ("rss", "private", "pss", "anon", "file")
+def _memory_line(
+    label: str,
+    figures: list[dict[str, object]],
+    over: list[dict[str, object]] | None,
+    cpu_is_extra: bool = False,
+) -> str:
+    """``label``, then median RSS, anonymous, file-backed and Pss MB and import CPU s (each
+    over ``over``'s when given; ``cpu_is_extra``: the figures' CPU already is)."""
+    memory = _median_memory(figures)
+    cpu = statistics.median(float(str(f["cpu_s"])) for f in figures)
+    keys = ("rss", "anon", "file", "pss")
     if over is None:
-        return f"  {label:<44}" + "".join(f"{memory[k]:8.1f}" for k in keys)
-    return f"  {label:<44}" + "".join(f"{memory[k] - over[k]:+8.1f}" for k in keys)
+        return f"  {label:<44}" + "".join(f"{memory[k]:8.1f}" for k in keys) + f"{cpu:8.3f}"
+    base = _median_memory(over)
+    base_cpu = 0.0 if cpu_is_extra else statistics.median(float(str(f["cpu_s"])) for f in over)
+    return (
+        f"  {label:<44}"
+        + "".join(f"{memory[k] - base[k]:+8.1f}" for k in keys)
+        + f"{cpu - base_cpu:+8.3f}"
+    )
 
 
-def breakdown(runs: int, agent: dict[str, float], planner: dict[str, float] | None) -> None:
+def breakdown(
+    runs: int, agent: list[dict[str, object]], planner: list[dict[str, object]] | None
+) -> None:
     """Where the agent's memory goes (see the docstring), medians of ``runs`` interpreters."""
-    print(f"\nmemory after import, MB, median of {runs} fresh interpreters each")
-    print(f"  {'':<44}{'RSS':>8}{'private':>8}{'Pss':>8}{'anon':>8}{'file':>8}")
-    bare = _median_memory(_startup_runs("pass", runs, plan=False))
+    print(f"\nafter import, median of {runs} fresh interpreters each: MB, CPU s")
+    print(f"  {'':<44}{'RSS':>8}{'anon':>8}{'file':>8}{'Pss':>8}{'CPU':>8}")
+    bare = _startup_runs("pass", runs, plan=False, agent_environment=True)
     print(_memory_line("bare interpreter", bare, None))
     for label, imports in LIBRARIES.items():
-        alone = _median_memory(_startup_runs(imports, runs, plan=False))
+        alone = _startup_runs(imports, runs, plan=False, agent_environment=True)
         print(_memory_line(f"+ {label}, alone", alone, bare))
-    libraries = _median_memory(_startup_runs(AGENT_LIBRARIES, runs, plan=False))
+    libraries = _startup_runs(AGENT_LIBRARIES, runs, plan=False, agent_environment=True)
     print(_memory_line("the agent's libraries together, no wattmesh", libraries, None))
     print(_memory_line("the agent (service path)", agent, None))
     print(_memory_line("  of which wattmesh's own", agent, libraries))
     if planner is not None:
-        print(_memory_line("+ the planner's solver and a first solve", planner, agent))
+        print(_memory_line("+ the planner's solver and a first solve", planner, agent, True))
     print(
-        "  (alone: each over the bare interpreter, so what two libraries share, e.g. ssl, is in "
-        "both; Pss depends on what else runs)"
+        "  alone: over the bare interpreter, so what two share (e.g. ssl) is in both. anon: the "
+        "process's own;\n  file: mapped library code, shared between processes; Pss: anon plus "
+        "its share of the file pages."
     )
 
 
 def startup(runs: int) -> None:
     """Part 0: the agent's import time and memory before it does anything (see the docstring)."""
+    for package in ("broker", "drivers", "edge", "wattmesh"):  # as pip install does
+        compileall.compile_dir(ROOT / package, quiet=1)
     python = sys.version.split()[0]
     print(f"start-up, {runs} fresh interpreters each (Python {python}, {os.cpu_count()} CPUs)")
     lean = _startup_runs(LEAN_IMPORTS, runs, plan=True)
@@ -225,11 +253,11 @@ def startup(runs: int) -> None:
         print(_startup_line("+ planner's first solve", plans, "HiGHS + solve"))  # type: ignore[arg-type]
         loaded = any(p["scipy"] for p in plans)  # type: ignore[index]
         print(f"    scipy loaded by the plan: {'YES' if loaded else 'no'}")
-        planner = _median_memory(plans)  # type: ignore[arg-type]
+        planner = plans
     full = _startup_runs(FULL_IMPORTS, max(1, runs // 2), plan=False)
     print(_startup_line("full command line (before)", full))
     print(f"    {len(full[0]['modules'])} modules")  # type: ignore[arg-type]
-    breakdown(runs, _median_memory(lean), planner)
+    breakdown(runs, lean, planner)  # type: ignore[arg-type]
 
 
 def _free_port() -> int:
@@ -336,8 +364,8 @@ async def _run_at_1hz(
     print(f"  peak RSS               {memory['peak']:6.1f} MB  (goal < 45 MB) "
           f"{'met' if memory['peak'] < 45 else 'MISSED'}")  # fmt: skip
     print(f"  RSS after start-up     {started['rss']:6.1f} MB, after {duration_s:.0f} s "
-          f"{memory['rss']:.1f} MB: private {memory['private']:.1f} MB, Pss {memory['pss']:.1f} MB;"
-          f" anonymous {memory['anon']:.1f} MB, file-backed {memory['file']:.1f} MB")  # fmt: skip
+          f"{memory['rss']:.1f} MB: anonymous {memory['anon']:.1f} MB, file-backed "
+          f"{memory['file']:.1f} MB, Pss {memory['pss']:.1f} MB")  # fmt: skip
     print(f"  threads {threads}, plans made {plans}, telemetry received {got} messages in "
           f"{wall:.0f} s")  # fmt: skip
 

@@ -17,7 +17,6 @@ Every reference is checked against the points when the map is loaded.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import itertools
 import math
@@ -465,6 +464,8 @@ def _check_fields(raw: Mapping[str, Any], schema: Mapping[str, tuple[str, bool]]
     """Missing, unknown and wrongly typed fields, as ValueError naming the field."""
     for key in raw:
         if key not in schema:
+            import difflib  # noqa: PLC0415 - only for a mistake, off the agent's start-up
+
             close = difflib.get_close_matches(key, schema, n=1)
             hint = f'did you mean "{close[0]}"?' if close else f"known: {', '.join(schema)}"
             raise ValueError(f'unknown field "{key}" ({hint})')

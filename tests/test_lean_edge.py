@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from broker import topics
-from broker.messages import Status
+from broker.messages import Forecast, Status
 from broker.mosquitto import BrokerFiles, MosquittoProcess
 from tests.broker_fixtures import MqttClientFactory, free_port
 from wattmesh.cli import app
@@ -35,8 +36,9 @@ NOT_ON_THE_SERVICE_PATH = {
     "scipy",
 }  # fmt: skip
 #: ... and what it must not load at start-up either: the site planner loads highspy in a
-#: worker thread once the agent runs, never before.
-NOT_AT_START_UP = NOT_ON_THE_SERVICE_PATH | {"highspy"}
+#: worker thread once the agent has a forecast, never before; difflib only words a mistake in a
+#: register map (drivers/regmap.py).
+NOT_AT_START_UP = NOT_ON_THE_SERVICE_PATH | {"highspy", "difflib"}
 #: What it must load: the agent and the libraries it works with (the parsing is no vacuum).
 ON_THE_SERVICE_PATH = {"edge", "broker", "drivers", "pydantic", "aiomqtt", "paho", "pymodbus", "numpy"}
 
@@ -105,6 +107,62 @@ async def test_the_running_agent_never_imports_the_cli_simulators_or_cryptograph
     assert not loaded & NOT_ON_THE_SERVICE_PATH
 
 
+def _mapped(pid: int, name: str) -> bool:
+    """Whether process ``pid`` has a file whose path contains ``name`` mapped (a library)."""
+    return name in Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_a_planning_agent_loads_the_solver_only_once_it_has_a_forecast(
+    mosquitto: MosquittoProcess,
+    broker_files: BrokerFiles,
+    mqtt_client: MqttClientFactory,
+    tmp_path: Path,
+) -> None:
+    site_file = _site_file(tmp_path, broker_files)  # a battery, planning on (the default)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATTMESH_")}
+    env.update(PYTHONPATH=str(ROOT), WATTMESH_MQTT_PASSWORD=broker_files.credentials["house-1"])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wattmesh.edge_service", str(site_file)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        async with mqtt_client("coordinator") as coordinator:
+            await coordinator.subscribe(topics.site_topic("house-1", "status"), qos=1)
+            await coordinator.subscribe(topics.site_topic("house-1", "telemetry"), qos=1)
+            online = cycles = 0
+            async with asyncio.timeout(30):
+                async for message in coordinator.messages:
+                    assert isinstance(message.payload, bytes)
+                    if message.topic.matches(topics.site_topic("house-1", "status")):
+                        online += Status.model_validate_json(message.payload).online
+                    else:
+                        cycles += 1
+                    if online and cycles >= 2:  # running, and two cycles done
+                        break
+            assert not _mapped(process.pid, "highspy")
+            forecast = Forecast(
+                ts=time.time(),
+                start_ts=time.time(),
+                step_s=900,
+                pv_power_w=[0.0] * 96,
+                load_power_w=[500.0] * 96,
+                price_per_kwh=[0.3] * 96,
+            )
+            await coordinator.publish(
+                topics.forecast_topic("house-1"), forecast.model_dump_json(), qos=1
+            )
+            async with asyncio.timeout(30):
+                while not _mapped(process.pid, "highspy"):  # noqa: ASYNC110 - another process
+                    await asyncio.sleep(0.05)
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=30)
+    assert process.returncode == 0, stderr
+
+
 def test_importing_the_agent_as_the_service_path_does_loads_no_scipy_or_cli() -> None:
     code = (
         "import sys, wattmesh.entry\n"
@@ -119,6 +177,50 @@ def test_importing_the_agent_as_the_service_path_does_loads_no_scipy_or_cli() ->
     loaded = {name.split(".")[0] for name in result.stdout.split()}
     assert loaded >= ON_THE_SERVICE_PATH
     assert not loaded & NOT_AT_START_UP
+
+
+_THREADS = (
+    "import os, wattmesh.entry\n"
+    "from wattmesh.edge_service import import_agent\n"
+    "import_agent()\n"
+    "print(len(os.listdir('/proc/self/task')), os.environ['OPENBLAS_NUM_THREADS'])"
+)
+
+
+@pytest.mark.parametrize(
+    ("given", "threads"),
+    [(None, "1 1"), ("2", f"{min(2, os.cpu_count() or 1)} 2")],  # OpenBLAS: at most one a CPU
+)
+def test_the_agent_starts_no_blas_threads_unless_the_environment_asks(
+    given: str | None, threads: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS], capture_output=True, text=True, timeout=60, check=True,
+        env=env,
+    )  # fmt: skip
+    assert result.stdout.split() == threads.split()  # the process's threads, the setting
+
+
+def test_a_plan_is_solved_on_its_own_thread_without_a_pool_of_solver_threads() -> None:
+    code = (
+        "import os\n"
+        "from edge.plan import PlanBattery, plan_site\n"
+        "plan = plan_site([0.5, -0.5, 0.5, 0.2] * 24, 0.3, 0.1, PlanBattery(1.0, 0.0, 2.0, 1.0, "
+        "1.0), step_h=0.25, stored_value_per_kwh=0.2)\n"
+        "print(len(os.listdir('/proc/self/task')), plan.cost)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+        env=env,
+    )  # fmt: skip
+    threads, cost = result.stdout.split()
+    assert float(cost) != 0.0  # solved
+    assert threads == "1"
 
 
 @pytest.mark.parametrize(

@@ -31,16 +31,19 @@ from wattmesh.service import (
     use_log_format,
 )
 
+#: Set before the agent is imported unless already set: pydantic looks for plugins in every
+#: installed distribution's entry points the first time it builds a model, a scan that grows
+#: with the environment, and the agent uses none; numpy's OpenBLAS starts a thread per core for
+#: matrix products, and the agent's are a few dot products of at most a few hundred numbers.
+AGENT_ENVIRONMENT = {"PYDANTIC_DISABLE_PLUGINS": "__all__", "OPENBLAS_NUM_THREADS": "1"}
+
 
 def import_agent() -> None:
-    """Import the agent (``edge.agent``, ``edge.config``): all the service path loads.
-
-    pydantic looks for plugins in every installed distribution's entry points the first time
-    it builds a model, a scan that grows with the environment; the agent uses none, so it is
-    off here unless ``PYDANTIC_DISABLE_PLUGINS`` is already set (benchmarks/edge_footprint.py
-    measures this function).
-    """
-    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    """Import the agent (``edge.agent``, ``edge.config``): all the service path loads, after
+    :data:`AGENT_ENVIRONMENT` (a value already in the environment is kept);
+    benchmarks/edge_footprint.py measures this function."""
+    for name, value in AGENT_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     import edge.agent  # noqa: PLC0415 - after the command line is read and the setting made
     import edge.config  # noqa: PLC0415, F401
 

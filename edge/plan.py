@@ -424,17 +424,16 @@ def _highs() -> Any:
 
 def _new_highs() -> Any:
     """A HiGHS instance that prints nothing: highspy's ``Highs()`` prints the solver's banner
-    as it is made, before any option can be set, so the bare solver it wraps is used. It runs
-    on the calling thread alone: HiGHS's default starts a pool of worker threads (half the
-    cores) at the first solve, which only its parallel methods use, never the serial dual
-    simplex that solves a plan."""
+    as it is made, before any option can be set, so the bare solver it wraps is used. Its
+    ``threads`` option is left alone: HiGHS sizes one scheduler per process at the first
+    solve, and an instance asking for another size then fails every solve ("Not Set"), as a
+    plan did after the community schedule in the engine's process."""
     import highspy  # noqa: PLC0415
 
     core = getattr(highspy, "_core", None)
     bare = getattr(core, "_Highs", None)
     highs = bare() if bare is not None else highspy.Highs()  # type: ignore[no-untyped-call]
     highs.setOptionValue("output_flag", False)
-    highs.setOptionValue("threads", 1)
     return highs
 
 

@@ -205,22 +205,27 @@ def test_the_agent_starts_no_blas_threads_unless_the_environment_asks(
     assert result.stdout.split() == threads.split()  # the process's threads, the setting
 
 
-def test_a_plan_is_solved_on_its_own_thread_without_a_pool_of_solver_threads() -> None:
+def test_a_plan_solves_in_a_process_whose_first_solve_was_the_community_schedule() -> None:
+    # HiGHS sizes one scheduler per process at its first solve; a planner that asked for
+    # another size (threads = 1) then failed every plan with "Not Set", as in the engine,
+    # which runs the coordinator's schedule and the sites' plans in one process
     code = (
-        "import os\n"
+        "import numpy as np\n"
+        "from coordinator.reserve import FleetBattery, community_schedule\n"
         "from edge.plan import PlanBattery, plan_site\n"
+        "community_schedule(np.array([-1.0, 1.0] * 4), [FleetBattery(0.0, 0.0, 2.0, 4.0, 4.0)], "
+        "retail_per_kwh=0.3, feed_in_per_kwh=0.1, step_h=0.25, import_limit_kw=9.0, "
+        "export_limit_kw=9.0)\n"
         "plan = plan_site([0.5, -0.5, 0.5, 0.2] * 24, 0.3, 0.1, PlanBattery(1.0, 0.0, 2.0, 1.0, "
         "1.0), step_h=0.25, stored_value_per_kwh=0.2)\n"
-        "print(len(os.listdir('/proc/self/task')), plan.cost)"
+        "print(plan.cost)"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
-        env=env,
-    )  # fmt: skip
-    threads, cost = result.stdout.split()
-    assert float(cost) != 0.0  # solved
-    assert threads == "1"
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout) != 0.0  # solved
 
 
 @pytest.mark.parametrize(

@@ -425,7 +425,6 @@ class EdgeAgent:
         self.controller = "fallback"
         self.awards: OrderedDict[int, Award] = OrderedDict()
         self.forecast: Forecast | None = None
-        self._forecast_seen = asyncio.Event()  # set by the first valid forecast
         self.reservation: Reservation | None = None
         #: The plan's step for each interval bid from a plan (the last few).
         self.plans: OrderedDict[int, PlanStep] = OrderedDict()
@@ -552,7 +551,10 @@ class EdgeAgent:
         if self.config.plan.enabled and any(
             d.kind in ("battery", "map") for d in self.config.devices
         ):
-            self._group.create_task(self._warm_solver(), name="edge-plan-warm")
+            # the solver loads in the background at start, so the first plan is not late for it
+            # (loading it only with the first forecast made the first plans late in a demo at
+            # 800x real time, where 0.2 s of import is minutes: tests/test_demo_agreement.py)
+            self._group.create_task(asyncio.to_thread(load_solver), name="edge-plan-warm")
         ha = self.config.homeassistant
         if ha is not None and ha.enabled:
             await self.bus.subscribe(topics.MARKET_CLEARING)
@@ -575,19 +577,6 @@ class EdgeAgent:
             self.pool.close()
             self.outbox.close()
             await self._stop_metrics()
-
-    async def _warm_solver(self) -> None:
-        """Load the site planner's solver (highspy, about 6 MB) in a worker thread once the
-        first forecast is in, so the first plan is not late for it: a plan needs a forecast,
-        so an agent that never receives one never loads the solver."""
-        waits = [asyncio.create_task(event.wait()) for event in (self._forecast_seen, self._stop)]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-        if not self._stop.is_set():
-            await asyncio.to_thread(load_solver)
 
     async def _stop_metrics(self) -> None:
         if self.metrics is not None:
@@ -828,7 +817,6 @@ class EdgeAgent:
                 self.awards.popitem(last=False)
         elif kind == "forecast":
             self.forecast = Forecast.model_validate_json(payload)
-            self._forecast_seen.set()
         elif kind == "reservation":
             self.reservation = Reservation.model_validate_json(payload)
         elif kind == "grid/state":

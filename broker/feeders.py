@@ -100,6 +100,7 @@ from broker.mosquitto import (
     TlsFiles,
     _common_conf_lines,
     _plain_bind_host,
+    _tls_credentials_lines,
     _tls_layout,
     _write_file,
     _write_tls,
@@ -643,12 +644,7 @@ def _credentials_text(files: FeedersBrokerFiles) -> str:
         lines.append(f"monitor_user = {q(files.monitor_user)}")
     lines += [f"sites = [{', '.join(q(s) for s in files.sites)}]", ""]
     if files.tls is not None:
-        lines += [
-            "[tls]",
-            f"ca_cert = {q(str(files.tls.ca_cert))}",
-            f"clients = {q(str(files.tls.ca_cert.parent / 'clients'))}",
-            "",
-        ]
+        lines += _tls_credentials_lines(files.tls)
     for f in files.feeders:
         lines += [
             f"[feeders.{f.id}]",

@@ -559,6 +559,17 @@ def _conf_text(files: BrokerFiles, autosave_interval_s: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tls_credentials_lines(tls: TlsFiles) -> list[str]:
+    """credentials.toml's [tls] section: where the CA and the client certificates are."""
+    q = json.dumps  # a JSON string is a valid TOML basic string
+    return [
+        "[tls]",
+        f"ca_cert = {q(str(tls.ca_cert))}",
+        f"clients = {q(str(tls.ca_cert.parent / 'clients'))}",
+        "",
+    ]
+
+
 def _credentials_text(files: BrokerFiles) -> str:
     q = json.dumps  # a JSON string is a valid TOML basic string
     lines = [
@@ -578,12 +589,7 @@ def _credentials_text(files: BrokerFiles) -> str:
         lines.append(f"monitor_user = {q(files.monitor_user)}")
     lines += [f"sites = [{', '.join(q(s) for s in files.sites)}]", ""]
     if files.tls is not None:
-        lines += [
-            "[tls]",
-            f"ca_cert = {q(str(files.tls.ca_cert))}",
-            f"clients = {q(str(files.tls.ca_cert.parent / 'clients'))}",
-            "",
-        ]
+        lines += _tls_credentials_lines(files.tls)
     lines.append("[users]")
     lines += [f"{q(user)} = {q(pw)}" for user, pw in files.credentials.items()]
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from broker.errors import BrokerConfigError, BrokerError, MosquittoNotFoundError
 from broker.feeders import FeedersBrokerFiles, load_feeders_file, write_feeders_broker_config
 from broker.mosquitto import (
     BrokerFiles,
+    TlsFiles,
     check_broker_access,
     run_mosquitto_foreground,
     write_broker_config,
@@ -33,6 +34,15 @@ def _site_list(sites: str) -> list[str]:
     return [part.strip() for part in sites.split(",") if part.strip()]
 
 
+def _describe_tls(tls: TlsFiles) -> list[str]:
+    """Where the CA, the server's and the clients' certificates were written."""
+    return [
+        f"  CA           {tls.ca_cert} (key: {tls.ca_key})",
+        f"  server cert  {tls.server_cert}",
+        f"  client certs {tls.ca_cert.parent / 'clients'}/<user>.crt and .key",
+    ]
+
+
 def _describe(files: BrokerFiles) -> list[str]:
     lines = [
         f"wrote a Mosquitto configuration for {len(files.sites)} site(s) in {files.directory}:",
@@ -42,11 +52,7 @@ def _describe(files: BrokerFiles) -> list[str]:
         f"  persistence  {files.persistence_dir}/",
     ]
     if files.tls is not None:
-        lines += [
-            f"  CA           {files.tls.ca_cert} (key: {files.tls.ca_key})",
-            f"  server cert  {files.tls.server_cert}",
-            f"  client certs {files.tls.ca_cert.parent / 'clients'}/<user>.crt and .key",
-        ]
+        lines += _describe_tls(files.tls)
     lines.append(f"  listener     {files.connect_host}:{files.port} (user name and password)")
     if files.tls_port is not None:
         lines.append(f"  TLS listener {files.host}:{files.tls_port} (client certificate = user)")
@@ -68,11 +74,7 @@ def _describe_feeders(files: FeedersBrokerFiles) -> list[str]:
         f"  persistence  {files.persistence_dir}/",
     ]
     if files.tls is not None:
-        lines += [
-            f"  CA           {files.tls.ca_cert} (key: {files.tls.ca_key})",
-            f"  server cert  {files.tls.server_cert}",
-            f"  client certs {files.tls.ca_cert.parent / 'clients'}/<user>.crt and .key",
-        ]
+        lines += _describe_tls(files.tls)
     for f in files.feeders:
         lines.append(
             f"  feeder {f.id}: listener {files.connect_host}:{f.port}, mount point "

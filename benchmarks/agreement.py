@@ -24,7 +24,7 @@ from rich.console import Console
 
 from coordinator.ledger import Ledger
 from wattmesh import demo
-from wattmesh.backtest import default_edge_configs, run_backtest
+from wattmesh.backtest import DEFAULT_HISTORY_DAYS, default_edge_configs, run_backtest
 from wattmesh.up import rtu_over_tcp
 
 
@@ -71,11 +71,18 @@ class Agreement:
 
 
 def run_agreement(
-    start: datetime, hours: float, speed: float, poll: float, out: Path
+    start: datetime,
+    hours: float,
+    speed: float,
+    poll: float,
+    out: Path,
+    history_days: float = DEFAULT_HISTORY_DAYS,
 ) -> Agreement | None:
-    """Run the demo (files in ``out``), then the engine at its cadence; None when no interval
-    was settled by both."""
+    """Run the demo (files in ``out``), then the engine at its cadence, both coordinators
+    starting with ``history_days`` of the sites' history; None when no interval was settled
+    by both."""
     scenario, _ = rtu_over_tcp(demo.builtin_scenario().model_copy(update={"start": start}))
+    demo.seed_history(scenario, out, history_days)
     quiet = Console(file=(out / "demo.log").open("w"))
     wall0 = time.perf_counter()
     asyncio.run(demo._run(scenario, hours, speed, poll, out, quiet, False))
@@ -97,7 +104,7 @@ def run_agreement(
         poll_s=sim_poll_s,
         grid_period_s=sim_poll_s / 2,
         trust=True,
-        history_days=0.0,  # the demo's coordinator starts with none
+        history_days=history_days,  # the history the demo's coordinator started with
     )
     live, engine = site_costs(out / "ledger.sqlite"), site_costs(out / "engine.sqlite")
     common = sorted(set(live) & set(engine))
@@ -122,10 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--speed", type=float, default=800.0)
     parser.add_argument("--poll", type=float, default=0.1, help="wall seconds between polls")
+    parser.add_argument(
+        "--history-days",
+        type=float,
+        default=DEFAULT_HISTORY_DAYS,
+        help="days of history both coordinators start with (0-7)",
+    )
     args = parser.parse_args(argv)
     start = datetime.fromisoformat(args.start.replace("Z", "+00:00")).astimezone(UTC)
     out = Path(tempfile.mkdtemp(prefix="wattmesh-agreement-"))
-    a = run_agreement(start, args.hours, args.speed, args.poll, out)
+    a = run_agreement(start, args.hours, args.speed, args.poll, out, args.history_days)
     if a is None:
         print("no interval settled by both")
         return 1

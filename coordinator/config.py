@@ -46,6 +46,15 @@ class CoordinatorSection(_Strict):
     ingest_workers: int = Field(default=0, ge=0, le=64)
     #: Wall seconds between two batches of validated readings from the ingest workers.
     ingest_flush_s: float = Field(default=0.1, ge=0.01, le=1.0)
+    #: Keep the forecasting history (a week of each site's PV and load) on disk, so that a
+    #: restarted coordinator forecasts from it (coordinator/history_store.py).
+    keep_history: bool = True
+    #: Where: by default beside a SQLite ledger (``ledger.sqlite`` -> ``ledger.history.npz``);
+    #: with a PostgreSQL ledger only where this is set.
+    history_file: Path | None = None
+    #: Seconds (on the coordinator's clock) between two writes of the history; it is also
+    #: written on a clean stop.
+    history_save_s: float = Field(default=900.0, ge=10.0, le=86_400.0)
 
     @field_validator("ledger_url")
     @classmethod
@@ -56,6 +65,17 @@ class CoordinatorSection(_Strict):
             if urlsplit(url).password is not None:
                 raise ValueError("must not hold a password: set it in ledger_password_env")
         return url
+
+    def history_path(self) -> Path | None:
+        """The history file, or None when the history is not kept (``keep_history`` off, or a
+        PostgreSQL ledger without ``history_file``)."""
+        if not self.keep_history:
+            return None
+        if self.history_file is not None:
+            return self.history_file
+        if self.ledger_url is not None:
+            return None
+        return self.ledger.with_name(f"{self.ledger.stem}.history.npz")
 
     def open_ledger(self) -> Ledger:
         """The ledger: PostgreSQL at ``ledger_url`` (password from ``$ledger_password_env``

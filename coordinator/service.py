@@ -62,6 +62,12 @@ from coordinator import plausibility as pl
 from coordinator.api import ApiServer, build_app, load_tokens
 from coordinator.config import CoordinatorConfig, CoordinatorSection
 from coordinator.historian import Historian, HistorianError, HistorianSettings
+from coordinator.history_store import (
+    HistoryFileError,
+    SiteHistory,
+    read_histories,
+    write_histories,
+)
 from coordinator.ingest import IngestPool, Invalid, Record, error_line, worker_specs
 from coordinator.ledger import ClearedInterval, ClearingConflict, LedgerError
 from coordinator.market import Book, Tariff, clear
@@ -522,6 +528,7 @@ class Coordinator:
         self._window = pl.TimeWindow(config.trust.future_skew_s, config.trust.max_age_s)
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
+        self._restore_history()
         self.ledger = config.coordinator.open_ledger()
         for record in self.ledger.unsettled_clearings():
             self.cleared[record.interval] = record
@@ -554,6 +561,92 @@ class Coordinator:
         #: The ingest worker processes, with ``[coordinator] ingest_workers`` > 0 (started on
         #: entry; see coordinator/ingest.py).
         self.ingest = self._ingest_pool(ingest_password)
+
+    def _restore_history(self) -> None:
+        """Load the forecasting history a previous run kept (samples of the last week, up to
+        the trust window's skew ahead); a damaged file is moved aside (``.damaged``), kept for
+        inspection, and the coordinator starts without it."""
+        #: Where the forecasting history is kept across restarts (None: not kept).
+        self.history_path = path = self.config.coordinator.history_path()
+        self._history_saved_ts = now = self.clock.now()
+        self._history_failed: str | None = None
+        if path is None:
+            return
+        try:
+            loaded = read_histories(
+                path,
+                not_before_ts=now - HISTORY_SAMPLES * HISTORY_STEP_S,
+                not_after_ts=now + self.config.trust.future_skew_s,
+            )
+        except FileNotFoundError:
+            log.info("no forecasting history at %s yet: forecasts start from nothing", path)
+            return
+        except HistoryFileError as err:
+            aside = path.with_name(path.name + ".damaged")
+            with contextlib.suppress(OSError):
+                path.replace(aside)
+            log.error("forecasting history not loaded: %s (moved to %s)", err, aside)  # noqa: TRY400
+            return
+        c = self.config.coordinator
+        taken = 0
+        for name, h in sorted(loaded.sites.items()):
+            if len(self.sites) >= self.config.trust.max_sites:
+                break
+            if not len(h.ts):
+                continue
+            state = self.sites.setdefault(name, SiteState(name))
+            ghi = fc.clear_sky_ghi_w_per_m2(h.ts, c.latitude_deg, c.longitude_deg)
+            state.history.extend(h.ts, np.column_stack([h.pv_w, h.load_w, ghi]))
+            state.last_history_ts = float(h.ts[-1])
+            taken += 1
+        log.info(
+            "forecasting history of %d site(s) loaded from %s (%d sample(s) and %d site(s) "
+            "dropped as invalid or out of the week)",
+            taken,
+            path,
+            loaded.dropped_samples,
+            loaded.dropped_sites,
+        )
+
+    def _history_now(self) -> dict[str, SiteHistory]:
+        """Copies of every site's forecasting history, for :func:`write_histories`."""
+        out = {}
+        for name, state in self.sites.items():
+            ts, values = state.history.arrays()
+            if len(ts):
+                out[name] = SiteHistory(ts, values[:, 0], values[:, 1])
+        return out
+
+    def save_history(self, histories: Mapping[str, SiteHistory] | None = None) -> bool:
+        """Write the forecasting history (``histories``, default: as it is now) to its file;
+        False when it is not kept or the write failed (logged once per reason; the last good
+        file stays)."""
+        if self.history_path is None:
+            return False
+        try:
+            write_histories(
+                self.history_path, self._history_now() if histories is None else histories
+            )
+        except OSError as err:
+            reason = f"{type(err).__name__}: {err.strerror or err}"
+            if reason != self._history_failed:
+                log.error("forecasting history not written to %s: %s", self.history_path, reason)  # noqa: TRY400
+            self._history_failed = reason
+            return False
+        if self._history_failed is not None:
+            log.info("forecasting history written to %s again", self.history_path)
+        self._history_failed = None
+        return True
+
+    async def _save_history_if_due(self) -> None:
+        """Write the history every ``history_save_s`` on the clock, in a worker thread."""
+        now = self.clock.now()
+        if self.history_path is None or now - self._history_saved_ts < (
+            self.config.coordinator.history_save_s
+        ):
+            return
+        self._history_saved_ts = now
+        await asyncio.to_thread(self.save_history, self._history_now())
 
     def _ingest_pool(self, password: str | None) -> IngestPool | None:
         """The ingest workers' pool with ``[coordinator] ingest_workers`` > 0, else None;
@@ -666,6 +759,7 @@ class Coordinator:
                 await self.historian.__aexit__(et, ev, tb)
             if self.metrics is not None:
                 self.metrics.stop()
+            self.save_history()
             self.ledger.close()
 
     async def _sleep_until(self, ts: float) -> bool:
@@ -685,6 +779,7 @@ class Coordinator:
         last_status = -math.inf
         while not self._stop.is_set():
             self.settle_due()
+            await self._save_history_if_due()
             if loop.time() - last_status >= STATUS_PERIOD_S:
                 last_status = loop.time()
                 with contextlib.suppress(BusUnavailable):

@@ -60,6 +60,7 @@ from coordinator import grid
 from coordinator import plausibility as pl
 from coordinator import reserve as rs
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
+from coordinator.history_store import SiteHistory
 from coordinator.ledger import Ledger, to_currency
 from coordinator.plausibility import open_interval
 from coordinator.service import (
@@ -406,6 +407,21 @@ def _for_variant(edges: dict[str, EdgeConfig], variant: Variant) -> dict[str, Ed
     return out
 
 
+def scenario_history(
+    scenario: ScenarioConfig, start_ts: float, days: float
+) -> dict[str, SiteHistory]:
+    """Each site's load and PV (W, batteries idle) every HISTORY_SAMPLE_S over the ``days``
+    before ``start_ts``, from the simulators' physics: the history a coordinator that had
+    been running would forecast from (the engine's warm-up; the demo's coordinator starts
+    with it as its history file)."""
+    count = round(days * 86_400 / HISTORY_SAMPLE_S)
+    times = start_ts - HISTORY_SAMPLE_S * np.arange(count, 0, -1, dtype=np.float64)
+    if not count:
+        return {}
+    _, before = _profiles(scenario, times)
+    return {name: SiteHistory(times, pv, load) for name, (load, pv) in before.items()}
+
+
 def _profiles(
     scenario: ScenarioConfig, times: NDArray[np.float64]
 ) -> tuple[dict[str, SimSite], dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]]]:
@@ -541,17 +557,16 @@ class Engine:
         """Give the coordinator ``days`` of history before the start, as a running one has:
         each site's load and PV (its batteries idle) every HISTORY_SAMPLE_S; replayed sites
         get none (their measured series starts at the start)."""
-        count = round(days * 86_400 / HISTORY_SAMPLE_S)
-        times = self.start_ts - HISTORY_SAMPLE_S * np.arange(count, 0, -1, dtype=np.float64)
-        _, before = _profiles(scenario, times)
-        for name, (load, pv) in before.items():
+        for name, h in scenario_history(scenario, self.start_ts, days).items():
             site = self.sites[name]
-            if name in replayed:
+            if name in replayed or not len(h.ts):
                 continue
-            for t, load_w, pv_w in zip(times, load, pv, strict=True):
-                slot = site.forecast_history.append(float(t), float(pv_w), float(load_w), None)
-                self.ghi_pending.append((site.forecast_history, slot, float(t)))
-            site.last_history_ts = float(times[-1])
+            for t, load_w, pv_w in zip(
+                h.ts.tolist(), h.load_w.tolist(), h.pv_w.tolist(), strict=True
+            ):
+                slot = site.forecast_history.append(t, pv_w, load_w, None)
+                self.ghi_pending.append((site.forecast_history, slot, t))
+            site.last_history_ts = float(h.ts[-1])
 
     # -- the edge ----------------------------------------------------------------------------
     def _control(self, site: _Site, now: float) -> None:

@@ -339,6 +339,16 @@ def demo(
             case_sensitive=False,
         ),
     ] = DemoRegime.a,
+    history_days: Annotated[
+        float,
+        typer.Option(
+            help="Days (0-7) of each site's load and PV before the start that the "
+            "coordinator forecasts from at the start, as a running one would (written to "
+            "its history file, ledger.history.npz); 0: it starts knowing nothing.",
+            min=0,
+            max=7,
+        ),
+    ] = 7.0,
 ) -> None:
     """Run a whole community on this machine: broker, devices, edge agents, coordinator.
 
@@ -372,6 +382,7 @@ def demo(
         broker=broker,
         start=start_at,
         regime=Regime(regime.value),
+        history_days=history_days,
     )
     if code:
         raise typer.Exit(code)

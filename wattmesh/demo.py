@@ -36,6 +36,7 @@ from broker.clock import ScaledClock
 from broker.errors import BrokerError
 from broker.mosquitto import find_mosquitto
 from coordinator.config import CoordinatorConfig, parse_coordinator_config
+from coordinator.history_store import write_histories
 from coordinator.ledger import Ledger
 from coordinator.service import Coordinator
 from edge.config import parse_edge_config
@@ -47,6 +48,7 @@ from simulators.scenario import (
     load_scenario,
     parse_scenario,
 )
+from wattmesh.backtest import DEFAULT_HISTORY_DAYS, scenario_history
 from wattmesh.demo_report import REGIME_NAMES, Regime, plot, print_report, report_json
 from wattmesh.demo_report import build as build_report
 from wattmesh.up import LocalStack, StackConfig
@@ -132,6 +134,18 @@ def declared_sites(scenario: ScenarioConfig) -> dict[str, dict[str, float]]:
             entry["battery_w"] = battery_w
         declared[site.id] = entry
     return declared
+
+
+def seed_history(scenario: ScenarioConfig, out: Path, days: float) -> Path:
+    """Write the coordinator's history file in ``out`` (where :func:`_coordinator_config`'s
+    ledger puts it): ``days`` of the sites' load and PV before the start, from the
+    simulators' physics (as the stepped engine's warm-up); with ``days`` 0 the last run's file
+    is removed, so the coordinator starts from nothing."""
+    path = out / "ledger.history.npz"
+    path.unlink(missing_ok=True)
+    if days > 0:
+        write_histories(path, scenario_history(scenario, scenario.start_ts, days))
+    return path
 
 
 def _coordinator_config(
@@ -362,12 +376,15 @@ def run_demo(
     broker: str = "auto",
     start: datetime | None = None,
     regime: Regime = Regime.a,
+    history_days: float = DEFAULT_HISTORY_DAYS,
 ) -> int:
     """Run the demo; returns the process exit code.
 
     ``broker``: "mosquitto", "embedded" (amqtt, MQTT 3.1.1, no ACL) or "auto" (Mosquitto
     when installed). ``start`` replaces the scenario's start (UTC, on a market interval's
-    boundary: :func:`parse_start`); ``regime`` is how the report bills the community.
+    boundary: :func:`parse_start`); ``regime`` is how the report bills the community;
+    ``history_days`` (0-7) of the sites' load and PV before the start are the coordinator's
+    forecasting history at the start, as a coordinator that had been running would have.
     """
     try:
         config = builtin_scenario() if scenario is None else load_scenario(scenario)
@@ -399,10 +416,14 @@ def run_demo(
                 "instead of RTU (apt-get install socat for the serial wire)",
                 highlight=False,
             )
+    if not 0 <= history_days <= 7:
+        console.print(f"[red]error:[/red] history days must be within 0-7, got {history_days}")
+        return 2
+    args = (config, hours, speed, poll_s, console, embedded, regime, history_days)
     if out is not None:
-        return _demo_in(out, True, config, hours, speed, poll_s, console, embedded, regime)
+        return _demo_in(out, True, *args)
     with tempfile.TemporaryDirectory(prefix="wattmesh-demo-") as tmp:
-        return _demo_in(Path(tmp), False, config, hours, speed, poll_s, console, embedded, regime)
+        return _demo_in(Path(tmp), False, *args)
 
 
 def _demo_in(
@@ -415,10 +436,12 @@ def _demo_in(
     console: Console,
     embedded: bool,
     regime: Regime = Regime.a,
+    history_days: float = DEFAULT_HISTORY_DAYS,
 ) -> int:
     """Run the demo with its state in ``out``; the files are written only if ``keep``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "ledger.sqlite").unlink(missing_ok=True)
+    seed_history(config, out, history_days)
     start = datetime.fromtimestamp(config.start_ts, UTC).strftime("%a %Y-%m-%d %H:%M UTC")
     console.print(
         f"wattmesh demo: {len(config.sites)} sites from {start}, {hours:g} simulated hours at "

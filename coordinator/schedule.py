@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import sparse
 
 __all__ = [
     "DEFAULT_LIMIT_PENALTY_PER_KWH",
@@ -202,12 +201,39 @@ class _Layout:
 
 @dataclass(frozen=True)
 class _Program:
+    """Minimise ``cost @ x`` within ``bounds`` (columns lower, upper) subject to the rows of
+    the compressed-row matrix (``start``, ``index``, ``value``): the first ``n_eq`` rows
+    ``== b_eq``, the rest ``<= b_ub``."""
+
     cost: NDArray[np.float64]
-    a_eq: sparse.csr_array
+    start: NDArray[np.int32]
+    index: NDArray[np.int32]
+    value: NDArray[np.float64]
+    n_eq: int
     b_eq: NDArray[np.float64]
-    a_ub: sparse.csr_array
     b_ub: NDArray[np.float64]
     bounds: NDArray[np.float64]
+
+
+def compressed_rows(
+    terms: Sequence[tuple[NDArray[np.int64], NDArray[np.int64], float]], n_rows: int
+) -> tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.float64]]:
+    """The matrix with ``value`` at every (row, column) of each term, in compressed-row form
+    (start, column index, value), columns ascending within a row and repeated entries summed:
+    what ``scipy.sparse.csr_array((data, (rows, cols)))`` builds, without scipy's cost."""
+    rows = np.concatenate([r for r, _, _ in terms])
+    cols = np.concatenate([c for _, c, _ in terms])
+    vals = np.concatenate([np.full(len(r), v, dtype=np.float64) for r, _, v in terms])
+    width = int(cols.max()) + 1 if len(cols) else 1
+    flat = rows * width + cols
+    order = np.argsort(flat, kind="stable")
+    flat = flat[order]
+    first = np.flatnonzero(np.diff(flat, prepend=-1))  # each (row, column) once
+    keys = flat[first]
+    start = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys // width, minlength=n_rows), out=start[1:])
+    value = np.add.reduceat(vals[order], first) if len(first) else vals[:0]
+    return start.astype(np.int32), (keys % width).astype(np.int32), value
 
 
 def _battery_rows(
@@ -270,29 +296,27 @@ def _program(
     terms += [(r, lay.imp + t, 1.0), (r, lay.exp + t, -1.0)]
     for b in range(lay.n_b):
         terms += [(r, lay.charge + b * n_t + t, -1.0), (r, lay.discharge + b * n_t + t, 1.0)]
-    a_eq = sparse.csr_array(
-        (
-            np.concatenate([np.full(rr.size, v) for rr, _, v in terms]),
-            (np.concatenate([rr for rr, _, _ in terms]), np.concatenate([c for _, c, _ in terms])),
-        ),
-        shape=(bt + n_t, lay.n_var),
-    )
     # Limits with slack: import - s_in <= import limit, export - s_out <= export limit.
-    a_ub = sparse.csr_array(
-        (
-            np.concatenate([np.ones(2 * n_t), -np.ones(2 * n_t)]),
-            (
-                np.concatenate([t, n_t + t, t, n_t + t]),
-                np.concatenate([lay.imp + t, lay.exp + t, lay.s_in + t, lay.s_out + t]),
-            ),
-        ),
-        shape=(2 * n_t, lay.n_var),
-    )
+    n_eq = bt + n_t
+    terms += [
+        (n_eq + t, lay.imp + t, 1.0),
+        (n_eq + n_t + t, lay.exp + t, 1.0),
+        (n_eq + t, lay.s_in + t, -1.0),
+        (n_eq + n_t + t, lay.s_out + t, -1.0),
+    ]
+    row_start, index, value = compressed_rows(terms, n_eq + 2 * n_t)
     b_ub = np.concatenate(
         [np.full(n_t, min(limits_w[0], 1e15)), np.full(n_t, min(limits_w[1], 1e15))]
     )
     program = _Program(
-        cost, a_eq, np.concatenate([battery_rhs, net]), a_ub, b_ub, np.column_stack([lower, upper])
+        cost,
+        row_start,
+        index,
+        value,
+        n_eq,
+        np.concatenate([battery_rhs, net]),
+        b_ub,
+        np.column_stack([lower, upper]),
     )
     return lay, program
 
@@ -306,13 +330,12 @@ def _solve(p: _Program) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     :class:`ScheduleError` when there is none."""
     import highspy  # noqa: PLC0415 - with the first schedule
 
-    a = sparse.vstack([p.a_eq, p.a_ub], format="csr")
-    n_eq = p.a_eq.shape[0]
+    n_eq = p.n_eq
     highs = _highs()
     passed = highs.passModel(
         len(p.cost),
-        a.shape[0],
-        a.nnz,
+        n_eq + len(p.b_ub),
+        len(p.value),
         int(highspy.MatrixFormat.kRowwise),
         int(highspy.ObjSense.kMinimize),
         0.0,
@@ -321,9 +344,9 @@ def _solve(p: _Program) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         np.ascontiguousarray(p.bounds[:, 1]),
         np.concatenate([p.b_eq, np.full(len(p.b_ub), -np.inf)]),
         np.concatenate([p.b_eq, p.b_ub]),
-        a.indptr.astype(np.int32),
-        a.indices.astype(np.int32),
-        a.data.astype(np.float64),
+        p.start,
+        p.index,
+        p.value,
         np.zeros(len(p.cost), dtype=np.int32),  # every variable continuous
     )
     if passed != highspy.HighsStatus.kOk:

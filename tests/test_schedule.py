@@ -8,6 +8,7 @@ import pytest
 from coordinator.schedule import (
     Battery,
     ScheduleError,
+    compressed_rows,
     interval_means,
     perfect_foresight,
     utility_bill,
@@ -177,3 +178,24 @@ def test_battery_limits_are_checked() -> None:
         Battery(1000, 500, soc_pct=2, soc_min_pct=5)
     with pytest.raises(ScheduleError):
         Battery(1000, 500, soc_pct=50, charge_efficiency=1.2)
+
+
+def test_compressed_rows_are_the_matrix_scipy_builds_with_repeated_terms_summed() -> None:
+    from scipy import sparse
+
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, 7, 30) for _ in range(4)]
+    cols = [rng.integers(0, 11, 30) for _ in range(4)]
+    terms = [(r, c, v) for r, c, v in zip(rows, cols, (1.0, -2.5, 0.25, 3.0), strict=True)]
+    start, index, value = compressed_rows(terms, 9)  # two empty rows at the end
+    reference = sparse.csr_array(
+        (
+            np.concatenate([np.full(30, v) for v in (1.0, -2.5, 0.25, 3.0)]),
+            (np.concatenate(rows), np.concatenate(cols)),
+        ),
+        shape=(9, 11),
+    )
+    reference.sum_duplicates()
+    np.testing.assert_array_equal(start, reference.indptr)
+    np.testing.assert_array_equal(index, reference.indices)
+    np.testing.assert_allclose(value, reference.data, rtol=1e-15)

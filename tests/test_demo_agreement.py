@@ -1,23 +1,25 @@
-"""The real-time demo against the stepped engine (benchmarks/agreement.py), on a window where
-the comparison is stable enough to test.
+"""The real-time demo against the stepped engine (benchmarks/agreement.py): for one day, each
+site's settled cost within 3 % of the community's total (issue 9).
 
-What this proves, and what it does not: at night there is no PV, so every site imports, the
-market clears at the utility's price and the batteries have nothing to earn but the night's
-planned charging; the window (00:00-03:00 UTC in midsummer, before sunrise) tests that the
-engine meters, settles (awards, imbalance, rebates) and bills each site as the live services
-do, with the same configuration and cadence. A known difference, left for a fix: the demo's
-factory charges 2-4 kWh more in the 01:00 interval than the engine (both coordinators start
-without history, and the first forecasts depend on where the first readings fall), 0.4-0.9
-of the factory's cost: 0.8-3.6 % of a two-hour window's total, which made a two-hour test fail
-about one run in five, 0.2-2.0 % of this three-hour one.
-It does not test the daytime market, nor a whole day: over three daytime hours two demo
-runs of the same window differ from each other by 10 % or more of the community's total (an
-interval that clears at 0.12 in one run clears at 0.25 in the other on a few kWh of difference
-in the bids, and around noon the total is near zero), and whole days differ too: on the winter
-solstice the worst site was 0.2 % apart in one run and 3.4 % in another (the factory's evening
-charging and one congestion price landing in different intervals), on a summer day 1.2-8 %.
-So no window longer than the night holds the 3 % bar reliably; whole days are measured by the
-benchmark (``python benchmarks/agreement.py``), not by a test.
+The day is a winter one, 24 hours from 06:00 UTC on 2026-12-21 (the end of the night tariff
+there) to 06:00 the next morning, run at 1,200x (72 s of wall time): Mosquitto, Modbus, the
+edge agents with their plans and the coordinator in real time, then the engine on the same
+scenario and configuration at the demo's cadence. Both coordinators start with the same week
+of the sites' history (the demo's from its history file, coordinator/history_store.py):
+without it the first forecasts, and the first night's plans, depended on where the first
+readings fell, and midnight-to-midnight days agreed within 0.2 % in one run and 3.4 % in
+another. Why 06:00 to 06:00: the night price is flat, so when a battery charges in the night
+is a tie that small differences in the readings break; a day cut at midnight cut the factory's
+night charging at different points (with the shared history, midnight-to-midnight: 0.3-1.9 %
+in nine runs, the 1.7-1.9 % ones all that), a day that holds the whole night does not (0.1 %
+and 1.4 % in two runs on a loaded machine, the 1.4 % one with the demo's factory missing
+three intervals' bids and readings while other jobs took the cores).
+
+Not tested here, measured by the benchmark: summer days. For hours the community's supply and
+demand are then close, and an interval clears at feed-in when the community has a kWh to spare
+and near retail when it lacks one, so a few kWh of difference in the bids moves a whole
+interval's price: 3.5 % in one run with the shared history (the solar farm's income), 1.2-8.1 %
+without, and two demo runs of the same summer day differ from each other by up to 3.6 %.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from pathlib import Path
 from benchmarks.agreement import run_agreement
 
 
-def test_at_night_the_demo_and_the_engine_settle_each_site_within_3_pct_of_the_total(
+def test_for_a_winter_day_the_demo_and_the_engine_settle_each_site_within_3_pct_of_the_total(
     tmp_path: Path,
 ) -> None:
-    start = datetime(2026, 6, 22, 0, 0, tzinfo=UTC)
-    agreement = run_agreement(start, hours=3.0, speed=800.0, poll=0.1, out=tmp_path)
+    start = datetime(2026, 12, 21, 6, 0, tzinfo=UTC)
+    agreement = run_agreement(start, hours=24.0, speed=1200.0, poll=0.1, out=tmp_path)
     assert agreement is not None
-    assert agreement.intervals >= 10  # of the 12 in three hours (the first has no clearing)
+    assert agreement.intervals >= 90  # of the 96 in a day (the first has no clearing)
     assert set(agreement.demo) == {"solar-farm", "factory", "house-1", "house-2", "school"}
-    assert sum(agreement.demo.values()) > 10.0  # a total that the percentages can stand on
+    assert sum(agreement.demo.values()) > 100.0  # a total the percentages can stand on
     assert agreement.worst_pct < 3.0, (agreement.demo, agreement.engine)

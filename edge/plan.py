@@ -82,11 +82,16 @@ class WarmStart:
     per site, used by one plan at a time (not thread-safe). Moving the basis on by one step
     was tried: fewer iterations, but converting it in Python cost more than they saved."""
 
-    __slots__ = ("basis", "shape")
+    __slots__ = ("basis", "matrix", "shape")
 
     def __init__(self) -> None:
         self.basis: Any = None
         self.shape: tuple[int, list[int]] | None = None
+        #: The last programme's constraint matrix (compressed rows) and what it was built
+        #: from: a re-plan of the same shape and coefficients reuses it.
+        self.matrix: (
+            tuple[object, NDArray[np.int64], NDArray[np.int32], NDArray[np.float64]] | None
+        ) = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +147,17 @@ class _Programme:
         self.lower = np.zeros(width)
         self.upper = np.full(width, np.inf)
         self.width = width
-        self.parts: dict[str, tuple[list[NDArray[np.int64]], ...]] = {
+        #: per kind: each term's rows, columns and coefficient
+        self.parts: dict[
+            str, tuple[list[NDArray[np.int64]], list[NDArray[np.int64]], list[float]]
+        ] = {
             "eq": ([], [], []),
             "ub": ([], [], []),
         }
         self.rhs: dict[str, list[NDArray[np.float64]]] = {"eq": [], "ub": []}
         self.count = {"eq": 0, "ub": 0}
+        #: what decides the matrix: the row blocks and terms added, in order (see rows())
+        self.signature: list[tuple[object, ...]] = []
 
     def add(
         self,
@@ -159,6 +169,7 @@ class _Programme:
     ) -> NDArray[np.int64]:
         """Rows ``sum(vals[k] * x[cols[k][r]]) (= or <=) rhs[r]``; with ``rows``, terms added
         to existing rows instead (``rhs`` ignored). Returns the rows."""
+        new = rows is None
         if rows is None:
             first = self.count[kind]
             rows = np.arange(first, first + len(rhs), dtype=np.int64)
@@ -168,19 +179,42 @@ class _Programme:
         for col, val in zip(cols, vals, strict=True):
             out_rows.append(rows)
             out_cols.append(col)
-            out_vals.append(np.full(len(rows), val))
+            out_vals.append(float(val))
+        self.signature.append((kind, new, _run_key(rows), *vals))
+        self.signature.append(tuple(_run_key(c) for c in cols))
         return rows
 
     def rows(
-        self,
+        self, cache: WarmStart | None = None
     ) -> tuple[NDArray[np.int64], NDArray[np.int32], NDArray[np.float64], NDArray[np.float64]]:
         """Every row, equalities first, in compressed-row form (start, column index, value; a
-        column's terms in one row summed) and their right-hand sides."""
-        offset = {"eq": 0, "ub": self.count["eq"]}
+        column's terms in one row summed) and their right-hand sides. With ``cache``, a matrix
+        built from the same terms (the width, and each block's first row, length and
+        coefficients and each term's first column, in the same order: every term's columns
+        and rows are consecutive runs) is taken from it, and this one kept in it."""
         kinds = [k for k in ("eq", "ub") if self.count[k]]
+        rhs = np.concatenate([r for k in kinds for r in self.rhs[k]])
+        key = (self.width, self.count["eq"], self.count["ub"], tuple(self.signature))
+        if cache is not None and cache.matrix is not None and cache.matrix[0] == key:
+            return cache.matrix[1], cache.matrix[2], cache.matrix[3], rhs
+        start, index, value = self._compressed(kinds)
+        if cache is not None:
+            cache.matrix = (key, start, index, value)
+        return start, index, value, rhs
+
+    def _compressed(
+        self, kinds: list[str]
+    ) -> tuple[NDArray[np.int64], NDArray[np.int32], NDArray[np.float64]]:
+        offset = {"eq": 0, "ub": self.count["eq"]}
         rows = np.concatenate([r + offset[k] for k in kinds for r in self.parts[k][0]])
         cols = np.concatenate([c for k in kinds for c in self.parts[k][1]])
-        vals = np.concatenate([v for k in kinds for v in self.parts[k][2]]).astype(np.float64)
+        vals = np.concatenate(
+            [
+                np.full(len(r), v)
+                for k in kinds
+                for r, v in zip(self.parts[k][0], self.parts[k][2], strict=True)
+            ]
+        )
         n_rows = self.count["eq"] + self.count["ub"]
         flat = rows * self.width + cols
         # the blocks come nearly in order: a stable sort (merging runs) is ten times faster
@@ -191,8 +225,7 @@ class _Programme:
         start = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(keys // self.width, minlength=n_rows), out=start[1:])
         value = np.add.reduceat(vals[order], first) if len(first) else vals[:0]
-        rhs = np.concatenate([r for k in kinds for r in self.rhs[k]])
-        return start, (keys % self.width).astype(np.int32), value, rhs
+        return start, (keys % self.width).astype(np.int32), value
 
     def blocks(self) -> list[int]:
         """The lengths of the row blocks, equalities first, in the order they were added."""
@@ -204,7 +237,7 @@ class _Programme:
         """The optimum (every variable) and the duals of the equality rows (the change in
         cost per unit more on a row's right-hand side); :class:`PlanError` without one.
         With ``warm``, the simplex starts from the last plan's basis and keeps this one's."""
-        start, index, value, rhs = self.rows()
+        start, index, value, rhs = self.rows(warm)
         n_eq = self.count["eq"]
         lower = rhs.copy()
         lower[n_eq:] = -np.inf
@@ -213,6 +246,18 @@ class _Programme:
             self.cost, self.lower, self.upper, lower, rhs, start, index, value, n_eq,
             warm=None if warm is None else (warm, shape),
         )  # fmt: skip
+
+
+def _run_key(index: NDArray[np.int64]) -> object:
+    """What identifies an index array: its first entry and length when it is a run of
+    consecutive numbers (every array the plan makes), else all its entries."""
+    n = len(index)
+    if n == 0:
+        return ()
+    first = int(index[0])
+    if int(index[-1]) - first == n - 1 and (n < 3 or bool(np.all(np.diff(index) == 1))):
+        return (first, n)
+    return index.tobytes()
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -288,3 +290,45 @@ def test_the_programme_rows_come_in_compressed_form_with_repeated_terms_summed()
     assert index.tolist() == [0, 2, 1, 3, 3]  # by row, then column
     np.testing.assert_allclose(value, [-1.0 + 0.5, 1.0, -1.0, 1.0 + 0.5, 2.0])
     assert rhs.tolist() == [5.0, 6.0, 7.0]
+
+
+def test_a_re_plan_of_the_same_shape_reuses_the_matrix_and_another_shape_builds_its_own() -> None:
+    battery = PlanBattery(
+        stored_kwh=5.0, min_kwh=0.5, max_kwh=10.0, max_charge_kw=5.0, max_discharge_kw=5.0
+    )
+    hour = np.arange(48) * 0.5
+    price = np.where((hour >= 7) & (hour < 22), 0.32, 0.22)
+    net = 0.3 - np.maximum(0.0, np.sin((hour - 6) / 12 * np.pi))
+
+    def plan(warm: WarmStart, shift: float = 0.0, **extra: object) -> SitePlan:
+        return plan_site(
+            net + shift, price, price - 0.1, battery, step_h=0.5, stored_value_per_kwh=0.2,
+            warm=warm, **extra,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    warm = WarmStart()
+    plan(warm)
+    assert warm.matrix is not None
+    built = warm.matrix[1]
+    plan(warm, shift=0.1)  # other numbers, the same rows and coefficients
+    assert warm.matrix[1] is built
+    # a soft import target adds rows: its own matrix, the one a fresh plan builds
+    targeted = plan(warm, import_target_kw=0.5)
+    fresh = WarmStart()
+    alone = plan(fresh, import_target_kw=0.5)
+    assert warm.matrix[1] is not built and fresh.matrix is not None
+    for cached, built_fresh in zip(warm.matrix[1:], fresh.matrix[1:], strict=True):
+        np.testing.assert_array_equal(cached, built_fresh)
+    assert targeted.cost == pytest.approx(alone.cost, abs=1e-9)
+    # other efficiencies are other coefficients: same rows, another matrix
+    lossy = WarmStart()
+    plan(lossy)
+    assert lossy.matrix is not None
+    before = lossy.matrix[3]
+    plan_site(
+        net, price, price - 0.1, replace(battery, charge_efficiency=0.8), step_h=0.5,
+        stored_value_per_kwh=0.2, warm=lossy,
+    )  # fmt: skip
+    after = lossy.matrix[3]
+    assert after.shape == before.shape
+    assert np.count_nonzero(after != before) == 48  # -eta_c of each step's charge

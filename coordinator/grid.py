@@ -285,6 +285,15 @@ def reissue_due(last_sent_ts: float | None, now_ts: float, reissue_s: float) -> 
 REFILL_START_SHARE = 0.01
 
 
+@dataclass(slots=True)
+class Refilling:
+    """The refill between two checks: its standing orders (site -> the refill each order
+    gives) and whether the fleet is being refilled (:func:`refilling`'s hysteresis)."""
+
+    orders: dict[str, Relief] = field(default_factory=dict)
+    active: bool = False
+
+
 def required_now_kwh(
     required_kwh: NDArray[np.float64] | Sequence[float],
     start_ts: float,

@@ -331,6 +331,13 @@ def refilling(
     return shortfall > (0.0 if active else start_share * max(capacity_kwh, 0.0))
 
 
+def refill_max_w(shortfall_kwh: float, step_s: float) -> float:
+    """The most extra charge a refill orders (W): the fleet's shortfall (kWh) spread over one
+    reservation step (``step_s``, s). A refill corrects the forecast's error step by step; a
+    fleet nearly at its requirement is not charged at full power into, say, a morning ramp."""
+    return max(shortfall_kwh, 0.0) * 3.6e6 / step_s
+
+
 def refill_level_w(grid: GridSection) -> float:
     """The feeder import (W) refilling charges up to: ``refill_level_pct`` of the import limit
     (of :func:`holding_grid`'s limit while the reservation holds a higher level)."""
@@ -345,6 +352,7 @@ def plan_refill(
     *,
     now_ts: float,
     expiry_s: float,
+    max_w: float = math.inf,
 ) -> dict[str, tuple[float, Relief]]:
     """Battery setpoints (W, + discharging) that charge into the measured headroom below
     ``level_w`` (the feeder import, W; :func:`refill_level_w`) while the feeder flow is
@@ -352,13 +360,15 @@ def plan_refill(
     ``flow_w`` is the extra charge, W, negative), expiring ``expiry_s`` after ``now_ts``.
 
     The headroom ``level - flow``, less what orders not yet in the readings will take
-    (:func:`headroom_w`), is shared pro rata to each battery's charge headroom; a setpoint is
-    the battery's power now less its share. Above the level (negative headroom) the refills
-    hand back their extra charge pro rata to it, never past the battery's power before the
-    first refill order (its base): a refill never makes a battery discharge more, and never
-    takes the feeder above the level by what it orders.
+    (:func:`headroom_w`), and at most ``max_w`` of extra charge in all (with what the
+    standing refills already ordered), is shared pro rata to each battery's charge headroom;
+    a setpoint is the battery's power now less its share. Above the level (negative headroom)
+    the refills hand back their extra charge pro rata to it, never past the battery's power
+    before the first refill order (its base): a refill never makes a battery discharge more,
+    and never takes the feeder above the level by what it orders.
     """
     room_w, room = headroom_w(level_w - flow_w, False, sites, refills)
+    room_w = min(room_w, max_w - sum(max(-r.flow_w, 0.0) for r in refills.values()))
     total = sum(room.values())
     given = {
         n: max(r.base_w - sites[n].battery_power_w, 0.0) for n, r in refills.items() if n in room

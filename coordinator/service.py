@@ -1676,8 +1676,10 @@ class Coordinator:
         if required is None or not fleet:
             state.active = False
             return
+        stored = sum(b.stored_kwh for b in fleet.values())
+        interval_s = self.config.market.interval_s
         state.active = grid.refilling(
-            sum(b.stored_kwh for b in fleet.values()),
+            stored,
             required,
             sum(b.max_kwh for b in fleet.values()),
             active=state.active,
@@ -1696,6 +1698,7 @@ class Coordinator:
             state.orders,
             now_ts=now,
             expiry_s=g.dispatch_expiry_s,
+            max_w=grid.refill_max_w(required - stored, interval_s),
         )
         for name, (setpoint, refill) in orders.items():
             if not grid.reissue_due(

@@ -13,6 +13,7 @@ from coordinator.grid import (
     holding_grid,
     plan_refill,
     refill_level_w,
+    refill_max_w,
     refilling,
     required_now_kwh,
 )
@@ -108,3 +109,17 @@ def test_above_the_level_a_refill_hands_back_but_never_past_its_base() -> None:
     assert orders["a"][1].flow_w == 0.0
     # a battery that was never refilled is not ordered above the level
     assert plan_refill(150_000.0, 145_000.0, sites, {}, now_ts=0.0, expiry_s=300.0) == {}
+
+
+def test_a_refill_charges_at_most_the_shortfall_over_one_step() -> None:
+    # 6 kWh short over a 900 s step: 24 kW of extra charge at most, with what the standing
+    # refill at "a" (10 kW more, in the readings) already gives: 14 kW more, all at "b"
+    assert refill_max_w(6.0, 900.0) == pytest.approx(24_000.0)
+    assert refill_max_w(-1.0, 900.0) == 0.0
+    refills = {"a": Relief(-10_000.0, -10_000.0, 0.0, 1e9, 5)}
+    sites = {"a": battery_site(-10_000.0, 0.0), "b": battery_site(0.0, 50_000.0)}
+    orders = plan_refill(
+        100_000.0, 145_000.0, sites, refills, now_ts=0.0, expiry_s=300.0, max_w=24_000.0
+    )
+    assert list(orders) == ["b"]
+    assert orders["b"][0] == pytest.approx(-14_000.0)

@@ -867,13 +867,15 @@ class Engine:
         if r.required is None:
             return
         start, required_kwh = r.required
-        required = grid.required_now_kwh(required_kwh, start, self.config.market.interval_s, now)
+        interval_s = self.config.market.interval_s
+        required = grid.required_now_kwh(required_kwh, start, interval_s, now)
         fleet = [fleet_battery(s.batteries) for s in self.sites.values() if s.batteries]
         if required is None or not fleet:
             r.active = False
             return
+        stored = sum(b.stored_kwh for b in fleet)
         r.active = grid.refilling(
-            sum(b.stored_kwh for b in fleet),
+            stored,
             required,
             sum(b.max_kwh for b in fleet),
             active=r.active,
@@ -888,6 +890,7 @@ class Engine:
             r.orders,
             now_ts=now,
             expiry_s=g.dispatch_expiry_s,
+            max_w=grid.refill_max_w(required - stored, interval_s),
         )
         for name, (setpoint, refill) in orders.items():
             if not grid.reissue_due(self.sent_ts.get(name), now, g.reissue_s):

@@ -180,6 +180,13 @@ class GridSection(_Strict):
     act_at_pct: float = Field(default=90.0, gt=0, le=100, description="start dispatching")
     target_pct: float = Field(default=80.0, gt=0, le=100, description="aim for this much")
     release_pct: float = Field(default=70.0, gt=0, le=100, description="stop re-issuing")
+    refill_pct: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="charge batteries short of the feeder reservation into the measured "
+        "headroom up to this much (default: target_pct less a third of the gap to release_pct)",
+    )
     period_s: float = Field(default=1.0, gt=0, le=60, description="wall seconds per check")
     dispatch_expiry_s: int = Field(default=300, ge=10, le=3600)
     reissue_s: int = Field(default=60, ge=1, le=3600)
@@ -188,7 +195,17 @@ class GridSection(_Strict):
     def _order(self) -> GridSection:
         if not self.release_pct <= self.target_pct <= self.act_at_pct:
             raise ValueError("need release_pct <= target_pct <= act_at_pct")
+        refill = self.refill_pct
+        if refill is not None and not self.release_pct <= refill <= self.target_pct:
+            raise ValueError("need release_pct <= refill_pct <= target_pct")
         return self
+
+    @property
+    def refill_level_pct(self) -> float:
+        """The import the grid loop refills batteries up to, % of the import limit."""
+        if self.refill_pct is not None:
+            return self.refill_pct
+        return self.target_pct - (self.target_pct - self.release_pct) / 3.0
 
 
 class TrustSection(_Strict):

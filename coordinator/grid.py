@@ -14,9 +14,12 @@ constrained, the excess over the target is spread over the batteries with headro
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
 
 from coordinator.config import GridSection
 
@@ -274,3 +277,126 @@ def plan_relief(
 def reissue_due(last_sent_ts: float | None, now_ts: float, reissue_s: float) -> bool:
     """Whether a site may be sent an order now: never sent, or ``reissue_s`` since the last."""
     return last_sent_ts is None or now_ts - last_sent_ts >= reissue_s
+
+
+# -- refill: the backstop for a fleet the forecast left short ---------------------------------
+#: The fleet's shortfall below the feeder reservation's requirement, as a share of its
+#: capacity, at which the grid loop starts refilling; it goes on until the shortfall is gone.
+REFILL_START_SHARE = 0.01
+
+
+@dataclass(slots=True)
+class Refilling:
+    """The refill between two checks: its standing orders (site -> the refill each order
+    gives) and whether the fleet is being refilled (:func:`refilling`'s hysteresis)."""
+
+    orders: dict[str, Relief] = field(default_factory=dict)
+    active: bool = False
+
+
+def required_now_kwh(
+    required_kwh: NDArray[np.float64] | Sequence[float],
+    start_ts: float,
+    step_s: float,
+    now_ts: float,
+) -> float | None:
+    """The stored energy (kWh) the feeder reservation (:attr:`coordinator.reserve.
+    FeederReservation.required_kwh`, per step of ``step_s`` from ``start_ts``) asks the fleet
+    to hold at the end of the step that holds ``now_ts`` (of the first step in the step before
+    it: a reservation is made at the gate, for the intervals after the one running); None
+    outside its horizon."""
+    if not step_s > 0:
+        return None
+    index = math.floor((now_ts - start_ts) / step_s)
+    index = 0 if index == -1 else index
+    if not 0 <= index < len(required_kwh):
+        return None
+    value = float(required_kwh[index])
+    return value if math.isfinite(value) else None
+
+
+def refilling(
+    stored_kwh: float,
+    required_kwh: float,
+    capacity_kwh: float,
+    *,
+    active: bool,
+    start_share: float = REFILL_START_SHARE,
+) -> bool:
+    """Whether the grid loop refills the fleet: it starts when the fleet's stored energy
+    (``stored_kwh``) is short of the reservation's requirement (``required_kwh``) by more than
+    ``start_share`` of its capacity (``capacity_kwh``), and, once ``active``, goes on until the
+    shortfall is gone (hysteresis)."""
+    shortfall = required_kwh - stored_kwh
+    return shortfall > (0.0 if active else start_share * max(capacity_kwh, 0.0))
+
+
+def refill_max_w(shortfall_kwh: float, step_s: float) -> float:
+    """The most extra charge a refill orders (W): the fleet's shortfall (kWh) spread over one
+    reservation step (``step_s``, s). A refill corrects the forecast's error step by step; a
+    fleet nearly at its requirement is not charged at full power into, say, a morning ramp."""
+    return max(shortfall_kwh, 0.0) * 3.6e6 / step_s
+
+
+def refill_level_w(grid: GridSection) -> float:
+    """The feeder import (W) refilling charges up to: ``refill_level_pct`` of the import limit
+    (of :func:`holding_grid`'s limit while the reservation holds a higher level)."""
+    return grid.import_limit_w * grid.refill_level_pct / 100.0
+
+
+def plan_refill(
+    flow_w: float,
+    level_w: float,
+    sites: Mapping[str, SiteGrid],
+    refills: Mapping[str, Relief],
+    *,
+    now_ts: float,
+    expiry_s: float,
+    max_w: float = math.inf,
+) -> dict[str, tuple[float, Relief]]:
+    """Battery setpoints (W, + discharging) that charge into the measured headroom below
+    ``level_w`` (the feeder import, W; :func:`refill_level_w`) while the feeder flow is
+    ``flow_w`` (W, + importing), and the refill each gives (a :class:`Relief` whose
+    ``flow_w`` is the extra charge, W, negative), expiring ``expiry_s`` after ``now_ts``.
+
+    The headroom ``level - flow``, less what orders not yet in the readings will take
+    (:func:`headroom_w`), and at most ``max_w`` of extra charge in all (with what the
+    standing refills already ordered), is shared pro rata to each battery's charge headroom;
+    a setpoint is the battery's power now less its share. Above the level (negative headroom)
+    the refills hand back their extra charge pro rata to it, never past the battery's power
+    before the first refill order (its base): a refill never makes a battery discharge more,
+    and never takes the feeder above the level by what it orders.
+    """
+    room_w, room = headroom_w(level_w - flow_w, False, sites, refills)
+    room_w = min(room_w, max_w - sum(max(-r.flow_w, 0.0) for r in refills.values()))
+    total = sum(room.values())
+    given = {
+        n: max(r.base_w - sites[n].battery_power_w, 0.0) for n, r in refills.items() if n in room
+    }
+    given_total = sum(given.values())
+    orders: dict[str, tuple[float, Relief]] = {}
+    for name, charge_room in room.items():
+        site = sites[name]
+        refill = refills.get(name)
+        current = site.battery_power_w
+        if room_w > 0:
+            if charge_room <= 0 or total <= 0:
+                continue
+            share = min(charge_room, room_w * charge_room / total)
+        else:
+            if refill is None or given_total <= 0:
+                continue
+            share = room_w * given.get(name, 0.0) / given_total
+        base = current if refill is None else refill.base_w
+        setpoint = min(current - share, max(base, current))
+        orders[name] = (
+            setpoint,
+            Relief(
+                flow_w=setpoint - base,
+                pending_w=setpoint - current,
+                base_w=base,
+                expires_ts=now_ts + expiry_s,
+                readings_at_order=site.readings,
+            ),
+        )
+    return orders

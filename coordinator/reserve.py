@@ -135,22 +135,26 @@ def _requirement(
 ) -> tuple[NDArray[np.float64], float]:
     """The stored energy the fleet needs at each step's end to keep the import ``sized_kwh``
     at or below ``level_kwh`` per step (within ``[low, high]``), and what it needs now, before
-    the first step (not capped at ``high``: more than the fleet holds means it cannot)."""
+    the first step (not capped at ``high``: more than the fleet holds means it cannot; infinite
+    when a later need is more than the full fleet can carry).
+
+    Before a need the full fleet cannot carry, the requirement is the full fleet (``high``)
+    less what the headroom in between can put back: the batteries then go into it with all
+    they can hold, rather than with nothing asked of them before it."""
     need = np.minimum(np.maximum(sized_kwh - level_kwh, 0.0), rates.discharge_kwh)
     room = np.minimum(np.maximum(level_kwh - sized_kwh, 0.0), rates.charge_kwh) * refill_share
     n_t = len(sized_kwh)
     required = np.full(n_t, rates.low)
     now = rates.low
+    short = False
     for t in range(n_t - 1, -1, -1):
         r = max(rates.low, required[t] + need[t] / rates.eta_d - rates.eta_c * room[t])
         if t == 0:
             now = r
         else:
+            short = short or r > rates.high + 1e-9  # a later need the full fleet cannot carry
             required[t - 1] = min(rates.high, r)
-            if r > rates.high + 1e-9:
-                now = math.inf  # a later need the full fleet cannot carry
-                break
-    return required, now
+    return required, math.inf if short else now
 
 
 def _holds(sized_kwh: NDArray[np.float64], level_kwh: float, stored: float, r: _Rates) -> bool:

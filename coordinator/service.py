@@ -60,7 +60,7 @@ from coordinator import forecast as fc
 from coordinator import grid, reserve
 from coordinator import plausibility as pl
 from coordinator.api import ApiServer, build_app, load_tokens
-from coordinator.config import CoordinatorConfig, CoordinatorSection
+from coordinator.config import CoordinatorConfig, CoordinatorSection, GridSection
 from coordinator.historian import Historian, HistorianError, HistorianSettings
 from coordinator.history_store import (
     HistoryFileError,
@@ -69,7 +69,7 @@ from coordinator.history_store import (
     write_histories,
 )
 from coordinator.ingest import IngestPool, Invalid, Record, error_line, worker_specs
-from coordinator.ledger import ClearedInterval, ClearingConflict, LedgerError
+from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, LedgerError
 from coordinator.market import Book, Tariff, clear
 from coordinator.market import Clearing as MarketClearing
 from coordinator.metrics import MetricsServer, registry_for
@@ -512,7 +512,9 @@ class Coordinator:
         #: The last feeder reservation (coordinator/reserve.py), if one was made.
         self.last_reservation: reserve.FeederReservation | None = None
         self.last_reservation_ts = -math.inf
+        self.last_reservation_start_ts = -math.inf  # the start of its first step
         self._level_raised = False
+        self._refill_state = grid.Refilling()
         self._ack_waiters: dict[str, asyncio.Future[DispatchAck]] = {}
         #: Cleared intervals not yet settled (from the ledger at start: none is lost).
         self.cleared: dict[int, ClearedInterval] = {}
@@ -529,15 +531,7 @@ class Coordinator:
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
         self._restore_history()
-        self.ledger = config.coordinator.open_ledger()
-        for record in self.ledger.unsettled_clearings():
-            self.cleared[record.interval] = record
-        if self.cleared:
-            log.info(
-                "%d cleared interval(s) not yet settled, from the ledger: %s",
-                len(self.cleared),
-                ", ".join(str(k) for k in sorted(self.cleared)),
-            )
+        self.ledger = self._open_ledger()
         #: Off unless the configuration has a [historian] section.
         self.historian: Historian | None = None
         #: Why a configured historian could not start (None: it did, or none is configured).
@@ -561,6 +555,20 @@ class Coordinator:
         #: The ingest worker processes, with ``[coordinator] ingest_workers`` > 0 (started on
         #: entry; see coordinator/ingest.py).
         self.ingest = self._ingest_pool(ingest_password)
+
+    def _open_ledger(self) -> Ledger:
+        """The ledger, with its cleared but unsettled intervals taken into ``cleared`` (none
+        is lost across a restart)."""
+        ledger = self.config.coordinator.open_ledger()
+        for record in ledger.unsettled_clearings():
+            self.cleared[record.interval] = record
+        if self.cleared:
+            log.info(
+                "%d cleared interval(s) not yet settled, from the ledger: %s",
+                len(self.cleared),
+                ", ".join(str(k) for k in sorted(self.cleared)),
+            )
+        return ledger
 
     def _restore_history(self) -> None:
         """Load the forecasting history a previous run kept (samples of the last week, up to
@@ -1592,6 +1600,7 @@ class Coordinator:
             return []
         self.last_reservation = result
         self.last_reservation_ts = now
+        self.last_reservation_start_ts = start_ts
         level = result.import_level_kw
         planned = g.import_limit_w * g.target_pct / 1e5
         raised = math.isfinite(level) and level > planned * 1.001
@@ -1671,8 +1680,13 @@ class Coordinator:
             self._audit(
                 "grid_mode", "coordinator", {"from": before, "to": self.mode, "flow_w": flow}
             )
+        relieved: set[str] = set()
         if self.mode == "constrained":
-            await self._relieve(flow, grid.relief_target_w(flow, g), wall_now)
+            relieved = await self._relieve(flow, grid.relief_target_w(flow, g), wall_now)
+        if self.mode == "emergency":
+            self._refill_state = grid.Refilling()
+        else:
+            await self._refill(flow, g, wall_now, relieved | set(self._relief))
         state = GridState(
             ts=now,
             flow_w=float(np.clip(flow, -1e9, 1e9)),
@@ -1687,9 +1701,10 @@ class Coordinator:
                 topics.grid_state_topic(self.feeder), state.model_dump_json(), retain=True
             )
 
-    async def _relieve(self, flow: float, target: float, wall_now: float) -> None:
+    async def _relieve(self, flow: float, target: float, wall_now: float) -> set[str]:
         """Send the orders of :func:`coordinator.grid.plan_relief`: battery setpoints pro rata
-        to headroom, then load limits; each site at most once every ``reissue_s``."""
+        to headroom, then load limits; each site at most once every ``reissue_s``. Returns the
+        sites given a battery order."""
         g = self.config.grid
         now = self.clock.now()
         views = {n: v for n, s in self.sites.items() if (v := s.grid_view()) is not None}
@@ -1726,10 +1741,85 @@ class Coordinator:
             try:
                 await self.bus.publish(topics.site_topic(name, "dispatch"), order.model_dump_json())
             except BusUnavailable:
-                return
+                break
             self._grid_orders[name] = wall_now
             if self.historian is not None:
                 self.historian.record_dispatch(name, order)
             if relief is not None:
                 self._relief[name] = relief
+            self.stats.dispatches += 1
+        return set(plan.batteries)
+
+    def _required_now_kwh(self, now: float) -> float | None:
+        """The fleet's stored energy the latest feeder reservation asks for now (kWh), while
+        it is recent (two market intervals; :func:`coordinator.grid.required_now_kwh`)."""
+        r = self.last_reservation
+        interval_s = self.config.market.interval_s
+        if r is None or now - self.last_reservation_ts > 2 * interval_s:
+            return None
+        return grid.required_now_kwh(
+            r.required_kwh, self.last_reservation_start_ts, interval_s, now
+        )
+
+    async def _refill(
+        self, flow: float, g: GridSection, wall_now: float, relieved: set[str]
+    ) -> None:
+        """While the batteries hold less than the feeder reservation asks for now, charge them
+        into the feeder's measured headroom (:func:`coordinator.grid.plan_refill`), each site
+        at most once every ``reissue_s``; sites under a relief order are left to it."""
+        now = self.clock.now()
+        state = self._refill_state
+        state.orders = {
+            n: r for n, r in grid.active_reliefs(state.orders, now).items() if n not in relieved
+        }
+        required = self._required_now_kwh(now)
+        fleet = self._fleet(list(self.sites)) if required is not None else {}
+        if required is None or not fleet:
+            state.active = False
+            return
+        stored = sum(b.stored_kwh for b in fleet.values())
+        interval_s = self.config.market.interval_s
+        state.active = grid.refilling(
+            stored,
+            required,
+            sum(b.max_kwh for b in fleet.values()),
+            active=state.active,
+        )
+        if not state.active:
+            return
+        views = {
+            n: v
+            for n in fleet
+            if n not in relieved and (v := self.sites[n].grid_view()) is not None
+        }
+        orders = grid.plan_refill(
+            flow,
+            grid.refill_level_w(g),
+            views,
+            state.orders,
+            now_ts=now,
+            expiry_s=g.dispatch_expiry_s,
+            max_w=grid.refill_max_w(required - stored, interval_s),
+        )
+        for name, (setpoint, refill) in orders.items():
+            if not grid.reissue_due(
+                self._grid_orders.get(name), wall_now, g.reissue_s / self.speed
+            ):
+                continue
+            order = Dispatch(
+                ts=now,
+                battery_power_w=setpoint,
+                expires_ts=refill.expires_ts,
+                reason=f"feeder {self.feeder}: refilling batteries short of its reservation",
+            )
+            self._own_dispatch_ids.append(order.id)
+            try:
+                await self.bus.publish(topics.site_topic(name, "dispatch"), order.model_dump_json())
+            except BusUnavailable:
+                return
+            self._grid_orders[name] = wall_now
+            if self.historian is not None:
+                self.historian.record_dispatch(name, order)
+            state.orders[name] = refill
+            self._relief.pop(name, None)  # the refill's order replaces a lapsing relief
             self.stats.dispatches += 1

@@ -453,6 +453,60 @@ async def test_a_fleet_too_small_for_the_forecast_overload_is_held_at_the_level_
     assert orders["site-b"].battery_power_w == pytest.approx(11_500.0 - level_kw * 1000.0, rel=1e-3)
 
 
+async def test_a_fleet_short_of_its_reservation_is_refilled_into_the_measured_headroom(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    """The day is forecast at 9.5 kW on a 10 kW feeder planned to 8 kW; the battery (20 kWh,
+    16 stored) cannot hold it and the reservation asks for more than it holds. When the load
+    falls to 5.5 kW the grid loop charges the battery into the measured headroom up to the
+    refill level (just below the held level), and hands the charge back as the flow rises
+    above it, no further than the battery's power before the refill."""
+    dispatch = f"{topics.PREFIX}/site/+/dispatch"
+    c = _coordinator(tmp_path, broker_files, act_at_pct=90.0, target_pct=80.0, release_pct=70.0)
+    got: list[tuple[str, bytes]] = []
+
+    def battery(ts: float, grid_w: float, battery_w: float = 0.0) -> Telemetry:
+        reading = _telemetry(ts, grid_w, battery_w, soc=80.0, rated_w=5000.0)
+        reading.devices[1] = reading.devices[1].model_copy(update={"capacity_wh": 20_000.0})
+        return reading
+
+    async with c:
+        await c.bus.wait_connected(5)
+        watcher = await _bus(broker_files, "operator", got)
+        await watcher.subscribe(dispatch)
+        assert isinstance(c.clock, ManualClock)
+        for i in range(6 * 60):
+            c.clock.ts = T0 - 6 * 3600.0 + 60.0 * i
+            c.ingest_telemetry("site-a", _telemetry(c.clock.ts, 9000.0))
+            c.ingest_telemetry("site-b", battery(c.clock.ts, 500.0))
+        await c.publish_forecasts(int(c.clock.ts // 900) + 1)
+        r = c.last_reservation
+        assert r is not None
+        assert r.required_kwh[0] > 16.0 + 0.2  # short by more than 1 % of 20 kWh
+        # the refill level: 76.7 % (80 - (80 - 70) / 3) of the held limit (level / 80 %)
+        level_w = r.import_level_kw * 1000.0 / 0.8 * (80.0 - 10.0 / 3.0) / 100.0
+        assert 5500.0 < level_w < 9000.0
+        c.ingest_telemetry("site-a", _telemetry(c.clock.ts + 1, 5000.0))
+        c.ingest_telemetry("site-b", battery(c.clock.ts + 1, 500.0))
+        await c.balance(0.0)
+        assert c.mode == "normal"
+        charge_w = level_w - 5500.0
+        # two readings show the charge in place (the site imports it) and the load up 3 kW:
+        # the flow is 1 kW above the level, and the refill hands 1 kW of its charge back
+        for k in (2, 3):
+            c.ingest_telemetry("site-a", _telemetry(c.clock.ts + k, 6000.0))
+            c.ingest_telemetry("site-b", battery(c.clock.ts + k, 500.0 + charge_w, -charge_w))
+        await c.balance(100.0)
+        assert c.mode == "normal"
+        await asyncio.sleep(0.3)
+        await watcher.__aexit__(None, None, None)
+    orders = [(site, o) for site, o in _dispatches(got)]
+    assert [site for site, _ in orders] == ["site-b", "site-b"]
+    assert orders[0][1].battery_power_w == pytest.approx(-charge_w, rel=1e-6)
+    assert "refill" in (orders[0][1].reason or "")
+    assert orders[1][1].battery_power_w == pytest.approx(-charge_w + 1000.0, rel=1e-6)
+
+
 async def test_grid_orders_wait_for_fresh_readings_and_never_hand_back_more_than_they_took(
     mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
 ) -> None:

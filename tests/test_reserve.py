@@ -259,3 +259,22 @@ def test_only_part_of_the_headroom_before_a_peak_is_counted_as_refill_by_default
     )
     np.testing.assert_allclose(full.required_kwh[:5], [0.0, 0.0, 0.0, 0.0, 3.125])
     np.testing.assert_allclose(half.required_kwh[:5], [0.0, 0.0, 0.0, 0.625, 3.125])
+
+
+def test_before_a_need_beyond_the_full_fleet_the_floors_ask_for_all_it_can_hold() -> None:
+    # 37.4 kWh sized (34 forecast + 10 %) against 25 kWh: 12.4 kWh, more than the 10 kWh fleet
+    # holds. The forecast itself (9 kWh) it can carry, so the limit stays; before that step
+    # the fleet must be full, and before that full less the half of step 1's 3 kWh of sized
+    # headroom counted as refill (lossless): 8.5 kWh, not nothing.
+    out = reserve(
+        {"a": np.array([20.0, 20.0, 34.0])},
+        {"a": FleetBattery(10.0, 0.0, 10.0, 100.0, 100.0, 1.0, 1.0)},
+        step_h=0.25,
+        import_limit_kw=100.0,
+        export_limit_kw=100.0,
+        plan_to_share=1.0,
+        sizing_margin=0.1,
+    )
+    assert out.import_level_kw == pytest.approx(100.0)
+    np.testing.assert_allclose(out.required_kwh, [8.5, 10.0, 0.0])
+    np.testing.assert_allclose(out.sites["a"].floor_kwh[:2], [8.5, 10.0])

@@ -59,7 +59,7 @@ from coordinator import forecast as fc
 from coordinator import grid
 from coordinator import plausibility as pl
 from coordinator import reserve as rs
-from coordinator.config import CoordinatorConfig, parse_coordinator_config
+from coordinator.config import CoordinatorConfig, GridSection, parse_coordinator_config
 from coordinator.history_store import SiteHistory
 from coordinator.ledger import Ledger, to_currency
 from coordinator.plausibility import open_interval
@@ -456,6 +456,18 @@ def _profiles(
     return sites, out
 
 
+@dataclass
+class _Refill:
+    """What the grid loop takes from the feeder reservation, as the coordinator's does: the
+    import level it holds (kW), the fleet's requirement (its first step's start, kWh at each
+    step's end), and its refill: the orders standing, whether it refills."""
+
+    import_level_kw: float | None = None
+    required: tuple[float, NDArray[np.float64]] | None = None
+    orders: dict[str, grid.Relief] = field(default_factory=dict)
+    active: bool = False
+
+
 class Engine:
     """One backtest run; :meth:`run` steps it to the end."""
 
@@ -541,7 +553,7 @@ class Engine:
         }
         self.ledger = Ledger(ledger_path)
         self.reliefs: dict[str, grid.Relief] = {}
-        self.import_level_kw: float | None = None  # the reservation's, as the coordinator's
+        self.refill = _Refill()
         self.mode: grid.GridMode = "normal"
         self.sent_ts: dict[str, float] = {}
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
@@ -814,14 +826,12 @@ class Engine:
 
     def _balance(self, now: float) -> None:
         """Coordinator.balance: the feeder's mode, then battery orders and load limits."""
-        g = grid.holding_grid(self.config.grid, self.import_level_kw)
+        g = grid.holding_grid(self.config.grid, self.refill.import_level_kw)
         flow = sum(s.grid_w for s in self.sites.values())
         self.reliefs = grid.active_reliefs(self.reliefs, now)
         self.mode = grid.feeder_mode(
             flow, self.reliefs, previous=self.mode, emergency=False, grid=g
         )
-        if self.mode != "constrained":
-            return
         views = {}
         for name, s in self.sites.items():
             rated = sum(b.rated_power_w for b in s.batteries)
@@ -832,14 +842,16 @@ class Engine:
                 readings=s.readings,
                 role=s.edge.site.role,
             )
-        plan = grid.plan_relief(
-            flow,
-            grid.relief_target_w(flow, g),
-            views,
-            self.reliefs,
-            now_ts=now,
-            expiry_s=g.dispatch_expiry_s,
-        )
+        plan = grid.ReliefPlan()
+        if self.mode == "constrained":
+            plan = grid.plan_relief(
+                flow,
+                grid.relief_target_w(flow, g),
+                views,
+                self.reliefs,
+                now_ts=now,
+                expiry_s=g.dispatch_expiry_s,
+            )
         orders: list[tuple[str, Command, grid.Relief | None]] = [
             (name, Command("dispatch", battery_power_w=setpoint), relief)
             for name, (setpoint, relief) in plan.batteries.items()
@@ -855,6 +867,54 @@ class Engine:
             if relief is not None:
                 self.reliefs[name] = relief
             self.dispatches += 1
+            self._dispatch(self.sites[name], now, command, now + g.dispatch_expiry_s)
+        relieved = set(plan.batteries) | set(self.reliefs)  # relief goes first
+        self._refill(flow, g, {n: v for n, v in views.items() if n not in relieved}, now)
+
+    def _refill(
+        self, flow: float, g: GridSection, views: dict[str, grid.SiteGrid], now: float
+    ) -> None:
+        """Coordinator._refill: while the fleet is short of the reservation's requirement,
+        charge its batteries into the feeder's measured headroom (:func:`coordinator.grid.
+        plan_refill`)."""
+        r = self.refill
+        r.orders = {n: o for n, o in grid.active_reliefs(r.orders, now).items() if n in views}
+        if r.required is None:
+            return
+        start, required_kwh = r.required
+        interval_s = self.config.market.interval_s
+        required = grid.required_now_kwh(required_kwh, start, interval_s, now)
+        fleet = [fleet_battery(s.batteries) for s in self.sites.values() if s.batteries]
+        if required is None or not fleet:
+            r.active = False
+            return
+        stored = sum(b.stored_kwh for b in fleet)
+        r.active = grid.refilling(
+            stored,
+            required,
+            sum(b.max_kwh for b in fleet),
+            active=r.active,
+        )
+        if not r.active:
+            return
+        battery_sites = {n: v for n, v in views.items() if self.sites[n].batteries}
+        orders = grid.plan_refill(
+            flow,
+            grid.refill_level_w(g),
+            battery_sites,
+            r.orders,
+            now_ts=now,
+            expiry_s=g.dispatch_expiry_s,
+            max_w=grid.refill_max_w(required - stored, interval_s),
+        )
+        for name, (setpoint, refill) in orders.items():
+            if not grid.reissue_due(self.sent_ts.get(name), now, g.reissue_s):
+                continue
+            self.sent_ts[name] = now
+            r.orders[name] = refill
+            self.reliefs.pop(name, None)  # the refill's order replaces a lapsing relief
+            self.dispatches += 1
+            command = Command("dispatch", battery_power_w=setpoint)
             self._dispatch(self.sites[name], now, command, now + g.dispatch_expiry_s)
 
     def _clear(self, interval: int, now: float) -> None:
@@ -945,7 +1005,8 @@ class Engine:
             )
         else:
             price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
-        self.import_level_kw = None if reservation is None else reservation.import_level_kw
+        self.refill.import_level_kw = None if reservation is None else reservation.import_level_kw
+        self.refill.required = None if reservation is None else (start, reservation.required_kwh)
         for s in known:
             pv, load = shapes[s.name]
             s.forecast = (float(start), pv, load, price)

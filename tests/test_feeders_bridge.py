@@ -225,6 +225,15 @@ def test_bridge_user_cli_takes_a_feeder_on_a_feeders_core_and_explains_it(
     )
     assert "revoked on the other TLS listeners: feeder south, operator" in result.output
     assert "kill -HUP" in result.output
+    kit = bridge_kit_path(core.directory, "e1")
+    edge_args = ["broker", "edge", str(root / "e1"), "--kit", str(kit), "--core", "127.0.0.1"]
+    edge = runner.invoke(app, [*edge_args, "--port", str(free_port())])
+    assert edge.exit_code == 0, edge.output
+    assert f"bridge: bridge-e1 -> 127.0.0.1 (in {root / 'e1' / 'mosquitto.conf'})" in edge.output
+    assert "into feeder north of a many-feeders core" in edge.output
+    conf = (root / "e1" / "mosquitto.conf").read_text()
+    assert f"address 127.0.0.1:{north.tls_port}" in conf
+    assert 'topic wattmesh/v1/forecast/n-1 in 1 "" feeder/north/' in conf
     shown = " ".join(
         runner.invoke(app, ["broker", "bridge-user", "--help"], env={"COLUMNS": "100"})
         .output.replace("│", " ")
@@ -256,6 +265,7 @@ async def test_an_edge_bridged_into_north_trades_with_north_only(root: Path) -> 
     got_south: list[tuple[str, bytes]] = []
     got_site: list[tuple[str, bytes]] = []
     got_retained: list[tuple[str, bytes]] = []
+    got_state: list[tuple[str, bytes]] = []
     async with asyncio.timeout(60), _running(core.conf, core.port):
         async with _core_client(core, "coordinator-north") as north:
             # Retained on the core before the edge exists: the bridge's subscription fetches it.
@@ -286,6 +296,11 @@ async def test_an_edge_bridged_into_north_trades_with_north_only(root: Path) -> 
             async with _edge_client(edge, "n-1") as late:  # retained on the edge, plain topic
                 await late.subscribe(forecast, qos=1)
                 await _collect_until(late, forecast, got_retained)
+        # The edge is gone: north's coordinator reads the link's state, retained, as 0.
+        state = f"{mount}{topics.bridge_state_topic('e1')}"
+        async with _core_client(core, "coordinator-north") as north:
+            await north.subscribe(topics.BRIDGE_STATE_ALL, qos=1)
+            await _collect_until(north, state, got_state)
     # The site on the edge receives north's orders on the plain v1 topics, and nothing of
     # south's; its telemetry reaches north's coordinator (under the mount point), not south's.
     assert got_site == [
@@ -300,6 +315,7 @@ async def test_an_edge_bridged_into_north_trades_with_north_only(root: Path) -> 
         ("feeder/south/wattmesh/v1/market/clearing", b"south clearing"),
     ]
     assert got_retained == [(forecast, b"north forecast")]
+    assert got_state == [(state, b"0")]
 
 
 async def test_a_bridge_certificate_issued_later_is_revoked_elsewhere_after_sighup(

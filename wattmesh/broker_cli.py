@@ -388,6 +388,11 @@ def edge_broker(
     for line in _describe(files):
         typer.echo(line)
     typer.echo(f"bridge: {kit.credentials.user} -> {', '.join(core)} (in {files.conf})")
+    if kit.feeder is not None:
+        typer.echo(
+            f"  into feeder {kit.feeder} of a many-feeders core: the sites keep the v1 topics, "
+            f"the bridge takes the core's mount point {kit.mount_point} off what it receives"
+        )
     try:
         check_broker_access(files.directory)
     except BrokerConfigError as err:

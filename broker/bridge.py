@@ -302,9 +302,9 @@ def bridge_conf_text(config: BridgeConfig) -> str:
     if config.mount_point is not None:
         lines += [
             f"# The core's listener has mount_point {config.mount_point}, which Mosquitto 2.0.11",
-            "# leaves on the topics it delivers (issue 2244, fixed in 2.0.12). Each incoming",
-            "# topic again, with it as the remote prefix: the bridge takes the prefix off. (This",
-            "# line's own subscription, under the mount point twice, matches nothing.)",
+            "# leaves on the topics it delivers (issue 2244, fixed in 2.0.12). So each incoming",
+            "# topic once more, with the mount point as its remote prefix, which the bridge",
+            "# takes off. (These lines' own subscriptions, mounted twice, match nothing.)",
         ]
         lines += [
             f'topic {topic} in {config.qos} "" {config.mount_point}'

@@ -15,6 +15,7 @@ import os
 import signal
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiomqtt
@@ -24,7 +25,10 @@ from typer.testing import CliRunner
 
 from broker import topics
 from broker.bridge import (
+    BridgeConfig,
+    BridgeCredentials,
     add_bridge_user,
+    bridge_conf_text,
     bridge_kit_path,
     load_bridge_kit,
     write_edge_broker,
@@ -172,8 +176,11 @@ def test_a_bridge_into_a_feeder_goes_into_that_feeders_passwd_acl_and_credential
     assert after.feeder_of("bridge-e1") == after.feeder("north")
     assert after.credentials == {**core.credentials, "bridge-e1": kit.credentials.password}
     # Nothing else in credentials.toml changed.
-    assert after.feeder("north").sites == NORTH
-    assert [f.port for f in after.feeders] == [f.port for f in core.feeders]
+    assert after == replace(
+        core,
+        feeders=(replace(north, bridge_users=("bridge-e1",)), south),
+        credentials=after.credentials,
+    )
     # The kit names north's listener; the edge's bridge takes the mount point off.
     assert (kit.feeder, kit.mount_point, kit.core_port) == ("north", "feeder/north/", north.port)
     assert load_bridge_kit(bridge_kit_path(core.directory, "e1")) == kit
@@ -184,6 +191,15 @@ def test_a_bridge_into_a_feeder_goes_into_that_feeders_passwd_acl_and_credential
     assert 'topic wattmesh/v1/site/n-1/award in 1 "" feeder/north/' in conf
     assert 'topic wattmesh/v1/grid/+/state in 1 "" feeder/north/' in conf
     assert not [line for line in conf if line.endswith("feeder/north/") and " out " in line]
+
+
+def test_a_bridge_config_refuses_a_mount_point_mosquitto_would_misread() -> None:
+    creds = BridgeCredentials("bridge-e1", password="secret")
+    for bad in ("feeder/north", "feeder/+/", "feeder/no rth/", "/"):
+        with pytest.raises(BrokerConfigError, match="mount point"):
+            BridgeConfig("e1", ("core:1884",), ("n-1",), creds, mount_point=bad)
+    good = BridgeConfig("e1", ("core:1884",), ("n-1",), creds, mount_point="feeder/north/")
+    assert 'topic wattmesh/v1/market/clearing in 1 "" feeder/north/' in bridge_conf_text(good)
 
 
 def test_a_bridge_on_a_feeders_core_needs_the_feeder_of_its_sites(root: Path) -> None:

@@ -34,6 +34,22 @@ certificate signed by the core's CA) and a bridge kit to carry to the edge machi
 ``bridge_conf_text`` and ``bridge_acl_text`` make the two text blocks. A running core loads a
 new bridge user on SIGHUP (Mosquitto rereads passwd and acl); Mosquitto does not reload
 bridges, so an edge broker is restarted after its bridge changes.
+
+A many-feeders core (broker/feeders.py) takes a bridge into one feeder
+(``add_bridge_user(..., feeder=ID)``): the bridge user goes into that feeder's password file
+and ACL (the same ACL block, with the feeder's mount point in front of every topic), its sites
+must be that feeder's, and the kit names the feeder's listener (port, TLS port, mount point).
+The listener's mount point puts ``feeder/{id}/`` in front of whatever the bridge publishes
+and subscribes to, so the edge keeps the plain v1 topics. The other way, Mosquitto 2.0.11
+leaves the mount point on the topics it delivers (eclipse-mosquitto issue 2244, fixed in
+2.0.12): without help the edge would receive ``feeder/{id}/wattmesh/v1/...``, which no site
+reads. ``bridge_conf_text`` therefore adds, for every incoming topic, a second ``topic`` line
+with the mount point as the remote prefix: Mosquitto matches an incoming topic against it and
+takes the prefix off (that line's own subscription on the core, under the mount point twice,
+matches nothing; with a fixed core the first line matches as is). With TLS the bridge's new
+certificate is added to the CRL of every other feeder's TLS listener and the operator's, as
+the certificates written by ``broker init`` are; a running core loads the new passwd, acl
+and CRLs on SIGHUP (tests/test_feeders_bridge.py).
 """
 
 from __future__ import annotations
@@ -56,10 +72,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import BrokerConfigError
+from broker.feeders import (
+    bridge_feeder,
+    is_feeders_broker,
+    load_feeders_broker,
+    mounted_acl,
+    record_bridge_user,
+    write_crls,
+)
 from broker.mosquitto import (
     CONF_NAME,
+    CREDENTIALS_NAME,
     GRID_STATE_ALL,
     BrokerFiles,
+    TlsFiles,
     _service_owner,
     _write_file,
     load_broker_files,
@@ -86,6 +112,8 @@ KIT_KEY_NAME = "bridge.key"
 EDGE_BRIDGE_DIR_NAME = "bridge"
 #: A bridge address: ``host:port`` (an IPv6 host in brackets: ``[::1]:8883``).
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+#: A core listener's mount point: topic levels without wildcards, ending in ``/``.
+_MOUNT_POINT = re.compile(r"^([A-Za-z0-9_.-]+/)+$")
 
 Direction = Literal["in", "out"]
 
@@ -116,7 +144,8 @@ class BridgeKit:
 
     ``core_port`` is the core's password listener, ``core_tls_port`` its mutual-TLS listener
     (None without TLS). A kit with a client certificate connects to the TLS port: a core with
-    TLS serves passwords on 127.0.0.1 only.
+    TLS serves passwords on 127.0.0.1 only. On a many-feeders core they are ``feeder``'s
+    listeners, whose ``mount_point`` the bridge takes off incoming topics.
     """
 
     edge: str
@@ -125,6 +154,8 @@ class BridgeKit:
     core_port: int
     core_tls_port: int | None
     directory: Path
+    feeder: str | None = None
+    mount_point: str | None = None
 
     @property
     def core_connect_port(self) -> int:
@@ -143,7 +174,8 @@ class BridgeConfig:
     main one, the others are tried in turn when it fails, and the bridge returns to the main
     one when it can); ``sites`` are the sites behind this edge broker. ``restart_timeout_s``
     is the reconnect delay's (base, cap): Mosquitto waits a decorrelated-jitter delay between
-    them.
+    them. ``mount_point`` is the core listener's (a feeder's on a many-feeders core): the
+    bridge takes it off the topics the core delivers (see the module docstring).
     """
 
     name: str
@@ -156,6 +188,7 @@ class BridgeConfig:
     keepalive_s: int = 30
     restart_timeout_s: tuple[int, int] = (2, 30)
     insecure: bool = False
+    mount_point: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sites, str) or not self.sites:
@@ -190,6 +223,11 @@ class BridgeConfig:
             )
         if self.keepalive_s < 5:
             raise BrokerConfigError("keepalive_s must be at least 5 (Mosquitto's minimum)")
+        if self.mount_point is not None and not _MOUNT_POINT.match(self.mount_point):
+            raise BrokerConfigError(
+                f"mount point {self.mount_point!r}: need topic levels ending in '/', such as "
+                "'feeder/north/' (no spaces, no wildcards)"
+            )
 
 
 def bridge_user_name(edge: str) -> str:
@@ -259,10 +297,20 @@ def bridge_conf_text(config: BridgeConfig) -> str:
         f"notification_topic {bridge_state_topic(config.name)}",
         "bridge_attempt_unsubscribe false",
     ]
-    lines += [
-        f"topic {topic} {direction} {config.qos}"
-        for topic, direction in bridge_topics(config.sites)
-    ]
+    topics = bridge_topics(config.sites)
+    lines += [f"topic {topic} {direction} {config.qos}" for topic, direction in topics]
+    if config.mount_point is not None:
+        lines += [
+            f"# The core's listener has mount_point {config.mount_point}, which Mosquitto 2.0.11",
+            "# leaves on the topics it delivers (issue 2244, fixed in 2.0.12). So each incoming",
+            "# topic once more, with the mount point as its remote prefix, which the bridge",
+            "# takes off. (These lines' own subscriptions, mounted twice, match nothing.)",
+        ]
+        lines += [
+            f'topic {topic} in {config.qos} "" {config.mount_point}'
+            for topic, direction in topics
+            if direction == "in"
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -289,8 +337,27 @@ def bridge_acl_text(edge: str, sites: Sequence[str]) -> str:
 # The core side: a user per bridge
 
 
+@dataclass(frozen=True, slots=True)
+class _CoreListener:
+    """Where a bridge user goes on a core: the listener's files, ports and mount point."""
+
+    directory: Path
+    password_file: Path
+    acl_file: Path
+    credentials: dict[str, str] = field(repr=False)
+    tls: TlsFiles | None
+    port: int
+    tls_port: int | None
+    feeder: str | None = None
+    mount_point: str | None = None
+
+
 def add_bridge_user(
-    core_directory: str | os.PathLike[str], edge: str, sites: Sequence[str]
+    core_directory: str | os.PathLike[str],
+    edge: str,
+    sites: Sequence[str],
+    *,
+    feeder: str | None = None,
 ) -> BridgeKit:
     """Add edge ``edge``'s bridge user (``bridge-{edge}``) to the core in ``core_directory``.
 
@@ -300,41 +367,102 @@ def add_bridge_user(
     needs into ``bridges/bridge-{edge}/`` (mode 700): ``bridge.toml`` (user, password, sites,
     the core's ports) and with TLS ``ca.crt``, ``bridge.crt`` and ``bridge.key``; copy that
     directory to the edge machine and pass it to ``write_edge_broker`` (``load_bridge_kit``).
-    ``BrokerConfigError`` if the user exists or an id is invalid. A running core rereads
-    passwd and acl on SIGHUP.
+
+    A many-feeders core needs ``feeder``, and a single-feeder core refuses it: the user then
+    goes into that feeder's passwd-{feeder} and acl-{feeder} (the ACL block mounted), the
+    sites must be that feeder's, credentials.toml lists it among the feeder's
+    ``bridge_users``, the kit gets the feeder's ports and mount point, and with TLS every
+    other TLS listener's CRL is rewritten to revoke its certificate (``write_crls``).
+    ``BrokerConfigError`` if the user exists, an id is invalid or a site is not the feeder's.
+    A running core rereads passwd, acl and the CRLs on SIGHUP.
     """
-    core = load_broker_files(core_directory)
     user = _checked_user(edge)
     site_ids = _checked_sites(sites)
-    if user in core.credentials:
-        raise BrokerConfigError(f"user {user!r} already exists on the core {core.directory}")
+    target = _core_listener(core_directory, feeder, site_ids)
+    if user in target.credentials:
+        raise BrokerConfigError(f"user {user!r} already exists on the core {target.directory}")
     owner = _service_owner()
     password = secrets.token_urlsafe(32)
-    _append(core.password_file, f"{user}:{mosquitto_password_hash(password)}\n", owner)
-    _append(core.acl_file, bridge_acl_text(edge, site_ids), owner)
-    _append(core.credentials_file, f"{json.dumps(user)} = {json.dumps(password)}\n", None)
-    kit_dir = bridge_kit_path(core.directory, edge)
+    acl = bridge_acl_text(edge, site_ids)
+    if target.mount_point is not None:
+        acl = mounted_acl(
+            f"\n# Feeder {target.feeder}'s listeners put {target.mount_point} in front of the "
+            f"bridge's topics.{acl}",
+            target.mount_point,
+        )
+    _append(target.password_file, f"{user}:{mosquitto_password_hash(password)}\n", owner)
+    _append(target.acl_file, acl, owner)
+    kit_dir = bridge_kit_path(target.directory, edge)
     kit_dir.parent.mkdir(mode=0o700, exist_ok=True)
     kit_dir.mkdir(mode=0o700, exist_ok=True)
     credentials = BridgeCredentials(user, password)
-    if core.tls is not None:
-        cert, key = _issue_client_cert(core.tls.ca_cert, core.tls.ca_key, user)
-        copies = {KIT_CA_NAME: core.tls.ca_cert, KIT_CERT_NAME: cert, KIT_KEY_NAME: key}
+    if target.tls is not None:
+        cert, key = _issue_client_cert(target.tls.ca_cert, target.tls.ca_key, user)
+        copies = {KIT_CA_NAME: target.tls.ca_cert, KIT_CERT_NAME: cert, KIT_KEY_NAME: key}
         for name, source in copies.items():
             _write_file(kit_dir / name, source.read_bytes(), 0o600, None)
         credentials = BridgeCredentials(
             user, password, kit_dir / KIT_CA_NAME, kit_dir / KIT_CERT_NAME, kit_dir / KIT_KEY_NAME
         )
+    if target.feeder is None:
+        line = f"{json.dumps(user)} = {json.dumps(password)}\n"
+        _append(target.directory / CREDENTIALS_NAME, line, None)
+    else:
+        write_crls(
+            record_bridge_user(load_feeders_broker(target.directory), target.feeder, user, password)
+        )
     kit = BridgeKit(
         edge=edge,
         sites=site_ids,
         credentials=credentials,
-        core_port=core.port,
-        core_tls_port=core.tls_port,
+        core_port=target.port,
+        core_tls_port=target.tls_port,
         directory=kit_dir,
+        feeder=target.feeder,
+        mount_point=target.mount_point,
     )
     _write_file(kit_dir / KIT_TOML_NAME, _kit_toml(kit), 0o600, None)
     return kit
+
+
+def _core_listener(
+    core_directory: str | os.PathLike[str], feeder: str | None, sites: Sequence[str]
+) -> _CoreListener:
+    """The core's listener a bridge of ``sites`` logs in on: the broker's, or ``feeder``'s."""
+    if not is_feeders_broker(core_directory):
+        core = load_broker_files(core_directory)
+        if feeder is not None:
+            raise BrokerConfigError(
+                f"{core.directory} is a single-feeder broker: it has no feeder {feeder!r} "
+                "(give a feeder only for a core written by `broker init --feeders`)"
+            )
+        return _CoreListener(
+            core.directory,
+            core.password_file,
+            core.acl_file,
+            core.credentials,
+            core.tls,
+            core.port,
+            core.tls_port,
+        )
+    files = load_feeders_broker(core_directory)
+    if feeder is None:
+        raise BrokerConfigError(
+            f"{files.directory} is a many-feeders broker: name the feeder whose sites the edge "
+            f"serves (--feeder; its feeders: {', '.join(f.id for f in files.feeders)})"
+        )
+    listener = bridge_feeder(files, feeder, sites)
+    return _CoreListener(
+        files.directory,
+        listener.password_file,
+        listener.acl_file,
+        files.credentials,
+        files.tls,
+        listener.port,
+        listener.tls_port,
+        listener.id,
+        listener.mount_point,
+    )
 
 
 def _checked_user(edge: str) -> str:
@@ -376,6 +504,12 @@ def _kit_toml(kit: BridgeKit) -> str:
     ]
     if kit.core_tls_port is not None:
         lines.append(f"core_tls_port = {kit.core_tls_port}")
+    if kit.feeder is not None and kit.mount_point is not None:
+        lines += [
+            "# The core's listener of this feeder; the bridge takes its mount point off.",
+            f"feeder = {q(kit.feeder)}",
+            f"mount_point = {q(kit.mount_point)}",
+        ]
     if kit.credentials.tls:
         # Relative to the kit's directory, so that the kit can be moved.
         lines += [
@@ -400,6 +534,7 @@ def load_bridge_kit(path: str | os.PathLike[str]) -> BridgeKit:
             for k in ("ca_cert", "cert", "key")
         }
         tls_port = doc.get("core_tls_port")
+        feeder, mount = doc.get("feeder"), doc.get("mount_point")
         return BridgeKit(
             edge=str(doc["edge"]),
             sites=tuple(str(site) for site in doc["sites"]),
@@ -413,6 +548,8 @@ def load_bridge_kit(path: str | os.PathLike[str]) -> BridgeKit:
             core_port=int(doc["core_port"]),
             core_tls_port=None if tls_port is None else int(tls_port),
             directory=toml_path.parent,
+            feeder=None if feeder is None else str(feeder),
+            mount_point=None if mount is None else str(mount),
         )
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
         raise BrokerConfigError(f"cannot read the bridge kit {toml_path}: {err!r}") from err
@@ -486,8 +623,10 @@ def write_edge_broker(
     plus ``bridge_conf_text`` appended to its mosquitto.conf, which then holds the bridge's
     password and is written mode 600 (owned by the broker's user when we are root). With a
     TLS kit the CA, certificate and key are copied into ``bridge/`` and no password is used.
-    ``insecure`` skips the check of the core's host name against its certificate;
-    ``protocol`` is the bridge's MQTT version (keep 3.1.1, see the module docstring).
+    A kit for a feeder of a many-feeders core carries its listener's mount point, which the
+    bridge takes off incoming topics (``BridgeConfig.mount_point``). ``insecure`` skips the
+    check of the core's host name against its certificate; ``protocol`` is the bridge's MQTT
+    version (keep 3.1.1, see the module docstring).
     """
     addresses = tuple(_with_port(address, kit.core_connect_port) for address in core)
     files = write_broker_config(directory, kit.sites, port=port, host=host, overwrite=overwrite)
@@ -504,6 +643,7 @@ def write_edge_broker(
         insecure=insecure,
         protocol=protocol,
         keepalive_s=keepalive_s,
+        mount_point=kit.mount_point,
     )
     conf = files.directory / CONF_NAME
     text = conf.read_text(encoding="utf-8") + bridge_conf_text(config)

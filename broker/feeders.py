@@ -78,7 +78,7 @@ import re
 import secrets
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -239,11 +239,14 @@ class FeederListener:
     #: The coordinator's ingest workers' users: they log in on the operator listener (no mount
     #: point), where Mosquitto's shared subscriptions work; see the module's docstring.
     ingest_users: tuple[str, ...] = ()
+    #: Users of edge brokers bridged into this feeder (``add_bridge_user(..., feeder=id)``):
+    #: they log in on this feeder's listeners, and the others' CRLs revoke their certificates.
+    bridge_users: tuple[str, ...] = ()
 
     @property
     def users(self) -> tuple[str, ...]:
-        """The users that belong to this feeder: its coordinator and its sites."""
-        return (self.coordinator_user, *self.sites)
+        """The users that belong to this feeder: its coordinator, its sites and its bridges."""
+        return (self.coordinator_user, *self.sites, *self.bridge_users)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,9 +290,10 @@ class FeedersBrokerFiles:
         raise KeyError(feeder_id)
 
     def feeder_of(self, user: str) -> FeederListener | None:
-        """The feeder whose listener ``user`` (a site or a coordinator) belongs to; else None."""
+        """The feeder whose listener ``user`` (a site, a coordinator or a bridge) belongs to;
+        else None."""
         for f in self.feeders:
-            if user == f.coordinator_user or user in f.sites:
+            if user in f.users:
                 return f
         return None
 
@@ -462,9 +466,6 @@ def write_feeders_broker_config(
         _write_file(
             listener.acl_file, header + mounted_acl(acl, listener.mount_point), 0o600, owner
         )
-        if tls_files is not None and listener.crl_file is not None:
-            allowed = {*listener.users, *observers}
-            write_crl(tls_files, listener.crl_file, [u for u in cert_users if u not in allowed])
         listeners.append(listener)
     operator_users = [*observers, *(u for users in ingest.values() for u in users)]
     _write_file(
@@ -478,8 +479,6 @@ def write_feeders_broker_config(
     )
     operator_tls_port = spec.operator.tls_port if tls else None
     operator_crl = _crl_path(root, None) if operator_tls_port is not None else None
-    if tls_files is not None and operator_crl is not None:
-        write_crl(tls_files, operator_crl, [u for u in cert_users if u not in observers])
     files = FeedersBrokerFiles(
         directory=root,
         conf=conf,
@@ -496,6 +495,7 @@ def write_feeders_broker_config(
         tls_port=operator_tls_port,
         operator_crl_file=operator_crl,
     )
+    write_crls(files)
     _write_file(files.credentials_file, _credentials_text(files), 0o600, None)
     _write_file(conf, _conf_text(files, autosave_interval_s), 0o644, None)
     return files
@@ -507,11 +507,41 @@ def _crl_path(root: Path, feeder: str | None) -> Path:
     return root / TLS_DIR_NAME / name
 
 
+def revoked_users(files: FeedersBrokerFiles, listener: FeederListener | None) -> list[str]:
+    """The users whose certificates ``listener``'s TLS listener (None: the operator's) revokes:
+    every user with a certificate except the listener's own (its coordinator, sites and
+    bridges) and the operator and monitor (the operator's: all but the operator and monitor)."""
+    if files.tls is None:
+        return []
+    observers = {u for u in (files.operator_user, files.monitor_user) if u}
+    allowed = observers | (set(listener.users) if listener is not None else set())
+    return [u for u in files.tls.client_certs if u not in allowed]
+
+
+def write_crls(files: FeedersBrokerFiles) -> list[Path]:
+    """(Re)write every TLS listener's CRL (``revoked_users``, ``write_crl``); the paths written.
+
+    A running Mosquitto loads a rewritten CRL on SIGHUP (tests/test_feeders_bridge.py).
+    """
+    if files.tls is None:
+        return []
+    written: list[Path] = []
+    for listener in files.feeders:
+        if listener.crl_file is not None:
+            write_crl(files.tls, listener.crl_file, revoked_users(files, listener))
+            written.append(listener.crl_file)
+    if files.operator_crl_file is not None:
+        write_crl(files.tls, files.operator_crl_file, revoked_users(files, None))
+        written.append(files.operator_crl_file)
+    return written
+
+
 def write_crl(tls: TlsFiles, path: Path, revoked_users: Sequence[str]) -> None:
     """Write a CRL, signed by the broker's CA, that revokes the client certificates of
     ``revoked_users``: a listener with it as ``crlfile`` refuses them in the TLS handshake.
 
     Valid as long as the CA (OpenSSL refuses every client once a CRL's next update passes).
+    A running Mosquitto (2.0.11) replaces the listener's CRL with the file's on SIGHUP.
     """
     ca_cert = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
     ca_key = serialization.load_pem_private_key(tls.ca_key.read_bytes(), password=None)
@@ -661,11 +691,64 @@ def _credentials_text(files: FeedersBrokerFiles) -> str:
                 if f.ingest_users
                 else []
             ),
+            *(
+                [
+                    "# Edge brokers bridged into this feeder (`broker bridge-user --feeder`).",
+                    f"bridge_users = [{', '.join(q(u) for u in f.bridge_users)}]",
+                ]
+                if f.bridge_users
+                else []
+            ),
             "",
         ]
     lines.append("[users]")
     lines += [f"{q(user)} = {q(pw)}" for user, pw in files.credentials.items()]
     return "\n".join(lines) + "\n"
+
+
+def bridge_feeder(
+    files: FeedersBrokerFiles, feeder_id: str, sites: Sequence[str]
+) -> FeederListener:
+    """The listener of ``feeder_id``, into which an edge broker of ``sites`` is bridged.
+
+    ``BrokerConfigError`` if the broker has no such feeder, or a site is not one of its sites
+    (naming the feeder it belongs to, or saying that no feeder has it).
+    """
+    try:
+        listener = files.feeder(feeder_id)
+    except KeyError as err:
+        raise BrokerConfigError(
+            f"{files.directory} has no feeder {feeder_id!r} "
+            f"(its feeders: {', '.join(f.id for f in files.feeders)})"
+        ) from err
+    for site in sites:
+        if site in listener.sites:
+            continue
+        owner = files.feeder_of(site)
+        where = (
+            f"it is a site of feeder {owner.id!r}"
+            if owner is not None and site in owner.sites
+            else "no feeder of this broker has it"
+        )
+        raise BrokerConfigError(
+            f"site {site!r} is not a site of feeder {feeder_id!r} ({where}); a bridge into "
+            f"feeder {feeder_id!r} may carry only its sites: {', '.join(listener.sites)}"
+        )
+    return listener
+
+
+def record_bridge_user(
+    files: FeedersBrokerFiles, feeder_id: str, user: str, password: str
+) -> FeedersBrokerFiles:
+    """Rewrite credentials.toml with ``user`` (``password``) as a bridge of ``feeder_id``;
+    the broker as read back (with TLS: its certificate is then one of ``tls.client_certs``)."""
+    feeders = tuple(
+        replace(f, bridge_users=(*f.bridge_users, user)) if f.id == feeder_id else f
+        for f in files.feeders
+    )
+    updated = replace(files, feeders=feeders, credentials={**files.credentials, user: password})
+    _write_file(files.credentials_file, _credentials_text(updated), 0o600, None)
+    return load_feeders_broker(files.directory)
 
 
 def is_feeders_broker(directory: str | os.PathLike[str]) -> bool:
@@ -697,6 +780,7 @@ def load_feeders_broker(directory: str | os.PathLike[str]) -> FeedersBrokerFiles
                 tls_port=int(f["tls_port"]) if has_tls else None,
                 crl_file=_crl_path(root, str(feeder_id)) if has_tls else None,
                 ingest_users=tuple(str(u) for u in f.get("ingest_users", ())),
+                bridge_users=tuple(str(u) for u in f.get("bridge_users", ())),
             )
             for feeder_id, f in doc["feeders"].items()
         )

@@ -123,6 +123,10 @@ NOT_RUN: dict[str, str] = {
     "wattmesh broker edge /var/lib/wattmesh/edge-north --kit ./bridge-north --core "
     "core.example.net --host 0.0.0.0": _BRIDGE,
     "wattmesh broker run /var/lib/wattmesh/edge-north": _BRIDGE,
+    "wattmesh broker bridge-user /var/lib/wattmesh/feeders --feeder south --edge substation-7 "
+    "--sites school,house-2": "a core that serves many feeders on another machine; "
+    "tests/test_feeders_bridge.py runs bridge-user --feeder through the CLI and bridges an "
+    "edge broker into a running many-feeders core",
     "WATTMESH_API_TOKEN=<a token> wattmesh mcp --api http://127.0.0.1:8080": "an MCP server "
     "on stdin/stdout for a desktop agent; tests/test_mcp.py drives it with the MCP SDK's client",
     **{

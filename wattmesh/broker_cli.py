@@ -9,7 +9,12 @@ import typer
 
 from broker.bridge import add_bridge_user, load_bridge_kit, write_edge_broker
 from broker.errors import BrokerConfigError, BrokerError, MosquittoNotFoundError
-from broker.feeders import FeedersBrokerFiles, load_feeders_file, write_feeders_broker_config
+from broker.feeders import (
+    FeedersBrokerFiles,
+    load_feeders_broker,
+    load_feeders_file,
+    write_feeders_broker_config,
+)
 from broker.mosquitto import (
     BrokerFiles,
     TlsFiles,
@@ -289,14 +294,29 @@ def bridge_user(
     sites: Annotated[
         str, typer.Option("--sites", help="Comma-separated ids of the sites behind that edge.")
     ],
+    feeder: Annotated[
+        str | None,
+        typer.Option(
+            "--feeder",
+            help="On a core written by `broker init --feeders` (required there, refused on a "
+            "single-feeder core): the feeder whose sites the edge serves. The bridge logs in "
+            "on that feeder's listener (its port, TLS port and mount point go into the kit).",
+        ),
+    ] = None,
 ) -> None:
     """Add an edge broker's bridge user to the core; write its bridge kit.
 
     The user (bridge-EDGE) may publish and read exactly those sites' topics on the core. The
     kit (CORE_DIRECTORY/bridges/bridge-EDGE/) goes to the edge machine for `broker edge`.
+
+    On a many-feeders core the user goes into feeder ID's password file and ACL, the sites must
+    be that feeder's, and the edge keeps the plain v1 topics: the feeder's listener puts
+    feeder/ID/ in front of them, and the edge's bridge takes it off what comes back. With TLS
+    the bridge's certificate is revoked on every other feeder's TLS listener and the
+    operator's.
     """
     try:
-        kit = add_bridge_user(core_directory, edge, _site_list(sites))
+        kit = add_bridge_user(core_directory, edge, _site_list(sites), feeder=feeder)
     except BrokerConfigError as err:
         raise _fail(str(err)) from err
     except OSError as err:
@@ -304,9 +324,31 @@ def bridge_user(
     auth = "client certificate (mTLS)" if kit.credentials.tls else "password"
     typer.echo(f"added {kit.credentials.user} to the core in {core_directory} ({auth}),")
     typer.echo(f"  for sites: {', '.join(kit.sites)}")
+    reload = "passwd and acl"
+    if kit.feeder is not None:
+        tls = f", TLS port {kit.core_tls_port}" if kit.core_tls_port is not None else ""
+        typer.echo(
+            f"  on feeder {kit.feeder}'s listeners (port {kit.core_port}{tls}, mount point "
+            f"{kit.mount_point}): the edge's bridge takes the mount point off what it receives"
+        )
+        if kit.credentials.tls:
+            others = _other_tls_listeners(core_directory, kit.feeder)
+            typer.echo(
+                "  its certificate is revoked on the other TLS listeners: " + ", ".join(others)
+            )
+            reload = "passwd, acl and the CRLs"
     typer.echo(f"bridge kit (secret, copy it to the edge machine): {kit.directory}/")
-    typer.echo("a running core reads the new user after `kill -HUP <mosquitto pid>` or a restart")
+    typer.echo(
+        f"a running core reads the new {reload} after `kill -HUP <mosquitto pid>` or a restart"
+    )
     typer.echo(f"then on the edge: wattmesh broker edge EDGE_DIR --kit {kit.directory} --core HOST")
+
+
+def _other_tls_listeners(core_directory: Path, feeder: str) -> list[str]:
+    """The TLS listeners of a many-feeders core other than ``feeder``'s, by name."""
+    files = load_feeders_broker(core_directory)
+    names = [f"feeder {f.id}" for f in files.feeders if f.id != feeder and f.tls_port]
+    return names + (["operator"] if files.tls_port is not None else [])
 
 
 @broker_app.command("edge")
@@ -346,6 +388,11 @@ def edge_broker(
     for line in _describe(files):
         typer.echo(line)
     typer.echo(f"bridge: {kit.credentials.user} -> {', '.join(core)} (in {files.conf})")
+    if kit.feeder is not None:
+        typer.echo(
+            f"  into feeder {kit.feeder} of a many-feeders core: the sites keep the v1 topics, "
+            f"the bridge takes the core's mount point {kit.mount_point} off what it receives"
+        )
     try:
         check_broker_access(files.directory)
     except BrokerConfigError as err:

@@ -4,20 +4,28 @@ a malformed, stale or unauthorised one changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from broker import topics
+from broker.client import BusSettings
 from broker.clock import ManualClock
 from broker.messages import DeviceReading, Forecast, Telemetry, WeatherForecast
 from broker.mosquitto import BrokerFiles, MosquittoProcess
 from coordinator import forecast as fc
 from coordinator.config import parse_coordinator_config
 from coordinator.service import Coordinator
+from simulators.scenario import load_scenario
 from tests.broker_fixtures import MqttClientFactory
+from wattmesh.backtest import Engine
+from wattmesh.cli import app
+from wattmesh.weather import SimulatedWeatherService, WeatherCsvError, read_weather_csv
 
 T0 = 1_782_129_600.0  # 2026-06-22 12:00 UTC, an interval boundary
 SITE = "house-1"
@@ -123,3 +131,100 @@ def test_a_coordinator_with_weather_off_refuses_forecasts(tmp_path: Path) -> Non
     assert not c.ingest_weather(good.model_dump_json().encode())
     assert c.stats.weather_rejected == {"off": 1}
     c.ledger.close()
+
+
+def _csv(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "weather.csv"
+    path.write_text(text)
+    return path
+
+
+async def test_weather_publish_sends_a_csv_export_as_the_retained_forecast(
+    mosquitto: MosquittoProcess,
+    broker_files: BrokerFiles,
+    mqtt_client: MqttClientFactory,
+    tmp_path: Path,
+) -> None:
+    hour = float(time.time() // 3600 * 3600)  # the command stamps it with the wall clock
+    start = datetime.fromtimestamp(hour, UTC)
+    path = _csv(
+        tmp_path,
+        f"time,ghi_w_per_m2\n{start.isoformat()},600\n{hour + 3600:.0f},650.5\n",
+    )
+    result = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        ["weather", "publish", "--csv", str(path), "--broker-dir", str(broker_files.directory)],
+    )
+    assert result.exit_code == 0, result.output
+    async with mqtt_client("monitor") as monitor:
+        await monitor.subscribe(topics.WEATHER_FORECAST, qos=1)
+        async with asyncio.timeout(5):
+            message = await anext(aiter(monitor.messages))
+    assert isinstance(message.payload, bytes)
+    got = WeatherForecast.model_validate_json(message.payload)
+    assert (got.start_ts, got.step_s, got.ghi_w_per_m2) == (hour, 3600, [600.0, 650.5])
+    assert got.source == "csv"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("time,clear_sky_index\n", "no rows"),
+        ("when,clear_sky_index\n0,0.5\n", "needs columns"),
+        ("time,clear_sky_index\n2026-06-22T10:00:00,0.5\n", "time zone"),
+        ("time,clear_sky_index\n1782122400,nan\n", "not a finite number"),
+        ("time,clear_sky_index\n1782122400,0.5\n1782126000,0.5\n1782126900,0.5\n", "equally"),
+        ("time,clear_sky_index\n1782122400,1.5\n", "less than or equal to 1.2"),
+    ],
+)
+def test_weather_csv_mistakes_are_refused_with_the_reason(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(WeatherCsvError, match=message):
+        read_weather_csv(_csv(tmp_path, text), issued_ts=T0)
+
+
+COMMUNITY = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "community.toml"
+
+
+async def test_the_simulated_weather_service_reaches_the_coordinator(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    scenario = load_scenario(COMMUNITY)
+    c = _coordinator(tmp_path, broker_files)
+    assert isinstance(c.clock, ManualClock)
+    c.clock.ts = scenario.start_ts + 7 * 3600.0  # the 06:00 run is the latest
+    settings = BusSettings(
+        port=broker_files.port,
+        username="weather",
+        password=broker_files.credentials["weather"],
+        client_id="weather",
+    )
+    async with c, SimulatedWeatherService(scenario, c.clock, settings) as service:
+        await _until(lambda: c.stats.weather == 1)
+    assert service.published == 1
+    (kept,) = c.weather.kept
+    assert kept.ts == scenario.start_ts + 6 * 3600.0
+    assert sorted(kept.sites) == ["house-1", "school", "solar-farm"]  # the sites with PV
+    assert kept.area is None
+
+
+def test_the_engine_feeds_the_simulated_weather_unless_switched_off(tmp_path: Path) -> None:
+    scenario = load_scenario(COMMUNITY)
+    runs = {}
+    for on in (True, False):
+        engine = Engine(
+            scenario, days=0.25, ledger_path=tmp_path / f"{on}.sqlite", history_days=1.0, weather=on
+        )
+        start = scenario.start_ts + 6 * 3600.0
+        engine._forecast(start, start - 960.0)
+        runs[on] = (engine.weather.accepted, engine.sites["solar-farm"].forecast)
+        engine.close()
+    assert runs[True][0] == 5  # the runs of the day before and the one at the start
+    assert runs[False][0] == 0
+    with_weather, without = runs[True][1], runs[False][1]
+    assert with_weather is not None
+    assert without is not None
+    assert not np.allclose(with_weather[1], without[1])  # the PV forecast
+    np.testing.assert_array_equal(with_weather[2], without[2])  # the load forecast

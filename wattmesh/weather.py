@@ -21,6 +21,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from pydantic import ValidationError
 
 from broker import topics
 from broker.client import BusClient, BusSettings
@@ -167,8 +168,10 @@ def read_weather_csv(path: Path, *, issued_ts: float, source: str = "csv") -> We
                 "source": source,
             }
         )
-    except ValueError as err:
-        raise WeatherCsvError(f"{path}: {str(err).splitlines()[0]}: {err}") from err
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise WeatherCsvError(f"{path}: {where + ': ' if where else ''}{first['msg']}") from err
 
 
 weather_app = typer.Typer(help="Weather forecasts for the coordinator's PV forecasts.")

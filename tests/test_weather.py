@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from broker import topics
 from broker.messages import BY_KIND, WeatherForecast
 from coordinator import forecast as fc
+from coordinator.weather import WeatherStore, kept_forecast
 
 T0 = 1_782_086_400.0  # 2026-06-22 00:00 UTC
 LAT, LON = 48.14, 11.58
@@ -176,3 +177,57 @@ def test_weather_arrays_of_the_wrong_shape_are_refused() -> None:
         _sites_forecast(ts, power, times, index, np.full(5, 0.5))
     with pytest.raises(fc.ForecastInputError, match="history_weather_index"):
         _sites_forecast(ts, power, times, index[:-1], np.full(4, 0.5))
+
+
+# -- what the coordinator keeps ---------------------------------------------------------------
+
+
+def _store(max_age_h: float = 18.0) -> WeatherStore:
+    return WeatherStore(LAT, LON, max_age_h * 3600.0, future_skew_s=30.0)
+
+
+def test_the_newest_forecast_leads_and_a_site_series_beats_the_area() -> None:
+    store = _store()
+    old = WeatherForecast(ts=T0, start_ts=T0, step_s=3600, clear_sky_index=[0.2] * 4)
+    new = WeatherForecast(
+        ts=T0 + 3600,
+        start_ts=T0 + 3600,
+        step_s=3600,
+        clear_sky_index=[0.6] * 4,
+        sites={"b": [0.9] * 4},
+    )
+    assert store.offer(old, T0) is None
+    assert store.offer(new, T0 + 3600) is None
+    history_ts = np.array([[T0 + 1800.0, T0 + 5400.0]] * 2)
+    times = np.array([T0 + 9000.0, T0 + 6 * 3600.0])
+    got = store.snapshot(T0 + 3600).indices(["a", "b"], history_ts, times)
+    assert got is not None
+    history, ahead = got
+    np.testing.assert_allclose(history, [[0.2, 0.6], [0.2, 0.9]])  # old covers 00-01 h only
+    np.testing.assert_allclose(ahead[:, 0], [0.6, 0.9])
+    assert np.isnan(ahead[:, 1]).all()  # past the newest forecast's end
+
+
+def test_future_stale_superseded_forecasts_are_refused_and_a_stale_one_is_not_used_ahead() -> None:
+    store = _store(max_age_h=6.0)
+    f = WeatherForecast(ts=T0, start_ts=T0, step_s=3600, clear_sky_index=[0.5] * 24)
+    assert store.offer(f, T0 - 60.0) == "future"
+    assert store.offer(f, T0 + 7 * 3600.0) == "stale"
+    assert store.offer(f, T0) is None
+    assert store.offer(f, T0) == "superseded"
+    assert store.rejected == {"future": 1, "stale": 1, "superseded": 1}
+    times = np.array([T0 + 8 * 3600.0])
+    got = store.snapshot(T0 + 7 * 3600.0).indices(["a"], np.array([[T0 + 60.0]]), times)
+    assert got is not None
+    np.testing.assert_allclose(got[0], [[0.5]])  # still what the past looked like
+    assert np.isnan(got[1]).all()  # but not used ahead
+    assert _store().snapshot(T0).indices(["a"], np.array([[T0]]), times) is None
+
+
+def test_a_ghi_forecast_is_kept_as_a_clear_sky_index() -> None:
+    noon = T0 + 11 * 3600.0
+    clear = float(fc.clear_sky_ghi_w_per_m2(noon + 450.0, LAT, LON))
+    msg = WeatherForecast(ts=noon, start_ts=noon, step_s=900, ghi_w_per_m2=[clear / 2.0])
+    kept = kept_forecast(msg, LAT, LON)
+    assert kept.area is not None
+    np.testing.assert_allclose(kept.area, [0.5])

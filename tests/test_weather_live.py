@@ -114,6 +114,13 @@ async def test_a_published_weather_forecast_changes_the_pv_forecast_and_bad_ones
     np.testing.assert_allclose(with_weather.pv_power_w, expected, rtol=1e-5)
     assert c.stats.weather == 1
     assert after.pv_power_w == with_weather.pv_power_w  # nothing refused changed it
+    registry, labels = c.metrics_registry, {"feeder": c.feeder}
+    assert registry.get_sample_value("wattmesh_weather_forecasts_total", labels) == 1
+    for reason in ("invalid", "stale"):
+        refused = registry.get_sample_value(
+            "wattmesh_weather_forecasts_refused_total", {**labels, "reason": reason}
+        )
+        assert refused == 1, reason
     assert isinstance(with_weather, Forecast)
 
 

@@ -1,8 +1,10 @@
 """The economics yardstick: wattmesh against what the sites would do without it, on the stepped
 engine (``wattmesh.backtest``), in both settlement regimes and against both baselines.
 
-Run: ``python benchmarks/economics.py [--days 7] [--seeds 7 8 9] [--quick]``. ``--quick`` is
-one summer day, one seed, the time-of-use tariff: a check that everything runs.
+Run: ``python benchmarks/economics.py [--days 7] [--seeds 7 8 9] [--quick] [--no-weather]``.
+``--quick`` is one summer day, one seed, the time-of-use tariff: a check that everything runs.
+``--no-weather``: the coordinator forecasts PV from history alone, without the simulated weather
+service's forecasts (``wattmesh/weather.py``).
 
 Each run is the five-site community (``config/scenarios/community.toml``) from a season's
 Monday for ``--days`` days with one seed and one tariff, three times on the same weather and
@@ -186,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         "--local-charge", type=float, default=0.03, help="regime (b) network charge per kWh"
     )
     parser.add_argument("--quick", action="store_true", help="one summer day, one seed, tou")
+    parser.add_argument(
+        "--weather",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the simulated weather service's forecasts in the coordinator's PV forecasts",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.days, args.seeds, args.seasons, args.tariffs = 1.0, [7], ["summer"], ["tou"]
@@ -193,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     wall0 = time.perf_counter()
     print(
         f"economics: {len(base.sites)} sites, {args.days:g} days per run, seeds "
-        f"{' '.join(map(str, args.seeds))}; costs in currency with stored energy valued; "
+        f"{' '.join(map(str, args.seeds))}; weather forecast {'on' if args.weather else 'off'}; "
+        "costs in currency with stored energy valued; "
         "saving in % of the baseline's cost; captured: share of the LP's improvement over "
         "(ii) that ours captures",
         flush=True,
@@ -222,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                             coordinator=config,
                             variant=v,
                             history_days=HISTORY_DAYS,
+                            weather=args.weather,
                         )
                         for v in ("wattmesh", "idle", "self_consumption")
                     }
@@ -237,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                             coordinator=config,
                             edges=industrial_edges(scenario),
                             history_days=HISTORY_DAYS,
+                            weather=args.weather,
                         ),
                     }
                 for regime in REGIMES:

@@ -331,6 +331,69 @@ class HaState(Message):
     controller: Literal["safety", "emergency", "dispatch", "market", "fallback"] | None = None
 
 
+#: Weather forecast bounds: the clear-sky index (GHI / clear-sky GHI) rarely exceeds 1.1 (cloud
+#: enhancement); GHI never exceeds the solar constant at the surface (about 1400 W/m^2).
+MAX_CLEAR_SKY_INDEX = 1.2
+MAX_GHI_W_PER_M2 = 1500.0
+#: At most this many per-site series in one weather forecast.
+MAX_WEATHER_SITES = 256
+#: A weather forecast may start at most this long before its ``ts`` (an analysis of the recent
+#: past) and reach at most this far past it [s].
+WEATHER_MAX_PAST_S = 2 * 86_400
+WEATHER_MAX_AHEAD_S = 8 * 86_400
+
+ClearSkyIndex = Annotated[float, Field(ge=0, le=MAX_CLEAR_SKY_INDEX), AfterValidator(_finite)]
+GhiWPerM2 = Annotated[float, Field(ge=0, le=MAX_GHI_W_PER_M2), AfterValidator(_finite)]
+SiteId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
+class WeatherForecast(Message):
+    """``weather/forecast``: a weather service's irradiance forecast for the community,
+    retained; published by the weather-service user (or the operator), read by the coordinator.
+
+    Per step of ``step_s`` from ``start_ts`` (each value the step's mean): for the whole area
+    either ``clear_sky_index`` (GHI / clear-sky GHI [-], 0-1.2) or ``ghi_w_per_m2`` (global
+    horizontal irradiance [W/m^2], 0-1500), or neither; ``sites`` optionally gives a site its
+    own clear-sky index series (site id -> values), which takes precedence over the area's
+    for that site. Every series has the same length (1-672 steps). ``ts`` is when the
+    forecast was issued: the coordinator ignores a forecast older than its ``weather.max_age_h``.
+    ``source`` names the service (free text, for logs). New in the weather release.
+    """
+
+    start_ts: Timestamp
+    step_s: int = Field(ge=60, le=3600)
+    clear_sky_index: list[ClearSkyIndex] = Field(
+        default_factory=list, max_length=MAX_FORECAST_POINTS
+    )
+    ghi_w_per_m2: list[GhiWPerM2] = Field(default_factory=list, max_length=MAX_FORECAST_POINTS)
+    sites: dict[SiteId, Annotated[list[ClearSkyIndex], Field(max_length=MAX_FORECAST_POINTS)]] = (
+        Field(default_factory=dict, max_length=MAX_WEATHER_SITES)
+    )
+    source: str = Field(default="", max_length=64)
+
+    @model_validator(mode="after")
+    def _sane(self) -> Self:
+        if self.clear_sky_index and self.ghi_w_per_m2:
+            raise ValueError("give the area's clear_sky_index or its ghi_w_per_m2, not both")
+        area = self.clear_sky_index or self.ghi_w_per_m2
+        lengths = {len(v) for v in self.sites.values()} | ({len(area)} if area else set())
+        if not lengths:
+            raise ValueError("a weather forecast needs the area's series or a site's")
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError("every series must have the same, non-zero length")
+        if self.start_ts < self.ts - WEATHER_MAX_PAST_S:
+            raise ValueError("start_ts is more than 2 days before ts")
+        if self.start_ts + lengths.pop() * self.step_s > self.ts + WEATHER_MAX_AHEAD_S:
+            raise ValueError("the forecast reaches more than 8 days past ts")
+        return self
+
+    @property
+    def steps(self) -> int:
+        """The number of steps every series has."""
+        series = self.clear_sky_index or self.ghi_w_per_m2 or next(iter(self.sites.values()))
+        return len(series)
+
+
 #: Topic kind -> model, for decoding by topic.
 BY_KIND: dict[str, type[Message]] = {
     "status": Status,
@@ -344,6 +407,7 @@ BY_KIND: dict[str, type[Message]] = {
     "reservation": Reservation,
     "grid/state": GridState,
     "coordinator/status": CoordinatorStatus,
+    "weather/forecast": WeatherForecast,
 }
 
 

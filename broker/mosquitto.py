@@ -91,6 +91,7 @@ from broker.topics import (
     PREFIX,
     SITE_PUBLISHES,
     SITE_READS,
+    WEATHER_FORECAST,
     check_id,
     forecast_topic,
     ha_discovery_topic,
@@ -159,6 +160,8 @@ class BrokerFiles:
     sites: tuple[str, ...]
     credentials: dict[str, str] = field(repr=False)
     tls: TlsFiles | None = None
+    #: The weather service's user: it may publish only ``weather/forecast`` (None: no such user).
+    weather_user: str | None = None
 
     @property
     def users(self) -> tuple[str, ...]:
@@ -191,6 +194,7 @@ def write_broker_config(
     overwrite: bool = False,
     ha_discovery_prefix: str | None = HA_DISCOVERY_PREFIX,
     ingest_workers: int = 0,
+    weather_user: str | None = "weather",
 ) -> BrokerFiles:
     """Write a Mosquitto configuration for ``sites`` into ``directory`` (created if missing).
 
@@ -206,12 +210,18 @@ def write_broker_config(
     discovery configs under it and the monitor (Home Assistant's user) reads it; None grants
     neither. ``ingest_workers`` adds that many users ``{coordinator_user}-ingest-{i}``
     (:func:`ingest_user`, one password for them all) for the coordinator's ingest worker
-    processes, each allowed to read every site's telemetry and nothing else.
+    processes, each allowed to read every site's telemetry and nothing else. ``weather_user``
+    (None: none) may publish the weather forecast (``weather/forecast``) and nothing else.
     ``BrokerConfigError`` for invalid ids,
     ports or paths, and when a configuration exists and ``overwrite`` is false.
     """
     site_ids = _check_users(
-        sites, coordinator_user, operator_user, monitor_user, ingest_workers=ingest_workers
+        sites,
+        coordinator_user,
+        operator_user,
+        monitor_user,
+        ingest_workers=ingest_workers,
+        weather_user=weather_user,
     )
     if ha_discovery_prefix is not None and not re.match(HA_PREFIX_PATTERN, ha_discovery_prefix):
         raise BrokerConfigError(
@@ -229,7 +239,7 @@ def write_broker_config(
     group = (-1, owner[1]) if owner else None
     conf, data_dir = root / CONF_NAME, root / DATA_DIR_NAME
 
-    users = _user_names(site_ids, coordinator_user, operator_user, monitor_user)
+    users = _user_names(site_ids, coordinator_user, operator_user, monitor_user, weather_user)
     credentials = {user: secrets.token_urlsafe(32) for user in users}
     ingest_users = [ingest_user(coordinator_user, i) for i in range(1, ingest_workers + 1)]
     if ingest_users:  # after the coordinator: one password for its worker processes
@@ -255,6 +265,7 @@ def write_broker_config(
             monitor_user,
             ha_discovery_prefix=ha_discovery_prefix,
             ingest_users=ingest_users,
+            weather_user=weather_user,
         ),
         0o600,
         owner,
@@ -276,6 +287,7 @@ def write_broker_config(
         sites=tuple(site_ids),
         credentials=credentials,
         tls=tls_files,
+        weather_user=weather_user,
     )
     _write_file(files.credentials_file, _credentials_text(files), 0o600, None)
     _write_file(conf, _conf_text(files, autosave_interval_s), 0o644, None)
@@ -323,10 +335,14 @@ def prepare_broker_dir(
 
 
 def _user_names(
-    sites: Sequence[str], coordinator_user: str, operator_user: str | None, monitor_user: str | None
+    sites: Sequence[str],
+    coordinator_user: str,
+    operator_user: str | None,
+    monitor_user: str | None,
+    weather_user: str | None = None,
 ) -> list[str]:
     """Every user, in the order credentials.toml lists them."""
-    optional = [user for user in (operator_user, monitor_user) if user]
+    optional = [user for user in (operator_user, monitor_user, weather_user) if user]
     return [coordinator_user, *optional, *sites]
 
 
@@ -337,6 +353,7 @@ def _check_users(
     monitor_user: str | None,
     *,
     ingest_workers: int = 0,
+    weather_user: str | None = None,
 ) -> list[str]:
     if isinstance(sites, str):
         raise BrokerConfigError("sites must be a sequence of site ids, not one string")
@@ -351,16 +368,19 @@ def _check_users(
             check_id(operator_user, "operator user")
         if monitor_user is not None:
             check_id(monitor_user, "monitor user")
+        if weather_user is not None:
+            check_id(weather_user, "weather user")
     except ValueError as err:
         raise BrokerConfigError(str(err)) from err
     if not 0 <= ingest_workers <= 64:
         raise BrokerConfigError(f"ingest_workers must be 0-64, not {ingest_workers}")
-    names = _user_names(site_ids, coordinator_user, operator_user, monitor_user)
+    names = _user_names(site_ids, coordinator_user, operator_user, monitor_user, weather_user)
     names += [ingest_user(coordinator_user, i) for i in range(1, ingest_workers + 1)]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise BrokerConfigError(
-            f"user names must be unique (site ids, coordinator, operator and monitor): {duplicates}"
+            "user names must be unique (site ids, coordinator, operator, monitor and weather): "
+            f"{duplicates}"
         )
     return site_ids
 
@@ -394,6 +414,7 @@ def acl_text(
     *,
     ha_discovery_prefix: str | None = HA_DISCOVERY_PREFIX,
     ingest_users: Sequence[str] = (),
+    weather_user: str | None = None,
 ) -> str:
     """The ACL file: the access rules (docs/architecture.md s. 3), one explicit block per user.
 
@@ -404,7 +425,8 @@ def acl_text(
     ``ha/state``, and the monitor (the user Home Assistant connects as) reads the prefix.
     Each of ``ingest_users`` (the coordinator's ingest workers) reads every site's telemetry
     (also through a shared subscription ``$share/GROUP/...``: Mosquitto checks the topic
-    without that prefix) and writes nothing.
+    without that prefix) and writes nothing. ``weather_user`` (the weather service) and the
+    operator may publish the weather forecast; the coordinator reads it.
     """
     lines = [
         "# wattmesh broker ACL (docs/architecture.md s. 3), written by `wattmesh broker init`.",
@@ -430,6 +452,7 @@ def acl_text(
             f"user {operator_user}",
             f"topic read {PREFIX}/#",
             f"topic write {site_wildcard('dispatch')}",
+            f"topic write {WEATHER_FORECAST}",
             "",
         ]
     if monitor_user:
@@ -438,6 +461,13 @@ def acl_text(
             f"user {monitor_user}",
             f"topic read {PREFIX}/#",
             *([f"topic read {ha_discovery_prefix}/#"] if ha_discovery_prefix else []),
+            "",
+        ]
+    if weather_user:
+        lines += [
+            "# The weather service publishes its forecast and nothing else; it reads nothing.",
+            f"user {weather_user}",
+            f"topic write {WEATHER_FORECAST}",
             "",
         ]
     for site in sites:
@@ -587,6 +617,8 @@ def _credentials_text(files: BrokerFiles) -> str:
         lines.append(f"operator_user = {q(files.operator_user)}")
     if files.monitor_user:
         lines.append(f"monitor_user = {q(files.monitor_user)}")
+    if files.weather_user:
+        lines.append(f"weather_user = {q(files.weather_user)}")
     lines += [f"sites = [{', '.join(q(s) for s in files.sites)}]", ""]
     if files.tls is not None:
         lines += _tls_credentials_lines(files.tls)
@@ -637,6 +669,7 @@ def load_broker_files(directory: str | os.PathLike[str]) -> BrokerFiles:
             sites=tuple(str(s) for s in broker["sites"]),
             credentials=credentials,
             tls=None if tls_port is None else _tls_layout(root / TLS_DIR_NAME, credentials),
+            weather_user=broker.get("weather_user"),
         )
     except FileNotFoundError as err:
         raise BrokerConfigError(

@@ -29,6 +29,9 @@ SITE_PUBLISHES: tuple[SiteTopicKind, ...] = ("status", "telemetry", "bid", "disp
 SITE_READS: tuple[SiteTopicKind, ...] = ("award", "dispatch", "reservation")
 
 MARKET_CLEARING = f"{PREFIX}/market/clearing"
+#: The weather service's forecast for the community (retained; broker/messages.py
+#: ``WeatherForecast``): written by the weather-service user and the operator.
+WEATHER_FORECAST = f"{PREFIX}/weather/forecast"
 
 
 def check_id(value: str, what: str = "site") -> str:
@@ -133,6 +136,8 @@ def parse_topic(topic: str) -> ParsedTopic:
     """Parse a v1 topic; ``ValueError`` for anything outside the scheme."""
     if topic == MARKET_CLEARING:
         return ParsedTopic("market/clearing")
+    if topic == WEATHER_FORECAST:
+        return ParsedTopic("weather/forecast")
     parts = topic.split("/")
     if parts[:2] != PREFIX.split("/"):
         raise ValueError(f"topic {topic!r} is not under {PREFIX}/")

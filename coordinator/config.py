@@ -275,6 +275,18 @@ class SiteSection(_Strict):
     battery_w: float | None = Field(default=None, ge=0, le=1e9)
 
 
+class WeatherSection(_Strict):
+    """A weather service's forecast (``weather/forecast``) in the PV forecasts.
+
+    ``enabled = false`` ignores it (the PV forecast then comes from history alone); a forecast
+    issued more than ``max_age_h`` ago is stale and not used ahead (a numerical weather
+    prediction runs every 6 h: 18 h lets two runs go missing).
+    """
+
+    enabled: bool = True
+    max_age_h: float = Field(default=18.0, gt=0, le=168)
+
+
 #: The default connection of an undeclared site is at most this (W).
 MAX_DEFAULT_CONNECTION_W = 1_000_000.0
 
@@ -293,6 +305,7 @@ class CoordinatorConfig(_Strict):
     api: ApiSection | None = None
     clock: ClockSettings | None = None
     historian: dict[str, Any] | None = None
+    weather: WeatherSection = WeatherSection()
 
     def default_connection_w(self) -> float:
         """The connection limit (W) of a site without a ``[sites.NAME]`` entry."""

@@ -29,6 +29,23 @@ the next hours it blends persistence in: the latest index ``c_now`` (same estima
 last daylight hour) decays exponentially toward the climatological ``c`` with the time since
 that hour. ``c`` divided by the site's nameplate is its clear-sky index times its efficiency.
 
+Weather (:func:`pv_forecast_sites_w` with a weather service's clear-sky index ``k``, GHI / clear-sky
+GHI, per history sample and per forecast time): the effective capacity ``c`` folds the average
+cloudiness in, so multiplying it by a forecast index would count the clouds twice. Instead the
+site learns its *weather capacity* ``c_w``, the LAD regression through the origin of its PV
+power on ``GHI_cs k / 1000`` over the daylight history samples the weather service covered
+(:func:`pv_weather_capacity_w`): the weighted median of ``1000 P / (GHI_cs k)`` with weights
+``GHI_cs k`` and the same recency. This is model output statistics in the simplest form: the
+ratio absorbs the site's losses and orientation *and* the weather service's own bias (a service
+that calls 0.9 what the site sees as 0.8 gets a smaller ``c_w``), which dividing ``c`` by the
+history's mean index would not; and it needs no clear days, which a clear-day capacity (an upper
+quantile of ``P / GHI_cs``) would. Where the forecast covers a time ``c_w k(t)`` replaces
+``c_clim``; persistence still leads the first hour(s). Beyond the weather's horizon, without a
+forecast (or a stale one: the caller passes NaN) and while fewer than ``min_weather_samples``
+history samples have a weather index, the forecast is exactly the one without weather.
+:func:`clear_sky_index_from_ghi` turns a GHI forecast into an index; :func:`step_series_at`
+reads a forecast's steps at any times.
+
 Load (:func:`load_forecast_w`): a same-time-of-day profile (:func:`load_profile_w`): the
 weighted mean of past samples in the same local time-of-day slot and the same day class
 (weekday/weekend by default), each day weighted ``0.5 ** (age_days / half_life_days)``; then a
@@ -60,6 +77,7 @@ __all__ = [
     "DAY_CLASSES_WEEKDAY_WEEKEND",
     "ForecastInputError",
     "clear_sky_ghi_w_per_m2",
+    "clear_sky_index_from_ghi",
     "community_net_load_w",
     "haurwitz_ghi_w_per_m2",
     "load_forecast_sites_w",
@@ -71,8 +89,10 @@ __all__ = [
     "pv_effective_capacity_w",
     "pv_forecast_sites_w",
     "pv_forecast_w",
+    "pv_weather_capacity_w",
     "seasonal_naive_forecast",
     "solar_zenith_deg",
+    "step_series_at",
 ]
 
 _SECONDS_PER_DAY = 86_400.0
@@ -407,6 +427,154 @@ def pv_forecast_w(
         capacity_w = c_clim + (c_now - c_clim) * np.exp(-lead_s / persistence_decay_s)
     power = np.clip(capacity_w * ghi_cs / 1000.0, 0.0, rated_w if rated_w > 0.0 else None)
     return _f64(np.where(finite, power, np.nan))
+
+
+# --------------------------------------------------------------------------------------------
+# weather
+
+#: A weather index below this (a near-black sky) teaches nothing about a site's capacity.
+_MIN_WEATHER_INDEX = 0.05
+
+
+def clear_sky_index_from_ghi(
+    ghi_w_per_m2: ArrayLike,
+    clear_sky_ghi_w_per_m2: ArrayLike,
+    *,
+    max_index: float = 1.2,
+    min_clear_sky_ghi_w_per_m2: float = 50.0,
+) -> NDArray[np.float64]:
+    """Clear-sky index [-] of a GHI forecast: ``k = clip(GHI / GHI_cs, 0, max_index)``.
+
+    Example: 400 W/m^2 under a clear sky of 800 W/m^2 is ``k = 0.5``.
+
+    Args:
+        ghi_w_per_m2: forecast global horizontal irradiance [W/m^2].
+        clear_sky_ghi_w_per_m2: clear-sky GHI at the same times [W/m^2]
+            (:func:`clear_sky_ghi_w_per_m2`), same shape.
+        max_index: upper bound of the index [-] (cloud enhancement), > 0.
+        min_clear_sky_ghi_w_per_m2: below this clear-sky GHI (night, dawn) the index is NaN:
+            a ratio of two small numbers says nothing.
+
+    Returns:
+        Clear-sky index [-] in ``[0, max_index]``; NaN at night or where an input is NaN.
+    """
+    _require_positive("max_index", max_index)
+    _require_positive("min_clear_sky_ghi_w_per_m2", min_clear_sky_ghi_w_per_m2)
+    ghi = _f64(ghi_w_per_m2)
+    clear = _f64(clear_sky_ghi_w_per_m2)
+    up = clear >= min_clear_sky_ghi_w_per_m2  # False for NaN
+    with np.errstate(divide="ignore", invalid="ignore"):
+        index = np.clip(ghi / np.where(up, clear, 1.0), 0.0, max_index)
+    return _f64(np.where(up & np.isfinite(ghi), index, np.nan))
+
+
+def step_series_at(
+    start_ts: float, step_s: float, values: ArrayLike, ts: ArrayLike
+) -> NDArray[np.float64]:
+    """A series of step means (value ``i`` the mean over ``[start + i step, start + (i+1)
+    step)``) read at times ``ts``: linear between the steps' centres, the first and last value
+    held out to the series' edges, NaN outside ``[start_ts, start_ts + n step_s)``, where a
+    value is NaN or ``ts`` is not finite.
+
+    Example: ``start_ts = 0, step_s = 3600, values = [0.2, 0.6]`` gives 0.2 at 0-1800 s, 0.4 at
+    3600 s, 0.6 from 5400 s to 7199 s and NaN at 7200 s.
+
+    Args:
+        start_ts: start of the first step [s since the Unix epoch].
+        step_s: step length [s], > 0.
+        values: one value per step (any unit), 1-D.
+        ts: times to read [s since the Unix epoch].
+
+    Returns:
+        Values at ``ts``, shape of ``ts``.
+    """
+    _require_positive("step_s", step_s)
+    v = _f64(values).ravel()
+    target, finite = _forecast_times(ts)
+    if v.size == 0:
+        return _f64(np.full(target.shape, np.nan))
+    centres = start_ts + step_s * (np.arange(v.size) + 0.5)
+    known = np.isfinite(v)
+    if not known.any():
+        return _f64(np.full(target.shape, np.nan))
+    read = np.interp(target, centres[known], v[known])
+    # a NaN step stays NaN around its own centre (the nearest step decides)
+    nearest = np.clip(np.floor((target - start_ts) / step_s), 0, v.size - 1).astype(np.int64)
+    inside = finite & (target >= start_ts) & (target < start_ts + v.size * step_s)
+    return _f64(np.where(inside & known[nearest], read, np.nan))
+
+
+def _weather_capacity_rows(
+    power_w: NDArray[np.float64],
+    ghi: NDArray[np.float64],
+    day: NDArray[np.bool_],
+    recency: NDArray[np.float64],
+    weather_index: NDArray[np.float64],
+    min_samples: int,
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """Each row's weather capacity [W] (:func:`pv_weather_capacity_w`) and whether it had
+    ``min_samples`` daylight samples with a weather index."""
+    covered = day & np.isfinite(weather_index) & (weather_index >= _MIN_WEATHER_INDEX)
+    x = np.where(covered, ghi * np.where(covered, weather_index, 1.0), 1.0)  # GHI_cs k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio_w = np.where(covered, power_w * 1000.0 / x, 0.0)
+    capacity_w = _weighted_median_rows(ratio_w, np.where(covered, x * recency, 0.0))
+    enough = np.sum(covered, axis=1) >= max(min_samples, 1)
+    return capacity_w, enough & np.isfinite(capacity_w)
+
+
+def pv_weather_capacity_w(
+    history_ts: ArrayLike,
+    history_power_w: ArrayLike,
+    history_weather_index: ArrayLike,
+    latitude_deg: float,
+    longitude_deg: float,
+    *,
+    half_life_s: float = 3.0 * _SECONDS_PER_DAY,
+    min_clear_sky_ghi_w_per_m2: float = 50.0,
+) -> float:
+    """A site's PV *weather capacity* [W]: its AC output per 1000 W/m^2 of clear-sky GHI under
+    a weather service's clear-sky index of 1.
+
+    ``c_w = argmin_c sum_i w_i |P_i - c G_i k_i / 1000|``: the weighted median of ``1000 P_i /
+    (G_i k_i)`` with weights ``w_i G_i k_i`` (``w_i`` the recency weight of
+    :func:`pv_effective_capacity_w`, ``G_i`` the clear-sky GHI, ``k_i`` the weather index the
+    service gave for sample ``i``), over daylight samples with ``k_i >= 0.05``. Example: a site
+    that produced ``4 G k`` [W] whatever the weather has ``c_w = 4000``.
+
+    Args:
+        history_ts: telemetry timestamps [s since the Unix epoch].
+        history_power_w: PV AC power [W], same shape.
+        history_weather_index: the weather service's clear-sky index [-] at each sample (NaN:
+            none), same shape.
+        latitude_deg, longitude_deg: the site's position [deg].
+        half_life_s: recency half-life [s], > 0.
+        min_clear_sky_ghi_w_per_m2: daylight threshold [W/m^2], > 0.
+
+    Returns:
+        Weather capacity [W]; NaN without a covered daylight sample.
+
+    Raises:
+        ForecastInputError: for mismatched arrays or a parameter out of range.
+    """
+    _require_positive("half_life_s", half_life_s)
+    _require_positive("min_clear_sky_ghi_w_per_m2", min_clear_sky_ghi_w_per_m2)
+    ts = _f64(history_ts).ravel()
+    power_w = _f64(history_power_w).ravel()
+    index = _f64(history_weather_index).ravel()
+    if not ts.shape == power_w.shape == index.shape:
+        raise ForecastInputError("history arrays must have the same shape")
+    valid = np.isfinite(ts) & np.isfinite(power_w)
+    ghi = clear_sky_ghi_w_per_m2(np.where(valid, ts, 0.0), latitude_deg, longitude_deg)
+    day = valid & (ghi >= min_clear_sky_ghi_w_per_m2)
+    if not day.any():
+        return float("nan")
+    t_ref = float(np.max(ts[day]))
+    recency = np.where(day, 0.5 ** ((t_ref - np.where(day, ts, t_ref)) / half_life_s), 0.0)
+    capacity_w, _ = _weather_capacity_rows(
+        power_w[None, :], ghi[None, :], day[None, :], recency[None, :], index[None, :], 1
+    )
+    return float(capacity_w[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -889,8 +1057,19 @@ def pv_forecast_sites_w(
     persistence_decay_s: float = _SECONDS_PER_HOUR,
     min_clear_sky_ghi_w_per_m2: float = 50.0,
     history_clear_sky_ghi_w_per_m2: ArrayLike | None = None,
+    history_weather_index: ArrayLike | None = None,
+    forecast_weather_index: ArrayLike | None = None,
+    min_weather_samples: int = 16,
 ) -> NDArray[np.float64]:
-    """:func:`pv_forecast_w` for many sites at once [W].
+    """:func:`pv_forecast_w` for many sites at once [W], optionally with a weather forecast.
+
+    With a weather service's clear-sky index (see the module docstring), where
+    ``forecast_weather_index`` is finite and the site has at least ``min_weather_samples``
+    daylight history samples with a finite ``history_weather_index``, the climatological
+    ``c_clim`` of :func:`pv_forecast_w` becomes ``c_w k(t)`` (:func:`pv_weather_capacity_w`):
+
+    ``c(t) = b(t) + (c_now - b(t)) exp(-max(t - t_day, 0) / persistence_decay_s)``,
+    ``b(t) = c_w k(t)`` where covered, else ``c_clim``.
 
     Args:
         history_ts: timestamps [s since the Unix epoch], shape ``(n_sites, n_samples)``; pad
@@ -903,6 +1082,12 @@ def pv_forecast_sites_w(
         history_clear_sky_ghi_w_per_m2: :func:`clear_sky_ghi_w_per_m2` at each history sample
             [W/m^2], same shape, when the caller already has it (it never changes for a
             sample, and computing it is most of the cost); None computes it.
+        history_weather_index: the weather service's clear-sky index [-] at each history
+            sample (NaN: none), same shape as the histories; None: no weather.
+        forecast_weather_index: the weather forecast's clear-sky index [-] at each forecast
+            time, ``(n_sites, n_times)`` (NaN: not covered, or stale); None: no weather.
+        min_weather_samples: covered daylight history samples a site needs before its weather
+            capacity is used, >= 1.
 
     Returns:
         Forecast PV power [W], ``(n_sites, n_times)``; row ``i`` is ``pv_forecast_w`` of row
@@ -943,10 +1128,53 @@ def pv_forecast_sites_w(
     recent = day & (ts > t_ref - recent_window_s)
     c_now = _weighted_median_rows(ratio_w, np.where(recent, ghi, 0.0))
     lead_s = np.clip(target_ts[None, :] - t_ref, 0.0, None)
-    learned_w = c_clim[:, None] + (c_now - c_clim)[:, None] * np.exp(-lead_s / persistence_decay_s)
+    base_w = _f64(np.broadcast_to(c_clim[:, None], (ts.shape[0], target_ts.shape[0])))
+    if history_weather_index is not None and forecast_weather_index is not None:
+        base_w = _weather_base_w(
+            base_w,
+            power_w,
+            ghi,
+            day,
+            recency,
+            _f64(history_weather_index),
+            _f64(forecast_weather_index),
+            min_weather_samples,
+        )
+    learned_w = base_w + (c_now[:, None] - base_w) * np.exp(-lead_s / persistence_decay_s)
     capacity_w = np.where(has_day[:, None], learned_w, default_clear_sky_index * rated_w)
     power = np.clip(capacity_w * ghi_cs / 1000.0, 0.0, rated_w if rated_w > 0.0 else None)
     return _f64(np.where(finite, power, np.nan))
+
+
+def _weather_base_w(
+    clim_w: NDArray[np.float64],
+    power_w: NDArray[np.float64],
+    ghi: NDArray[np.float64],
+    day: NDArray[np.bool_],
+    recency: NDArray[np.float64],
+    history_index: NDArray[np.float64],
+    forecast_index: NDArray[np.float64],
+    min_samples: int,
+) -> NDArray[np.float64]:
+    """``c_w k(t)`` where the weather covers a row's forecast time, else ``clim_w`` [W]."""
+    if history_index.shape != power_w.shape:
+        raise ForecastInputError(
+            f"history_weather_index must have the histories' shape {power_w.shape}, got "
+            f"{history_index.shape}"
+        )
+    if forecast_index.shape != clim_w.shape:
+        raise ForecastInputError(
+            f"forecast_weather_index must be (n_sites, n_times) = {clim_w.shape}, got "
+            f"{forecast_index.shape}"
+        )
+    if min_samples < 1:
+        raise ForecastInputError(f"min_weather_samples must be >= 1, got {min_samples}")
+    capacity_w, learned = _weather_capacity_rows(
+        power_w, ghi, day, recency, history_index, min_samples
+    )
+    use = learned[:, None] & np.isfinite(forecast_index)
+    weather_w = capacity_w[:, None] * np.where(use, forecast_index, 0.0)
+    return _f64(np.where(use, weather_w, clim_w))
 
 
 def _profile_rows(

@@ -125,6 +125,15 @@ class CoordinatorCollector(Collector):
         for outcome, count in sorted(st.acks.items()):
             acks.add_metric([c.feeder, outcome], count)
         yield acks
+        yield counter("wattmesh_weather_forecasts", "Weather forecasts taken.", st.weather)
+        weather = CounterMetricFamily(
+            "wattmesh_weather_forecasts_refused",
+            "Weather forecasts refused, by reason (invalid, future, stale, superseded, off).",
+            labels=["feeder", "reason"],
+        )
+        for reason, count in sorted(st.weather_rejected.items()):
+            weather.add_metric([c.feeder, reason], count)
+        yield weather
         if c.ingest is not None:  # [coordinator] ingest_workers > 0
             yield gauge("wattmesh_ingest_workers_connected",
                         "Ingest worker processes connected to the broker.",

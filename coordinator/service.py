@@ -54,6 +54,7 @@ from broker.messages import (
     Reservation,
     Status,
     Telemetry,
+    WeatherForecast,
     new_id,
 )
 from coordinator import forecast as fc
@@ -73,6 +74,7 @@ from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, Ledger
 from coordinator.market import Book, Tariff, clear
 from coordinator.market import Clearing as MarketClearing
 from coordinator.metrics import MetricsServer, registry_for
+from coordinator.weather import WeatherSnapshot, WeatherStore
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +140,15 @@ def sites_forecast_w(
     history: NDArray[np.float64],
     times: NDArray[np.float64],
     where: CoordinatorSection,
+    weather: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """PV and load forecasts (W, ``(n_sites, n_times)``, unknown: 0) of many sites at once
     from their histories: ``history_ts`` ``(n_sites, n_samples)`` (NaN-padded) and ``history``
     ``(n_sites, n_samples, 3)`` of PV W, load W and clear-sky GHI W/m^2 at each sample
     (:func:`coordinator.forecast.pv_forecast_sites_w`,
-    :func:`coordinator.forecast.load_forecast_sites_w`). Pure: safe in a worker thread."""
+    :func:`coordinator.forecast.load_forecast_sites_w`); ``weather``: the weather service's
+    clear-sky index at each history sample and each forecast time (NaN: none;
+    :meth:`coordinator.weather.WeatherSnapshot.indices`). Pure: safe in a worker thread."""
     pv_f = fc.pv_forecast_sites_w(
         history_ts,
         history[..., 0],
@@ -151,11 +156,28 @@ def sites_forecast_w(
         where.latitude_deg,
         where.longitude_deg,
         history_clear_sky_ghi_w_per_m2=history[..., 2],
+        history_weather_index=None if weather is None else weather[0],
+        forecast_weather_index=None if weather is None else weather[1],
     )
     load_f = fc.load_forecast_sites_w(
         history_ts, history[..., 1], times, utc_offset_h=where.utc_offset_h
     )
     return np.nan_to_num(pv_f), np.nan_to_num(load_f)
+
+
+def forecast_sites(
+    names: Sequence[str],
+    history_ts: NDArray[np.float64],
+    history: NDArray[np.float64],
+    times: NDArray[np.float64],
+    where: CoordinatorSection,
+    weather: WeatherSnapshot,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """:func:`sites_forecast_w` of the sites ``names`` (rows of the histories) with the
+    weather forecasts of ``weather``; what the coordinator and the stepped engine both run
+    (in a worker thread)."""
+    indices = weather.indices(names, history_ts, times)
+    return sites_forecast_w(history_ts, history, times, where, indices)
 
 
 def new_history() -> RingBuffer:
@@ -464,6 +486,9 @@ class CoordinatorStats:
     corrections: int = 0
     estimated: int = 0
     acks: dict[str, int] = field(default_factory=dict)
+    #: Weather forecasts taken, and refused by reason (``invalid`` or coordinator.weather's).
+    weather: int = 0
+    weather_rejected: dict[str, int] = field(default_factory=dict)
     clear_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
 
@@ -509,6 +534,14 @@ class Coordinator:
         self.api: ApiServer | None = None
         #: Each site's last published forecast (for the API).
         self.last_forecasts: dict[str, Forecast] = {}
+        #: The weather service's forecasts (``weather/forecast``) used in the PV forecasts.
+        self.weather = WeatherStore(
+            config.coordinator.latitude_deg,
+            config.coordinator.longitude_deg,
+            config.weather.max_age_h * 3600.0,
+            config.trust.future_skew_s,
+            enabled=config.weather.enabled,
+        )
         #: The last feeder reservation (coordinator/reserve.py), if one was made.
         self.last_reservation: reserve.FeederReservation | None = None
         self.last_reservation_ts = -math.inf
@@ -706,6 +739,8 @@ class Coordinator:
             await self.ingest.__aenter__()
         for kind in kinds:
             await self.bus.subscribe(topics.site_wildcard(kind))
+        if self.config.weather.enabled:
+            await self.bus.subscribe(topics.WEATHER_FORECAST)
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         self._group.create_task(self._market_loop(), name="coordinator-market")
@@ -914,6 +949,9 @@ class Coordinator:
             parsed = topics.parse_topic(topic)
         except ValueError:
             return
+        if parsed.kind == "weather/forecast":
+            self.ingest_weather(payload)
+            return
         site = parsed.site
         if site is None:
             return
@@ -942,6 +980,40 @@ class Coordinator:
         except Exception as err:  # a payload must never stop ingest
             log.exception("unexpected error on %s", topic)
             self._invalid(site, parsed.kind, err)
+
+    def ingest_weather(self, payload: bytes) -> bool:
+        """A weather forecast: validated, checked (not from the future, not stale, newer than
+        the last: coordinator/weather.py) and kept; a refused one is counted and its reason
+        logged once, and changes nothing."""
+        try:
+            msg = WeatherForecast.model_validate_json(payload)
+        except (ValidationError, ValueError, RecursionError, MemoryError) as err:
+            self._weather_refused("invalid", error_line(err))
+            return False
+        reason = self.weather.offer(msg, self.clock.now())
+        if reason is not None:
+            age_h = (self.clock.now() - msg.ts) / 3600.0
+            self._weather_refused(reason, f"issued {age_h:.1f} h ago by {msg.source or '?'}")
+            return False
+        self.stats.weather += 1
+        log.info(
+            "weather forecast from %s: %d steps of %d s from %.0f",
+            msg.source or "?",
+            msg.steps,
+            msg.step_s,
+            msg.start_ts,
+        )
+        return True
+
+    def _weather_refused(self, reason: str, detail: str) -> None:
+        rejected = self.stats.weather_rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
+        if rejected[reason] == 1 and reason != "superseded":  # a retained one seen again
+            log.warning(
+                "weather forecast refused (%s; further ones counted, not logged): %s",
+                reason,
+                detail,
+            )
 
     async def send_operator_order(
         self, site: str, order: Dispatch, *, actor: str, timeout_s: float
@@ -1450,12 +1522,15 @@ class Coordinator:
         names = [name for name, s in self.sites.items() if len(s.history)]
         if not names:
             return
+        weather = self.weather.snapshot(self.clock.now())
         chunks: list[tuple[list[str], NDArray[np.float64], NDArray[np.float64]]] = []
         net = np.zeros(steps)
         for first in range(0, len(names), FORECAST_CHUNK_SITES):
             chunk = names[first : first + FORECAST_CHUNK_SITES]
             ts, history = self._history_snapshot(chunk)
-            pv, load = await asyncio.to_thread(sites_forecast_w, ts, history, times, c)
+            pv, load = await asyncio.to_thread(
+                forecast_sites, chunk, ts, history, times, c, weather
+            )
             net += load.sum(axis=0) - pv.sum(axis=0)
             chunks.append((chunk, pv, load))
         tariffs = np.array([self.tariff_at(float(t)) for t in times])

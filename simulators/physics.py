@@ -32,6 +32,7 @@ __all__ = [
     "battery_step",
     "clear_sky_ghi_w_per_m2",
     "cloud_index",
+    "cloud_index_slow",
     "haurwitz_ghi_w_per_m2",
     "load_power_w",
     "pv_ac_power_w",
@@ -308,6 +309,32 @@ def cloud_index(
     fast = _smooth_noise(ts_arr, seed, _STREAM_CLOUD_FAST, knot_s)
     unit = 4.0 * (_CLOUD_SLOW_WEIGHT * (slow - 0.5) + _CLOUD_FAST_WEIGHT * (fast - 0.5))
     k = mean_clear_sky_index + variability * unit
+    return _f64(np.clip(k, CLOUD_INDEX_MIN, CLOUD_INDEX_MAX))
+
+
+def cloud_index_slow(
+    ts: ArrayLike,
+    seed: int,
+    mean_clear_sky_index: float = 0.8,
+    variability: float = 0.25,
+    knot_s: float = 600.0,
+) -> NDArray[np.float64]:
+    """The slow octave of :func:`cloud_index` alone (the hour-scale weather, no single clouds).
+
+    ``k_slow = clip(m + v * 4 * 0.8 (n_slow - 1/2), 0.05, 1.05)``: the same ``n_slow`` as
+    :func:`cloud_index` for the same arguments, so ``cloud_index - k_slow`` is the fast octave's
+    contribution (mean 0, time-averaged std ``0.6 v`` before clipping). It is what a perfect
+    weather model could know; single clouds it could not.
+
+    Args:
+        ts, seed, mean_clear_sky_index, variability, knot_s: as :func:`cloud_index`.
+
+    Returns:
+        Clear-sky index [-] in [0.05, 1.05] (NaN for non-finite ``ts``).
+    """
+    cloud_index(0.0, seed, mean_clear_sky_index, variability, knot_s)  # checks the arguments
+    slow = _smooth_noise(_f64(ts), seed, _STREAM_CLOUD_SLOW, knot_s * _CLOUD_SLOW_FACTOR)
+    k = mean_clear_sky_index + variability * 4.0 * _CLOUD_SLOW_WEIGHT * (slow - 0.5)
     return _f64(np.clip(k, CLOUD_INDEX_MIN, CLOUD_INDEX_MAX))
 
 

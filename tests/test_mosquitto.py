@@ -431,8 +431,16 @@ def test_cli_init_writes_the_files_and_refuses_to_overwrite(tmp_path: Path) -> N
     assert stat.S_IMODE((target / "passwd").stat().st_mode) == 0o600
     files = load_broker_files(target)
     assert files.sites == ("site-a", "house-1")
-    assert set(files.credentials) == {"coordinator", "operator", "monitor", "site-a", "house-1"}
+    assert set(files.credentials) == {
+        "coordinator",
+        "operator",
+        "monitor",
+        "weather",
+        "site-a",
+        "house-1",
+    }
     assert files.monitor_user == "monitor"
+    assert files.weather_user == "weather"
     passwd = (target / "passwd").read_text()
     assert all(pw not in passwd for pw in files.credentials.values())
     acl = (target / "acl").read_text()
@@ -440,6 +448,8 @@ def test_cli_init_writes_the_files_and_refuses_to_overwrite(tmp_path: Path) -> N
     # The monitor reads all (and Home Assistant's discovery prefix), writes nothing.
     assert "user monitor\ntopic read wattmesh/v1/#\ntopic read homeassistant/#\n\n" in acl
     assert "topic write homeassistant/sensor/wattmesh-house-1/pv_power/config\n" in acl
+    # The weather service writes its forecast and nothing else.
+    assert "user weather\ntopic write wattmesh/v1/weather/forecast\n\n" in acl
 
     again = runner.invoke(broker_app, ["init", str(target), "--sites", "site-a"])
     assert again.exit_code != 0
@@ -457,11 +467,13 @@ def test_cli_init_writes_the_files_and_refuses_to_overwrite(tmp_path: Path) -> N
             "--no-operator",
             "--no-monitor",
             "--no-homeassistant",
+            "--no-weather",
             "--force",
         ],
     )
     assert forced.exit_code == 0, forced.output
     assert set(load_broker_files(target).credentials) == {"coordinator", "site-b"}
+    assert "weather" not in (target / "acl").read_text()
     assert "homeassistant" not in (target / "acl").read_text()
 
     custom = runner.invoke(

@@ -68,10 +68,11 @@ from coordinator.service import (
     RingBuffer,
     clear_bids,
     fill_clear_sky,
+    forecast_sites,
     history_snapshot,
     new_history,
-    sites_forecast_w,
 )
+from coordinator.weather import WeatherStore
 from edge.bidding import CurveSteps
 from edge.config import EdgeConfig, parse_edge_config
 from edge.plan import Horizon, IntervalPlan, PlanError, WarmStart, aligned, plan_interval
@@ -91,7 +92,9 @@ from edge.trust import order_window
 from simulators import physics
 from simulators.devices import BatterySim, PvInverterSim, SimSite
 from simulators.scenario import ScenarioConfig, ScenarioError, build_sites, load_scenario
+from simulators.weather import RUN_PERIOD_S, latest_run_ts
 from wattmesh.replay import ReplayError, Series, read_series, replayed_w
+from wattmesh.weather import scenario_pv, simulated_forecast
 
 #: Days of history the coordinator has at the start unless told otherwise: a running one
 #: keeps a week, and forecasts from nothing would judge the first day unfairly.
@@ -486,6 +489,7 @@ class Engine:
         grid_period_s: float | None = None,
         trust: bool = False,
         history_days: float = DEFAULT_HISTORY_DAYS,
+        weather: bool | None = None,
     ) -> None:
         _check_run(variant, days, history_days)
         self.scenario = scenario
@@ -541,10 +545,10 @@ class Engine:
             for name, sim in sims.items()
         }
         self.ghi_pending: list[tuple[RingBuffer, int, float]] = []  # Coordinator._ghi_pending
+        self._init_weather(weather, history_days, set(replay or {}))
         if history_days > 0:
             self._warm_up(scenario, history_days, set(replay or {}))
-        t = self.config.trust
-        self.window = pl.TimeWindow(t.future_skew_s, t.max_age_s)
+        self.window = pl.TimeWindow(self.config.trust.future_skew_s, self.config.trust.max_age_s)
         self.stored_start_wh = {
             n: sum(b.stored_wh for b in s.batteries) for n, s in self.sites.items()
         }
@@ -564,6 +568,32 @@ class Engine:
         self._next_clear = first = open_interval(self.start_ts, m.interval_s, m.gate_s)
         for site in self.sites.values():
             site.next_bid = first
+
+    def _init_weather(self, on: bool | None, history_days: float, replayed: set[str]) -> None:
+        """The simulated weather service (wattmesh/weather.py) and the coordinator's store of
+        its forecasts (coordinator/weather.py), with the runs issued over the history; ``on``
+        None: as the coordinator's ``[weather] enabled``. Replayed sites get no forecast (the
+        simulated clouds are not theirs)."""
+        c = self.config
+        self.weather = WeatherStore(
+            c.coordinator.latitude_deg,
+            c.coordinator.longitude_deg,
+            c.weather.max_age_h * 3600.0,
+            c.trust.future_skew_s,
+            enabled=c.weather.enabled if on is None else on,
+        )
+        pv = scenario_pv(self.scenario) if self.weather.enabled else {}
+        self.weather_pv = {n: v for n, v in pv.items() if n not in replayed}
+        self.next_run_ts = latest_run_ts(self.start_ts - history_days * 86_400.0)
+        self._issue_weather(self.start_ts)
+
+    def _issue_weather(self, now: float) -> None:
+        """Every run of the simulated weather service issued by ``now``, to the coordinator,
+        each as it arrived when issued (a live coordinator receives each run then)."""
+        while self.weather_pv and self.next_run_ts <= now:
+            run = self.next_run_ts
+            self.weather.offer(simulated_forecast(self.weather_pv, run), run)
+            self.next_run_ts += RUN_PERIOD_S
 
     def _warm_up(self, scenario: ScenarioConfig, days: float, replayed: set[str]) -> None:
         """Give the coordinator ``days`` of history before the start, as a running one has:
@@ -950,9 +980,9 @@ class Engine:
             awards[interval] = Commitment(quantity, record.clearing_price_per_kwh)
             while len(awards) > AWARDS_KEPT:
                 awards.popitem(last=False)
-        self._forecast((interval + 1) * m.interval_s)
+        self._forecast((interval + 1) * m.interval_s, now)
 
-    def _forecast(self, start: float) -> None:
+    def _forecast(self, start: float, now: float) -> None:
         """Coordinator.publish_forecasts: each site's PV and load over the horizon, the local
         price from the community's net load, and the feeder reservation."""
         m = self.config.market
@@ -965,7 +995,15 @@ class Engine:
         pending, self.ghi_pending = self.ghi_pending, []
         fill_clear_sky(pending, c.coordinator)
         ts, history = history_snapshot([s.forecast_history for s in known])
-        pv_w, load_w = sites_forecast_w(ts, history, times.astype(np.float64), c.coordinator)
+        self._issue_weather(now)
+        pv_w, load_w = forecast_sites(
+            [s.name for s in known],
+            ts,
+            history,
+            times.astype(np.float64),
+            c.coordinator,
+            self.weather.snapshot(now),
+        )
         shapes = {s.name: (pv_w[i], load_w[i]) for i, s in enumerate(known)}
         net_w = sum(load - pv for pv, load in shapes.values())
         tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
@@ -1183,6 +1221,7 @@ def run_backtest(
     trust: bool = False,
     history_days: float = DEFAULT_HISTORY_DAYS,
     progress: Callable[[float], None] | None = None,
+    weather: bool | None = None,
 ) -> BacktestResult:
     """Run ``scenario`` for ``days`` simulated days; the ledger goes to ``ledger_path`` (a
     temporary file, removed afterwards, when None: in memory-backed ``/dev/shm`` where there is
@@ -1199,7 +1238,8 @@ def run_backtest(
     its interval is settled as estimated (``BacktestResult.metered_kwh`` is still what the
     site's meter counted). ``history_days`` (0-7) of each site's load and PV before the start
     (batteries idle) are the coordinator's history at the start, as a running coordinator has
-    (replayed sites get none)."""
+    (replayed sites get none). ``weather``: the simulated weather service's forecasts reach
+    the coordinator's PV forecasts (wattmesh/weather.py; None: as its ``[weather] enabled``)."""
     shm = Path("/dev/shm")
     where = str(shm) if ledger_path is None and shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="wattmesh-backtest-", dir=where) as tmp:
@@ -1217,6 +1257,7 @@ def run_backtest(
             grid_period_s=grid_period_s,
             trust=trust,
             history_days=history_days,
+            weather=weather,
         )
         try:
             return engine.run(progress)

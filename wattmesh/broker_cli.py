@@ -197,6 +197,16 @@ def init(
     no_monitor: Annotated[
         bool, typer.Option("--no-monitor", help="Create no monitor user.")
     ] = False,
+    weather_user: Annotated[
+        str,
+        typer.Option(
+            help="The weather service's user name: publishes the weather forecast "
+            "(weather/forecast) and nothing else; single-feeder brokers only."
+        ),
+    ] = "weather",
+    no_weather: Annotated[
+        bool, typer.Option("--no-weather", help="Create no weather-service user.")
+    ] = False,
     ha_discovery_prefix: Annotated[
         str,
         typer.Option(
@@ -268,6 +278,7 @@ def init(
             overwrite=force,
             ha_discovery_prefix=None if no_homeassistant else ha_discovery_prefix,
             ingest_workers=ingest_workers or 0,
+            weather_user=None if no_weather else weather_user,
         )
     except BrokerConfigError as err:
         raise _fail(str(err)) from err

@@ -47,6 +47,7 @@ from wattmesh.service import say as _say
 from wattmesh.service import serve as _serve
 from wattmesh.service import stop_on_signals as _stop_on_signals
 from wattmesh.service import use_log_format as _use_log_format
+from wattmesh.weather import weather_app
 
 _display_type_rich = typer.core.TyperOption.display_type_rich
 
@@ -71,6 +72,7 @@ sim_app = typer.Typer(
 )
 app.add_typer(sim_app, name="sim")
 app.add_typer(broker_app, name="broker")
+app.add_typer(weather_app, name="weather")
 coordinator_app = typer.Typer(help="The community coordinator.", no_args_is_help=True)
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(ledger_app, name="ledger")

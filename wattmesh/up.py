@@ -51,6 +51,7 @@ from coordinator.service import Coordinator
 from edge.agent import EdgeAgent
 from edge.config import EdgeConfig, load_edge_config
 from simulators.scenario import RunningDevice, ScenarioConfig, ScenarioRunner, load_scenario
+from wattmesh.weather import SimulatedWeatherService
 
 log = logging.getLogger("wattmesh.up")
 
@@ -279,6 +280,7 @@ class LocalStack:
     broker: LocalBroker | None = None
     runner: ScenarioRunner | None = None
     coordinator: Coordinator | None = None
+    weather: SimulatedWeatherService | None = None
     agents: list[EdgeAgent] = field(default_factory=list)
     _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
@@ -344,6 +346,15 @@ class LocalStack:
             f"coordinator: feeder {coordinator_cfg.coordinator.feeder!r}, ledger "
             f"{coordinator_cfg.coordinator.ledger}{endpoints}"
         )
+        if coordinator_cfg.weather.enabled:  # the simulated world's weather service
+            self.weather = SimulatedWeatherService(
+                scenario, self.clock, self.broker.settings("weather", "weather")
+            )
+            await self._stack.enter_async_context(self.weather)
+            self.announce(
+                "weather: simulated forecasts of each site's clouds every 6 h "
+                "(off: [weather] enabled = false)"
+            )
         running = {d.name: d for d in self.runner.devices}
         for site in cfg.sites:
             edge = self._edge_config(resolve_devices(site, running))

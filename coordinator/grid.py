@@ -217,17 +217,22 @@ def battery_orders(
         setpoint = current + sign * share
         floor = min(base, current) if importing else max(base, current)
         setpoint = max(setpoint, floor) if importing else min(setpoint, floor)
-        orders[name] = (
-            setpoint,
-            Relief(
-                flow_w=setpoint - base,
-                pending_w=setpoint - current,
-                base_w=base,
-                expires_ts=now_ts + expiry_s,
-                readings_at_order=site.readings,
-            ),
-        )
+        orders[name] = _order(setpoint, current, base, now_ts + expiry_s, site.readings)
     return orders
+
+
+def _order(
+    setpoint_w: float, current_w: float, base_w: float, expires_ts: float, readings: int
+) -> tuple[float, Relief]:
+    """A battery order to ``setpoint_w`` (W) and the relief it gives against ``base_w``, the
+    battery's power before our orders (``current_w`` its power now)."""
+    return setpoint_w, Relief(
+        flow_w=setpoint_w - base_w,
+        pending_w=setpoint_w - current_w,
+        base_w=base_w,
+        expires_ts=expires_ts,
+        readings_at_order=readings,
+    )
 
 
 def load_limits_w(
@@ -389,14 +394,5 @@ def plan_refill(
             share = room_w * given.get(name, 0.0) / given_total
         base = current if refill is None else refill.base_w
         setpoint = min(current - share, max(base, current))
-        orders[name] = (
-            setpoint,
-            Relief(
-                flow_w=setpoint - base,
-                pending_w=setpoint - current,
-                base_w=base,
-                expires_ts=now_ts + expiry_s,
-                readings_at_order=site.readings,
-            ),
-        )
+        orders[name] = _order(setpoint, current, base, now_ts + expiry_s, site.readings)
     return orders

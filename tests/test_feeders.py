@@ -32,8 +32,6 @@ from broker.errors import BrokerConfigError
 from broker.feeders import (
     FeedersBrokerFiles,
     FeedersFile,
-    FeederSpec,
-    OperatorListener,
     load_feeders_broker,
     load_feeders_file,
     mount_point,
@@ -59,7 +57,7 @@ from coordinator.config import parse_coordinator_config
 from coordinator.service import Coordinator
 from edge.agent import EdgeAgent
 from edge.config import parse_edge_config
-from tests.broker_fixtures import free_port
+from tests.feeders_fixtures import NORTH, SOUTH, two_feeders
 from tests.test_edge_agent import SITE as AGENT_SITE
 from tests.test_edge_agent import simulated_house
 from wattmesh.cli import app
@@ -75,28 +73,12 @@ from wattmesh.status_cli import (
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_782_043_200.0  # an interval boundary (900 s)
 K = int(T0 // 900) + 1
-NORTH = ("n-1", "n-2")
-SOUTH = ("s-1", "s-2")
-
-
-def _spec() -> FeedersFile:
-    ports = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    operator, north, south = sorted(ports)
-    return FeedersFile(
-        operator=OperatorListener(port=operator),
-        feeders=(
-            FeederSpec(id="north", port=north, sites=NORTH),
-            FeederSpec(id="south", port=south, sites=SOUTH),
-        ),
-    )
 
 
 @pytest.fixture
 def feeders_files(broker_dir: Path) -> FeedersBrokerFiles:
     """Two feeders, two sites each, on one broker configuration (the real ACL)."""
-    return write_feeders_broker_config(broker_dir, _spec())
+    return write_feeders_broker_config(broker_dir, two_feeders())
 
 
 @pytest.fixture
@@ -685,7 +667,7 @@ async def test_an_edge_agent_on_its_feeders_listener_takes_orders_on_the_v1_topi
 ) -> None:
     """A real agent with ``[broker] port`` and ``mount_point`` of its feeder: it acknowledges
     its own feeder's coordinator's order; the other feeder's coordinator sees none of it."""
-    spec = _spec()
+    spec = two_feeders()
     north = spec.feeders[0].model_copy(update={"sites": (AGENT_SITE, "n-2")})
     files = write_feeders_broker_config(
         broker_dir, spec.model_copy(update={"feeders": (north, spec.feeders[1])})

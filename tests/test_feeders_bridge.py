@@ -36,19 +36,15 @@ from broker.bridge import (
 from broker.errors import BrokerConfigError
 from broker.feeders import (
     FeedersBrokerFiles,
-    FeedersFile,
-    FeederSpec,
-    OperatorListener,
     load_feeders_broker,
     write_feeders_broker_config,
 )
 from broker.mosquitto import BrokerFiles, MosquittoProcess, write_broker_config
 from tests.broker_fixtures import client_kwargs, free_port
+from tests.feeders_fixtures import NORTH, two_feeders
 from tests.test_feeders_tls import CONNACK_ACCEPTED, _connect_over_tls
 from wattmesh.cli import app
 
-NORTH = ("n-1", "n-2")
-SOUTH = ("s-1", "s-2")
 #: Test bridges reconnect after 1-2 s (production default: 2-30 s).
 FAST_RESTART_S = (1, 2)
 
@@ -58,20 +54,6 @@ def root(broker_dir: Path) -> Path:
     """A directory for a core and its edges that Mosquitto's user can enter (as root)."""
     broker_dir.chmod(0o755)
     return broker_dir
-
-
-def _spec() -> FeedersFile:
-    ports: set[int] = set()
-    while len(ports) < 6:
-        ports.add(free_port())
-    operator, operator_tls, north, north_tls, south, south_tls = sorted(ports)
-    return FeedersFile(
-        operator=OperatorListener(port=operator, tls_port=operator_tls),
-        feeders=(
-            FeederSpec(id="north", port=north, tls_port=north_tls, sites=NORTH),
-            FeederSpec(id="south", port=south, tls_port=south_tls, sites=SOUTH),
-        ),
-    )
 
 
 @contextlib.asynccontextmanager
@@ -156,7 +138,7 @@ def _passwd_users(path: Path) -> list[str]:
 def test_a_bridge_into_a_feeder_goes_into_that_feeders_passwd_acl_and_credentials(
     root: Path,
 ) -> None:
-    core = write_feeders_broker_config(root / "core", _spec())
+    core = write_feeders_broker_config(root / "core", two_feeders(tls_ports=True))
     kit = add_bridge_user(core.directory, "e1", ["n-1"], feeder="north")
     north, south = core.feeder("north"), core.feeder("south")
     assert "bridge-e1" in _passwd_users(north.password_file)
@@ -203,7 +185,7 @@ def test_a_bridge_config_refuses_a_mount_point_mosquitto_would_misread() -> None
 
 
 def test_a_bridge_on_a_feeders_core_needs_the_feeder_of_its_sites(root: Path) -> None:
-    core = write_feeders_broker_config(root / "core", _spec())
+    core = write_feeders_broker_config(root / "core", two_feeders(tls_ports=True))
     before = {p.name: p.read_bytes() for p in core.directory.iterdir() if p.is_file()}
     with pytest.raises(BrokerConfigError, match=r"many-feeders broker.*--feeder.*north, south"):
         add_bridge_user(core.directory, "e1", ["n-1"])
@@ -228,7 +210,7 @@ def test_bridge_user_cli_takes_a_feeder_on_a_feeders_core_and_explains_it(
     root: Path,
 ) -> None:
     runner = CliRunner()
-    core = write_feeders_broker_config(root / "core", _spec(), tls=True)
+    core = write_feeders_broker_config(root / "core", two_feeders(tls_ports=True), tls=True)
     args = ["broker", "bridge-user", str(core.directory), "--edge", "e1", "--sites", "n-1"]
     refused = runner.invoke(app, args)
     assert refused.exit_code == 2
@@ -263,7 +245,7 @@ def test_bridge_user_cli_takes_a_feeder_on_a_feeders_core_and_explains_it(
 
 
 async def test_an_edge_bridged_into_north_trades_with_north_only(root: Path) -> None:
-    core = write_feeders_broker_config(root / "core", _spec())
+    core = write_feeders_broker_config(root / "core", two_feeders(tls_ports=True))
     kit = add_bridge_user(core.directory, "e1", NORTH, feeder="north")
     core = load_feeders_broker(core.directory)
     edge = write_edge_broker(
@@ -340,7 +322,7 @@ async def test_a_bridge_certificate_issued_later_is_revoked_elsewhere_after_sigh
     """Mosquitto 2.0.11 rereads crlfile on SIGHUP: before it, south's TLS listener still
     accepts the new bridge certificate; after it, only north's accepts it, and the edge's
     bridge carries telemetry to north over mutual TLS."""
-    core = write_feeders_broker_config(root / "core", _spec(), tls=True)
+    core = write_feeders_broker_config(root / "core", two_feeders(tls_ports=True), tls=True)
     north = core.feeder("north")
     telemetry = topics.site_topic("n-2", "telemetry")
     got: list[tuple[str, bytes]] = []

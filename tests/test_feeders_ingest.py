@@ -27,9 +27,6 @@ from broker.clock import ManualClock
 from broker.errors import BrokerConfigError
 from broker.feeders import (
     FeedersBrokerFiles,
-    FeedersFile,
-    FeederSpec,
-    OperatorListener,
     load_feeders_broker,
     write_feeders_broker_config,
 )
@@ -37,33 +34,17 @@ from broker.mosquitto import MosquittoProcess
 from coordinator.config import CoordinatorConfigError, parse_coordinator_config
 from coordinator.ingest import shared_topic, worker_specs
 from coordinator.service import Coordinator
-from tests.broker_fixtures import free_port
+from tests.feeders_fixtures import two_feeders
 from tests.test_coordinator import T0, _telemetry
 from wattmesh.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
-NORTH = ("n-1", "n-2")
-SOUTH = ("s-1", "s-2")
-
-
-def _spec(ingest_workers: int = 1) -> FeedersFile:
-    ports: set[int] = set()
-    while len(ports) < 3:
-        ports.add(free_port())
-    operator, north, south = sorted(ports)
-    return FeedersFile(
-        operator=OperatorListener(port=operator),
-        feeders=(
-            FeederSpec(id="north", port=north, sites=NORTH, ingest_workers=ingest_workers),
-            FeederSpec(id="south", port=south, sites=SOUTH, ingest_workers=ingest_workers),
-        ),
-    )
 
 
 @pytest.fixture
 def ingest_files(broker_dir: Path) -> FeedersBrokerFiles:
     """Two feeders, each coordinator with one ingest worker user."""
-    return write_feeders_broker_config(broker_dir, _spec())
+    return write_feeders_broker_config(broker_dir, two_feeders(ingest_workers=1))
 
 
 @pytest.fixture
@@ -173,7 +154,7 @@ async def test_a_shared_subscription_behind_a_mount_point_receives_nothing(
 def test_each_feeders_ingest_users_log_in_on_the_operator_listener_and_read_its_telemetry(
     broker_dir: Path,
 ) -> None:
-    files = write_feeders_broker_config(broker_dir, _spec(ingest_workers=2))
+    files = write_feeders_broker_config(broker_dir, two_feeders(ingest_workers=2))
     north, south = files.feeders
     assert north.ingest_users == ("coordinator-north-ingest-1", "coordinator-north-ingest-2")
     assert south.ingest_users == ("coordinator-south-ingest-1", "coordinator-south-ingest-2")
@@ -199,7 +180,7 @@ def test_each_feeders_ingest_users_log_in_on_the_operator_listener_and_read_its_
 
 
 def test_ingest_users_must_not_collide_with_other_users(broker_dir: Path) -> None:
-    spec = _spec()
+    spec = two_feeders(ingest_workers=1)
     north, south = spec.feeders
     clash = south.model_copy(update={"sites": ("s-1", "coordinator-north-ingest-1")})
     with pytest.raises(BrokerConfigError, match="coordinator-north-ingest-1"):
@@ -224,7 +205,7 @@ def test_broker_init_ingest_workers_applies_to_every_feeder(broker_dir: Path) ->
 def test_a_coordinator_behind_a_mount_point_needs_an_ingest_port_without_one(
     broker_dir: Path, tmp_path: Path
 ) -> None:
-    files = write_feeders_broker_config(broker_dir, _spec())
+    files = write_feeders_broker_config(broker_dir, two_feeders(ingest_workers=1))
     data = _coordinator_data(files, "north", tmp_path)
     broker = data["broker"]
     assert isinstance(broker, dict)

@@ -28,44 +28,25 @@ from broker.client import BusClient, BusSettings
 from broker.errors import BrokerConfigError
 from broker.feeders import (
     FeedersBrokerFiles,
-    FeedersFile,
-    FeederSpec,
-    OperatorListener,
     load_feeders_broker,
     write_feeders_broker_config,
 )
 from broker.mosquitto import MosquittoProcess
 from broker.settings import BrokerConnection
-from tests.broker_fixtures import free_port
+from tests.feeders_fixtures import NORTH, SOUTH, two_feeders
 from wattmesh.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
-NORTH = ("n-1", "n-2")
-SOUTH = ("s-1", "s-2")
 #: An MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s, empty client id: the broker takes
 #: the certificate's CN) and the CONNACK that accepts it.
 CONNECT = bytes.fromhex("100c00044d5154540402003c0000")
 CONNACK_ACCEPTED = bytes.fromhex("20020000")
 
 
-def _spec() -> FeedersFile:
-    ports: set[int] = set()
-    while len(ports) < 6:
-        ports.add(free_port())
-    operator, operator_tls, north, north_tls, south, south_tls = sorted(ports)
-    return FeedersFile(
-        operator=OperatorListener(port=operator, tls_port=operator_tls),
-        feeders=(
-            FeederSpec(id="north", port=north, tls_port=north_tls, sites=NORTH),
-            FeederSpec(id="south", port=south, tls_port=south_tls, sites=SOUTH),
-        ),
-    )
-
-
 @pytest.fixture
 def tls_files(broker_dir: Path) -> FeedersBrokerFiles:
     """Two feeders with password and TLS listeners, and the operator's two listeners."""
-    return write_feeders_broker_config(broker_dir, _spec(), tls=True)
+    return write_feeders_broker_config(broker_dir, two_feeders(tls_ports=True), tls=True)
 
 
 @pytest.fixture
@@ -165,7 +146,9 @@ def _serial(cert_file: Path) -> int:
 def test_each_feeder_gets_a_tls_listener_with_its_mount_point_acl_and_a_crl_of_the_others(
     broker_dir: Path,
 ) -> None:
-    files = write_feeders_broker_config(broker_dir, _spec(), host="0.0.0.0", tls=True)
+    files = write_feeders_broker_config(
+        broker_dir, two_feeders(tls_ports=True), host="0.0.0.0", tls=True
+    )
     assert files.tls is not None
     blocks = _listener_blocks(files.conf.read_text())
     serial = {user: _serial(path) for user, path in files.tls.client_certs.items()}
@@ -202,7 +185,7 @@ def test_each_feeder_gets_a_tls_listener_with_its_mount_point_acl_and_a_crl_of_t
 
 
 def test_tls_needs_every_feeders_tls_port_and_distinct_ports(broker_dir: Path) -> None:
-    spec = _spec()
+    spec = two_feeders(tls_ports=True)
     north, south = spec.feeders
     without = spec.model_copy(
         update={"feeders": (north, south.model_copy(update={"tls_port": None}))}

@@ -85,10 +85,15 @@ def run_agreement(
     demo.seed_history(scenario, out, history_days)
     quiet = Console(file=(out / "demo.log").open("w"))
     wall0 = time.perf_counter()
-    asyncio.run(demo._run(scenario, hours, speed, poll, out, quiet, False))
+    # Without the simulated weather service: the engine issues its forecasts over the week of
+    # history too, the live service only from the start, so the demo's coordinator would learn
+    # each site's weather capacity a day later than the engine's and plan differently.
+    asyncio.run(demo._run(scenario, hours, speed, poll, out, quiet, False, weather=False))
     demo_wall = time.perf_counter() - wall0
     sim_poll_s = round(poll * speed, 6)
-    config = demo._coordinator_config(scenario, out / "engine.sqlite", 1, poll, speed)
+    config = demo._coordinator_config(
+        scenario, out / "engine.sqlite", 1, poll, speed, weather=False
+    )
     step = engine_step_s(sim_poll_s)
     edges = {
         name: e.model_copy(update={"dispatch_revert_s": max(60, int(6 * sim_poll_s))})

@@ -149,8 +149,15 @@ def seed_history(scenario: ScenarioConfig, out: Path, days: float) -> Path:
 
 
 def _coordinator_config(
-    scenario: ScenarioConfig, out: Path, port: int, poll_s: float, speed: float
+    scenario: ScenarioConfig,
+    out: Path,
+    port: int,
+    poll_s: float,
+    speed: float,
+    *,
+    weather: bool = True,
 ) -> CoordinatorConfig:
+    """The demo's coordinator; ``weather`` False: without the simulated weather service."""
     return parse_coordinator_config(
         {
             "coordinator": {
@@ -169,6 +176,7 @@ def _coordinator_config(
             },
             "tariff": COORDINATOR["tariff"],
             "sites": declared_sites(scenario),
+            "weather": {"enabled": weather},
         },
         "demo",
     )
@@ -239,7 +247,7 @@ def _view(coordinator: Coordinator, start_ts: float, end_ts: float, limit_w: flo
 
 
 def demo_stack_config(
-    scenario: ScenarioConfig, out: Path, poll_s: float, speed: float
+    scenario: ScenarioConfig, out: Path, poll_s: float, speed: float, *, weather: bool = True
 ) -> StackConfig:
     """The demo's stack: the scenario's sites with the demo's roles and fallbacks, every
     device by its scenario name, and the demo's coordinator (``COORDINATOR``)."""
@@ -264,7 +272,7 @@ def demo_stack_config(
                 "demo",
             )
         )
-    coordinator = _coordinator_config(scenario, out, 1883, poll_s, speed)
+    coordinator = _coordinator_config(scenario, out, 1883, poll_s, speed, weather=weather)
     return StackConfig(scenario, coordinator, tuple(sites))
 
 
@@ -276,6 +284,8 @@ async def _run(
     out: Path,
     console: Console,
     embedded: bool,
+    *,
+    weather: bool = True,
 ) -> Run:
     clock = ScaledClock(scenario.start_ts, speed)
     end_ts = scenario.start_ts + hours * 3600.0
@@ -283,7 +293,7 @@ async def _run(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: stop, clean up, report
-    config = demo_stack_config(scenario, out, poll_s, speed)
+    config = demo_stack_config(scenario, out, poll_s, speed, weather=weather)
     # The broker's files go to a temporary directory Mosquitto's own user can reach.
     stack = LocalStack(config, out, clock, embedded=embedded, broker_in_state=False)
     async with stack:

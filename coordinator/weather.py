@@ -16,6 +16,7 @@ index through the clear-sky GHI at the coordinator's position at each step's cen
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,15 +36,62 @@ REASONS = ("future", "stale", "superseded", "off")
 
 
 @dataclass(frozen=True, slots=True)
+class Steps:
+    """A series of step means prepared for reading at many times: what
+    :func:`coordinator.forecast.step_series_at` computes from ``(start_ts, step_s, values)``
+    on each call, computed once (a kept forecast is read at every interval)."""
+
+    start_ts: float
+    step_s: float
+    end_ts: float
+    #: Centres [s] and values of the finite steps (what ``np.interp`` reads between).
+    centres: NDArray[np.float64]
+    known_values: NDArray[np.float64]
+    #: Whether each step's value is finite.
+    known: NDArray[np.bool_]
+
+    @classmethod
+    def of(cls, start_ts: float, step_s: float, values: NDArray[np.float64]) -> Steps | None:
+        """The prepared series; None when no step is finite (it reads NaN everywhere)."""
+        known = np.isfinite(values)
+        if not known.any():
+            return None
+        centres = (start_ts + step_s * (np.arange(values.size) + 0.5)).astype(np.float64)
+        return cls(
+            start_ts, step_s, start_ts + step_s * values.size, centres[known], values[known], known
+        )
+
+    def covers(self, ts: NDArray[np.float64]) -> NDArray[np.bool_]:
+        """Whether each of ``ts`` [s] lies in ``[start_ts, end_ts)`` (False for NaN)."""
+        return (ts >= self.start_ts) & (ts < self.end_ts)
+
+    def read(self, ts: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The series at ``ts`` [s], all covered (:meth:`covers`): exactly
+        :func:`coordinator.forecast.step_series_at` there."""
+        value = np.interp(ts, self.centres, self.known_values)
+        nearest = np.clip(np.floor((ts - self.start_ts) / self.step_s), 0, self.known.size - 1)
+        return np.where(self.known[nearest.astype(np.int64)], value, np.nan)
+
+
+@dataclass(frozen=True, slots=True)
 class KeptForecast:
     """One accepted forecast as arrays: issued ``ts``, the steps, the area's index (None: only
-    per-site series) and each site's own index series."""
+    per-site series) and each site's own index series; each series also :class:`Steps`
+    prepared for reading (``area_steps``, ``site_steps``; absent: it has no finite step)."""
 
     ts: float
     start_ts: float
     step_s: float
     area: NDArray[np.float64] | None
     sites: dict[str, NDArray[np.float64]]
+    area_steps: Steps | None = field(init=False, repr=False, compare=False)
+    site_steps: dict[str, Steps] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        area = None if self.area is None else Steps.of(self.start_ts, self.step_s, self.area)
+        sites = {name: Steps.of(self.start_ts, self.step_s, v) for name, v in self.sites.items()}
+        object.__setattr__(self, "area_steps", area)
+        object.__setattr__(self, "site_steps", {n: s for n, s in sites.items() if s is not None})
 
     @property
     def end_ts(self) -> float:
@@ -71,46 +119,152 @@ def kept_forecast(msg: WeatherForecast, latitude_deg: float, longitude_deg: floa
     return KeptForecast(msg.ts, msg.start_ts, float(msg.step_s), area, sites)
 
 
+class HistoryIndexCache:
+    """Each site's history index from the last :meth:`WeatherSnapshot.indices`, for sites with
+    their own series (an area-only forecast is read for all rows at once, uncached).
+
+    A sample's index depends only on its time and the kept forecasts, and between two
+    forecasts the kept ones stay the same while the history gains a sample an interval: so
+    only samples not seen before are read (bit-identical to reading all). Any change of the
+    kept forecasts empties it. Memory: a site's sample times and indices (16 bytes a sample).
+    Safe across threads (a lock).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: tuple[KeptForecast, ...] = ()
+        self._rows: dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(
+        self, kept: tuple[KeptForecast, ...], name: str, ts: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        """Site ``name``'s index at its history times ``ts`` (1-D; NaN where not finite)."""
+        with self._lock:
+            if len(kept) != len(self._kept) or any(
+                a is not b for a, b in zip(kept, self._kept, strict=True)
+            ):
+                self._kept, self._rows = kept, {}
+            where = np.flatnonzero(np.isfinite(ts))
+            t = ts[where]
+            out = np.full(ts.shape, np.nan)
+            todo = where
+            seen = self._rows.get(name)
+            if seen is not None and seen[0].size and t.size:
+                at = np.minimum(np.searchsorted(seen[0], t), seen[0].size - 1)
+                hit = seen[0][at] == t
+                out[where[hit]] = seen[1][at[hit]]
+                todo = where[~hit]
+            if todo.size:
+                out[todo] = _row_index(kept, name, ts[todo])
+            if t.size < 2 or bool(np.all(np.diff(t) > 0)):  # searchsorted needs them sorted
+                self._rows[name] = (t.copy(), out[where])
+            else:
+                self._rows.pop(name, None)
+            return out
+
+
+def _row_index(
+    kept: tuple[KeptForecast, ...], name: str, ts: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Site ``name``'s index at finite times ``ts``: each from the latest-issued kept forecast
+    (its own series, else the area's) with a finite value there."""
+    out = np.full(ts.shape, np.nan)
+    open_ = np.ones(ts.shape, dtype=bool)
+    for forecast in reversed(kept):
+        steps = forecast.site_steps.get(name) if name in forecast.sites else forecast.area_steps
+        if steps is not None:
+            _write(out, open_, open_ & steps.covers(ts), steps, ts)
+            if not open_.any():
+                break
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class WeatherSnapshot:
-    """The kept forecasts (oldest issued first) and whether the newest is fresh."""
+    """The kept forecasts (oldest issued first), whether the newest is fresh, and the store's
+    :class:`HistoryIndexCache` (None: read every sample each time; same results)."""
 
     kept: tuple[KeptForecast, ...] = ()
     fresh: bool = False
+    cache: HistoryIndexCache | None = field(default=None, compare=False)
 
     def indices(
         self, names: Sequence[str], history_ts: NDArray[np.float64], times: NDArray[np.float64]
     ) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
         """(history index ``(n, samples)``, forecast index ``(n, len(times))``) for the sites
         ``names`` whose history times are the rows of ``history_ts``; None without a forecast.
+
+        A history sample takes the index of the latest-issued kept forecast that has a finite
+        value there (its own series, else the area's).
         """
         if not self.kept:
             return None
+        own = set().union(*(k.sites for k in self.kept))
+        mine = [i for i, name in enumerate(names) if name in own]
         history = np.full(history_ts.shape, np.nan)
-        for kept in self.kept:  # oldest first: a newer forecast overwrites what it covers
-            _fill(history, kept, names, history_ts)
+        open_ = np.isfinite(history_ts)
+        if len(mine) < len(names):  # the area's series for the other rows at once, newest first
+            open_[mine] = False
+            for kept in reversed(self.kept):
+                if kept.area_steps is not None:
+                    want = open_ & kept.area_steps.covers(history_ts)
+                    _write(history, open_, want, kept.area_steps, history_ts)
+        cache = self.cache if self.cache is not None else HistoryIndexCache()
+        for i in mine:
+            history[i] = cache.row(self.kept, names[i], history_ts[i])
         ahead = np.full((len(names), len(times)), np.nan)
         if self.fresh:
-            _fill(ahead, self.kept[-1], names, np.broadcast_to(times, ahead.shape))
+            ahead_ts = np.broadcast_to(times, ahead.shape)
+            _fill(
+                ahead,
+                np.isfinite(ahead_ts),
+                self.kept[-1],
+                {name: i for i, name in enumerate(names)},
+                ahead_ts,
+            )
         return history, ahead
 
 
 def _fill(
     out: NDArray[np.float64],
+    open_: NDArray[np.bool_],
     kept: KeptForecast,
-    names: Sequence[str],
+    rows: dict[str, int],
     ts: NDArray[np.float64],
 ) -> None:
-    """Write ``kept``'s index at ``ts`` (row ``i`` site ``names[i]``) where it covers them."""
-    if kept.area is not None:  # the area's series for every row at once
-        value = fc.step_series_at(kept.start_ts, kept.step_s, kept.area, ts)
-        rows = np.array([name not in kept.sites for name in names], dtype=bool)
-        np.copyto(out, value, where=rows[:, None] & np.isfinite(value))
-    for i, name in enumerate(names):
-        own = kept.sites.get(name)
-        if own is not None:
-            value = fc.step_series_at(kept.start_ts, kept.step_s, own, ts[i])
-            np.copyto(out[i], value, where=np.isfinite(value))
+    """Write ``kept``'s index at ``ts`` (row ``rows[name]`` site ``name``) where it covers them,
+    is finite and ``open_`` still is; close what was written."""
+    if kept.area_steps is not None:  # the area's series for every row without its own at once
+        want = open_ & kept.area_steps.covers(ts)
+        if kept.sites:
+            own = [rows[name] for name in kept.sites if name in rows]
+            want[own] = False
+        _write(out, open_, want, kept.area_steps, ts)
+    for name, steps in kept.site_steps.items():
+        i = rows.get(name)
+        if i is not None:
+            _write(out[i], open_[i], open_[i] & steps.covers(ts[i]), steps, ts[i])
+
+
+def _write(
+    out: NDArray[np.float64],
+    open_: NDArray[np.bool_],
+    want: NDArray[np.bool_],
+    steps: Steps,
+    ts: NDArray[np.float64],
+) -> None:
+    """``steps`` read at ``ts[want]`` into ``out`` where finite; those close in ``open_``."""
+    if not want.any():
+        return
+    where = np.nonzero(want)
+    value = steps.read(ts[where])
+    good = np.isfinite(value)
+    hit = tuple(axis[good] for axis in where)
+    out[hit] = value[good]
+    open_[hit] = False
 
 
 @dataclass
@@ -129,6 +283,7 @@ class WeatherStore:
     kept: list[KeptForecast] = field(default_factory=list)
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    cache: HistoryIndexCache = field(default_factory=HistoryIndexCache, repr=False)
 
     def offer(self, msg: WeatherForecast, now: float) -> str | None:
         """Keep ``msg`` if it passes; else the reason it did not (:data:`REASONS`), counted."""
@@ -157,4 +312,4 @@ class WeatherStore:
         if not self.kept:
             return WeatherSnapshot()
         fresh = now - self.kept[-1].ts <= self.max_age_s
-        return WeatherSnapshot(tuple(self.kept), fresh)
+        return WeatherSnapshot(tuple(self.kept), fresh, self.cache)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from broker import topics
 from broker.messages import BY_KIND, WeatherForecast
 from coordinator import forecast as fc
-from coordinator.weather import WeatherStore, kept_forecast
+from coordinator.weather import KeptForecast, WeatherSnapshot, WeatherStore, kept_forecast
 
 T0 = 1_782_086_400.0  # 2026-06-22 00:00 UTC
 LAT, LON = 48.14, 11.58
@@ -231,3 +231,61 @@ def test_a_ghi_forecast_is_kept_as_a_clear_sky_index() -> None:
     kept = kept_forecast(msg, LAT, LON)
     assert kept.area is not None
     np.testing.assert_allclose(kept.area, [0.5])
+
+
+def _reference_history_index(
+    kept: tuple[KeptForecast, ...], names: list[str], history_ts: np.ndarray
+) -> np.ndarray:
+    """The history index by its definition: every kept forecast read at every sample with
+    :func:`coordinator.forecast.step_series_at`, oldest first, a finite value overwriting."""
+    out = np.full(history_ts.shape, np.nan)
+    for k in kept:
+        for i, name in enumerate(names):
+            series = k.series(name)
+            if series is not None:
+                value = fc.step_series_at(k.start_ts, k.step_s, series, history_ts[i])
+                np.copyto(out[i], value, where=np.isfinite(value))
+    return out
+
+
+def _random_kept(rng: np.random.Generator, issued: float, names: list[str]) -> KeptForecast:
+    steps = int(rng.integers(1, 40))
+    step_s = float(rng.choice([900.0, 1800.0, 3600.0]))
+
+    def series(n: int) -> np.ndarray:
+        values = rng.uniform(0.0, 1.2, n)
+        values[rng.random(n) < 0.2] = np.nan  # night steps of a GHI forecast
+        return values
+
+    area = series(steps) if rng.random() < 0.7 else None
+    own = [n for n in names if rng.random() < 0.4] or ([] if area is not None else names[:1])
+    start = issued + float(rng.uniform(-3600.0, 3600.0))
+    return KeptForecast(issued, start, step_s, area, {n: series(steps) for n in own})
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_history_index_is_the_latest_finite_forecast_value_also_from_the_cache(
+    seed: int,
+) -> None:
+    """The fast path (newest first, per-site rows cached between intervals) gives exactly the
+    definition's arrays, as the history grows, forecasts arrive and old ones go."""
+    rng = np.random.default_rng(seed)
+    names = ["a", "b", "c", "d"]
+    store = _store()
+    kept: list[KeptForecast] = []
+    samples = T0 + 900.0 * np.arange(200) + rng.uniform(0.0, 60.0, 200)
+    for step in range(40):
+        if step % 6 == 0:  # a new run; the oldest leaves after five
+            kept = [*kept, _random_kept(rng, T0 + 900.0 * (step + 150), names)][-5:]
+        end = 160 + step
+        history_ts = np.full((len(names), 160), np.nan)
+        for i in range(len(names)):
+            row = samples[end - 160 + i * 3 : end]  # rows of different lengths, NaN in front
+            history_ts[i, 160 - len(row) :] = row
+        snapshot = WeatherSnapshot(tuple(kept), True, store.cache)
+        got = snapshot.indices(names, history_ts, np.array([T0]))
+        assert got is not None
+        np.testing.assert_array_equal(
+            got[0], _reference_history_index(tuple(kept), names, history_ts)
+        )
+    assert len(store.cache) > 0  # the cached path was the one taken

@@ -158,6 +158,7 @@ class _Programme:
         self.count = {"eq": 0, "ub": 0}
         #: what decides the matrix: the row blocks and terms added, in order (see rows())
         self.signature: list[tuple[object, ...]] = []
+        self._keys: dict[int, tuple[NDArray[np.int64], object]] = {}
 
     def add(
         self,
@@ -180,9 +181,17 @@ class _Programme:
             out_rows.append(rows)
             out_cols.append(col)
             out_vals.append(float(val))
-        self.signature.append((kind, new, _run_key(rows), *vals))
-        self.signature.append(tuple(_run_key(c) for c in cols))
+        self.signature.append((kind, new, self._key(rows), *vals))
+        self.signature.append(tuple(self._key(c) for c in cols))
         return rows
+
+    def _key(self, index: NDArray[np.int64]) -> object:
+        """:func:`_run_key` of ``index``, once per array (the blocks recur in many rows; the
+        array is kept with its key, so its id is not reused while the programme lives)."""
+        seen = self._keys.get(id(index))
+        if seen is None:
+            seen = self._keys[id(index)] = (index, _run_key(index))
+        return seen[1]
 
     def rows(
         self, cache: WarmStart | None = None

@@ -101,8 +101,15 @@ def _describe_feeders(files: FeedersBrokerFiles) -> list[str]:
         f"  operator listener {files.connect_host}:{files.port} (no mount point: every feeder "
         f"under feeder/<id>/) for {', '.join(observers) or 'nobody'}"
     )
+    if files.weather_user:
+        lines.append(
+            f"  weather user {files.weather_user!r} (operator listener): publishes each "
+            "feeder's weather forecast (feeder/<id>/wattmesh/v1/weather/forecast), nothing else"
+        )
     if files.tls_port is not None:
-        lines.append(f"    TLS listener {files.host}:{files.tls_port} (operator and monitor only)")
+        lines.append(
+            f"    TLS listener {files.host}:{files.tls_port} (operator, monitor and weather only)"
+        )
     lines += [
         "a site's or coordinator's credentials are valid only on its own feeder's listeners; "
         "give each its feeder's port (or TLS port) and mount_point in its [broker] section",
@@ -121,6 +128,7 @@ def _init_feeders(
     operator_user: str | None,
     monitor_user: str | None,
     ha_discovery_prefix: str | None,
+    weather_user: str | None,
     *,
     tls: bool,
     ingest_workers: int | None,
@@ -144,6 +152,7 @@ def _init_feeders(
         monitor_user=monitor_user,
         overwrite=force,
         ha_discovery_prefix=ha_discovery_prefix,
+        weather_user=weather_user,
     )
 
 
@@ -201,7 +210,9 @@ def init(
         str,
         typer.Option(
             help="The weather service's user name: publishes the weather forecast "
-            "(weather/forecast) and nothing else; single-feeder brokers only."
+            "(weather/forecast) and nothing else. With --feeders one for the whole area: it "
+            "logs in on the operator listener and publishes each feeder's forecast (under the "
+            "feeder's mount point)."
         ),
     ] = "weather",
     no_weather: Annotated[
@@ -251,6 +262,7 @@ def init(
                 None if no_operator else operator_user,
                 None if no_monitor else monitor_user,
                 None if no_homeassistant else ha_discovery_prefix,
+                None if no_weather else weather_user,
                 tls=tls,
                 ingest_workers=ingest_workers,
                 force=force,

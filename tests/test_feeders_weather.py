@@ -24,6 +24,7 @@ from typer.testing import CliRunner, Result
 
 from broker import topics
 from broker.client import BusClient, BusSettings
+from broker.clock import ManualClock
 from broker.feeders import (
     FeedersBrokerFiles,
     load_feeders_broker,
@@ -32,9 +33,13 @@ from broker.feeders import (
 )
 from broker.messages import WeatherForecast
 from broker.mosquitto import MosquittoProcess, write_broker_config
+from simulators.scenario import load_scenario
 from tests.broker_fixtures import free_port
 from tests.feeders_fixtures import two_feeders
 from wattmesh.cli import app
+from wattmesh.weather import SimulatedWeatherService, weather_target
+
+COMMUNITY = Path(__file__).resolve().parents[1] / "config" / "scenarios" / "community.toml"
 
 
 @pytest.fixture
@@ -102,6 +107,32 @@ async def _drain(client: aiomqtt.Client, quiet_s: float = 0.3) -> list[str]:
     return got
 
 
+async def _coordinators_read(files: FeedersBrokerFiles) -> dict[str, tuple[str, WeatherForecast]]:
+    """The retained weather forecast each feeder's coordinator reads (topic, forecast), as its
+    own bus client (with its listener's mount point) subscribes to it."""
+    got: dict[str, tuple[str, WeatherForecast]] = {}
+    arrived = asyncio.Event()
+
+    def collect(feeder: str) -> Callable[[str, bytes], Awaitable[None]]:
+        async def handle(topic: str, payload: bytes) -> None:
+            got[feeder] = (topic, WeatherForecast.model_validate_json(payload))
+            if len(got) == 2:
+                arrived.set()
+
+        return handle
+
+    async with (
+        BusClient(_coordinator(files, "north"), handler=collect("north")) as north,
+        BusClient(_coordinator(files, "south"), handler=collect("south")) as south,
+    ):
+        for bus in (north, south):
+            await bus.wait_connected(5)
+            await bus.subscribe(topics.WEATHER_FORECAST)  # what the coordinator subscribes to
+        async with asyncio.timeout(5):
+            await arrived.wait()
+    return got
+
+
 def test_one_weather_user_for_the_area_on_the_operator_listener(
     files: FeedersBrokerFiles,
 ) -> None:
@@ -132,26 +163,7 @@ async def test_weather_publish_reaches_every_feeders_coordinator_or_the_feeders_
     unknown = await _publish_csv(files, tmp_path, 0.5, "--feeder", "east")
     assert unknown.exit_code == 2
     assert "no feeder 'east'" in unknown.output
-    got: dict[str, tuple[str, WeatherForecast]] = {}
-    arrived = asyncio.Event()
-
-    def collect(feeder: str) -> Callable[[str, bytes], Awaitable[None]]:
-        async def handle(topic: str, payload: bytes) -> None:
-            got[feeder] = (topic, WeatherForecast.model_validate_json(payload))
-            if len(got) == 2:
-                arrived.set()
-
-        return handle
-
-    async with (
-        BusClient(_coordinator(files, "north"), handler=collect("north")) as north,
-        BusClient(_coordinator(files, "south"), handler=collect("south")) as south,
-    ):
-        for bus in (north, south):
-            await bus.wait_connected(5)
-            await bus.subscribe(topics.WEATHER_FORECAST)  # what the coordinator subscribes to
-        async with asyncio.timeout(5):
-            await arrived.wait()
+    got = await _coordinators_read(files)
     # Each coordinator reads the retained forecast on its own v1 topic; south has the newer.
     assert {feeder: topic for feeder, (topic, _) in got.items()} == {
         "north": topics.WEATHER_FORECAST,
@@ -159,6 +171,21 @@ async def test_weather_publish_reaches_every_feeders_coordinator_or_the_feeders_
     }
     assert got["north"][1].clear_sky_index == [0.7, 0.7]
     assert got["south"][1].clear_sky_index == [0.3, 0.3]
+
+
+async def test_the_simulated_weather_service_publishes_into_every_feeder(
+    broker: MosquittoProcess, files: FeedersBrokerFiles
+) -> None:
+    scenario = load_scenario(COMMUNITY)
+    clock = ManualClock(scenario.start_ts + 7 * 3600.0)  # the 06:00 run is the latest
+    settings, targets = weather_target(files.directory, "weather")
+    assert targets == [weather_topic("north"), weather_topic("south")]
+    async with SimulatedWeatherService(scenario, clock, settings, targets) as service:
+        got = await _coordinators_read(files)
+    assert service.published == 1
+    for _, forecast in got.values():
+        assert forecast.ts == scenario.start_ts + 6 * 3600.0
+        assert sorted(forecast.sites) == ["house-1", "school", "solar-farm"]
 
 
 async def test_the_weather_user_publishes_only_forecasts_and_reads_nothing_nor_may_a_site(

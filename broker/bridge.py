@@ -385,6 +385,8 @@ def add_bridge_user(
     sites must be that feeder's, credentials.toml lists it among the feeder's
     ``bridge_users``, the kit gets the feeder's ports and mount point, and with TLS every
     other TLS listener's CRL is rewritten to revoke its certificate (``write_crls``).
+    The bridge (edge, sites, feeder) is recorded in the core's ``bridges.toml``, from which
+    ``broker init --force`` adds it again (``plan_bridges``, ``restore_bridges``).
     ``BrokerConfigError`` if the user exists, an id is invalid or a site is not the feeder's.
     A running core rereads passwd, acl and the CRLs on SIGHUP.
     """
@@ -393,6 +395,7 @@ def add_bridge_user(
     target = _core_listener(core_directory, feeder, site_ids)
     if user in target.credentials:
         raise BrokerConfigError(f"user {user!r} already exists on the core {target.directory}")
+    recorded = recorded_bridges(target.directory)  # a malformed record stops us before writing
     owner = _service_owner()
     password = secrets.token_urlsafe(32)
     acl = bridge_acl_text(edge, site_ids)
@@ -437,7 +440,7 @@ def add_bridge_user(
     _write_record(
         target.directory,
         [
-            *(b for b in recorded_bridges(target.directory) if b.edge != edge),
+            *(b for b in recorded if b.edge != edge),
             RecordedBridge(edge, site_ids, target.feeder),
         ],
     )

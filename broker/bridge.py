@@ -50,6 +50,15 @@ matches nothing; with a fixed core the first line matches as is). With TLS the b
 certificate is added to the CRL of every other feeder's TLS listener and the operator's, as
 the certificates written by ``broker init`` are; a running core loads the new passwd, acl
 and CRLs on SIGHUP (tests/test_feeders_bridge.py).
+
+``add_bridge_user`` also records each bridge (edge, sites, feeder; no secrets) in the core's
+``bridges.toml``. ``broker init --force`` rewrites the core's passwd, acl and CRLs from scratch;
+from the record it adds the bridge users again (``plan_bridges``, then ``restore_bridges``):
+each gets a new password (and with TLS a certificate from the new CA) and a rewritten kit, like
+every other user. A bridge the new configuration cannot carry (a site or feeder it names is
+gone) is dropped only when the operator says so (``--drop-bridges``); a bridge user the
+directory has but neither the record nor a kit describes (``bridge-*`` users from before the
+record) counts as one that cannot be kept.
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ import re
 import secrets
 import shutil
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -108,6 +117,9 @@ KIT_TOML_NAME = "bridge.toml"
 KIT_CA_NAME = "ca.crt"
 KIT_CERT_NAME = "bridge.crt"
 KIT_KEY_NAME = "bridge.key"
+#: The core's record of its bridges (edge, sites, feeder): ``broker init --force`` adds them
+#: again from it.
+BRIDGES_RECORD_NAME = "bridges.toml"
 #: Where ``write_edge_broker`` puts the TLS files the bridge presents to the core.
 EDGE_BRIDGE_DIR_NAME = "bridge"
 #: A bridge address: ``host:port`` (an IPv6 host in brackets: ``[::1]:8883``).
@@ -373,6 +385,8 @@ def add_bridge_user(
     sites must be that feeder's, credentials.toml lists it among the feeder's
     ``bridge_users``, the kit gets the feeder's ports and mount point, and with TLS every
     other TLS listener's CRL is rewritten to revoke its certificate (``write_crls``).
+    The bridge (edge, sites, feeder) is recorded in the core's ``bridges.toml``, from which
+    ``broker init --force`` adds it again (``plan_bridges``, ``restore_bridges``).
     ``BrokerConfigError`` if the user exists, an id is invalid or a site is not the feeder's.
     A running core rereads passwd, acl and the CRLs on SIGHUP.
     """
@@ -381,6 +395,7 @@ def add_bridge_user(
     target = _core_listener(core_directory, feeder, site_ids)
     if user in target.credentials:
         raise BrokerConfigError(f"user {user!r} already exists on the core {target.directory}")
+    recorded = recorded_bridges(target.directory)  # a malformed record stops us before writing
     owner = _service_owner()
     password = secrets.token_urlsafe(32)
     acl = bridge_acl_text(edge, site_ids)
@@ -422,7 +437,155 @@ def add_bridge_user(
         mount_point=target.mount_point,
     )
     _write_file(kit_dir / KIT_TOML_NAME, _kit_toml(kit), 0o600, None)
+    _write_record(
+        target.directory,
+        [
+            *(b for b in recorded if b.edge != edge),
+            RecordedBridge(edge, site_ids, target.feeder),
+        ],
+    )
     return kit
+
+
+# ---------------------------------------------------------------------------------------------
+# The record of the bridges: what `broker init --force` adds again
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedBridge:
+    """A bridge ``add_bridge_user`` added: its edge, its sites and the feeder (None: the core
+    is a single-feeder broker)."""
+
+    edge: str
+    sites: tuple[str, ...]
+    feeder: str | None = None
+
+    @property
+    def user(self) -> str:
+        """The bridge's user on the core: ``bridge-{edge}``."""
+        return _checked_user(self.edge)
+
+
+def recorded_bridges(core_directory: str | os.PathLike[str]) -> tuple[RecordedBridge, ...]:
+    """The bridges in ``core_directory``'s ``bridges.toml`` (none if it has none), in the
+    order they were added; ``BrokerConfigError`` if it is malformed."""
+    path = Path(core_directory).absolute() / BRIDGES_RECORD_NAME
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ()
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise BrokerConfigError(f"cannot read {path}: {err}") from err
+    try:
+        return tuple(
+            RecordedBridge(
+                check_id(str(edge), "edge"),
+                tuple(check_id(str(site)) for site in entry["sites"]),
+                None if entry.get("feeder") is None else str(entry["feeder"]),
+            )
+            for edge, entry in doc.get("bridges", {}).items()
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BrokerConfigError(f"cannot read {path}: {err!r}") from err
+
+
+def _write_record(core_directory: Path, bridges: Sequence[RecordedBridge]) -> None:
+    q = json.dumps  # a JSON string is a valid TOML basic string
+    lines = [
+        "# The bridge users `wattmesh broker bridge-user` added to this core (no secrets):",
+        "# `wattmesh broker init --force` adds them again from here, with new credentials.",
+    ]
+    for b in bridges:
+        lines += ["", f"[bridges.{q(b.edge)}]", f"sites = [{', '.join(q(s) for s in b.sites)}]"]
+        if b.feeder is not None:
+            lines.append(f"feeder = {q(b.feeder)}")
+    _write_file(core_directory / BRIDGES_RECORD_NAME, "\n".join(lines) + "\n", 0o600, None)
+
+
+def _bridge_users_in(core_directory: Path) -> list[str]:
+    """The bridge users ``core_directory``'s credentials.toml has: a many-feeders core lists
+    them (``bridge_users``); on a single-feeder core, the users named ``bridge-*`` that are
+    not sites."""
+    if not (core_directory / CREDENTIALS_NAME).exists():
+        return []
+    if is_feeders_broker(core_directory):
+        return [u for f in load_feeders_broker(core_directory).feeders for u in f.bridge_users]
+    files = load_broker_files(core_directory)
+    return [u for u in files.credentials if u.startswith("bridge-") and u not in files.sites]
+
+
+def plan_bridges(
+    core_directory: str | os.PathLike[str],
+    layout: Mapping[str | None, Sequence[str]],
+    users: Collection[str] = (),
+) -> tuple[tuple[RecordedBridge, ...], dict[str, str]]:
+    """Which of ``core_directory``'s bridges a new configuration of it can take again.
+
+    ``layout`` is the new configuration's feeders and their sites (``{None: sites}`` for a
+    single-feeder broker), ``users`` every other user it makes. The bridges come from the
+    record (``recorded_bridges``); a bridge user the directory has but the record does not
+    know is read from its kit (``bridges/bridge-{edge}/bridge.toml``) if that is there. Returns
+    the bridges to keep (their feeder and sites are still there) and, for each user that
+    cannot be kept, why. Writes nothing.
+    """
+    root = Path(core_directory).absolute()
+    bridges = {b.user: b for b in recorded_bridges(root)}
+    unknown: dict[str, str] = {}
+    for user in _bridge_users_in(root):
+        if user in bridges:
+            continue
+        try:
+            kit = load_bridge_kit(root / BRIDGES_DIR_NAME / user)
+        except BrokerConfigError:
+            unknown[user] = "no record of its sites (neither bridges.toml nor its kit)"
+            continue
+        bridges[user] = RecordedBridge(kit.edge, kit.sites, kit.feeder)
+    keep: list[RecordedBridge] = []
+    for user, bridge in bridges.items():
+        why = _why_not_kept(bridge, layout, users)
+        if why is None:
+            keep.append(bridge)
+        else:
+            unknown[user] = why
+    return tuple(keep), unknown
+
+
+def _why_not_kept(
+    bridge: RecordedBridge, layout: Mapping[str | None, Sequence[str]], users: Collection[str]
+) -> str | None:
+    """Why the new configuration ``layout`` cannot carry ``bridge``; None if it can."""
+    single = None in layout
+    if bridge.feeder is None and not single:
+        return "it was bridged into a single-feeder broker; this one has feeders"
+    if bridge.feeder is not None and single:
+        return f"it was bridged into feeder {bridge.feeder!r}; this broker has no feeders"
+    if bridge.feeder not in layout:
+        return f"feeder {bridge.feeder!r} is gone"
+    gone = [s for s in bridge.sites if s not in layout[bridge.feeder]]
+    if gone:
+        where = "the broker" if bridge.feeder is None else f"feeder {bridge.feeder!r}"
+        what = f"site {gone[0]} is" if len(gone) == 1 else f"sites {', '.join(gone)} are"
+        return f"its {what} no longer in {where}"
+    if bridge.user in users:
+        return f"{bridge.user!r} is now another user's name"
+    return None
+
+
+def restore_bridges(
+    core_directory: str | os.PathLike[str],
+    keep: Sequence[RecordedBridge],
+    drop: Collection[str] = (),
+) -> list[BridgeKit]:
+    """After ``broker init --force`` rewrote ``core_directory``: add the bridges ``keep`` again
+    (``add_bridge_user``: new passwords, with TLS new certificates, rewritten kits), and remove
+    the kits of the bridge users ``drop`` (their credentials are gone). The kits written."""
+    root = Path(core_directory).absolute()
+    _write_record(root, [])
+    for user in [*drop, *(b.user for b in keep)]:  # old kits: their credentials are gone
+        kit_dir = root / BRIDGES_DIR_NAME / user
+        if kit_dir.is_dir():
+            shutil.rmtree(kit_dir)
+    return [add_bridge_user(root, b.edge, b.sites, feeder=b.feeder) for b in keep]
 
 
 def _core_listener(
@@ -688,9 +851,11 @@ def bridge_kit_path(core_directory: str | os.PathLike[str], edge: str) -> Path:
 
 __all__ = [
     "BRIDGES_DIR_NAME",
+    "BRIDGES_RECORD_NAME",
     "BridgeConfig",
     "BridgeCredentials",
     "BridgeKit",
+    "RecordedBridge",
     "add_bridge_user",
     "bridge_acl_text",
     "bridge_conf_text",
@@ -698,5 +863,8 @@ __all__ = [
     "bridge_topics",
     "bridge_user_name",
     "load_bridge_kit",
+    "plan_bridges",
+    "recorded_bridges",
+    "restore_bridges",
     "write_edge_broker",
 ]

@@ -7,8 +7,8 @@ coordinator connect to that feeder's listener and see the unchanged v1 topic tre
     DIR/mosquitto.conf      one listener per feeder (mount_point feeder/{id}/) + the operator's
     DIR/passwd-{feeder}     that feeder's users: its coordinator, its sites, operator, monitor
     DIR/acl-{feeder}        the single-feeder ACL (``acl_text``) with every topic mounted
-    DIR/passwd, DIR/acl     the operator listener (no mount point): operator and monitor, and
-                            each feeder's ingest worker users (``ingest_workers``)
+    DIR/passwd, DIR/acl     the operator listener (no mount point): operator and monitor, the
+                            area's weather service, and each feeder's ingest worker users
     DIR/credentials.toml    user -> password, and each feeder's port, mount point and sites
     DIR/data/               persistence (one database for the whole broker)
     DIR/tls/                with ``tls``: ca.crt, ca.key, server.crt, server.key,
@@ -37,6 +37,15 @@ How it works (verified on Mosquitto 2.0.11, Debian 12):
   have the same rights as in a single-feeder broker on each feeder's listener, where the
   feeder looks like a single-feeder broker (``wattmesh dispatch --port <feeder port>``).
 
+The weather service (``weather_user``, default ``weather``): one for the whole area, as on a
+single-feeder broker. Each feeder's coordinator reads the forecast under its feeder's mount
+point (``feeder/{id}/wattmesh/v1/weather/forecast``), so the weather user logs in on the
+operator listener (no mount point) and its ACL there grants exactly those topics, one per
+feeder, to write (:func:`weather_topic`); it reads nothing, and no feeder's password file
+has it. One connection publishes the area's forecast into every feeder (``wattmesh weather
+publish --broker-dir DIR``, ``--feeder ID`` for some). With TLS its certificate is valid on
+the operator's TLS listener only (every feeder's CRL revokes it).
+
 Ingest workers (``ingest_workers = N`` for a feeder, or ``broker init --feeders F
 --ingest-workers N`` for all): users ``{coordinator_user}-ingest-{i}`` (one password per
 feeder) that read that feeder's telemetry. They log in on the operator listener, not on their
@@ -62,9 +71,10 @@ on Mosquitto 2.0.11 (tests/test_feeders_tls.py):
   "Authentication assumed to be cleared"); a ``password_file`` on the TLS listener changes
   nothing. With one CA, another feeder's site certificate would therefore connect (its ACL
   would then deny it every topic). Each feeder's TLS listener has a ``crlfile`` that revokes
-  the certificates of every other feeder's coordinator and sites (the operator's revokes all
-  but the operator's and the monitor's), so they fail the TLS handshake: under TLS 1.2 inside
-  the handshake (alert "certificate revoked"), under TLS 1.3 right after it. The CRLs are
+  the certificates of every other feeder's coordinator and sites, and the weather service's
+  (the operator's revokes all but the operator's, the monitor's and the weather service's),
+  so they fail the TLS handshake: under TLS 1.2 inside the handshake (alert "certificate
+  revoked"), under TLS 1.3 right after it. The CRLs are
   valid as long as the CA (OpenSSL refuses every client once a CRL's next update passes);
   ``init --force`` renews the CA, every certificate and the CRLs.
 """
@@ -114,6 +124,7 @@ from broker.topics import (
     HA_PREFIX_PATTERN,
     ID_PATTERN,
     PREFIX,
+    WEATHER_FORECAST,
     check_id,
     site_wildcard,
 )
@@ -128,6 +139,12 @@ _ACL_TOPIC = re.compile(r"^(topic\s+(?:read|write|readwrite|deny)\s+)(\S.*)$")
 def mount_point(feeder: str) -> str:
     """The mount point of ``feeder``'s listener: ``feeder/{feeder}/``."""
     return f"{MOUNT_ROOT}/{check_id(feeder, 'feeder')}/"
+
+
+def weather_topic(feeder: str) -> str:
+    """Where ``feeder``'s coordinator reads the weather forecast, as the operator listener
+    sees it: ``feeder/{feeder}/wattmesh/v1/weather/forecast``."""
+    return f"{mount_point(feeder)}{WEATHER_FORECAST}"
 
 
 def split_mounted(topic: str) -> tuple[str, str] | None:
@@ -270,6 +287,9 @@ class FeedersBrokerFiles:
     tls: TlsFiles | None = None
     tls_port: int | None = None
     operator_crl_file: Path | None = None
+    #: The area's weather service: logs in on the operator listener and may publish only each
+    #: feeder's weather forecast (:func:`weather_topic`); None: no such user.
+    weather_user: str | None = None
 
     @property
     def connect_host(self) -> str:
@@ -299,12 +319,21 @@ class FeedersBrokerFiles:
 
 
 def _check_feeders(
-    spec: FeedersFile, operator_user: str | None, monitor_user: str | None, *, tls: bool = False
+    spec: FeedersFile,
+    operator_user: str | None,
+    monitor_user: str | None,
+    *,
+    tls: bool = False,
+    weather_user: str | None = None,
 ) -> list[str]:
     """Every user name, in the order credentials.toml lists them; ``BrokerConfigError`` if two
     users, two feeders or two listeners collide."""
     try:
-        for user, what in ((operator_user, "operator user"), (monitor_user, "monitor user")):
+        for user, what in (
+            (operator_user, "operator user"),
+            (monitor_user, "monitor user"),
+            (weather_user, "weather user"),
+        ):
             if user is not None:
                 check_id(user, what)
         for f in spec.feeders:
@@ -330,7 +359,7 @@ def _check_feeders(
             f"others: {ports}"
         )
     names = [
-        *(u for u in (operator_user, monitor_user) if u),
+        *(u for u in (operator_user, monitor_user, weather_user) if u),
         *(f.coordinator_user for f in spec.feeders),
         *(site for f in spec.feeders for site in f.sites),
         *(user for f in spec.feeders for user in f.ingest_users),
@@ -340,7 +369,7 @@ def _check_feeders(
         raise BrokerConfigError(
             "user names must be unique across the broker (a client id is its user name, and "
             "client ids are broker-wide): site ids across feeders, coordinators, their ingest "
-            f"users, operator and monitor; repeated: {duplicates}"
+            f"users, operator, monitor and weather; repeated: {duplicates}"
         )
     return names
 
@@ -349,9 +378,14 @@ def operator_acl_text(
     operator_user: str | None,
     monitor_user: str | None,
     ingest_users: Mapping[str, Sequence[str]] | None = None,
+    *,
+    weather_user: str | None = None,
+    feeders: Sequence[str] = (),
 ) -> str:
     """The operator listener's ACL: every feeder's topics, ``feeder/+/wattmesh/v1/...``;
-    ``ingest_users`` (feeder -> its ingest workers' users) read their feeder's telemetry."""
+    ``ingest_users`` (feeder -> its ingest workers' users) read their feeder's telemetry;
+    ``weather_user`` writes the weather forecast of each of ``feeders`` and nothing else (the
+    operator may too, as on a single-feeder broker)."""
     lines = [
         "# wattmesh operator listener ACL (no mount point), written by `wattmesh broker init`.",
         "# Each feeder's topics are under feeder/{id}/; sites and coordinators cannot log in here.",
@@ -363,6 +397,7 @@ def operator_acl_text(
             f"user {operator_user}",
             f"topic read {ALL_FEEDERS_PREFIX}/#",
             f"topic write {ALL_FEEDERS_PREFIX}/site/+/dispatch",
+            *(f"topic write {weather_topic(feeder)}" for feeder in feeders),
             "",
         ]
     if monitor_user:
@@ -370,6 +405,14 @@ def operator_acl_text(
             "# The monitor (dashboards, `wattmesh status`) reads every feeder, writes nothing.",
             f"user {monitor_user}",
             f"topic read {ALL_FEEDERS_PREFIX}/#",
+            "",
+        ]
+    if weather_user:
+        lines += [
+            "# The area's weather service publishes each feeder's weather forecast (under the",
+            "# feeder's mount point, where its coordinator reads it) and nothing else.",
+            f"user {weather_user}",
+            *(f"topic write {weather_topic(feeder)}" for feeder in feeders),
             "",
         ]
     for feeder, users in (ingest_users or {}).items():
@@ -397,6 +440,7 @@ def write_feeders_broker_config(
     autosave_interval_s: int = 60,
     overwrite: bool = False,
     ha_discovery_prefix: str | None = HA_DISCOVERY_PREFIX,
+    weather_user: str | None = "weather",
 ) -> FeedersBrokerFiles:
     """Write a Mosquitto configuration for every feeder of ``spec`` into ``directory``.
 
@@ -406,11 +450,13 @@ def write_feeders_broker_config(
     ACL, certificate = user), the operator one if ``spec.operator.tls_port`` is set, and the
     password listeners serve 127.0.0.1 only; one CA signs the server's certificate (with
     ``tls_names``, as in ``write_broker_config``) and one client certificate per user. Every
-    call makes new random passwords (and with ``tls`` a new CA). ``BrokerConfigError`` for
+    call makes new random passwords (and with ``tls`` a new CA). ``weather_user`` (None: none)
+    is the area's weather service, on the operator listener, allowed to publish only each
+    feeder's weather forecast (:func:`weather_topic`). ``BrokerConfigError`` for
     invalid or colliding ids, users or ports, a feeder without ``tls_port`` under ``tls``, a
     path with whitespace, and when a configuration exists and ``overwrite`` is false.
     """
-    users = _check_feeders(spec, operator_user, monitor_user, tls=tls)
+    users = _check_feeders(spec, operator_user, monitor_user, tls=tls, weather_user=weather_user)
     if ha_discovery_prefix is not None and not re.match(HA_PREFIX_PATTERN, ha_discovery_prefix):
         raise BrokerConfigError(
             f"Home Assistant discovery prefix {ha_discovery_prefix!r} is invalid"
@@ -467,7 +513,11 @@ def write_feeders_broker_config(
             listener.acl_file, header + mounted_acl(acl, listener.mount_point), 0o600, owner
         )
         listeners.append(listener)
-    operator_users = [*observers, *(u for users in ingest.values() for u in users)]
+    operator_users = [
+        *observers,
+        *([weather_user] if weather_user else []),
+        *(u for users in ingest.values() for u in users),
+    ]
     _write_file(
         root / PASSWD_NAME,
         password_file_text({u: credentials[u] for u in operator_users}),
@@ -475,7 +525,16 @@ def write_feeders_broker_config(
         owner,
     )
     _write_file(
-        root / ACL_NAME, operator_acl_text(operator_user, monitor_user, ingest), 0o600, owner
+        root / ACL_NAME,
+        operator_acl_text(
+            operator_user,
+            monitor_user,
+            ingest,
+            weather_user=weather_user,
+            feeders=[f.id for f in spec.feeders],
+        ),
+        0o600,
+        owner,
     )
     operator_tls_port = spec.operator.tls_port if tls else None
     operator_crl = _crl_path(root, None) if operator_tls_port is not None else None
@@ -494,6 +553,7 @@ def write_feeders_broker_config(
         tls=tls_files,
         tls_port=operator_tls_port,
         operator_crl_file=operator_crl,
+        weather_user=weather_user,
     )
     write_crls(files)
     _write_file(files.credentials_file, _credentials_text(files), 0o600, None)
@@ -510,11 +570,15 @@ def _crl_path(root: Path, feeder: str | None) -> Path:
 def revoked_users(files: FeedersBrokerFiles, listener: FeederListener | None) -> list[str]:
     """The users whose certificates ``listener``'s TLS listener (None: the operator's) revokes:
     every user with a certificate except the listener's own (its coordinator, sites and
-    bridges) and the operator and monitor (the operator's: all but the operator and monitor)."""
+    bridges) and the operator and monitor (the operator's: all but the operator, the monitor
+    and the weather service)."""
     if files.tls is None:
         return []
     observers = {u for u in (files.operator_user, files.monitor_user) if u}
-    allowed = observers | (set(listener.users) if listener is not None else set())
+    if listener is None:
+        allowed = observers | ({files.weather_user} if files.weather_user else set())
+    else:
+        allowed = observers | set(listener.users)
     return [u for u in files.tls.client_certs if u not in allowed]
 
 
@@ -643,8 +707,9 @@ def _conf_text(files: FeedersBrokerFiles, autosave_interval_s: int) -> str:
     if files.tls is not None and files.tls_port is not None and files.operator_crl_file:
         lines += [
             "",
-            "# The operator listener over mutual TLS: only the operator's and the monitor's",
-            "# certificates are valid here (the CRL revokes every feeder's users').",
+            "# The operator listener over mutual TLS: only the operator's, the monitor's and",
+            "# the weather service's certificates are valid here (the CRL revokes every",
+            "# feeder's users').",
             *_tls_listener_lines(
                 files.tls_port,
                 files.host,
@@ -672,6 +737,11 @@ def _credentials_text(files: FeedersBrokerFiles) -> str:
         lines.append(f"operator_user = {q(files.operator_user)}")
     if files.monitor_user:
         lines.append(f"monitor_user = {q(files.monitor_user)}")
+    if files.weather_user:
+        lines += [
+            "# The area's weather service logs in here and publishes into every feeder.",
+            f"weather_user = {q(files.weather_user)}",
+        ]
     lines += [f"sites = [{', '.join(q(s) for s in files.sites)}]", ""]
     if files.tls is not None:
         lines += _tls_credentials_lines(files.tls)
@@ -803,6 +873,7 @@ def load_feeders_broker(directory: str | os.PathLike[str]) -> FeedersBrokerFiles
             tls=_tls_layout(root / TLS_DIR_NAME, cert_users) if has_tls else None,
             tls_port=None if tls_port is None else int(tls_port),
             operator_crl_file=_crl_path(root, None) if tls_port is not None else None,
+            weather_user=broker.get("weather_user"),
         )
     except FileNotFoundError as err:
         raise BrokerConfigError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from broker.feeders import FeedersFile, FeederSpec, OperatorListener
 from tests.broker_fixtures import free_port
 
@@ -31,3 +33,21 @@ def two_feeders(*, tls_ports: bool = False, ingest_workers: int = 0) -> FeedersF
             )
         ),
     )
+
+
+def feeders_toml(spec: FeedersFile) -> str:
+    """``spec`` as a feeders file (config/feeders.toml's format), for ``broker init --feeders``."""
+    q = json.dumps  # a JSON string is a valid TOML basic string
+    lines = ["[operator]", f"port = {spec.operator.port}"]
+    if spec.operator.tls_port is not None:
+        lines.append(f"tls_port = {spec.operator.tls_port}")
+    for f in spec.feeders:
+        lines += ["", "[[feeders]]", f"id = {q(f.id)}", f"port = {f.port}"]
+        if f.tls_port is not None:
+            lines.append(f"tls_port = {f.tls_port}")
+        if f.coordinator is not None:
+            lines.append(f"coordinator = {q(f.coordinator)}")
+        lines.append(f"sites = [{', '.join(q(s) for s in f.sites)}]")
+        if f.ingest_workers:
+            lines.append(f"ingest_workers = {f.ingest_workers}")
+    return "\n".join(lines) + "\n"

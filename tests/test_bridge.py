@@ -26,18 +26,21 @@ import aiomqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from broker.bridge import (
+    BRIDGES_RECORD_NAME,
     BridgeConfig,
     BridgeCredentials,
     BridgeKit,
+    RecordedBridge,
     add_bridge_user,
     bridge_acl_text,
     bridge_conf_text,
     bridge_kit_path,
     bridge_topics,
     load_bridge_kit,
+    recorded_bridges,
     write_edge_broker,
 )
 from broker.errors import BrokerConfigError
@@ -611,3 +614,96 @@ async def test_a_bridge_user_added_to_a_running_core_works_after_sighup(
             async with running(edge), client(core, "coordinator") as coordinator:
                 await coordinator.subscribe(bridge_state_topic("west"), qos=1)
                 assert await receive(coordinator, 1) == [(bridge_state_topic("west"), b"1")]
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (relative path -> bytes)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+async def test_init_force_keeps_the_bridge_users_and_refuses_to_drop_one_unless_told(
+    broker_root: Path,
+) -> None:
+    runner = CliRunner()
+    core_dir, port = broker_root / "core", free_port()
+
+    def init(sites: str, *flags: str) -> Result:
+        args = ["init", str(core_dir), "--sites", sites, "--port", str(port), *flags]
+        return runner.invoke(broker_app, args)
+
+    assert init(",".join(SITES)).exit_code == 0
+    old = {edge: add_bridge_user(core_dir, edge, sites) for edge, sites in EDGES.items()}
+    # Without house-1 the north bridge cannot be kept: refused, named, nothing written.
+    before = _tree(core_dir)
+    refused = init("site-a,site-b", "--force")
+    assert refused.exit_code == 2
+    assert "bridge-north: its site house-1 is no longer in the broker" in refused.output
+    assert "--drop-bridges" in refused.output
+    assert "bridge-south" not in refused.output
+    assert _tree(core_dir) == before
+    # The same sites: both bridges are added again, with new passwords and kits.
+    kept = init(",".join(SITES), "--force")
+    assert kept.exit_code == 0, kept.output
+    assert "kept bridge user bridge-north (sites site-a, house-1)" in kept.output
+    core = load_broker_files(core_dir)
+    kits = {edge: load_bridge_kit(bridge_kit_path(core_dir, edge)) for edge in EDGES}
+    for edge, kit in kits.items():
+        assert kit.sites == EDGES[edge]
+        assert kit.credentials.password == core.credentials[kit.credentials.user]
+        assert kit.credentials.password != old[edge].credentials.password
+    assert [b.edge for b in recorded_bridges(core_dir)] == list(EDGES)
+    async with asyncio.timeout(30), running(core):
+        async with client(core, "bridge-north", password=kits["north"].credentials.password):
+            pass  # the new kit's password logs in
+        with pytest.raises(aiomqtt.MqttCodeError, match="Not authorized"):
+            async with client(core, "bridge-north", password=old["north"].credentials.password):
+                pass
+        # What it may carry is the same as before the rewrite: site-a's telemetry, not site-b's.
+        async with (
+            client(core, "coordinator") as coordinator,
+            client(core, "bridge-north") as bridge,
+        ):
+            await coordinator.subscribe("wattmesh/v1/site/+/telemetry", qos=1)
+            await bridge.publish(site_topic("site-b", "telemetry"), b"not mine", qos=1)
+            await bridge.publish(site_topic("site-a", "telemetry"), b"mine", qos=1)
+            assert await receive(coordinator, 1) == [(site_topic("site-a", "telemetry"), b"mine")]
+    # --drop-bridges drops the one that cannot be kept (and its kit), and keeps the other.
+    dropped = init("site-a,site-b", "--force", "--drop-bridges")
+    assert dropped.exit_code == 0, dropped.output
+    assert "dropped bridge user bridge-north" in dropped.output
+    assert "kept bridge user bridge-south" in dropped.output
+    after = load_broker_files(core_dir)
+    assert "bridge-north" not in after.credentials
+    assert "bridge-south" in after.credentials
+    assert "bridge-north" not in after.acl_file.read_text()
+    assert not bridge_kit_path(core_dir, "north").exists()
+    assert recorded_bridges(core_dir) == (RecordedBridge("south", ("site-b",)),)
+
+
+def test_init_force_takes_a_bridge_from_its_kit_without_a_record_and_refuses_an_unknown_one(
+    broker_root: Path,
+) -> None:
+    """Bridge users added before bridges.toml existed: their kit names their sites; a bridge
+    user with neither a record nor a kit is named, and nothing is written."""
+    runner = CliRunner()
+    core_dir, port = broker_root / "core", free_port()
+    args = ["init", str(core_dir), "--sites", ",".join(SITES), "--port", str(port)]
+    assert runner.invoke(broker_app, args).exit_code == 0
+    for edge, sites in EDGES.items():
+        add_bridge_user(core_dir, edge, sites)
+    (core_dir / BRIDGES_RECORD_NAME).unlink()
+    shutil.rmtree(bridge_kit_path(core_dir, "south"))
+    before = _tree(core_dir)
+    refused = runner.invoke(broker_app, [*args, "--force"])
+    assert refused.exit_code == 2
+    assert "bridge-south: no record of its sites" in refused.output
+    assert "bridge-north" not in refused.output
+    assert _tree(core_dir) == before
+    kept = runner.invoke(broker_app, [*args, "--force", "--drop-bridges"])
+    assert kept.exit_code == 0, kept.output
+    assert "kept bridge user bridge-north (sites site-a, house-1)" in kept.output
+    assert set(load_broker_files(core_dir).credentials) >= {"bridge-north"}
+    assert "bridge-south" not in load_broker_files(core_dir).credentials
+    assert recorded_bridges(core_dir) == (RecordedBridge("north", EDGES["north"]),)

@@ -41,7 +41,7 @@ from broker.feeders import (
 )
 from broker.mosquitto import BrokerFiles, MosquittoProcess, write_broker_config
 from tests.broker_fixtures import client_kwargs, free_port
-from tests.feeders_fixtures import NORTH, two_feeders
+from tests.feeders_fixtures import NORTH, feeders_toml, two_feeders
 from tests.test_feeders_tls import CONNACK_ACCEPTED, _connect_over_tls
 from wattmesh.cli import app
 
@@ -364,3 +364,51 @@ async def test_a_bridge_certificate_issued_later_is_revoked_elsewhere_after_sigh
     assert before == CONNACK_ACCEPTED, "the old CRL did not list the new certificate"
     assert on_north == own == CONNACK_ACCEPTED
     assert got[-1] == (f"{north.mount_point}{telemetry}", b"over tls")
+
+
+async def test_init_force_adds_a_feeders_bridge_again_whose_new_kit_logs_in_only_there(
+    root: Path,
+) -> None:
+    """``broker init --force`` rewrites every passwd, ACL and CRL; the bridge user that
+    ``bridge-user`` added comes back from bridges.toml with a new password and a certificate
+    from the new CA, in north's files only, revoked on south's and the operator's TLS
+    listeners."""
+    spec = two_feeders(tls_ports=True)
+    feeders_file = root / "feeders.toml"
+    feeders_file.write_text(feeders_toml(spec))
+    init = ["broker", "init", str(root / "core"), "--feeders", str(feeders_file), "--tls"]
+    first = CliRunner().invoke(app, init)
+    assert first.exit_code == 0, first.output
+    old = add_bridge_user(root / "core", "e1", ["n-1"], feeder="north")
+    assert old.credentials.cert is not None
+    old_cert = old.credentials.cert.read_bytes()
+    again = CliRunner().invoke(app, [*init, "--force"])
+    assert again.exit_code == 0, again.output
+    assert "kept bridge user bridge-e1 into feeder north (sites n-1)" in again.output
+    core = load_feeders_broker(root / "core")
+    assert [f.bridge_users for f in core.feeders] == [("bridge-e1",), ()]
+    assert "bridge-e1" in _passwd_users(core.feeder("north").password_file)
+    assert "bridge-e1" not in _passwd_users(core.feeder("south").password_file)
+    assert "user bridge-e1" in core.feeder("north").acl_file.read_text()
+    kit = load_bridge_kit(bridge_kit_path(core.directory, "e1"))
+    assert (kit.feeder, kit.sites) == ("north", ("n-1",))
+    assert kit.credentials.password == core.credentials["bridge-e1"] != old.credentials.password
+    assert kit.credentials.cert is not None
+    assert core.tls is not None
+    assert kit.credentials.cert.read_bytes() == core.tls.client_certs["bridge-e1"].read_bytes()
+    assert kit.credentials.cert.read_bytes() != old_cert
+    async with asyncio.timeout(30), _running(core.conf, core.port):
+        on_north = await asyncio.to_thread(_connect_over_tls, core, "bridge-e1", "north")
+        for listener in ("south", "operator"):
+            with pytest.raises(ssl.SSLError, match="CERTIFICATE_REVOKED"):
+                await asyncio.to_thread(_connect_over_tls, core, "bridge-e1", listener)
+        async with aiomqtt.Client(
+            core.connect_host,
+            core.feeder("north").port,
+            username=kit.credentials.user,
+            password=kit.credentials.password,
+            protocol=ProtocolVersion.V5,
+            timeout=5.0,
+        ):
+            pass  # the kit's new password logs in on north's password listener
+    assert on_north == CONNACK_ACCEPTED

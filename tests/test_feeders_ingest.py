@@ -159,7 +159,11 @@ def test_each_feeders_ingest_users_log_in_on_the_operator_listener_and_read_its_
     assert north.ingest_users == ("coordinator-north-ingest-1", "coordinator-north-ingest-2")
     assert south.ingest_users == ("coordinator-south-ingest-1", "coordinator-south-ingest-2")
     operator_users = {line.split(":")[0] for line in (broker_dir / "passwd").read_text().split()}
-    assert operator_users == {"operator", "monitor", *north.ingest_users, *south.ingest_users}
+    assert operator_users == {
+        *("operator", "monitor", "weather"),
+        *north.ingest_users,
+        *south.ingest_users,
+    }
     for f in files.feeders:  # not on the feeder's own listener: $share would not work there
         feeder_users = {line.split(":")[0] for line in f.password_file.read_text().split()}
         assert feeder_users == {f.coordinator_user, "operator", "monitor", *f.sites}

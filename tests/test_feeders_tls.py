@@ -152,7 +152,8 @@ def test_each_feeder_gets_a_tls_listener_with_its_mount_point_acl_and_a_crl_of_t
     assert files.tls is not None
     blocks = _listener_blocks(files.conf.read_text())
     serial = {user: _serial(path) for user, path in files.tls.client_certs.items()}
-    assert set(serial) == {"operator", "monitor", "coordinator-north", "coordinator-south"} | {
+    assert set(serial) == {
+        *("operator", "monitor", "weather", "coordinator-north", "coordinator-south"),
         *NORTH,
         *SOUTH,
     }
@@ -172,14 +173,15 @@ def test_each_feeder_gets_a_tls_listener_with_its_mount_point_acl_and_a_crl_of_t
             "use_username_as_clientid true",
         ):
             assert f"\n{line}\n" in tls
-        # The CRL revokes exactly the other feeder's coordinator and sites.
+        # The CRL revokes exactly the other feeder's coordinator and sites, and the area's
+        # weather service (it publishes through the operator listener).
         others = [u for g in files.feeders if g.id != f.id for u in g.users]
-        assert _revoked(f.crl_file) == {serial[u] for u in others}
+        assert _revoked(f.crl_file) == {serial[u] for u in [*others, "weather"]}
     assert files.tls_port is not None
     assert files.operator_crl_file is not None
     assert "mount_point" not in blocks[files.tls_port]
     assert f"acl_file {files.directory / 'acl'}" in blocks[files.tls_port]
-    observers = {serial["operator"], serial["monitor"]}
+    observers = {serial["operator"], serial["monitor"], serial["weather"]}
     assert _revoked(files.operator_crl_file) == set(serial.values()) - observers
     assert load_feeders_broker(broker_dir) == files
 
@@ -221,7 +223,7 @@ def test_broker_init_with_feeders_and_tls_names_every_tls_listener(broker_dir: P
     assert result.exit_code == 0, result.output
     assert "feeder north: listener 127.0.0.1:1884, mount point feeder/north/" in result.output
     assert "TLS listener 127.0.0.1:8884 (client certificate = user" in result.output
-    assert "TLS listener 127.0.0.1:8883 (operator and monitor only)" in result.output
+    assert "TLS listener 127.0.0.1:8883 (operator, monitor and weather only)" in result.output
     files = load_feeders_broker(broker_dir / "x")
     assert [f.tls_port for f in files.feeders] == [8884, 8885]
     assert files.tls is not None
@@ -311,6 +313,7 @@ async def test_a_site_over_tls_sees_only_its_own_feeders_topics(
         ("n-1", "south", "north"),
         ("coordinator-south", "north", "south"),
         ("s-2", "operator", "south"),
+        ("weather", "north", "operator"),
     ],
 )
 async def test_a_certificate_is_refused_in_the_handshake_of_a_listener_it_does_not_belong_to(

@@ -7,15 +7,25 @@ from typing import Annotated
 
 import typer
 
-from broker.bridge import add_bridge_user, load_bridge_kit, write_edge_broker
+from broker.bridge import (
+    BRIDGES_RECORD_NAME,
+    RecordedBridge,
+    add_bridge_user,
+    load_bridge_kit,
+    plan_bridges,
+    restore_bridges,
+    write_edge_broker,
+)
 from broker.errors import BrokerConfigError, BrokerError, MosquittoNotFoundError
 from broker.feeders import (
     FeedersBrokerFiles,
+    FeedersFile,
     load_feeders_broker,
     load_feeders_file,
     write_feeders_broker_config,
 )
 from broker.mosquitto import (
+    CONF_NAME,
     BrokerFiles,
     TlsFiles,
     check_broker_access,
@@ -101,8 +111,15 @@ def _describe_feeders(files: FeedersBrokerFiles) -> list[str]:
         f"  operator listener {files.connect_host}:{files.port} (no mount point: every feeder "
         f"under feeder/<id>/) for {', '.join(observers) or 'nobody'}"
     )
+    if files.weather_user:
+        lines.append(
+            f"  weather user {files.weather_user!r} (operator listener): publishes each "
+            "feeder's weather forecast (feeder/<id>/wattmesh/v1/weather/forecast), nothing else"
+        )
     if files.tls_port is not None:
-        lines.append(f"    TLS listener {files.host}:{files.tls_port} (operator and monitor only)")
+        lines.append(
+            f"    TLS listener {files.host}:{files.tls_port} (operator, monitor and weather only)"
+        )
     lines += [
         "a site's or coordinator's credentials are valid only on its own feeder's listeners; "
         "give each its feeder's port (or TLS port) and mount_point in its [broker] section",
@@ -112,20 +129,10 @@ def _describe_feeders(files: FeedersBrokerFiles) -> list[str]:
     return lines
 
 
-def _init_feeders(
-    directory: Path,
-    feeders: Path,
-    port: int | None,
-    host: str,
-    tls_port: int | None,
-    operator_user: str | None,
-    monitor_user: str | None,
-    ha_discovery_prefix: str | None,
-    *,
-    tls: bool,
-    ingest_workers: int | None,
-    force: bool,
-) -> FeedersBrokerFiles:
+def _feeders_spec(
+    feeders: Path, port: int | None, tls_port: int | None, ingest_workers: int | None
+) -> FeedersFile:
+    """The feeders file, with the command line's operator ports and ingest workers."""
     spec = load_feeders_file(feeders)
     if ingest_workers is not None:  # every feeder's coordinator gets that many
         every = tuple(f.model_copy(update={"ingest_workers": ingest_workers}) for f in spec.feeders)
@@ -135,16 +142,57 @@ def _init_feeders(
     }
     if operator:
         spec = spec.model_copy(update={"operator": spec.operator.model_copy(update=operator)})
-    return write_feeders_broker_config(
-        directory,
-        spec,
-        host=host,
-        tls=tls,
-        operator_user=operator_user,
-        monitor_user=monitor_user,
-        overwrite=force,
-        ha_discovery_prefix=ha_discovery_prefix,
-    )
+    return spec
+
+
+def _plan_bridges(
+    directory: Path,
+    layout: dict[str | None, tuple[str, ...]],
+    users: list[str],
+    *,
+    force: bool,
+    drop_bridges: bool,
+) -> tuple[tuple[RecordedBridge, ...], list[str]]:
+    """The bridge users to add again after writing DIRECTORY and those to drop; refuses (a
+    ``typer.Exit``, nothing written) when some cannot be kept and ``drop_bridges`` is off."""
+    if (directory / CONF_NAME).exists() and not force:
+        return (), []  # the write refuses anyway, with its own message
+    try:
+        keep, lost = plan_bridges(directory, layout, users)
+    except BrokerConfigError as err:  # an unreadable record or credentials.toml
+        if drop_bridges:
+            return (), []
+        raise _fail(
+            f"cannot tell which bridge users {directory} has: {err}. Nothing was written; "
+            "pass --drop-bridges to write it without them"
+        ) from err
+    if lost and not drop_bridges:
+        reasons = "; ".join(f"{user}: {why}" for user, why in lost.items())
+        raise _fail(
+            f"init would drop bridge users of {directory} ({reasons}). Nothing was written: "
+            "change the sites back, or pass --drop-bridges to drop them (their kits stop "
+            "working)"
+        )
+    return keep, list(lost)
+
+
+def _restore_bridges(directory: Path, keep: tuple[RecordedBridge, ...], drop: list[str]) -> None:
+    """Add the bridges ``keep`` again, remove the kits of ``drop``, and say so."""
+    if not keep and not drop and not (directory / BRIDGES_RECORD_NAME).exists():
+        return
+    try:
+        kits = restore_bridges(directory, keep, drop)
+    except BrokerConfigError as err:
+        raise _fail(f"the broker was written, but its bridges were not: {err}") from err
+    for kit in kits:
+        where = f" into feeder {kit.feeder}" if kit.feeder else ""
+        typer.echo(
+            f"kept bridge user {kit.credentials.user}{where} (sites {', '.join(kit.sites)}) "
+            f"with new credentials: copy its kit {kit.directory}/ to edge {kit.edge} again and "
+            "rewrite the edge broker there (`wattmesh broker edge ... --force`)"
+        )
+    for user in drop:
+        typer.echo(f"dropped bridge user {user} (--drop-bridges): its kit no longer works")
 
 
 @broker_app.command("init")
@@ -201,7 +249,9 @@ def init(
         str,
         typer.Option(
             help="The weather service's user name: publishes the weather forecast "
-            "(weather/forecast) and nothing else; single-feeder brokers only."
+            "(weather/forecast) and nothing else. With --feeders one for the whole area: it "
+            "logs in on the operator listener and publishes each feeder's forecast (under the "
+            "feeder's mount point)."
         ),
     ] = "weather",
     no_weather: Annotated[
@@ -229,7 +279,21 @@ def init(
         ),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Overwrite an existing config (new passwords).")
+        bool,
+        typer.Option(
+            "--force",
+            help="Overwrite an existing config: new passwords (and with --tls a new CA) for "
+            "every user. Bridge users that `broker bridge-user` added are added again "
+            "(new credentials, rewritten kits).",
+        ),
+    ] = False,
+    drop_bridges: Annotated[
+        bool,
+        typer.Option(
+            "--drop-bridges",
+            help="With --force: drop the bridge users the new config cannot carry (a site or "
+            "feeder of theirs is gone) instead of refusing.",
+        ),
     ] = False,
 ) -> None:
     """Write mosquitto.conf, the password file, the ACL and credentials.toml into DIRECTORY.
@@ -237,23 +301,42 @@ def init(
     With --feeders: one listener per feeder (its own password file and ACL, mount point
     feeder/<id>/) and an operator listener that sees every feeder; with --tls also each
     feeder's mutual-TLS listener (its tls_port in the file).
+
+    Rewriting an existing DIRECTORY (--force) keeps its bridge users (recorded in
+    DIRECTORY/bridges.toml by `broker bridge-user`): each is added again with a new password
+    (and certificate) and its kit in DIRECTORY/bridges/ is rewritten; copy it to the edge
+    again. If one of a bridge's sites (or its feeder) is no longer in the new config, init
+    refuses and names it, writing nothing, unless --drop-bridges.
     """
     if (sites is None) == (feeders is None):
         raise _fail("give either --sites or --feeders")
+    operator = None if no_operator else operator_user
+    monitor = None if no_monitor else monitor_user
+    weather = None if no_weather else weather_user
+    observers = [u for u in (operator, monitor, weather) if u]
     if feeders is not None:
         try:
-            feeder_files = _init_feeders(
+            spec = _feeders_spec(feeders, port, tls_port, ingest_workers)
+        except BrokerConfigError as err:
+            raise _fail(str(err)) from err
+        keep, drop = _plan_bridges(
+            directory,
+            {f.id: f.sites for f in spec.feeders},
+            [*observers, *(u for f in spec.feeders for u in (f.coordinator_user, *f.sites))],
+            force=force,
+            drop_bridges=drop_bridges,
+        )
+        try:
+            feeder_files = write_feeders_broker_config(
                 directory,
-                feeders,
-                port,
-                host,
-                tls_port,
-                None if no_operator else operator_user,
-                None if no_monitor else monitor_user,
-                None if no_homeassistant else ha_discovery_prefix,
+                spec,
+                host=host,
                 tls=tls,
-                ingest_workers=ingest_workers,
-                force=force,
+                operator_user=operator,
+                monitor_user=monitor,
+                overwrite=force,
+                ha_discovery_prefix=None if no_homeassistant else ha_discovery_prefix,
+                weather_user=weather,
             )
         except BrokerConfigError as err:
             raise _fail(str(err)) from err
@@ -261,24 +344,33 @@ def init(
             raise _fail(f"cannot write the broker files in {directory}: {err}") from err
         for line in _describe_feeders(feeder_files):
             typer.echo(line)
+        _restore_bridges(feeder_files.directory, keep, drop)
         _warn_access(feeder_files.directory)
         return
     assert sites is not None
+    site_ids = tuple(_site_list(sites))
+    keep, drop = _plan_bridges(
+        directory,
+        {None: site_ids},
+        [coordinator_user, *observers, *site_ids],
+        force=force,
+        drop_bridges=drop_bridges,
+    )
     try:
         files = write_broker_config(
             directory,
-            _site_list(sites),
+            site_ids,
             port=1883 if port is None else port,
             host=host,
             tls=tls,
             tls_port=8883 if tls_port is None else tls_port,
             coordinator_user=coordinator_user,
-            operator_user=None if no_operator else operator_user,
-            monitor_user=None if no_monitor else monitor_user,
+            operator_user=operator,
+            monitor_user=monitor,
             overwrite=force,
             ha_discovery_prefix=None if no_homeassistant else ha_discovery_prefix,
             ingest_workers=ingest_workers or 0,
-            weather_user=None if no_weather else weather_user,
+            weather_user=weather,
         )
     except BrokerConfigError as err:
         raise _fail(str(err)) from err
@@ -286,6 +378,7 @@ def init(
         raise _fail(f"cannot write the broker files in {directory}: {err}") from err
     for line in _describe(files):
         typer.echo(line)
+    _restore_bridges(files.directory, keep, drop)
     _warn_access(files.directory)
 
 
@@ -319,6 +412,7 @@ def bridge_user(
 
     The user (bridge-EDGE) may publish and read exactly those sites' topics on the core. The
     kit (CORE_DIRECTORY/bridges/bridge-EDGE/) goes to the edge machine for `broker edge`.
+    CORE_DIRECTORY/bridges.toml records the bridge: `broker init --force` adds it again.
 
     On a many-feeders core the user goes into feeder ID's password file and ACL, the sites must
     be that feeder's, and the edge keeps the plain v1 topics: the feeder's listener puts

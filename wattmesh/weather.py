@@ -15,6 +15,7 @@ import csv
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +28,7 @@ from broker import topics
 from broker.client import BusClient, BusSettings
 from broker.clock import Clock, ManualClock
 from broker.errors import BrokerConfigError, BusUnavailable
+from broker.feeders import is_feeders_broker, load_feeders_broker, weather_topic
 from broker.messages import MAX_FORECAST_POINTS, WeatherForecast
 from broker.mosquitto import load_broker_files
 from simulators import weather as sim_weather
@@ -72,11 +74,21 @@ def simulated_forecast(
 
 class SimulatedWeatherService:
     """Publishes :func:`simulated_forecast` (retained) at every run time of the simulated clock,
-    the latest run at once on start; ``async with`` runs it, as the weather-service user."""
+    the latest run at once on start; ``async with`` runs it, as the weather-service user.
 
-    def __init__(self, scenario: ScenarioConfig, clock: Clock, settings: BusSettings) -> None:
+    ``targets`` are the topics it publishes to: ``weather/forecast``, or on a many-feeders
+    broker each feeder's (:func:`weather_target`)."""
+
+    def __init__(
+        self,
+        scenario: ScenarioConfig,
+        clock: Clock,
+        settings: BusSettings,
+        targets: Sequence[str] = (topics.WEATHER_FORECAST,),
+    ) -> None:
         self.pv = scenario_pv(scenario)
         self.clock = clock
+        self.targets = tuple(targets)
         self.bus = BusClient(settings)
         self.published = 0
         self._task: asyncio.Task[None] | None = None
@@ -101,7 +113,8 @@ class SimulatedWeatherService:
                 payload = simulated_forecast(self.pv, run).model_dump_json()
                 try:
                     await self.bus.wait_connected(10.0)
-                    await self.bus.publish(topics.WEATHER_FORECAST, payload, retain=True)
+                    for topic in self.targets:
+                        await self.bus.publish(topic, payload, retain=True)
                     self.published += 1
                 except (BusUnavailable, TimeoutError):
                     log.warning("simulated weather: run %.0f not published", run)
@@ -177,6 +190,42 @@ def read_weather_csv(path: Path, *, issued_ts: float, source: str = "csv") -> We
 weather_app = typer.Typer(help="Weather forecasts for the coordinator's PV forecasts.")
 
 
+def weather_target(
+    broker_dir: Path, user: str, feeders: Sequence[str] = ()
+) -> tuple[BusSettings, list[str]]:
+    """Where ``user`` publishes the weather forecast on the broker in ``broker_dir``: its bus
+    settings (the password listener) and the topics. On a single-feeder broker the one
+    ``weather/forecast`` topic (``feeders`` must be empty); on a many-feeders broker the
+    operator listener and :func:`broker.feeders.weather_topic` of each of ``feeders`` (none:
+    every feeder). ``BrokerConfigError`` for an unknown user or feeder."""
+    if is_feeders_broker(broker_dir):
+        area = load_feeders_broker(broker_dir)
+        known = [f.id for f in area.feeders]
+        unknown = [f for f in feeders if f not in known]
+        if unknown:
+            raise BrokerConfigError(
+                f"{broker_dir} has no feeder {', '.join(map(repr, unknown))} "
+                f"(its feeders: {', '.join(known)})"
+            )
+        host, port, credentials = area.connect_host, area.port, area.credentials
+        targets = [weather_topic(f) for f in (list(dict.fromkeys(feeders)) or known)]
+    else:
+        files = load_broker_files(broker_dir)
+        if feeders:
+            raise BrokerConfigError(
+                f"{broker_dir} is a single-feeder broker: it has no feeders to choose from "
+                "(--feeder is for a broker written by `broker init --feeders`)"
+            )
+        host, port, credentials = files.connect_host, files.port, files.credentials
+        targets = [topics.WEATHER_FORECAST]
+    if user not in credentials:
+        raise BrokerConfigError(f"no user {user!r} in {broker_dir}")
+    settings = BusSettings(
+        host=host, port=port, username=user, password=credentials[user], client_id=user
+    )
+    return settings, targets
+
+
 @weather_app.command("publish")
 def publish(
     csv_file: Annotated[Path, typer.Option("--csv", help="time,clear_sky_index (or ghi_w_per_m2)")],
@@ -185,30 +234,34 @@ def publish(
     ],
     user: Annotated[str, typer.Option(help="the weather-service user")] = "weather",
     source: Annotated[str, typer.Option(help="the service's name, for the logs")] = "csv",
+    feeder: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--feeder",
+            help="on a broker written by `broker init --feeders`: publish into this feeder "
+            "(repeat it for several; default every feeder)",
+        ),
+    ] = None,
 ) -> None:
-    """Publish a weather service's export (a CSV file) as the retained weather forecast."""
+    """Publish a weather service's export (a CSV file) as the retained weather forecast.
+
+    On a many-feeders broker the same forecast goes into every feeder's topic root (or those
+    given with --feeder), over one connection on the operator listener.
+    """
     try:
-        files = load_broker_files(broker_dir)
-        password = files.credentials[user]
+        settings, targets = weather_target(broker_dir, user, feeder or ())
         msg = read_weather_csv(csv_file, issued_ts=datetime.now().timestamp(), source=source)
     except (BrokerConfigError, WeatherCsvError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    except KeyError:
-        typer.echo(f"error: no user {user!r} in {broker_dir}", err=True)
-        raise typer.Exit(2) from None
-    settings = BusSettings(
-        host=files.connect_host,
-        port=files.port,
-        username=user,
-        password=password,
-        client_id=user,
-    )
-    asyncio.run(_publish_once(settings, msg.model_dump_json()))
+    asyncio.run(_publish_once(settings, targets, msg.model_dump_json()))
     typer.echo(f"published {msg.steps} steps of {msg.step_s} s from {msg.start_ts:.0f}")
+    if targets != [topics.WEATHER_FORECAST]:
+        typer.echo(f"  to {', '.join(targets)}")
 
 
-async def _publish_once(settings: BusSettings, payload: str) -> None:
+async def _publish_once(settings: BusSettings, targets: Sequence[str], payload: str) -> None:
     async with BusClient(settings) as bus:
         await bus.wait_connected(10.0)
-        await bus.publish(topics.WEATHER_FORECAST, payload, retain=True)
+        for topic in targets:
+            await bus.publish(topic, payload, retain=True)

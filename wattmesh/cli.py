@@ -394,16 +394,26 @@ def demo(
 def init(
     directory: Annotated[Path, typer.Argument(help="The config folder to write.")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files.")] = False,
+    feeders: Annotated[
+        bool,
+        typer.Option(
+            "--feeders",
+            help="Two feeders on one broker: also feeders.toml (north: solar-farm, factory, "
+            "house-1; south: school, house-2) and coordinators/south.toml (south's own grid "
+            "limits).",
+        ),
+    ] = False,
 ) -> None:
     """Write the community example as a config folder for `wattmesh up`.
 
     scenario.toml (the simulated devices), coordinator.toml and sites/<site>.toml, whose
-    devices name the scenario's devices (sim = "factory-meter") instead of addresses.
+    devices name the scenario's devices (sim = "factory-meter") instead of addresses. With
+    --feeders the same community as two feeders, each with its own coordinator.
     """
     from wattmesh.up import UpError, init_folder  # noqa: PLC0415 - keeps `wattmesh --help` fast
 
     try:
-        written = init_folder(directory, overwrite=force)
+        written = init_folder(directory, overwrite=force, feeders=feeders)
     except UpError as err:
         raise _fail(str(err)) from err
     for path in written:
@@ -414,7 +424,11 @@ def init(
 @app.command()
 def up(
     directory: Annotated[
-        Path, typer.Argument(help="Config folder: scenario.toml, coordinator.toml, sites/.")
+        Path,
+        typer.Argument(
+            help="Config folder: scenario.toml, coordinator.toml, sites/; for many feeders "
+            "also feeders.toml and optionally coordinators/<id>.toml."
+        ),
     ],
     state: Annotated[
         Path | None,
@@ -431,9 +445,9 @@ def up(
         bool,
         typer.Option(
             "--fixed-ports",
-            help="Use the scenario's device ports, the coordinator file's broker port and the "
-            "default HTTP ports (\\[api], \\[metrics], \\[proxy]) instead of free ones. "
-            "Without it, only a port a file names is kept.",
+            help="Use the scenario's device ports, the coordinator file's broker port (many "
+            "feeders: feeders.toml's ports) and the default HTTP ports (\\[api], \\[metrics], "
+            "\\[proxy]) instead of free ones. Without it, only a port a file names is kept.",
         ),
     ] = False,
     embedded: Annotated[
@@ -455,6 +469,13 @@ def up(
     STATE/broker/credentials.toml holds the passwords (operator for `wattmesh dispatch`).
     Prints a line per component, then a summary now and then; Ctrl-C or SIGTERM stops it all.
     `wattmesh init DIR` writes an example folder.
+
+    Many feeders: with DIR/feeders.toml (the format of `wattmesh broker init --feeders`: each
+    feeder's id, port and sites) one Mosquitto serves every feeder on its own listener (mount
+    point feeder/<id>/), and each feeder has its own coordinator (coordinator.toml, with
+    coordinators/<id>.toml merged over it if present; ledger STATE/ledger-<id>.sqlite). Every
+    site file's site must be in exactly one feeder. `wattmesh status --broker-dir
+    STATE/broker` shows every feeder. `wattmesh init DIR --feeders` writes an example.
     """
     from wattmesh.up import UpError, load_stack_config, run_up  # noqa: PLC0415
 
@@ -465,7 +486,7 @@ def up(
     state_dir = (state or directory / "state").absolute()
 
     def say(line: str) -> None:
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
 
     try:
         asyncio.run(

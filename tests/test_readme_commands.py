@@ -117,6 +117,12 @@ NOT_RUN: dict[str, str] = {
     ),
     "wattmesh status --broker-dir /tmp/wattmesh-community/feeders": "needs that broker running "
     "with a coordinator per feeder; tests/test_feeders.py runs this command against one",
+    "wattmesh up area": "a second whole stack here would add its start-up to the suite's "
+    "budget; tests/test_up_feeders.py runs the folder `wattmesh init area --feeders` writes "
+    "on the same stack (real Mosquitto and Modbus) until each feeder's coordinator cleared",
+    "wattmesh status --broker-dir area/state/broker": "needs `wattmesh up area` running; "
+    "tests/test_up_feeders.py runs `wattmesh status --broker-dir STATE/broker` against such "
+    "a stack",
     "wattmesh broker bridge-user /var/lib/wattmesh/broker --edge north --sites house-1,house-2": (
         _BRIDGE
     ),
@@ -174,6 +180,9 @@ RUN: dict[str, Run] = {
         note="shortened with the README's --hours, --speed and --sites",
     ),
     "wattmesh init mesh": Run(says=(r"mesh/scenario\.toml", r"run it with: wattmesh up mesh")),
+    "wattmesh init area --feeders": Run(
+        says=(r"area/feeders\.toml", r"area/coordinators/south\.toml", r"wattmesh up area")
+    ),
     "wattmesh up mesh": Run(
         says=(
             r"^broker: mosquitto on 127\.0\.0\.1:",
@@ -547,6 +556,7 @@ ORDER = [
     _key("ledger restore"),
     _key("wattmesh init mesh"),
     _key("wattmesh up mesh"),
+    _key("wattmesh init area"),
     _key("--days 7"),
     _key("--csv"),
     _key("wattmesh demo"),

@@ -15,6 +15,7 @@ import re
 import subprocess
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from coordinator.ledger import Ledger
 from wattmesh.cli import app
 from wattmesh.up import LocalStack, UpError, init_folder, load_stack_config
 
+ROOT = Path(__file__).resolve().parent.parent
 NORTH = ("solar-farm", "factory", "house-1")
 SOUTH = ("school", "house-2")
 
@@ -74,6 +76,29 @@ def test_init_feeders_writes_two_feeders_each_with_its_own_coordinator(area: Pat
     assert sorted(south.sites) == sorted(SOUTH)
     assert config.feeder_of("school") == "south"
     assert config.feeder_of("factory") == "north"
+
+
+def test_the_init_feeders_example_groups_the_sites_as_config_feeders_toml_does(area: Path) -> None:
+    mine = tomllib.loads((area / "feeders.toml").read_text())
+    theirs = tomllib.loads((ROOT / "config" / "feeders.toml").read_text())
+    assert {f["id"]: f["sites"] for f in mine["feeders"]} == {
+        f["id"]: f["sites"] for f in theirs["feeders"]
+    }
+
+
+def test_a_relative_tokens_file_is_beside_the_coordinator_file_that_names_it(area: Path) -> None:
+    coordinator = area / "coordinator.toml"
+    coordinator.write_text(coordinator.read_text() + '\n[api]\ntokens_file = "tokens.toml"\n')
+    north, south = (f.coordinator for f in load_stack_config(area).feeders)
+    assert north.api is not None and south.api is not None
+    assert north.api.tokens_file == south.api.tokens_file == area / "tokens.toml"
+    own = area / "coordinators" / "south.toml"
+    own.write_text(own.read_text() + '\n[api]\ntokens_file = "south-tokens.toml"\n')
+    north, south = (f.coordinator for f in load_stack_config(area).feeders)
+    assert north.api is not None and south.api is not None
+    assert north.api.tokens_file == area / "tokens.toml"
+    assert south.api.tokens_file == area / "coordinators" / "south-tokens.toml"
+    assert south.grid.import_limit_w == 60_000  # the rest of south's file still applies
 
 
 def test_a_folder_without_feeders_toml_is_one_feeder_as_before(tmp_path: Path) -> None:

@@ -173,6 +173,10 @@ def test_the_cli_writes_the_feeders_example_and_refuses_a_bad_one_in_one_line(
     assert init.exit_code == 0, init.output
     assert "feeders.toml" in init.output
     assert "coordinators/south.toml" in init.output
+    embedded = runner.invoke(app, ["up", str(folder), "--embedded-broker"])
+    assert embedded.exit_code == 1
+    assert "embedded broker has no listener per feeder" in embedded.output
+    assert "resuming" not in embedded.output and "Traceback" not in embedded.output
     (folder / "feeders.toml").write_text(
         _feeders_toml('"solar-farm", "factory", "house-1"', '"school"')
     )

@@ -99,6 +99,12 @@ class UpError(ValueError):
     """A config folder or a stack that cannot start; the message names the file or part."""
 
 
+EMBEDDED_FEEDERS = (
+    f"the embedded broker has no listener per feeder: a folder with {FEEDERS_FILE} runs on "
+    "Mosquitto (leave out --embedded-broker)"
+)
+
+
 @dataclass(frozen=True)
 class FeederConfig:
     """One feeder of a many-feeders folder: its entry in ``feeders.toml`` (id, port,
@@ -377,10 +383,7 @@ class LocalBroker:
         feeders: FeedersFile | None = None,
     ) -> None:
         if feeders is not None and embedded:
-            raise UpError(
-                "the embedded broker has no listener per feeder: a folder with "
-                f"{FEEDERS_FILE} runs on Mosquitto (leave out --embedded-broker)"
-            )
+            raise UpError(EMBEDDED_FEEDERS)
         self.sites = list(sites)
         self.embedded = embedded
         self.directory = directory
@@ -897,6 +900,8 @@ async def run_up(
 ) -> None:
     """Run a local stack until Ctrl-C or SIGTERM; ``say`` gets each component's start line
     and a summary line every ``summary_every_s`` wall seconds."""
+    if embedded and config.feeders_file is not None:
+        raise UpError(EMBEDDED_FEEDERS)
     stop = stop_on_signals()
     if shutil.which("socat") is None:
         scenario, moved = rtu_over_tcp(config.scenario)

@@ -104,7 +104,7 @@ class LoadedHistory:
 def _weather_arrays(weather: Sequence[KeptForecast]) -> dict[str, Any]:
     """The weather forecasts as the file's arrays (module docstring)."""
     steps = [
-        len(k.area) if k.area is not None else len(next(iter(k.sites.values()))) for k in weather
+        len(k.area if k.area is not None else next(iter(k.sites.values()), ())) for k in weather
     ]
     names = [name for k in weather for name in k.sites]
     parts = [k.area for k in weather if k.area is not None]

@@ -186,6 +186,11 @@ def _save_raw(path: Path, **weather: np.ndarray) -> None:
         {"weather_sites": np.array(["a", "b"])},  # no site series announced
         {"weather_step_s": np.array(["900"])},
         {"weather_ts": None},  # missing
+        {  # fits, but gives a site twice: that forecast is dropped
+            "weather_site_counts": np.array([2]),
+            "weather_sites": np.array(["a", "a"]),
+            "weather_site_values": np.full(8, 0.5),
+        },
     ],
 )
 def test_weather_arrays_that_do_not_fit_drop_the_weather_not_the_history(

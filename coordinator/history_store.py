@@ -13,11 +13,25 @@ and ``ts`` / ``pv_w`` / ``load_w``, every site's samples concatenated in the ord
 forecasters also keep is not stored: it follows from the time and the feeder's position,
 and the coordinator computes it again on loading.
 
+The same file keeps the weather forecasts the coordinator holds (coordinator/weather.py), so
+that a restart does not forecast PV without them until the weather service's next run and a
+day's history under it: ``weather_ts``, ``weather_start_ts`` and ``weather_step_s`` (issue
+time, first step's start, step; s), ``weather_steps`` (steps per series), ``weather_has_area``
+(whether it has an area series), ``weather_site_counts`` (its site series), ``weather_area``
+(the area series of those that have one, concatenated), ``weather_sites`` (the site ids,
+unicode) and ``weather_site_values`` (their series, concatenated), one entry per forecast,
+oldest issued first, each index the clear-sky index [-] the coordinator kept (NaN where a
+GHI forecast's night gave none). A file without them (written before) holds no forecast.
+
 Writes are atomic (a temporary file beside the target, fsynced, then renamed): a failed
 write (a full disk) leaves the last good file. Reading trusts nothing: a file that is not
 such an archive raises :class:`HistoryFileError` with the reason; within a good file, sites
 whose id is not a valid site id, and samples that are not finite, lie outside the window
-asked for, or hold a power outside the messages' bounds or negative, are dropped and counted.
+asked for, or hold a power outside the messages' bounds or negative, are dropped and counted;
+weather forecasts that are not what a valid message makes (:func:`coordinator.weather.
+kept_problem`), or repeat a site, are dropped and counted, and weather arrays that do not fit
+together drop every forecast (the histories stay). When a forecast is too old or from the
+future is for :meth:`coordinator.weather.WeatherStore.restore` to say.
 """
 
 from __future__ import annotations
@@ -26,20 +40,37 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from broker.messages import MAX_POWER_W
+from broker.messages import MAX_FORECAST_POINTS, MAX_POWER_W, MAX_WEATHER_SITES
 from broker.topics import ID_PATTERN
+from coordinator.weather import KeptForecast, restored_forecast
 
 FORMAT = 1
 #: The most sites and samples per site a file may hold (a bound on what reading it costs).
 MAX_SITES = 1_000_000
 MAX_SAMPLES_PER_SITE = 100_000
+#: The most weather forecasts a file may hold (the coordinator keeps at most 32).
+MAX_FORECASTS = 1_000
+
+#: The weather arrays: (name, dtype kind), one entry per forecast for the first six.
+_WEATHER = (
+    ("weather_ts", "f"),
+    ("weather_start_ts", "f"),
+    ("weather_step_s", "f"),
+    ("weather_steps", "iu"),
+    ("weather_has_area", "b"),
+    ("weather_site_counts", "iu"),
+    ("weather_area", "f"),
+    ("weather_sites", "U"),
+    ("weather_site_values", "f"),
+)
 
 _ID = re.compile(ID_PATTERN)
 
@@ -65,11 +96,38 @@ class LoadedHistory:
     sites: dict[str, SiteHistory]
     dropped_samples: int
     dropped_sites: int
+    #: The weather forecasts kept, in the file's order, and how many were dropped.
+    weather: list[KeptForecast] = field(default_factory=list)
+    dropped_forecasts: int = 0
 
 
-def write_histories(path: Path, histories: Mapping[str, SiteHistory]) -> None:
-    """Write ``histories`` to ``path`` atomically (the old file stays if this fails; the
-    ``OSError`` is raised for the caller to report)."""
+def _weather_arrays(weather: Sequence[KeptForecast]) -> dict[str, Any]:
+    """The weather forecasts as the file's arrays (module docstring)."""
+    steps = [
+        len(k.area if k.area is not None else next(iter(k.sites.values()), ())) for k in weather
+    ]
+    names = [name for k in weather for name in k.sites]
+    parts = [k.area for k in weather if k.area is not None]
+    values = [v for k in weather for v in k.sites.values()]
+    return {
+        "weather_ts": np.array([k.ts for k in weather], dtype=np.float64),
+        "weather_start_ts": np.array([k.start_ts for k in weather], dtype=np.float64),
+        "weather_step_s": np.array([k.step_s for k in weather], dtype=np.float64),
+        "weather_steps": np.array(steps, dtype=np.int64),
+        "weather_has_area": np.array([k.area is not None for k in weather], dtype=np.bool_),
+        "weather_site_counts": np.array([len(k.sites) for k in weather], dtype=np.int64),
+        "weather_area": np.concatenate(parts).astype(np.float64) if parts else np.zeros(0),
+        "weather_sites": np.array(names, dtype=np.str_),
+        "weather_site_values": np.concatenate(values).astype(np.float64) if values else np.zeros(0),
+    }
+
+
+def write_histories(
+    path: Path, histories: Mapping[str, SiteHistory], weather: Sequence[KeptForecast] = ()
+) -> None:
+    """Write ``histories`` and the kept ``weather`` forecasts (oldest issued first) to
+    ``path`` atomically (the old file stays if this fails; the ``OSError`` is raised for the
+    caller to report)."""
     names = sorted(histories)
     counts = np.array([len(histories[n].ts) for n in names], dtype=np.int64)
 
@@ -89,6 +147,7 @@ def write_histories(path: Path, histories: Mapping[str, SiteHistory]) -> None:
                 ts=column("ts"),
                 pv_w=column("pv_w"),
                 load_w=column("load_w"),
+                **_weather_arrays(weather),
             )
             f.flush()
             os.fsync(f.fileno())
@@ -115,6 +174,7 @@ def read_histories(path: Path, *, not_before_ts: float, not_after_ts: float) -> 
         with np.load(path, allow_pickle=False) as archive:
             _check_format(path, archive["format"])
             arrays = {k: archive[k] for k in ("sites", "counts", "ts", "pv_w", "load_w")}
+            stored = {k: archive[k] for k, _ in _WEATHER if k in archive.files}
     except (FileNotFoundError, HistoryFileError):
         raise
     except KeyError as err:
@@ -147,4 +207,61 @@ def read_histories(path: Path, *, not_before_ts: float, not_after_ts: float) -> 
         keep = np.flatnonzero(good[end - count : end]) + (end - count)
         order = keep[np.argsort(ts[keep], kind="stable")]
         out[name] = SiteHistory(ts[order], pv[order], load[order])
-    return LoadedHistory(out, int(total - good.sum()), dropped_sites)
+    weather, dropped_forecasts = _read_weather(stored)
+    return LoadedHistory(out, int(total - good.sum()), dropped_sites, weather, dropped_forecasts)
+
+
+def _read_weather(stored: Mapping[str, NDArray[np.generic]]) -> tuple[list[KeptForecast], int]:
+    """The weather forecasts in the file's arrays ``stored`` and how many were dropped: every
+    one when the arrays do not fit together (none in a file written before they were kept)."""
+    if not stored:
+        return [], 0
+    per_forecast = [stored.get(k) for k, _ in _WEATHER[:6]]
+    lengths = [len(v) for v in per_forecast if v is not None and v.ndim == 1]
+    every = min(max(lengths, default=1), MAX_FORECASTS)  # what was dropped when all are
+    if set(stored) != {k for k, _ in _WEATHER}:
+        return [], every
+    if any(stored[k].ndim != 1 or stored[k].dtype.kind not in kind for k, kind in _WEATHER):
+        return [], every
+    n = len(stored["weather_ts"])
+    if n > MAX_FORECASTS or any(len(stored[k]) != n for k, _ in _WEATHER[:6]):
+        return [], every
+    steps = stored["weather_steps"].astype(np.int64)
+    counts = stored["weather_site_counts"].astype(np.int64)
+    has_area = stored["weather_has_area"].astype(np.bool_)
+    if np.any((steps < 0) | (steps > MAX_FORECAST_POINTS)):
+        return [], every
+    if np.any((counts < 0) | (counts > MAX_WEATHER_SITES)):
+        return [], every
+    area, names = stored["weather_area"], stored["weather_sites"]
+    values = stored["weather_site_values"]
+    if len(area) != int(steps[has_area].sum()) or len(names) != int(counts.sum()):
+        return [], every
+    if len(values) != int((steps * counts).sum()):
+        return [], every
+    kept: list[KeptForecast] = []
+    area_at = name_at = value_at = 0
+    for i in range(n):
+        step_count, site_count = int(steps[i]), int(counts[i])
+        own = None
+        if has_area[i]:
+            own = np.asarray(area[area_at : area_at + step_count], dtype=np.float64)
+            area_at += step_count
+        ids = [str(x) for x in names[name_at : name_at + site_count].tolist()]
+        name_at += site_count
+        series = {}
+        for name in ids:
+            series[name] = np.asarray(values[value_at : value_at + step_count], dtype=np.float64)
+            value_at += step_count
+        if len(series) != len(ids):  # a site given twice
+            continue
+        k = restored_forecast(
+            float(stored["weather_ts"][i]),
+            float(stored["weather_start_ts"][i]),
+            float(stored["weather_step_s"][i]),
+            own,
+            series,
+        )
+        if k is not None:
+            kept.append(k)
+    return kept, n - len(kept)

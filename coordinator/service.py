@@ -74,7 +74,7 @@ from coordinator.ledger import ClearedInterval, ClearingConflict, Ledger, Ledger
 from coordinator.market import Book, Tariff, clear
 from coordinator.market import Clearing as MarketClearing
 from coordinator.metrics import MetricsServer, registry_for
-from coordinator.weather import WeatherSnapshot, WeatherStore
+from coordinator.weather import KeptForecast, WeatherSnapshot, WeatherStore
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +489,8 @@ class CoordinatorStats:
     #: Weather forecasts taken, and refused by reason (``invalid`` or coordinator.weather's).
     weather: int = 0
     weather_rejected: dict[str, int] = field(default_factory=dict)
+    #: Weather forecasts taken from the history file at the start (kept by the last run).
+    weather_restored: int = 0
     clear_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
 
@@ -605,8 +607,9 @@ class Coordinator:
 
     def _restore_history(self) -> None:
         """Load the forecasting history a previous run kept (samples of the last week, up to
-        the trust window's skew ahead); a damaged file is moved aside (``.damaged``), kept for
-        inspection, and the coordinator starts without it."""
+        the trust window's skew ahead) and its weather forecasts (as
+        :meth:`coordinator.weather.WeatherStore.restore` keeps them); a damaged file is moved
+        aside (``.damaged``), kept for inspection, and the coordinator starts without it."""
         #: Where the forecasting history is kept across restarts (None: not kept).
         self.history_path = path = self.config.coordinator.history_path()
         self._history_saved_ts = now = self.clock.now()
@@ -648,6 +651,19 @@ class Coordinator:
             loaded.dropped_samples,
             loaded.dropped_sites,
         )
+        if not self.weather.enabled:
+            return
+        dropped = self.weather.restore(loaded.weather, now) + loaded.dropped_forecasts
+        self.stats.weather_restored = len(self.weather.kept)
+        if self.weather.kept or dropped:
+            log.info(
+                "%d weather forecast(s) loaded from %s, the newest issued %.1f h ago (%d "
+                "dropped as invalid, superseded, from the future or ended over 8 days ago)",
+                len(self.weather.kept),
+                path,
+                (now - self.weather.kept[-1].ts) / 3600.0 if self.weather.kept else math.nan,
+                dropped,
+            )
 
     def _history_now(self) -> dict[str, SiteHistory]:
         """Copies of every site's forecasting history, for :func:`write_histories`."""
@@ -658,15 +674,21 @@ class Coordinator:
                 out[name] = SiteHistory(ts, values[:, 0], values[:, 1])
         return out
 
-    def save_history(self, histories: Mapping[str, SiteHistory] | None = None) -> bool:
-        """Write the forecasting history (``histories``, default: as it is now) to its file;
-        False when it is not kept or the write failed (logged once per reason; the last good
-        file stays)."""
+    def save_history(
+        self,
+        histories: Mapping[str, SiteHistory] | None = None,
+        weather: Sequence[KeptForecast] | None = None,
+    ) -> bool:
+        """Write the forecasting history and the kept weather forecasts (``histories`` and
+        ``weather``, default: as they are now) to its file; False when it is not kept or the
+        write failed (logged once per reason; the last good file stays)."""
         if self.history_path is None:
             return False
         try:
             write_histories(
-                self.history_path, self._history_now() if histories is None else histories
+                self.history_path,
+                self._history_now() if histories is None else histories,
+                tuple(self.weather.kept) if weather is None else weather,
             )
         except OSError as err:
             reason = f"{type(err).__name__}: {err.strerror or err}"
@@ -687,7 +709,7 @@ class Coordinator:
         ):
             return
         self._history_saved_ts = now
-        await asyncio.to_thread(self.save_history, self._history_now())
+        await asyncio.to_thread(self.save_history, self._history_now(), tuple(self.weather.kept))
 
     def _ingest_pool(self, password: str | None) -> IngestPool | None:
         """The ingest workers' pool with ``[coordinator] ingest_workers`` > 0, else None;

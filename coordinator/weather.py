@@ -16,14 +16,24 @@ index through the clear-sky GHI at the coordinator's position at each step's cen
 
 from __future__ import annotations
 
+import math
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
-from broker.messages import WeatherForecast
+from broker.messages import (
+    MAX_CLEAR_SKY_INDEX,
+    MAX_FORECAST_POINTS,
+    MAX_WEATHER_SITES,
+    WEATHER_MAX_AHEAD_S,
+    WEATHER_MAX_PAST_S,
+    WeatherForecast,
+)
+from broker.topics import ID_PATTERN
 from coordinator import forecast as fc
 
 #: Forecasts kept for the history's index (a week of 6-hourly runs is 28).
@@ -313,3 +323,96 @@ class WeatherStore:
             return WeatherSnapshot()
         fresh = now - self.kept[-1].ts <= self.max_age_s
         return WeatherSnapshot(tuple(self.kept), fresh, self.cache)
+
+    def restore(self, kept: Iterable[KeptForecast], now: float) -> int:
+        """Take the forecasts an earlier run kept (coordinator/history_store.py) in place of
+        the kept ones, as if each had been accepted live when issued; the number dropped.
+
+        Trusts nothing: drops a forecast that :func:`kept_problem` refuses, that was issued
+        more than ``future_skew_s`` after ``now``, that ended more than :data:`KEEP_S` before
+        ``now``, or that was not issued after the one before it (as :meth:`offer` refuses a
+        superseded one); then keeps the newest :data:`MAX_KEPT`. None is stale here: they were
+        fresh when taken; whether the newest still is, :meth:`snapshot` decides. With the
+        store off (``enabled`` False) nothing is kept. ``accepted`` counts messages only and
+        is not changed."""
+        offered = list(kept)
+        taken: list[KeptForecast] = []
+        for k in offered if self.enabled else ():
+            problem = kept_problem(k.ts, k.start_ts, k.step_s, k.area, k.sites)
+            if problem is not None or k.ts > now + self.future_skew_s:
+                continue
+            if k.end_ts < now - KEEP_S or (taken and k.ts <= taken[-1].ts):
+                continue
+            taken.append(k)
+        self.kept = taken[-MAX_KEPT:]
+        return len(offered) - len(self.kept)
+
+
+_SITE_ID = re.compile(ID_PATTERN)
+
+
+def kept_problem(
+    ts: float,
+    start_ts: float,
+    step_s: float,
+    area: object,
+    sites: Mapping[str, object],
+) -> str | None:
+    """Why these cannot be a :class:`KeptForecast` that :func:`kept_forecast` made of a valid
+    ``WeatherForecast`` (broker/messages.py), else None: ``ts`` and ``start_ts`` [UTC epoch s]
+    finite, positive and before 4.1e9; ``step_s`` a whole number of seconds in 60-3600; the
+    area's series (or None) and at most 256 site series (valid site ids) 1-D float arrays of
+    one length in 1-672, at least one of them; the steps from at most 2 days before ``ts`` to
+    at most 8 days after it; every index in [0, 1.2], finite except the area's NaN (where a
+    GHI forecast's clear sky is too low: night). For what is read back from a file."""
+    times = (ts, start_ts, step_s)
+    if not all(isinstance(t, float | int) and math.isfinite(t) for t in times):
+        return "a time is not a finite number"
+    if not (0 < ts < 4.1e9 and 0 < start_ts < 4.1e9):
+        return "a timestamp is out of range"
+    if not (60 <= step_s <= 3600 and step_s == round(step_s)):
+        return "the step is not a whole number of seconds in 60-3600"
+    if len(sites) > MAX_WEATHER_SITES or not all(
+        isinstance(name, str) and _SITE_ID.fullmatch(name) for name in sites
+    ):
+        return "too many site series, or an invalid site id"
+    given = ([] if area is None else [area]) + list(sites.values())
+    if not given:
+        return "no series"
+    series: list[NDArray[np.float64]] = []
+    for values in given:
+        if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind != "f":
+            return "a series is not a 1-D float array"
+        series.append(values)
+    lengths = {len(values) for values in series}
+    steps = lengths.pop()
+    if lengths or not 1 <= steps <= MAX_FORECAST_POINTS:
+        return "the series differ in length or have none or too many steps"
+    if start_ts < ts - WEATHER_MAX_PAST_S or start_ts + steps * step_s > ts + WEATHER_MAX_AHEAD_S:
+        return "the steps lie too far from the issue time"
+    for i, values in enumerate(series):
+        inside = (values >= 0.0) & (values <= MAX_CLEAR_SKY_INDEX)
+        night = np.isnan(values) if (i == 0 and area is not None) else False
+        if not np.all(inside | night):
+            return "an index is out of range or not finite"
+    return None
+
+
+def restored_forecast(
+    ts: float,
+    start_ts: float,
+    step_s: float,
+    area: NDArray[np.float64] | None,
+    sites: Mapping[str, NDArray[np.float64]],
+) -> KeptForecast | None:
+    """A :class:`KeptForecast` of copies of these arrays, or None when :func:`kept_problem`
+    refuses them (checked before it is built)."""
+    if kept_problem(ts, start_ts, step_s, area, sites) is not None:
+        return None
+    return KeptForecast(
+        float(ts),
+        float(start_ts),
+        float(step_s),
+        None if area is None else np.array(area, dtype=np.float64),
+        {name: np.array(v, dtype=np.float64) for name, v in sites.items()},
+    )

@@ -72,7 +72,7 @@ from coordinator.service import (
     history_snapshot,
     new_history,
 )
-from coordinator.weather import WeatherStore
+from coordinator.weather import KeptForecast, WeatherStore, kept_forecast
 from edge.bidding import CurveSteps
 from edge.config import EdgeConfig, parse_edge_config
 from edge.plan import Horizon, IntervalPlan, PlanError, WarmStart, aligned, plan_interval
@@ -425,6 +425,28 @@ def scenario_history(
     return {name: SiteHistory(times, pv, load) for name, (load, pv) in before.items()}
 
 
+def first_weather_run_ts(start_ts: float, history_days: float) -> float:
+    """The issue time [s] of the simulated weather service's first run a coordinator starting
+    at ``start_ts`` with ``history_days`` of history holds: the run at or before the history's
+    start (the engine issues it and every later one by the start)."""
+    return latest_run_ts(start_ts - history_days * 86_400.0)
+
+
+def scenario_weather(scenario: ScenarioConfig, start_ts: float, days: float) -> list[KeptForecast]:
+    """The simulated weather service's runs (wattmesh/weather.py) over the ``days`` before
+    ``start_ts``, as a coordinator keeps them, oldest first: from
+    :func:`first_weather_run_ts` to the last before the run the live service publishes on
+    starting (``latest_run_ts(start_ts)``). With :func:`scenario_history`, the demo's
+    coordinator's history file: it then holds the runs the engine's has at the start."""
+    pv = scenario_pv(scenario)
+    if not pv or days <= 0:
+        return []
+    first = first_weather_run_ts(start_ts, days)
+    runs = np.arange(first, latest_run_ts(start_ts), RUN_PERIOD_S, dtype=np.float64)
+    lat, lon = scenario.latitude_deg, scenario.longitude_deg
+    return [kept_forecast(simulated_forecast(pv, float(run)), lat, lon) for run in runs]
+
+
 def _profiles(
     scenario: ScenarioConfig, times: NDArray[np.float64]
 ) -> tuple[dict[str, SimSite], dict[str, tuple[NDArray[np.float64], NDArray[np.float64]]]]:
@@ -584,7 +606,7 @@ class Engine:
         )
         pv = scenario_pv(self.scenario) if self.weather.enabled else {}
         self.weather_pv = {n: v for n, v in pv.items() if n not in replayed}
-        self.next_run_ts = latest_run_ts(self.start_ts - history_days * 86_400.0)
+        self.next_run_ts = first_weather_run_ts(self.start_ts, history_days)
         self._issue_weather(self.start_ts)
 
     def _issue_weather(self, now: float) -> None:

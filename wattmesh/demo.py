@@ -48,7 +48,7 @@ from simulators.scenario import (
     load_scenario,
     parse_scenario,
 )
-from wattmesh.backtest import DEFAULT_HISTORY_DAYS, scenario_history
+from wattmesh.backtest import DEFAULT_HISTORY_DAYS, scenario_history, scenario_weather
 from wattmesh.demo_report import REGIME_NAMES, Regime, plot, print_report, report_json
 from wattmesh.demo_report import build as build_report
 from wattmesh.up import LocalStack, StackConfig
@@ -139,12 +139,18 @@ def declared_sites(scenario: ScenarioConfig) -> dict[str, dict[str, float]]:
 def seed_history(scenario: ScenarioConfig, out: Path, days: float) -> Path:
     """Write the coordinator's history file in ``out`` (where :func:`_coordinator_config`'s
     ledger puts it): ``days`` of the sites' load and PV before the start, from the
-    simulators' physics (as the stepped engine's warm-up); with ``days`` 0 the last run's file
-    is removed, so the coordinator starts from nothing."""
+    simulators' physics (as the stepped engine's warm-up), and the simulated weather
+    service's runs issued over those days (as the engine issues them); with ``days`` 0 the
+    last run's file is removed, so the coordinator starts from nothing."""
     path = out / "ledger.history.npz"
     path.unlink(missing_ok=True)
     if days > 0:
-        write_histories(path, scenario_history(scenario, scenario.start_ts, days))
+        start = scenario.start_ts
+        write_histories(
+            path,
+            scenario_history(scenario, start, days),
+            scenario_weather(scenario, start, days),
+        )
     return path
 
 

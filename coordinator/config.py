@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from broker.settings import BrokerConnection, ClockSettings, read_toml, validation_lines
 from broker.topics import ID_PATTERN
+from coordinator.history_db import HistoryTable
 from coordinator.ledger import Ledger, RebateRule
 from coordinator.ledger_sql import is_postgres_url
 
@@ -50,7 +51,8 @@ class CoordinatorSection(_Strict):
     #: restarted coordinator forecasts from it (coordinator/history_store.py).
     keep_history: bool = True
     #: Where: by default beside a SQLite ledger (``ledger.sqlite`` -> ``ledger.history.npz``);
-    #: with a PostgreSQL ledger only where this is set.
+    #: with a PostgreSQL ledger, in its database (coordinator/history_db.py: a standby on
+    #: another machine takes over with it), unless this names a file.
     history_file: Path | None = None
     #: Seconds (on the coordinator's clock) between two writes of the history; it is also
     #: written on a clean stop.
@@ -67,8 +69,8 @@ class CoordinatorSection(_Strict):
         return url
 
     def history_path(self) -> Path | None:
-        """The history file, or None when the history is not kept (``keep_history`` off, or a
-        PostgreSQL ledger without ``history_file``)."""
+        """The history file, or None when the history is not kept in one (``keep_history``
+        off, or a PostgreSQL ledger without ``history_file``: :meth:`history_table`)."""
         if not self.keep_history:
             return None
         if self.history_file is not None:
@@ -77,6 +79,16 @@ class CoordinatorSection(_Strict):
             return None
         return self.ledger.with_name(f"{self.ledger.stem}.history.npz")
 
+    def history_table(self) -> HistoryTable | None:
+        """Where the history is kept in the PostgreSQL ledger's database (a PostgreSQL ledger,
+        ``keep_history`` on and no ``history_file``), else None."""
+        if not self.keep_history or self.history_file is not None or self.ledger_url is None:
+            return None
+        return HistoryTable(self.ledger_url, self.feeder, self._ledger_password())
+
+    def _ledger_password(self) -> str | None:
+        return os.environ.get(self.ledger_password_env) if self.ledger_password_env else None
+
     def open_ledger(self) -> Ledger:
         """The ledger: PostgreSQL at ``ledger_url`` (password from ``$ledger_password_env``
         when set, else libpq's own sources), or else the SQLite file ``ledger``. Raises
@@ -84,8 +96,7 @@ class CoordinatorSection(_Strict):
         server unreachable, password refused)."""
         if self.ledger_url is None:
             return Ledger(self.ledger)
-        password = os.environ.get(self.ledger_password_env) if self.ledger_password_env else None
-        return Ledger(self.ledger_url, password=password)
+        return Ledger(self.ledger_url, password=self._ledger_password())
 
 
 class BrokerSection(BrokerConnection):

@@ -36,6 +36,7 @@ future is for :meth:`coordinator.weather.WeatherStore.restore` to say.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
@@ -122,12 +123,11 @@ def _weather_arrays(weather: Sequence[KeptForecast]) -> dict[str, Any]:
     }
 
 
-def write_histories(
-    path: Path, histories: Mapping[str, SiteHistory], weather: Sequence[KeptForecast] = ()
-) -> None:
-    """Write ``histories`` and the kept ``weather`` forecasts (oldest issued first) to
-    ``path`` atomically (the old file stays if this fails; the ``OSError`` is raised for the
-    caller to report)."""
+def history_bytes(
+    histories: Mapping[str, SiteHistory], weather: Sequence[KeptForecast] = ()
+) -> bytes:
+    """``histories`` and the kept ``weather`` forecasts (oldest issued first) as the archive's
+    bytes (what a history file, or coordinator/history_db.py's row, holds)."""
     names = sorted(histories)
     counts = np.array([len(histories[n].ts) for n in names], dtype=np.int64)
 
@@ -135,20 +135,32 @@ def write_histories(
         parts = [np.asarray(getattr(histories[n], field), dtype=np.float64) for n in names]
         return np.concatenate(parts) if parts else np.zeros(0)
 
+    out = io.BytesIO()
+    np.savez(
+        out,
+        format=np.array(FORMAT),
+        sites=np.array(names, dtype=np.str_),
+        counts=counts,
+        ts=column("ts"),
+        pv_w=column("pv_w"),
+        load_w=column("load_w"),
+        **_weather_arrays(weather),
+    )
+    return out.getvalue()
+
+
+def write_histories(
+    path: Path, histories: Mapping[str, SiteHistory], weather: Sequence[KeptForecast] = ()
+) -> None:
+    """Write ``histories`` and the kept ``weather`` forecasts (oldest issued first) to
+    ``path`` atomically (the old file stays if this fails; the ``OSError`` is raised for the
+    caller to report)."""
+    content = history_bytes(histories, weather)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                format=np.array(FORMAT),
-                sites=np.array(names, dtype=np.str_),
-                counts=counts,
-                ts=column("ts"),
-                pv_w=column("pv_w"),
-                load_w=column("load_w"),
-                **_weather_arrays(weather),
-            )
+            f.write(content)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -157,10 +169,10 @@ def write_histories(
         raise
 
 
-def _check_format(path: Path, fmt: NDArray[np.generic]) -> None:
+def _check_format(where: object, fmt: NDArray[np.generic]) -> None:
     if fmt.shape != () or fmt.dtype.kind not in "iu" or int(fmt) != FORMAT:
         raise HistoryFileError(
-            f"{path}: history format {fmt.tolist()!r}, this coordinator reads {FORMAT}"
+            f"{where}: history format {fmt.tolist()!r}, this coordinator reads {FORMAT}"
         )
 
 
@@ -170,8 +182,22 @@ def read_histories(path: Path, *, not_before_ts: float, not_after_ts: float) -> 
     Raises :class:`HistoryFileError` when the file is not a history file (not an archive,
     another format version, missing or inconsistent arrays, pickled objects) and
     ``FileNotFoundError`` when there is none."""
+    return _read(path, path, not_before_ts=not_before_ts, not_after_ts=not_after_ts)
+
+
+def parse_histories(
+    content: bytes, where: object, *, not_before_ts: float, not_after_ts: float
+) -> LoadedHistory:
+    """:func:`read_histories` of an archive's bytes (``where`` names them in errors)."""
+    return _read(io.BytesIO(content), where, not_before_ts=not_before_ts, not_after_ts=not_after_ts)
+
+
+def _read(
+    source: Path | io.BytesIO, where: object, *, not_before_ts: float, not_after_ts: float
+) -> LoadedHistory:
+    path = where
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with np.load(source, allow_pickle=False) as archive:
             _check_format(path, archive["format"])
             arrays = {k: archive[k] for k in ("sites", "counts", "ts", "pv_w", "load_w")}
             stored = {k: archive[k] for k, _ in _WEATHER if k in archive.files}

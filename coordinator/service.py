@@ -63,9 +63,13 @@ from coordinator import plausibility as pl
 from coordinator.api import ApiServer, build_app, load_tokens
 from coordinator.config import CoordinatorConfig, CoordinatorSection, GridSection
 from coordinator.historian import Historian, HistorianError, HistorianSettings
+from coordinator.history_db import HistoryDbError, HistoryTable
 from coordinator.history_store import (
     HistoryFileError,
+    LoadedHistory,
     SiteHistory,
+    history_bytes,
+    parse_histories,
     read_histories,
     write_histories,
 )
@@ -608,29 +612,68 @@ class Coordinator:
     def _restore_history(self) -> None:
         """Load the forecasting history a previous run kept (samples of the last week, up to
         the trust window's skew ahead) and its weather forecasts (as
-        :meth:`coordinator.weather.WeatherStore.restore` keeps them); a damaged file is moved
-        aside (``.damaged``), kept for inspection, and the coordinator starts without it."""
-        #: Where the forecasting history is kept across restarts (None: not kept).
+        :meth:`coordinator.weather.WeatherStore.restore` keeps them), from its file or the
+        PostgreSQL ledger's database; damaged content is set aside (a file as ``.damaged``,
+        a database row as the feeder's ``.damaged`` row), kept for inspection, and the
+        coordinator starts without it."""
+        #: Where the forecasting history is kept across restarts (None: not in a file).
         self.history_path = path = self.config.coordinator.history_path()
+        #: ... or in the PostgreSQL ledger's database (None: not there).
+        self.history_db = table = self.config.coordinator.history_table()
         self._history_saved_ts = now = self.clock.now()
         self._history_failed: str | None = None
-        if path is None:
+        window = {
+            "not_before_ts": now - HISTORY_SAMPLES * HISTORY_STEP_S,
+            "not_after_ts": now + self.config.trust.future_skew_s,
+        }
+        where: object
+        if table is not None:
+            where = table
+            from_db = self._load_history_db(table, now, window)
+            if from_db is None:
+                return
+            loaded = from_db
+        elif path is not None:
+            where = path
+            try:
+                loaded = read_histories(path, **window)
+            except FileNotFoundError:
+                log.info("no forecasting history at %s yet: forecasts start from nothing", path)
+                return
+            except HistoryFileError as err:
+                aside = path.with_name(path.name + ".damaged")
+                with contextlib.suppress(OSError):
+                    path.replace(aside)
+                log.error("forecasting history not loaded: %s (moved to %s)", err, aside)  # noqa: TRY400
+                return
+        else:
             return
+        self._take_history(loaded, where, now)
+
+    @staticmethod
+    def _load_history_db(
+        table: HistoryTable, now: float, window: dict[str, float]
+    ) -> LoadedHistory | None:
+        """The history in the ledger's database (None: none, unreachable or damaged: logged,
+        damaged content kept in the ``.damaged`` row)."""
         try:
-            loaded = read_histories(
-                path,
-                not_before_ts=now - HISTORY_SAMPLES * HISTORY_STEP_S,
-                not_after_ts=now + self.config.trust.future_skew_s,
-            )
-        except FileNotFoundError:
-            log.info("no forecasting history at %s yet: forecasts start from nothing", path)
-            return
+            content = table.load()
+        except HistoryDbError as err:
+            log.error("forecasting history not loaded from %s: %s", table, err)  # noqa: TRY400
+            return None
+        if content is None:
+            log.info("no forecasting history in %s yet: forecasts start from nothing", table)
+            return None
+        try:
+            return parse_histories(content, table, **window)
         except HistoryFileError as err:
-            aside = path.with_name(path.name + ".damaged")
-            with contextlib.suppress(OSError):
-                path.replace(aside)
-            log.error("forecasting history not loaded: %s (moved to %s)", err, aside)  # noqa: TRY400
-            return
+            with contextlib.suppress(HistoryDbError):
+                table.set_aside(content, now)
+            log.error("forecasting history not loaded: %s (kept as %s.damaged)", err, table.feeder)  # noqa: TRY400
+            return None
+
+    def _take_history(self, loaded: LoadedHistory, where: object, now: float) -> None:
+        """The sites' histories and weather forecasts of ``loaded`` (read from ``where``)."""
         c = self.config.coordinator
         taken = 0
         for name, h in sorted(loaded.sites.items()):
@@ -647,7 +690,7 @@ class Coordinator:
             "forecasting history of %d site(s) loaded from %s (%d sample(s) and %d site(s) "
             "dropped as invalid or out of the week)",
             taken,
-            path,
+            where,
             loaded.dropped_samples,
             loaded.dropped_sites,
         )
@@ -660,7 +703,7 @@ class Coordinator:
                 "%d weather forecast(s) loaded from %s, the newest issued %.1f h ago (%d "
                 "dropped as invalid, superseded, from the future or ended over 8 days ago)",
                 len(self.weather.kept),
-                path,
+                where,
                 (now - self.weather.kept[-1].ts) / 3600.0 if self.weather.kept else math.nan,
                 dropped,
             )
@@ -680,33 +723,39 @@ class Coordinator:
         weather: Sequence[KeptForecast] | None = None,
     ) -> bool:
         """Write the forecasting history and the kept weather forecasts (``histories`` and
-        ``weather``, default: as they are now) to its file; False when it is not kept or the
-        write failed (logged once per reason; the last good file stays)."""
-        if self.history_path is None:
+        ``weather``, default: as they are now) to its file or database row; False when it is
+        not kept or the write failed (logged once per reason; the last good copy stays)."""
+        where = self.history_db or self.history_path
+        if where is None:
             return False
+        histories = self._history_now() if histories is None else histories
+        weather = tuple(self.weather.kept) if weather is None else weather
         try:
-            write_histories(
-                self.history_path,
-                self._history_now() if histories is None else histories,
-                tuple(self.weather.kept) if weather is None else weather,
-            )
+            if self.history_db is not None:
+                self.history_db.save(history_bytes(histories, weather), self.clock.now())
+            elif self.history_path is not None:
+                write_histories(self.history_path, histories, weather)
         except OSError as err:
-            reason = f"{type(err).__name__}: {err.strerror or err}"
-            if reason != self._history_failed:
-                log.error("forecasting history not written to %s: %s", self.history_path, reason)  # noqa: TRY400
-            self._history_failed = reason
-            return False
+            return self._history_not_written(where, f"{type(err).__name__}: {err.strerror or err}")
+        except HistoryDbError as err:
+            return self._history_not_written(where, str(err).splitlines()[0])
         if self._history_failed is not None:
-            log.info("forecasting history written to %s again", self.history_path)
+            log.info("forecasting history written to %s again", where)
         self._history_failed = None
         return True
+
+    def _history_not_written(self, where: object, reason: str) -> bool:
+        if reason != self._history_failed:
+            log.error("forecasting history not written to %s: %s", where, reason)
+        self._history_failed = reason
+        return False
 
     async def _save_history_if_due(self) -> None:
         """Write the history every ``history_save_s`` on the clock, in a worker thread."""
         now = self.clock.now()
-        if self.history_path is None or now - self._history_saved_ts < (
-            self.config.coordinator.history_save_s
-        ):
+        if (self.history_path is None and self.history_db is None) or now - (
+            self._history_saved_ts
+        ) < self.config.coordinator.history_save_s:
             return
         self._history_saved_ts = now
         await asyncio.to_thread(self.save_history, self._history_now(), tuple(self.weather.kept))

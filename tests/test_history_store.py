@@ -201,9 +201,14 @@ def test_where_the_history_is_kept() -> None:
     assert beside.history_path() == Path("/var/lib/wattmesh/ledger.history.npz")
     assert CoordinatorSection(keep_history=False).history_path() is None
     postgres = CoordinatorSection(ledger_url="postgresql://wattmesh@db:5432/wattmesh")
-    assert postgres.history_path() is None  # no file to put it beside: only where set
+    assert postgres.history_path() is None  # no file to put it beside: in the database
+    table = postgres.history_table()
+    assert table is not None and (table.url, table.feeder) == (postgres.ledger_url, "feeder-1")
     chosen = postgres.model_copy(update={"history_file": Path("/srv/h.npz")})
     assert chosen.history_path() == Path("/srv/h.npz")
+    assert chosen.history_table() is None  # a file named: the file
+    assert beside.history_table() is None
+    assert postgres.model_copy(update={"keep_history": False}).history_table() is None
 
 
 async def test_a_coordinator_stopped_over_the_bus_keeps_its_history_for_the_next(

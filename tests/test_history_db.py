@@ -107,7 +107,7 @@ def test_a_damaged_history_row_is_set_aside_and_the_coordinator_starts_without_i
 def test_a_database_that_cannot_take_the_history_is_reported_once_and_the_coordinator_goes_on(
     postgres_server: PostgresServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="coordinator.service")  # whatever ran before
     url = postgres_server.socket_url(schema=postgres_server.new_schema())
     c = _coordinator(tmp_path, url)
     _feed_a_day(T0, c)

@@ -1,12 +1,14 @@
 """The real-time demo against the stepped engine: each site's settled cost, same hours.
 
 Run: ``python benchmarks/agreement.py [--start 2026-06-22T00:00:00Z] [--hours 24]
-[--speed 800] [--poll 0.1]``. It runs the demo (Mosquitto, Modbus, the edge agents and the
-coordinator in real time at ``--speed``), then the engine (``wattmesh.backtest``) on the same
-scenario, coordinator and edge configuration, at the demo's cadence (polls every ``poll *
-speed`` simulated seconds, grid checks every half of that, the coordinator's plausibility
-checks on), and prints each site's settled cost over the intervals both settled, and the
-difference in % of the community's total. The issue's bar is 3 % per site.
+[--speed 800] [--poll 0.1] [--no-weather]``. It runs the demo (Mosquitto, Modbus, the edge
+agents and the coordinator in real time at ``--speed``), then the engine
+(``wattmesh.backtest``) on the same scenario, coordinator and edge configuration, at the demo's
+cadence (polls every ``poll * speed`` simulated seconds, grid checks every half of that, the
+coordinator's plausibility checks on), both coordinators starting with the same history and
+the simulated weather service's runs over it (``--no-weather``: both without the service), and
+prints each site's settled cost over the intervals both settled, and the difference in % of
+the community's total. The issue's bar is 3 % per site.
 """
 
 from __future__ import annotations
@@ -77,22 +79,22 @@ def run_agreement(
     poll: float,
     out: Path,
     history_days: float = DEFAULT_HISTORY_DAYS,
+    *,
+    weather: bool = True,
 ) -> Agreement | None:
     """Run the demo (files in ``out``), then the engine at its cadence, both coordinators
-    starting with ``history_days`` of the sites' history; None when no interval was settled
-    by both."""
+    starting with ``history_days`` of the sites' history and the simulated weather service's
+    runs over it (``weather`` False: both without the service); None when no interval was
+    settled by both."""
     scenario, _ = rtu_over_tcp(demo.builtin_scenario().model_copy(update={"start": start}))
     demo.seed_history(scenario, out, history_days)
     quiet = Console(file=(out / "demo.log").open("w"))
     wall0 = time.perf_counter()
-    # Without the simulated weather service: the engine issues its forecasts over the week of
-    # history too, the live service only from the start, so the demo's coordinator would learn
-    # each site's weather capacity a day later than the engine's and plan differently.
-    asyncio.run(demo._run(scenario, hours, speed, poll, out, quiet, False, weather=False))
+    asyncio.run(demo._run(scenario, hours, speed, poll, out, quiet, False, weather=weather))
     demo_wall = time.perf_counter() - wall0
     sim_poll_s = round(poll * speed, 6)
     config = demo._coordinator_config(
-        scenario, out / "engine.sqlite", 1, poll, speed, weather=False
+        scenario, out / "engine.sqlite", 1, poll, speed, weather=weather
     )
     step = engine_step_s(sim_poll_s)
     edges = {
@@ -140,10 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_HISTORY_DAYS,
         help="days of history both coordinators start with (0-7)",
     )
+    parser.add_argument(
+        "--no-weather",
+        action="store_true",
+        help="both without the simulated weather service's forecasts",
+    )
     args = parser.parse_args(argv)
     start = datetime.fromisoformat(args.start.replace("Z", "+00:00")).astimezone(UTC)
     out = Path(tempfile.mkdtemp(prefix="wattmesh-agreement-"))
-    a = run_agreement(start, args.hours, args.speed, args.poll, out, args.history_days)
+    a = run_agreement(
+        start,
+        args.hours,
+        args.speed,
+        args.poll,
+        out,
+        args.history_days,
+        weather=not args.no_weather,
+    )
     if a is None:
         print("no interval settled by both")
         return 1

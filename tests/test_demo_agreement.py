@@ -5,20 +5,21 @@ The day is a winter one, 24 hours from 06:00 UTC on 2026-12-21 (the end of the n
 there) to 06:00 the next morning, run at 1,200x (72 s of wall time): Mosquitto, Modbus, the
 edge agents with their plans and the coordinator in real time, then the engine on the same
 scenario and configuration at the demo's cadence. Both coordinators start with the same week
-of the sites' history (the demo's from its history file, coordinator/history_store.py), and
-both without the simulated weather service (the engine issues its forecasts over the history
-too, the live service only from the start, so the demo's coordinator learned each site's
-weather capacity a day later and planned otherwise: 3.1 % apart in one CI run, and 9-39 % over
-three night hours, before the weather was switched off here):
-without it the first forecasts, and the first night's plans, depended on where the first
-readings fell, and midnight-to-midnight days agreed within 0.2 % in one run and 3.4 % in
-another. Why 06:00 to 06:00: the night price is flat, so when a battery charges in the night
+of the sites' history and the simulated weather service's runs issued over it (the demo's from
+its history file, coordinator/history_store.py), and both with the service running. Before the
+history file carried the runs, the demo's coordinator had only the live service's, from the
+start, and learned each site's weather capacity a day later than the engine's: 3.1 % apart in
+one CI run (9-39 % over three summer night hours), so the weather was off here for a while
+(0.2 % then); with the runs in the file 1.0 % and 1.1 % (the solar farm) in two runs.
+Without the shared history the first forecasts, and the first night's plans, depended on where
+the first readings fell, and midnight-to-midnight days agreed within 0.2 % in one run and 3.4 %
+in another. Why 06:00 to 06:00: the night price is flat, so when a battery charges in the night
 is a tie that small differences in the readings break; a day cut at midnight cut the factory's
-night charging at different points (with the shared history, midnight-to-midnight: 0.3-1.9 %
-in nine runs, the 1.7-1.9 % ones all that), a day that holds the whole night does not (0.1 %
-and 1.4 % in two runs on a loaded machine, the 1.4 % one with the demo's factory missing
-three intervals' bids and readings while other jobs took the cores; 0.2 % with the refill
-backstop merged).
+night charging at different points (with the shared history, midnight-to-midnight: 0.3-1.9 % in
+nine runs, the 1.7-1.9 % ones all that), a day that holds the whole night does not (0.1 % and
+1.4 % in two runs on a loaded machine, the 1.4 % one with the demo's factory missing three
+intervals' bids and readings while other jobs took the cores; 0.2 % with the refill backstop
+merged).
 
 Not tested here, measured by the benchmark: summer days. For hours the community's supply and
 demand are then close, and an interval clears at feed-in when the community has a kWh to spare

@@ -198,6 +198,11 @@ class GridSection(_Strict):
         description="charge batteries short of the feeder reservation into the measured "
         "headroom up to this much (default: target_pct less a third of the gap to release_pct)",
     )
+    absorb_export: bool = Field(
+        default=True,
+        description="charge the feeder's export into the batteries, pro rata to their charge "
+        "room, rather than sell it at the feed-in tariff (what a missed forecast leaves over)",
+    )
     period_s: float = Field(default=1.0, gt=0, le=60, description="wall seconds per check")
     dispatch_expiry_s: int = Field(default=300, ge=10, le=3600)
     reissue_s: int = Field(default=60, ge=1, le=3600)

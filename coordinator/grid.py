@@ -9,6 +9,9 @@ clock seconds.
 Each check: the feeder's mode from its flow with hysteresis (:func:`feeder_mode`); while it is
 constrained, the excess over the target is spread over the batteries with headroom, pro rata
 (:func:`plan_relief`), then what batteries cannot cover becomes load limits for consumers.
+Otherwise, a fleet short of the feeder reservation is refilled into the measured headroom
+(:func:`plan_refill`), and the feeder's export is charged into the batteries
+(:func:`plan_absorb`).
 """
 
 from __future__ import annotations
@@ -396,3 +399,48 @@ def plan_refill(
         setpoint = min(current - share, max(base, current))
         orders[name] = _order(setpoint, current, base, now_ts + expiry_s, site.readings)
     return orders
+
+
+# -- absorbing: the community's surplus into its batteries, not sold at feed-in --------------
+def absorb_expiry_s(now_ts: float, interval_s: float, dispatch_expiry_s: float) -> float:
+    """How long an absorbing order holds (s): its usual expiry, but never past the end of the
+    market interval it is sent in. The next interval has its own award and plan; an order
+    renewed across intervals would hold the battery near a power (its base) taken from an
+    earlier one (at worst discharging on into the night at the evening's rate)."""
+    end_ts = (math.floor(now_ts / interval_s) + 1) * interval_s
+    return max(0.0, min(dispatch_expiry_s, end_ts - now_ts))
+
+
+def plan_absorb(
+    flow_w: float,
+    sites: Mapping[str, SiteGrid],
+    absorbing: Mapping[str, Relief],
+    *,
+    now_ts: float,
+    expiry_s: float,
+) -> dict[str, tuple[float, Relief]]:
+    """Battery setpoints (W, + discharging) that charge the feeder's export (``flow_w`` < 0,
+    W, + importing) into the batteries, pro rata to each one's charge headroom, and the extra
+    charge each gives (a :class:`Relief`, ``flow_w`` negative), expiring ``expiry_s`` after
+    ``now_ts``: :func:`plan_refill` with the level at zero flow.
+
+    What the community exports is sold at the feed-in tariff, while a kWh stored displaces a
+    later purchase at up to retail (times the round trip's efficiency): the awards follow the
+    forecast, and where it missed (a cloud passed, a load stopped), a battery that keeps its
+    award (discharging, or charging less) lets the surplus leave the feeder. While orders stand
+    (``absorbing``) and the feeder imports, they hand their extra charge back, never past each
+    battery's power before its first order; a battery is never made to discharge more. While
+    the feeder does not export, a battery whose standing order already gives no extra charge
+    (it handed it all back) gets no new one: that order lapses, and its site's plan and market
+    commitment take over again (renewed at its base, it would hold the battery there). With
+    the feeder importing and nothing standing: no order."""
+    if flow_w >= 0 and not absorbing:
+        return {}
+    orders = plan_refill(flow_w, 0.0, sites, absorbing, now_ts=now_ts, expiry_s=expiry_s)
+    if flow_w < 0:
+        return orders
+    return {
+        name: order
+        for name, order in orders.items()
+        if order[1].flow_w < 0 or (name in absorbing and absorbing[name].flow_w < 0)
+    }

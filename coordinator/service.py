@@ -554,6 +554,9 @@ class Coordinator:
         self.last_reservation_start_ts = -math.inf  # the start of its first step
         self._level_raised = False
         self._refill_state = grid.Refilling()
+        #: The standing orders that charge the feeder's export into batteries (site -> the
+        #: extra charge each gives; :func:`coordinator.grid.plan_absorb`).
+        self._absorbing: dict[str, grid.Relief] = {}
         self._ack_waiters: dict[str, asyncio.Future[DispatchAck]] = {}
         #: Cleared intervals not yet settled (from the ledger at start: none is lost).
         self.cleared: dict[int, ClearedInterval] = {}
@@ -1831,8 +1834,12 @@ class Coordinator:
             relieved = await self._relieve(flow, grid.relief_target_w(flow, g), wall_now)
         if self.mode == "emergency":
             self._refill_state = grid.Refilling()
+            self._absorbing = {}
         else:
             await self._refill(flow, g, wall_now, relieved | set(self._relief))
+            if g.absorb_export:
+                busy = relieved | set(self._relief) | set(self._refill_state.orders)
+                await self._absorb(flow, g, wall_now, busy)
         state = GridState(
             ts=now,
             flow_w=float(np.clip(flow, -1e9, 1e9)),
@@ -1968,4 +1975,48 @@ class Coordinator:
                 self.historian.record_dispatch(name, order)
             state.orders[name] = refill
             self._relief.pop(name, None)  # the refill's order replaces a lapsing relief
+            self._absorbing.pop(name, None)  # ... and an absorbing one
+            self.stats.dispatches += 1
+
+    async def _absorb(self, flow: float, g: GridSection, wall_now: float, busy: set[str]) -> None:
+        """While the feeder exports, charge the export into the batteries pro rata to their
+        charge room, and hand that charge back once it imports (:func:`coordinator.grid.
+        plan_absorb`), each site at most once every ``reissue_s``; sites under a relief or
+        refill order (``busy``) are left to it."""
+        now = self.clock.now()
+        self._absorbing = {
+            n: r for n, r in grid.active_reliefs(self._absorbing, now).items() if n not in busy
+        }
+        views = {
+            n: v
+            for n, s in self.sites.items()
+            if n not in busy and (v := s.grid_view()) is not None
+        }
+        orders = grid.plan_absorb(
+            flow,
+            views,
+            self._absorbing,
+            now_ts=now,
+            expiry_s=grid.absorb_expiry_s(now, self.config.market.interval_s, g.dispatch_expiry_s),
+        )
+        for name, (setpoint, absorbed) in orders.items():
+            if not grid.reissue_due(
+                self._grid_orders.get(name), wall_now, g.reissue_s / self.speed
+            ):
+                continue
+            order = Dispatch(
+                ts=now,
+                battery_power_w=setpoint,
+                expires_ts=absorbed.expires_ts,
+                reason=f"feeder {self.feeder} exporting {max(-flow, 0.0):.0f} W: storing it",
+            )
+            self._own_dispatch_ids.append(order.id)
+            try:
+                await self.bus.publish(topics.site_topic(name, "dispatch"), order.model_dump_json())
+            except BusUnavailable:
+                return
+            self._grid_orders[name] = wall_now
+            if self.historian is not None:
+                self.historian.record_dispatch(name, order)
+            self._absorbing[name] = absorbed
             self.stats.dispatches += 1

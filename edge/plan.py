@@ -31,7 +31,8 @@ nominal scenario's optimum.
 **Marginal value.** The dual of each step's energy balance is what one more kWh stored at that
 step's end is worth to the site (currency per kWh): the bid offers the battery's energy at
 that value (divided by the discharge efficiency) and buys to charge below it (times the charge
-efficiency) (:func:`plan_bid`).
+efficiency) (:func:`plan_bid`); a planned discharge at most a tick below the price expected
+for the step, so that a tie (the value is the expected price itself) still clears.
 """
 
 from __future__ import annotations
@@ -634,6 +635,7 @@ def plan_bid(
     import_cap_kw: float | None = None,
     export_cap_kw: float | None = None,
     price_range_per_kwh: tuple[float, float] | None = None,
+    expected_price_per_kwh: float | None = None,
 ) -> CurveSteps:
     """The bid for the plan's first step, shaped by the plan and its value of storage ``v``.
 
@@ -645,7 +647,13 @@ def plan_bid(
     only at less. The batteries' remaining energy (above ``floor_kwh`` and their minimum,
     within their power and the import cap) is offered only at prices outside what the plan
     expected (``price_range_per_kwh``, the forecast's lowest and highest): the plan already
-    holds what the expected prices are worth. Roles limit trade as in
+    holds what the expected prices are worth. The planned discharge is offered at no more than
+    a tick below the price the plan expects for this step (``expected_price_per_kwh``): the
+    plan discharges now only where that price pays at least the energy's value, and where it
+    pays exactly that (a tie, e.g. retail now and retail later, so ``v`` is retail times the
+    discharge efficiency), an offer at the expected price itself would never clear against the
+    utility's supply at that same price, and the battery would keep what the plan meant to
+    spend now (and then have no room for the midday surplus). Roles limit trade as in
     :func:`edge.bidding.bid_curve`; offers at or above ``max_buy_price_per_kwh`` are left out.
     """
     b = battery
@@ -685,6 +693,9 @@ def plan_bid(
     cheapest, dearest = price_range_per_kwh or (value, value)
     sell_at = float(np.clip(value / b.discharge_efficiency, min_sell_price_per_kwh, top))
     buy_at = float(np.clip(value * b.charge_efficiency, min_sell_price_per_kwh, sell_at - spread))
+    if expected_price_per_kwh is not None and flex_out > MIN_STEP_KWH:
+        # a tie: energy worth the expected price itself (e.g. retail now and retail later)
+        sell_at = max(min(sell_at, expected_price_per_kwh - spread), buy_at + spread)
     extra_sell_at = min(max(sell_at, dearest) + spread, top)
     extra_buy_at = max(min(buy_at, cheapest) - spread, min_sell_price_per_kwh)
     discharges = [(sell_at, flex_out), (extra_sell_at, extra_out)]
@@ -840,6 +851,7 @@ def plan_interval(
         import_cap_kw=float(cap_in[0]),
         export_cap_kw=float(cap_out[0]),
         price_range_per_kwh=(float(price.min()), float(price.max())),
+        expected_price_per_kwh=float(price[0]),
     )
     value = float(plan.value_per_kwh[0])
     step = PlanStep(

@@ -46,7 +46,7 @@ def _coordinator(
     tmp_path: Path,
     files: BrokerFiles | None = None,
     trust: dict[str, object] | None = None,
-    **grid: float,
+    **grid: float | bool,
 ) -> Coordinator:
     """A coordinator on a manual clock; with ``files``, on that broker as the coordinator."""
     port = files.port if files is not None else 1
@@ -411,7 +411,10 @@ async def test_a_feeder_near_its_limit_gets_battery_orders_pro_rata_to_headroom(
 
 
 async def test_a_fleet_too_small_for_the_forecast_overload_is_held_at_the_level_it_can_hold(
-    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mosquitto: MosquittoProcess,
+    broker_files: BrokerFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A day forecast at 9.5 kW on a 10 kW feeder planned to 8 kW needs 36 kWh above 8 kW;
     the only battery holds 16. The reservation plans to the lowest level it can hold, the log
@@ -505,6 +508,49 @@ async def test_a_fleet_short_of_its_reservation_is_refilled_into_the_measured_he
     assert orders[0][1].battery_power_w == pytest.approx(-charge_w, rel=1e-6)
     assert "refill" in (orders[0][1].reason or "")
     assert orders[1][1].battery_power_w == pytest.approx(-charge_w + 1000.0, rel=1e-6)
+
+
+async def test_the_feeders_export_is_charged_into_the_batteries_and_handed_back_on_import(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    """Site A exports 5 kW of PV while site B's battery discharges 2 kW (keeping an award the
+    forecast got wrong) and B imports 1 kW: the feeder exports 4 kW. The grid loop orders B's
+    battery to charge 2 kW (its 2 kW discharge less the 4 kW exported); once two readings show
+    it in place and A's export has fallen to 3.5 kW, the feeder imports 1.5 kW and B hands
+    1.5 kW of its extra charge back."""
+    dispatch = f"{topics.PREFIX}/site/+/dispatch"
+    async with _watched_coordinator(tmp_path, broker_files, dispatch) as (c, got):
+        c.ingest_telemetry("site-a", _telemetry(T0, -5000.0))
+        c.ingest_telemetry("site-b", _telemetry(T0, 1000.0, 2000.0, 50.0, rated_w=5000.0))
+        await c.balance(0.0)
+        assert c.mode == "normal"
+        for k in (1, 2):  # B now charges 2 kW: it imports 5 kW
+            c.ingest_telemetry("site-a", _telemetry(T0 + k, -3500.0))
+            c.ingest_telemetry("site-b", _telemetry(T0 + k, 5000.0, -2000.0, 50.0, rated_w=5000.0))
+        await c.balance(100.0)
+    orders = _dispatches(got)
+    assert [site for site, _ in orders] == ["site-b", "site-b"]
+    assert orders[0][1].battery_power_w == pytest.approx(-2000.0)
+    assert "exporting 4000 W" in (orders[0][1].reason or "")
+    assert orders[1][1].battery_power_w == pytest.approx(-500.0)
+
+
+async def test_without_absorbing_the_feeders_export_is_left_to_the_market(
+    mosquitto: MosquittoProcess, broker_files: BrokerFiles, tmp_path: Path
+) -> None:
+    """``[grid] absorb_export = false``: the same 4 kW export orders nothing."""
+    c = _coordinator(tmp_path, broker_files, absorb_export=False)
+    got: list[tuple[str, bytes]] = []
+    async with c:
+        await c.bus.wait_connected(5)
+        watcher = await _bus(broker_files, "operator", got)
+        await watcher.subscribe(f"{topics.PREFIX}/site/+/dispatch")
+        c.ingest_telemetry("site-a", _telemetry(T0, -5000.0))
+        c.ingest_telemetry("site-b", _telemetry(T0, 1000.0, 2000.0, 50.0, rated_w=5000.0))
+        await c.balance(0.0)
+        await asyncio.sleep(0.3)
+        await watcher.__aexit__(None, None, None)
+    assert _dispatches(got) == []
 
 
 async def test_grid_orders_wait_for_fresh_readings_and_never_hand_back_more_than_they_took(

@@ -179,6 +179,42 @@ def test_a_planned_charge_is_bought_below_the_value_of_storage() -> None:
     np.testing.assert_allclose(curve.sell, [(0.3011, 0.75)])
 
 
+def test_a_discharge_planned_at_a_tie_is_offered_just_below_the_expected_price() -> None:
+    # Retail 0.32 now and all day: stored energy is worth 0.32 x 0.95 = 0.304, so the plan is
+    # indifferent between discharging now and later, and plans 0.5 kWh now. At 0.304 / 0.95
+    # = 0.32 the offer would clear only above retail, which the utility supplies at 0.32: the
+    # battery would never discharge. It is offered a tick below the expected 0.32 instead
+    # (covering the need, then sold); the other 0.5 kWh only above it, the 1 kWh it could
+    # charge below 0.304 x 0.95 less a tick, as before.
+    args = {
+        "step_h": STEP_H,
+        "max_buy_price_per_kwh": 1.0,
+        "min_sell_price_per_kwh": 0.0,
+        "price_range_per_kwh": (0.32, 0.32),
+    }
+    tie = plan_bid(made_plan(0.5, 0.304), 0.25, battery(5.0), **args)  # type: ignore[arg-type]
+    np.testing.assert_allclose(tie.buy, [(0.32, 0.25), (0.2878, 1.0)])
+    np.testing.assert_allclose(tie.sell, [(0.3201, 0.25), (0.3211, 0.5)])
+    fixed = plan_bid(
+        made_plan(0.5, 0.304),
+        0.25,
+        battery(5.0),
+        expected_price_per_kwh=0.32,
+        **args,  # type: ignore[arg-type]
+    )
+    np.testing.assert_allclose(fixed.buy, [(0.319, 0.25), (0.2878, 1.0)])
+    np.testing.assert_allclose(fixed.sell, [(0.3191, 0.25), (0.3211, 0.5)])
+    # a discharge worth less than the expected price keeps its offer at its value
+    cheap = plan_bid(
+        made_plan(0.5, 0.19),
+        0.25,
+        battery(5.0),
+        expected_price_per_kwh=0.32,
+        **args,  # type: ignore[arg-type]
+    )
+    np.testing.assert_allclose(cheap.sell[0], (0.2001, 0.25))
+
+
 def test_the_bid_makes_a_forced_export_firm_and_keeps_the_floor() -> None:
     curve = plan_bid(
         made_plan(0.5, 2.0),

@@ -485,12 +485,14 @@ def _profiles(
 class _Refill:
     """What the grid loop takes from the feeder reservation, as the coordinator's does: the
     import level it holds (kW), the fleet's requirement (its first step's start, kWh at each
-    step's end), and its refill: the orders standing, whether it refills."""
+    step's end), and its refill: the orders standing, whether it refills; and the orders that
+    charge the feeder's export into batteries (Coordinator._absorbing)."""
 
     import_level_kw: float | None = None
     required: tuple[float, NDArray[np.float64]] | None = None
     orders: dict[str, grid.Relief] = field(default_factory=dict)
     active: bool = False
+    absorbing: dict[str, grid.Relief] = field(default_factory=dict)
 
 
 class Engine:
@@ -922,6 +924,34 @@ class Engine:
             self._dispatch(self.sites[name], now, command, now + g.dispatch_expiry_s)
         relieved = set(plan.batteries) | set(self.reliefs)  # relief goes first
         self._refill(flow, g, {n: v for n, v in views.items() if n not in relieved}, now)
+        if g.absorb_export:
+            busy = relieved | set(self.refill.orders)
+            self._absorb(flow, g, {n: v for n, v in views.items() if n not in busy}, now)
+
+    def _absorb(
+        self, flow: float, g: GridSection, views: dict[str, grid.SiteGrid], now: float
+    ) -> None:
+        """Coordinator._absorb: while the feeder exports, charge the export into the
+        batteries (:func:`coordinator.grid.plan_absorb`); sites under a relief or refill order
+        are left out of ``views``."""
+        self.refill.absorbing = {
+            n: a for n, a in grid.active_reliefs(self.refill.absorbing, now).items() if n in views
+        }
+        orders = grid.plan_absorb(
+            flow,
+            views,
+            self.refill.absorbing,
+            now_ts=now,
+            expiry_s=grid.absorb_expiry_s(now, self.config.market.interval_s, g.dispatch_expiry_s),
+        )
+        for name, (setpoint, absorbed) in orders.items():
+            if not grid.reissue_due(self.sent_ts.get(name), now, g.reissue_s):
+                continue
+            self.sent_ts[name] = now
+            self.refill.absorbing[name] = absorbed
+            self.dispatches += 1
+            command = Command("dispatch", battery_power_w=setpoint)
+            self._dispatch(self.sites[name], now, command, absorbed.expires_ts)
 
     def _refill(
         self, flow: float, g: GridSection, views: dict[str, grid.SiteGrid], now: float
@@ -965,6 +995,7 @@ class Engine:
             self.sent_ts[name] = now
             r.orders[name] = refill
             self.reliefs.pop(name, None)  # the refill's order replaces a lapsing relief
+            self.refill.absorbing.pop(name, None)  # ... and an absorbing one
             self.dispatches += 1
             command = Command("dispatch", battery_power_w=setpoint)
             self._dispatch(self.sites[name], now, command, now + g.dispatch_expiry_s)

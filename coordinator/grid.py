@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -69,6 +69,8 @@ class SiteGrid:
     headroom_w: tuple[float, float]
     readings: int
     role: str | None = None
+    #: The largest import (W) the grid loop has seen at the site so far; None: unknown.
+    peak_import_w: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +438,7 @@ def plan_absorb(
     the feeder importing and nothing standing: no order."""
     if flow_w >= 0 and not absorbing:
         return {}
+    sites = {name: _below_own_peak(site) for name, site in sites.items()}
     orders = plan_refill(flow_w, 0.0, sites, absorbing, now_ts=now_ts, expiry_s=expiry_s)
     if flow_w < 0:
         return orders
@@ -444,3 +447,13 @@ def plan_absorb(
         for name, order in orders.items()
         if order[1].flow_w < 0 or (name in absorbing and absorbing[name].flow_w < 0)
     }
+
+
+def _below_own_peak(site: SiteGrid) -> SiteGrid:
+    """``site`` with its charge headroom cut to what keeps its import at or below the largest
+    the grid loop has seen there (``peak_import_w``): absorbing charges through the site's own
+    meter, and never sets a new peak for it (its owner may pay a demand charge on it)."""
+    if site.peak_import_w is None:
+        return site
+    room = max(0.0, site.peak_import_w - (site.grid_power_w or 0.0))
+    return replace(site, headroom_w=(site.headroom_w[0], min(site.headroom_w[1], room)))

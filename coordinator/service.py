@@ -380,6 +380,7 @@ class SiteState:
     status: Status | None = None  # the agent's last status (with its own counters)
     last_history_ts: float = -math.inf
     readings: int = 0  # telemetry messages taken as the latest so far
+    peak_import_w: float | None = None  # the largest import the grid loop has seen (W)
     last_seen_ts: float = -math.inf  # the coordinator's clock at the last accepted message
     #: With ingest workers: the last ``RECENT_READINGS`` accepted readings (ts, id, grid W or
     #: None), oldest first (see :meth:`fits_recent`).
@@ -464,12 +465,15 @@ class SiteState:
         t = self.latest
         if t is None:
             return None
+        if t.grid_power_w is not None:
+            self.peak_import_w = max(self.peak_import_w or 0.0, t.grid_power_w)
         return grid.SiteGrid(
             grid_power_w=t.grid_power_w,
             battery_power_w=t.battery_power_w or 0.0,
             headroom_w=self.battery_headroom_w,
             readings=self.readings,
             role=self.role,
+            peak_import_w=self.peak_import_w,
         )
 
 

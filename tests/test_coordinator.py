@@ -520,6 +520,9 @@ async def test_the_feeders_export_is_charged_into_the_batteries_and_handed_back_
     1.5 kW of its extra charge back."""
     dispatch = f"{topics.PREFIX}/site/+/dispatch"
     async with _watched_coordinator(tmp_path, broker_files, dispatch) as (c, got):
+        # earlier, B imported 6 kW (its peak so far: absorbing never sets a new one)
+        c.ingest_telemetry("site-b", _telemetry(T0 - 60, 6000.0, 0.0, 50.0, rated_w=5000.0))
+        await c.balance(-60.0)
         c.ingest_telemetry("site-a", _telemetry(T0, -5000.0))
         c.ingest_telemetry("site-b", _telemetry(T0, 1000.0, 2000.0, 50.0, rated_w=5000.0))
         await c.balance(0.0)

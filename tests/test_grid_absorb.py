@@ -3,6 +3,8 @@ into the batteries instead of being sold at feed-in. Hand-checkable cases; no MQ
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from coordinator.config import GridSection
@@ -79,6 +81,20 @@ def test_an_order_not_yet_in_the_readings_takes_the_export_first() -> None:
     orders = plan_absorb(-10_000.0, sites, absorbing, now_ts=0.0, expiry_s=300.0)
     assert list(orders) == ["b"]
     assert orders["b"][0] == pytest.approx(-4000.0)
+
+
+def test_absorbing_never_sets_a_new_peak_for_a_sites_own_meter() -> None:
+    # the feeder exports 12 kW; "a" imports 8 kW against the 10 kW the grid loop has seen
+    # there at most: 2 kW of room, not its 30 kW of charge room; shared pro rata to 2 and
+    # 30 kW of room with "b" (no peak known): 0.75 kW and 11.25 kW
+    a = replace(battery_site(0.0, 30_000.0), grid_power_w=8000.0, peak_import_w=10_000.0)
+    b = battery_site(0.0, 30_000.0)
+    orders = plan_absorb(-12_000.0, {"a": a, "b": b}, {}, now_ts=0.0, expiry_s=300.0)
+    assert orders["a"][0] == pytest.approx(-12_000.0 * 2 / 32)
+    assert orders["b"][0] == pytest.approx(-12_000.0 * 30 / 32)
+    # at its peak already: no order
+    at_peak = replace(a, grid_power_w=10_000.0)
+    assert plan_absorb(-12_000.0, {"a": at_peak}, {}, now_ts=0.0, expiry_s=300.0) == {}
 
 
 def test_an_absorbing_order_never_outlives_its_market_interval() -> None:

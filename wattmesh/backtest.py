@@ -329,6 +329,7 @@ class _Site:
     suspect: set[int] = field(default_factory=set)  # intervals with an implausible reading
     rejected: int = 0  # readings and bids the coordinator refused
     readings: int = 0
+    peak_import_w: float | None = None  # SiteState.peak_import_w
     energy_wh: dict[int, float] = field(default_factory=dict)
     meter_wh: dict[int, float] = field(default_factory=dict)  # the utility's: every reading
     forecast_history: RingBuffer = field(default_factory=new_history)  # SiteState.history
@@ -889,12 +890,14 @@ class Engine:
         views = {}
         for name, s in self.sites.items():
             rated = sum(b.rated_power_w for b in s.batteries)
+            s.peak_import_w = max(s.peak_import_w or 0.0, s.grid_w)
             views[name] = grid.SiteGrid(
                 grid_power_w=s.grid_w,
                 battery_power_w=s.battery_w,
                 headroom_w=grid.battery_headroom_w(rated, s.battery_w, s.soc_pct),
                 readings=s.readings,
                 role=s.edge.site.role,
+                peak_import_w=s.peak_import_w,
             )
         plan = grid.ReliefPlan()
         if self.mode == "constrained":

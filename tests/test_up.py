@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from broker.clock import ScaledClock
 from coordinator.ledger import Ledger
 from edge.config import EdgeConfigError, load_edge_config
 from wattmesh.demo import SiteLine, live_view
-from wattmesh.up import UpError, free_port, init_folder, load_stack_config
+from wattmesh.up import LocalStack, UpError, free_port, init_folder, load_stack_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WATTMESH = [sys.executable, "-m", "wattmesh"]
@@ -367,3 +368,33 @@ def test_two_stacks_from_init_folders_with_api_and_metrics_on_get_free_http_port
         coordinator_line = next(line for line in out.splitlines() if line.startswith("coord"))
         assert ", api http://127.0.0.1:" in coordinator_line
         assert ", metrics http://127.0.0.1:" in coordinator_line
+
+
+async def test_a_fresh_stack_starts_its_coordinator_with_the_simulated_history_once(
+    tmp_path: Path,
+) -> None:
+    """``history_days``: a coordinator without a history file starts with its sites' simulated
+    past and the weather runs over it (as the demo's and the engine's do); a state that has
+    one keeps it."""
+    folder = tmp_path / "mesh"
+    init_folder(folder)
+    config = load_stack_config(folder)
+    state = tmp_path / "state"
+    history = state / "ledger.history.npz"
+    lines: list[str] = []
+    clock = ScaledClock(config.scenario.start_ts, 600.0)
+    stack = LocalStack(config, state, clock, embedded=True, history_days=1.0, announce=lines.append)
+    async with stack:
+        c = stack.coordinator
+        assert c is not None
+        sites = sorted(s.site.id for s in config.sites)
+        assert sorted(c.sites) == sites
+        assert all(len(c.sites[name].history) >= 90 for name in sites)  # a day at 15 min
+        assert c.stats.weather_restored >= 4  # the 6-hourly runs over that day
+    assert [line for line in lines if line.startswith("history: 1 day(s) of 5")]
+    assert history.exists()  # rewritten on the clean stop, with what it ran on
+    lines.clear()
+    again = LocalStack(config, state, clock, embedded=True, history_days=1.0, announce=lines.append)
+    async with again:
+        pass
+    assert not [line for line in lines if line.startswith("history:")]  # kept, not re-seeded

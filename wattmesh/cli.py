@@ -460,6 +460,16 @@ def up(
     summary_every: Annotated[
         float, typer.Option(help="Wall seconds between summary lines.", min=0.1)
     ] = 10.0,
+    history_days: Annotated[
+        float,
+        typer.Option(
+            help="On a fresh state (no history file yet), days (0-7) of the sites' simulated "
+            "load and PV, and the simulated weather service's runs, before the start that each "
+            "coordinator forecasts from, as a running one does (0: from nothing).",
+            min=0.0,
+            max=7.0,
+        ),
+    ] = 7.0,
 ) -> None:
     """Run a whole local stack from a config folder: broker, simulators, agents, coordinator.
 
@@ -497,6 +507,7 @@ def up(
                 embedded=embedded,
                 fixed_ports=fixed_ports,
                 summary_every_s=summary_every,
+                history_days=history_days,
                 say=say,
             )
         )

@@ -72,6 +72,7 @@ from coordinator.config import (
     load_coordinator_config,
     parse_coordinator_config,
 )
+from coordinator.history_store import write_histories
 from coordinator.service import Coordinator
 from edge.agent import EdgeAgent
 from edge.config import EdgeConfig, load_edge_config
@@ -527,6 +528,9 @@ class LocalStack:
     fixed_ports: bool = False
     broker_in_state: bool = True
     coordinator_max_inflight: int = 1000
+    #: Days (0-7) of the simulated sites' load and PV, and the simulated weather service's
+    #: runs over them, written as a coordinator's history when it has no history file yet.
+    history_days: float = 0.0
     announce: Callable[[str], None] = lambda _line: None
     broker: LocalBroker | None = None
     runner: ScenarioRunner | None = None
@@ -633,6 +637,7 @@ class LocalStack:
         (self.state / CLOCK_FILE).write_text(json.dumps(self.clock.to_json()))
         for unit in units:
             coordinator_cfg = self._coordinator_config(unit)
+            self._seed_history(unit, coordinator_cfg)
             coordinator = Coordinator(
                 coordinator_cfg,
                 self.clock,
@@ -717,6 +722,30 @@ class LocalStack:
                 f"sites {', '.join(sites)}"
             )
         return f"coordinator: feeder {unit.feeder!r}{where}, ledger {unit.ledger}{endpoints}"
+
+    def _seed_history(self, unit: _Unit, config: CoordinatorConfig) -> None:
+        """With ``history_days``, a coordinator without a history file yet (a fresh state)
+        gets one: its sites' simulated week before now (as ``wattmesh demo`` and the stepped
+        engine start), so it forecasts and its sites plan as a running one's would."""
+        path = config.coordinator.history_path()
+        if self.history_days <= 0 or path is None or path.exists():
+            return
+        from wattmesh.backtest import scenario_history, scenario_weather  # noqa: PLC0415
+
+        cfg, now = self.config, self.clock.now()
+        mine = {s.site.id for s in cfg.sites if cfg.feeder_of(s.site.id) in (None, unit.feeder)}
+        histories = scenario_history(cfg.scenario, now, self.history_days)
+        runs = scenario_weather(cfg.scenario, now, self.history_days)
+        write_histories(
+            path,
+            {name: h for name, h in histories.items() if name in mine},
+            runs if config.weather.enabled else [],
+        )
+        self.announce(
+            f"history: {self.history_days:g} day(s) of {len(mine)} simulated site(s) before "
+            f"the start{f' and {len(runs)} weather run(s)' if config.weather.enabled else ''} "
+            f"written to {path} (a fresh state; --history-days 0 starts from nothing)"
+        )
 
     def _coordinator_config(self, unit: _Unit) -> CoordinatorConfig:
         assert self.broker is not None
@@ -896,10 +925,13 @@ async def run_up(
     embedded: bool = False,
     fixed_ports: bool = False,
     summary_every_s: float = 10.0,
+    history_days: float = 0.0,
     say: Callable[[str], None] = print,
 ) -> None:
     """Run a local stack until Ctrl-C or SIGTERM; ``say`` gets each component's start line
-    and a summary line every ``summary_every_s`` wall seconds."""
+    and a summary line every ``summary_every_s`` wall seconds. A coordinator without a
+    history file yet starts with ``history_days`` of its sites' simulated history
+    (:attr:`LocalStack.history_days`)."""
     if embedded and config.feeders_file is not None:
         raise UpError(EMBEDDED_FEEDERS)
     stop = stop_on_signals()
@@ -920,7 +952,13 @@ async def run_up(
         say(f"resuming at {when}, where this state's last run stopped (--state NEW starts afresh)")
     clock = ScaledClock(start_ts, speed or config.scenario.speed)
     stack = LocalStack(
-        config, state, clock, embedded=embedded, fixed_ports=fixed_ports, announce=say
+        config,
+        state,
+        clock,
+        embedded=embedded,
+        fixed_ports=fixed_ports,
+        history_days=history_days,
+        announce=say,
     )
     async with stack:
         say(

@@ -140,6 +140,17 @@ def refusal_reason(err: BaseException) -> str:
     return f"{name} (reason code {code})"
 
 
+def _read_disconnect(client: aiomqtt.Client) -> None:
+    """Mark the client's disconnection as read when it comes: aiomqtt keeps it in a future
+    that only ``async with`` awaits, so a broker that drops the client at a moment nothing
+    awaits it (a stack stopping right after it started) left asyncio printing "Future
+    exception was never retrieved" at exit. The error itself reaches :meth:`BusClient._run`
+    through aiomqtt as before."""
+    future = getattr(client, "_disconnected", None)
+    if isinstance(future, asyncio.Future):
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 def next_backoff_s(previous_s: float, initial_s: float, max_s: float) -> float:
     """The next reconnect delay: double the last, capped, with full jitter on top half.
 
@@ -317,8 +328,10 @@ class BusClient:
         while not self._closing:
             self.state = ConnectionState.CONNECTING
             client = self._make_client()
+            _read_disconnect(client)
             try:
                 async with client:
+                    _read_disconnect(client)  # connecting may have made it anew
                     self._client = client
                     await self._on_connected(client)
                     delay_s = 0.0

@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -35,7 +36,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -326,10 +327,35 @@ USER_OF = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_port(taken: Collection[int] = ()) -> int:
+    """A port free now, below the ephemeral range and not in ``taken``.
+
+    The sandbox picks its ports when it starts and some services bind theirs minutes later; a
+    port the kernel hands out for ``bind(0)`` is in the ephemeral range, where any outgoing
+    connection in between (a client to the broker) may take it as its local port.
+    """
+    low, high = _ephemeral_range()
+    top = min(low, 32_768)
+    bottom = 20_000 if top > 21_000 else 1_024
+    for _ in range(1000):
+        port = random.randrange(bottom, top)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below the ephemeral range {low}-{high}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999
 
 
 @dataclass
@@ -456,7 +482,7 @@ class Sandbox:
 
     def port(self, fixed: str) -> int:
         if fixed not in self.ports:
-            self.ports[fixed] = _free_port()
+            self.ports[fixed] = _free_port(self.ports.values())
         return self.ports[fixed]
 
     def move(self, text: str) -> str:

@@ -231,7 +231,11 @@ async def test_each_feeders_coordinator_clears_only_its_own_sites_and_reads_the_
         coordinator = stack.coordinators[feeder]
         for book in list(coordinator.bids.values()):
             bidders[feeder] |= set(book)
-        return any(set(c.awards_wh) == own[feeder] for c in coordinator.cleared.values())
+        # ``cleared`` holds an interval before its clearing is published; the summary reads
+        # ``last_clearing``, set once it is.
+        return coordinator.last_clearing is not None and any(
+            set(c.awards_wh) == own[feeder] for c in coordinator.cleared.values()
+        )
 
     stack = LocalStack(config, state, clock, announce=lines.append)
     async with stack:

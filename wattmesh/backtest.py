@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -345,6 +345,33 @@ class _Site:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Bidding:
+    """A site's bid as it starts: what its agent knew then (the plan aside)."""
+
+    site: _Site
+    interval: int
+    now: float
+    forecast: tuple[float, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None
+    recent_net_w: tuple[float, ...]  # the site's net flow over its recent readings, W
+    limits: pl.SiteLimits | None  # the coordinator's limits to check the bid (None: no check)
+
+
+@dataclass(frozen=True, slots=True)
+class _SiteForecasts:
+    """The sites' PV and load forecasts (W, a row per site in ``known``) at ``times``."""
+
+    start: float
+    times: NDArray[np.float64]
+    known: list[_Site]
+    pv_w: NDArray[np.float64]
+    load_w: NDArray[np.float64]
+
+
+#: a plan being made (in a planning thread) or made (None: it failed)
+_Planned = Future[IntervalPlan | None] | IntervalPlan | None
+
+
 @dataclass(frozen=True)
 class SiteResult:
     """One site over the settled intervals: money in currency (+ pays), energy in kWh."""
@@ -498,6 +525,9 @@ class _Refill:
 
 class Engine:
     """One backtest run; :meth:`run` steps it to the end."""
+
+    #: bids started and not yet made (see _start_bids): each site's, and the plans by site
+    _bidding: tuple[list[_Bidding], dict[str, _Planned]] | None = None
 
     def __init__(
         self,
@@ -690,19 +720,17 @@ class Engine:
         site.order = (command, window.end_ts)
         self._control(site, now)
 
-    def _bid(
-        self, site: _Site, interval: int, now: float, plans: dict[str, IntervalPlan | None]
-    ) -> None:
-        """EdgeAgent.bid: the plan's bid (``plans``, by site, from :meth:`_plan_all`; None: it
-        failed), or today's rules when there is no plan."""
+    def _bid(self, bid: _Bidding, plans: dict[str, IntervalPlan | None]) -> None:
+        """EdgeAgent.bid: the plan's bid (``plans``, by site; None: it failed), or today's
+        rules when there is no plan, from what the site knew when it bid (``bid``)."""
+        site, interval, now, f = bid.site, bid.interval, bid.now, bid.forecast
         m = site.edge.market
         start = interval * m.interval_s
         curve = None
         if site.name in plans:
             curve = self._planned_bid(site, interval, plans[site.name])
-        f = site.forecast
         if curve is None:
-            recent = [w for _, w in site.history]
+            recent = list(bid.recent_net_w)
             if f is not None:
                 net_kwh = expected_net_kwh(
                     start,
@@ -722,7 +750,9 @@ class Engine:
                 fallback=site.edge.fallback,
                 role=site.edge.site.role,
             )
-        if self.trust and not self._plausible_bid(site, interval, curve.buy, curve.sell, now):
+        if bid.limits is not None and not self._plausible_bid(
+            bid.limits, interval, curve.buy, curve.sell, now
+        ):
             site.rejected += 1
             return
         self.bids.setdefault(interval, {})[site.name] = (curve.buy, curve.sell)
@@ -732,18 +762,49 @@ class Engine:
         """Whether the site's agent plans (planning on, a battery, a forecast)."""
         return site.edge.plan.enabled and bool(site.batteries) and site.forecast is not None
 
-    def _plan_all(self, due: list[tuple[_Site, int]]) -> dict[str, IntervalPlan | None]:
-        """The plans of the sites bidding now, made at once: each agent plans in its own
-        thread, and these run two at a time (HiGHS solves without Python's lock)."""
-        planning = [(s, k) for s, k in due if self._plans(s)]
-        if len(planning) < 2 or self._pool is None:
-            return {s.name: self._plan(s, k) for s, k in planning}
-        futures = {s.name: self._pool.submit(self._plan, s, k) for s, k in planning}
-        return {name: future.result() for name, future in futures.items()}
+    def _start_bids(self, due: list[tuple[_Site, int]], now: float) -> None:
+        """EdgeAgent.bid for the sites due now. Each agent's plan starts from what it knows
+        now (forecast, reservation, battery readings) in its own thread, two at a time
+        (HiGHS solves without Python's lock), while the engine steps on; :meth:`_finish_bids`
+        makes the bids before anything reads a bid or a plan (the clearing, the next round,
+        the end), each from what its site knew now: the results are as if made at once."""
+        self._finish_bids()
+        jobs = {s.name: self._plan_job(s, k) for s, k in due if self._plans(s)}
+        plans: dict[str, _Planned]
+        if len(jobs) < 2 or self._pool is None:
+            plans = {name: job() for name, job in jobs.items()}
+        else:
+            plans = {name: self._pool.submit(job) for name, job in jobs.items()}
+        bids = [
+            _Bidding(
+                site=s,
+                interval=k,
+                now=now,
+                forecast=s.forecast,
+                recent_net_w=tuple(w for _, w in s.history),
+                limits=self._limits(s, False) if self.trust else None,
+            )
+            for s, k in due
+        ]
+        self._bidding = (bids, plans)
 
-    def _plan(self, site: _Site, interval: int) -> IntervalPlan | None:
-        """EdgeAgent's planning: plan from the forecast and reservation (None: the plan
-        failed, today's rules instead). Reads the site, changes only its warm start."""
+    def _finish_bids(self) -> None:
+        """The bids started by :meth:`_start_bids`, in the order the sites bid."""
+        if self._bidding is None:
+            return
+        bids, started = self._bidding
+        self._bidding = None
+        plans = {
+            name: plan.result() if isinstance(plan, Future) else plan
+            for name, plan in started.items()
+        }
+        for bid in bids:
+            self._bid(bid, plans)
+
+    def _plan_job(self, site: _Site, interval: int) -> Callable[[], IntervalPlan | None]:
+        """EdgeAgent's planning, from the forecast, reservation and battery readings as they
+        are now: a call that plans (None: the plan failed, today's rules instead) and changes
+        nothing but the site's warm start."""
         m = site.edge.market
         f = site.forecast
         assert f is not None  # _plans() checked
@@ -768,18 +829,24 @@ class Engine:
             if r is None or len(r.suggested_kwh) != n
             else _aligned(start, m.interval_s, f[0], r.suggested_kwh),
         )
-        try:
-            return plan_interval(
-                horizon,
-                [b.view() for b in site.batteries],
-                config=site.edge.plan,
-                market=m,
-                limits=site.edge.limits,
-                role=site.edge.site.role,
-                warm=site.warm,
-            )
-        except PlanError:
-            return None
+        batteries = [b.view() for b in site.batteries]
+        edge, warm = site.edge, site.warm
+
+        def plan() -> IntervalPlan | None:
+            try:
+                return plan_interval(
+                    horizon,
+                    batteries,
+                    config=edge.plan,
+                    market=edge.market,
+                    limits=edge.limits,
+                    role=edge.site.role,
+                    warm=warm,
+                )
+            except PlanError:
+                return None
+
+        return plan
 
     def _planned_bid(
         self, site: _Site, interval: int, planned: IntervalPlan | None
@@ -797,7 +864,7 @@ class Engine:
         return planned.bid
 
     def _plausible_bid(
-        self, site: _Site, interval: int, buy: Steps, sell: Steps, now: float
+        self, limits: pl.SiteLimits, interval: int, buy: Steps, sell: Steps, now: float
     ) -> bool:
         """Coordinator.ingest_bid's check of a bid against the site's limits."""
         bid = Bid.model_construct(
@@ -809,7 +876,7 @@ class Engine:
         c = self.config
         return not pl.check_bid(
             bid,
-            self._limits(site, False),
+            limits,
             now_ts=now,
             interval_s=c.market.interval_s,
             gate_s=c.market.gate_s,
@@ -1006,6 +1073,8 @@ class Engine:
     def _clear(self, interval: int, now: float) -> None:
         """Coordinator.clear_interval: clear, commit, award; then the next forecasts."""
         m = self.config.market
+        forecasts = self._site_forecasts((interval + 1) * m.interval_s, now)
+        self._finish_bids()
         retail, feed_in = self.config.tariff.at(
             interval * m.interval_s, self.config.coordinator.utc_offset_h
         )
@@ -1036,18 +1105,20 @@ class Engine:
             awards[interval] = Commitment(quantity, record.clearing_price_per_kwh)
             while len(awards) > AWARDS_KEPT:
                 awards.popitem(last=False)
-        self._forecast((interval + 1) * m.interval_s, now)
+        self._forecast(forecasts)
 
-    def _forecast(self, start: float, now: float) -> None:
-        """Coordinator.publish_forecasts: each site's PV and load over the horizon, the local
-        price from the community's net load, and the feeder reservation."""
+    def _site_forecasts(self, start: float, now: float) -> _SiteForecasts | None:
+        """Coordinator.publish_forecasts, its first part: each site's PV and load over the
+        horizon from ``start`` (None: no site has history). It reads only the sites'
+        histories and the weather, not the bids or the clearing, so the engine makes it
+        while the sites' plans are being made."""
         m = self.config.market
         c = self.config
         steps = int(m.forecast_horizon_h * 3600 // m.interval_s)
-        times = start + m.interval_s * (np.arange(steps) + 0.5)
+        times = np.asarray(start + m.interval_s * (np.arange(steps) + 0.5), dtype=np.float64)
         known = [s for s in self.sites.values() if len(s.forecast_history)]
         if not known:
-            return
+            return None
         pending, self.ghi_pending = self.ghi_pending, []
         fill_clear_sky(pending, c.coordinator)
         ts, history = history_snapshot([s.forecast_history for s in known])
@@ -1056,10 +1127,21 @@ class Engine:
             [s.name for s in known],
             ts,
             history,
-            times.astype(np.float64),
+            times,
             c.coordinator,
             self.weather.snapshot(now),
         )
+        return _SiteForecasts(start, times, known, pv_w, load_w)
+
+    def _forecast(self, forecasts: _SiteForecasts | None) -> None:
+        """Coordinator.publish_forecasts, the rest: the local price from the community's net
+        load, and the feeder reservation (after the clearing: it reads the awards)."""
+        if forecasts is None:
+            return
+        m = self.config.market
+        c = self.config
+        start, times, known = forecasts.start, forecasts.times, forecasts.known
+        pv_w, load_w = forecasts.pv_w, forecasts.load_w
         shapes = {s.name: (pv_w[i], load_w[i]) for i, s in enumerate(known)}
         net_w = sum(load - pv for pv, load in shapes.values())
         tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
@@ -1171,14 +1253,13 @@ class Engine:
                         due.append((s, s.next_bid))  # EdgeAgent.bid: only while the gate is open
                     s.next_bid += 1
             if due:
-                plans = self._plan_all(due)
-                for s, k in due:
-                    self._bid(s, k, now, plans)
+                self._start_bids(due, now)
             while now >= self._next_clear * interval_s - m.gate_s:
                 self._clear(self._next_clear, now)
                 self._next_clear += 1
             if progress is not None and i % report_every == 0:
                 progress(i / (n - 1))
+        self._finish_bids()
         if progress is not None:
             progress(1.0)
         return self._result(time.perf_counter() - wall0)

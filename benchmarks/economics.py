@@ -60,9 +60,11 @@ cost is the LP's optimum (the summary prints the largest gap between the two): n
 within the goal costs less, in the LP's model. The summary lists the runs where ``bound`` is
 above (ii)'s cost: there no schedule meets both "no run costs more than (ii)" and the feeder
 goal, and the runs where it is not, with how far ours is above the bound (room to improve).
-Caveat: the LP and the bound are a model (15-minute energies, each battery's power, energy and
-efficiency limits, perfect foresight); the engine's physics runs at finer steps, and its
-batteries are not bound by the LP's 15-minute averages.
+Caveat: the LP and the bound are a model (15-minute energies; each battery's rated power,
+energy bounds and constant efficiencies; perfect foresight of loads and PV, which only lowers
+the bound); the engine's physics runs at finer steps. Billing and the goal count 15-minute
+energies, and a battery cannot do better within an interval than its net energy there, so the
+model should be the more permissive of the two, but the bound is proved for the model only.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from coordinator.sharing import connection_point_cost, energy_sharing_cost
 from simulators.scenario import load_scenario
@@ -183,6 +184,99 @@ def test_energy_sharing_moves_a_battery_to_absorb_a_neighbours_export() -> None:
     assert result.metered_kwh == pytest.approx(np.array([[-10.0, 0.0], [10.0, 0.0]]), abs=1e-9)
     # the community pays 10 * 0.22 and the farm is paid 10 * 0.2: 0.2 net
     assert result.objective == pytest.approx(0.2)
+
+
+#: A day with two import peaks against a 5 kWh limit (1 and 2 kWh above it), under a flat
+#: tariff (0.30, no feed-in). The battery starts empty and returns 80 % of what it charges
+#: (charge 0.8, discharge 1.0): each kWh shaved costs 1.25 kWh bought, 0.075 of losses.
+PEAKS_KWH = [[2.0, 6.0, 2.0, 7.0]]
+LIMIT_KWH = 5.0
+FLAT = 0.30
+
+
+def _peaks(**allowance: float) -> tuple[float, NDArray[np.float64]]:
+    result = perfect_foresight(
+        PEAKS_KWH,
+        [_battery(charge_efficiency=0.8, discharge_efficiency=1.0)],
+        interval_h=QUARTER_H,
+        regime="a",
+        retail_per_kwh=FLAT,
+        feed_in_per_kwh=0.0,
+        import_limit_kwh=LIMIT_KWH,
+        **allowance,
+    )
+    bill = connection_point_cost(result.metered_kwh, retail_per_kwh=FLAT, feed_in_per_kwh=0.0)
+    assert float(bill.sum()) == pytest.approx(result.objective)
+    return result.objective, result.metered_kwh.sum(axis=0)
+
+
+def test_without_an_allowance_keeping_the_limit_pays_the_storage_losses() -> None:
+    # 3 kWh shaved need 3.75 kWh charged off-peak: 17.75 kWh bought, 5.325 against 5.1 idle.
+    cost, feeder = _peaks()
+    assert cost == pytest.approx(FLAT * (17.0 + 0.25 * 3.0))
+    assert feeder.max() == pytest.approx(LIMIT_KWH)
+
+
+def test_an_allowance_covering_the_excess_leaves_the_battery_idle() -> None:
+    # 2 kWh per interval and 3 kWh in all cover both peaks: nothing to shave, the idle cost.
+    cost, feeder = _peaks(over_limit_cap_kwh=2.0, over_limit_budget_kwh=3.0)
+    assert cost == pytest.approx(FLAT * 17.0)
+    assert feeder == pytest.approx(np.array(PEAKS_KWH[0]))
+
+
+def test_a_budget_below_the_excess_shaves_exactly_the_excess_beyond_it() -> None:
+    # 3 kWh above the limit, 1.2 kWh free in all (at most 1.5 in one interval): 1.8 kWh shaved,
+    # at least 0.5 of them in the 7 kWh interval; 2.25 kWh charged, 17.45 kWh bought.
+    cost, feeder = _peaks(over_limit_cap_kwh=1.5, over_limit_budget_kwh=1.2)
+    assert cost == pytest.approx(FLAT * 17.45)
+    above = np.maximum(feeder - LIMIT_KWH, 0.0)
+    assert above.sum() == pytest.approx(1.2)
+    assert above.max() <= 1.5 + 1e-9
+
+
+def test_a_cap_per_interval_below_the_excess_shaves_what_goes_beyond_the_cap() -> None:
+    # 0.5 kWh free per interval, no budget: 0.5 and 1.5 kWh shaved, 2.5 kWh charged.
+    cost, feeder = _peaks(over_limit_cap_kwh=0.5)
+    assert cost == pytest.approx(FLAT * 17.5)
+    assert feeder[[1, 3]] == pytest.approx(np.array([5.5, 5.5]))
+
+
+def test_the_allowance_applies_to_the_sum_of_the_sites_in_energy_sharing() -> None:
+    # Regime (b): the feeder carries 2 then 6 kWh (4 + 2 of two sites) against 5; the battery
+    # at site 1 shaves what goes beyond 0.6 kWh free: 0.4 kWh, for 0.5 kWh charged.
+    battery = LpBattery(
+        site=1,
+        capacity_wh=20_000.0,
+        rated_power_w=40_000.0,
+        soc_pct=0.0,
+        soc_min_pct=0.0,
+        charge_efficiency=0.8,
+        discharge_efficiency=1.0,
+    )
+    result = perfect_foresight(
+        [[1.0, 4.0], [1.0, 2.0]],
+        [battery],
+        interval_h=QUARTER_H,
+        regime="b",
+        retail_per_kwh=FLAT,
+        feed_in_per_kwh=0.0,
+        import_limit_kwh=LIMIT_KWH,
+        over_limit_cap_kwh=0.6,
+    )
+    assert result.metered_kwh == pytest.approx(np.array([[1.0, 4.0], [1.5, 1.6]]))
+    assert result.objective == pytest.approx(FLAT * 8.1)
+
+
+def test_no_allowance_is_the_programme_as_it_was() -> None:
+    # A zero cap or a zero budget is no allowance: the same optimum as without the arguments.
+    plain, _ = _peaks()
+    assert _peaks(over_limit_cap_kwh=0.0, over_limit_budget_kwh=5.0)[0] == plain
+    assert _peaks(over_limit_cap_kwh=5.0, over_limit_budget_kwh=0.0)[0] == plain
+
+
+def test_a_negative_allowance_is_refused() -> None:
+    with pytest.raises(ForesightError, match="over_limit_cap_kwh"):
+        _peaks(over_limit_cap_kwh=-1.0)
 
 
 def test_feed_in_at_or_above_retail_is_refused() -> None:

@@ -25,6 +25,15 @@ or export limit (so the LP stays within them when it can, and minimises the exce
 cannot), less ``stored_value_per_kwh`` for each kWh a battery holds at the end beyond its
 start (a charge when it holds less). Charging and discharging in the same interval is allowed
 (the LP never gains by it unless it must burn energy).
+
+The feeder's flow, for its limits, is the sum of the sites' metered energy in both regimes
+(the connection point's net in (a)). An optional allowance on its import: up to
+``over_limit_cap_kwh`` above ``import_limit_kwh`` in any interval, and up to
+``over_limit_budget_kwh`` summed over the horizon, is free (variables ``allowed[t]`` in
+``[0, cap]`` with ``sum allowed <= budget``; flow ``<= limit + allowed[t] + over_in[t]``);
+only what goes beyond it pays ``over_limit_per_kwh``. With it the LP answers "the cheapest
+schedule whose excess stays within an allowance" (e.g. a feeder goal of at most 5 % over the
+limit in any interval and a tenth of a baseline's energy above it). Export limits have none.
 """
 
 from __future__ import annotations
@@ -119,6 +128,8 @@ def perfect_foresight(
     export_limit_kwh: float = np.inf,
     over_limit_per_kwh: float = 10.0,
     demand_charge_per_kw: ArrayLike = 0.0,
+    over_limit_cap_kwh: float = 0.0,
+    over_limit_budget_kwh: float = np.inf,
 ) -> Foresight:
     """The cheapest schedule of ``batteries`` for sites whose load minus PV per interval is
     ``net_kwh`` ``(sites, intervals)``, see the module's docstring.
@@ -127,6 +138,10 @@ def perfect_foresight(
     where ``local_price_per_kwh`` broadcasts to ``(intervals,)``; ``demand_charge_per_kw`` is one
     value in (a) and one per site (or one for all) in (b), per kW of the horizon's largest
     interval-mean import. Feed-in must be below retail (else the programme is unbounded).
+
+    ``over_limit_cap_kwh`` (kWh per interval, >= 0) and ``over_limit_budget_kwh`` (kWh over the
+    horizon, >= 0) make feeder import above ``import_limit_kwh`` free within both; the defaults
+    (no allowance) leave the programme as it was without them.
     """
     from scipy.optimize import linprog  # noqa: PLC0415 - scipy only where the LP runs
     from scipy.sparse import coo_matrix  # noqa: PLC0415
@@ -149,6 +164,11 @@ def perfect_foresight(
         raise ForesightError(f"a tariff does not fit {shape}: {err}") from err
     if np.any(feed_in >= retail):
         raise ForesightError("feed_in_per_kwh must be below retail_per_kwh")
+    if not (over_limit_cap_kwh >= 0 and over_limit_budget_kwh >= 0):
+        raise ForesightError(
+            "over_limit_cap_kwh and over_limit_budget_kwh must be >= 0, got "
+            f"{over_limit_cap_kwh} and {over_limit_budget_kwh}"
+        )
     for b in batteries:
         if not 0 <= b.site < n_sites:
             raise ForesightError(f"battery's site row {b.site} is not in 0..{n_sites - 1}")
@@ -157,7 +177,12 @@ def perfect_foresight(
     blocks = _add_batteries(lp, batteries, n_t, interval_h)
     over_in = lp.block(n_t, cost=over_limit_per_kwh)
     over_out = lp.block(n_t, cost=over_limit_per_kwh)
-    limits = (over_in, over_out, import_limit_kwh, export_limit_kwh)
+    allowed: NDArray[np.int64] | None = None
+    if over_limit_cap_kwh > 0 and over_limit_budget_kwh > 0:
+        allowed = lp.block(n_t, upper=over_limit_cap_kwh)
+        if np.isfinite(over_limit_budget_kwh):
+            lp.row("ub", [(int(k), 1.0) for k in allowed], over_limit_budget_kwh)
+    limits = _Limits(over_in, over_out, allowed, import_limit_kwh, export_limit_kwh)
     if regime == "a":
         _add_connection_point(lp, blocks, net, retail, feed_in, float(demand), limits, interval_h)
     else:
@@ -245,7 +270,23 @@ def _add_batteries(
     return out
 
 
-_Limits = tuple[NDArray[np.int64], NDArray[np.int64], float, float]
+@dataclass(frozen=True)
+class _Limits:
+    """The feeder's limits (kWh per interval) and the slack variables beyond them: penalised
+    (``over_in``, ``over_out``) and free within the allowance (``allowed``, if any)."""
+
+    over_in: NDArray[np.int64]
+    over_out: NDArray[np.int64]
+    allowed: NDArray[np.int64] | None
+    import_kwh: float
+    export_kwh: float
+
+    def import_slack(self, t: int) -> list[tuple[int, float]]:
+        """The terms taken off the feeder's import in interval ``t`` before its limit."""
+        out = [(int(self.over_in[t]), -1.0)]
+        if self.allowed is not None:
+            out.append((int(self.allowed[t]), -1.0))
+        return out
 
 
 def _add_connection_point(
@@ -259,7 +300,6 @@ def _add_connection_point(
     interval_h: float,
 ) -> None:
     """Regime (a): the feeder's import and export, its limits and its peak."""
-    over_in, over_out, import_kwh, export_kwh = limits
     n_sites, n_t = net.shape
     imp = lp.block(n_t, cost=retail)
     exp = lp.block(n_t, cost=-feed_in)
@@ -269,8 +309,8 @@ def _add_connection_point(
         for s in range(n_sites):
             terms += [(i, -v) for i, v in blocks.terms(s, t)]
         lp.row("eq", terms, float(net[:, t].sum()))
-        lp.row("ub", [(int(imp[t]), 1.0), (int(over_in[t]), -1.0)], import_kwh)
-        lp.row("ub", [(int(exp[t]), 1.0), (int(over_out[t]), -1.0)], export_kwh)
+        lp.row("ub", [(int(imp[t]), 1.0), *limits.import_slack(t)], limits.import_kwh)
+        lp.row("ub", [(int(exp[t]), 1.0), (int(limits.over_out[t]), -1.0)], limits.export_kwh)
         lp.row("ub", [(int(imp[t]), 1.0), (peak, -interval_h)], 0.0)
 
 
@@ -286,7 +326,6 @@ def _add_sharing(
     """Regime (b): each site's import and export, what it receives and gives of the shared
     energy, the feeder's limits and each site's peak."""
     retail, feed_in, local, charge = prices
-    over_in, over_out, import_kwh, export_kwh = limits
     n_sites, n_t = net.shape
     imp = [lp.block(n_t, cost=retail[s]) for s in range(n_sites)]
     exp = [lp.block(n_t, cost=-feed_in[s]) for s in range(n_sites)]
@@ -306,5 +345,6 @@ def _add_sharing(
             flow += [(i, 1.0), (e, -1.0)]
             shared += [(int(received[s][t]), 1.0), (int(given[s][t]), -1.0)]
         lp.row("eq", shared, 0.0)
-        lp.row("ub", [*flow, (int(over_in[t]), -1.0)], import_kwh)
-        lp.row("ub", [*[(k, -v) for k, v in flow], (int(over_out[t]), -1.0)], export_kwh)
+        lp.row("ub", [*flow, *limits.import_slack(t)], limits.import_kwh)
+        exported = [(k, -v) for k, v in flow]
+        lp.row("ub", [*exported, (int(limits.over_out[t]), -1.0)], limits.export_kwh)

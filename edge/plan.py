@@ -174,7 +174,7 @@ class _Programme:
         new = rows is None
         if rows is None:
             first = self.count[kind]
-            rows = np.arange(first, first + len(rhs), dtype=np.int64)
+            rows = self.run(first, len(rhs))
             self.count[kind] += len(rhs)
             self.rhs[kind].append(np.asarray(rhs, dtype=np.float64))
         out_rows, out_cols, out_vals = self.parts[kind]
@@ -185,6 +185,20 @@ class _Programme:
         self.signature.append((kind, new, self._key(rows), *vals))
         self.signature.append(tuple(self._key(c) for c in cols))
         return rows
+
+    def run(self, first: int, n: int) -> NDArray[np.int64]:
+        """The indices ``first .. first + n - 1``, their key known (see :meth:`_key`)."""
+        index = np.arange(first, first + n, dtype=np.int64)
+        self._keys[id(index)] = (index, (first, n) if n else ())
+        return index
+
+    def part(self, index: NDArray[np.int64], start: int, stop: int) -> NDArray[np.int64]:
+        """``index[start:stop]``, its key known when ``index`` is a run from :meth:`run`."""
+        out = index[start:stop]
+        seen = self._keys.get(id(index))
+        if seen is not None and isinstance(seen[1], tuple) and len(out):
+            self._keys[id(out)] = (out, (seen[1][0] + start, len(out)))
+        return out
 
     def _key(self, index: NDArray[np.int64]) -> object:
         """:func:`_run_key` of ``index``, once per array (the blocks recur in many rows; the
@@ -294,7 +308,7 @@ def _scenario(
     discharge, stored, import, export, over import, over export, floor shortfall, over the
     import target) and its rows."""
     b, n = battery, len(net)
-    blocks = tuple(base + j * n + np.arange(n, dtype=np.int64) for j in range(BLOCKS))
+    blocks = tuple(lp.run(base + j * n, n) for j in range(BLOCKS))
     c, d, e, i, x, oi, ox, short, ot = blocks
     lp.upper[c] = b.max_charge_kw * step_h
     lp.upper[d] = b.max_discharge_kw * step_h
@@ -307,7 +321,7 @@ def _scenario(
     # E[t] - E[t-1] - eta_c c[t] + d[t] / eta_d = E0 at t = 0, else 0
     rows = lp.add("eq", [e, c, d], [1.0, -b.charge_efficiency, 1.0 / b.discharge_efficiency], start)
     if n > 1:
-        lp.add("eq", [e[:-1]], [-1.0], start, rows=rows[1:])
+        lp.add("eq", [lp.part(e, 0, n - 1)], [-1.0], start, rows=lp.part(rows, 1, n))
     lp.add("eq", [i, x, c, d], [1.0, -1.0, -1.0, 1.0], net)  # import - export = net + c - d
     # a row for every step, limited or not (no limit: an infinite right-hand side, a free row),
     # so that re-plans share one shape and each can start from the last one's basis
@@ -328,8 +342,8 @@ def _follow(
     has = np.isfinite(suggested)
     if not has.any():
         return
-    above = first + np.arange(len(suggested), dtype=np.int64)
-    below = above + len(suggested)
+    above = lp.run(first, len(suggested))
+    below = lp.run(first + len(suggested), len(suggested))
     lp.cost[above[has]] = lp.cost[below[has]] = FOLLOW_PER_KWH
     # every step has its row (free to differ at no cost where there is no suggestion): one shape
     lp.add("eq", [stored, above, below], [1.0, -1.0, 1.0], np.where(has, suggested, 0.0))
@@ -441,7 +455,8 @@ def plan_site(
     _follow(lp, e, nv * len(scenarios), _steps(suggested_kwh, n, "suggested_kwh"))
     if len(blocks) > 1:  # the first step's grid exchange is one decision for both scenarios
         i1, x1 = blocks[1][3], blocks[1][4]
-        lp.add("eq", [i[:1], x[:1], i1[:1], x1[:1]], [1.0, -1.0, -1.0, 1.0], np.zeros(1))
+        firsts = [lp.part(v, 0, 1) for v in (i, x, i1, x1)]
+        lp.add("eq", firsts, [1.0, -1.0, -1.0, 1.0], np.zeros(1))
     sol, eq_dual = lp.solve(warm)
     c_v, d_v, e_v, i_v, x_v = (sol[blk] for blk in blocks[0][:5])
     over = sum(float(sol[np.concatenate(blk[5:8])].sum()) for blk in blocks)

@@ -1036,7 +1036,11 @@ class Engine:
         start, required_kwh = r.required
         interval_s = self.config.market.interval_s
         required = grid.required_now_kwh(required_kwh, start, interval_s, now)
-        fleet = [fleet_battery(s.batteries) for s in self.sites.values() if s.batteries]
+        fleet = (
+            []
+            if required is None  # no need to read the batteries
+            else [fleet_battery(s.batteries) for s in self.sites.values() if s.batteries]
+        )
         if required is None or not fleet:
             r.active = False
             return

@@ -1891,21 +1891,32 @@ class Coordinator:
                 None,
             )
         for name, (order, relief) in orders.items():
-            last = self._grid_orders.get(name)
-            if not grid.reissue_due(last, wall_now, g.reissue_s / self.speed):
+            if not self._grid_order_due(name, wall_now, g):
                 continue
-            self._own_dispatch_ids.append(order.id)
-            try:
-                await self.bus.publish(topics.site_topic(name, "dispatch"), order.model_dump_json())
-            except BusUnavailable:
+            if not await self._send_grid_order(name, order, wall_now):
                 break
-            self._grid_orders[name] = wall_now
-            if self.historian is not None:
-                self.historian.record_dispatch(name, order)
             if relief is not None:
                 self._relief[name] = relief
-            self.stats.dispatches += 1
         return set(plan.batteries)
+
+    def _grid_order_due(self, name: str, wall_now: float, g: GridSection) -> bool:
+        """Whether the grid loop may send the site another order now (at most one every
+        ``reissue_s`` of simulated time, whichever loop sent the last)."""
+        return grid.reissue_due(self._grid_orders.get(name), wall_now, g.reissue_s / self.speed)
+
+    async def _send_grid_order(self, name: str, order: Dispatch, wall_now: float) -> bool:
+        """Publish one of the grid loop's orders to the site and note it (the reissue clock,
+        the historian, the statistics); False when the bus is unavailable (stop sending)."""
+        self._own_dispatch_ids.append(order.id)
+        try:
+            await self.bus.publish(topics.site_topic(name, "dispatch"), order.model_dump_json())
+        except BusUnavailable:
+            return False
+        self._grid_orders[name] = wall_now
+        if self.historian is not None:
+            self.historian.record_dispatch(name, order)
+        self.stats.dispatches += 1
+        return True
 
     def _required_now_kwh(self, now: float) -> float | None:
         """The fleet's stored energy the latest feeder reservation asks for now (kWh), while
@@ -1959,9 +1970,7 @@ class Coordinator:
             max_w=grid.refill_max_w(required - stored, interval_s),
         )
         for name, (setpoint, refill) in orders.items():
-            if not grid.reissue_due(
-                self._grid_orders.get(name), wall_now, g.reissue_s / self.speed
-            ):
+            if not self._grid_order_due(name, wall_now, g):
                 continue
             order = Dispatch(
                 ts=now,
@@ -1969,18 +1978,11 @@ class Coordinator:
                 expires_ts=refill.expires_ts,
                 reason=f"feeder {self.feeder}: refilling batteries short of its reservation",
             )
-            self._own_dispatch_ids.append(order.id)
-            try:
-                await self.bus.publish(topics.site_topic(name, "dispatch"), order.model_dump_json())
-            except BusUnavailable:
+            if not await self._send_grid_order(name, order, wall_now):
                 return
-            self._grid_orders[name] = wall_now
-            if self.historian is not None:
-                self.historian.record_dispatch(name, order)
             state.orders[name] = refill
             self._relief.pop(name, None)  # the refill's order replaces a lapsing relief
             self._absorbing.pop(name, None)  # ... and an absorbing one
-            self.stats.dispatches += 1
 
     async def _absorb(self, flow: float, g: GridSection, wall_now: float, busy: set[str]) -> None:
         """While the feeder exports, charge the export into the batteries pro rata to their
@@ -2004,9 +2006,7 @@ class Coordinator:
             expiry_s=grid.absorb_expiry_s(now, self.config.market.interval_s, g.dispatch_expiry_s),
         )
         for name, (setpoint, absorbed) in orders.items():
-            if not grid.reissue_due(
-                self._grid_orders.get(name), wall_now, g.reissue_s / self.speed
-            ):
+            if not self._grid_order_due(name, wall_now, g):
                 continue
             order = Dispatch(
                 ts=now,
@@ -2014,13 +2014,6 @@ class Coordinator:
                 expires_ts=absorbed.expires_ts,
                 reason=f"feeder {self.feeder} exporting {max(-flow, 0.0):.0f} W: storing it",
             )
-            self._own_dispatch_ids.append(order.id)
-            try:
-                await self.bus.publish(topics.site_topic(name, "dispatch"), order.model_dump_json())
-            except BusUnavailable:
+            if not await self._send_grid_order(name, order, wall_now):
                 return
-            self._grid_orders[name] = wall_now
-            if self.historian is not None:
-                self.historian.record_dispatch(name, order)
             self._absorbing[name] = absorbed
-            self.stats.dispatches += 1

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -368,6 +369,46 @@ class _SiteForecasts:
     load_w: NDArray[np.float64]
 
 
+def _feeder_schedule(
+    net_w: NDArray[np.float64],
+    net_kwh: dict[str, NDArray[np.float64]],
+    fleet: dict[str, rs.FleetBattery],
+    tariffs: NDArray[np.float64],
+    step_h: float,
+    g: GridSection,
+) -> tuple[NDArray[np.float64], rs.FeederReservation]:
+    """Coordinator.publish_forecasts's community schedule and feeder reservation: the local
+    price per step and each site's share, from the community's net load (W) and each site's
+    (kWh), the batteries as the cleared interval leaves them and the tariffs per step."""
+    community = rs.community_schedule(
+        net_w * step_h / 1000.0,
+        list(fleet.values()),
+        retail_per_kwh=tariffs[:, 0],
+        feed_in_per_kwh=tariffs[:, 1],
+        step_h=step_h,
+        import_limit_kw=g.import_limit_w * g.target_pct / 1e5,
+        export_limit_kw=g.export_limit_w * g.target_pct / 1e5,
+    )
+    reservation = rs.reserve(
+        net_kwh,
+        fleet,
+        step_h=step_h,
+        import_limit_kw=g.import_limit_w / 1000.0,
+        export_limit_kw=g.export_limit_w / 1000.0,
+        plan_to_share=g.target_pct / 100.0,
+        fleet_stored_kwh=community.stored_kwh,
+    )
+    return community.price_per_kwh, reservation
+
+
+#: a site's forecast PV and load, W per step
+_Shape = tuple[NDArray[np.float64], NDArray[np.float64]]
+#: the community schedule's price and reservation, being made (in a thread) or made
+_Scheduled = (
+    Future[tuple[NDArray[np.float64], rs.FeederReservation]]
+    | tuple[NDArray[np.float64], rs.FeederReservation]
+)
+
 #: a plan being made (in a planning thread) or made (None: it failed)
 _Planned = Future[IntervalPlan | None] | IntervalPlan | None
 
@@ -528,6 +569,8 @@ class Engine:
 
     #: bids started and not yet made (see _start_bids): each site's, and the plans by site
     _bidding: tuple[list[_Bidding], dict[str, _Planned]] | None = None
+    #: forecasts being made (see _forecast): the sites', their shapes, the schedule's results
+    _forecasting: tuple[_SiteForecasts, dict[str, _Shape], _Scheduled] | None = None
 
     def __init__(
         self,
@@ -768,6 +811,7 @@ class Engine:
         (HiGHS solves without Python's lock), while the engine steps on; :meth:`_finish_bids`
         makes the bids before anything reads a bid or a plan (the clearing, the next round,
         the end), each from what its site knew now: the results are as if made at once."""
+        self._forecasts_made()
         self._finish_bids()
         jobs = {s.name: self._plan_job(s, k) for s, k in due if self._plans(s)}
         plans: dict[str, _Planned]
@@ -948,6 +992,7 @@ class Engine:
 
     def _balance(self, now: float) -> None:
         """Coordinator.balance: the feeder's mode, then battery orders and load limits."""
+        self._forecasts_made()
         g = grid.holding_grid(self.config.grid, self.refill.import_level_kw)
         flow = sum(s.grid_w for s in self.sites.values())
         self.reliefs = grid.active_reliefs(self.reliefs, now)
@@ -1077,6 +1122,7 @@ class Engine:
     def _clear(self, interval: int, now: float) -> None:
         """Coordinator.clear_interval: clear, commit, award; then the next forecasts."""
         m = self.config.market
+        self._forecasts_made()
         forecasts = self._site_forecasts((interval + 1) * m.interval_s, now)
         self._finish_bids()
         retail, feed_in = self.config.tariff.at(
@@ -1150,7 +1196,6 @@ class Engine:
         net_w = sum(load - pv for pv, load in shapes.values())
         tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
         step_h = m.interval_s / 3600.0
-        reservation = None
         cleared = int(start // m.interval_s) - 1  # its awards are known, the batteries run it
         fleet = {
             s.name: rs.after_award(
@@ -1164,30 +1209,36 @@ class Engine:
         }
         if self.variant == "wattmesh" and fleet:
             net_kwh = {n: (ld - pv) * step_h / 1000.0 for n, (pv, ld) in shapes.items()}
-            community = rs.community_schedule(
-                net_w * step_h / 1000.0,
-                list(fleet.values()),
-                retail_per_kwh=tariffs[:, 0],
-                feed_in_per_kwh=tariffs[:, 1],
-                step_h=step_h,
-                import_limit_kw=c.grid.import_limit_w * c.grid.target_pct / 1e5,
-                export_limit_kw=c.grid.export_limit_w * c.grid.target_pct / 1e5,
-            )
-            price = community.price_per_kwh
-            reservation = rs.reserve(
-                net_kwh,
-                fleet,
-                step_h=step_h,
-                import_limit_kw=c.grid.import_limit_w / 1000.0,
-                export_limit_kw=c.grid.export_limit_w / 1000.0,
-                plan_to_share=c.grid.target_pct / 100.0,
-                fleet_stored_kwh=community.stored_kwh,
-            )
-        else:
-            price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
+            job = partial(_feeder_schedule, net_w, net_kwh, fleet, tariffs, step_h, c.grid)
+            # the schedule's solve runs while the engine steps on to the next reading of its
+            # results (the grid loop's refill, the next bids), with the inputs as they are now
+            made = job() if self._pool is None else self._pool.submit(job)
+            self._forecasting = (forecasts, shapes, made)
+            return
+        price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
+        self._publish_forecasts(forecasts, shapes, price, None)
+
+    def _forecasts_made(self) -> None:
+        """The forecasts started by :meth:`_forecast`, published to the sites and the grid
+        loop (before anything reads them)."""
+        if self._forecasting is None:
+            return
+        forecasts, shapes, made = self._forecasting
+        self._forecasting = None
+        price, reservation = made.result() if isinstance(made, Future) else made
+        self._publish_forecasts(forecasts, shapes, price, reservation)
+
+    def _publish_forecasts(
+        self,
+        forecasts: _SiteForecasts,
+        shapes: dict[str, _Shape],
+        price: NDArray[np.float64],
+        reservation: rs.FeederReservation | None,
+    ) -> None:
+        start = forecasts.start
         self.refill.import_level_kw = None if reservation is None else reservation.import_level_kw
         self.refill.required = None if reservation is None else (start, reservation.required_kwh)
-        for s in known:
+        for s in forecasts.known:
             pv, load = shapes[s.name]
             s.forecast = (float(start), pv, load, price)
             s.reservation = None if reservation is None else reservation.sites.get(s.name)
@@ -1263,6 +1314,7 @@ class Engine:
                 self._next_clear += 1
             if progress is not None and i % report_every == 0:
                 progress(i / (n - 1))
+        self._forecasts_made()
         self._finish_bids()
         if progress is not None:
             progress(1.0)

@@ -401,6 +401,9 @@ def _feeder_schedule(
     return community.price_per_kwh, reservation
 
 
+#: Tariff look-ups the engine keeps (a few days of forecast steps).
+TARIFFS_KEPT = 1024
+
 #: a site's forecast PV and load, W per step
 _Shape = tuple[NDArray[np.float64], NDArray[np.float64]]
 #: the community schedule's price and reservation, being made (in a thread) or made
@@ -571,6 +574,8 @@ class Engine:
     _bidding: tuple[list[_Bidding], dict[str, _Planned]] | None = None
     #: forecasts being made (see _forecast): the sites', their shapes, the schedule's results
     _forecasting: tuple[_SiteForecasts, dict[str, _Shape], _Scheduled] | None = None
+    sent_ts: dict[str, float]  # when the grid loop last sent each site an order
+    _tariffs: dict[float, tuple[float, float]]  # see _tariff_at
 
     def __init__(
         self,
@@ -657,7 +662,7 @@ class Engine:
         self.reliefs: dict[str, grid.Relief] = {}
         self.refill = _Refill()
         self.mode: grid.GridMode = "normal"
-        self.sent_ts: dict[str, float] = {}
+        self.sent_ts, self._tariffs = {}, {}
         self.bids: dict[int, dict[str, tuple[Steps, Steps]]] = {}
         self.cleared: set[int] = set()
         self._pool = _plan_pool()  # the sites' planning threads
@@ -1194,7 +1199,7 @@ class Engine:
         pv_w, load_w = forecasts.pv_w, forecasts.load_w
         shapes = {s.name: (pv_w[i], load_w[i]) for i, s in enumerate(known)}
         net_w = sum(load - pv for pv, load in shapes.values())
-        tariffs = np.array([c.tariff.at(float(t), c.coordinator.utc_offset_h) for t in times])
+        tariffs = np.array([self._tariff_at(float(t)) for t in times])
         step_h = m.interval_s / 3600.0
         cleared = int(start // m.interval_s) - 1  # its awards are known, the batteries run it
         fleet = {
@@ -1227,6 +1232,18 @@ class Engine:
         self._forecasting = None
         price, reservation = made.result() if isinstance(made, Future) else made
         self._publish_forecasts(forecasts, shapes, price, reservation)
+
+    def _tariff_at(self, ts: float) -> tuple[float, float]:
+        """The tariff's (retail, feed-in) per kWh at ``ts``, each step's looked up once (a
+        day's horizon moves on by one step an interval)."""
+        known = self._tariffs.get(ts)
+        if known is None:
+            c = self.config
+            known = self._tariffs[ts] = c.tariff.at(ts, c.coordinator.utc_offset_h)
+            if len(self._tariffs) > TARIFFS_KEPT:
+                for old in list(self._tariffs)[: TARIFFS_KEPT // 2]:
+                    del self._tariffs[old]
+        return known
 
     def _publish_forecasts(
         self,

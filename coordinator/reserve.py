@@ -144,17 +144,19 @@ def _requirement(
     need = np.minimum(np.maximum(sized_kwh - level_kwh, 0.0), rates.discharge_kwh)
     room = np.minimum(np.maximum(level_kwh - sized_kwh, 0.0), rates.charge_kwh) * refill_share
     n_t = len(sized_kwh)
-    required = np.full(n_t, rates.low)
-    now = rates.low
+    low, high, eta_c, eta_d = rates.low, rates.high, rates.eta_c, rates.eta_d
+    required = [low] * n_t  # a backward recursion: on Python floats, not numpy scalars
+    need_kwh, room_kwh = need.tolist(), room.tolist()
+    now = low
     short = False
     for t in range(n_t - 1, -1, -1):
-        r = max(rates.low, required[t] + need[t] / rates.eta_d - rates.eta_c * room[t])
+        r = max(low, required[t] + need_kwh[t] / eta_d - eta_c * room_kwh[t])
         if t == 0:
             now = r
         else:
-            short = short or r > rates.high + 1e-9  # a later need the full fleet cannot carry
-            required[t - 1] = min(rates.high, r)
-    return required, math.inf if short else now
+            short = short or r > high + 1e-9  # a later need the full fleet cannot carry
+            required[t - 1] = min(high, r)
+    return np.array(required, dtype=np.float64), math.inf if short else now
 
 
 def _holds(sized_kwh: NDArray[np.float64], level_kwh: float, stored: float, r: _Rates) -> bool:

@@ -1086,19 +1086,16 @@ class Engine:
         start, required_kwh = r.required
         interval_s = self.config.market.interval_s
         required = grid.required_now_kwh(required_kwh, start, interval_s, now)
-        fleet = (
-            []
-            if required is None  # no need to read the batteries
-            else [fleet_battery(s.batteries) for s in self.sites.values() if s.batteries]
-        )
+        fleet = [s.batteries for s in self.sites.values() if s.batteries]
         if required is None or not fleet:
             r.active = False
             return
-        stored = sum(b.stored_kwh for b in fleet)
+        # the fleet's stored and largest energy, kWh, summed as fleet_battery() sums them
+        stored = sum(sum(b.stored_wh for b in site) / 1000.0 for site in fleet)
         r.active = grid.refilling(
             stored,
             required,
-            sum(b.max_kwh for b in fleet),
+            sum(sum(b.soc_max_pct * b.capacity_wh for b in site) / 1e5 for site in fleet),
             active=r.active,
         )
         if not r.active:

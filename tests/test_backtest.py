@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from coordinator.ledger import Ledger
 from simulators import physics
 from simulators.devices import BatterySim, SimSite
 from simulators.scenario import load_scenario, parse_scenario, stepped_sites
+from wattmesh import backtest
 from wattmesh.backtest import (
     BacktestError,
     Engine,
@@ -102,6 +104,26 @@ def test_a_community_day_is_deterministic_and_its_ledger_balances(tmp_path: Path
     idle = run_backtest(scenario, days=1, variant="idle")
     assert idle.feeder_peak_w > 1.1 * first.feeder_limit_w
     assert first.feeder_peak_w < 1.02 * first.feeder_limit_w
+
+
+def test_plans_and_schedules_in_threads_give_the_results_of_running_in_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine solves the sites' plans and the community schedule in threads while it steps
+    # on; each starts from its inputs as they were and is collected before anything reads it,
+    # so the ledger is the one an engine making each in turn writes, row for row.
+    scenario = load_scenario(COMMUNITY)
+    threaded = run_backtest(scenario, days=1, ledger_path=tmp_path / "threads.sqlite")
+    monkeypatch.setattr(backtest, "_plan_pool", lambda: None)  # one core: all in turn
+    in_turn = run_backtest(scenario, days=1, ledger_path=tmp_path / "in-turn.sqlite")
+    assert threaded.total_cost == in_turn.total_cost
+    assert threaded.dispatches == in_turn.dispatches > 0
+    rows = {}
+    for name in ("threads", "in-turn"):
+        with sqlite3.connect(tmp_path / f"{name}.sqlite") as db:
+            rows[name] = list(db.iterdump())
+    assert rows["threads"] == rows["in-turn"]
+    assert any("INSERT INTO" in line for line in rows["threads"])
 
 
 def _one_house() -> dict[str, object]:

@@ -225,7 +225,8 @@ def test_the_engine_feeds_the_simulated_weather_unless_switched_off(tmp_path: Pa
             scenario, days=0.25, ledger_path=tmp_path / f"{on}.sqlite", history_days=1.0, weather=on
         )
         start = scenario.start_ts + 6 * 3600.0
-        engine._forecast(start, start - 960.0)
+        engine._forecast(engine._site_forecasts(start, start - 960.0))
+        engine._forecasts_made()
         runs[on] = (engine.weather.accepted, engine.sites["solar-farm"].forecast)
         engine.close()
     assert runs[True][0] == 5  # the runs of the day before and the one at the start

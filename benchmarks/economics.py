@@ -457,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     bounds.print()
     print(
         f"wall time: {time.perf_counter() - wall0:.1f} s in all; wattmesh on the engine "
-        f"{max(week_wall):.2f} s at most per {args.days:g}-day run"
+        f"{max(week_wall):.2f} s at most per {args.days:g}-day run (median "
+        f"{statistics.median(week_wall):.2f} s, least {min(week_wall):.2f} s over "
+        f"{len(week_wall)} runs)"
     )
     return 0
 

@@ -40,9 +40,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial, wraps
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -72,6 +73,47 @@ LOAD_UPSIDE = 0.2
 
 class PlanError(ValueError):
     """A plan cannot be set up (bad input) or the solver found no optimum."""
+
+
+#: A solved programme: the optimum (every variable), the duals of the equality rows, the
+#: simplex iterations and the solve's wall time [s].
+Solved = tuple[NDArray[np.float64], NDArray[np.float64], int, float]
+#: A programme ready to solve, in any thread (it holds everything it needs; HiGHS solves
+#: without Python's lock). Raises :class:`PlanError` when there is no optimum.
+SolveJob = Callable[[], Solved]
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+#: A plan made in steps (:func:`plan_interval_steps`): it yields its programme's
+#: :data:`SolveJob` once and is sent the job's result; it returns the plan.
+PlanSteps = Generator[SolveJob, Solved, _T]
+
+
+def run_steps(steps: PlanSteps[_T], job: SolveJob | None = None) -> _T:
+    """Make a plan given in steps here, solving its programmes in this thread (``job``: the
+    one it has already yielded)."""
+    try:
+        if job is None:
+            job = next(steps)
+        while True:
+            try:
+                solved = job()
+            except PlanError as err:
+                job = steps.throw(err)
+            else:
+                job = steps.send(solved)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def resume_steps(steps: PlanSteps[_T], solved: Solved | PlanError) -> _T:
+    """Go on with a plan in steps whose programme was solved elsewhere (``solved``: what its
+    job returned, or the :class:`PlanError` it raised); raises :class:`PlanError` as the plan
+    does."""
+    try:
+        job = steps.throw(solved) if isinstance(solved, PlanError) else steps.send(solved)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    return run_steps(steps, job)
 
 
 class WarmStart:
@@ -255,21 +297,41 @@ class _Programme:
         """The lengths of the row blocks, equalities first, in the order they were added."""
         return [len(r) for kind in ("eq", "ub") for r in self.rhs[kind]]
 
-    def solve(
-        self, warm: WarmStart | None = None
-    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """The optimum (every variable) and the duals of the equality rows (the change in
-        cost per unit more on a row's right-hand side); :class:`PlanError` without one.
-        With ``warm``, the simplex starts from the last plan's basis and keeps this one's."""
+    def solve_job(self, warm: WarmStart | None = None) -> SolveJob:
+        """The programme's solve, to run in any thread (built here): the optimum (every
+        variable) and the duals of the equality rows (the change in cost per unit more on a
+        row's right-hand side); :class:`PlanError` without one. With ``warm``, the simplex
+        starts from the last plan's basis and keeps this one's (one solve of a site at a
+        time)."""
         start, index, value, rhs = self.rows(warm)
         n_eq = self.count["eq"]
         lower = rhs.copy()
         lower[n_eq:] = -np.inf
         shape = (self.width, self.blocks())
-        return solve_lp(
-            self.cost, self.lower, self.upper, lower, rhs, start, index, value, n_eq,
-            warm=None if warm is None else (warm, shape),
+        return partial(
+            _solve_timed, self.cost, self.lower, self.upper, lower, rhs, start, index, value,
+            n_eq, None if warm is None else (warm, shape),
         )  # fmt: skip
+
+
+def _solve_timed(
+    cost: NDArray[np.float64],
+    col_lower: NDArray[np.float64],
+    col_upper: NDArray[np.float64],
+    row_lower: NDArray[np.float64],
+    row_upper: NDArray[np.float64],
+    start: NDArray[np.int64],
+    index: NDArray[np.int32],
+    value: NDArray[np.float64],
+    n_eq: int,
+    warm: tuple[WarmStart, tuple[int, list[int]]] | None,
+) -> Solved:
+    """:func:`solve_lp`, with this thread's iteration count and the wall time it took."""
+    t0 = time.perf_counter()
+    x, dual = solve_lp(
+        cost, col_lower, col_upper, row_lower, row_upper, start, index, value, n_eq, warm=warm
+    )
+    return x, dual, _solvers.iterations, time.perf_counter() - t0
 
 
 def _run_key(index: NDArray[np.int64]) -> object:
@@ -377,7 +439,7 @@ def _check(
         raise PlanError("efficiencies must be in (0, 1]")
 
 
-def plan_site(
+def plan_site_steps(
     net_kwh: ArrayLike,
     buy_per_kwh: ArrayLike,
     sell_per_kwh: ArrayLike,
@@ -397,8 +459,9 @@ def plan_site(
     pessimistic_import_cap_kw: ArrayLike | None = None,
     suggested_kwh: ArrayLike | None = None,
     warm: WarmStart | None = None,
-) -> SitePlan:
-    """The site's cheapest battery schedule over ``len(net_kwh)`` steps (module docstring).
+) -> PlanSteps[SitePlan]:
+    """The site's cheapest battery schedule over ``len(net_kwh)`` steps (module docstring),
+    in steps (:data:`PlanSteps`; :func:`plan_site` makes it at once).
 
     ``net_kwh`` is the forecast load minus PV per step (kWh, + imports); ``buy_per_kwh`` and
     ``sell_per_kwh`` the expected prices of importing and exporting (sell <= buy); the site's
@@ -457,7 +520,9 @@ def plan_site(
         i1, x1 = blocks[1][3], blocks[1][4]
         firsts = [lp.part(v, 0, 1) for v in (i, x, i1, x1)]
         lp.add("eq", firsts, [1.0, -1.0, -1.0, 1.0], np.zeros(1))
-    sol, eq_dual = lp.solve(warm)
+    built_s = time.perf_counter() - t0
+    sol, eq_dual, iterations, solve_s = yield lp.solve_job(warm)
+    t1 = time.perf_counter()
     c_v, d_v, e_v, i_v, x_v = (sol[blk] for blk in blocks[0][:5])
     over = sum(float(sol[np.concatenate(blk[5:8])].sum()) for blk in blocks)
     return SitePlan(
@@ -467,9 +532,26 @@ def plan_site(
         value_per_kwh=-eq_dual[:n],
         cost=float(buy @ i_v - sell @ x_v),
         penalty_kwh=over,
-        solve_s=time.perf_counter() - t0,
-        iterations=_solvers.iterations,
+        solve_s=built_s + solve_s + time.perf_counter() - t1,  # not the wait for a thread
+        iterations=iterations,
     )
+
+
+def inline(steps: Callable[_P, PlanSteps[_T]]) -> Callable[_P, _T]:
+    """A plan in steps made at once, its programme solved in the caller's thread."""
+
+    @wraps(steps)
+    def made(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return run_steps(steps(*args, **kwargs))
+
+    made.__name__ = made.__qualname__ = steps.__name__.removesuffix("_steps")
+    made.__doc__ = f":func:`{steps.__name__}` made at once (solved in this thread)."
+    return made
+
+
+#: :func:`plan_site_steps` made at once; raises :class:`PlanError` on bad input or when
+#: HiGHS finds no optimum.
+plan_site = inline(plan_site_steps)
 
 
 def load_solver() -> None:
@@ -770,9 +852,9 @@ def aligned(
     first = round(offset)
     if abs(offset - first) > 1e-6:
         return out
-    index = first + np.arange(steps)
-    ok = (index >= 0) & (index < len(data))
-    out[ok] = data[index[ok]]
+    low, high = max(first, 0), min(first + steps, len(data))  # the steps the series has
+    if low < high:
+        out[low - first : high - first] = data[low:high]
     return out
 
 
@@ -797,7 +879,7 @@ def aggregate(
     )
 
 
-def plan_interval(
+def plan_interval_steps(
     horizon: Horizon,
     batteries: Sequence[BatteryView],
     *,
@@ -806,10 +888,12 @@ def plan_interval(
     limits: LimitsSection,
     role: str,
     warm: WarmStart | None = None,
-) -> IntervalPlan:
+) -> PlanSteps[IntervalPlan]:
     """Plan the site from ``horizon`` (its first step is the interval bid for) and make the
-    interval's bid. Raises :class:`PlanError` when it cannot (no forecast for the interval, a
-    battery without state, a failed solve): the caller falls back to today's rules."""
+    interval's bid, in steps (:data:`PlanSteps`: the caller may solve the programme in another
+    thread; :func:`plan_interval` makes it at once). Raises :class:`PlanError` when it cannot
+    (no forecast for the interval, a battery without state, a failed solve): the caller falls
+    back to today's rules."""
     step_h = horizon.step_s / 3600.0
     steps = min(len(horizon.pv_w), max(1, round(config.horizon_h / step_h)))
     pv, load = horizon.pv_w[:steps], horizon.load_w[:steps]
@@ -828,7 +912,7 @@ def plan_interval(
     reserved = bool(
         np.isfinite(floor).any() or np.isfinite(cap_in).any() or np.isfinite(cap_out).any()
     )
-    plan = plan_site(
+    plan = yield from plan_site_steps(
         net,
         price,
         price,
@@ -874,3 +958,7 @@ def plan_interval(
         charge_price_per_kwh=value * battery.charge_efficiency,
     )
     return IntervalPlan(plan, step, bid)
+
+
+#: :func:`plan_interval_steps` made at once; raises :class:`PlanError` when it cannot.
+plan_interval = inline(plan_interval_steps)

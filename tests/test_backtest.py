@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,41 @@ def test_plans_and_schedules_in_threads_give_the_results_of_running_in_turn(
             rows[name] = list(db.iterdump())
     assert rows["threads"] == rows["in-turn"]
     assert any("INSERT INTO" in line for line in rows["threads"])
+
+
+def test_forecasts_made_early_are_taken_only_when_nothing_they_read_has_changed(
+    tmp_path: Path,
+) -> None:
+    # While the schedule is solved the engine makes the next clearing's site forecasts; that
+    # clearing takes them only for the same horizon, histories and weather, else makes its own.
+    scenario = load_scenario(COMMUNITY)
+    engine = Engine(scenario, days=0.25, ledger_path=tmp_path / "l.sqlite", history_days=1.0)
+    try:
+        now = scenario.start_ts + 6 * 3600.0 - 60.0
+        start = now + 960.0
+        made = engine._site_forecasts(start, now)
+        assert made is not None
+        version = engine._history_version
+        weather = engine.weather.snapshot(now)
+        assert weather.kept  # the simulated weather service's runs
+
+        def taken(early: tuple[float, int, object]) -> bool:
+            engine._early = (*early, made)  # type: ignore[assignment]
+            return engine._site_forecasts(start, now) is made
+
+        assert taken((start, version, weather))
+        assert engine._early is None  # used once
+        assert not taken((start + 900.0, version, weather))  # another horizon
+        assert not taken((start, version - 1, weather))  # a history sample added since
+        older = replace(weather, kept=weather.kept[:-1])
+        assert not taken((start, version, older))  # a weather run issued since
+        assert not taken((start, version, replace(weather, fresh=not weather.fresh)))
+        again = engine._site_forecasts(start, now)  # made anew: the same figures
+        assert again is not None
+        np.testing.assert_array_equal(again.pv_w, made.pv_w)
+        np.testing.assert_array_equal(again.load_w, made.load_w)
+    finally:
+        engine.close()
 
 
 def _one_house() -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -16,6 +17,8 @@ from edge.plan import (
     pessimistic_net_kwh,
     plan_bid,
     plan_site,
+    plan_site_steps,
+    resume_steps,
     stored_value_per_kwh,
 )
 
@@ -368,3 +371,30 @@ def test_a_re_plan_of_the_same_shape_reuses_the_matrix_and_another_shape_builds_
     after = lossy.matrix[3]
     assert after.shape == before.shape
     assert np.count_nonzero(after != before) == 48  # -eta_c of each step's charge
+
+
+def test_a_plan_in_steps_solved_in_another_thread_is_the_plan_made_at_once() -> None:
+    # The stepped engine builds a plan's programme in its own thread and solves it in a
+    # planning thread (plan_site_steps, then resume_steps): the same plan as plan_site.
+    prices = two_prices(0.20, 0.30)
+    args = (np.full(16, 1.0), prices, prices * 0.0, battery(2.0))
+    at_once = plan_site(*args, step_h=STEP_H, stored_value_per_kwh=0.1)
+    steps = plan_site_steps(*args, step_h=STEP_H, stored_value_per_kwh=0.1)
+    job = next(steps)
+    with ThreadPoolExecutor(1) as pool:
+        solved = pool.submit(job).result()
+    in_steps = resume_steps(steps, solved)
+    for field in ("grid_kwh", "battery_kwh", "stored_kwh", "value_per_kwh"):
+        np.testing.assert_array_equal(getattr(in_steps, field), getattr(at_once, field))
+    assert in_steps.cost == at_once.cost
+    assert in_steps.iterations == at_once.iterations > 0  # counted in the solving thread
+    assert in_steps.solve_s > 0.0
+
+
+def test_a_solve_that_fails_elsewhere_fails_the_plan_with_its_reason() -> None:
+    steps = plan_site_steps(
+        np.full(4, 1.0), 0.3, 0.1, battery(), step_h=STEP_H, stored_value_per_kwh=0.0
+    )
+    next(steps)
+    with pytest.raises(PlanError, match="no optimum: Infeasible"):
+        resume_steps(steps, PlanError("HiGHS found no optimum: Infeasible"))

@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -73,10 +73,20 @@ from coordinator.service import (
     history_snapshot,
     new_history,
 )
-from coordinator.weather import KeptForecast, WeatherStore, kept_forecast
+from coordinator.weather import KeptForecast, WeatherSnapshot, WeatherStore, kept_forecast
 from edge.bidding import CurveSteps
 from edge.config import EdgeConfig, parse_edge_config
-from edge.plan import Horizon, IntervalPlan, PlanError, WarmStart, aligned, plan_interval
+from edge.plan import (
+    Horizon,
+    IntervalPlan,
+    PlanError,
+    PlanSteps,
+    Solved,
+    WarmStart,
+    aligned,
+    plan_interval_steps,
+    resume_steps,
+)
 from edge.policy import (
     BatteryView,
     Command,
@@ -369,6 +379,15 @@ class _SiteForecasts:
     load_w: NDArray[np.float64]
 
 
+def _same_weather(a: WeatherSnapshot, b: WeatherSnapshot) -> bool:
+    """Whether two snapshots hold the same forecasts (the same objects) and freshness."""
+    return (
+        a.fresh == b.fresh
+        and len(a.kept) == len(b.kept)
+        and all(x is y for x, y in zip(a.kept, b.kept, strict=True))
+    )
+
+
 def _feeder_schedule(
     net_w: NDArray[np.float64],
     net_kwh: dict[str, NDArray[np.float64]],
@@ -412,8 +431,30 @@ _Scheduled = (
     | tuple[NDArray[np.float64], rs.FeederReservation]
 )
 
-#: a plan being made (in a planning thread) or made (None: it failed)
-_Planned = Future[IntervalPlan | None] | IntervalPlan | None
+
+@dataclass(frozen=True, slots=True)
+class _Planning:
+    """A site's plan being made: its steps, and its programme's solve (in a planning thread,
+    or done: the result or the error)."""
+
+    steps: PlanSteps[IntervalPlan]
+    solve: Future[Solved] | Solved | PlanError
+
+
+def _plan_made(planning: _Planning | None) -> IntervalPlan | None:
+    """The plan ``planning`` makes once its programme is solved (None: it failed)."""
+    if planning is None:
+        return None
+    solve = planning.solve
+    if isinstance(solve, Future):
+        try:
+            solve = solve.result()
+        except PlanError as err:
+            solve = err
+    try:
+        return resume_steps(planning.steps, solve)
+    except PlanError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -571,9 +612,14 @@ class Engine:
     """One backtest run; :meth:`run` steps it to the end."""
 
     #: bids started and not yet made (see _start_bids): each site's, and the plans by site
-    _bidding: tuple[list[_Bidding], dict[str, _Planned]] | None = None
+    _bidding: tuple[list[_Bidding], dict[str, _Planning | None]] | None = None
     #: forecasts being made (see _forecast): the sites', their shapes, the schedule's results
     _forecasting: tuple[_SiteForecasts, dict[str, _Shape], _Scheduled] | None = None
+    #: the sites' forecasts made early (see _forecasts_made), with the history version and
+    #: weather they were made from
+    _early: tuple[float, int, WeatherSnapshot, _SiteForecasts | None] | None = None
+    #: counts the samples added to the sites' forecasting histories
+    _history_version: int = 0
     sent_ts: dict[str, float]  # when the grid loop last sent each site an order
     _tariffs: dict[float, tuple[float, float]]  # see _tariff_at
 
@@ -710,6 +756,7 @@ class Engine:
                 h.ts.tolist(), h.load_w.tolist(), h.pv_w.tolist(), strict=True
             ):
                 slot = site.forecast_history.append(t, pv_w, load_w, None)
+                self._history_version += 1
                 self.ghi_pending.append((site.forecast_history, slot, t))
             site.last_history_ts = float(h.ts[-1])
 
@@ -812,18 +859,15 @@ class Engine:
 
     def _start_bids(self, due: list[tuple[_Site, int]], now: float) -> None:
         """EdgeAgent.bid for the sites due now. Each agent's plan starts from what it knows
-        now (forecast, reservation, battery readings) in its own thread, two at a time
-        (HiGHS solves without Python's lock), while the engine steps on; :meth:`_finish_bids`
-        makes the bids before anything reads a bid or a plan (the clearing, the next round,
-        the end), each from what its site knew now: the results are as if made at once."""
+        now (forecast, reservation, battery readings): its programme is built here and solved
+        in a planning thread, two at a time (HiGHS solves without Python's lock), while the
+        engine steps on; :meth:`_finish_bids` makes the plans and bids before anything reads
+        a bid or a plan (the clearing, the next round, the end), each from what its site knew
+        now: the results are as if made at once. (Only the solves leave this thread: Python
+        in three threads at once spends much of its time handing its lock over.)"""
         self._forecasts_made()
         self._finish_bids()
-        jobs = {s.name: self._plan_job(s, k) for s, k in due if self._plans(s)}
-        plans: dict[str, _Planned]
-        if len(jobs) < 2 or self._pool is None:
-            plans = {name: job() for name, job in jobs.items()}
-        else:
-            plans = {name: self._pool.submit(job) for name, job in jobs.items()}
+        plans = {s.name: self._start_plan(s, k) for s, k in due if self._plans(s)}
         bids = [
             _Bidding(
                 site=s,
@@ -843,17 +887,20 @@ class Engine:
             return
         bids, started = self._bidding
         self._bidding = None
-        plans = {
-            name: plan.result() if isinstance(plan, Future) else plan
-            for name, plan in started.items()
+        solving = {
+            p.solve: name for name, p in started.items() if p and isinstance(p.solve, Future)
         }
+        plans = {n: _plan_made(p) for n, p in started.items() if n not in solving.values()}
+        for solved in as_completed(solving):  # each plan made as its solve ends, the bids after
+            plans[solving[solved]] = _plan_made(started[solving[solved]])
         for bid in bids:
             self._bid(bid, plans)
 
-    def _plan_job(self, site: _Site, interval: int) -> Callable[[], IntervalPlan | None]:
+    def _start_plan(self, site: _Site, interval: int) -> _Planning | None:
         """EdgeAgent's planning, from the forecast, reservation and battery readings as they
-        are now: a call that plans (None: the plan failed, today's rules instead) and changes
-        nothing but the site's warm start."""
+        are now, up to its programme's solve, which starts in a planning thread (here without
+        one); :func:`_plan_made` makes the plan (None: it failed, today's rules instead).
+        Nothing changes but the site's warm start."""
         m = site.edge.market
         f = site.forecast
         assert f is not None  # _plans() checked
@@ -878,24 +925,26 @@ class Engine:
             if r is None or len(r.suggested_kwh) != n
             else _aligned(start, m.interval_s, f[0], r.suggested_kwh),
         )
-        batteries = [b.view() for b in site.batteries]
-        edge, warm = site.edge, site.warm
-
-        def plan() -> IntervalPlan | None:
-            try:
-                return plan_interval(
-                    horizon,
-                    batteries,
-                    config=edge.plan,
-                    market=edge.market,
-                    limits=edge.limits,
-                    role=edge.site.role,
-                    warm=warm,
-                )
-            except PlanError:
-                return None
-
-        return plan
+        edge = site.edge
+        steps = plan_interval_steps(
+            horizon,
+            [b.view() for b in site.batteries],
+            config=edge.plan,
+            market=edge.market,
+            limits=edge.limits,
+            role=edge.site.role,
+            warm=site.warm,
+        )
+        try:
+            job = next(steps)
+        except PlanError:
+            return None
+        if self._pool is not None:
+            return _Planning(steps, self._pool.submit(job))
+        try:
+            return _Planning(steps, job())
+        except PlanError as err:
+            return _Planning(steps, err)
 
     def _planned_bid(
         self, site: _Site, interval: int, planned: IntervalPlan | None
@@ -991,13 +1040,14 @@ class Engine:
         if now >= site.last_history_ts + HISTORY_SAMPLE_S:
             site.last_history_ts = now
             slot = site.forecast_history.append(now, pv_w, load_w, None)
+            self._history_version += 1
             self.ghi_pending.append((site.forecast_history, slot, now))
         for k, wh in held:
             site.energy_wh[k] = site.energy_wh.get(k, 0.0) + wh
 
     def _balance(self, now: float) -> None:
         """Coordinator.balance: the feeder's mode, then battery orders and load limits."""
-        self._forecasts_made()
+        self._forecasts_made(now)
         g = grid.holding_grid(self.config.grid, self.refill.import_level_kw)
         flow = sum(s.grid_w for s in self.sites.values())
         self.reliefs = grid.active_reliefs(self.reliefs, now)
@@ -1166,6 +1216,10 @@ class Engine:
         while the sites' plans are being made."""
         m = self.config.market
         c = self.config
+        early, self._early = self._early, None
+        version, weather = self._forecast_inputs(now)
+        if early is not None and early[:2] == (start, version) and _same_weather(early[2], weather):
+            return early[3]  # made early (see _forecasts_made) from the same inputs
         steps = int(m.forecast_horizon_h * 3600 // m.interval_s)
         times = np.asarray(start + m.interval_s * (np.arange(steps) + 0.5), dtype=np.float64)
         known = [s for s in self.sites.values() if len(s.forecast_history)]
@@ -1174,16 +1228,16 @@ class Engine:
         pending, self.ghi_pending = self.ghi_pending, []
         fill_clear_sky(pending, c.coordinator)
         ts, history = history_snapshot([s.forecast_history for s in known])
-        self._issue_weather(now)
         pv_w, load_w = forecast_sites(
-            [s.name for s in known],
-            ts,
-            history,
-            times,
-            c.coordinator,
-            self.weather.snapshot(now),
+            [s.name for s in known], ts, history, times, c.coordinator, weather
         )
         return _SiteForecasts(start, times, known, pv_w, load_w)
+
+    def _forecast_inputs(self, now: float) -> tuple[int, WeatherSnapshot]:
+        """What the sites' forecasts read besides the horizon: the histories' version and
+        the weather as of ``now`` (every run issued by then delivered)."""
+        self._issue_weather(now)
+        return self._history_version, self.weather.snapshot(now)
 
     def _forecast(self, forecasts: _SiteForecasts | None) -> None:
         """Coordinator.publish_forecasts, the rest: the local price from the community's net
@@ -1220,13 +1274,19 @@ class Engine:
         price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
         self._publish_forecasts(forecasts, shapes, price, None)
 
-    def _forecasts_made(self) -> None:
+    def _forecasts_made(self, now: float | None = None) -> None:
         """The forecasts started by :meth:`_forecast`, published to the sites and the grid
-        loop (before anything reads them)."""
+        loop (before anything reads them). With ``now``, while the schedule is still being
+        solved, the sites' forecasts for the next clearing are made from what is known now:
+        that clearing takes them if nothing they read has changed by then."""
         if self._forecasting is None:
             return
         forecasts, shapes, made = self._forecasting
         self._forecasting = None
+        if now is not None and isinstance(made, Future) and not made.done():
+            start = (self._next_clear + 1) * self.config.market.interval_s
+            version, weather = self._forecast_inputs(now)
+            self._early = (start, version, weather, self._site_forecasts(start, now))
         price, reservation = made.result() if isinstance(made, Future) else made
         self._publish_forecasts(forecasts, shapes, price, reservation)
 

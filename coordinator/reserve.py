@@ -47,6 +47,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from coordinator.schedule import Battery, ScheduleSteps, at_once, perfect_foresight_steps
+
 #: Share of the feeder's limits the reservation plans to: headroom left for forecast errors.
 PLAN_TO_SHARE = 0.95
 #: The share of the forecast feeder import by which the fleet's requirement is sized above
@@ -339,7 +341,7 @@ class CommunityPlan:
     stored_kwh: NDArray[np.float64] | None
 
 
-def community_schedule(
+def community_schedule_steps(
     feeder_net_kwh: ArrayLike,
     fleet: Sequence[FleetBattery],
     *,
@@ -348,7 +350,7 @@ def community_schedule(
     step_h: float,
     import_limit_kw: float,
     export_limit_kw: float,
-) -> CommunityPlan:
+) -> ScheduleSteps[CommunityPlan]:
     """The local price to expect per step (currency per kWh): the marginal price of feeder
     energy when the community's batteries, taken as one, are scheduled at their best over the
     forecast (:func:`coordinator.schedule.perfect_foresight` on the forecast feeder flow,
@@ -360,9 +362,9 @@ def community_schedule(
     plan sees what energy is worth to the community (the value of storage where the batteries
     are neither full nor empty). Energy left at the end is valued as :mod:`edge.plan` values
     it (what it costs to put back, at most what it displaces). The schedule's stored energy
-    goes with it: the reservation shares it out as each site's suggestion."""
-    from coordinator.schedule import Battery, perfect_foresight  # noqa: PLC0415 - scipy
-
+    goes with it: the reservation shares it out as each site's suggestion. In steps
+    (:data:`coordinator.schedule.ScheduleSteps`; :func:`community_schedule` makes it at
+    once)."""
     net = np.asarray(feeder_net_kwh, dtype=np.float64)
     retail = np.broadcast_to(np.asarray(retail_per_kwh, dtype=np.float64), net.shape)
     feed_in = np.broadcast_to(np.asarray(feed_in_per_kwh, dtype=np.float64), net.shape)
@@ -384,7 +386,7 @@ def community_schedule(
         discharge_efficiency=eta_d,
     )
     end_value = min(float(retail.min()) / eta_c, float(np.median(retail)) * eta_d)
-    schedule = perfect_foresight(
+    schedule = yield from perfect_foresight_steps(
         net / step_h * 1000.0,
         [battery],
         retail,
@@ -396,3 +398,7 @@ def community_schedule(
     )
     stored_kwh = schedule.soc_pct[0, 1:] / 100.0 * capacity
     return CommunityPlan(np.clip(schedule.price_per_kwh, feed_in, retail), stored_kwh)
+
+
+#: :func:`community_schedule_steps` made at once (solved in this thread).
+community_schedule = at_once(community_schedule_steps)

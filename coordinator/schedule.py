@@ -44,9 +44,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial, wraps
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -363,6 +364,65 @@ def _solve(p: _Program) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     )
 
 
+def _solve_timed(p: _Program) -> Solved:
+    """:func:`_solve` and its wall time [s]."""
+    started = time.perf_counter()
+    x, row_dual = _solve(p)
+    return x, row_dual, time.perf_counter() - started
+
+
+#: A solved schedule programme: its optimum, its rows' duals (equalities first) and the
+#: solve's wall time [s].
+Solved = tuple[NDArray[np.float64], NDArray[np.float64], float]
+#: A schedule's programme ready to solve, in any thread (HiGHS solves without Python's
+#: lock); raises :class:`ScheduleError` when it finds no optimum.
+ScheduleJob = Callable[[], Solved]
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+#: A schedule made in steps (:func:`perfect_foresight_steps`): it yields its programme's
+#: :data:`ScheduleJob` and is sent the job's result; it returns what it makes.
+ScheduleSteps = Generator[ScheduleJob, Solved, _T]
+
+
+def made_here(steps: ScheduleSteps[_T], job: ScheduleJob | None = None) -> _T:
+    """Make a schedule given in steps here, solving its programmes in this thread (``job``:
+    the one it has already yielded)."""
+    try:
+        if job is None:
+            job = next(steps)
+        while True:
+            try:
+                solved = job()
+            except ScheduleError as err:
+                job = steps.throw(err)
+            else:
+                job = steps.send(solved)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def resumed(steps: ScheduleSteps[_T], solved: Solved | ScheduleError) -> _T:
+    """Go on with a schedule in steps whose programme was solved elsewhere (``solved``: what
+    its job returned, or the :class:`ScheduleError` it raised)."""
+    try:
+        job = steps.throw(solved) if isinstance(solved, ScheduleError) else steps.send(solved)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    return made_here(steps, job)
+
+
+def at_once(steps: Callable[_P, ScheduleSteps[_T]]) -> Callable[_P, _T]:
+    """A schedule in steps made at once, its programme solved in the caller's thread."""
+
+    @wraps(steps)
+    def made(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return made_here(steps(*args, **kwargs))
+
+    made.__name__ = made.__qualname__ = steps.__name__.removesuffix("_steps")
+    made.__doc__ = f":func:`{steps.__name__}` made at once (solved in this thread)."
+    return made
+
+
 _solvers = threading.local()
 
 
@@ -380,7 +440,7 @@ def _highs() -> Any:
     return highs
 
 
-def perfect_foresight(
+def perfect_foresight_steps(
     net_load_w: ArrayLike,
     batteries: Sequence[Battery],
     retail_per_kwh: ArrayLike,
@@ -391,8 +451,9 @@ def perfect_foresight(
     export_limit_w: float = math.inf,
     limit_penalty_per_kwh: float = DEFAULT_LIMIT_PENALTY_PER_KWH,
     end_value_per_kwh: ArrayLike | None = None,
-) -> Schedule:
-    """The cheapest utility bill for the community with every battery optimally scheduled.
+) -> ScheduleSteps[Schedule]:
+    """The cheapest utility bill for the community with every battery optimally scheduled,
+    in steps (:data:`ScheduleSteps`: the caller may solve the programme in another thread).
 
     ``net_load_w`` is the community's feeder flow per step with the batteries idle (sum over
     the sites of load minus PV, step means, W); the prices are per step (scalars broadcast).
@@ -427,9 +488,7 @@ def perfect_foresight(
         limit_penalty_per_kwh,
         values,
     )
-    started = time.perf_counter()
-    x, row_dual = _solve(p)
-    solve_s = time.perf_counter() - started
+    x, row_dual, solve_s = yield partial(_solve_timed, p)
     n_b, bt = lay.n_b, lay.bt
     charge = x[lay.charge : lay.charge + bt].reshape(n_b, n_t)
     discharge = x[lay.discharge : lay.discharge + bt].reshape(n_b, n_t)
@@ -453,3 +512,8 @@ def perfect_foresight(
         solve_s=solve_s,
         price_per_kwh=row_dual[bt : bt + n_t] * 1000.0 / h,
     )
+
+
+#: :func:`perfect_foresight_steps` made at once; raises :class:`ScheduleError` on bad inputs
+#: or when HiGHS fails.
+perfect_foresight = at_once(perfect_foresight_steps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,8 @@ from coordinator.schedule import (
     compressed_rows,
     interval_means,
     perfect_foresight,
+    perfect_foresight_steps,
+    resumed,
     utility_bill,
 )
 from simulators.physics import battery_step
@@ -199,3 +203,27 @@ def test_compressed_rows_are_the_matrix_scipy_builds_with_repeated_terms_summed(
     np.testing.assert_array_equal(start, reference.indptr)
     np.testing.assert_array_equal(index, reference.indices)
     np.testing.assert_allclose(value, reference.data, rtol=1e-15)
+
+
+def test_a_schedule_in_steps_solved_in_another_thread_is_the_schedule_made_at_once() -> None:
+    # The stepped engine builds the community schedule's programme in its own thread and
+    # solves it in a planning thread (perfect_foresight_steps, then resumed): the same
+    # schedule, prices included, as perfect_foresight.
+    bat = Battery(10_000, 5_000, soc_pct=50, soc_min_pct=0, charge_efficiency=0.9,
+                  discharge_efficiency=0.9)  # fmt: skip
+    args = ([10_000.0, -4_000.0, 10_000.0], [bat], [0.2, 0.3, 0.4], 0.05, HOUR_S)
+    at_once = perfect_foresight(*args, import_limit_w=9_000.0)
+    steps = perfect_foresight_steps(*args, import_limit_w=9_000.0)
+    job = next(steps)
+    with ThreadPoolExecutor(1) as pool:
+        in_steps = resumed(steps, pool.submit(job).result())
+    assert in_steps.cost == at_once.cost
+    np.testing.assert_array_equal(in_steps.battery_w, at_once.battery_w)
+    np.testing.assert_array_equal(in_steps.price_per_kwh, at_once.price_per_kwh)
+
+
+def test_a_schedule_solve_that_fails_elsewhere_fails_the_schedule() -> None:
+    steps = perfect_foresight_steps([1_000.0], [], 0.3, 0.1, HOUR_S)
+    next(steps)
+    with pytest.raises(ScheduleError, match="did not solve"):
+        resumed(steps, ScheduleError("HiGHS did not solve the schedule: Infeasible"))

@@ -45,7 +45,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -64,6 +63,8 @@ from coordinator.config import CoordinatorConfig, GridSection, parse_coordinator
 from coordinator.history_store import SiteHistory
 from coordinator.ledger import Ledger, to_currency
 from coordinator.plausibility import open_interval
+from coordinator.schedule import ScheduleError, ScheduleJob, ScheduleSteps, made_here, resumed
+from coordinator.schedule import Solved as ScheduleSolved
 from coordinator.service import (
     HISTORY_STEP_S,
     RingBuffer,
@@ -395,11 +396,12 @@ def _feeder_schedule(
     tariffs: NDArray[np.float64],
     step_h: float,
     g: GridSection,
-) -> tuple[NDArray[np.float64], rs.FeederReservation]:
+) -> ScheduleSteps[tuple[NDArray[np.float64], rs.FeederReservation]]:
     """Coordinator.publish_forecasts's community schedule and feeder reservation: the local
     price per step and each site's share, from the community's net load (W) and each site's
-    (kWh), the batteries as the cleared interval leaves them and the tariffs per step."""
-    community = rs.community_schedule(
+    (kWh), the batteries as the cleared interval leaves them and the tariffs per step; in
+    steps (the schedule's solve may run in another thread)."""
+    community = yield from rs.community_schedule_steps(
         net_w * step_h / 1000.0,
         list(fleet.values()),
         retail_per_kwh=tariffs[:, 0],
@@ -425,11 +427,27 @@ TARIFFS_KEPT = 1024
 
 #: a site's forecast PV and load, W per step
 _Shape = tuple[NDArray[np.float64], NDArray[np.float64]]
-#: the community schedule's price and reservation, being made (in a thread) or made
-_Scheduled = (
-    Future[tuple[NDArray[np.float64], rs.FeederReservation]]
-    | tuple[NDArray[np.float64], rs.FeederReservation]
-)
+#: the community schedule's price and reservation
+_Reserved = tuple[NDArray[np.float64], rs.FeederReservation]
+
+
+@dataclass(frozen=True, slots=True)
+class _Scheduling:
+    """The community schedule being made: its steps, and its programme's solve (in a
+    planning thread, or to run)."""
+
+    steps: ScheduleSteps[_Reserved]
+    solve: Future[ScheduleSolved] | ScheduleJob
+
+    def made(self) -> _Reserved:
+        """The schedule's results, once its programme is solved (raises ScheduleError)."""
+        if not isinstance(self.solve, Future):
+            return made_here(self.steps, self.solve)
+        try:
+            solved: ScheduleSolved | ScheduleError = self.solve.result()
+        except ScheduleError as err:
+            solved = err
+        return resumed(self.steps, solved)
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,7 +632,7 @@ class Engine:
     #: bids started and not yet made (see _start_bids): each site's, and the plans by site
     _bidding: tuple[list[_Bidding], dict[str, _Planning | None]] | None = None
     #: forecasts being made (see _forecast): the sites', their shapes, the schedule's results
-    _forecasting: tuple[_SiteForecasts, dict[str, _Shape], _Scheduled] | None = None
+    _forecasting: tuple[_SiteForecasts, dict[str, _Shape], _Scheduling | _Reserved] | None = None
     #: the sites' forecasts made early (see _forecasts_made), with the history version and
     #: weather they were made from
     _early: tuple[float, int, WeatherSnapshot, _SiteForecasts | None] | None = None
@@ -1265,11 +1283,17 @@ class Engine:
         }
         if self.variant == "wattmesh" and fleet:
             net_kwh = {n: (ld - pv) * step_h / 1000.0 for n, (pv, ld) in shapes.items()}
-            job = partial(_feeder_schedule, net_w, net_kwh, fleet, tariffs, step_h, c.grid)
-            # the schedule's solve runs while the engine steps on to the next reading of its
-            # results (the grid loop's refill, the next bids), with the inputs as they are now
-            made = job() if self._pool is None else self._pool.submit(job)
-            self._forecasting = (forecasts, shapes, made)
+            steps = _feeder_schedule(net_w, net_kwh, fleet, tariffs, step_h, c.grid)
+            # the schedule's programme is built here and solved in a planning thread while the
+            # engine steps on to the next reading of its results (the grid loop's refill, the
+            # next bids); the rest is made here when they are read
+            try:
+                job = next(steps)
+            except StopIteration as done:
+                self._forecasting = (forecasts, shapes, done.value)
+                return
+            solve = job if self._pool is None else self._pool.submit(job)
+            self._forecasting = (forecasts, shapes, _Scheduling(steps, solve))
             return
         price = fc.price_forecast_per_kwh(net_w, tariffs[:, 0], tariffs[:, 1])
         self._publish_forecasts(forecasts, shapes, price, None)
@@ -1283,11 +1307,14 @@ class Engine:
             return
         forecasts, shapes, made = self._forecasting
         self._forecasting = None
-        if now is not None and isinstance(made, Future) and not made.done():
-            start = (self._next_clear + 1) * self.config.market.interval_s
-            version, weather = self._forecast_inputs(now)
-            self._early = (start, version, weather, self._site_forecasts(start, now))
-        price, reservation = made.result() if isinstance(made, Future) else made
+        if isinstance(made, _Scheduling):
+            solving = made.solve
+            if now is not None and isinstance(solving, Future) and not solving.done():
+                start = (self._next_clear + 1) * self.config.market.interval_s
+                version, weather = self._forecast_inputs(now)
+                self._early = (start, version, weather, self._site_forecasts(start, now))
+            made = made.made()
+        price, reservation = made
         self._publish_forecasts(forecasts, shapes, price, reservation)
 
     def _tariff_at(self, ts: float) -> tuple[float, float]:

@@ -162,9 +162,14 @@ def _interval_net_kwh(
     return float(forecast[2][index] - forecast[1][index]) * interval_s / 3.6e6
 
 
+#: The engine's planning threads (where there are two cores): they solve the sites' plans and
+#: the community schedule.
+PLAN_THREADS = 2
+
+
 def _plan_pool() -> ThreadPoolExecutor | None:
     """Two threads for the sites' plans where there are two cores (none on one core)."""
-    return ThreadPoolExecutor(2, "wattmesh-plan") if (os.cpu_count() or 1) > 1 else None
+    return ThreadPoolExecutor(PLAN_THREADS, "wattmesh-plan") if (os.cpu_count() or 1) > 1 else None
 
 
 def fleet_battery(batteries: list[SteppedBattery]) -> rs.FleetBattery:
@@ -878,14 +883,20 @@ class Engine:
     def _start_bids(self, due: list[tuple[_Site, int]], now: float) -> None:
         """EdgeAgent.bid for the sites due now. Each agent's plan starts from what it knows
         now (forecast, reservation, battery readings): its programme is built here and solved
-        in a planning thread, two at a time (HiGHS solves without Python's lock), while the
-        engine steps on; :meth:`_finish_bids` makes the plans and bids before anything reads
-        a bid or a plan (the clearing, the next round, the end), each from what its site knew
-        now: the results are as if made at once. (Only the solves leave this thread: Python
-        in three threads at once spends much of its time handing its lock over.)"""
+        in a planning thread where one is free (HiGHS solves without Python's lock), else
+        here, while the engine steps on; :meth:`_finish_bids` makes the plans and bids before
+        anything reads a bid or a plan (the clearing, the next round, the end), each from what
+        its site knew now: the results are as if made at once. (Only the solves leave this
+        thread: Python in three threads at once spends much of its time handing its lock
+        over.)"""
         self._forecasts_made()
         self._finish_bids()
-        plans = {s.name: self._start_plan(s, k) for s, k in due if self._plans(s)}
+        plans: dict[str, _Planning | None] = {}
+        for s, k in due:
+            if self._plans(s):
+                solving = [p.solve for p in plans.values() if p is not None]
+                busy = sum(isinstance(f, Future) and not f.done() for f in solving)
+                plans[s.name] = self._start_plan(s, k, here=busy >= PLAN_THREADS)
         bids = [
             _Bidding(
                 site=s,
@@ -914,11 +925,11 @@ class Engine:
         for bid in bids:
             self._bid(bid, plans)
 
-    def _start_plan(self, site: _Site, interval: int) -> _Planning | None:
+    def _start_plan(self, site: _Site, interval: int, *, here: bool) -> _Planning | None:
         """EdgeAgent's planning, from the forecast, reservation and battery readings as they
-        are now, up to its programme's solve, which starts in a planning thread (here without
-        one); :func:`_plan_made` makes the plan (None: it failed, today's rules instead).
-        Nothing changes but the site's warm start."""
+        are now, up to its programme's solve, which starts in a planning thread (``here``, or
+        without one, it is solved here); :func:`_plan_made` makes the plan (None: it failed,
+        today's rules instead). Nothing changes but the site's warm start."""
         m = site.edge.market
         f = site.forecast
         assert f is not None  # _plans() checked
@@ -957,7 +968,7 @@ class Engine:
             job = next(steps)
         except PlanError:
             return None
-        if self._pool is not None:
+        if self._pool is not None and not here:
             return _Planning(steps, self._pool.submit(job))
         try:
             return _Planning(steps, job())

@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from functools import partial, wraps
+from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
@@ -308,30 +308,18 @@ class _Programme:
         lower = rhs.copy()
         lower[n_eq:] = -np.inf
         shape = (self.width, self.blocks())
-        return partial(
-            _solve_timed, self.cost, self.lower, self.upper, lower, rhs, start, index, value,
-            n_eq, None if warm is None else (warm, shape),
-        )  # fmt: skip
+        cost, col_lower, col_upper = self.cost, self.lower, self.upper
+        started = None if warm is None else (warm, shape)
 
+        def job() -> Solved:
+            """:func:`solve_lp`, with this thread's iteration count and its wall time."""
+            t0 = time.perf_counter()
+            x, dual = solve_lp(
+                cost, col_lower, col_upper, lower, rhs, start, index, value, n_eq, warm=started
+            )
+            return x, dual, _solvers.iterations, time.perf_counter() - t0
 
-def _solve_timed(
-    cost: NDArray[np.float64],
-    col_lower: NDArray[np.float64],
-    col_upper: NDArray[np.float64],
-    row_lower: NDArray[np.float64],
-    row_upper: NDArray[np.float64],
-    start: NDArray[np.int64],
-    index: NDArray[np.int32],
-    value: NDArray[np.float64],
-    n_eq: int,
-    warm: tuple[WarmStart, tuple[int, list[int]]] | None,
-) -> Solved:
-    """:func:`solve_lp`, with this thread's iteration count and the wall time it took."""
-    t0 = time.perf_counter()
-    x, dual = solve_lp(
-        cost, col_lower, col_upper, row_lower, row_upper, start, index, value, n_eq, warm=warm
-    )
-    return x, dual, _solvers.iterations, time.perf_counter() - t0
+        return job
 
 
 def _run_key(index: NDArray[np.int64]) -> object:
